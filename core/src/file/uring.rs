@@ -1,0 +1,246 @@
+//! The io_uring engine.
+//!
+//! A device owns a pool of rings, each with the device's file registered as fixed file 0. A
+//! submitting thread takes a ring from the pool for the length of one batch (so each
+//! concurrently submitting thread has its own ring and nothing is shared on the data path but
+//! the pool's pop/push), pushes one SQE per request, keeps up to the ring's size in flight, and
+//! reaps completions until every request of the batch has its result.
+
+use super::sync;
+use super::FileCore;
+use crate::buf::AlignedBuf;
+use crate::error::{Error, OpKind, Result};
+use crate::request::{copy_from_bufs, copy_into_bufs, Op, Request};
+use io_uring::{opcode, squeue, types, IoUring};
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+
+pub(crate) struct RingPool {
+    fd: RawFd,
+    entries: u32,
+    rings: Mutex<Vec<IoUring>>,
+}
+
+impl RingPool {
+    /// Creates the pool with one ring, which proves that io_uring works here.
+    pub(crate) fn new(fd: RawFd, entries: u32) -> io::Result<Self> {
+        let pool = RingPool {
+            fd,
+            entries: entries.clamp(1, 4096),
+            rings: Mutex::new(Vec::new()),
+        };
+        let ring = pool.make_ring()?;
+        pool.put(ring);
+        Ok(pool)
+    }
+
+    fn make_ring(&self) -> io::Result<IoUring> {
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(self.entries)
+            .or_else(|_| IoUring::new(self.entries))?;
+        ring.submitter().register_files(&[self.fd])?;
+        Ok(ring)
+    }
+
+    fn take(&self) -> io::Result<IoUring> {
+        let popped = self.rings.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match popped {
+            Some(r) => Ok(r),
+            None => self.make_ring(),
+        }
+    }
+
+    fn put(&self, ring: IoUring) {
+        self.rings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ring);
+    }
+
+    /// Runs the requests of `batch` that are not complete yet (all of them validated).
+    pub(crate) fn run(&self, core: &FileCore, batch: &mut [Request<'_>]) {
+        let mut ring = match self.take() {
+            Ok(r) => r,
+            Err(e) => {
+                // No ring for this thread (out of memory or of locked pages): stay correct.
+                let _ = e;
+                for req in batch.iter_mut().filter(|r| !r.is_complete()) {
+                    let r = sync::run(core, req);
+                    req.complete(r);
+                }
+                return;
+            }
+        };
+        run_batch(&mut ring, core, batch);
+        self.put(ring);
+    }
+}
+
+struct Slot {
+    idx: usize,
+    bounce: Option<AlignedBuf>,
+}
+
+fn build_sqe(slot: &mut Slot, req: &mut Request<'_>) -> squeue::Entry {
+    let fd = types::Fixed(0);
+    let offset = req.offset();
+    match &mut req.op {
+        Op::Read { bufs, .. } => match (&mut slot.bounce, bufs.len()) {
+            (Some(b), _) => opcode::Read::new(fd, b.as_mut_ptr(), b.len() as u32)
+                .offset(offset)
+                .build(),
+            (None, 1) if bufs[0].len() <= u32::MAX as usize => {
+                opcode::Read::new(fd, bufs[0].as_mut_ptr(), bufs[0].len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            // IoSliceMut is ABI-compatible with struct iovec on Unix.
+            (None, n) => opcode::Readv::new(fd, bufs.as_ptr().cast::<libc::iovec>(), n as u32)
+                .offset(offset)
+                .build(),
+        },
+        Op::Write { bufs, .. } => match (&slot.bounce, bufs.len()) {
+            (Some(b), _) => opcode::Write::new(fd, b.as_ptr(), b.len() as u32)
+                .offset(offset)
+                .build(),
+            (None, 1) if bufs[0].len() <= u32::MAX as usize => {
+                opcode::Write::new(fd, bufs[0].as_ptr(), bufs[0].len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            (None, n) => opcode::Writev::new(fd, bufs.as_ptr().cast::<libc::iovec>(), n as u32)
+                .offset(offset)
+                .build(),
+        },
+        Op::Flush => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()
+            .flags(squeue::Flags::IO_DRAIN),
+        Op::Discard { len, .. } => opcode::Fallocate::new(fd, *len)
+            .offset(offset)
+            .mode(sync::DISCARD_MODE)
+            .build(),
+        Op::WriteZeroes { len, .. } => opcode::Fallocate::new(fd, *len)
+            .offset(offset)
+            .mode(sync::ZERO_MODE)
+            .build(),
+    }
+}
+
+fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
+    let mut slots: Vec<Slot> = Vec::with_capacity(batch.len());
+    for (idx, req) in batch.iter_mut().enumerate() {
+        if req.is_complete() {
+            continue;
+        }
+        let bounce = core.needs_bounce(req).then(|| {
+            let mut b = core.bounce(req.len() as usize);
+            if let Op::Write { bufs, .. } = &req.op {
+                copy_from_bufs(bufs, 0, &mut b);
+            }
+            b
+        });
+        slots.push(Slot { idx, bounce });
+    }
+    let capacity = ring.params().sq_entries() as usize;
+    let mut next = 0;
+    let mut in_flight = 0usize;
+    while next < slots.len() || in_flight > 0 {
+        {
+            let mut sq = ring.submission();
+            while next < slots.len() && in_flight < capacity && !sq.is_full() {
+                let slot = &mut slots[next];
+                let sqe = build_sqe(slot, &mut batch[slot.idx]).user_data(next as u64);
+                // SAFETY: every buffer the SQE points at (the request's buffers, its iovec array
+                // inside the request, or the slot's bounce buffer) is borrowed from `batch` or
+                // owned by `slots`, both of which outlive this function; and the function does not
+                // return while any SQE is in flight (the loop runs until `in_flight` is 0).
+                unsafe { sq.push(&sqe) }.expect("queue has room: checked is_full");
+                next += 1;
+                in_flight += 1;
+            }
+        }
+        if in_flight == 0 {
+            break;
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) => {}
+            Err(_) => {
+                // The kernel still owns in-flight buffers: never return before they complete.
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+        let done: Vec<(usize, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data() as usize, c.result()))
+            .collect();
+        for (s, res) in done {
+            in_flight -= 1;
+            let slot = &mut slots[s];
+            let req = &mut batch[slot.idx];
+            let r = complete(core, req, slot.bounce.as_mut(), res);
+            req.complete(r);
+        }
+    }
+}
+
+fn complete(
+    core: &FileCore,
+    req: &mut Request<'_>,
+    bounce: Option<&mut AlignedBuf>,
+    res: i32,
+) -> Result<()> {
+    let (offset, len, kind) = (req.offset(), req.len(), req.kind());
+    if res < 0 {
+        let errno = -res;
+        return match (kind, errno) {
+            // Transient: do it the portable way.
+            (_, libc::EAGAIN | libc::EINTR) => sync::run(core, req),
+            (OpKind::WriteZeroes, libc::EOPNOTSUPP | libc::EINVAL) => {
+                sync::write_zero_buffers(core, offset, len)
+            }
+            _ => Err(Error::errno(core.context(kind, offset, len), errno)),
+        };
+    }
+    let done = res as u64;
+    match (&mut req.op, bounce) {
+        (Op::Read { bufs, .. }, Some(b)) => {
+            if done < len {
+                finish_bounce_read(core, offset, b, done)?;
+            }
+            copy_into_bufs(bufs, 0, b);
+            Ok(())
+        }
+        (Op::Read { .. }, None) if done == 0 && len > 0 => Err(Error::io(
+            core.context(kind, offset, len),
+            io::ErrorKind::UnexpectedEof.into(),
+        )),
+        (Op::Read { bufs, .. }, None) if done < len => {
+            sync::read_rest(core, offset, bufs, done as usize)
+        }
+        (Op::Write { .. }, Some(b)) if done < len => {
+            use std::os::unix::fs::FileExt;
+            core.file
+                .write_all_at(&b[done as usize..], offset + done)
+                .map_err(|e| Error::io(core.context(kind, offset, len), e))
+        }
+        (Op::Write { bufs, .. }, None) if done < len => {
+            sync::write_rest(core, offset, bufs, done as usize)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn finish_bounce_read(core: &FileCore, offset: u64, b: &mut AlignedBuf, done: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    core.file
+        .read_exact_at(&mut b[done as usize..], offset + done)
+        .map_err(|e| Error::io(core.context(OpKind::Read, offset, b.len() as u64), e))
+}
