@@ -1,1 +1,31 @@
-fn main() {}
+//! The `vstor` command line.
+
+mod cli;
+
+use clap::Parser;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) if e.use_stderr() => {
+            // Usage errors: one line with the cause, exit status 2 (as clap and getopt tools do).
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("vstor: error: {first} (see --help)");
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(), // --help and --version
+    };
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the cause, nothing else.
+            let msg = e.to_string().replace('\n', "; ");
+            eprintln!("vstor: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

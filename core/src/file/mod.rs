@@ -37,7 +37,7 @@ pub enum Engine {
 
 impl std::fmt::Display for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Engine::Auto => "auto",
             Engine::IoUring => "io_uring",
             Engine::Sync => "sync",

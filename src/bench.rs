@@ -1,0 +1,321 @@
+//! `vstor disk bench`: qemu-img bench's workload on any vstor device.
+//!
+//! The parameters mean what they mean to `qemu-img bench`: `count` requests of `size` bytes,
+//! `depth` of them in flight, the first at `offset`, each next one `step` bytes further, wrapping
+//! as qemu does (modulo `capacity - size`). `random` replaces the sequence with uniformly random
+//! offsets aligned to `size`. Requests go down as batches of `depth` through
+//! [`BlockDevice::submit`], so the io_uring engine has all of them in flight together.
+
+use crate::Error;
+use serde::Serialize;
+use std::time::Instant;
+use vstor_core::{AlignedBuf, BlockDevice, Request};
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchParams {
+    /// Number of requests.
+    pub count: u64,
+    /// Requests in flight (the batch size).
+    pub depth: usize,
+    /// Bytes per request.
+    pub size: usize,
+    /// Offset increment between requests (`None`: `size`).
+    pub step: Option<u64>,
+    /// Offset of the first request.
+    pub offset: u64,
+    /// Write instead of read.
+    pub write: bool,
+    /// Byte written by writes.
+    pub pattern: u8,
+    /// Uniformly random offsets aligned to `size` instead of the sequence.
+    pub random: bool,
+    /// Seed of the random offsets.
+    pub seed: u64,
+    /// Flush after every this many requests (0: never), as qemu-img bench's `--flush-interval`.
+    pub flush_interval: u64,
+}
+
+impl Default for BenchParams {
+    /// qemu-img bench's defaults: 75000 reads of 4 KiB, 64 in flight, from offset 0.
+    fn default() -> Self {
+        BenchParams {
+            count: 75000,
+            depth: 64,
+            size: 4096,
+            step: None,
+            offset: 0,
+            write: false,
+            pattern: 0,
+            random: false,
+            seed: 1,
+            flush_interval: 0,
+        }
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BenchReport {
+    /// `"read"` or `"write"`.
+    pub rw: &'static str,
+    /// Whether offsets were random.
+    pub random: bool,
+    /// Requests completed.
+    pub count: u64,
+    /// Requests in flight.
+    pub depth: usize,
+    /// Bytes per request.
+    pub size: usize,
+    /// Offset step.
+    pub step: u64,
+    /// First offset.
+    pub offset: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Requests per second.
+    pub iops: f64,
+    /// MiB per second.
+    pub mib_per_s: f64,
+    /// The device, as it describes itself.
+    pub device: String,
+}
+
+impl BenchParams {
+    /// The effective step.
+    pub fn step(&self) -> u64 {
+        self.step.unwrap_or(self.size as u64)
+    }
+
+    /// qemu-img bench's opening line.
+    pub fn banner(&self) -> String {
+        format!(
+            "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, {})",
+            self.count,
+            if self.write { "write" } else { "read" },
+            self.size,
+            self.depth,
+            self.offset,
+            if self.random {
+                format!("random offsets aligned to {}", self.size)
+            } else {
+                format!("step size {}", self.step())
+            }
+        )
+    }
+
+    fn check(&self, dev: &dyn BlockDevice) -> Result<(), Error> {
+        let info = dev.info();
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        let sector = info.logical_sector_size as usize;
+        if self.count == 0 {
+            return bad("count must be at least 1".into());
+        }
+        if self.depth == 0 || self.depth > 4096 {
+            return bad(format!("depth {} is out of range (1 to 4096)", self.depth));
+        }
+        if self.size == 0 || self.size % sector != 0 {
+            return bad(format!(
+                "request size {} must be a non-zero multiple of the device's {sector}-byte sector",
+                self.size
+            ));
+        }
+        if self.size > 64 << 20 {
+            return bad(format!(
+                "request size {} is above the 64 MiB limit",
+                self.size
+            ));
+        }
+        if self.offset % sector as u64 != 0 || self.step() % sector as u64 != 0 {
+            return bad(format!(
+                "offset {} and step {} must be multiples of the device's {sector}-byte sector",
+                self.offset,
+                self.step()
+            ));
+        }
+        if self
+            .offset
+            .checked_add(self.size as u64)
+            .is_none_or(|e| e > info.capacity)
+        {
+            return bad(format!(
+                "offset {} plus request size {} is past the end of the device ({} bytes)",
+                self.offset, self.size, info.capacity
+            ));
+        }
+        if self.write && info.read_only {
+            return bad("cannot run a write benchmark on a read-only target".into());
+        }
+        Ok(())
+    }
+}
+
+/// Runs the benchmark. `progress` is called with the number of completed requests after each
+/// batch.
+pub fn run(
+    dev: &dyn BlockDevice,
+    p: &BenchParams,
+    progress: &mut dyn FnMut(u64),
+) -> Result<BenchReport, Error> {
+    p.check(dev)?;
+    let info = dev.info();
+    let capacity = info.capacity;
+    let size = p.size as u64;
+    let align = (info.mem_alignment as usize).max(4096);
+    let mut bufs: Vec<AlignedBuf> = (0..p.depth)
+        .map(|_| {
+            let mut b = AlignedBuf::with_alignment(p.size, align);
+            b.fill(p.pattern);
+            b
+        })
+        .collect();
+    let slots = (capacity - size) / size + 1;
+    let mut rng = fastrand::Rng::with_seed(p.seed);
+    let mut next = p.offset;
+    let mut offsets = Vec::with_capacity(p.depth);
+    let mut done = 0u64;
+    let mut since_flush = 0u64;
+    let start = Instant::now();
+    while done < p.count {
+        let n = (p.count - done).min(p.depth as u64) as usize;
+        offsets.clear();
+        for _ in 0..n {
+            if p.random {
+                offsets.push(rng.u64(0..slots) * size);
+            } else {
+                offsets.push(next);
+                next += p.step();
+                next = if capacity <= size {
+                    0
+                } else {
+                    next % (capacity - size)
+                };
+            }
+        }
+        let mut batch: Vec<Request<'_>> = bufs
+            .iter_mut()
+            .zip(&offsets)
+            .map(|(b, &o)| {
+                if p.write {
+                    Request::write(o, b)
+                } else {
+                    Request::read(o, b)
+                }
+            })
+            .collect();
+        since_flush += n as u64;
+        if p.flush_interval > 0 && since_flush >= p.flush_interval {
+            batch.push(Request::flush());
+            since_flush = 0;
+        }
+        dev.submit(&mut batch);
+        for r in &batch {
+            r.result()
+                .map_err(|e| Error::Failed(format!("failed request: {e}")))?;
+        }
+        done += n as u64;
+        progress(done);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BenchReport {
+        rw: if p.write { "write" } else { "read" },
+        random: p.random,
+        count: p.count,
+        depth: p.depth,
+        size: p.size,
+        step: p.step(),
+        offset: p.offset,
+        seconds,
+        iops: p.count as f64 / seconds,
+        mib_per_s: (p.count * size) as f64 / seconds / (1 << 20) as f64,
+        device: dev.describe(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstor_core::MemoryDevice;
+
+    #[test]
+    fn writes_land_where_qemu_would_put_them() {
+        // 10 writes of 4 KiB with step 8 KiB on a 64 KiB device: offsets 0, 8k, ..., wrapping
+        // modulo (64k - 4k) = 60k: 0 8 16 24 32 40 48 56 -> 64%60=4 -> 12
+        let dev = MemoryDevice::new(64 << 10).unwrap();
+        let p = BenchParams {
+            count: 10,
+            depth: 3,
+            size: 4096,
+            step: Some(8192),
+            write: true,
+            pattern: 0xcd,
+            ..Default::default()
+        };
+        let mut seen = vec![];
+        let r = run(&dev, &p, &mut |n| seen.push(n)).unwrap();
+        assert_eq!(seen, vec![3, 6, 9, 10]);
+        assert_eq!(r.count, 10);
+        let mut all = vec![0u8; 64 << 10];
+        dev.read_at(0, &mut all).unwrap();
+        let written: Vec<u64> = (0..16u64)
+            .filter(|k| all[(*k * 4096) as usize] == 0xcd)
+            .collect();
+        // 4k-blocks 0,2,4,...,14 and the two wrapped ones at 4k and 12k -> blocks 1 and 3
+        assert_eq!(written, vec![0, 1, 2, 3, 4, 6, 8, 10, 12, 14]);
+    }
+
+    #[test]
+    fn bad_parameters_are_refused() {
+        let dev = MemoryDevice::new(64 << 10).unwrap();
+        for p in [
+            BenchParams {
+                count: 0,
+                ..Default::default()
+            },
+            BenchParams {
+                depth: 0,
+                ..Default::default()
+            },
+            BenchParams {
+                size: 100,
+                ..Default::default()
+            },
+            BenchParams {
+                offset: 63 << 10,
+                ..Default::default()
+            },
+            BenchParams {
+                offset: 1,
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(run(&dev, &p, &mut |_| {}), Err(Error::InvalidArgument(_))),
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn random_offsets_stay_aligned_and_inside() {
+        let dev = MemoryDevice::new(1 << 20).unwrap();
+        let p = BenchParams {
+            count: 2000,
+            depth: 8,
+            random: true,
+            write: true,
+            pattern: 1,
+            ..Default::default()
+        };
+        run(&dev, &p, &mut |_| {}).unwrap();
+        // Random writes must have touched many distinct blocks, including the last one eventually.
+        let mut all = vec![0u8; 1 << 20];
+        dev.read_at(0, &mut all).unwrap();
+        let touched = all.chunks(4096).filter(|c| c[0] == 1).count();
+        assert!(touched > 200, "{touched}");
+        assert!(
+            all.chunks(4096).all(|c| c.iter().all(|&b| b == c[0])),
+            "partial block written"
+        );
+    }
+}

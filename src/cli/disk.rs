@@ -1,0 +1,482 @@
+//! `vstor disk ...`
+
+use super::{byte_arg, io_err, progress_bar, size_arg};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use vstor::bench::{self, BenchParams};
+use vstor::core::{BlockDevice, Engine};
+use vstor::{format_size, open_target, Error, OpenedTarget, TargetKind, TargetOptions, TargetSpec};
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Create a virtual disk (for now: a sparse raw file).
+    #[command(after_help = "Example:\n  vstor disk create /tmp/d.raw --size 10G")]
+    Create(CreateArgs),
+    /// Show what a target is: size, sector sizes, engine, allocation.
+    #[command(after_help = "Example:\n  vstor disk info /tmp/d.raw --json")]
+    Info(InfoArgs),
+    /// Read bytes from a target: a hex dump (like xxd) or raw bytes into a file.
+    #[command(
+        after_help = "Examples:\n  vstor disk read /tmp/d.raw --offset 1M --length 64\n  \
+        vstor disk read /tmp/d.raw --offset 0 --length 1M --output first.bin"
+    )]
+    Read(ReadArgs),
+    /// Write a repeated byte or a file's contents into a target, then flush.
+    #[command(
+        after_help = "Examples:\n  vstor disk write /tmp/d.raw --offset 0 --length 64k --pattern 0xab\n  \
+        vstor disk write /tmp/d.raw --offset 4k --input boot.bin"
+    )]
+    Write(WriteArgs),
+    /// Benchmark a target with qemu-img bench's parameters.
+    #[command(
+        after_help = "Parameters mean what they mean to qemu-img bench, so both can run the same work:\n  \
+        vstor disk bench d.raw -t none -d 32 -s 4k -c 100000\n  \
+        qemu-img bench -f raw -t none -i io_uring -d 32 -s 4k -c 100000 d.raw\n\
+        Add --random for uniformly random offsets, -w for writes, --engine sync for the portable engine."
+    )]
+    Bench(BenchArgs),
+}
+
+/// I/O options shared by the commands that open a target.
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    /// Bypass the host page cache (O_DIRECT); falls back to buffered I/O, with a note, where the
+    /// file system refuses it.
+    #[arg(long)]
+    direct: bool,
+    /// I/O engine of file targets.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    engine: EngineArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EngineArg {
+    /// io_uring when the kernel allows it, otherwise sync.
+    Auto,
+    /// io_uring (fails if unavailable).
+    #[value(name = "io_uring", alias = "io-uring")]
+    IoUring,
+    /// Portable pread/pwrite, one request at a time.
+    Sync,
+}
+
+impl From<EngineArg> for Engine {
+    fn from(e: EngineArg) -> Engine {
+        match e {
+            EngineArg::Auto => Engine::Auto,
+            EngineArg::IoUring => Engine::IoUring,
+            EngineArg::Sync => Engine::Sync,
+        }
+    }
+}
+
+impl OpenArgs {
+    fn open(&self, target: &str, read_only: bool) -> Result<OpenedTarget, Error> {
+        let defaults = TargetOptions {
+            read_only: Some(read_only),
+            direct: Some(self.direct),
+            engine: Some(self.engine.into()),
+        };
+        let opened = open_target(target, &defaults)?;
+        for note in &opened.notes {
+            eprintln!("vstor: note: {note}");
+        }
+        Ok(opened)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Path of the new disk (.raw or any other extension: a raw file).
+    path: PathBuf,
+    /// Virtual size (4k, 1M, 10G, ...).
+    #[arg(long, value_parser = size_arg)]
+    size: u64,
+    /// Allocate every byte now instead of leaving the file sparse.
+    #[arg(long)]
+    preallocate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Target (see `vstor --help`).
+    target: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// Target (see `vstor --help`).
+    target: String,
+    /// Byte offset (any value; sizes like 1M are accepted).
+    #[arg(long, value_parser = size_arg, default_value = "0")]
+    offset: u64,
+    /// Number of bytes.
+    #[arg(long, value_parser = size_arg)]
+    length: u64,
+    /// Write the bytes to this file instead of printing a hex dump.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    open: OpenArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["pattern", "input"]))]
+pub struct WriteArgs {
+    /// Target (see `vstor --help`).
+    target: String,
+    /// Byte offset.
+    #[arg(long, value_parser = size_arg, default_value = "0")]
+    offset: u64,
+    /// Number of bytes (with --input: defaults to the file's size).
+    #[arg(long, value_parser = size_arg)]
+    length: Option<u64>,
+    /// Byte to write, repeated (171 or 0xab), like qemu-io's write -P.
+    #[arg(long, short = 'P', value_parser = byte_arg)]
+    pattern: Option<u8>,
+    /// File whose bytes to write.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    #[command(flatten)]
+    open: OpenArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum CacheMode {
+    /// O_DIRECT (as qemu-img bench -t none).
+    None,
+    /// The host page cache (qemu-img's default).
+    Writeback,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Target (see `vstor --help`).
+    target: String,
+    /// Number of requests.
+    #[arg(short = 'c', long, default_value_t = 75000)]
+    count: u64,
+    /// Requests in flight.
+    #[arg(short = 'd', long, default_value_t = 64)]
+    depth: usize,
+    /// Bytes per request.
+    #[arg(short = 's', long, value_parser = size_arg, default_value = "4k")]
+    size: u64,
+    /// Offset increment between requests (default: the request size).
+    #[arg(short = 'S', long, value_parser = size_arg)]
+    step: Option<u64>,
+    /// Offset of the first request.
+    #[arg(short = 'o', long, value_parser = size_arg, default_value = "0")]
+    offset: u64,
+    /// Write instead of read.
+    #[arg(short = 'w', long)]
+    write: bool,
+    /// Byte written by -w.
+    #[arg(long, value_parser = byte_arg, default_value = "0")]
+    pattern: u8,
+    /// Flush after every N requests (0: never).
+    #[arg(long, default_value_t = 0)]
+    flush_interval: u64,
+    /// Cache mode: none is O_DIRECT, as in qemu-img.
+    #[arg(short = 't', long = "cache", value_enum)]
+    cache: Option<CacheMode>,
+    /// Uniformly random offsets aligned to the request size.
+    #[arg(long)]
+    random: bool,
+    /// Seed of --random.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    open: OpenArgs,
+}
+
+pub fn run(cmd: DiskCommand) -> Result<(), Error> {
+    match cmd {
+        DiskCommand::Create(a) => create(a),
+        DiskCommand::Info(a) => info(a),
+        DiskCommand::Read(a) => read(a),
+        DiskCommand::Write(a) => write(a),
+        DiskCommand::Bench(a) => bench_cmd(a),
+    }
+}
+
+fn create(a: CreateArgs) -> Result<(), Error> {
+    let spec: TargetSpec = a.path.to_string_lossy().parse()?;
+    if let TargetKind::Vhdx(_) = spec.kind {
+        return Err(Error::Unsupported(format!(
+            "{}: creating VHDX files is not supported yet (the VHDX format has not landed)",
+            a.path.display()
+        )));
+    }
+    if a.size == 0 || a.size % 512 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "size {} must be a non-zero multiple of 512 bytes",
+            a.size
+        )));
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&a.path)
+        .map_err(io_err(format!("cannot create {}", a.path.display())))?;
+    let sized = if a.preallocate {
+        preallocate(&file, a.size)
+    } else {
+        file.set_len(a.size)
+    };
+    if let Err(e) = sized {
+        drop(file);
+        let _ = std::fs::remove_file(&a.path);
+        return Err(io_err(format!(
+            "cannot size {} to {} bytes",
+            a.path.display(),
+            a.size
+        ))(e));
+    }
+    println!(
+        "Created {} (raw, {}, {})",
+        a.path.display(),
+        format_size(a.size),
+        if a.preallocate {
+            "preallocated"
+        } else {
+            "sparse"
+        }
+    );
+    Ok(())
+}
+
+fn preallocate(file: &std::fs::File, size: u64) -> std::io::Result<()> {
+    file.set_len(size)?;
+    let chunk = vec![0u8; 1 << 20];
+    let pb = progress_bar(size, "allocating");
+    let mut pos = 0;
+    use std::os::unix::fs::FileExt;
+    while pos < size {
+        let n = (size - pos).min(chunk.len() as u64) as usize;
+        file.write_all_at(&chunk[..n], pos)?;
+        pos += n as u64;
+        pb.set_position(pos);
+    }
+    pb.finish_and_clear();
+    file.sync_all()
+}
+
+#[derive(Serialize)]
+struct InfoReport {
+    target: String,
+    format: &'static str,
+    description: String,
+    virtual_size: u64,
+    file_size: Option<u64>,
+    allocated_bytes: Option<u64>,
+    logical_sector_size: u32,
+    physical_sector_size: u32,
+    read_only: bool,
+    discard: bool,
+    write_zeroes: bool,
+    resizable: bool,
+}
+
+fn info(a: InfoArgs) -> Result<(), Error> {
+    let spec: TargetSpec = a.target.parse()?;
+    let opened = spec.open(&TargetOptions {
+        read_only: Some(true),
+        ..Default::default()
+    })?;
+    let dev = &opened.device;
+    let i = dev.info();
+    let meta = std::fs::metadata(spec.path()).ok().filter(|m| m.is_file());
+    use std::os::unix::fs::MetadataExt;
+    let r = InfoReport {
+        target: a.target.clone(),
+        format: "raw",
+        description: dev.describe(),
+        virtual_size: i.capacity,
+        file_size: meta.as_ref().map(|m| m.len()),
+        allocated_bytes: meta.as_ref().map(|m| m.blocks() * 512),
+        logical_sector_size: i.logical_sector_size,
+        physical_sector_size: i.physical_sector_size,
+        read_only: i.read_only,
+        discard: i.supports.discard,
+        write_zeroes: i.supports.write_zeroes,
+        resizable: i.supports.resize,
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("serializable")
+        );
+        return Ok(());
+    }
+    println!("target:               {}", r.target);
+    println!("format:               {}", r.format);
+    println!("device:               {}", r.description);
+    println!(
+        "virtual size:         {} ({} bytes)",
+        format_size(r.virtual_size),
+        r.virtual_size
+    );
+    if let (Some(f), Some(al)) = (r.file_size, r.allocated_bytes) {
+        println!("file size:            {} ({} bytes)", format_size(f), f);
+        println!("allocated on disk:    {} ({} bytes)", format_size(al), al);
+    }
+    println!("logical sector size:  {}", r.logical_sector_size);
+    println!("physical sector size: {}", r.physical_sector_size);
+    println!(
+        "supports:             discard={} write-zeroes={} resize={}",
+        r.discard, r.write_zeroes, r.resizable
+    );
+    Ok(())
+}
+
+/// With --direct, the request itself must be aligned: the user asked for exact, uncached I/O.
+fn check_direct_alignment(
+    dev: &dyn BlockDevice,
+    direct: bool,
+    offset: u64,
+    length: u64,
+) -> Result<(), Error> {
+    let sector = u64::from(dev.info().logical_sector_size);
+    if direct && (offset % sector != 0 || length % sector != 0) {
+        return Err(Error::InvalidArgument(format!(
+            "unaligned direct I/O: offset {offset} and length {length} must be multiples of the \
+             device's {sector}-byte logical sector size (drop --direct for byte-granular I/O)"
+        )));
+    }
+    Ok(())
+}
+
+fn read(a: ReadArgs) -> Result<(), Error> {
+    let opened = a.open.open(&a.target, true)?;
+    let dev = opened.device.as_ref();
+    check_direct_alignment(dev, a.open.direct, a.offset, a.length)?;
+    if a.length > 1 << 30 && a.output.is_none() {
+        return Err(Error::InvalidArgument(
+            "a hex dump of more than 1 GiB is not useful; use --output FILE".into(),
+        ));
+    }
+    // Read in pieces so that large reads use bounded memory.
+    const PIECE: u64 = 8 << 20;
+    let mut out: Box<dyn Write> = match &a.output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(io_err(format!("cannot create {}", p.display())))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    // Check the whole range first so nothing is written out for a request that cannot succeed.
+    let cap = dev.capacity();
+    if a.offset.checked_add(a.length).is_none_or(|e| e > cap) {
+        return Err(vstor::core::Error::OutOfRange {
+            op: vstor::core::OpKind::Read,
+            offset: a.offset,
+            len: a.length,
+            capacity: cap,
+        }
+        .into());
+    }
+    let pb = progress_bar(a.length, "reading");
+    let mut pos = a.offset;
+    let end = a.offset + a.length;
+    while pos < end {
+        let n = (end - pos).min(PIECE);
+        let data = vstor::bytes::read_bytes(dev, pos, n)?;
+        let w = match &a.output {
+            Some(_) => out.write_all(&data),
+            None => super::hexdump::hexdump(&mut out, pos, &data),
+        };
+        w.map_err(io_err("cannot write the output"))?;
+        pos += n;
+        pb.set_position(pos - a.offset);
+    }
+    pb.finish_and_clear();
+    out.flush().map_err(io_err("cannot write the output"))?;
+    Ok(())
+}
+
+fn write(a: WriteArgs) -> Result<(), Error> {
+    let data: Vec<u8> = match (&a.input, a.pattern) {
+        (Some(p), _) => {
+            let mut d = std::fs::read(p).map_err(io_err(format!("cannot read {}", p.display())))?;
+            if let Some(l) = a.length {
+                if l > d.len() as u64 {
+                    return Err(Error::InvalidArgument(format!(
+                        "--length {l} is more than the {} bytes of {}",
+                        d.len(),
+                        p.display()
+                    )));
+                }
+                d.truncate(l as usize);
+            }
+            d
+        }
+        (None, Some(b)) => {
+            let l = a
+                .length
+                .ok_or_else(|| Error::InvalidArgument("--pattern needs --length".into()))?;
+            if l > 1 << 32 {
+                return Err(Error::InvalidArgument(format!(
+                    "--length {l} is above the 4 GiB limit of one write command"
+                )));
+            }
+            vec![b; l as usize]
+        }
+        (None, None) => unreachable!("clap requires --pattern or --input"),
+    };
+    let opened = a.open.open(&a.target, false)?;
+    let dev = opened.device.as_ref();
+    check_direct_alignment(dev, a.open.direct, a.offset, data.len() as u64)?;
+    vstor::bytes::write_bytes(dev, a.offset, &data)?;
+    dev.flush()?;
+    println!("wrote {} bytes at offset {}", data.len(), a.offset);
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
+    let direct = a.open.direct || a.cache == Some(CacheMode::None);
+    let open = OpenArgs {
+        direct,
+        engine: a.open.engine,
+    };
+    let opened = open.open(&a.target, !a.write)?;
+    let dev = opened.device.as_ref();
+    let p = BenchParams {
+        count: a.count,
+        depth: a.depth,
+        size: usize::try_from(a.size).unwrap_or(usize::MAX),
+        step: a.step,
+        offset: a.offset,
+        write: a.write,
+        pattern: a.pattern,
+        random: a.random,
+        seed: a.seed,
+        flush_interval: a.flush_interval,
+    };
+    if !a.json {
+        println!("{}", p.banner());
+    }
+    let pb = progress_bar(p.count, "bench");
+    let r = bench::run(dev, &p, &mut |n| pb.set_position(n))?;
+    pb.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).expect("serializable")
+        );
+    } else {
+        println!("Run completed in {:.3} seconds.", r.seconds);
+        println!(
+            "IOPS: {:.0}, bandwidth: {:.1} MiB/s ({})",
+            r.iops, r.mib_per_s, r.device
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! Argument definitions and dispatch.
+
+mod demo;
+mod disk;
+mod hexdump;
+
+use clap::{Parser, Subcommand};
+use vstor::Error;
+
+/// vstor: virtual disks, pools and QoS for VMMs, from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "vstor", version, about, long_about = None, after_help = "\
+Targets name a stack: a raw file or block device (disk.raw, /dev/sdb, raw:PATH), with options
+after commas: disk.raw,readonly=on,direct=on,engine=sync.
+
+Examples:
+  vstor demo
+  vstor disk create /tmp/d.raw --size 1G
+  vstor disk write /tmp/d.raw --offset 0 --length 64k --pattern 0xab
+  vstor disk read /tmp/d.raw --offset 0 --length 64
+  vstor disk bench /tmp/d.raw --direct -d 32 -s 4k -c 100000")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build a small stack on temporary files and show what it does.
+    Demo(demo::DemoArgs),
+    /// Virtual disks: create, inspect, read, write, benchmark.
+    #[command(subcommand)]
+    Disk(disk::DiskCommand),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Disk(c) => disk::run(c),
+    }
+}
+
+/// Parses a size argument (`4k`, `1M`, `10G`).
+pub(crate) fn size_arg(s: &str) -> Result<u64, String> {
+    vstor::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Parses a byte value: `0xab`, `171`, `0o253`.
+pub(crate) fn byte_arg(s: &str) -> Result<u8, String> {
+    let parsed = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u8::from_str_radix(h, 16)
+    } else if let Some(o) = s.strip_prefix("0o") {
+        u8::from_str_radix(o, 8)
+    } else {
+        s.parse()
+    };
+    parsed.map_err(|_| format!("invalid byte '{s}': expected 0 to 255, like 171 or 0xab"))
+}
+
+/// A progress bar on stderr when it is a terminal; hidden otherwise.
+pub(crate) fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}

@@ -1,0 +1,404 @@
+//! End-to-end tests of the `vstor` command line, run as a user would run it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vstor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vstor"))
+        .args(args)
+        .output()
+        .expect("run vstor")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = vstor(args);
+    assert!(
+        o.status.success(),
+        "vstor {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).expect("utf-8 output")
+}
+
+/// Runs a command that must fail: non-zero exit and exactly one line on stderr, which is
+/// returned.
+fn fails(args: &[&str]) -> String {
+    let o = vstor(args);
+    assert!(!o.status.success(), "vstor {args:?} succeeded");
+    let err = String::from_utf8(o.stderr).expect("utf-8 stderr");
+    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
+    assert!(err.starts_with("vstor: error: "), "{err:?}");
+    err
+}
+
+fn disk(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let p = dir.join(name);
+    ok(&["disk", "create", p.to_str().unwrap(), "--size", size]);
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn create_write_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "1M");
+    assert_eq!(std::fs::metadata(&d).unwrap().len(), 1 << 20);
+
+    ok(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "4k",
+        "--length",
+        "8k",
+        "--pattern",
+        "0xab",
+    ]);
+    // An unaligned write in the middle keeps its neighbours.
+    ok(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "5000",
+        "--length",
+        "3",
+        "--pattern",
+        "67",
+    ]);
+    let bytes = std::fs::read(&d).unwrap();
+    assert!(bytes[..4096].iter().all(|&b| b == 0));
+    assert!(bytes[4096..5000].iter().all(|&b| b == 0xab));
+    assert_eq!(&bytes[5000..5003], &[67, 67, 67]);
+    assert!(bytes[5003..12288].iter().all(|&b| b == 0xab));
+    assert!(bytes[12288..].iter().all(|&b| b == 0));
+
+    // Hex dump, as xxd prints it, numbered from the device offset.
+    let dump = ok(&["disk", "read", s(&d), "--offset", "4096", "--length", "20"]);
+    assert_eq!(
+        dump,
+        "00001000: abab abab abab abab abab abab abab abab  ................\n\
+         00001010: abab abab                                ....\n"
+    );
+
+    // Raw bytes to a file.
+    let out = dir.path().join("out.bin");
+    ok(&[
+        "disk",
+        "read",
+        s(&d),
+        "--offset",
+        "4999",
+        "--length",
+        "5",
+        "--output",
+        s(&out),
+    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), vec![0xab, 67, 67, 67, 0xab]);
+}
+
+#[test]
+fn write_from_file_and_direct_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "1M");
+    let input = dir.path().join("in.bin");
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&input, &data).unwrap();
+    ok(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "64k",
+        "--input",
+        s(&input),
+        "--direct",
+    ]);
+    ok(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "0",
+        "--input",
+        s(&input),
+        "--length",
+        "512",
+        "--engine",
+        "sync",
+    ]);
+    let out = dir.path().join("out.bin");
+    ok(&[
+        "disk",
+        "read",
+        s(&d),
+        "--offset",
+        "64k",
+        "--length",
+        "64k",
+        "--output",
+        s(&out),
+        "--direct",
+    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let bytes = std::fs::read(&d).unwrap();
+    assert_eq!(&bytes[..512], &data[..512]);
+    assert!(bytes[512..65536].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn bench_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "4M");
+    let out = ok(&[
+        "disk",
+        "bench",
+        s(&d),
+        "-c",
+        "2000",
+        "-d",
+        "16",
+        "-s",
+        "4k",
+        "-w",
+        "--pattern",
+        "0x5a",
+        "-t",
+        "none",
+    ]);
+    assert!(out.starts_with(
+        "Sending 2000 write requests, 4096 bytes each, 16 in parallel (starting at offset 0, step size 4096)\n"
+    ), "{out}");
+    assert!(out.contains("\nRun completed in "), "{out}");
+    assert!(out.contains("IOPS: "), "{out}");
+    // 2000 sequential 4 KiB writes from 0 wrap modulo (4 MiB - 4 KiB): the first 1023 blocks
+    // are written, the last block of the file never is.
+    let bytes = std::fs::read(&d).unwrap();
+    assert!(bytes[..(4 << 20) - 4096].iter().all(|&b| b == 0x5a));
+    assert!(bytes[(4 << 20) - 4096..].iter().all(|&b| b == 0));
+
+    for engine in ["io_uring", "sync"] {
+        let json = ok(&[
+            "disk",
+            "bench",
+            s(&d),
+            "-c",
+            "500",
+            "-d",
+            "8",
+            "--random",
+            "--engine",
+            engine,
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["count"], 500);
+        assert_eq!(v["rw"], "read");
+        assert_eq!(v["random"], true);
+        assert!(v["iops"].as_f64().unwrap() > 0.0);
+        assert!(v["device"].as_str().unwrap().contains(engine), "{v}");
+    }
+}
+
+#[test]
+fn info_reports_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "3M");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["disk", "info", s(&d), "--json"])).unwrap();
+    assert_eq!(v["virtual_size"], 3 << 20);
+    assert_eq!(v["format"], "raw");
+    assert_eq!(v["logical_sector_size"], 512);
+    assert_eq!(v["allocated_bytes"], 0);
+    let text = ok(&["disk", "info", s(&d)]);
+    assert!(
+        text.contains("virtual size:         3 MiB (3145728 bytes)"),
+        "{text}"
+    );
+}
+
+/// Bad input: a one-line error, a non-zero exit, and no file changed.
+#[test]
+fn bad_input_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "64k");
+    ok(&[
+        "disk",
+        "write",
+        s(&d),
+        "--length",
+        "64k",
+        "--pattern",
+        "0x11",
+    ]);
+    let before = std::fs::read(&d).unwrap();
+    let missing = dir.path().join("missing.raw");
+
+    let e = fails(&["disk", "read", s(&missing), "--length", "512"]);
+    assert!(
+        e.contains("missing.raw") && e.contains("No such file"),
+        "{e}"
+    );
+    let e = fails(&[
+        "disk",
+        "write",
+        s(&missing),
+        "--length",
+        "512",
+        "--pattern",
+        "1",
+    ]);
+    assert!(e.contains("missing.raw"), "{e}");
+    assert!(
+        !missing.exists(),
+        "a failed write must not create the target"
+    );
+
+    let e = fails(&["disk", "read", s(&d), "--offset", "60k", "--length", "8k"]);
+    assert!(e.contains("past the end"), "{e}");
+    let e = fails(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "60k",
+        "--length",
+        "8k",
+        "--pattern",
+        "2",
+    ]);
+    assert!(e.contains("past the end"), "{e}");
+
+    let e = fails(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "1",
+        "--length",
+        "512",
+        "--pattern",
+        "3",
+        "--direct",
+    ]);
+    assert!(e.contains("unaligned direct I/O"), "{e}");
+    let e = fails(&[
+        "disk",
+        "read",
+        s(&d),
+        "--offset",
+        "0",
+        "--length",
+        "100",
+        "--direct",
+    ]);
+    assert!(e.contains("unaligned direct I/O"), "{e}");
+
+    let e = fails(&["disk", "write", s(&d), "--length", "12Q", "--pattern", "4"]);
+    assert!(
+        e.contains("invalid size '12Q'") && e.contains("unknown suffix 'Q'"),
+        "{e}"
+    );
+    let e = fails(&[
+        "disk",
+        "create",
+        s(&dir.path().join("n.raw")),
+        "--size",
+        "12Q",
+    ]);
+    assert!(e.contains("invalid size '12Q'"), "{e}");
+    assert!(!dir.path().join("n.raw").exists());
+
+    let e = fails(&[
+        "disk",
+        "write",
+        &format!("{},bogus=1", s(&d)),
+        "--length",
+        "512",
+        "--pattern",
+        "5",
+    ]);
+    assert!(e.contains("unknown option 'bogus'"), "{e}");
+    let e = fails(&["disk", "bench", s(&d), "-w", "-s", "100", "-c", "1"]);
+    assert!(e.contains("request size 100"), "{e}");
+    let e = fails(&["disk", "create", s(&d), "--size", "1M"]);
+    assert!(e.contains("exists"), "{e}");
+    let e = fails(&[
+        "disk",
+        "write",
+        s(&dir.path().join("x.vhdx")),
+        "--length",
+        "512",
+        "--pattern",
+        "6",
+    ]);
+    assert!(e.contains("not supported yet"), "{e}");
+
+    assert_eq!(
+        std::fs::read(&d).unwrap(),
+        before,
+        "a failed command changed the file"
+    );
+}
+
+/// qemu-io is the reference peer for raw files: what one writes, the other reads.
+#[test]
+fn interop_with_qemu_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "1M");
+    ok(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "128k",
+        "--length",
+        "64k",
+        "--pattern",
+        "0xcd",
+    ]);
+    let q = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xcd 128k 64k",
+            "-c",
+            "read -P 0 0 128k",
+            s(&d),
+        ])
+        .output()
+        .expect("qemu-io is installed by scripts/test (package qemu-utils)");
+    let qout = String::from_utf8_lossy(&q.stdout);
+    assert!(
+        q.status.success() && !qout.contains("Pattern verification failed"),
+        "{qout}"
+    );
+
+    let q = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x3c 512k 4k", s(&d)])
+        .output()
+        .unwrap();
+    assert!(q.status.success());
+    let dump = ok(&["disk", "read", s(&d), "--offset", "512k", "--length", "16"]);
+    assert_eq!(
+        dump,
+        "00080000: 3c3c 3c3c 3c3c 3c3c 3c3c 3c3c 3c3c 3c3c  <<<<<<<<<<<<<<<<\n"
+    );
+}
+
+#[test]
+fn help_has_examples() {
+    for cmd in [
+        &["disk", "bench", "--help"][..],
+        &["disk", "read", "--help"],
+        &["--help"],
+    ] {
+        let out = ok(cmd);
+        assert!(out.contains("vstor disk"), "{cmd:?}: {out}");
+    }
+}
