@@ -135,6 +135,14 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
         if req.is_complete() {
             continue;
         }
+        if matches!(
+            req.op,
+            Op::Discard { len: 0, .. } | Op::WriteZeroes { len: 0, .. }
+        ) {
+            // fallocate refuses a zero length (EINVAL); as in the portable engine, a no-op.
+            req.complete(Ok(()));
+            continue;
+        }
         let bounce = core.needs_bounce(req).then(|| {
             let mut b = core.bounce(req.len() as usize);
             if let Op::Write { bufs, .. } = &req.op {
@@ -147,10 +155,21 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
     let capacity = ring.params().sq_entries() as usize;
     let mut next = 0;
     let mut in_flight = 0usize;
+    // A flush is a barrier, kept here rather than by IO_DRAIN alone: `complete` finishes short
+    // transfers and fallbacks (write-zeroes without FALLOC_FL_ZERO_RANGE, EAGAIN) after the
+    // kernel has posted the CQE, so the flush starts only when nothing is in flight, and nothing
+    // after it starts until it has completed.
+    let mut flush_in_flight = false;
     while next < slots.len() || in_flight > 0 {
         {
             let mut sq = ring.submission();
-            while next < slots.len() && in_flight < capacity && !sq.is_full() {
+            while next < slots.len() && in_flight < capacity && !sq.is_full() && !flush_in_flight
+            {
+                let is_flush = matches!(batch[slots[next].idx].op, Op::Flush);
+                if is_flush && in_flight > 0 {
+                    break;
+                }
+                flush_in_flight = is_flush;
                 let slot = &mut slots[next];
                 let sqe = build_sqe(slot, &mut batch[slot.idx]).user_data(next as u64);
                 // SAFETY: every buffer the SQE points at (the request's buffers, its iovec array
@@ -185,6 +204,9 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
             in_flight -= 1;
             let slot = &mut slots[s];
             let req = &mut batch[slot.idx];
+            if matches!(req.op, Op::Flush) {
+                flush_in_flight = false;
+            }
             let r = complete(core, req, slot.bounce.as_mut(), res);
             req.complete(r);
         }
