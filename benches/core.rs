@@ -7,9 +7,13 @@
 //!
 //! Run: `cargo bench --bench core` (add `-- --quick` for a short run).
 
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
-use vstor::core::{AlignedBuf, BlockDevice, Engine, FileDevice, FileOptions, MemoryDevice, Request};
+use vstor::core::{
+    AlignedBuf, BlockDevice, Engine, FileDevice, FileOptions, MemoryDevice, Request,
+};
 
 fn batch_path(c: &mut Criterion) {
     let mut g = c.benchmark_group("batch_path");
@@ -51,7 +55,11 @@ fn file_backend(c: &mut Criterion) {
     let mut g = c.benchmark_group("file_backend");
     g.measurement_time(Duration::from_secs(3)).sample_size(20);
     for engine in [Engine::IoUring, Engine::Sync] {
-        let opts = FileOptions { direct: true, engine, ..Default::default() };
+        let opts = FileOptions {
+            direct: true,
+            engine,
+            ..Default::default()
+        };
         let dev = FileDevice::open(&path, &opts).unwrap();
         let depth = 32;
         let mut bufs: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::new(4096)).collect();

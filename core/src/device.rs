@@ -199,7 +199,7 @@ macro_rules! forward_block_device {
 }
 forward_block_device!(Arc<T>, Box<T>, &T);
 
-type Listener = Box<dyn Fn(u64) + Send + Sync>;
+type Listener = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// Tells holders of a device that its capacity changed: a listener is called with the new
 /// capacity (the VMM turns that into a virtio config-change interrupt), and threads can wait
@@ -259,7 +259,7 @@ impl CapacitySignal {
         let mut s = self.lock();
         let id = s.next_id;
         s.next_id += 1;
-        s.listeners.push((id, Box::new(listener)));
+        s.listeners.push((id, Arc::new(listener)));
         ListenerId(id)
     }
 
@@ -269,15 +269,18 @@ impl CapacitySignal {
     }
 
     /// Records a new capacity (devices call this) and tells every listener and waiter.
+    /// Listeners run after the signal's lock is released, so they may call back into the signal
+    /// (or the device); devices call this after releasing their own locks for the same reason.
     pub fn publish(&self, capacity: u64) {
         let mut s = self.lock();
         s.capacity = capacity;
         s.generation += 1;
-        for (_, l) in &s.listeners {
-            l(capacity);
-        }
+        let listeners: Vec<Listener> = s.listeners.iter().map(|(_, l)| l.clone()).collect();
         drop(s);
         self.changed.notify_all();
+        for l in listeners {
+            l(capacity);
+        }
     }
 
     /// Waits until the generation is past `seen_generation` or `timeout` passes; returns the

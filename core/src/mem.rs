@@ -1,21 +1,26 @@
 //! An in-memory block device.
 
 use crate::device::{BlockDevice, CapacitySignal, DeviceInfo, Supports};
-use crate::error::{Error, Result};
+use crate::error::{Error, OpKind, Result};
 use crate::request::{Op, Request};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-/// Bytes per segment: the unit of locking and of lazy allocation.
+/// Bytes per segment: the unit of lazy allocation.
 const SEGMENT: u64 = 64 * 1024;
+/// Independent locks; a segment lives in shard `index % SHARDS`.
+const SHARDS: usize = 64;
 
-type Segment = RwLock<Option<Box<[u8]>>>;
+type Shard = RwLock<HashMap<u64, Box<[u8]>>>;
 
-/// A sparse in-memory block device. Memory is allocated in 64 KiB segments on first write;
-/// discarded or zeroed whole segments are freed. Each segment has its own lock, so requests to
-/// different segments run in parallel; resizing takes the one outer lock.
+/// A sparse in-memory block device of any capacity up to 2^63 bytes. Memory is allocated in
+/// 64 KiB segments on first write and freed when a whole segment is discarded or zeroed, so a
+/// 64 TiB device costs only what was written. Segments are spread over 64 independently locked
+/// shards, so requests to different segments run in parallel; only a resize takes every shard.
 pub struct MemoryDevice {
-    segments: RwLock<Vec<Segment>>,
-    capacity: std::sync::atomic::AtomicU64,
+    shards: Vec<Shard>,
+    capacity: AtomicU64,
     sector: u32,
     read_only: bool,
     signal: Arc<CapacitySignal>,
@@ -30,15 +35,8 @@ impl std::fmt::Debug for MemoryDevice {
     }
 }
 
-fn segments_for(capacity: u64) -> Result<Vec<Segment>> {
-    let n = capacity.div_ceil(SEGMENT);
-    let n = usize::try_from(n)
-        .ok()
-        .filter(|&n| n <= (1 << 32))
-        .ok_or_else(|| {
-            Error::InvalidArgument(format!("memory device of {capacity} bytes is too large"))
-        })?;
-    Ok((0..n).map(|_| RwLock::new(None)).collect())
+fn shard_of(seg: u64) -> usize {
+    (seg % SHARDS as u64) as usize
 }
 
 impl MemoryDevice {
@@ -47,25 +45,30 @@ impl MemoryDevice {
         Self::with_sector_size(capacity, 512)
     }
 
-    /// A zero-filled device of `capacity` bytes with `sector`-byte logical sectors (512 or 4096).
+    /// A zero-filled device of `capacity` bytes with `sector`-byte logical sectors (512 to 4096).
     pub fn with_sector_size(capacity: u64, sector: u32) -> Result<Self> {
         if !sector.is_power_of_two() || !(512..=4096).contains(&sector) {
             return Err(Error::InvalidArgument(format!(
                 "sector size {sector} is not 512, 1024, 2048 or 4096"
             )));
         }
-        if capacity % u64::from(sector) != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "capacity {capacity} is not a multiple of the {sector}-byte sector"
-            )));
-        }
+        Self::check_capacity(capacity, sector)?;
         Ok(MemoryDevice {
-            segments: RwLock::new(segments_for(capacity)?),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             capacity: capacity.into(),
             sector,
             read_only: false,
             signal: Arc::new(CapacitySignal::new(capacity)),
         })
+    }
+
+    fn check_capacity(capacity: u64, sector: u32) -> Result<()> {
+        if capacity % u64::from(sector) != 0 || capacity > i64::MAX as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "capacity {capacity} is not a multiple of the {sector}-byte sector at most 2^63"
+            )));
+        }
+        Ok(())
     }
 
     /// Makes the device refuse write-type requests.
@@ -76,55 +79,61 @@ impl MemoryDevice {
 
     /// Bytes of memory the device holds for data.
     pub fn allocated_bytes(&self) -> u64 {
-        let segs = self.segs();
-        segs.iter()
-            .filter(|s| s.read().unwrap_or_else(|p| p.into_inner()).is_some())
-            .count() as u64
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
+            .sum::<u64>()
             * SEGMENT
     }
 
-    fn segs(&self) -> RwLockReadGuard<'_, Vec<Segment>> {
-        self.segments.read().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, seg: u64) -> &Shard {
+        &self.shards[shard_of(seg)]
     }
 
-    /// Calls `f(segment, offset in segment, range start in request, len)` for each piece of
+    /// Calls `f(segment, offset in segment, offset in request, len)` for each piece of
     /// `[offset, offset + len)`.
-    fn for_each_piece(offset: u64, len: u64, mut f: impl FnMut(usize, usize, usize, usize)) {
+    fn for_each_piece(offset: u64, len: u64, mut f: impl FnMut(u64, usize, usize, usize)) {
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
-            let seg = (pos / SEGMENT) as usize;
-            let in_seg = (pos % SEGMENT) as usize;
             let n = (SEGMENT - pos % SEGMENT).min(end - pos) as usize;
-            f(seg, in_seg, (pos - offset) as usize, n);
+            f(
+                pos / SEGMENT,
+                (pos % SEGMENT) as usize,
+                (pos - offset) as usize,
+                n,
+            );
             pos += n as u64;
         }
     }
 
-    fn do_read(&self, segs: &[Segment], offset: u64, out: &mut [u8]) {
-        let len = out.len() as u64;
-        Self::for_each_piece(offset, len, |seg, in_seg, at, n| {
-            let g = segs[seg].read().unwrap_or_else(|p| p.into_inner());
-            match g.as_ref() {
-                Some(data) => out[at..at + n].copy_from_slice(&data[in_seg..in_seg + n]),
+    fn read_piece(&self, offset: u64, out: &mut [u8]) {
+        Self::for_each_piece(offset, out.len() as u64, |seg, at_seg, at, n| {
+            let shard = self.shard(seg).read().unwrap_or_else(|p| p.into_inner());
+            match shard.get(&seg) {
+                Some(data) => out[at..at + n].copy_from_slice(&data[at_seg..at_seg + n]),
                 None => out[at..at + n].fill(0),
             }
         });
     }
 
-    fn do_write(&self, segs: &[Segment], offset: u64, data: Option<&[u8]>, len: u64) {
-        Self::for_each_piece(offset, len, |seg, in_seg, at, n| {
-            let mut g = segs[seg].write().unwrap_or_else(|p| p.into_inner());
+    /// Writes `data`, or zeroes (freeing whole segments) when `data` is `None`.
+    fn write_piece(&self, offset: u64, data: Option<&[u8]>, len: u64) {
+        Self::for_each_piece(offset, len, |seg, at_seg, at, n| {
+            let mut shard = self.shard(seg).write().unwrap_or_else(|p| p.into_inner());
             match data {
                 Some(src) => {
-                    let buf =
-                        g.get_or_insert_with(|| vec![0u8; SEGMENT as usize].into_boxed_slice());
-                    buf[in_seg..in_seg + n].copy_from_slice(&src[at..at + n]);
+                    let buf = shard
+                        .entry(seg)
+                        .or_insert_with(|| vec![0u8; SEGMENT as usize].into_boxed_slice());
+                    buf[at_seg..at_seg + n].copy_from_slice(&src[at..at + n]);
                 }
-                None if n as u64 == SEGMENT => *g = None,
+                None if n as u64 == SEGMENT => {
+                    shard.remove(&seg);
+                }
                 None => {
-                    if let Some(buf) = g.as_mut() {
-                        buf[in_seg..in_seg + n].fill(0);
+                    if let Some(buf) = shard.get_mut(&seg) {
+                        buf[at_seg..at_seg + n].fill(0);
                     }
                 }
             }
@@ -151,11 +160,10 @@ impl BlockDevice for MemoryDevice {
     }
 
     fn capacity(&self) -> u64 {
-        self.capacity.load(std::sync::atomic::Ordering::Acquire)
+        self.capacity.load(Ordering::Acquire)
     }
 
     fn submit(&self, batch: &mut [Request<'_>]) {
-        let segs = self.segs();
         let info = self.info();
         for req in batch.iter_mut() {
             if let Err(e) = info.check(req) {
@@ -167,20 +175,20 @@ impl BlockDevice for MemoryDevice {
                 Op::Read { bufs, .. } => {
                     let mut pos = offset;
                     for b in bufs.iter_mut() {
-                        self.do_read(&segs, pos, b);
+                        self.read_piece(pos, b);
                         pos += b.len() as u64;
                     }
                 }
                 Op::Write { bufs, .. } => {
                     let mut pos = offset;
                     for b in bufs.iter() {
-                        self.do_write(&segs, pos, Some(b), b.len() as u64);
+                        self.write_piece(pos, Some(b), b.len() as u64);
                         pos += b.len() as u64;
                     }
                 }
                 Op::Discard { len, .. } | Op::WriteZeroes { len, .. } => {
                     let len = *len;
-                    self.do_write(&segs, offset, None, len)
+                    self.write_piece(offset, None, len)
                 }
                 Op::Flush => {}
             }
@@ -190,31 +198,31 @@ impl BlockDevice for MemoryDevice {
 
     fn resize(&self, new_capacity: u64) -> Result<()> {
         if self.read_only {
-            return Err(Error::ReadOnly {
-                op: crate::OpKind::Write,
-            });
+            return Err(Error::ReadOnly { op: OpKind::Write });
         }
-        if new_capacity % u64::from(self.sector) != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "new capacity {new_capacity} is not a multiple of the {}-byte sector",
-                self.sector
-            )));
-        }
-        let mut segs = self.segments.write().unwrap_or_else(|p| p.into_inner());
+        Self::check_capacity(new_capacity, self.sector)?;
+        // Every shard, in index order: no request runs during the change.
+        let mut guards: Vec<_> = self
+            .shards
+            .iter()
+            .map(|s| s.write().unwrap_or_else(|p| p.into_inner()))
+            .collect();
         let old = self.capacity();
-        let want = segments_for(new_capacity)?.len();
-        segs.resize_with(want, || RwLock::new(None));
-        if new_capacity < old && new_capacity % SEGMENT != 0 {
-            // Shrinking: what lies past the new end must read as zero if the device grows again.
-            if let Some(last) = segs.last() {
-                if let Some(buf) = last.write().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if new_capacity < old {
+            // What lies past the new end must read as zero if the device grows again.
+            let first_gone = new_capacity.div_ceil(SEGMENT);
+            for g in guards.iter_mut() {
+                g.retain(|&seg, _| seg < first_gone);
+            }
+            if new_capacity % SEGMENT != 0 {
+                let seg = new_capacity / SEGMENT;
+                if let Some(buf) = guards[shard_of(seg)].get_mut(&seg) {
                     buf[(new_capacity % SEGMENT) as usize..].fill(0);
                 }
             }
         }
-        self.capacity
-            .store(new_capacity, std::sync::atomic::Ordering::Release);
-        drop(segs);
+        self.capacity.store(new_capacity, Ordering::Release);
+        drop(guards);
         self.signal.publish(new_capacity);
         Ok(())
     }
@@ -225,5 +233,42 @@ impl BlockDevice for MemoryDevice {
 
     fn describe(&self) -> String {
         format!("memory device ({} bytes)", self.capacity())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_sparse_device_costs_what_is_written() {
+        let dev = MemoryDevice::new(64 << 40).unwrap();
+        dev.write_at((64 << 40) - 4096, &[9u8; 4096]).unwrap();
+        dev.write_at(1 << 40, &[8u8; 512]).unwrap();
+        assert_eq!(dev.allocated_bytes(), 2 * SEGMENT);
+        let mut b = [0u8; 4096];
+        dev.read_at((64 << 40) - 4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 9));
+        dev.discard(1 << 40, SEGMENT).unwrap();
+        assert_eq!(dev.allocated_bytes(), SEGMENT);
+    }
+
+    #[test]
+    fn listener_may_call_back_into_the_device() {
+        let dev = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let d2 = dev.clone();
+        let seen = Arc::new(AtomicU64::new(0));
+        let s2 = seen.clone();
+        let sig = dev.capacity_signal().unwrap();
+        let sig2 = sig.clone();
+        sig.subscribe(move |cap| {
+            // Neither the signal nor the device may be locked while listeners run.
+            assert_eq!(sig2.current().0, cap);
+            let mut b = [0u8; 512];
+            d2.read_at(cap - 512, &mut b).unwrap();
+            s2.store(cap, Ordering::SeqCst);
+        });
+        dev.resize(2 << 20).unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 2 << 20);
     }
 }

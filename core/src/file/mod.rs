@@ -105,7 +105,7 @@ impl FileCore {
             return false;
         }
         let (ma, la) = (self.mem_align as usize, self.logical as usize);
-        let ok = |p: usize, n: usize| is_aligned(p, ma) && n % 1 == 0 && la > 0;
+        let ok = |p: usize, n: usize| is_aligned(p, ma) && n % la == 0;
         match &req.op {
             Op::Read { bufs, .. } => !bufs.iter().all(|b| ok(b.as_ptr() as usize, b.len())),
             Op::Write { bufs, .. } => !bufs.iter().all(|b| ok(b.as_ptr() as usize, b.len())),
@@ -466,6 +466,8 @@ impl BlockDevice for FileDevice {
             )
         })?;
         self.capacity.store(new_capacity, Ordering::Release);
+        drop(_guard);
+        // Outside the resize lock: a listener may do I/O on this device.
         self.signal.publish(new_capacity);
         Ok(())
     }

@@ -143,7 +143,8 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
             req.complete(Ok(()));
             continue;
         }
-        let bounce = core.needs_bounce(req).then(|| {
+        // A vector longer than readv/writev take (UIO_MAXIOV) goes through one buffer too.
+        let bounce = (core.needs_bounce(req) || too_many_bufs(req)).then(|| {
             let mut b = core.bounce(req.len() as usize);
             if let Op::Write { bufs, .. } = &req.op {
                 copy_from_bufs(bufs, 0, &mut b);
@@ -163,8 +164,7 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
     while next < slots.len() || in_flight > 0 {
         {
             let mut sq = ring.submission();
-            while next < slots.len() && in_flight < capacity && !sq.is_full() && !flush_in_flight
-            {
+            while next < slots.len() && in_flight < capacity && !sq.is_full() && !flush_in_flight {
                 let is_flush = matches!(batch[slots[next].idx].op, Op::Flush);
                 if is_flush && in_flight > 0 {
                     break;
@@ -211,6 +211,16 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
             req.complete(r);
         }
     }
+}
+
+/// Whether a request has more buffers than the kernel takes in one readv/writev (EINVAL).
+fn too_many_bufs(req: &Request<'_>) -> bool {
+    let n = match &req.op {
+        Op::Read { bufs, .. } => bufs.len(),
+        Op::Write { bufs, .. } => bufs.len(),
+        _ => 0,
+    };
+    n > libc::UIO_MAXIOV as usize
 }
 
 fn complete(
