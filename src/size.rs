@@ -142,4 +142,17 @@ mod tests {
         assert_eq!(format_size(3 << 29), "1.50 GiB");
         assert_eq!(format_size(1 << 30), "1 GiB");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(input in ".{0,24}") {
+            let _ = parse_size(&input);
+        }
+
+        #[test]
+        fn suffixes_scale(v in 0u64..1 << 20, i in 0usize..5) {
+            let (suffix, shift) = [("", 0), ("k", 10), ("M", 20), ("G", 30), ("T", 40)][i];
+            proptest::prop_assert_eq!(parse_size(&format!("{v}{suffix}")).unwrap(), v << shift);
+        }
+    }
 }

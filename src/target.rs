@@ -287,4 +287,21 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(input in "[a-z:/.,=_]{0,32}") {
+            if let Ok(t) = input.parse::<TargetSpec>() {
+                proptest::prop_assert!(!t.path().as_os_str().is_empty());
+            }
+        }
+
+        #[test]
+        fn commas_in_paths_round_trip(name in "[a-z,]{1,12}") {
+            let escaped = name.replace(',', ",,");
+            let t: TargetSpec = format!("raw:{escaped},readonly=on").parse().unwrap();
+            proptest::prop_assert_eq!(t.kind, TargetKind::Raw(PathBuf::from(&name)));
+            proptest::prop_assert_eq!(t.options.read_only, Some(true));
+        }
+    }
 }

@@ -402,3 +402,41 @@ fn help_has_examples() {
         assert!(out.contains("vstor disk"), "{cmd:?}: {out}");
     }
 }
+
+#[test]
+fn large_write_streams_in_pieces() {
+    // 20 MiB from a file (three 8 MiB pieces, the last partial) at an unaligned offset.
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "32M");
+    let input = dir.path().join("in.bin");
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i / 4096 % 251) as u8).collect();
+    std::fs::write(&input, &data).unwrap();
+    ok(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "1000",
+        "--input",
+        s(&input),
+    ]);
+    let bytes = std::fs::read(&d).unwrap();
+    assert!(bytes[..1000].iter().all(|&b| b == 0));
+    assert!(bytes[1000..1000 + data.len()] == data[..]);
+    assert!(bytes[1000 + data.len()..].iter().all(|&b| b == 0));
+    let e = fails(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "16M",
+        "--input",
+        s(&input),
+    ]);
+    assert!(e.contains("past the end"), "{e}");
+    assert_eq!(
+        std::fs::read(&d).unwrap(),
+        bytes,
+        "a refused write changed the disk"
+    );
+}

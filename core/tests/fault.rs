@@ -11,17 +11,9 @@ use vstor_core::{
     BlockDevice, CutPolicy, Error, FaultDevice, FaultRule, MemoryDevice, OpKind, Request,
 };
 
-/// splitmix64: deterministic data for writes.
+/// Deterministic data for writes.
 fn fill(seed: u64, out: &mut [u8]) {
-    let mut x = seed;
-    for chunk in out.chunks_mut(8) {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-    }
+    fastrand::Rng::with_seed(seed).fill(out);
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {

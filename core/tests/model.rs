@@ -120,17 +120,9 @@ fn batches() -> impl Strategy<Value = Vec<Vec<Step>>> {
     prop::collection::vec(prop::collection::vec(step, 1..12), 15..25)
 }
 
-/// splitmix64: deterministic data for writes.
+/// Deterministic data for writes.
 fn fill(seed: u64, out: &mut [u8]) {
-    let mut x = seed;
-    for chunk in out.chunks_mut(8) {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
-    }
+    fastrand::Rng::with_seed(seed).fill(out);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

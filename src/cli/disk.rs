@@ -403,40 +403,64 @@ fn read(a: ReadArgs) -> Result<(), Error> {
 }
 
 fn write(a: WriteArgs) -> Result<(), Error> {
-    let data: Vec<u8> = match (&a.input, a.pattern) {
-        (Some(p), _) => {
-            let mut d = std::fs::read(p).map_err(io_err(format!("cannot read {}", p.display())))?;
-            if let Some(l) = a.length {
-                if l > d.len() as u64 {
+    // The source: a repeated byte, or a file read piece by piece (bounded memory).
+    let mut input = match &a.input {
+        Some(p) => {
+            Some(std::fs::File::open(p).map_err(io_err(format!("cannot open {}", p.display())))?)
+        }
+        None => None,
+    };
+    let length = match (&input, a.length) {
+        (Some(f), l) => {
+            let size = f
+                .metadata()
+                .map_err(io_err("cannot size the input file"))?
+                .len();
+            match l {
+                Some(l) if l > size => {
                     return Err(Error::InvalidArgument(format!(
-                        "--length {l} is more than the {} bytes of {}",
-                        d.len(),
-                        p.display()
-                    )));
+                        "--length {l} is more than the {size} bytes of the input file"
+                    )))
                 }
-                d.truncate(l as usize);
+                Some(l) => l,
+                None => size,
             }
-            d
         }
-        (None, Some(b)) => {
-            let l = a
-                .length
-                .ok_or_else(|| Error::InvalidArgument("--pattern needs --length".into()))?;
-            if l > 1 << 32 {
-                return Err(Error::InvalidArgument(format!(
-                    "--length {l} is above the 4 GiB limit of one write command"
-                )));
-            }
-            vec![b; l as usize]
-        }
-        (None, None) => unreachable!("clap requires --pattern or --input"),
+        (None, Some(l)) => l,
+        (None, None) => return Err(Error::InvalidArgument("--pattern needs --length".into())),
     };
     let opened = a.open.open(&a.target, false)?;
     let dev = opened.device.as_ref();
-    check_direct_alignment(dev, a.open.direct, a.offset, data.len() as u64)?;
-    vstor::bytes::write_bytes(dev, a.offset, &data)?;
+    check_direct_alignment(dev, a.open.direct, a.offset, length)?;
+    // Refuse a range that does not fit before writing anything.
+    let cap = dev.capacity();
+    if a.offset.checked_add(length).is_none_or(|e| e > cap) {
+        return Err(vstor::core::Error::OutOfRange {
+            op: vstor::core::OpKind::Write,
+            offset: a.offset,
+            len: length,
+            capacity: cap,
+        }
+        .into());
+    }
+    const PIECE: u64 = 8 << 20;
+    let mut piece = vec![a.pattern.unwrap_or(0); length.min(PIECE) as usize];
+    let pb = progress_bar(length, "writing");
+    let mut done = 0u64;
+    while done < length {
+        let n = (length - done).min(PIECE) as usize;
+        if let Some(f) = input.as_mut() {
+            use std::io::Read;
+            f.read_exact(&mut piece[..n])
+                .map_err(io_err("cannot read the input file"))?;
+        }
+        vstor::bytes::write_bytes(dev, a.offset + done, &piece[..n])?;
+        done += n as u64;
+        pb.set_position(done);
+    }
+    pb.finish_and_clear();
     dev.flush()?;
-    println!("wrote {} bytes at offset {}", data.len(), a.offset);
+    println!("wrote {length} bytes at offset {}", a.offset);
     Ok(())
 }
 
