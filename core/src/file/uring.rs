@@ -161,6 +161,7 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
     // kernel has posted the CQE, so the flush starts only when nothing is in flight, and nothing
     // after it starts until it has completed.
     let mut flush_in_flight = false;
+    let mut reaped: Vec<(usize, i32)> = Vec::with_capacity(capacity);
     while next < slots.len() || in_flight > 0 {
         {
             let mut sq = ring.submission();
@@ -196,11 +197,12 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
                 std::thread::sleep(std::time::Duration::from_micros(50));
             }
         }
-        let done: Vec<(usize, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data() as usize, c.result()))
-            .collect();
-        for (s, res) in done {
+        reaped.clear();
+        reaped.extend(
+            ring.completion()
+                .map(|c| (c.user_data() as usize, c.result())),
+        );
+        for &(s, res) in &reaped {
             in_flight -= 1;
             let slot = &mut slots[s];
             let req = &mut batch[slot.idx];
