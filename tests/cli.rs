@@ -214,6 +214,7 @@ fn info_reports_the_disk() {
     assert_eq!(v["format"], "raw");
     assert_eq!(v["logical_sector_size"], 512);
     assert_eq!(v["allocated_bytes"], 0);
+    assert_eq!(v["resizable"], true);
     let text = ok(&["disk", "info", s(&d)]);
     assert!(
         text.contains("virtual size:         3 MiB (3145728 bytes)"),

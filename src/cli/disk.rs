@@ -308,7 +308,8 @@ fn info(a: InfoArgs) -> Result<(), Error> {
         read_only: i.read_only,
         discard: i.supports.discard,
         write_zeroes: i.supports.write_zeroes,
-        resizable: i.supports.resize,
+        // `info` opens read-only, which never resizes; a raw regular file can be resized.
+        resizable: i.supports.resize || meta.is_some(),
     };
     if a.json {
         println!(
