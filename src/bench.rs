@@ -126,6 +126,12 @@ impl BenchParams {
                 self.size
             ));
         }
+        if (self.size as u64).saturating_mul(self.depth as u64) > 1 << 30 {
+            return bad(format!(
+                "depth {} times request size {} is above the 1 GiB limit of buffer memory",
+                self.depth, self.size
+            ));
+        }
         if self.offset % sector as u64 != 0 || self.step() % sector as u64 != 0 {
             return bad(format!(
                 "offset {} and step {} must be multiples of the device's {sector}-byte sector",
@@ -174,7 +180,6 @@ pub fn run(
     let mut next = p.offset;
     let mut offsets = Vec::with_capacity(p.depth);
     let mut done = 0u64;
-    let mut since_flush = 0u64;
     let start = Instant::now();
     while done < p.count {
         let n = (p.count - done).min(p.depth as u64) as usize;
@@ -184,29 +189,26 @@ pub fn run(
                 offsets.push(rng.u64(0..slots) * size);
             } else {
                 offsets.push(next);
-                next += p.step();
+                // qemu-img bench master: offset += step, wrapped modulo (capacity - size).
                 next = if capacity <= size {
                     0
                 } else {
-                    next % (capacity - size)
+                    ((u128::from(next) + u128::from(p.step())) % u128::from(capacity - size)) as u64
                 };
             }
         }
-        let mut batch: Vec<Request<'_>> = bufs
-            .iter_mut()
-            .zip(&offsets)
-            .map(|(b, &o)| {
-                if p.write {
-                    Request::write(o, b)
-                } else {
-                    Request::read(o, b)
-                }
-            })
-            .collect();
-        since_flush += n as u64;
-        if p.flush_interval > 0 && since_flush >= p.flush_interval {
-            batch.push(Request::flush());
-            since_flush = 0;
+        // As qemu-img bench (with its default drain): a flush after every `flush_interval`-th
+        // request, a barrier inside the batch.
+        let mut batch: Vec<Request<'_>> = Vec::with_capacity(n + 1);
+        for (i, (b, &o)) in bufs.iter_mut().zip(&offsets).enumerate() {
+            batch.push(if p.write {
+                Request::write(o, b)
+            } else {
+                Request::read(o, b)
+            });
+            if p.flush_interval > 0 && (done + i as u64 + 1) % p.flush_interval == 0 {
+                batch.push(Request::flush());
+            }
         }
         dev.submit(&mut batch);
         for r in &batch {
@@ -265,6 +267,36 @@ mod tests {
     }
 
     #[test]
+    fn flushes_every_interval_like_qemu() {
+        use std::sync::Arc;
+        use vstor_core::FaultDevice;
+        let medium: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let dev = FaultDevice::new(medium);
+        let p = BenchParams {
+            count: 64,
+            depth: 64,
+            write: true,
+            flush_interval: 8,
+            ..Default::default()
+        };
+        run(&dev, &p, &mut |_| {}).unwrap();
+        assert_eq!(dev.stats().flushes, 8);
+        assert_eq!(dev.stats().writes, 64);
+    }
+
+    #[test]
+    fn huge_step_wraps_without_overflow() {
+        let dev = MemoryDevice::new(64 << 10).unwrap();
+        let p = BenchParams {
+            count: 10,
+            depth: 1,
+            step: Some(u64::MAX - 511),
+            ..Default::default()
+        };
+        run(&dev, &p, &mut |_| {}).unwrap();
+    }
+
+    #[test]
     fn bad_parameters_are_refused() {
         let dev = MemoryDevice::new(64 << 10).unwrap();
         for p in [
@@ -286,6 +318,11 @@ mod tests {
             },
             BenchParams {
                 offset: 1,
+                ..Default::default()
+            },
+            BenchParams {
+                depth: 4096,
+                size: 64 << 20,
                 ..Default::default()
             },
         ] {

@@ -32,6 +32,9 @@ fn covering(
 
 /// Reads `len` bytes at any byte `offset`.
 pub fn read_bytes(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<u8>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
     let (start, _end, mut buf) = covering(dev, OpKind::Read, offset, len)?;
     dev.read_at(start, &mut buf)?;
     let from = (offset - start) as usize;
@@ -42,6 +45,9 @@ pub fn read_bytes(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Vec<u8
 /// written back whole. Does not flush.
 pub fn write_bytes(dev: &dyn BlockDevice, offset: u64, data: &[u8]) -> Result<()> {
     let len = data.len() as u64;
+    if len == 0 {
+        return Ok(());
+    }
     let (start, end, mut buf) = covering(dev, OpKind::Write, offset, len)?;
     let sector = u64::from(dev.info().logical_sector_size);
     if offset != start {
@@ -88,6 +94,13 @@ mod tests {
             );
             dev.write_at(0, &[0x11; 8192]).unwrap();
         }
+    }
+
+    #[test]
+    fn empty_ranges_are_no_ops() {
+        let dev = MemoryDevice::new(4096).unwrap();
+        write_bytes(&dev, 7, &[]).unwrap();
+        assert!(read_bytes(&dev, 7, 0).unwrap().is_empty());
     }
 
     #[test]

@@ -54,8 +54,12 @@ pub fn parse_size(input: &str) -> Result<u64, Error> {
     let int: u128 = if int.is_empty() {
         0
     } else {
-        int.parse().map_err(|_| err("not a number"))?
+        int.parse().map_err(|_| err("too large or not a number"))?
     };
+    if int > u128::from(u64::MAX) {
+        return Err(err("too large"));
+    }
+    // int < 2^64 and shift <= 60: no overflow in u128.
     let mut value = int << shift;
     if !frac.is_empty() {
         if frac.len() > 18 {

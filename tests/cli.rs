@@ -441,3 +441,109 @@ fn large_write_streams_in_pieces() {
         "a refused write changed the disk"
     );
 }
+
+/// Regressions from review: commands that used to damage files or misdirect writes.
+#[test]
+fn read_output_never_damages_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "64k");
+    ok(&[
+        "disk",
+        "write",
+        s(&d),
+        "--length",
+        "64k",
+        "--pattern",
+        "0x42",
+    ]);
+    let image = std::fs::read(&d).unwrap();
+
+    // The output is the target itself: refused, the image intact.
+    let e = fails(&["disk", "read", s(&d), "--length", "4k", "--output", s(&d)]);
+    assert!(e.contains("is the target itself"), "{e}");
+    assert_eq!(std::fs::read(&d).unwrap(), image);
+
+    // A read that cannot succeed leaves an existing output file as it was.
+    let keep = dir.path().join("keep.bin");
+    std::fs::write(&keep, b"precious").unwrap();
+    let e = fails(&[
+        "disk",
+        "read",
+        s(&d),
+        "--offset",
+        "1M",
+        "--length",
+        "1",
+        "--output",
+        s(&keep),
+    ]);
+    assert!(e.contains("past the end"), "{e}");
+    assert_eq!(std::fs::read(&keep).unwrap(), b"precious");
+
+    // A good read replaces it.
+    ok(&["disk", "read", s(&d), "--length", "3", "--output", s(&keep)]);
+    assert_eq!(std::fs::read(&keep).unwrap(), b"BBB");
+}
+
+#[test]
+fn overflowing_sizes_are_refused_not_wrapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "64k");
+    let before = std::fs::read(&d).unwrap();
+    let e = fails(&[
+        "disk",
+        "write",
+        s(&d),
+        "--offset",
+        "295147905179352825856E",
+        "--length",
+        "512",
+        "-P",
+        "0xee",
+    ]);
+    assert!(e.contains("too large"), "{e}");
+    assert_eq!(std::fs::read(&d).unwrap(), before);
+    let e = fails(&["disk", "bench", s(&d), "-d", "4096", "-s", "64M", "-c", "1"]);
+    assert!(e.contains("1 GiB limit"), "{e}");
+}
+
+#[test]
+fn piped_input_is_written_whole_or_not_at_all() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path(), "d.raw", "64k");
+    let pipe_write = |extra: &[&str]| {
+        let mut args = vec![
+            "disk",
+            "write",
+            s(&d),
+            "--offset",
+            "100",
+            "--input",
+            "/dev/stdin",
+        ];
+        args.extend_from_slice(extra);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vstor"))
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(b"hello").unwrap();
+        c.wait_with_output().unwrap()
+    };
+    let o = pipe_write(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(&std::fs::read(&d).unwrap()[100..105], b"hello");
+
+    std::fs::write(&d, vec![0u8; 64 << 10]).unwrap();
+    let o = pipe_write(&["--length", "10"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ended after 5 bytes"));
+    assert!(
+        std::fs::read(&d).unwrap().iter().all(|&b| b == 0),
+        "a short pipe wrote something"
+    );
+}

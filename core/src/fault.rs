@@ -517,6 +517,8 @@ impl BlockDevice for FaultDevice {
     fn resize(&self, new_capacity: u64) -> Result<()> {
         let mut s = self.lock();
         self.write_back(&mut s)?;
+        drop(s);
+        // Unlocked: the medium tells listeners, and a listener may do I/O on this device.
         self.inner.resize(new_capacity)
     }
 

@@ -20,6 +20,9 @@ type Shard = RwLock<HashMap<u64, Box<[u8]>>>;
 /// shards, so requests to different segments run in parallel; only a resize takes every shard.
 pub struct MemoryDevice {
     shards: Vec<Shard>,
+    // Held shared by requests and exclusively by resize, so a request checked against the old
+    // capacity cannot land past the new end.
+    resize_lock: RwLock<()>,
     capacity: AtomicU64,
     sector: u32,
     read_only: bool,
@@ -55,6 +58,7 @@ impl MemoryDevice {
         Self::check_capacity(capacity, sector)?;
         Ok(MemoryDevice {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            resize_lock: RwLock::new(()),
             capacity: capacity.into(),
             sector,
             read_only: false,
@@ -164,6 +168,7 @@ impl BlockDevice for MemoryDevice {
     }
 
     fn submit(&self, batch: &mut [Request<'_>]) {
+        let _resizing = self.resize_lock.read().unwrap_or_else(|p| p.into_inner());
         let info = self.info();
         for req in batch.iter_mut() {
             if let Err(e) = info.check(req) {
@@ -201,7 +206,7 @@ impl BlockDevice for MemoryDevice {
             return Err(Error::ReadOnly { op: OpKind::Write });
         }
         Self::check_capacity(new_capacity, self.sector)?;
-        // Every shard, in index order: no request runs during the change.
+        let resizing = self.resize_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut guards: Vec<_> = self
             .shards
             .iter()
@@ -223,6 +228,7 @@ impl BlockDevice for MemoryDevice {
         }
         self.capacity.store(new_capacity, Ordering::Release);
         drop(guards);
+        drop(resizing);
         self.signal.publish(new_capacity);
         Ok(())
     }

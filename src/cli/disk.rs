@@ -356,7 +356,78 @@ fn check_direct_alignment(
     Ok(())
 }
 
+/// Where `disk read` puts its bytes. A regular output file is written as a temporary file in
+/// the same directory and renamed over the destination only when every byte was read, so a
+/// failed read leaves an existing file as it was.
+enum ReadSink {
+    Dump(std::io::BufWriter<std::io::StdoutLock<'static>>),
+    Temp(std::io::BufWriter<tempfile::NamedTempFile>, PathBuf),
+    Direct(std::io::BufWriter<std::fs::File>),
+}
+
+impl ReadSink {
+    fn open(output: Option<&PathBuf>, target: &TargetSpec) -> Result<Self, Error> {
+        let Some(out) = output else {
+            return Ok(ReadSink::Dump(std::io::BufWriter::new(
+                std::io::stdout().lock(),
+            )));
+        };
+        use std::os::unix::fs::MetadataExt;
+        let existing = std::fs::metadata(out).ok();
+        if let (Some(o), Ok(t)) = (&existing, std::fs::metadata(target.path())) {
+            if (o.dev(), o.ino()) == (t.dev(), t.ino()) {
+                return Err(Error::InvalidArgument(format!(
+                    "--output {} is the target itself",
+                    out.display()
+                )));
+            }
+        }
+        if existing.as_ref().is_some_and(|m| !m.is_file()) {
+            // A device or a pipe (/dev/stdout, a FIFO): write to it as it is.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(out)
+                .map_err(io_err(format!("cannot open {}", out.display())))?;
+            return Ok(ReadSink::Direct(std::io::BufWriter::new(f)));
+        }
+        let dir = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        let tmp = tempfile::NamedTempFile::new_in(dir)
+            .map_err(io_err(format!("cannot create a file in {}", dir.display())))?;
+        Ok(ReadSink::Temp(std::io::BufWriter::new(tmp), out.clone()))
+    }
+
+    fn put(&mut self, pos: u64, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            ReadSink::Dump(w) => super::hexdump::hexdump(w, pos, data),
+            ReadSink::Temp(w, _) => w.write_all(data),
+            ReadSink::Direct(w) => w.write_all(data),
+        }
+    }
+
+    fn finish(self) -> Result<(), Error> {
+        let failed = io_err("cannot write the output");
+        match self {
+            ReadSink::Dump(mut w) => w.flush().map_err(failed),
+            ReadSink::Direct(mut w) => w.flush().map_err(failed),
+            ReadSink::Temp(w, dest) => {
+                let tmp = w.into_inner().map_err(|e| failed(e.into_error()))?;
+                use std::os::unix::fs::PermissionsExt;
+                let _ = tmp
+                    .as_file()
+                    .set_permissions(std::fs::Permissions::from_mode(0o644));
+                tmp.persist(&dest)
+                    .map_err(|e| io_err(format!("cannot write {}", dest.display()))(e.error))?;
+                Ok(())
+            }
+        }
+    }
+}
+
 fn read(a: ReadArgs) -> Result<(), Error> {
+    let spec: TargetSpec = a.target.parse()?;
     let opened = a.open.open(&a.target, true)?;
     let dev = opened.device.as_ref();
     check_direct_alignment(dev, a.open.direct, a.offset, a.length)?;
@@ -365,15 +436,7 @@ fn read(a: ReadArgs) -> Result<(), Error> {
             "a hex dump of more than 1 GiB is not useful; use --output FILE".into(),
         ));
     }
-    // Read in pieces so that large reads use bounded memory.
-    const PIECE: u64 = 8 << 20;
-    let mut out: Box<dyn Write> = match &a.output {
-        Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(io_err(format!("cannot create {}", p.display())))?,
-        )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
-    };
-    // Check the whole range first so nothing is written out for a request that cannot succeed.
+    // Check the whole range before anything is written out.
     let cap = dev.capacity();
     if a.offset.checked_add(a.length).is_none_or(|e| e > cap) {
         return Err(vstor::core::Error::OutOfRange {
@@ -384,51 +447,88 @@ fn read(a: ReadArgs) -> Result<(), Error> {
         }
         .into());
     }
+    let mut sink = ReadSink::open(a.output.as_ref(), &spec)?;
+    // Read in pieces so that large reads use bounded memory.
+    const PIECE: u64 = 8 << 20;
     let pb = progress_bar(a.length, "reading");
     let mut pos = a.offset;
     let end = a.offset + a.length;
     while pos < end {
         let n = (end - pos).min(PIECE);
         let data = vstor::bytes::read_bytes(dev, pos, n)?;
-        let w = match &a.output {
-            Some(_) => out.write_all(&data),
-            None => super::hexdump::hexdump(&mut out, pos, &data),
-        };
-        w.map_err(io_err("cannot write the output"))?;
+        sink.put(pos, &data)
+            .map_err(io_err("cannot write the output"))?;
         pos += n;
         pb.set_position(pos - a.offset);
     }
     pb.finish_and_clear();
-    out.flush().map_err(io_err("cannot write the output"))?;
-    Ok(())
+    sink.finish()
 }
 
 fn write(a: WriteArgs) -> Result<(), Error> {
-    // The source: a repeated byte, or a file read piece by piece (bounded memory).
-    let mut input = match &a.input {
-        Some(p) => {
-            Some(std::fs::File::open(p).map_err(io_err(format!("cannot open {}", p.display())))?)
-        }
-        None => None,
-    };
-    let length = match (&input, a.length) {
-        (Some(f), l) => {
-            let size = f
+    // The source: a repeated byte; a regular file, read piece by piece (bounded memory); or a
+    // pipe or device, read whole first (at most --length, or 1 GiB) so that nothing is written
+    // unless all of it arrived.
+    let mut input: Option<std::fs::File> = None;
+    let mut buffered: Option<Vec<u8>> = None;
+    let length = match (&a.input, a.pattern) {
+        (Some(p), _) => {
+            let f =
+                std::fs::File::open(p).map_err(io_err(format!("cannot open {}", p.display())))?;
+            let meta = f
                 .metadata()
-                .map_err(io_err("cannot size the input file"))?
-                .len();
-            match l {
-                Some(l) if l > size => {
+                .map_err(io_err(format!("cannot inspect {}", p.display())))?;
+            if meta.is_file() {
+                let size = meta.len();
+                let l = match a.length {
+                    Some(l) if l > size => {
+                        return Err(Error::InvalidArgument(format!(
+                            "--length {l} is more than the {size} bytes of {}",
+                            p.display()
+                        )))
+                    }
+                    Some(l) => l,
+                    None => size,
+                };
+                input = Some(f);
+                l
+            } else {
+                use std::io::Read;
+                const LIMIT: u64 = 1 << 30;
+                let want = a.length.unwrap_or(LIMIT + 1);
+                if want > LIMIT + 1 {
                     return Err(Error::InvalidArgument(format!(
-                        "--length {l} is more than the {size} bytes of the input file"
-                    )))
+                        "--length {want} from a pipe or device is above the 1 GiB limit"
+                    )));
                 }
-                Some(l) => l,
-                None => size,
+                let mut data = Vec::new();
+                f.take(want)
+                    .read_to_end(&mut data)
+                    .map_err(io_err(format!("cannot read {}", p.display())))?;
+                match a.length {
+                    Some(l) if (data.len() as u64) < l => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{} ended after {} bytes; --length asked for {l}",
+                            p.display(),
+                            data.len()
+                        )))
+                    }
+                    None if data.len() as u64 > LIMIT => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{} gives more than 1 GiB; say how much with --length",
+                            p.display()
+                        )))
+                    }
+                    _ => {}
+                }
+                let l = data.len() as u64;
+                buffered = Some(data);
+                l
             }
         }
-        (None, Some(l)) => l,
-        (None, None) => return Err(Error::InvalidArgument("--pattern needs --length".into())),
+        (None, _) => a
+            .length
+            .ok_or_else(|| Error::InvalidArgument("--pattern needs --length".into()))?,
     };
     let opened = a.open.open(&a.target, false)?;
     let dev = opened.device.as_ref();
@@ -454,6 +554,9 @@ fn write(a: WriteArgs) -> Result<(), Error> {
             use std::io::Read;
             f.read_exact(&mut piece[..n])
                 .map_err(io_err("cannot read the input file"))?;
+        } else if let Some(b) = &buffered {
+            let at = done as usize;
+            piece[..n].copy_from_slice(&b[at..at + n]);
         }
         vstor::bytes::write_bytes(dev, a.offset + done, &piece[..n])?;
         done += n as u64;

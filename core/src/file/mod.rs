@@ -202,6 +202,16 @@ impl FileDevice {
             o.open(path)
         };
         let ctx = || format!("cannot open {}", path.display());
+        // Look before opening: opening a FIFO would block until a writer appears.
+        let ft = std::fs::metadata(path)
+            .map_err(|e| Error::io(ctx(), e))?
+            .file_type();
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )));
+        }
         let mut direct_fallback = None;
         let mut direct = opts.direct;
         let file = match open(direct) {
@@ -420,6 +430,9 @@ impl BlockDevice for FileDevice {
         let info = self.info();
         let mut valid = 0;
         for req in batch.iter_mut() {
+            // A request resubmitted with an old result runs again: below, "complete" means
+            // "refused by the check".
+            let _ = req.take_result();
             match info.check(req) {
                 Ok(()) => valid += 1,
                 Err(e) => req.complete(Err(e)),
