@@ -516,7 +516,11 @@ impl BlockDevice for FaultDevice {
 
     fn resize(&self, new_capacity: u64) -> Result<()> {
         let mut s = self.lock();
-        self.write_back(&mut s)?;
+        // Growing leaves cached writes where they are (like ftruncate, growth is no barrier);
+        // shrinking writes them back first so none lands past the new end.
+        if new_capacity < self.inner.capacity() {
+            self.write_back(&mut s)?;
+        }
         drop(s);
         // Unlocked: the medium tells listeners, and a listener may do I/O on this device.
         self.inner.resize(new_capacity)

@@ -41,6 +41,6 @@ pub use fault::{CutPolicy, FaultDevice, FaultRule};
 pub use file::{Engine, FileDevice, FileKind, FileOptions};
 pub use mem::MemoryDevice;
 pub use request::{
-    copy_from_bufs, copy_into_bufs, fail_remaining, first_error, zero_bufs, Op, ReadBufs, Request,
-    WriteBufs,
+    carve_read_bufs, carve_write_bufs, copy_from_bufs, copy_into_bufs, fail_remaining, first_error,
+    zero_bufs, Op, ReadBufs, Request, WriteBufs,
 };

@@ -227,3 +227,65 @@ pub fn zero_bufs(bufs: &mut [IoSliceMut<'_>]) {
         b.fill(0);
     }
 }
+
+/// Splits read buffers into consecutive pieces of the given lengths, in order, so that a layer
+/// can hand each piece of a request to a different place below it without copying. Lengths
+/// past the end of the buffers get what is left (possibly nothing).
+pub fn carve_read_bufs<'b>(
+    bufs: &'b mut [IoSliceMut<'_>],
+    lens: impl IntoIterator<Item = usize>,
+) -> SmallVec<[ReadBufs<'b>; 2]> {
+    let mut rest = bufs.iter_mut().map(|b| &mut **b);
+    let mut cur: &'b mut [u8] = &mut [];
+    let mut out = SmallVec::new();
+    for len in lens {
+        let mut need = len;
+        let mut piece = ReadBufs::new();
+        while need > 0 {
+            if cur.is_empty() {
+                match rest.next() {
+                    Some(b) => cur = b,
+                    None => break,
+                }
+                continue;
+            }
+            let n = need.min(cur.len());
+            let (a, b) = std::mem::take(&mut cur).split_at_mut(n);
+            piece.push(IoSliceMut::new(a));
+            cur = b;
+            need -= n;
+        }
+        out.push(piece);
+    }
+    out
+}
+
+/// Splits write buffers into consecutive pieces of the given lengths (see [`carve_read_bufs`]).
+pub fn carve_write_bufs<'b>(
+    bufs: &'b [IoSlice<'_>],
+    lens: impl IntoIterator<Item = usize>,
+) -> SmallVec<[WriteBufs<'b>; 2]> {
+    let mut rest = bufs.iter().map(|b| &**b);
+    let mut cur: &'b [u8] = &[];
+    let mut out = SmallVec::new();
+    for len in lens {
+        let mut need = len;
+        let mut piece = WriteBufs::new();
+        while need > 0 {
+            if cur.is_empty() {
+                match rest.next() {
+                    Some(b) => cur = b,
+                    None => break,
+                }
+                continue;
+            }
+            let n = need.min(cur.len());
+            let (a, b) = cur.split_at(n);
+            piece.push(IoSlice::new(a));
+            cur = b;
+            need -= n;
+        }
+        out.push(piece);
+    }
+    out
+}

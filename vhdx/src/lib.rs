@@ -1,7 +1,34 @@
-//! vstor-vhdx: the VHDX virtual disk format ([MS-VHDX]) on top of the vstor-core
-//! block-device contract.
+//! vstor-vhdx: VHDX virtual disks ([MS-VHDX]) on the vstor-core block-device contract.
 //!
-//! **Status: not implemented yet.** This crate is a placeholder in the workspace layout; the
-//! format (fixed, dynamic and differencing disks, the metadata log, resize, shared VHDX) lands
-//! with the VHDX issue. Nothing here pretends to work: the crate exports no API yet.
+//! - Fixed, dynamic and differencing disks, created ([`Vhdx::create`]) or opened
+//!   ([`Vhdx::open`], which resolves the whole parent chain and checks each linkage).
+//! - Every metadata change (BAT, sector bitmaps) goes through the log, so a crash at any write
+//!   leaves an image that opens consistent; a dirty image is replayed on a writable open, and in
+//!   memory on a read-only one.
+//! - I/O follows the core contract: batches, vectored reads and writes, flush, discard,
+//!   write-zeroes; data paths to mapped blocks take no lock.
+//! - [`check`] verifies an image structure by structure.
+//!
+//! ```no_run
+//! use vstor_core::BlockDevice;
+//! use vstor_vhdx::{CreateOptions, Vhdx};
+//! let disk = Vhdx::create("disk.vhdx", &CreateOptions::dynamic(1 << 30))?;
+//! disk.write_at(0, &[0xA5; 4096])?;
+//! disk.flush()?;
+//! # Ok::<(), vstor_core::Error>(())
+//! ```
+//!
+//! [MS-VHDX]: https://learn.microsoft.com/en-us/openspecs/windows_protocols/ms-vhdx/
 #![deny(missing_docs)]
+
+pub mod check;
+mod create;
+mod disk;
+mod error;
+pub mod format;
+pub mod log;
+pub mod meta;
+
+pub use create::{CreateOptions, DiskKind, DEFAULT_BLOCK_SIZE};
+pub use disk::{ImageKind, OpenOptions, Vhdx};
+pub use error::VhdxError;

@@ -1,0 +1,1 @@
+//! Checking an image (placeholder replaced below).
