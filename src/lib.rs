@@ -28,6 +28,8 @@ pub use size::{format_size, parse_size};
 pub use target::{open_target, OpenedTarget, TargetKind, TargetOptions, TargetSpec};
 /// The core block layer (re-export of `vstor-core`).
 pub use vstor_core as core;
+/// The VHDX format (re-exported `vstor-vhdx`).
+pub use vstor_vhdx as vhdx;
 
 /// Errors of the facade.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,9 @@ pub enum Error {
     /// Something not supported (yet).
     #[error("{0}")]
     Unsupported(String),
+    /// `disk check` found problems (the report has been printed).
+    #[error("{0}")]
+    NotClean(String),
     /// A request failed during a run.
     #[error("{0}")]
     Failed(String),

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! disk.raw, /dev/sdb, raw:PATH      a plain file or block device
-//! disk.vhdx, vhdx:PATH              a VHDX file with its parent chain   (not yet supported)
+//! disk.vhdx, vhdx:PATH              a VHDX file with its parent chain
 //! pool:DIR/NAME                     a space of a storage pool            (not yet supported)
 //! ```
 //!
@@ -212,10 +212,24 @@ impl TargetSpec {
                     notes,
                 })
             }
-            TargetKind::Vhdx(path) => Err(Error::Unsupported(format!(
-                "{}: VHDX targets are not supported yet (the VHDX format has not landed)",
-                path.display()
-            ))),
+            TargetKind::Vhdx(path) => {
+                let opts = vstor_vhdx::OpenOptions {
+                    read_only,
+                    file: FileOptions {
+                        read_only,
+                        direct,
+                        engine,
+                        ring_entries: 0,
+                    },
+                    ..Default::default()
+                };
+                let disk = vstor_vhdx::Vhdx::open(path, &opts)?;
+                let notes = disk.notes();
+                Ok(OpenedTarget {
+                    device: Arc::new(disk),
+                    notes,
+                })
+            }
             TargetKind::Pool { dir, name } => Err(Error::Unsupported(format!(
                 "pool:{}/{name}: pool targets are not supported yet (storage pools have not landed)",
                 dir.display()

@@ -11,12 +11,23 @@ use vstor::{format_size, open_target, Error, OpenedTarget, TargetKind, TargetOpt
 
 #[derive(Debug, Subcommand)]
 pub enum DiskCommand {
-    /// Create a virtual disk (for now: a sparse raw file).
-    #[command(after_help = "Example:\n  vstor disk create /tmp/d.raw --size 10G")]
+    /// Create a virtual disk: VHDX (by the .vhdx/.avhdx extension) or a raw file.
+    #[command(
+        after_help = "Examples:\n  vstor disk create /tmp/d.vhdx --size 10G\n  \
+        vstor disk create /tmp/f.vhdx --size 1G --fixed --block-size 1M\n  \
+        vstor disk create /tmp/child.avhdx --parent /tmp/d.vhdx\n  \
+        vstor disk create /tmp/d.raw --size 10G --preallocate"
+    )]
     Create(CreateArgs),
-    /// Show what a target is: size, sector sizes, engine, allocation.
-    #[command(after_help = "Example:\n  vstor disk info /tmp/d.raw --json")]
+    /// Show what a target is: format, type, sizes, identifiers, parent chain, allocation.
+    #[command(
+        after_help = "Examples:\n  vstor disk info /tmp/d.vhdx\n  vstor disk info /tmp/d.raw --json"
+    )]
     Info(InfoArgs),
+    /// Verify a VHDX file structure by structure (headers, region table, metadata, BAT,
+    /// sector bitmaps, log, leaked space); exit status 0 only when clean. Writes nothing.
+    #[command(after_help = "Example:\n  vstor disk check /tmp/d.vhdx --json")]
+    Check(CheckArgs),
     /// Read bytes from a target: a hex dump (like xxd) or raw bytes into a file.
     #[command(
         after_help = "Examples:\n  vstor disk read /tmp/d.raw --offset 1M --length 64\n  \
@@ -89,14 +100,40 @@ impl OpenArgs {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Path of the new disk (.raw or any other extension: a raw file).
+    /// Path of the new disk: .vhdx or .avhdx makes a VHDX, anything else a raw file. It must not
+    /// exist.
     path: PathBuf,
-    /// Virtual size (4k, 1M, 10G, ...).
+    /// Virtual size (4k, 1M, 10G, ...); a differencing disk takes its parent's.
+    #[arg(long, value_parser = size_arg, required_unless_present = "parent")]
+    size: Option<u64>,
+    /// VHDX: a fixed disk (every block allocated, LeaveBlockAllocated). Sparse on disk unless
+    /// --preallocate is given too.
+    #[arg(long, conflicts_with = "parent")]
+    fixed: bool,
+    /// VHDX: block size, a power of two from 1M to 256M (default 32M, or the parent's).
     #[arg(long, value_parser = size_arg)]
-    size: u64,
-    /// Allocate every byte now instead of leaving the file sparse.
+    block_size: Option<u64>,
+    /// VHDX: logical sector size (default 512, or the parent's).
+    #[arg(long, value_parser = ["512", "4096"])]
+    logical_sector_size: Option<String>,
+    /// VHDX: physical sector size (default 4096, or the parent's).
+    #[arg(long, value_parser = ["512", "4096"])]
+    physical_sector_size: Option<String>,
+    /// VHDX: make a differencing disk over this parent (its size comes from the parent).
+    #[arg(long)]
+    parent: Option<PathBuf>,
+    /// Write every byte now instead of leaving the file sparse (raw files and fixed VHDX).
     #[arg(long)]
     preallocate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The VHDX file.
+    path: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +239,7 @@ pub fn run(cmd: DiskCommand) -> Result<(), Error> {
     match cmd {
         DiskCommand::Create(a) => create(a),
         DiskCommand::Info(a) => info(a),
+        DiskCommand::Check(a) => check(a),
         DiskCommand::Read(a) => read(a),
         DiskCommand::Write(a) => write(a),
         DiskCommand::Bench(a) => bench_cmd(a),
@@ -211,15 +249,37 @@ pub fn run(cmd: DiskCommand) -> Result<(), Error> {
 fn create(a: CreateArgs) -> Result<(), Error> {
     let spec: TargetSpec = a.path.to_string_lossy().parse()?;
     if let TargetKind::Vhdx(_) = spec.kind {
-        return Err(Error::Unsupported(format!(
-            "{}: creating VHDX files is not supported yet (the VHDX format has not landed)",
+        let sector =
+            |s: &Option<String>| s.as_deref().map(|v| v.parse::<u32>().expect("512 or 4096"));
+        return super::vhdx::create(super::vhdx::CreateRequest {
+            path: &a.path,
+            size: a.size,
+            fixed: a.fixed,
+            block_size: a.block_size,
+            logical: sector(&a.logical_sector_size),
+            physical: sector(&a.physical_sector_size),
+            parent: a.parent.as_deref(),
+            preallocate: a.preallocate,
+        });
+    }
+    let vhdx_only = [
+        (a.fixed, "--fixed"),
+        (a.block_size.is_some(), "--block-size"),
+        (a.logical_sector_size.is_some(), "--logical-sector-size"),
+        (a.physical_sector_size.is_some(), "--physical-sector-size"),
+        (a.parent.is_some(), "--parent"),
+    ];
+    if let Some((_, flag)) = vhdx_only.iter().find(|(set, _)| *set) {
+        return Err(Error::InvalidArgument(format!(
+            "{flag} applies to VHDX files; {} is a raw file (name it .vhdx for a VHDX)",
             a.path.display()
         )));
     }
-    if a.size == 0 || a.size % 512 != 0 {
+    let size = a.size.unwrap_or(0);
+    if size == 0 || size % 512 != 0 {
         return Err(Error::InvalidArgument(format!(
             "size {} must be a non-zero multiple of 512 bytes",
-            a.size
+            size
         )));
     }
     let file = std::fs::OpenOptions::new()
@@ -228,9 +288,9 @@ fn create(a: CreateArgs) -> Result<(), Error> {
         .open(&a.path)
         .map_err(io_err(format!("cannot create {}", a.path.display())))?;
     let sized = if a.preallocate {
-        preallocate(&file, a.size)
+        preallocate(&file, size)
     } else {
-        file.set_len(a.size)
+        file.set_len(size)
     };
     if let Err(e) = sized {
         drop(file);
@@ -238,13 +298,13 @@ fn create(a: CreateArgs) -> Result<(), Error> {
         return Err(io_err(format!(
             "cannot size {} to {} bytes",
             a.path.display(),
-            a.size
+            size
         ))(e));
     }
     println!(
         "Created {} (raw, {}, {})",
         a.path.display(),
-        format_size(a.size),
+        format_size(size),
         if a.preallocate {
             "preallocated"
         } else {
@@ -286,8 +346,22 @@ struct InfoReport {
     resizable: bool,
 }
 
+fn check(a: CheckArgs) -> Result<(), Error> {
+    let spec: TargetSpec = a.path.to_string_lossy().parse()?;
+    if !matches!(spec.kind, TargetKind::Vhdx(_)) {
+        return Err(Error::Unsupported(format!(
+            "{}: check verifies VHDX files (a raw file has no structure to check)",
+            a.path.display()
+        )));
+    }
+    super::vhdx::check_cmd(&a.path, a.json)
+}
+
 fn info(a: InfoArgs) -> Result<(), Error> {
     let spec: TargetSpec = a.target.parse()?;
+    if let TargetKind::Vhdx(p) = &spec.kind {
+        return super::vhdx::info(p, &a.target, a.json);
+    }
     let opened = spec.open(&TargetOptions {
         read_only: Some(true),
         ..Default::default()

@@ -3,6 +3,7 @@
 mod demo;
 mod disk;
 mod hexdump;
+mod vhdx;
 
 use clap::{Parser, Subcommand};
 use vstor::Error;
@@ -10,15 +11,19 @@ use vstor::Error;
 /// vstor: virtual disks, pools and QoS for VMMs, from the command line.
 #[derive(Debug, Parser)]
 #[command(name = "vstor", version, about, long_about = None, after_help = "\
-Targets name a stack: a raw file or block device (disk.raw, /dev/sdb, raw:PATH), with options
-after commas: disk.raw,readonly=on,direct=on,engine=sync.
+Targets name a stack: a VHDX file with its parent chain (disk.vhdx, vhdx:PATH) or a raw file or
+block device (disk.raw, /dev/sdb, raw:PATH), with options after commas:
+disk.vhdx,readonly=on,direct=on,engine=sync.
 
 Examples:
   vstor demo
-  vstor disk create /tmp/d.raw --size 1G
-  vstor disk write /tmp/d.raw --offset 0 --length 64k --pattern 0xab
-  vstor disk read /tmp/d.raw --offset 0 --length 64
-  vstor disk bench /tmp/d.raw --direct -d 32 -s 4k -c 100000")]
+  vstor disk create /tmp/d.vhdx --size 1G
+  vstor disk create /tmp/child.avhdx --parent /tmp/d.vhdx
+  vstor disk write /tmp/child.avhdx --offset 0 --length 64k --pattern 0xab
+  vstor disk read /tmp/child.avhdx --offset 0 --length 64
+  vstor disk info /tmp/child.avhdx
+  vstor disk check /tmp/d.vhdx
+  vstor disk bench /tmp/d.vhdx --direct -d 32 -s 4k -c 100000")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,7 +33,7 @@ pub struct Cli {
 enum Command {
     /// Build a small stack on temporary files and show what it does.
     Demo(demo::DemoArgs),
-    /// Virtual disks: create, inspect, read, write, benchmark.
+    /// Virtual disks: create, inspect, check, read, write, benchmark.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
 }

@@ -167,6 +167,7 @@ pub struct Vhdx {
     metadata: Metadata,
     headers: Headers,
     replayed: Option<String>,
+    file_notes: Vec<String>,
 }
 
 impl std::fmt::Debug for Vhdx {
@@ -411,7 +412,14 @@ impl Vhdx {
         seen.push(canon.clone());
         let mut fo = opts.file.clone();
         fo.read_only = opts.read_only;
-        let file = Arc::new(FileDevice::open(path, &fo)?);
+        let file = FileDevice::open(path, &fo)?;
+        let file_notes: Vec<String> = file
+            .direct_fallback()
+            .into_iter()
+            .chain(file.engine_fallback())
+            .map(|n| format!("{}: {n}", path.display()))
+            .collect();
+        let file = Arc::new(file);
         let name = path.display().to_string();
         let loaded = load(file, &name, opts)?;
         let parent = match &loaded.metadata.parent {
@@ -424,6 +432,10 @@ impl Vhdx {
                     if let Some(v) = loc.get(key) {
                         let p = locator_path(v);
                         let p = if p.is_absolute() { p } else { dir.join(p) };
+                        let p: PathBuf = p
+                            .components()
+                            .filter(|c| !matches!(c, std::path::Component::CurDir))
+                            .collect();
                         tried.push(p.display().to_string());
                         if p.is_file() {
                             found = Some(p);
@@ -444,6 +456,7 @@ impl Vhdx {
         };
         let mut v = Self::assemble(loaded, parent)?;
         v.path = Some(path.to_path_buf());
+        v.file_notes = file_notes;
         Ok(v)
     }
 
@@ -569,6 +582,7 @@ impl Vhdx {
             metadata: l.metadata,
             headers: l.headers,
             replayed: l.replayed,
+            file_notes: Vec::new(),
             geo: g,
         };
         if !read_only && file_len > used_end {
@@ -715,6 +729,18 @@ impl Vhdx {
     /// Both header slots as read at open.
     pub fn headers_at_open(&self) -> &Headers {
         &self.headers
+    }
+
+    /// Notes for the operator: I/O fallbacks of this file and its parents, and log replay.
+    pub fn notes(&self) -> Vec<String> {
+        let mut n = self.file_notes.clone();
+        if let Some(r) = &self.replayed {
+            n.push(format!("{}: {r}", self.name));
+        }
+        if let Some(p) = &self.parent {
+            n.extend(p.notes());
+        }
+        n
     }
 
     /// What happened to the log at open, if it needed replay.
