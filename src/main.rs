@@ -7,6 +7,12 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Output into a closed pipe (`vstor disk read ... | head`) ends the process quietly, as
+    // for every Unix filter, instead of a panic from println!.
+    // SAFETY: signal(2) with SIG_DFL installs no handler; it runs before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) if e.use_stderr() => {

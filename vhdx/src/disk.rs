@@ -90,11 +90,14 @@ impl std::fmt::Display for ImageKind {
     }
 }
 
-/// Where a piece of a read comes from.
+/// Where a piece of the virtual disk lives (see [`Vhdx::locate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Src {
+pub enum Src {
+    /// In this file, at this byte offset.
     File(u64),
+    /// Nowhere: it reads as zeros.
     Zero,
+    /// In the parent, at this virtual offset.
     Parent(u64),
 }
 
@@ -800,6 +803,25 @@ impl Vhdx {
         };
         let _ = self.bitmaps[chunk as usize].set(b);
         Ok(self.bitmaps[chunk as usize].get().expect("just set"))
+    }
+
+    /// Where the bytes [offset, offset+len) of the virtual disk live, as consecutive pieces of
+    /// (length, place). This is the BAT (and sector bitmap) lookup every read does.
+    pub fn locate(&self, offset: u64, len: u64) -> Result<Vec<(u64, Src)>> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.geo.virtual_size)
+        {
+            return Err(Error::OutOfRange {
+                op: vstor_core::OpKind::Read,
+                offset,
+                len,
+                capacity: self.geo.virtual_size,
+            });
+        }
+        let mut out = SmallVec::new();
+        self.map_read(offset, len, &mut out)?;
+        Ok(out.into_vec())
     }
 
     /// Maps [voff, voff+len) to read sources, merging neighbours.
