@@ -210,7 +210,7 @@ pub struct BenchArgs {
     /// Offset of the first request.
     #[arg(short = 'o', long, value_parser = size_arg, default_value = "0")]
     offset: u64,
-    /// Write instead of read.
+    /// Write instead of read (the run ends with a flush, inside the timing).
     #[arg(short = 'w', long)]
     write: bool,
     /// Byte written by -w.
