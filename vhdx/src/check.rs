@@ -273,6 +273,7 @@ fn check_inner(file: Arc<dyn BlockDevice>, name: &str, r: &mut CheckReport) -> R
                 }
             }
         };
+        let len = len.min(g.mapped_len(i));
         if mapped && !is_bitmap {
             r.allocated_blocks += 1;
         }

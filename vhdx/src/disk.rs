@@ -120,6 +120,11 @@ enum Post {
     },
 }
 
+/// How a read maps: (length, source) pieces.
+type ReadPlan = SmallVec<[(u64, Src); 4]>;
+/// How a write maps: (length, file offset, what to publish) pieces.
+type WritePlan = SmallVec<[(u64, u64, Post); 4]>;
+
 /// A block set aside for allocation but not yet published.
 #[derive(Clone, Copy, Debug)]
 struct Reservation {
@@ -354,9 +359,11 @@ fn validate_bat(
                 }
             }
         };
+        // The last block may be short in the file (QEMU sizes files to the virtual disk).
+        let len = len.min(g.mapped_len(i));
         let off = bat_offset(e);
         if mapped || off != 0 {
-            let end = off.checked_add(len).unwrap_or(u64::MAX);
+            let end = off.saturating_add(len);
             if mapped && off == 0 {
                 return Err(corrupt(
                     name,
@@ -524,11 +531,7 @@ impl Vhdx {
         for (i, &e) in l.bat.iter().enumerate() {
             let off = bat_offset(e);
             if off != 0 {
-                let len = if (i as u64 + 1) % (g.chunk_ratio + 1) == 0 {
-                    MIB
-                } else {
-                    g.block_size as u64
-                };
+                let len = g.mapped_len(i as u64);
                 if off + len <= file_len {
                     used_end = used_end.max(off + len);
                 }
@@ -1319,8 +1322,8 @@ impl Vhdx {
         let mut results: SmallVec<[Option<Result<()>>; 32]> = SmallVec::new();
         results.resize(batch.len(), None);
         // Plan.
-        let mut rplans: Vec<(usize, SmallVec<[(u64, Src); 4]>)> = Vec::new();
-        let mut wplans: Vec<(usize, SmallVec<[(u64, u64, Post); 4]>)> = Vec::new();
+        let mut rplans: Vec<(usize, ReadPlan)> = Vec::new();
+        let mut wplans: Vec<(usize, WritePlan)> = Vec::new();
         for (i, req) in batch.iter_mut().enumerate() {
             if let Err(e) = self.info.check(req) {
                 results[i] = Some(Err(e));

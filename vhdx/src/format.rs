@@ -487,6 +487,21 @@ impl Geometry {
         (self.bat_entries * 8).div_ceil(MIB).max(1) * MIB
     }
 
+    /// The bytes of the file the BAT entry at `index` needs when mapped: 1 MiB for a sector
+    /// bitmap; for a payload block, the part of the block inside the virtual disk (the last
+    /// block may be short, and writers such as QEMU size the file to match).
+    pub fn mapped_len(&self, index: u64) -> u64 {
+        if (index + 1) % (self.chunk_ratio + 1) == 0 {
+            return MIB;
+        }
+        let block = index - index / (self.chunk_ratio + 1);
+        let bs = self.block_size as u64;
+        match self.virtual_size.saturating_sub(block * bs).min(bs) {
+            0 => bs,
+            n => n,
+        }
+    }
+
     /// Sectors per block.
     pub fn sectors_per_block(&self) -> u64 {
         self.block_size as u64 / self.logical_sector as u64

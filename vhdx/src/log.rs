@@ -88,7 +88,7 @@ fn read_log(
         }
         .into());
     }
-    let end = log_offset.checked_add(log_length).unwrap_or(u64::MAX);
+    let end = log_offset.saturating_add(log_length);
     if end > file.capacity() {
         return Err(corrupt(
             name,
@@ -218,7 +218,7 @@ pub fn find_active(
         }
     }
     let mut heads: Vec<&LogEntry> = found.values().collect();
-    heads.sort_by(|a, b| b.sequence.cmp(&a.sequence));
+    heads.sort_by_key(|e| std::cmp::Reverse(e.sequence));
     'heads: for head in heads {
         // Walk from the tail to the head.
         let mut chain = Vec::new();
@@ -573,7 +573,7 @@ impl LogWriter {
         let mut n = full as usize * per;
         let left = sectors - full * entry_sectors(per as u64);
         let mut extra = 0u64;
-        while extra + 1 <= per as u64 && entry_sectors(extra + 1) <= left {
+        while extra < per as u64 && entry_sectors(extra + 1) <= left {
             extra += 1;
         }
         n += extra as usize;
