@@ -253,7 +253,9 @@ fn check_inner(file: Arc<dyn BlockDevice>, name: &str, r: &mut CheckReport) -> R
                             "PARTIALLY_PRESENT in a disk without a parent",
                         );
                     }
-                    partial_chunks.insert(block / g.chunk_ratio);
+                    if g.has_parent {
+                        partial_chunks.insert(block / g.chunk_ratio);
+                    }
                     (true, g.block_size as u64, format!("block {block}"))
                 }
                 payload::NOT_PRESENT
@@ -287,7 +289,7 @@ fn check_inner(file: Arc<dyn BlockDevice>, name: &str, r: &mut CheckReport) -> R
             }
             continue;
         }
-        if off + len > size {
+        if off.saturating_add(len) > size {
             if mapped {
                 r.error(
                     format!("BAT entry {i}"),

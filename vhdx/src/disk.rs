@@ -532,7 +532,7 @@ impl Vhdx {
             let off = bat_offset(e);
             if off != 0 {
                 let len = g.mapped_len(i as u64);
-                if off + len <= file_len {
+                if off.saturating_add(len) <= file_len {
                     used_end = used_end.max(off + len);
                 }
             }
@@ -941,7 +941,7 @@ impl Vhdx {
         // An unmapped block that kept its space (soft-anchored) reuses it, zeroed first.
         let offset = if st != payload::NOT_PRESENT
             && old >= HEADER_SECTION_END
-            && old + bs <= m.alloc_ptr
+            && old.saturating_add(bs) <= m.alloc_ptr
             && self.soft_anchor_ok(old)
         {
             zero_range(&*self.file, old, bs)?;

@@ -58,7 +58,7 @@ pub fn read_identifier(file: &dyn BlockDevice, name: &str) -> Result<String> {
     Ok(String::from_utf16_lossy(&units))
 }
 
-fn check_header(h: &Header, raw: &[u8]) -> std::result::Result<(), String> {
+fn check_header(h: &Header, raw: &[u8], file_size: u64) -> std::result::Result<(), String> {
     if h.signature != HEADER_SIGNATURE {
         return Err("signature is not \"head\"".into());
     }
@@ -85,6 +85,11 @@ fn check_header(h: &Header, raw: &[u8]) -> std::result::Result<(), String> {
             "log at {lo} of {ll} bytes is not a 1 MiB aligned region after the header section"
         ));
     }
+    if lo.saturating_add(ll) > file_size {
+        return Err(format!(
+            "log at {lo} of {ll} bytes reaches past the end of the file ({file_size} bytes)"
+        ));
+    }
     Ok(())
 }
 
@@ -98,7 +103,7 @@ pub fn read_headers(file: &dyn BlockDevice, name: &str) -> Result<Headers> {
         let mut raw = vec![0u8; HEADER_SIZE];
         file.read_at(off, &mut raw)?;
         let h = Header::read_from_bytes(&raw).expect("size");
-        match check_header(&h, &raw) {
+        match check_header(&h, &raw, file.capacity()) {
             Ok(()) => {
                 slots[i] = Ok(h.sequence_number.get());
                 found[i] = Some(h);
