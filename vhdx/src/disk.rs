@@ -944,6 +944,11 @@ impl Vhdx {
             && old.saturating_add(bs) <= m.alloc_ptr
             && self.soft_anchor_ok(old)
         {
+            // A short last block (QEMU sizes files to the virtual disk) grows to a whole one.
+            if old + bs > m.file_len {
+                self.file.resize(old + bs)?;
+                m.file_len = old + bs;
+            }
             zero_range(&*self.file, old, bs)?;
             old
         } else {

@@ -565,7 +565,12 @@ pub fn read_metadata(file: &dyn BlockDevice, name: &str, region: &Region) -> Res
                 format!("item {} overlaps item {}", e.item_id, x.id),
             ));
         }
-        let data = whole[o as usize..(o as usize + l as usize)].to_vec();
+        // An empty item's offset means nothing (the spec wants 0): never index with it.
+        let data = if l == 0 {
+            Vec::new()
+        } else {
+            whole[o as usize..(o as usize + l as usize)].to_vec()
+        };
         items.push(MetaItem {
             id: e.item_id,
             offset: o,
