@@ -25,7 +25,8 @@ fuzz_target!(|actions: Vec<Action>| {
     let medium: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(CAP).unwrap());
     let dev = FaultDevice::new(medium);
     let mut model = vec![0u8; CAP as usize];
-    let fits = |o: u64, l: u64| o % 512 == 0 && l % 512 == 0 && o.checked_add(l).is_some_and(|e| e <= CAP);
+    let fits =
+        |o: u64, l: u64| o % 512 == 0 && l % 512 == 0 && o.checked_add(l).is_some_and(|e| e <= CAP);
     for a in actions.into_iter().take(64) {
         match a {
             Action::Write { offset, len, byte } => {
@@ -54,7 +55,8 @@ fuzz_target!(|actions: Vec<Action>| {
             Action::Flush => dev.flush().unwrap(),
             Action::Cut { seed } => {
                 // After a cut, reload the model from the medium: the durable state.
-                dev.power_cut(CutPolicy::Random { seed, torn: true }).unwrap();
+                dev.power_cut(CutPolicy::Random { seed, torn: true })
+                    .unwrap();
                 dev.power_on();
                 dev.inner().read_at(0, &mut model).unwrap();
             }

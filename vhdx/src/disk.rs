@@ -938,18 +938,16 @@ impl Vhdx {
         let st = bat_state(e);
         let partial_ok = self.geo.has_parent && st == payload::NOT_PRESENT;
         let old = bat_offset(e);
-        // An unmapped block that kept its space (soft-anchored) reuses it, zeroed first.
+        // An unmapped block that kept its space (soft-anchored) reuses it, zeroed first. Only
+        // its part inside the virtual disk is its own: a short last block (QEMU sizes files to
+        // the virtual disk) may be followed by another block right after that part.
+        let need = self.geo.mapped_len(self.geo.payload_index(block));
         let offset = if st != payload::NOT_PRESENT
             && old >= HEADER_SECTION_END
-            && old.saturating_add(bs) <= m.alloc_ptr
-            && self.soft_anchor_ok(old)
+            && old.saturating_add(need) <= m.alloc_ptr.min(m.file_len)
+            && self.soft_anchor_ok(old, need)
         {
-            // A short last block (QEMU sizes files to the virtual disk) grows to a whole one.
-            if old + bs > m.file_len {
-                self.file.resize(old + bs)?;
-                m.file_len = old + bs;
-            }
-            zero_range(&*self.file, old, bs)?;
+            zero_range(&*self.file, old, need)?;
             old
         } else {
             self.allocate(m, bs)?
@@ -959,13 +957,13 @@ impl Vhdx {
         Ok(r)
     }
 
-    fn soft_anchor_ok(&self, off: u64) -> bool {
+    fn soft_anchor_ok(&self, off: u64, len: u64) -> bool {
         let forbidden = self.regions.all.iter().map(|r| (r.offset, r.length));
         let log = (
             self.headers.current.header.log_offset.get(),
             self.headers.current.header.log_length.get() as u64,
         );
-        let end = off + self.geo.block_size as u64;
+        let end = off + len;
         !forbidden.chain([log]).any(|r| off < r.0 + r.1 && r.0 < end)
     }
 
@@ -1270,7 +1268,8 @@ impl Vhdx {
             );
             self.mark_bat_dirty(&mut m, idx);
             if self.file.info().supports.discard {
-                let _ = self.file.discard(bat_offset(e), bs);
+                // Only the block's own bytes: a short last block may have a neighbour after it.
+                let _ = self.file.discard(bat_offset(e), self.geo.mapped_len(idx));
             }
         }
         Ok(())
