@@ -337,7 +337,8 @@ fn bad_input_changes_nothing() {
         "--pattern",
         "6",
     ]);
-    assert!(e.contains("not supported yet"), "{e}");
+    assert!(e.contains("cannot open") && e.contains("x.vhdx"), "{e}");
+    assert!(!dir.path().join("x.vhdx").exists(), "writing to a missing VHDX created it");
 
     assert_eq!(
         std::fs::read(&d).unwrap(),
