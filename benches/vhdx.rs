@@ -71,7 +71,8 @@ fn block_allocation(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(3));
     let buf = vec![0x5au8; 4096];
     for depth in [1usize, 32] {
-        g.throughput(Throughput::Elements(depth as u64));
+        // Each iteration makes 8 batches of `depth` first writes.
+        g.throughput(Throughput::Elements(8 * depth as u64));
         g.bench_function(BenchmarkId::new("first_write_4k", depth), |b| {
             b.iter_batched(
                 || {
