@@ -338,7 +338,10 @@ fn bad_input_changes_nothing() {
         "6",
     ]);
     assert!(e.contains("cannot open") && e.contains("x.vhdx"), "{e}");
-    assert!(!dir.path().join("x.vhdx").exists(), "writing to a missing VHDX created it");
+    assert!(
+        !dir.path().join("x.vhdx").exists(),
+        "writing to a missing VHDX created it"
+    );
 
     assert_eq!(
         std::fs::read(&d).unwrap(),
