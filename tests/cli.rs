@@ -1,44 +1,15 @@
 //! End-to-end tests of the `vstor` command line, run as a user would run it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn vstor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vstor"))
-        .args(args)
-        .output()
-        .expect("run vstor")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = vstor(args);
-    assert!(
-        o.status.success(),
-        "vstor {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).expect("utf-8 output")
-}
-
-/// Runs a command that must fail: non-zero exit and exactly one line on stderr, which is
-/// returned.
-fn fails(args: &[&str]) -> String {
-    let o = vstor(args);
-    assert!(!o.status.success(), "vstor {args:?} succeeded");
-    let err = String::from_utf8(o.stderr).expect("utf-8 stderr");
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("vstor: error: "), "{err:?}");
-    err
-}
+use common::{fails, ok, s};
+use std::process::Command;
 
 fn disk(dir: &Path, name: &str, size: &str) -> PathBuf {
     let p = dir.join(name);
     ok(&["disk", "create", p.to_str().unwrap(), "--size", size]);
     p
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

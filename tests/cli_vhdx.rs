@@ -1,38 +1,9 @@
 //! End-to-end tests of the VHDX commands: create (dynamic, fixed, differencing), info, check,
 //! read and write through a chain, and the errors an operator can run into.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn vstor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vstor"))
-        .args(args)
-        .output()
-        .expect("run vstor")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = vstor(args);
-    assert!(
-        o.status.success(),
-        "vstor {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).expect("utf-8 output")
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = vstor(args);
-    assert!(!o.status.success(), "vstor {args:?} succeeded");
-    let err = String::from_utf8(o.stderr).expect("utf-8 stderr");
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("vstor: error: "), "{err:?}");
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{fails, ok, s, vstor};
 
 #[test]
 fn chain_create_write_read_info_check() {
