@@ -947,7 +947,7 @@ impl Vhdx {
             && old.saturating_add(need) <= m.alloc_ptr.min(m.file_len)
             && self.soft_anchor_ok(old, need)
         {
-            zero_range(&*self.file, old, need)?;
+            log::write_zeros(&*self.file, old, need)?;
             old
         } else {
             self.allocate(m, bs)?
@@ -1290,7 +1290,7 @@ impl Vhdx {
             match bat_state(e) {
                 payload::FULLY_PRESENT => {
                     self.ensure_started()?;
-                    zero_range(&*self.file, bat_offset(e) + inb, n)?;
+                    log::write_zeros(&*self.file, bat_offset(e) + inb, n)?;
                 }
                 payload::PARTIALLY_PRESENT | payload::NOT_PRESENT if self.geo.has_parent => {
                     if n == bs && bat_state(e) == payload::NOT_PRESENT {
@@ -1494,20 +1494,6 @@ impl Vhdx {
             r.complete(res);
         }
     }
-}
-
-fn zero_range(file: &dyn BlockDevice, off: u64, len: u64) -> Result<()> {
-    if file.info().supports.write_zeroes {
-        return file.write_zeroes(off, len);
-    }
-    let z = vec![0u8; len.min(MIB) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(MIB);
-        file.write_at(off + done, &z[..n as usize])?;
-        done += n;
-    }
-    Ok(())
 }
 
 impl BlockDevice for Vhdx {

@@ -324,7 +324,9 @@ pub fn replay(file: &dyn BlockDevice, name: &str, active: &ActiveLog) -> Result<
     file.flush()
 }
 
-fn write_zeros(file: &dyn BlockDevice, offset: u64, len: u64) -> Result<()> {
+/// Writes zeros over [offset, offset+len): the file's write-zeroes where it has one, else a
+/// zero buffer, 1 MiB at a time.
+pub(crate) fn write_zeros(file: &dyn BlockDevice, offset: u64, len: u64) -> Result<()> {
     if file.info().supports.write_zeroes && file.write_zeroes(offset, len).is_ok() {
         return Ok(());
     }
