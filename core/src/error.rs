@@ -125,6 +125,10 @@ pub enum Error {
     /// The device ran out of space.
     #[error("no space left on the device")]
     NoSpace,
+    /// A long operation was cancelled through its [`Job`](crate::Job); what was done before
+    /// the cancellation is consistent and stays.
+    #[error("{0} was cancelled")]
+    Cancelled(String),
     /// A request was never completed by the device (a bug in a device implementation).
     #[error("request was not completed by the device")]
     NotCompleted,
@@ -167,6 +171,7 @@ impl From<Error> for io::Error {
             Error::Unsupported { .. } => io::ErrorKind::Unsupported,
             Error::Corrupt { .. } => io::ErrorKind::InvalidData,
             Error::NoSpace => io::ErrorKind::StorageFull,
+            Error::Cancelled(_) => io::ErrorKind::Interrupted,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

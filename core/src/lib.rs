@@ -31,6 +31,7 @@ mod device;
 mod error;
 pub mod fault;
 mod file;
+mod job;
 mod mem;
 mod request;
 
@@ -39,6 +40,7 @@ pub use device::{BlockDevice, CapacitySignal, DeviceInfo, ListenerId, Supports};
 pub use error::{Error, OpKind, Result};
 pub use fault::{CutPolicy, FaultDevice, FaultRule};
 pub use file::{Engine, FileDevice, FileKind, FileOptions};
+pub use job::Job;
 pub use mem::MemoryDevice;
 pub use request::{
     carve_read_bufs, carve_write_bufs, copy_from_bufs, copy_into_bufs, fail_remaining, first_error,

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use smallvec::SmallVec;
 use vstor_core::{
@@ -33,6 +33,9 @@ use crate::error::{corrupt, VhdxError};
 use crate::format::*;
 use crate::log::{self, LogWriter, Overlay};
 use crate::meta::{self, Headers, Metadata, Regions};
+
+mod resize;
+pub use resize::ResizeReport;
 
 /// How to open an image.
 #[derive(Clone, Debug)]
@@ -152,27 +155,34 @@ struct Meta {
     closed: bool,
 }
 
+/// Everything a resize replaces: the geometry and the tables that depend on the size. I/O
+/// holds it shared for a whole batch; a resize holds it exclusively, so no request sees a size
+/// change halfway.
+struct Table {
+    geo: Geometry,
+    bat_offset: u64,
+    bat_len: u64,
+    bat: Box<[AtomicU64]>,
+    bitmaps: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    info: DeviceInfo,
+    regions: Regions,
+    metadata: Metadata,
+}
+
 /// An open VHDX image.
 pub struct Vhdx {
     name: String,
     path: Option<PathBuf>,
     file: Arc<dyn BlockDevice>,
     parent: Option<Arc<Vhdx>>,
-    geo: Geometry,
-    bat_offset: u64,
-    bat_len: u64,
-    bat: Box<[AtomicU64]>,
-    bitmaps: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    table: RwLock<Table>,
     bitmap_load: Mutex<()>,
     meta: Mutex<Meta>,
     started: AtomicBool,
     read_only: bool,
     leave_allocated: bool,
-    info: DeviceInfo,
     signal: Arc<CapacitySignal>,
     creator: String,
-    regions: Regions,
-    metadata: Metadata,
     headers: Headers,
     replayed: Option<String>,
     file_notes: Vec<String>,
@@ -182,7 +192,7 @@ impl std::fmt::Debug for Vhdx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vhdx")
             .field("name", &self.name)
-            .field("geometry", &self.geo)
+            .field("geometry", &self.table().geo)
             .finish_non_exhaustive()
     }
 }
@@ -389,6 +399,31 @@ fn validate_bat(
 }
 
 /// Writes `h` (with its sequence number bumped) into the slot after `current_slot` and flushes.
+/// The end of everything the file holds (rounded up to 1 MiB): headers, log, regions and every
+/// block a BAT entry points at (inside the file).
+fn used_end(
+    regions: &Regions,
+    log: (u64, u64),
+    g: &Geometry,
+    bat: impl Iterator<Item = u64>,
+    file_len: u64,
+) -> u64 {
+    let mut end = HEADER_SECTION_END.max(log.0 + log.1);
+    for r in &regions.all {
+        end = end.max(r.offset + r.length);
+    }
+    for (i, e) in bat.enumerate() {
+        let off = bat_offset(e);
+        if off != 0 {
+            let len = g.mapped_len(i as u64);
+            if off.saturating_add(len) <= file_len {
+                end = end.max(off + len);
+            }
+        }
+    }
+    end.next_multiple_of(MIB)
+}
+
 fn write_header(file: &dyn BlockDevice, h: &mut Header, current_slot: usize) -> Result<usize> {
     h.sequence_number = (h.sequence_number.get() + 1).into();
     let slot = 1 - current_slot;
@@ -508,12 +543,13 @@ impl Vhdx {
                     }
                     .into());
                 }
-                if p.geo.logical_sector != g.logical_sector {
+                let p_logical = p.table().geo.logical_sector;
+                if p_logical != g.logical_sector {
                     return Err(VhdxError::Unsupported {
                         file: l.name.clone(),
                         what: format!(
                             "a parent with {}-byte sectors under a child with {}-byte sectors",
-                            p.geo.logical_sector, g.logical_sector
+                            p_logical, g.logical_sector
                         ),
                     }
                     .into());
@@ -524,20 +560,13 @@ impl Vhdx {
         let h = l.headers.current.header.clone();
         let file_len = l.file.capacity();
         // Where new blocks go: after everything the file holds.
-        let mut used_end = HEADER_SECTION_END.max(h.log_offset.get() + h.log_length.get() as u64);
-        for r in &l.regions.all {
-            used_end = used_end.max(r.offset + r.length);
-        }
-        for (i, &e) in l.bat.iter().enumerate() {
-            let off = bat_offset(e);
-            if off != 0 {
-                let len = g.mapped_len(i as u64);
-                if off.saturating_add(len) <= file_len {
-                    used_end = used_end.max(off + len);
-                }
-            }
-        }
-        let used_end = used_end.next_multiple_of(MIB);
+        let used_end = used_end(
+            &l.regions,
+            (h.log_offset.get(), h.log_length.get() as u64),
+            &g,
+            l.bat.iter().copied(),
+            file_len,
+        );
         let fi = l.file.info();
         let read_only = l.read_only;
         let info = DeviceInfo {
@@ -551,21 +580,29 @@ impl Vhdx {
                 flush: true,
                 discard: !read_only,
                 write_zeroes: !read_only,
-                resize: false,
+                resize: !read_only,
             },
         };
         let bitmaps = (0..if g.has_parent { g.bitmap_blocks } else { 0 })
             .map(|_| OnceLock::new())
             .collect();
+        let leave_allocated = l.metadata.leave_allocated && !g.has_parent;
+        let size = g.virtual_size;
         let v = Vhdx {
             name: l.name.clone(),
             path: None,
             file: l.file.clone(),
             parent,
-            bat_offset: l.regions.bat.offset,
-            bat_len: l.regions.bat.length,
-            bat: l.bat.iter().map(|&e| AtomicU64::new(e)).collect(),
-            bitmaps,
+            table: RwLock::new(Table {
+                bat_offset: l.regions.bat.offset,
+                bat_len: l.regions.bat.length,
+                bat: l.bat.iter().map(|&e| AtomicU64::new(e)).collect(),
+                bitmaps,
+                info,
+                regions: l.regions,
+                metadata: l.metadata,
+                geo: g,
+            }),
             bitmap_load: Mutex::new(()),
             meta: Mutex::new(Meta {
                 header: h.clone(),
@@ -580,16 +617,12 @@ impl Vhdx {
             }),
             started: AtomicBool::new(false),
             read_only,
-            leave_allocated: l.metadata.leave_allocated && !g.has_parent,
-            info,
-            signal: Arc::new(CapacitySignal::new(g.virtual_size)),
+            leave_allocated,
+            signal: Arc::new(CapacitySignal::new(size)),
             creator: l.creator,
-            regions: l.regions,
-            metadata: l.metadata,
             headers: l.headers,
             replayed: l.replayed,
             file_notes: Vec::new(),
-            geo: g,
         };
         if !read_only && file_len > used_end {
             // Space past every structure belongs to nothing (a crash between reserving and
@@ -663,11 +696,12 @@ impl Vhdx {
     }
 
     fn parent_facts(&self) -> ParentFacts {
+        let t = self.table();
         ParentFacts {
-            size: self.geo.virtual_size,
-            block_size: self.geo.block_size,
-            logical: self.geo.logical_sector,
-            physical: self.geo.physical_sector,
+            size: t.geo.virtual_size,
+            block_size: t.geo.block_size,
+            logical: t.geo.logical_sector,
+            physical: t.geo.physical_sector,
             data_write_guid: self.data_write_guid(),
         }
     }
@@ -676,16 +710,25 @@ impl Vhdx {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The image's geometry.
-    pub fn geometry(&self) -> &Geometry {
-        &self.geo
+    fn table(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The image's geometry (it changes when the disk is resized).
+    pub fn geometry(&self) -> Geometry {
+        self.table().geo.clone()
     }
 
     /// The kind of image.
     pub fn kind(&self) -> ImageKind {
-        if self.geo.has_parent {
+        let t = self.table();
+        if t.geo.has_parent {
             ImageKind::Differencing
-        } else if self.metadata.leave_allocated {
+        } else if t.metadata.leave_allocated {
             ImageKind::Fixed
         } else {
             ImageKind::Dynamic
@@ -722,14 +765,14 @@ impl Vhdx {
         &self.creator
     }
 
-    /// The parsed region table.
-    pub fn regions(&self) -> &Regions {
-        &self.regions
+    /// The region table (as read at open, updated by resizes).
+    pub fn regions(&self) -> Regions {
+        self.table().regions.clone()
     }
 
-    /// The parsed metadata.
-    pub fn metadata(&self) -> &Metadata {
-        &self.metadata
+    /// The metadata (as read at open, updated by resizes).
+    pub fn metadata(&self) -> Metadata {
+        self.table().metadata.clone()
     }
 
     /// Both header slots as read at open.
@@ -756,12 +799,17 @@ impl Vhdx {
 
     /// A snapshot of the BAT.
     pub fn bat_snapshot(&self) -> Vec<u64> {
-        self.bat.iter().map(|e| e.load(Ordering::Acquire)).collect()
+        self.table()
+            .bat
+            .iter()
+            .map(|e| e.load(Ordering::Acquire))
+            .collect()
     }
 
     /// The BAT region (offset, length).
     pub fn bat_region(&self) -> (u64, u64) {
-        (self.bat_offset, self.bat_len)
+        let t = self.table();
+        (t.bat_offset, t.bat_len)
     }
 
     /// The size of the file.
@@ -776,24 +824,25 @@ impl Vhdx {
 
     /// Reads sector bitmap bits of block `block` (differencing disks): one bool per sector.
     pub fn sector_bitmap(&self, block: u64) -> Result<Vec<bool>> {
-        let spb = self.geo.sectors_per_block();
-        let chunk = block / self.geo.chunk_ratio;
-        let bm = self.bitmap(chunk)?;
-        let first = (block % self.geo.chunk_ratio) * spb;
+        let t = &*self.table();
+        let spb = t.geo.sectors_per_block();
+        let chunk = block / t.geo.chunk_ratio;
+        let bm = self.bitmap(t, chunk)?;
+        let first = (block % t.geo.chunk_ratio) * spb;
         Ok((first..first + spb)
             .map(|s| bm[(s / 64) as usize].load(Ordering::Acquire) >> (s % 64) & 1 == 1)
             .collect())
     }
 
-    fn bitmap(&self, chunk: u64) -> Result<&[AtomicU64]> {
-        if let Some(b) = self.bitmaps[chunk as usize].get() {
+    fn bitmap<'t>(&self, t: &'t Table, chunk: u64) -> Result<&'t [AtomicU64]> {
+        if let Some(b) = t.bitmaps[chunk as usize].get() {
             return Ok(b);
         }
         let _g = self.bitmap_load.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = self.bitmaps[chunk as usize].get() {
+        if let Some(b) = t.bitmaps[chunk as usize].get() {
             return Ok(b);
         }
-        let e = self.bat[self.geo.bitmap_index(chunk) as usize].load(Ordering::Acquire);
+        let e = t.bat[t.geo.bitmap_index(chunk) as usize].load(Ordering::Acquire);
         let words = (SECTORS_PER_BITMAP / 64) as usize;
         let b: Box<[AtomicU64]> = if bat_state(e) == bitmap::PRESENT {
             let mut raw = vec![0u8; MIB as usize];
@@ -804,33 +853,40 @@ impl Vhdx {
         } else {
             (0..words).map(|_| AtomicU64::new(0)).collect()
         };
-        let _ = self.bitmaps[chunk as usize].set(b);
-        Ok(self.bitmaps[chunk as usize].get().expect("just set"))
+        let _ = t.bitmaps[chunk as usize].set(b);
+        Ok(t.bitmaps[chunk as usize].get().expect("just set"))
     }
 
     /// Where the bytes [offset, offset+len) of the virtual disk live, as consecutive pieces of
     /// (length, place). This is the BAT (and sector bitmap) lookup every read does.
     pub fn locate(&self, offset: u64, len: u64) -> Result<Vec<(u64, Src)>> {
+        let t = &*self.table();
         if offset
             .checked_add(len)
-            .is_none_or(|e| e > self.geo.virtual_size)
+            .is_none_or(|e| e > t.geo.virtual_size)
         {
             return Err(Error::OutOfRange {
                 op: vstor_core::OpKind::Read,
                 offset,
                 len,
-                capacity: self.geo.virtual_size,
+                capacity: t.geo.virtual_size,
             });
         }
         let mut out = SmallVec::new();
-        self.map_read(offset, len, &mut out)?;
+        self.map_read(t, offset, len, &mut out)?;
         Ok(out.into_vec())
     }
 
     /// Maps [voff, voff+len) to read sources, merging neighbours.
-    fn map_read(&self, voff: u64, len: u64, out: &mut SmallVec<[(u64, Src); 4]>) -> Result<()> {
-        let bs = self.geo.block_size as u64;
-        let ls = self.geo.logical_sector as u64;
+    fn map_read(
+        &self,
+        t: &Table,
+        voff: u64,
+        len: u64,
+        out: &mut SmallVec<[(u64, Src); 4]>,
+    ) -> Result<()> {
+        let bs = t.geo.block_size as u64;
+        let ls = t.geo.logical_sector as u64;
         let mut pos = voff;
         let end = voff + len;
         let push = |out: &mut SmallVec<[(u64, Src); 4]>, n: u64, s: Src| {
@@ -852,13 +908,13 @@ impl Vhdx {
             let block = pos / bs;
             let inb = pos % bs;
             let n = (bs - inb).min(end - pos);
-            let e = self.bat[self.geo.payload_index(block) as usize].load(Ordering::Acquire);
+            let e = t.bat[t.geo.payload_index(block) as usize].load(Ordering::Acquire);
             match bat_state(e) {
                 payload::FULLY_PRESENT => push(out, n, Src::File(bat_offset(e) + inb)),
                 payload::PARTIALLY_PRESENT => {
-                    let chunk = block / self.geo.chunk_ratio;
-                    let bm = self.bitmap(chunk)?;
-                    let base = (block % self.geo.chunk_ratio) * (bs / ls);
+                    let chunk = block / t.geo.chunk_ratio;
+                    let bm = self.bitmap(t, chunk)?;
+                    let base = (block % t.geo.chunk_ratio) * (bs / ls);
                     let mut s = inb / ls;
                     let last = (inb + n) / ls;
                     while s < last {
@@ -881,7 +937,7 @@ impl Vhdx {
                         s = t;
                     }
                 }
-                payload::NOT_PRESENT if self.geo.has_parent => push(out, n, Src::Parent(pos)),
+                payload::NOT_PRESENT if t.geo.has_parent => push(out, n, Src::Parent(pos)),
                 _ => push(out, n, Src::Zero),
             }
             pos += n;
@@ -929,23 +985,23 @@ impl Vhdx {
     }
 
     /// Finds or makes the reservation for `block`, which is not mapped.
-    fn reserve(&self, m: &mut Meta, block: u64) -> Result<Reservation> {
+    fn reserve(&self, t: &Table, m: &mut Meta, block: u64) -> Result<Reservation> {
         if let Some(r) = m.reserved.get(&block) {
             return Ok(*r);
         }
-        let e = self.bat[self.geo.payload_index(block) as usize].load(Ordering::Acquire);
-        let bs = self.geo.block_size as u64;
+        let e = t.bat[t.geo.payload_index(block) as usize].load(Ordering::Acquire);
+        let bs = t.geo.block_size as u64;
         let st = bat_state(e);
-        let partial_ok = self.geo.has_parent && st == payload::NOT_PRESENT;
+        let partial_ok = t.geo.has_parent && st == payload::NOT_PRESENT;
         let old = bat_offset(e);
         // An unmapped block that kept its space (soft-anchored) reuses it, zeroed first. Only
         // its part inside the virtual disk is its own: a short last block (QEMU sizes files to
         // the virtual disk) may be followed by another block right after that part.
-        let need = self.geo.mapped_len(self.geo.payload_index(block));
+        let need = t.geo.mapped_len(t.geo.payload_index(block));
         let offset = if st != payload::NOT_PRESENT
             && old >= HEADER_SECTION_END
             && old.saturating_add(need) <= m.alloc_ptr.min(m.file_len)
-            && self.soft_anchor_ok(old, need)
+            && self.soft_anchor_ok(t, old, need)
         {
             log::write_zeros(&*self.file, old, need)?;
             old
@@ -957,8 +1013,8 @@ impl Vhdx {
         Ok(r)
     }
 
-    fn soft_anchor_ok(&self, off: u64, len: u64) -> bool {
-        let forbidden = self.regions.all.iter().map(|r| (r.offset, r.length));
+    fn soft_anchor_ok(&self, t: &Table, off: u64, len: u64) -> bool {
+        let forbidden = t.regions.all.iter().map(|r| (r.offset, r.length));
         let log = (
             self.headers.current.header.log_offset.get(),
             self.headers.current.header.log_length.get() as u64,
@@ -970,12 +1026,13 @@ impl Vhdx {
     /// Maps a write of [voff, voff+len) to file offsets and what to publish afterwards.
     fn map_write(
         &self,
+        t: &Table,
         voff: u64,
         len: u64,
         out: &mut SmallVec<[(u64, u64, Post); 4]>,
     ) -> Result<()> {
-        let bs = self.geo.block_size as u64;
-        let ls = self.geo.logical_sector as u64;
+        let bs = t.geo.block_size as u64;
+        let ls = t.geo.logical_sector as u64;
         let mut pos = voff;
         let end = voff + len;
         let mut guard: Option<MutexGuard<'_, Meta>> = None;
@@ -983,7 +1040,7 @@ impl Vhdx {
             let block = pos / bs;
             let inb = pos % bs;
             let n = (bs - inb).min(end - pos);
-            let e = self.bat[self.geo.payload_index(block) as usize].load(Ordering::Acquire);
+            let e = t.bat[t.geo.payload_index(block) as usize].load(Ordering::Acquire);
             let seg = match bat_state(e) {
                 payload::FULLY_PRESENT => (n, bat_offset(e) + inb, Post::None),
                 payload::PARTIALLY_PRESENT => {
@@ -1011,15 +1068,14 @@ impl Vhdx {
                     };
                     self.start_session(m)?;
                     // Re-check under the lock: someone may have published it meanwhile.
-                    let e2 =
-                        self.bat[self.geo.payload_index(block) as usize].load(Ordering::Acquire);
+                    let e2 = t.bat[t.geo.payload_index(block) as usize].load(Ordering::Acquire);
                     if matches!(
                         bat_state(e2),
                         payload::FULLY_PRESENT | payload::PARTIALLY_PRESENT
                     ) {
                         continue;
                     }
-                    let r = self.reserve(m, block)?;
+                    let r = self.reserve(t, m, block)?;
                     let post = if n == bs || !r.partial_ok {
                         Post::Publish {
                             block,
@@ -1046,14 +1102,14 @@ impl Vhdx {
         Ok(())
     }
 
-    fn mark_bat_dirty(&self, m: &mut Meta, index: u64) {
+    fn mark_bat_dirty(&self, t: &Table, m: &mut Meta, index: u64) {
         let page = index * 8 / 4096;
         m.dirty
-            .insert(self.bat_offset + page * 4096, PageSrc::Bat(page));
+            .insert(t.bat_offset + page * 4096, PageSrc::Bat(page));
     }
 
     /// Makes completed writes visible: new block states and sector bits.
-    fn publish(&self, posts: &[Post]) -> Result<()> {
+    fn publish(&self, t: &Table, posts: &[Post]) -> Result<()> {
         let mut guard: Option<MutexGuard<'_, Meta>> = None;
         for p in posts {
             match *p {
@@ -1064,16 +1120,16 @@ impl Vhdx {
                     offset,
                 } => {
                     let m = guard.get_or_insert_with(|| self.lock());
-                    let idx = self.geo.payload_index(block);
-                    let cur = self.bat[idx as usize].load(Ordering::Acquire);
+                    let idx = t.geo.payload_index(block);
+                    let cur = t.bat[idx as usize].load(Ordering::Acquire);
                     if bat_state(cur) == state && bat_offset(cur) == offset {
                         continue;
                     }
                     if bat_state(cur) == payload::FULLY_PRESENT {
                         continue;
                     }
-                    self.bat[idx as usize].store(bat_entry(state, offset), Ordering::Release);
-                    self.mark_bat_dirty(m, idx);
+                    t.bat[idx as usize].store(bat_entry(state, offset), Ordering::Release);
+                    self.mark_bat_dirty(t, m, idx);
                     m.reserved.remove(&block);
                 }
                 Post::Bits {
@@ -1082,10 +1138,9 @@ impl Vhdx {
                     first,
                     count,
                 } => {
-                    let chunk = block / self.geo.chunk_ratio;
-                    let bm = self.bitmap(chunk)?;
-                    let base =
-                        (block % self.geo.chunk_ratio) * self.geo.sectors_per_block() + first;
+                    let chunk = block / t.geo.chunk_ratio;
+                    let bm = self.bitmap(t, chunk)?;
+                    let base = (block % t.geo.chunk_ratio) * t.geo.sectors_per_block() + first;
                     let mut changed: SmallVec<[u64; 4]> = SmallVec::new();
                     let mut s = base;
                     let end = base + count;
@@ -1107,8 +1162,8 @@ impl Vhdx {
                         }
                         s = w * 64 + hi;
                     }
-                    let idx = self.geo.payload_index(block);
-                    let cur = self.bat[idx as usize].load(Ordering::Acquire);
+                    let idx = t.geo.payload_index(block);
+                    let cur = t.bat[idx as usize].load(Ordering::Acquire);
                     let needs_state = bat_state(cur) != payload::PARTIALLY_PRESENT
                         && bat_state(cur) != payload::FULLY_PRESENT;
                     if changed.is_empty() && !needs_state {
@@ -1116,13 +1171,13 @@ impl Vhdx {
                     }
                     let m = guard.get_or_insert_with(|| self.lock());
                     if !changed.is_empty() {
-                        let sb_idx = self.geo.bitmap_index(chunk);
-                        let mut sb = self.bat[sb_idx as usize].load(Ordering::Acquire);
+                        let sb_idx = t.geo.bitmap_index(chunk);
+                        let mut sb = t.bat[sb_idx as usize].load(Ordering::Acquire);
                         if bat_state(sb) != bitmap::PRESENT {
                             let off = self.allocate(m, MIB)?;
                             sb = bat_entry(bitmap::PRESENT, off);
-                            self.bat[sb_idx as usize].store(sb, Ordering::Release);
-                            self.mark_bat_dirty(m, sb_idx);
+                            t.bat[sb_idx as usize].store(sb, Ordering::Release);
+                            self.mark_bat_dirty(t, m, sb_idx);
                         }
                         for page in changed {
                             m.dirty.insert(
@@ -1132,11 +1187,11 @@ impl Vhdx {
                         }
                     }
                     if needs_state {
-                        self.bat[idx as usize].store(
+                        t.bat[idx as usize].store(
                             bat_entry(payload::PARTIALLY_PRESENT, offset),
                             Ordering::Release,
                         );
-                        self.mark_bat_dirty(m, idx);
+                        self.mark_bat_dirty(t, m, idx);
                         m.reserved.remove(&block);
                     }
                 }
@@ -1145,22 +1200,22 @@ impl Vhdx {
         Ok(())
     }
 
-    fn page_bytes(&self, src: PageSrc) -> Vec<u8> {
+    fn page_bytes(&self, t: &Table, src: PageSrc) -> Vec<u8> {
         let mut out = vec![0u8; 4096];
         match src {
             PageSrc::Bat(page) => {
                 let first = page * 512;
                 for i in 0..512u64 {
                     let idx = first + i;
-                    if idx >= self.bat.len() as u64 {
+                    if idx >= t.bat.len() as u64 {
                         break;
                     }
-                    let e = self.bat[idx as usize].load(Ordering::Acquire);
+                    let e = t.bat[idx as usize].load(Ordering::Acquire);
                     out[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&e.to_le_bytes());
                 }
             }
             PageSrc::Bitmap { chunk, page } => {
-                let bm = self.bitmaps[chunk as usize]
+                let bm = t.bitmaps[chunk as usize]
                     .get()
                     .expect("a dirty bitmap is loaded");
                 for i in 0..512u64 {
@@ -1173,10 +1228,13 @@ impl Vhdx {
     }
 
     /// Makes everything written so far durable (see the module documentation).
-    fn commit(&self) -> Result<()> {
+    fn commit(&self, t: &Table) -> Result<()> {
         let mut m = self.lock();
+        self.commit_locked(t, &mut m)
+    }
+
+    fn commit_locked(&self, t: &Table, m: &mut Meta) -> Result<()> {
         if m.dirty.is_empty() {
-            drop(m);
             return self.file.flush();
         }
         self.file.flush()?;
@@ -1191,7 +1249,7 @@ impl Vhdx {
             }
             let pages: Vec<(u64, Vec<u8>)> = taken
                 .iter()
-                .map(|&(off, src)| (off, self.page_bytes(src)))
+                .map(|&(off, src)| (off, self.page_bytes(t, src)))
                 .collect();
             let refs: Vec<(u64, &[u8])> = pages.iter().map(|(o, p)| (*o, &p[..])).collect();
             let (fl, ap) = (m.file_len, m.alloc_ptr.max(m.file_len));
@@ -1222,7 +1280,7 @@ impl Vhdx {
         if self.read_only {
             return Ok(());
         }
-        self.commit()?;
+        self.commit(&self.table())?;
         let mut m = self.lock();
         if !m.started {
             return Ok(());
@@ -1239,22 +1297,22 @@ impl Vhdx {
 
     /// Discard: whole blocks become UNMAPPED and keep their space (soft-anchored) for reuse;
     /// the file range is punched where the file supports it. Partial blocks are left alone.
-    fn discard(&self, voff: u64, len: u64) -> Result<()> {
+    fn discard(&self, t: &Table, voff: u64, len: u64) -> Result<()> {
         if self.leave_allocated {
             return Ok(());
         }
-        let bs = self.geo.block_size as u64;
+        let bs = t.geo.block_size as u64;
         let first = voff.div_ceil(bs);
         let last = (voff + len) / bs;
-        let end_block = if voff + len == self.geo.virtual_size {
-            self.geo.data_blocks
+        let end_block = if voff + len == t.geo.virtual_size {
+            t.geo.data_blocks
         } else {
             last
         };
         let mut m = self.lock();
         for block in first..end_block {
-            let idx = self.geo.payload_index(block);
-            let e = self.bat[idx as usize].load(Ordering::Acquire);
+            let idx = t.geo.payload_index(block);
+            let e = t.bat[idx as usize].load(Ordering::Acquire);
             if !matches!(
                 bat_state(e),
                 payload::FULLY_PRESENT | payload::PARTIALLY_PRESENT
@@ -1262,14 +1320,14 @@ impl Vhdx {
                 continue;
             }
             self.start_session(&mut m)?;
-            self.bat[idx as usize].store(
+            t.bat[idx as usize].store(
                 bat_entry(payload::UNMAPPED, bat_offset(e)),
                 Ordering::Release,
             );
-            self.mark_bat_dirty(&mut m, idx);
+            self.mark_bat_dirty(t, &mut m, idx);
             if self.file.info().supports.discard {
                 // Only the block's own bytes: a short last block may have a neighbour after it.
-                let _ = self.file.discard(bat_offset(e), self.geo.mapped_len(idx));
+                let _ = self.file.discard(bat_offset(e), t.geo.mapped_len(idx));
             }
         }
         Ok(())
@@ -1277,32 +1335,31 @@ impl Vhdx {
 
     /// Write-zeroes: mapped data is zeroed in the file; unmapped blocks of a root disk already
     /// read as zeros; a differencing disk's whole blocks become ZERO, partial ones are written.
-    fn write_zeroes(&self, voff: u64, len: u64) -> Result<()> {
-        let bs = self.geo.block_size as u64;
+    fn write_zeroes(&self, t: &Table, voff: u64, len: u64) -> Result<()> {
+        let bs = t.geo.block_size as u64;
         let mut pos = voff;
         let end = voff + len;
         while pos < end {
             let block = pos / bs;
             let inb = pos % bs;
             let n = (bs - inb).min(end - pos);
-            let idx = self.geo.payload_index(block);
-            let e = self.bat[idx as usize].load(Ordering::Acquire);
+            let idx = t.geo.payload_index(block);
+            let e = t.bat[idx as usize].load(Ordering::Acquire);
             match bat_state(e) {
                 payload::FULLY_PRESENT => {
                     self.ensure_started()?;
                     log::write_zeros(&*self.file, bat_offset(e) + inb, n)?;
                 }
-                payload::PARTIALLY_PRESENT | payload::NOT_PRESENT if self.geo.has_parent => {
+                payload::PARTIALLY_PRESENT | payload::NOT_PRESENT if t.geo.has_parent => {
                     if n == bs && bat_state(e) == payload::NOT_PRESENT {
                         let mut m = self.lock();
                         self.start_session(&mut m)?;
-                        self.bat[idx as usize]
-                            .store(bat_entry(payload::ZERO, 0), Ordering::Release);
-                        self.mark_bat_dirty(&mut m, idx);
+                        t.bat[idx as usize].store(bat_entry(payload::ZERO, 0), Ordering::Release);
+                        self.mark_bat_dirty(t, &mut m, idx);
                     } else {
                         let zeros = vec![0u8; n as usize];
                         let mut r = [Request::write(pos, &zeros)];
-                        self.rw_group(&mut r);
+                        self.rw_group(t, &mut r);
                         r[0].take_result()?;
                     }
                 }
@@ -1322,21 +1379,21 @@ impl Vhdx {
     }
 
     /// Reads and writes of one barrier-free group.
-    fn rw_group(&self, batch: &mut [Request<'_>]) {
+    fn rw_group(&self, t: &Table, batch: &mut [Request<'_>]) {
         let mut results: SmallVec<[Option<Result<()>>; 32]> = SmallVec::new();
         results.resize(batch.len(), None);
         // Plan.
         let mut rplans: Vec<(usize, ReadPlan)> = Vec::new();
         let mut wplans: Vec<(usize, WritePlan)> = Vec::new();
         for (i, req) in batch.iter_mut().enumerate() {
-            if let Err(e) = self.info.check(req) {
+            if let Err(e) = t.info.check(req) {
                 results[i] = Some(Err(e));
                 continue;
             }
             match &req.op {
                 Op::Read { offset, .. } => {
                     let mut segs = SmallVec::new();
-                    match self.map_read(*offset, req.len(), &mut segs) {
+                    match self.map_read(t, *offset, req.len(), &mut segs) {
                         Ok(()) => rplans.push((i, segs)),
                         Err(e) => results[i] = Some(Err(e)),
                     }
@@ -1349,7 +1406,7 @@ impl Vhdx {
                         }
                     }
                     let mut segs = SmallVec::new();
-                    match self.map_write(*offset, req.len(), &mut segs) {
+                    match self.map_write(t, *offset, req.len(), &mut segs) {
                         Ok(()) => wplans.push((i, segs)),
                         Err(e) => results[i] = Some(Err(e)),
                     }
@@ -1441,7 +1498,7 @@ impl Vhdx {
             }
         }
         if !posts.is_empty() {
-            if let Err(e) = self.publish(&posts) {
+            if let Err(e) = self.publish(t, &posts) {
                 for (i, _) in &wplans {
                     if results[*i].is_none() {
                         results[*i] = Some(Err(e.clone()));
@@ -1498,10 +1555,11 @@ impl Vhdx {
 
 impl BlockDevice for Vhdx {
     fn info(&self) -> DeviceInfo {
-        self.info.clone()
+        self.table().info.clone()
     }
 
     fn submit(&self, batch: &mut [Request<'_>]) {
+        let t = &*self.table();
         let mut start = 0;
         while start < batch.len() {
             // A group runs up to the next flush, discard or write-zeroes.
@@ -1510,20 +1568,20 @@ impl BlockDevice for Vhdx {
                 end += 1;
             }
             if end > start {
-                self.rw_group(&mut batch[start..end]);
+                self.rw_group(t, &mut batch[start..end]);
             }
             if end < batch.len() {
                 let req = &mut batch[end];
-                let r = self.info.check(req).and_then(|_| match req.op {
+                let r = t.info.check(req).and_then(|_| match req.op {
                     Op::Flush => {
                         if self.read_only {
                             Ok(())
                         } else {
-                            self.commit()
+                            self.commit(t)
                         }
                     }
-                    Op::Discard { offset, len } => self.discard(offset, len),
-                    Op::WriteZeroes { offset, len } => self.write_zeroes(offset, len),
+                    Op::Discard { offset, len } => self.discard(t, offset, len),
+                    Op::WriteZeroes { offset, len } => self.write_zeroes(t, offset, len),
                     _ => Ok(()),
                 });
                 req.complete(r);
@@ -1533,17 +1591,23 @@ impl BlockDevice for Vhdx {
         }
     }
 
+    fn resize(&self, new_capacity: u64) -> Result<()> {
+        self.resize_with(new_capacity, &vstor_core::Job::new())
+            .map(|_| ())
+    }
+
     fn capacity_signal(&self) -> Option<Arc<CapacitySignal>> {
         Some(self.signal.clone())
     }
 
     fn describe(&self) -> String {
+        let t = self.table();
         format!(
             "VHDX {} ({}, {} bytes, {} MiB blocks)",
             self.name,
             self.kind(),
-            self.geo.virtual_size,
-            self.geo.block_size as u64 / MIB
+            t.geo.virtual_size,
+            t.geo.block_size as u64 / MIB
         )
     }
 }

@@ -48,6 +48,16 @@ pub enum VhdxError {
         /// What.
         what: String,
     },
+    /// A shrink would cut blocks that hold data.
+    #[error("{file}: cannot shrink to {requested} bytes: data is stored up to {minimum} bytes (the smallest size it can shrink to; use --to-minimum)")]
+    BelowMinimum {
+        /// The image.
+        file: String,
+        /// The size asked for.
+        requested: u64,
+        /// The smallest size that keeps every block holding data.
+        minimum: u64,
+    },
     /// A parameter given to create or open makes no sense.
     #[error("{0}")]
     InvalidParameter(String),

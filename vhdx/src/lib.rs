@@ -30,5 +30,5 @@ pub mod log;
 pub mod meta;
 
 pub use create::{CreateOptions, DiskKind, DEFAULT_BLOCK_SIZE};
-pub use disk::{ImageKind, OpenOptions, Src, Vhdx};
+pub use disk::{ImageKind, OpenOptions, ResizeReport, Src, Vhdx};
 pub use error::VhdxError;

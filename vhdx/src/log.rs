@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use vstor_core::{BlockDevice, DeviceInfo, Op, Request, Result};
+use vstor_core::{BlockDevice, DeviceInfo, Error, Op, Request, Result};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::error::corrupt;
@@ -481,9 +481,17 @@ impl LogWriter {
     }
 
     /// Builds one entry for `pages` (4 KiB sectors with their file offsets) with `tail`.
-    fn build(&mut self, pages: &[(u64, &[u8])], tail: u64, flushed: u64, last: u64) -> Vec<u8> {
+    fn build(
+        &mut self,
+        zeros: &[(u64, u64)],
+        pages: &[(u64, &[u8])],
+        tail: u64,
+        flushed: u64,
+        last: u64,
+    ) -> Vec<u8> {
         let n = pages.len() as u64;
-        let desc_sectors = (64 + 32 * n).div_ceil(LOG_SECTOR);
+        let nd = n + zeros.len() as u64;
+        let desc_sectors = (64 + 32 * nd).div_ceil(LOG_SECTOR);
         let length = (desc_sectors + n) * LOG_SECTOR;
         let seq = self.sequence;
         self.sequence += 1;
@@ -494,14 +502,28 @@ impl LogWriter {
             entry_length: (length as u32).into(),
             tail: (tail as u32).into(),
             sequence_number: seq.into(),
-            descriptor_count: (n as u32).into(),
+            descriptor_count: (nd as u32).into(),
             reserved: 0.into(),
             log_guid: self.guid,
             flushed_file_offset: flushed.into(),
             last_file_offset: last.into(),
         };
         buf[..64].copy_from_slice(hdr.as_bytes());
+        // Zero descriptors first: replay applies descriptors in order, so pages may refine a
+        // zeroed range.
+        for (i, &(off, len)) in zeros.iter().enumerate() {
+            let d = Descriptor {
+                signature: ZERO_DESC_SIGNATURE,
+                trailing_bytes: [0; 4],
+                leading_or_length: len.to_le_bytes(),
+                file_offset: off.into(),
+                sequence_number: seq.into(),
+            };
+            let at = 64 + 32 * i;
+            buf[at..at + 32].copy_from_slice(d.as_bytes());
+        }
         for (i, (off, data)) in pages.iter().enumerate() {
+            let i_desc = zeros.len() + i;
             let d = Descriptor {
                 signature: DATA_DESC_SIGNATURE,
                 trailing_bytes: data[4092..4096].try_into().expect("4"),
@@ -509,7 +531,7 @@ impl LogWriter {
                 file_offset: (*off).into(),
                 sequence_number: seq.into(),
             };
-            let at = 64 + 32 * i;
+            let at = 64 + 32 * i_desc;
             buf[at..at + 32].copy_from_slice(d.as_bytes());
             let mut ds = DataSector {
                 signature: DATA_SECTOR_SIGNATURE,
@@ -550,10 +572,10 @@ impl LogWriter {
         let tail = self.head;
         let mut entries: Vec<Vec<u8>> = Vec::new();
         if pages.is_empty() {
-            entries.push(self.build(&[], tail, flushed, last));
+            entries.push(self.build(&[], &[], tail, flushed, last));
         }
         for c in pages.chunks(per) {
-            entries.push(self.build(c, tail, flushed, last));
+            entries.push(self.build(&[], c, tail, flushed, last));
         }
         let mut reqs: Vec<Request<'_>> = Vec::with_capacity(entries.len());
         let mut pos = self.head;
@@ -563,6 +585,42 @@ impl LogWriter {
         }
         file.submit_all(&mut reqs)?;
         self.head = pos % self.log_length;
+        Ok(())
+    }
+
+    /// Writes one entry that zeroes `zeros` (offsets and lengths in whole 4 KiB sectors) and
+    /// then writes `pages`: changes that must apply together or not at all. Fails, writing
+    /// nothing, when they do not fit in one entry. Every earlier entry must already be
+    /// retired. Does not flush.
+    pub fn write_entry(
+        &mut self,
+        file: &dyn BlockDevice,
+        zeros: &[(u64, u64)],
+        pages: &[(u64, &[u8])],
+        flushed: u64,
+        last: u64,
+    ) -> Result<()> {
+        let nd = (zeros.len() + pages.len()) as u64;
+        let length = ((64 + 32 * nd).div_ceil(LOG_SECTOR) + pages.len() as u64) * LOG_SECTOR;
+        if length > self.log_length
+            || zeros
+                .iter()
+                .any(|&(o, l)| o % LOG_SECTOR != 0 || l % LOG_SECTOR != 0 || l == 0)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a log entry of {} zero ranges and {} pages does not fit a {}-byte log",
+                zeros.len(),
+                pages.len(),
+                self.log_length
+            )));
+        }
+        if self.head + length > self.log_length {
+            self.head = 0;
+        }
+        let tail = self.head;
+        let e = self.build(zeros, pages, tail, flushed, last);
+        file.write_at(self.log_offset + self.head, &e)?;
+        self.head = (self.head + length) % self.log_length;
         Ok(())
     }
 

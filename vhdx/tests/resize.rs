@@ -1,0 +1,397 @@
+//! Online resize: grow, shrink, growth past the BAT region (blocks move), differencing disks,
+//! resize while other threads write, a power cut at every write of a resize, bad input.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vstor_core::{BlockDevice, CutPolicy, Error, FaultDevice, Job, MemoryDevice};
+use vstor_vhdx::check::{check, check_device};
+use vstor_vhdx::{CreateOptions, OpenOptions, Vhdx, VhdxError};
+
+mod common;
+mod tagmodel;
+
+use tagmodel::{fill, tag_of};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn pattern(len: u64, tag: u32) -> Vec<u8> {
+    let mut b = vec![0u8; len as usize];
+    fill(&mut b, tag);
+    b
+}
+
+fn expect(v: &Vhdx, off: u64, len: u64, tag: u32) {
+    let mut b = vec![0u8; len as usize];
+    v.read_at(off, &mut b).unwrap();
+    for (i, s) in b.chunks_exact(512).enumerate() {
+        assert_eq!(
+            tag_of(s),
+            Some(tag),
+            "sector at {} should hold tag {tag:#x}",
+            off + i as u64 * 512
+        );
+    }
+}
+
+fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+fn qemu_check(p: &Path) {
+    let out = common::run(
+        Command::new("qemu-img")
+            .args(["check", "-f", "vhdx"])
+            .arg(p),
+    );
+    assert!(out.contains("No errors"), "qemu-img check: {out}");
+}
+
+/// QEMU reads the same bytes as vstor.
+fn qemu_same(p: &Path) {
+    let raw = p.with_extension("raw");
+    common::run(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "vhdx", "-O", "raw"])
+            .arg(p)
+            .arg(&raw),
+    );
+    let v = Vhdx::open(p, &OpenOptions::read_only()).unwrap();
+    let mut mine = vec![0u8; v.capacity() as usize];
+    v.read_at(0, &mut mine).unwrap();
+    assert!(
+        std::fs::read(&raw).unwrap() == mine,
+        "qemu-img reads other bytes"
+    );
+}
+
+#[test]
+fn grow_and_shrink_keep_data_and_tell_holders() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let v = Vhdx::create(
+        &path,
+        &CreateOptions::dynamic(64 * MIB).block_size(MIB as u32),
+    )
+    .unwrap();
+    let sig = v.capacity_signal().unwrap();
+    let (_, gen0) = sig.current();
+    v.write_at(0, &pattern(MIB, 1)).unwrap();
+    v.write_at(5 * MIB + 4096, &pattern(8192, 2)).unwrap();
+    v.flush().unwrap();
+
+    let r = v.resize_with(200 * MIB, &Job::new()).unwrap();
+    assert_eq!(
+        (r.old_size, r.new_size, r.moved_blocks),
+        (64 * MIB, 200 * MIB, 0)
+    );
+    assert_eq!(v.capacity(), 200 * MIB);
+    assert_eq!(sig.current(), (200 * MIB, gen0 + 1));
+    expect(&v, 0, MIB, 1);
+    expect(&v, 5 * MIB + 4096, 8192, 2);
+    expect(&v, 150 * MIB, MIB, 0);
+    v.write_at(150 * MIB, &pattern(4096, 3)).unwrap();
+    v.flush().unwrap();
+
+    // Below the data: refused, naming the smallest size, nothing changed.
+    assert_eq!(v.minimum_size(), 151 * MIB);
+    let before = file_bytes(&path);
+    let e = v.resize_with(100 * MIB, &Job::new()).unwrap_err();
+    let Error::Layer(inner) = &e else {
+        panic!("{e}")
+    };
+    match inner.downcast_ref::<VhdxError>() {
+        Some(VhdxError::BelowMinimum { minimum, .. }) => assert_eq!(*minimum, 151 * MIB),
+        other => panic!("{other:?}"),
+    }
+    assert!(e.to_string().contains(&(151 * MIB).to_string()), "{e}");
+    assert_eq!(v.capacity(), 200 * MIB);
+    assert_eq!(file_bytes(&path), before);
+
+    // Shrink to the minimum, then past the old data after a discard.
+    v.resize_with(151 * MIB, &Job::new()).unwrap();
+    expect(&v, 150 * MIB, 4096, 3);
+    v.discard(150 * MIB, MIB).unwrap();
+    assert_eq!(v.minimum_size(), 6 * MIB);
+    v.resize_with(v.minimum_size(), &Job::new()).unwrap();
+    assert_eq!(v.capacity(), 6 * MIB);
+    assert!(v.read_at(6 * MIB, &mut [0u8; 512]).is_err());
+    v.close().unwrap();
+    drop(v);
+
+    let v = Vhdx::open(&path, &OpenOptions::read_only()).unwrap();
+    assert_eq!(v.capacity(), 6 * MIB);
+    expect(&v, 0, MIB, 1);
+    expect(&v, 5 * MIB + 4096, 8192, 2);
+    drop(v);
+    let c = check(&path).unwrap();
+    assert!(c.is_clean(), "{c:?}");
+    qemu_check(&path);
+    qemu_same(&path);
+}
+
+#[test]
+fn growing_past_the_bat_region_moves_the_blocks_in_its_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    // 1 MiB blocks: a 1 MiB BAT region describes about 128 GiB.
+    let v = Vhdx::create(
+        &path,
+        &CreateOptions::dynamic(64 * MIB).block_size(MIB as u32),
+    )
+    .unwrap();
+    for b in 0..8u64 {
+        v.write_at(b * MIB, &pattern(MIB, 0x10 + b as u32)).unwrap();
+    }
+    v.flush().unwrap();
+    let (bat_off, bat_len) = v.bat_region();
+    assert_eq!(bat_len, MIB);
+    let r = v.resize_with(300 * GIB, &Job::new()).unwrap();
+    let (off2, len2) = v.bat_region();
+    assert_eq!(off2, bat_off, "the BAT grows in place");
+    assert_eq!(len2, 3 * MIB);
+    assert_eq!(r.moved_blocks, 2, "{r:?}");
+    assert!(!r.bat_relocated);
+    for b in 0..8u64 {
+        expect(&v, b * MIB, MIB, 0x10 + b as u32);
+    }
+    v.write_at(299 * GIB, &pattern(MIB, 0x99)).unwrap();
+    v.close().unwrap();
+    drop(v);
+    let v = Vhdx::open(&path, &OpenOptions::read_only()).unwrap();
+    assert_eq!(v.capacity(), 300 * GIB);
+    for b in 0..8u64 {
+        expect(&v, b * MIB, MIB, 0x10 + b as u32);
+    }
+    expect(&v, 299 * GIB, MIB, 0x99);
+    drop(v);
+    let c = check(&path).unwrap();
+    assert!(c.is_clean(), "{c:?}");
+    qemu_check(&path);
+}
+
+#[test]
+fn a_differencing_disk_grows_past_its_parent_and_reads_zeros_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let pp = dir.path().join("p.vhdx");
+    let cp = dir.path().join("c.vhdx");
+    let p = Vhdx::create(&pp, &CreateOptions::dynamic(8 * MIB).block_size(MIB as u32)).unwrap();
+    p.write_at(0, &pattern(8 * MIB, 7)).unwrap();
+    p.close().unwrap();
+    drop(p);
+    let c = Vhdx::create(&cp, &CreateOptions::differencing(&pp)).unwrap();
+    c.write_at(MIB, &pattern(4096, 8)).unwrap();
+    c.resize_with(40 * MIB, &Job::new()).unwrap();
+    expect(&c, 0, MIB, 7);
+    expect(&c, MIB, 4096, 8);
+    expect(&c, 8 * MIB, 32 * MIB, 0);
+    c.write_at(30 * MIB, &pattern(4096, 9)).unwrap();
+    c.close().unwrap();
+    drop(c);
+    let c = Vhdx::open(&cp, &OpenOptions::read_only()).unwrap();
+    assert_eq!(c.capacity(), 40 * MIB);
+    expect(&c, 2 * MIB, MIB, 7);
+    expect(&c, 30 * MIB, 4096, 9);
+    expect(&c, 31 * MIB, MIB, 0);
+    drop(c);
+    let r = check(&cp).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+}
+
+#[test]
+fn resize_online_while_threads_write_and_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let v = Arc::new(
+        Vhdx::create(
+            &path,
+            &CreateOptions::dynamic(64 * MIB).block_size(MIB as u32),
+        )
+        .unwrap(),
+    );
+    let changes = Arc::new(AtomicU64::new(0));
+    let c2 = changes.clone();
+    v.capacity_signal().unwrap().subscribe(move |_| {
+        c2.fetch_add(1, Ordering::Relaxed);
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each writer owns 8 MiB of the first 32 MiB and records the last tag of each 64 KiB.
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (v, stop) = (v.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(w);
+                let mut last = vec![0u32; 128];
+                let mut tag = (w as u32 + 1) << 24;
+                while !stop.load(Ordering::Relaxed) || tag & 0xFFFF < 64 {
+                    let slot = rng.usize(0..128);
+                    tag += 1;
+                    v.write_at(w * 8 * MIB + slot as u64 * 65536, &pattern(65536, tag))
+                        .unwrap();
+                    last[slot] = tag;
+                    if tag % 16 == 0 {
+                        v.flush().unwrap();
+                    }
+                }
+                last
+            })
+        })
+        .collect();
+    // A reader that wanders past the end: it gets data or a clean out-of-range error.
+    let reader = {
+        let (v, stop) = (v.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(99);
+            let mut b = vec![0u8; 4096];
+            let mut oob = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let off = rng.u64(0..256 * MIB / 4096) * 4096;
+                match v.read_at(off, &mut b) {
+                    Ok(()) => {}
+                    Err(Error::OutOfRange { .. }) => oob += 1,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            oob
+        })
+    };
+    let sizes = [
+        256 * MIB,
+        48 * MIB,
+        128 * MIB,
+        33 * MIB,
+        200 * MIB,
+        64 * MIB,
+    ];
+    for round in 0..5 {
+        for &s in &sizes {
+            v.resize_with(s, &Job::new()).unwrap();
+            assert_eq!(v.capacity(), s, "round {round}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let lasts: Vec<Vec<u32>> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+    let oob = reader.join().unwrap();
+    assert!(oob > 0, "the reader never saw a smaller disk");
+    assert_eq!(changes.load(Ordering::Relaxed), 5 * sizes.len() as u64);
+    for (w, last) in lasts.iter().enumerate() {
+        for (slot, &tag) in last.iter().enumerate() {
+            expect(&v, w as u64 * 8 * MIB + slot as u64 * 65536, 65536, tag);
+        }
+    }
+    v.close().unwrap();
+    drop(v);
+    let r = check(&path).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+}
+
+#[test]
+fn bad_sizes_and_read_only_opens_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let v = Vhdx::create(&path, &CreateOptions::dynamic(64 * MIB)).unwrap();
+    v.write_at(0, &[1u8; 4096]).unwrap();
+    v.close().unwrap();
+    let before = file_bytes(&path);
+    for s in [0, 1000, (64 << 40) + 512] {
+        let e = v.resize_with(s, &Job::new()).unwrap_err();
+        assert!(e.to_string().contains("not a valid size"), "{s}: {e}");
+    }
+    let job = Job::new();
+    job.cancel();
+    assert!(matches!(
+        v.resize_with(128 * MIB, &job),
+        Err(Error::Cancelled(_))
+    ));
+    assert_eq!(v.capacity(), 64 * MIB);
+    drop(v);
+    assert_eq!(file_bytes(&path), before);
+    let ro = Vhdx::open(&path, &OpenOptions::read_only()).unwrap();
+    assert!(matches!(
+        ro.resize_with(128 * MIB, &Job::new()),
+        Err(Error::ReadOnly { .. })
+    ));
+    drop(ro);
+    assert_eq!(file_bytes(&path), before);
+}
+
+/// A resize on a fault device, then the data written before it.
+fn crash_setup(bs: u64) -> (Arc<FaultDevice>, Vhdx) {
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
+    let fault = Arc::new(FaultDevice::new(mem));
+    fault.set_volatile_cache(true).unwrap();
+    let v = Vhdx::create_on(
+        fault.clone(),
+        &CreateOptions::dynamic(16 * bs).block_size(bs as u32),
+        None,
+    )
+    .unwrap();
+    for b in 0..6u64 {
+        v.write_at(b * bs + 4096, &pattern(8192, 0x100 + b as u32))
+            .unwrap();
+    }
+    v.flush().unwrap();
+    (fault, v)
+}
+
+fn crash_everywhere(bs: u64, new_size: u64) {
+    let (fault, v) = crash_setup(bs);
+    let w0 = fault.stats().writes;
+    let r = v.resize_with(new_size, &Job::new()).unwrap();
+    let total = fault.stats().writes - w0;
+    drop(v);
+    assert!(total >= 3, "{total} writes");
+    for n in 1..=total {
+        for policy in [
+            CutPolicy::DropAll,
+            CutPolicy::KeepAll,
+            CutPolicy::Random {
+                seed: n,
+                torn: true,
+            },
+        ] {
+            let (fault, v) = crash_setup(bs);
+            let old = v.capacity();
+            fault.arm_power_cut(n, policy);
+            let res = v.resize_with(new_size, &Job::new());
+            drop(v);
+            fault.power_on();
+            let what = format!("cut at write {n} of {total} ({policy:?}), resize {res:?}");
+            let dev: Arc<dyn BlockDevice> = fault.clone();
+            let v = Vhdx::open_on(dev.clone(), "crashed", &OpenOptions::default(), None)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let cap = v.capacity();
+            assert!(cap == old || cap == new_size, "{what}: size {cap}");
+            if res.is_ok() {
+                assert_eq!(cap, new_size, "{what}: a completed resize was lost");
+            }
+            for b in 0..6u64 {
+                expect(&v, b * bs + 4096, 8192, 0x100 + b as u32);
+            }
+            v.close().unwrap();
+            drop(v);
+            let c = check_device(dev.clone(), "crashed");
+            assert!(c.is_clean(), "{what}: {c:?}");
+        }
+    }
+    let _ = r;
+}
+
+#[test]
+fn a_power_cut_at_any_write_of_a_grow_leaves_the_old_or_the_new_disk() {
+    crash_everywhere(MIB, 40 * MIB);
+}
+
+#[test]
+fn a_power_cut_at_any_write_of_a_grow_that_moves_blocks_leaves_the_old_or_the_new_disk() {
+    // 300 GiB of 1 MiB blocks needs a 3 MiB BAT: the blocks after it move.
+    crash_everywhere(MIB, 300 * GIB);
+}
+
+#[test]
+fn a_power_cut_at_any_write_of_a_shrink_leaves_the_old_or_the_new_disk() {
+    crash_everywhere(MIB, 6 * MIB);
+}
