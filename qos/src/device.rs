@@ -364,25 +364,26 @@ impl<D: BlockDevice> BlockDevice for QosDevice<D> {
     fn submit(&self, batch: &mut [Request<'_>]) {
         let mut start = 0;
         while start < batch.len() {
-            let flush = batch[start..]
-                .iter()
-                .position(|r| matches!(r.op, Op::Flush))
-                .map(|p| start + p);
+            let is_flush = |r: &Request<'_>| matches!(r.op, Op::Flush);
+            let flush = batch[start..].iter().position(is_flush).map(|p| start + p);
             let (costed, end) = match flush {
                 Some(f) => (f, f + 1),
                 None => (batch.len(), batch.len()),
             };
             if costed == start {
-                self.inner.submit(&mut batch[start..end]);
-            } else {
-                self.qos.run_segment(
-                    self.flow,
-                    &self.cv,
-                    &self.inner,
-                    &mut batch[start..end],
-                    costed - start,
-                );
+                // Flushes with nothing to schedule before them go down together at once.
+                let run = batch[start..].iter().take_while(|r| is_flush(r)).count();
+                self.inner.submit(&mut batch[start..start + run]);
+                start += run;
+                continue;
             }
+            self.qos.run_segment(
+                self.flow,
+                &self.cv,
+                &self.inner,
+                &mut batch[start..end],
+                costed - start,
+            );
             start = end;
         }
     }
