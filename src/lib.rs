@@ -28,6 +28,8 @@ pub use size::{format_size, parse_size};
 pub use target::{open_target, OpenedTarget, TargetKind, TargetOptions, TargetSpec};
 /// The core block layer (re-export of `vstor-core`).
 pub use vstor_core as core;
+/// Storage QoS (re-exported `vstor-qos`).
+pub use vstor_qos as qos;
 /// The VHDX format (re-exported `vstor-vhdx`).
 pub use vstor_vhdx as vhdx;
 

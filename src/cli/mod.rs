@@ -3,6 +3,7 @@
 mod demo;
 mod disk;
 mod hexdump;
+mod qos;
 mod vhdx;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,9 @@ enum Command {
     /// Virtual disks: create, inspect, check, read, write, benchmark.
     #[command(subcommand)]
     Disk(disk::DiskCommand),
+    /// Storage QoS: IOPS limits and reservations per virtual disk, flow statistics.
+    #[command(subcommand)]
+    Qos(qos::QosCommand),
 }
 
 /// Runs a parsed command line.
@@ -43,6 +47,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Disk(c) => disk::run(c),
+        Command::Qos(c) => qos::run(c),
     }
 }
 
