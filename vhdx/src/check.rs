@@ -196,6 +196,7 @@ fn check_inner(file: Arc<dyn BlockDevice>, name: &str, r: &mut CheckReport) -> R
         .collect();
     r.total_blocks = g.data_blocks;
     // (start, end, what) of everything that owns space.
+    let mut slack: Option<(u64, u64)> = None;
     let mut owned: Vec<(u64, u64, String)> = vec![
         (0, HEADER_SECTION_END, "header section".into()),
         (lo, lo + ll, "log".into()),
@@ -299,6 +300,11 @@ fn check_inner(file: Arc<dyn BlockDevice>, name: &str, r: &mut CheckReport) -> R
             }
             continue;
         }
+        if !is_bitmap && len < g.block_size as u64 {
+            // A short last block may have its whole block (vstor and Hyper-V allocate it so;
+            // QEMU insists on it): the rest, up to the end of the file, is its slack.
+            slack = Some((off + len, (off + g.block_size as u64).min(size)));
+        }
         owned.push((off, off + len, what));
     }
     for chunk in partial_chunks {
@@ -335,6 +341,14 @@ fn check_inner(file: Arc<dyn BlockDevice>, name: &str, r: &mut CheckReport) -> R
             covered += e - s2;
             last_end = *e;
         }
+    }
+    if let Some((s0, e0)) = slack.filter(|(s0, e0)| e0 > s0) {
+        let mut extra = e0 - s0;
+        for (s, e, _) in &owned {
+            let ov = (*e).min(e0).saturating_sub((*s).max(s0));
+            extra -= ov.min(extra);
+        }
+        covered += extra;
     }
     let leaked = size.saturating_sub(covered.min(size));
     // Only whole unowned mebibytes count: sizes are multiples of 1 MiB in every writer known.

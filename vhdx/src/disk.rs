@@ -34,7 +34,9 @@ use crate::format::*;
 use crate::log::{self, LogWriter, Overlay};
 use crate::meta::{self, Headers, Metadata, Regions};
 
+mod maintain;
 mod resize;
+pub use maintain::CompactReport;
 pub use resize::ResizeReport;
 
 /// How to open an image.
@@ -49,6 +51,9 @@ pub struct OpenOptions {
     pub file: FileOptions,
     /// The deepest differencing chain accepted.
     pub max_chain_depth: usize,
+    /// Accept a parent whose DataWriteGuid is not the linkage the child records (for the
+    /// operator who knows the parent is right; the image's own parent only, not further up).
+    pub ignore_linkage: bool,
 }
 
 impl Default for OpenOptions {
@@ -58,6 +63,7 @@ impl Default for OpenOptions {
             replay_in_memory: true,
             file: FileOptions::default(),
             max_chain_depth: 64,
+            ignore_linkage: false,
         }
     }
 }
@@ -146,6 +152,8 @@ struct Meta {
     header: Header,
     header_slot: usize,
     started: bool,
+    /// The DataWriteGuid was renewed in this session.
+    data_renewed: bool,
     log: LogWriter,
     alloc_ptr: u64,
     file_len: u64,
@@ -493,15 +501,29 @@ impl Vhdx {
                 };
                 let popts = OpenOptions {
                     read_only: true,
+                    ignore_linkage: false,
                     ..opts.clone()
                 };
                 let parent = Self::open_chain(&ppath, &popts, seen)?;
                 Some(Arc::new(parent))
             }
         };
-        let mut v = Self::assemble(loaded, parent)?;
+        let mut v = Self::assemble(loaded, parent, opts.ignore_linkage)?;
         v.path = Some(path.to_path_buf());
         v.file_notes = file_notes;
+        Ok(v)
+    }
+
+    /// Opens the differencing image at `path` over `parent` instead of the parent its locator
+    /// names (reparenting uses this to look at the child against a new parent).
+    pub fn open_with_parent(path: &Path, opts: &OpenOptions, parent: Arc<Vhdx>) -> Result<Vhdx> {
+        let mut fo = opts.file.clone();
+        fo.read_only = opts.read_only;
+        let file = Arc::new(FileDevice::open(path, &fo)?);
+        let name = path.display().to_string();
+        let loaded = load(file, &name, opts)?;
+        let mut v = Self::assemble(loaded, Some(parent), opts.ignore_linkage)?;
+        v.path = Some(path.to_path_buf());
         Ok(v)
     }
 
@@ -513,10 +535,10 @@ impl Vhdx {
         parent: Option<Arc<Vhdx>>,
     ) -> Result<Vhdx> {
         let loaded = load(file, name, opts)?;
-        Self::assemble(loaded, parent)
+        Self::assemble(loaded, parent, opts.ignore_linkage)
     }
 
-    fn assemble(l: Loaded, parent: Option<Arc<Vhdx>>) -> Result<Vhdx> {
+    fn assemble(l: Loaded, parent: Option<Arc<Vhdx>>, ignore_linkage: bool) -> Result<Vhdx> {
         let g = l.metadata.geometry.clone();
         let parent = match (&l.metadata.parent, parent) {
             (None, _) => None,
@@ -534,7 +556,7 @@ impl Vhdx {
                     s.trim_matches(|c| c == '{' || c == '}')
                         .to_ascii_lowercase()
                 };
-                if norm(want) != have.to_uuid().to_string() {
+                if !ignore_linkage && norm(want) != have.to_uuid().to_string() {
                     return Err(VhdxError::LinkageMismatch {
                         child: l.name.clone(),
                         parent: p.name.clone(),
@@ -608,6 +630,7 @@ impl Vhdx {
                 header: h.clone(),
                 header_slot: l.headers.current.slot,
                 started: false,
+                data_renewed: false,
                 log: LogWriter::new(h.log_offset.get(), h.log_length.get() as u64),
                 alloc_ptr: used_end,
                 file_len,
@@ -946,30 +969,47 @@ impl Vhdx {
     }
 
     /// Starts a writing session: a fresh LogGuid announced by an empty log entry, then a header
-    /// with new File/DataWriteGuids and that LogGuid. Also trims unreferenced tail space.
+    /// with a new FileWriteGuid and that LogGuid (and trims unreferenced tail space). The
+    /// DataWriteGuid is renewed once per session, by the first change of what the disk reads
+    /// ([`start_data_session`](Vhdx::start_data_session)): changing only metadata (a parent
+    /// locator, the physical sector size, compaction) leaves the disk's children linked.
     fn start_session(&self, m: &mut Meta) -> Result<()> {
-        if m.started {
+        self.session(m, false)
+    }
+
+    /// A session in which the data changes (see [`start_session`](Vhdx::start_session)).
+    fn start_data_session(&self, m: &mut Meta) -> Result<()> {
+        self.session(m, true)
+    }
+
+    fn session(&self, m: &mut Meta, data: bool) -> Result<()> {
+        if m.started && (!data || m.data_renewed) {
             return Ok(());
         }
         if m.closed {
             return Err(Error::InvalidArgument(format!("{} is closed", self.name)));
         }
-        if m.file_len > m.alloc_ptr {
-            self.file.resize(m.alloc_ptr)?;
-            m.file_len = m.alloc_ptr;
-        }
-        m.log = LogWriter::new(m.log.log_offset, m.log.log_length);
-        let (fl, ap) = (m.file_len, m.alloc_ptr);
-        m.log.write_sequence(&*self.file, &[], fl, ap)?;
-        self.file.flush()?;
         let mut h = m.header.clone();
-        h.file_write_guid = Guid::random();
-        h.data_write_guid = Guid::random();
-        h.log_guid = m.log.guid;
+        if !m.started {
+            if m.file_len > m.alloc_ptr {
+                self.file.resize(m.alloc_ptr)?;
+                m.file_len = m.alloc_ptr;
+            }
+            m.log = LogWriter::new(m.log.log_offset, m.log.log_length);
+            let (fl, ap) = (m.file_len, m.alloc_ptr);
+            m.log.write_sequence(&*self.file, &[], fl, ap)?;
+            self.file.flush()?;
+            h.file_write_guid = Guid::random();
+            h.log_guid = m.log.guid;
+        }
+        if data {
+            h.data_write_guid = Guid::random();
+        }
         m.header_slot = write_header(&*self.file, &mut h, m.header_slot)?;
         m.header = h;
         m.started = true;
-        self.started.store(true, Ordering::Release);
+        m.data_renewed |= data;
+        self.started.store(m.data_renewed, Ordering::Release);
         Ok(())
     }
 
@@ -1066,7 +1106,7 @@ impl Vhdx {
                         Some(m) => m,
                         None => guard.insert(self.lock()),
                     };
-                    self.start_session(m)?;
+                    self.start_data_session(m)?;
                     // Re-check under the lock: someone may have published it meanwhile.
                     let e2 = t.bat[t.geo.payload_index(block) as usize].load(Ordering::Acquire);
                     if matches!(
@@ -1291,6 +1331,7 @@ impl Vhdx {
         m.header_slot = write_header(&*self.file, &mut h, m.header_slot)?;
         m.header = h;
         m.started = false;
+        m.data_renewed = false;
         self.started.store(false, Ordering::Release);
         Ok(())
     }
@@ -1319,7 +1360,7 @@ impl Vhdx {
             ) {
                 continue;
             }
-            self.start_session(&mut m)?;
+            self.start_data_session(&mut m)?;
             t.bat[idx as usize].store(
                 bat_entry(payload::UNMAPPED, bat_offset(e)),
                 Ordering::Release,
@@ -1353,7 +1394,7 @@ impl Vhdx {
                 payload::PARTIALLY_PRESENT | payload::NOT_PRESENT if t.geo.has_parent => {
                     if n == bs && bat_state(e) == payload::NOT_PRESENT {
                         let mut m = self.lock();
-                        self.start_session(&mut m)?;
+                        self.start_data_session(&mut m)?;
                         t.bat[idx as usize].store(bat_entry(payload::ZERO, 0), Ordering::Release);
                         self.mark_bat_dirty(t, &mut m, idx);
                     } else {
@@ -1375,7 +1416,7 @@ impl Vhdx {
             return Ok(());
         }
         let mut m = self.lock();
-        self.start_session(&mut m)
+        self.start_data_session(&mut m)
     }
 
     /// Reads and writes of one barrier-free group.

@@ -22,13 +22,15 @@
 #![deny(missing_docs)]
 
 pub mod check;
+pub mod convert;
 mod create;
 mod disk;
 mod error;
 pub mod format;
+pub mod lifecycle;
 pub mod log;
 pub mod meta;
 
 pub use create::{CreateOptions, DiskKind, DEFAULT_BLOCK_SIZE};
-pub use disk::{ImageKind, OpenOptions, ResizeReport, Src, Vhdx};
+pub use disk::{CompactReport, ImageKind, OpenOptions, ResizeReport, Src, Vhdx};
 pub use error::VhdxError;

@@ -395,3 +395,27 @@ fn a_power_cut_at_any_write_of_a_grow_that_moves_blocks_leaves_the_old_or_the_ne
 fn a_power_cut_at_any_write_of_a_shrink_leaves_the_old_or_the_new_disk() {
     crash_everywhere(MIB, 6 * MIB);
 }
+
+#[test]
+fn a_short_last_block_gets_a_whole_block_when_the_disk_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    // 40 MiB of 32 MiB blocks: block 1 is 8 MiB long and is allocated first, block 0 after it.
+    let v = Vhdx::create(&path, &CreateOptions::dynamic(40 * MIB)).unwrap();
+    v.write_at(39 * MIB, &pattern(MIB, 0x51)).unwrap();
+    v.write_at(0, &pattern(MIB, 0x50)).unwrap();
+    v.flush().unwrap();
+    let r = v.resize_with(100 * MIB, &Job::new()).unwrap();
+    // vstor gave the short block its whole block at allocation: nothing moves.
+    assert_eq!(r.moved_blocks, 0, "{r:?}");
+    v.write_at(63 * MIB, &pattern(MIB, 0x52)).unwrap();
+    expect(&v, 0, MIB, 0x50);
+    expect(&v, 39 * MIB, MIB, 0x51);
+    expect(&v, 40 * MIB, MIB, 0);
+    v.close().unwrap();
+    drop(v);
+    let c = check(&path).unwrap();
+    assert!(c.is_clean(), "{c:?}");
+    qemu_check(&path);
+    qemu_same(&path);
+}

@@ -112,7 +112,7 @@ impl Vhdx {
         job.check("resize")?;
         // From here the in-memory tables equal the file's.
         self.commit_locked(t, m)?;
-        self.start_session(m)?;
+        self.start_data_session(m)?;
         m.reserved.clear();
         let ng = Geometry::new(
             new_size,
@@ -150,14 +150,41 @@ impl Vhdx {
                     }
                 }
                 report.moved_blocks = self.move_out_of(t, m, grow_from, grow_to, job)?;
-                if !m.dirty.is_empty() {
-                    let pages = std::mem::take(&mut m.dirty);
-                    for (off, src) in pages {
-                        logged.push((off, self.page_bytes(t, src)));
-                    }
-                }
             }
             bat_len = need;
+        }
+        let bs = g.block_size as u64;
+        if new_size > g.virtual_size && g.virtual_size % bs != 0 {
+            // The last block was short and may have only the space it needed, with another
+            // block right after: it gets a whole block of its own.
+            let idx = g.payload_index(g.data_blocks - 1);
+            let e = t.bat[idx as usize].load(Ordering::Acquire);
+            let off = bat_offset(e);
+            let room = off + bs <= m.alloc_ptr
+                && !(0..g.bat_entries).any(|i| {
+                    let o = bat_offset(t.bat[i as usize].load(Ordering::Acquire));
+                    i != idx && o != 0 && o < off + bs && off < o + g.mapped_len(i)
+                })
+                && self.soft_anchor_ok(t, off, bs);
+            if off != 0 && !room {
+                let holds = matches!(
+                    bat_state(e),
+                    payload::FULLY_PRESENT | payload::PARTIALLY_PRESENT
+                );
+                let new = if holds {
+                    let dst = self.allocate(m, bs)?;
+                    copy_range(&*self.file, bat_offset(e), dst, g.mapped_len(idx))?;
+                    report.moved_blocks += 1;
+                    bat_entry(bat_state(e), dst)
+                } else {
+                    bat_entry(bat_state(e), 0)
+                };
+                t.bat[idx as usize].store(new, Ordering::Release);
+                self.mark_bat_dirty(t, m, idx);
+            }
+        }
+        for (off, src) in std::mem::take(&mut m.dirty) {
+            logged.push((off, self.page_bytes(t, src)));
         }
         // The BAT as it will be.
         let old_entries = g.bat_entries.min(ng.bat_entries);

@@ -1,0 +1,418 @@
+//! Convert, compact, merge, reparent, checkpoint and clone against the expected contents, with
+//! QEMU as the second opinion where it reads the format.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use vstor_core::{
+    BlockDevice, CutPolicy, Error, FaultDevice, FileDevice, FileOptions, Job, MemoryDevice,
+};
+use vstor_vhdx::check::{check, check_device};
+use vstor_vhdx::convert::{convert, ConvertOptions, Fill, Format};
+use vstor_vhdx::lifecycle::{checkpoint, clone, merge, set_parent};
+use vstor_vhdx::{CreateOptions, ImageKind, OpenOptions, Vhdx, VhdxError};
+
+mod common;
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_img(args: &[&str], paths: &[&Path]) -> String {
+    let mut c = Command::new("qemu-img");
+    c.args(args);
+    for p in paths {
+        c.arg(p);
+    }
+    common::run(&mut c)
+}
+
+fn all_of(v: &dyn BlockDevice) -> Vec<u8> {
+    let mut b = vec![0u8; v.capacity() as usize];
+    v.read_at(0, &mut b).unwrap();
+    b
+}
+
+fn clean(p: &Path) {
+    let r = check(p).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+}
+
+/// A dynamic disk with data in some blocks, zeros written in one, holes elsewhere.
+fn sample(path: &Path, size: u64, block: u32) -> Vec<u8> {
+    let v = Vhdx::create(path, &CreateOptions::dynamic(size).block_size(block)).unwrap();
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut want = vec![0u8; size as usize];
+    for &(off, len) in &[(0, 3 * MIB + 512), (9 * MIB, 4096), (size - MIB, MIB)] {
+        let b: Vec<u8> = (0..len).map(|_| rng.u8(1..)).collect();
+        v.write_at(off, &b).unwrap();
+        want[off as usize..(off + len) as usize].copy_from_slice(&b);
+    }
+    v.write_at(5 * MIB, &vec![0u8; 2 * MIB as usize]).unwrap();
+    v.close().unwrap();
+    want
+}
+
+#[test]
+fn convert_vhdx_to_raw_matches_qemu_and_raw_to_vhdx_keeps_holes() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("s.vhdx");
+    let want = sample(&src, 16 * MIB, MIB as u32);
+    let v = Vhdx::open(&src, &OpenOptions::read_only()).unwrap();
+    let ours = d.path().join("ours.raw");
+    let map = |o: u64, l: u64| v.fills(o, l, None);
+    let rep = convert(
+        &v,
+        Some(&map),
+        &ours,
+        &ConvertOptions {
+            format: Format::Raw,
+            ..Default::default()
+        },
+        &Job::new(),
+    )
+    .unwrap();
+    assert!(rep.read_bytes < 16 * MIB, "holes are not read: {rep:?}");
+    let theirs = d.path().join("theirs.raw");
+    qemu_img(&["convert", "-f", "vhdx", "-O", "raw"], &[&src, &theirs]);
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+    assert!(std::fs::read(&ours).unwrap() == want);
+
+    // Raw back to VHDX: zero regions (holes and the written zeros) take no block.
+    let back = d.path().join("back.vhdx");
+    let raw = FileDevice::open(
+        &ours,
+        &FileOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    convert(
+        &raw,
+        None,
+        &back,
+        &ConvertOptions {
+            block_size: Some(MIB as u32),
+            ..Default::default()
+        },
+        &Job::new(),
+    )
+    .unwrap();
+    clean(&back);
+    qemu_img(&["check", "-f", "vhdx"], &[&back]);
+    qemu_img(&["compare", "-f", "vhdx", "-F", "raw"], &[&back, &ours]);
+    let r = check(&back).unwrap();
+    assert_eq!(
+        r.allocated_blocks,
+        4 + 1 + 1,
+        "blocks 0-3, 9 and 15 only: {r:?}"
+    );
+
+    // Fixed and back to dynamic.
+    let fixed = d.path().join("f.vhdx");
+    clone(
+        &back,
+        &fixed,
+        &ConvertOptions {
+            fixed: true,
+            ..Default::default()
+        },
+        &Job::new(),
+    )
+    .unwrap();
+    let f = Vhdx::open(&fixed, &OpenOptions::read_only()).unwrap();
+    assert_eq!(f.kind(), ImageKind::Fixed);
+    assert!(all_of(&f) == want);
+    let dynamic = d.path().join("d.vhdx");
+    clone(&fixed, &dynamic, &ConvertOptions::default(), &Job::new()).unwrap();
+    let g = Vhdx::open(&dynamic, &OpenOptions::read_only()).unwrap();
+    assert_eq!(g.kind(), ImageKind::Dynamic);
+    assert!(all_of(&g) == want);
+    clean(&fixed);
+    clean(&dynamic);
+    // A cancelled conversion leaves no output.
+    let job = Job::new();
+    job.cancel();
+    let gone = d.path().join("gone.vhdx");
+    assert!(matches!(
+        clone(&back, &gone, &ConvertOptions::default(), &job),
+        Err(Error::Cancelled(_))
+    ));
+    assert!(!gone.exists());
+}
+
+#[test]
+fn a_chain_flattens_into_one_image() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p.vhdx");
+    let mut want = sample(&p, 16 * MIB, MIB as u32);
+    let c = d.path().join("c.avhdx");
+    let cv = Vhdx::create(&c, &CreateOptions::differencing(&p)).unwrap();
+    cv.write_at(MIB + 512, &[0xC1; 1024]).unwrap();
+    cv.write_zeroes(9 * MIB, MIB).unwrap();
+    cv.close().unwrap();
+    want[(MIB + 512) as usize..(MIB + 1536) as usize].fill(0xC1);
+    want[(9 * MIB) as usize..(10 * MIB) as usize].fill(0);
+    drop(cv);
+    let flat = d.path().join("flat.vhdx");
+    clone(&c, &flat, &ConvertOptions::default(), &Job::new()).unwrap();
+    let f = Vhdx::open(&flat, &OpenOptions::read_only()).unwrap();
+    assert!(f.parent().is_none());
+    assert!(all_of(&f) == want);
+    clean(&flat);
+}
+
+#[test]
+fn compact_gives_back_unmapped_and_zero_blocks_and_shrinks_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("c.vhdx");
+    let want = sample(&p, 16 * MIB, MIB as u32);
+    let v = Vhdx::open(&p, &OpenOptions::default()).unwrap();
+    v.discard(MIB, 2 * MIB).unwrap();
+    let mut want = want;
+    want[MIB as usize..(3 * MIB) as usize].fill(0);
+    let before = v.file_size();
+    let rep = v.compact_with(false, &Job::new()).unwrap();
+    assert_eq!(rep.released_blocks, 2, "{rep:?}");
+    let mid = v.file_size();
+    assert!(mid < before, "{before} -> {mid}");
+    // --full also finds the block written with zeros (block 5 and 6).
+    let rep = v.compact_with(true, &Job::new()).unwrap();
+    assert_eq!(rep.released_blocks, 2, "{rep:?}");
+    assert!(v.file_size() < mid);
+    assert!(all_of(&v) == want);
+    v.close().unwrap();
+    drop(v);
+    clean(&p);
+    qemu_img(&["check", "-f", "vhdx"], &[&p]);
+    let v = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&v) == want);
+}
+
+#[test]
+fn a_power_cut_at_any_write_of_compact_leaves_the_data() {
+    let setup = || {
+        let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
+        let fault = Arc::new(FaultDevice::new(mem));
+        fault.set_volatile_cache(true).unwrap();
+        let v = Vhdx::create_on(
+            fault.clone(),
+            &CreateOptions::dynamic(12 * MIB).block_size(MIB as u32),
+            None,
+        )
+        .unwrap();
+        for b in 0..12u64 {
+            v.write_at(b * MIB, &vec![b as u8 + 1; MIB as usize])
+                .unwrap();
+        }
+        v.flush().unwrap();
+        for b in [1u64, 2, 4, 7] {
+            v.discard(b * MIB, MIB).unwrap();
+        }
+        v.write_zeroes(9 * MIB, MIB).unwrap();
+        v.flush().unwrap();
+        (fault, v)
+    };
+    let expected = |b: u64| {
+        if [1, 2, 4, 7, 9].contains(&b) {
+            0
+        } else {
+            b as u8 + 1
+        }
+    };
+    let (fault, v) = setup();
+    let w0 = fault.stats().writes;
+    let rep = v.compact_with(true, &Job::new()).unwrap();
+    assert!(rep.moved_blocks > 0, "{rep:?}");
+    let total = fault.stats().writes - w0;
+    drop(v);
+    for n in 1..=total {
+        for policy in [
+            CutPolicy::DropAll,
+            CutPolicy::KeepAll,
+            CutPolicy::Random {
+                seed: n,
+                torn: true,
+            },
+        ] {
+            let (fault, v) = setup();
+            fault.arm_power_cut(n, policy);
+            let _ = v.compact_with(true, &Job::new());
+            drop(v);
+            fault.power_on();
+            let dev: Arc<dyn BlockDevice> = fault.clone();
+            let what = format!("cut at write {n} of {total} ({policy:?})");
+            let v = Vhdx::open_on(dev.clone(), "crashed", &OpenOptions::default(), None)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut b = vec![0u8; MIB as usize];
+            for blk in 0..12u64 {
+                v.read_at(blk * MIB, &mut b).unwrap();
+                assert!(b.iter().all(|&x| x == expected(blk)), "{what}: block {blk}");
+            }
+            v.close().unwrap();
+            drop(v);
+            let c = check_device(dev, "crashed");
+            assert!(c.errors.is_empty(), "{what}: {c:?}");
+        }
+    }
+}
+
+/// parent <- child <- grandchild, each writing its own pattern; returns the expected view of
+/// each level.
+fn three_levels(d: &Path) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let p = d.join("p.vhdx");
+    let pv = sample(&p, 16 * MIB, MIB as u32);
+    let mut cv = pv.clone();
+    let c = Vhdx::create(d.join("c.avhdx"), &CreateOptions::differencing(&p)).unwrap();
+    c.write_at(2 * MIB, &vec![0xC2; (MIB + 4096) as usize])
+        .unwrap();
+    cv[(2 * MIB) as usize..(3 * MIB + 4096) as usize].fill(0xC2);
+    c.write_zeroes(15 * MIB, MIB).unwrap();
+    cv[(15 * MIB) as usize..].fill(0);
+    c.close().unwrap();
+    drop(c);
+    let mut gv = cv.clone();
+    let g = Vhdx::create(
+        d.join("g.avhdx"),
+        &CreateOptions::differencing(d.join("c.avhdx")),
+    )
+    .unwrap();
+    g.write_at(512, &[0x6A; 512]).unwrap();
+    gv[512..1024].fill(0x6A);
+    g.close().unwrap();
+    (pv, cv, gv)
+}
+
+#[test]
+fn merge_folds_a_child_into_its_parent_or_an_ancestor_copying_only_its_own_data() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, cv, gv) = three_levels(d.path());
+    // The grandchild into the child: only its one sector moves.
+    let r = merge(&d.path().join("g.avhdx"), None, &Job::new()).unwrap();
+    assert_eq!(r.copied_bytes, 512, "{r:?}");
+    assert!(!d.path().join("g.avhdx").exists());
+    let c = Vhdx::open(d.path().join("c.avhdx"), &OpenOptions::read_only()).unwrap();
+    let mut want = cv.clone();
+    want[512..1024].copy_from_slice(&gv[512..1024]);
+    assert!(all_of(&c) == want);
+    drop(c);
+    clean(&d.path().join("c.avhdx"));
+    // The child into the parent (named explicitly).
+    let r = merge(
+        &d.path().join("c.avhdx"),
+        Some(&d.path().join("p.vhdx")),
+        &Job::new(),
+    )
+    .unwrap();
+    assert_eq!(r.copied_bytes, MIB + 4096 + 512 + MIB, "{r:?}");
+    let p = Vhdx::open(d.path().join("p.vhdx"), &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&p) == want);
+    drop(p);
+    clean(&d.path().join("p.vhdx"));
+    qemu_img(&["check", "-f", "vhdx"], &[&d.path().join("p.vhdx")]);
+}
+
+#[test]
+fn merge_into_the_grandparent_and_bad_merges() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, _, gv) = three_levels(d.path());
+    let other = d.path().join("other.vhdx");
+    sample(&other, 16 * MIB, MIB as u32);
+    let before = std::fs::read(&other).unwrap();
+    let e = merge(&d.path().join("g.avhdx"), Some(&other), &Job::new()).unwrap_err();
+    assert!(e.to_string().contains("is not an ancestor"), "{e}");
+    assert_eq!(std::fs::read(&other).unwrap(), before);
+    let e = merge(&d.path().join("p.vhdx"), None, &Job::new()).unwrap_err();
+    assert!(e.to_string().contains("not a differencing disk"), "{e}");
+    let r = merge(
+        &d.path().join("g.avhdx"),
+        Some(&d.path().join("p.vhdx")),
+        &Job::new(),
+    )
+    .unwrap();
+    assert_eq!(r.removed.len(), 2);
+    let p = Vhdx::open(d.path().join("p.vhdx"), &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&p) == gv);
+}
+
+#[test]
+fn reparent_after_a_move_refuses_strangers_and_cycles() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, cv, _) = three_levels(d.path());
+    let c = d.path().join("c.avhdx");
+    std::fs::rename(d.path().join("p.vhdx"), d.path().join("moved.vhdx")).unwrap();
+    assert!(Vhdx::open(&c, &OpenOptions::read_only()).is_err());
+    set_parent(&c, &d.path().join("moved.vhdx"), false).unwrap();
+    let v = Vhdx::open(&c, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&v) == cv);
+    drop(v);
+    clean(&c);
+    // A stranger: refused unless the operator insists.
+    let other = d.path().join("other.vhdx");
+    sample(&other, 16 * MIB, MIB as u32);
+    let before = std::fs::read(&c).unwrap();
+    let e = set_parent(&c, &other, false).unwrap_err();
+    let Error::Layer(inner) = &e else {
+        panic!("{e}")
+    };
+    assert!(
+        matches!(
+            inner.downcast_ref::<VhdxError>(),
+            Some(VhdxError::LinkageMismatch { .. })
+        ),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&c).unwrap(), before);
+    // A cycle: the parent made a child of its own grandchild.
+    let e = set_parent(&d.path().join("g.avhdx"), &d.path().join("g.avhdx"), true).unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+    let e = set_parent(&c, &d.path().join("g.avhdx"), true).unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+    assert_eq!(std::fs::read(&c).unwrap(), before);
+    set_parent(&c, &other, true).unwrap();
+    let v = Vhdx::open(&c, &OpenOptions::read_only()).unwrap();
+    assert_eq!(v.parent().unwrap().name(), other.display().to_string());
+}
+
+#[test]
+fn physical_sector_size_changes_and_stays() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("s.vhdx");
+    let want = sample(&p, 16 * MIB, MIB as u32);
+    let v = Vhdx::open(&p, &OpenOptions::default()).unwrap();
+    v.set_physical_sector_size(4096).unwrap();
+    assert_eq!(v.info().physical_sector_size, 4096);
+    assert!(v.set_physical_sector_size(1024).is_err());
+    v.close().unwrap();
+    drop(v);
+    let v = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    assert_eq!(v.geometry().physical_sector, 4096);
+    assert!(all_of(&v) == want);
+    drop(v);
+    clean(&p);
+    let info = qemu_img(&["info", "-f", "vhdx"], &[&p]);
+    assert!(info.contains("virtual size"), "{info}");
+}
+
+#[test]
+fn a_checkpoint_freezes_the_parent() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("vm.vhdx");
+    let want = sample(&p, 16 * MIB, MIB as u32);
+    let child = checkpoint(&p, None).unwrap();
+    assert!(child
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("vm_"));
+    assert_eq!(child.extension().unwrap(), "avhdx");
+    let c = Vhdx::open(&child, &OpenOptions::default()).unwrap();
+    c.write_at(0, &[0xEE; 4096]).unwrap();
+    c.close().unwrap();
+    let frozen = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&frozen) == want);
+    let mut now = want.clone();
+    now[..4096].fill(0xEE);
+    assert!(all_of(&c) == now);
+    let _ = Fill::Skip;
+}
