@@ -1,6 +1,69 @@
-//! vstor-spaces: Storage Spaces-style pools of disks cut into slabs, with simple, mirror
-//! and parity spaces, repair, scrub and tiering.
+//! vstor-spaces: Storage Spaces-style pools of disks cut into slabs, with simple, mirror and
+//! parity spaces as block devices.
 //!
-//! **Status: not implemented yet.** This crate is a placeholder in the workspace layout; pools
-//! land with the storage-pools issue. The crate exports no API yet.
+//! What exists:
+//! - [`Pool`]: create a pool on any [`BlockDevice`]s ([`Pool::create`]) or on new files in a
+//!   directory ([`Pool::create_in_dir`]); open it again ([`Pool::open`], [`Pool::open_dir`]).
+//!   Every member holds the whole pool metadata (identity, members, slab map, space
+//!   definitions) in two slots with sequence numbers and CRC-32C; opening picks the newest
+//!   valid copy, reports missing members and members with stale metadata, refreshes the
+//!   latter, and refuses members of another pool. See [`format`] for the on-disk layout.
+//! - Spaces ([`Pool::create_space`]): simple, 2-way and 3-way mirror (copies on distinct
+//!   disks), single parity (XOR) and dual parity (P + Q over GF(2^8)), with rotating parity;
+//!   columns and interleave as Storage Spaces has them; thin or fixed provisioning. A
+//!   [`Space`] is a [`BlockDevice`]: a batch in becomes one batch per member, run side by side.
+//! - Degraded operation: reads and writes go on with as many members lost as the resiliency
+//!   tolerates (missing at open, or failed by an I/O error, which is recorded in the metadata
+//!   before anything is acknowledged, so a member that comes back with stale data is not
+//!   trusted); beyond that a space refuses I/O with [`SpacesError::SpaceFailed`] and other
+//!   spaces go on.
+//!
+//! What does not exist yet: rebuilding lost copies or parity onto a replacement or added disk
+//! (repair), retiring and removing disks, per-block checksums with self-healing reads and scrub,
+//! a write-intent bitmap, protection against the parity write hole (a crash between a data
+//! write and its parity write can leave the parity of that row stale until the row is written
+//! again), discard and write-zeroes on spaces, and vectorized GF(2^8) arithmetic.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vstor_core::{BlockDevice, MemoryDevice};
+//! use vstor_spaces::{CreateOptions, Pool, PoolDisk, Provisioning, Resiliency, SpaceSpec};
+//!
+//! let disks = (0..3)
+//!     .map(|i| PoolDisk::new(format!("m{i}"), Arc::new(MemoryDevice::new(16 << 20).unwrap())))
+//!     .collect();
+//! let pool = Pool::create(disks, &CreateOptions { slab_size: 1 << 20 })?;
+//! pool.create_space(&SpaceSpec {
+//!     name: "data".into(),
+//!     size: 4 << 20,
+//!     resiliency: Resiliency::Parity { redundancy: 1 },
+//!     columns: None,
+//!     interleave: Some(64 << 10),
+//!     provisioning: Provisioning::Thin,
+//! })?;
+//! let space = pool.open_space("data")?;
+//! space.write_at(0, &[7u8; 8192])?;
+//! pool.fail_member(1)?;
+//! let mut back = [0u8; 8192];
+//! space.read_at(0, &mut back)?;
+//! assert_eq!(back, [7u8; 8192]);
+//! # Ok::<(), vstor_core::Error>(())
+//! ```
 #![deny(missing_docs)]
+
+mod code;
+mod error;
+pub mod format;
+mod layout;
+mod pool;
+mod space;
+
+pub use code::{encode as parity_encode, reconstruct as parity_reconstruct};
+pub use error::SpacesError;
+pub use format::{MemberState, Provisioning};
+pub use layout::Resiliency;
+pub use pool::{
+    CreateOptions, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth, SpaceInfo,
+    SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE,
+};
+pub use space::Space;

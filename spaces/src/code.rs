@@ -1,0 +1,235 @@
+//! Parity codes: XOR for one parity, and P + Q over GF(2^8) (polynomial 0x11d, generator 2,
+//! as Linux md's RAID-6) for two.
+//!
+//! Shards are numbered data first (`0..k`), then parities (`k..k + m`). Parity `P` is the XOR of
+//! the data shards; parity `Q` is `sum(g^i * D_i)`. Any `m` missing shards are rebuilt by
+//! inverting the rows of the generator matrix that belong to present shards.
+
+/// exp and log tables of GF(2^8) with polynomial x^8 + x^4 + x^3 + x^2 + 1.
+const fn tables() -> ([u8; 512], [u8; 256]) {
+    let mut exp = [0u8; 512];
+    let mut log = [0u8; 256];
+    let mut x: u16 = 1;
+    let mut i = 0;
+    while i < 255 {
+        exp[i] = x as u8;
+        log[x as usize] = i as u8;
+        x <<= 1;
+        if x & 0x100 != 0 {
+            x ^= 0x11d;
+        }
+        i += 1;
+    }
+    while i < 512 {
+        exp[i] = exp[i - 255];
+        i += 1;
+    }
+    (exp, log)
+}
+
+const TABLES: ([u8; 512], [u8; 256]) = tables();
+const EXP: [u8; 512] = TABLES.0;
+const LOG: [u8; 256] = TABLES.1;
+
+/// Multiplies in GF(2^8).
+pub fn gf_mul(a: u8, b: u8) -> u8 {
+    if a == 0 || b == 0 {
+        0
+    } else {
+        EXP[usize::from(LOG[usize::from(a)]) + usize::from(LOG[usize::from(b)])]
+    }
+}
+
+/// The multiplicative inverse in GF(2^8) (`a` non-zero).
+fn gf_inv(a: u8) -> u8 {
+    debug_assert!(a != 0);
+    EXP[255 - usize::from(LOG[usize::from(a)])]
+}
+
+/// `dst ^= src`.
+pub fn xor_into(dst: &mut [u8], src: &[u8]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (a, b) in (&mut d).zip(&mut s) {
+        let v = u64::from_ne_bytes(a.try_into().expect("8 bytes"))
+            ^ u64::from_ne_bytes(b.try_into().expect("8 bytes"));
+        a.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (a, b) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *a ^= *b;
+    }
+}
+
+/// `dst ^= c * src` in GF(2^8).
+pub fn mul_add_into(dst: &mut [u8], src: &[u8], c: u8) {
+    match c {
+        0 => {}
+        1 => xor_into(dst, src),
+        _ => {
+            let mut table = [0u8; 256];
+            for (x, t) in table.iter_mut().enumerate() {
+                *t = gf_mul(c, x as u8);
+            }
+            for (a, b) in dst.iter_mut().zip(src) {
+                *a ^= table[usize::from(*b)];
+            }
+        }
+    }
+}
+
+/// The coefficient of data shard `i` in parity `j`.
+fn coef(j: usize, i: usize) -> u8 {
+    match j {
+        0 => 1,
+        _ => EXP[i % 255],
+    }
+}
+
+/// Computes the `parity.len()` (1 or 2) parity shards of the data shards.
+pub fn encode(data: &[&[u8]], parity: &mut [&mut [u8]]) {
+    for (j, p) in parity.iter_mut().enumerate() {
+        p.fill(0);
+        for (i, d) in data.iter().enumerate() {
+            mul_add_into(p, d, coef(j, i));
+        }
+    }
+}
+
+/// Rebuilds the missing shards (`None`) of `k` data and `shards.len() - k` parity shards, all of
+/// `len` bytes. Returns false if more shards are missing than there are parities.
+pub fn reconstruct(shards: &mut [Option<Vec<u8>>], k: usize, len: usize) -> bool {
+    let m = shards.len() - k;
+    let missing: Vec<usize> = (0..shards.len()).filter(|&i| shards[i].is_none()).collect();
+    if missing.len() > m {
+        return false;
+    }
+    let missing_data: Vec<usize> = missing.iter().copied().filter(|&i| i < k).collect();
+    if !missing_data.is_empty() {
+        // Pick k present shards, data first; their generator rows form an invertible matrix.
+        let rows: Vec<usize> = (0..shards.len())
+            .filter(|&i| shards[i].is_some())
+            .take(k)
+            .collect();
+        let mut a: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|&r| {
+                (0..k)
+                    .map(|c| {
+                        if r < k {
+                            u8::from(r == c)
+                        } else {
+                            coef(r - k, c)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let Some(inv) = invert(&mut a) else {
+            return false;
+        };
+        for &d in &missing_data {
+            let mut out = vec![0u8; len];
+            for (j, &r) in rows.iter().enumerate() {
+                let src = shards[r].as_deref().expect("present");
+                mul_add_into(&mut out, src, inv[d][j]);
+            }
+            shards[d] = Some(out);
+        }
+    }
+    let missing_parity: Vec<usize> = missing.into_iter().filter(|&i| i >= k).collect();
+    for p in missing_parity {
+        let mut out = vec![0u8; len];
+        for i in 0..k {
+            mul_add_into(
+                &mut out,
+                shards[i].as_deref().expect("data"),
+                coef(p - k, i),
+            );
+        }
+        shards[p] = Some(out);
+    }
+    true
+}
+
+/// Gauss-Jordan inversion over GF(2^8); `None` if singular.
+fn invert(a: &mut [Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    let n = a.len();
+    let mut inv: Vec<Vec<u8>> = (0..n)
+        .map(|r| (0..n).map(|c| u8::from(r == c)).collect())
+        .collect();
+    for col in 0..n {
+        let pivot = (col..n).find(|&r| a[r][col] != 0)?;
+        a.swap(col, pivot);
+        inv.swap(col, pivot);
+        let f = gf_inv(a[col][col]);
+        for c in 0..n {
+            a[col][c] = gf_mul(a[col][c], f);
+            inv[col][c] = gf_mul(inv[col][c], f);
+        }
+        for r in 0..n {
+            if r != col && a[r][col] != 0 {
+                let g = a[r][col];
+                for c in 0..n {
+                    let (x, y) = (gf_mul(g, a[col][c]), gf_mul(g, inv[col][c]));
+                    a[r][c] ^= x;
+                    inv[r][c] ^= y;
+                }
+            }
+        }
+    }
+    Some(inv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_laws() {
+        for a in 1..=255u8 {
+            assert_eq!(gf_mul(a, gf_inv(a)), 1);
+            assert_eq!(gf_mul(a, 1), a);
+        }
+        assert_eq!(gf_mul(2, 0x80), 0x1d);
+    }
+
+    #[test]
+    fn every_pair_of_missing_shards_is_rebuilt() {
+        for k in 1..=8usize {
+            for m in 1..=2usize {
+                let len = 67;
+                let data: Vec<Vec<u8>> = (0..k)
+                    .map(|i| (0..len).map(|b| (b * 31 + i * 7 + 1) as u8).collect())
+                    .collect();
+                let mut parity = vec![vec![0u8; len]; m];
+                {
+                    let d: Vec<&[u8]> = data.iter().map(|v| &v[..]).collect();
+                    let mut p: Vec<&mut [u8]> = parity.iter_mut().map(|v| &mut v[..]).collect();
+                    encode(&d, &mut p);
+                }
+                let all: Vec<Vec<u8>> = data.iter().chain(&parity).cloned().collect();
+                let n = k + m;
+                for x in 0..n {
+                    for y in x..n {
+                        if m == 1 && y != x {
+                            continue;
+                        }
+                        let mut shards: Vec<Option<Vec<u8>>> =
+                            all.iter().cloned().map(Some).collect();
+                        shards[x] = None;
+                        shards[y] = None;
+                        assert!(reconstruct(&mut shards, k, len), "k={k} m={m} {x} {y}");
+                        for (i, s) in shards.iter().enumerate() {
+                            assert_eq!(s.as_ref().unwrap(), &all[i], "k={k} m={m} lost {x},{y}");
+                        }
+                    }
+                }
+                let mut too_many: Vec<Option<Vec<u8>>> = all.iter().cloned().map(Some).collect();
+                for s in too_many.iter_mut().take(m + 1) {
+                    *s = None;
+                }
+                assert!(!reconstruct(&mut too_many, k, len));
+            }
+        }
+    }
+}

@@ -1,0 +1,707 @@
+//! The on-disk pool metadata.
+//!
+//! Every member starts with two metadata slots of `slot_size` bytes (a power of two from 1 MiB
+//! to 64 MiB): slot A at offset 0 and slot B at offset `slot_size`. Data slabs follow at
+//! `data_start = 2 * slot_size`. An update writes the whole metadata, with the sequence number
+//! one higher, to the slot `sequence % 2` of every usable member and flushes; so a torn update
+//! leaves the other slot intact, and every member holds the whole pool's metadata (losing any
+//! set of members that leaves one keeps it).
+//!
+//! A metadata copy is, in order, little-endian:
+//! - a [`MetaHeader`] (256 bytes) with the magic, the sequence number, the pool and member
+//!   identities, the counts of what follows and a CRC-32C of the whole copy;
+//! - `member_count` [`MemberRecord`]s (64 bytes): identity, capacity, slab count, state;
+//! - `space_count` [`SpaceRecord`]s (128 bytes): identity, name, size, resiliency, columns,
+//!   interleave, provisioning, number of extents;
+//! - `ref_count` [`SlabRef`]s (8 bytes): for each space in order, for each of its extents, one
+//!   (member, slab) per slot of the extent; member `u32::MAX` marks a thin extent not allocated.
+//!
+//! Everything read is untrusted: the parser checks every count, range and cross-reference
+//! and names the member, offset and field of the first thing wrong.
+
+use crate::error::corrupt;
+use crate::layout::{Layout, Resiliency};
+use uuid::Uuid;
+use vstor_core::Result;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// The magic at the start of every metadata copy.
+pub const MAGIC: [u8; 8] = *b"VSTPOOL1";
+/// The format version.
+pub const VERSION: u32 = 1;
+/// Smallest metadata slot.
+pub const MIN_SLOT: u64 = 1 << 20;
+/// Largest metadata slot.
+pub const MAX_SLOT: u64 = 64 << 20;
+/// The most members a pool has.
+pub const MAX_MEMBERS: usize = 64;
+/// The most spaces a pool has.
+pub const MAX_SPACES: usize = 64;
+/// Longest space name, in bytes.
+pub const MAX_NAME: usize = 64;
+/// Slab member value of a thin extent not yet allocated.
+pub const UNALLOCATED: u32 = u32::MAX;
+
+/// The header of a metadata copy.
+#[derive(Clone, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct MetaHeader {
+    /// [`MAGIC`].
+    pub magic: [u8; 8],
+    /// [`VERSION`].
+    pub version: U32,
+    /// Size of this header (256).
+    pub header_size: U32,
+    /// CRC-32C of the whole copy (`blob_len` bytes) with this field zero.
+    pub checksum: U32,
+    /// Reserved, zero.
+    pub flags: U32,
+    /// Sequence number: the copy with the highest valid one is current.
+    pub sequence: U64,
+    /// Bytes of this copy (header and records).
+    pub blob_len: U64,
+    /// The pool's identity.
+    pub pool_id: [u8; 16],
+    /// The identity of the member this copy is written on.
+    pub member_id: [u8; 16],
+    /// Members that follow.
+    pub member_count: U32,
+    /// Spaces that follow.
+    pub space_count: U32,
+    /// Slab references that follow.
+    pub ref_count: U64,
+    /// Bytes per slab.
+    pub slab_size: U64,
+    /// Bytes per metadata slot.
+    pub slot_size: U64,
+    /// Offset of slab 0 on every member.
+    pub data_start: U64,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: U64,
+    /// Reserved, zero.
+    pub reserved: [u8; 136],
+}
+
+/// One member of the pool.
+#[derive(Clone, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct MemberRecord {
+    /// The member's identity.
+    pub id: [u8; 16],
+    /// Its capacity when it joined.
+    pub capacity: U64,
+    /// Slabs it holds.
+    pub slab_count: U32,
+    /// 0 healthy, 1 failed (its data is stale), 2 retired (no new slabs).
+    pub state: U32,
+    /// Reserved, zero.
+    pub reserved: [u8; 32],
+}
+
+/// One space of the pool.
+#[derive(Clone, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct SpaceRecord {
+    /// The space's identity.
+    pub id: [u8; 16],
+    /// Its name, UTF-8, padded with zero bytes.
+    pub name: [u8; 64],
+    /// Size in bytes.
+    pub size: U64,
+    /// Extents (each `width` slab references follow for it).
+    pub extent_count: U64,
+    /// Interleave in bytes.
+    pub interleave: U32,
+    /// Columns (see the layout).
+    pub columns: U16,
+    /// 0 simple, 1 mirror, 2 parity.
+    pub resiliency: u8,
+    /// Copies (mirror) or redundancy (parity); 0 for simple.
+    pub param: u8,
+    /// 0 thin, 1 fixed.
+    pub provisioning: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 23],
+}
+
+/// One slot of an extent: a slab of a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct SlabRef {
+    /// Member index ([`UNALLOCATED`]: not allocated).
+    pub member: U32,
+    /// Slab index on the member.
+    pub slab: U32,
+}
+
+const HEADER: usize = std::mem::size_of::<MetaHeader>();
+const MEMBER: usize = std::mem::size_of::<MemberRecord>();
+const SPACE: usize = std::mem::size_of::<SpaceRecord>();
+const REF: usize = std::mem::size_of::<SlabRef>();
+
+/// A member's state, as the metadata records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    /// In use.
+    Healthy,
+    /// Missed writes or failed I/O: its data is not trusted until repaired.
+    Failed,
+    /// Being retired: no new slabs are allocated on it.
+    Retired,
+}
+
+impl MemberState {
+    fn code(self) -> u32 {
+        match self {
+            MemberState::Healthy => 0,
+            MemberState::Failed => 1,
+            MemberState::Retired => 2,
+        }
+    }
+
+    /// The name `pool info` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Healthy => "healthy",
+            MemberState::Failed => "failed",
+            MemberState::Retired => "retired",
+        }
+    }
+}
+
+/// How a space's slabs are provisioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provisioning {
+    /// Slabs are allocated on first write.
+    Thin,
+    /// Every slab is allocated when the space is created.
+    Fixed,
+}
+
+/// A member as the metadata describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MemberMeta {
+    pub id: Uuid,
+    pub capacity: u64,
+    pub slab_count: u32,
+    pub state: MemberState,
+}
+
+/// A slot of an allocated extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub member: usize,
+    pub slab: u32,
+}
+
+/// A space as the metadata describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SpaceMeta {
+    pub id: Uuid,
+    pub name: String,
+    pub size: u64,
+    pub layout: Layout,
+    pub provisioning: Provisioning,
+    /// Per extent: its slots, or `None` while a thin extent is not allocated.
+    pub extents: Vec<Option<Vec<Slot>>>,
+}
+
+/// The whole pool metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub pool_id: Uuid,
+    pub sequence: u64,
+    pub slab_size: u64,
+    pub slot_size: u64,
+    pub data_start: u64,
+    pub created: u64,
+    pub members: Vec<MemberMeta>,
+    pub spaces: Vec<SpaceMeta>,
+}
+
+impl Meta {
+    /// Slab references the metadata holds.
+    pub fn ref_count(&self) -> u64 {
+        self.spaces
+            .iter()
+            .map(|s| s.extents.len() as u64 * s.layout.width as u64)
+            .sum()
+    }
+
+    /// Bytes a copy of this metadata takes.
+    pub fn blob_len(&self) -> u64 {
+        (HEADER + self.members.len() * MEMBER + self.spaces.len() * SPACE) as u64
+            + self.ref_count() * REF as u64
+    }
+
+    /// The copy written on member `member`.
+    pub fn serialize(&self, member: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.blob_len() as usize);
+        let header = MetaHeader {
+            magic: MAGIC,
+            version: VERSION.into(),
+            header_size: (HEADER as u32).into(),
+            checksum: 0.into(),
+            flags: 0.into(),
+            sequence: self.sequence.into(),
+            blob_len: self.blob_len().into(),
+            pool_id: *self.pool_id.as_bytes(),
+            member_id: *self.members[member].id.as_bytes(),
+            member_count: (self.members.len() as u32).into(),
+            space_count: (self.spaces.len() as u32).into(),
+            ref_count: self.ref_count().into(),
+            slab_size: self.slab_size.into(),
+            slot_size: self.slot_size.into(),
+            data_start: self.data_start.into(),
+            created: self.created.into(),
+            reserved: [0; 136],
+        };
+        out.extend_from_slice(header.as_bytes());
+        for m in &self.members {
+            let r = MemberRecord {
+                id: *m.id.as_bytes(),
+                capacity: m.capacity.into(),
+                slab_count: m.slab_count.into(),
+                state: m.state.code().into(),
+                reserved: [0; 32],
+            };
+            out.extend_from_slice(r.as_bytes());
+        }
+        for s in &self.spaces {
+            let mut name = [0u8; 64];
+            name[..s.name.len()].copy_from_slice(s.name.as_bytes());
+            let r = SpaceRecord {
+                id: *s.id.as_bytes(),
+                name,
+                size: s.size.into(),
+                extent_count: (s.extents.len() as u64).into(),
+                interleave: (s.layout.interleave as u32).into(),
+                columns: (s.layout.columns as u16).into(),
+                resiliency: s.layout.resiliency.code(),
+                param: s.layout.resiliency.param(),
+                provisioning: u8::from(s.provisioning == Provisioning::Fixed),
+                reserved: [0; 23],
+            };
+            out.extend_from_slice(r.as_bytes());
+        }
+        for s in &self.spaces {
+            for e in &s.extents {
+                for i in 0..s.layout.width {
+                    let r = match e {
+                        Some(slots) => SlabRef {
+                            member: (slots[i].member as u32).into(),
+                            slab: slots[i].slab.into(),
+                        },
+                        None => SlabRef {
+                            member: UNALLOCATED.into(),
+                            slab: 0.into(),
+                        },
+                    };
+                    out.extend_from_slice(r.as_bytes());
+                }
+            }
+        }
+        let crc = crc32c::crc32c(&out);
+        out[16..20].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Reads the header fields a reader needs before the rest: `(slot_size, blob_len)`, if
+    /// `bytes` start like a metadata copy whose sizes are sane.
+    pub fn peek(bytes: &[u8]) -> Option<(u64, u64)> {
+        let (h, _) = MetaHeader::ref_from_prefix(bytes).ok()?;
+        let slot = h.slot_size.get();
+        let len = h.blob_len.get();
+        (h.magic == MAGIC
+            && slot.is_power_of_two()
+            && (MIN_SLOT..=MAX_SLOT).contains(&slot)
+            && (HEADER as u64..=slot).contains(&len))
+        .then_some((slot, len))
+    }
+
+    /// Parses and checks a metadata copy read from `file` at `offset`. Returns the metadata and
+    /// the index of the member the copy was written on.
+    pub fn parse(bytes: &[u8], file: &str, offset: u64) -> Result<(Meta, usize)> {
+        let bad = |at: usize, what: &str, reason: String| {
+            corrupt(file, offset + at as u64, what.to_string(), reason)
+        };
+        let (h, _) = MetaHeader::ref_from_prefix(bytes)
+            .map_err(|_| bad(0, "pool metadata header", "too short".into()))?;
+        if h.magic != MAGIC {
+            return Err(bad(0, "pool metadata magic", "not a pool member".into()));
+        }
+        if h.version.get() != VERSION || h.header_size.get() as usize != HEADER {
+            return Err(bad(
+                8,
+                "pool metadata version",
+                format!(
+                    "version {} with a {}-byte header is not supported",
+                    h.version.get(),
+                    h.header_size.get()
+                ),
+            ));
+        }
+        let blob_len = h.blob_len.get();
+        if blob_len > bytes.len() as u64 || blob_len < HEADER as u64 {
+            return Err(bad(
+                32,
+                "pool metadata length",
+                format!("{blob_len} bytes, the slot has {}", bytes.len()),
+            ));
+        }
+        let blob = &bytes[..blob_len as usize];
+        let mut copy = blob.to_vec();
+        copy[16..20].fill(0);
+        let crc = crc32c::crc32c(&copy);
+        if crc != h.checksum.get() {
+            return Err(bad(
+                16,
+                "pool metadata checksum",
+                format!("stored {:#010x}, computed {crc:#010x}", h.checksum.get()),
+            ));
+        }
+        let members = h.member_count.get() as usize;
+        let spaces = h.space_count.get() as usize;
+        let refs = h.ref_count.get();
+        if members == 0 || members > MAX_MEMBERS || spaces > MAX_SPACES {
+            return Err(bad(
+                72,
+                "pool metadata counts",
+                format!("{members} members, {spaces} spaces"),
+            ));
+        }
+        let expect = (HEADER + members * MEMBER + spaces * SPACE) as u64
+            + refs.checked_mul(REF as u64).unwrap_or(u64::MAX);
+        if expect != blob_len {
+            return Err(bad(
+                32,
+                "pool metadata length",
+                format!("{blob_len} bytes, the counts need {expect}"),
+            ));
+        }
+        let slab_size = h.slab_size.get();
+        let slot_size = h.slot_size.get();
+        let data_start = h.data_start.get();
+        if !slab_size.is_power_of_two() || !(64 << 10..=64 << 30).contains(&slab_size) {
+            return Err(bad(
+                88,
+                "slab size",
+                format!("{slab_size} is not a power of two from 64 KiB to 64 GiB"),
+            ));
+        }
+        if !slot_size.is_power_of_two()
+            || !(MIN_SLOT..=MAX_SLOT).contains(&slot_size)
+            || data_start != 2 * slot_size
+        {
+            return Err(bad(
+                96,
+                "metadata slot size",
+                format!("slot {slot_size}, data start {data_start}"),
+            ));
+        }
+        let mut meta = Meta {
+            pool_id: Uuid::from_bytes(h.pool_id),
+            sequence: h.sequence.get(),
+            slab_size,
+            slot_size,
+            data_start,
+            created: h.created.get(),
+            members: Vec::with_capacity(members),
+            spaces: Vec::with_capacity(spaces),
+        };
+        let mut at = HEADER;
+        for i in 0..members {
+            let (r, _) = MemberRecord::ref_from_prefix(&blob[at..]).expect("length checked");
+            let state = match r.state.get() {
+                0 => MemberState::Healthy,
+                1 => MemberState::Failed,
+                2 => MemberState::Retired,
+                s => return Err(bad(at + 28, "member state", format!("member {i}: {s}"))),
+            };
+            let id = Uuid::from_bytes(r.id);
+            if meta.members.iter().any(|m| m.id == id) {
+                return Err(bad(
+                    at,
+                    "member identity",
+                    format!("member {i}: {id} twice"),
+                ));
+            }
+            let capacity = r.capacity.get();
+            let slab_count = r.slab_count.get();
+            if (u64::from(slab_count))
+                .checked_mul(slab_size)
+                .and_then(|b| b.checked_add(data_start))
+                .is_none_or(|end| end > capacity)
+            {
+                return Err(bad(
+                    at + 24,
+                    "member slab count",
+                    format!("member {i}: {slab_count} slabs do not fit in {capacity} bytes"),
+                ));
+            }
+            meta.members.push(MemberMeta {
+                id,
+                capacity,
+                slab_count,
+                state,
+            });
+            at += MEMBER;
+        }
+        let me = meta
+            .members
+            .iter()
+            .position(|m| m.id.as_bytes() == &h.member_id)
+            .ok_or_else(|| {
+                bad(
+                    56,
+                    "member identity",
+                    "the copy's member is not in its member table".into(),
+                )
+            })?;
+        let mut records = Vec::with_capacity(spaces);
+        for _ in 0..spaces {
+            let (r, _) = SpaceRecord::ref_from_prefix(&blob[at..]).expect("length checked");
+            records.push((at, r.clone()));
+            at += SPACE;
+        }
+        let mut used: Vec<Vec<bool>> = meta
+            .members
+            .iter()
+            .map(|m| vec![false; m.slab_count as usize])
+            .collect();
+        let mut ref_at = at;
+        let mut total_refs = 0u64;
+        for (i, (rat, r)) in records.into_iter().enumerate() {
+            let sbad = |field: usize, what: &str, reason: String| {
+                bad(rat + field, what, format!("space {i}: {reason}"))
+            };
+            let nlen = r.name.iter().position(|&b| b == 0).unwrap_or(MAX_NAME);
+            let name = std::str::from_utf8(&r.name[..nlen])
+                .ok()
+                .filter(|n| valid_name(n))
+                .ok_or_else(|| sbad(16, "space name", "not a valid name".into()))?
+                .to_string();
+            if meta.spaces.iter().any(|s| s.name == name) {
+                return Err(sbad(16, "space name", format!("'{name}' twice")));
+            }
+            let resiliency = Resiliency::from_code(r.resiliency, r.param).ok_or_else(|| {
+                sbad(
+                    102,
+                    "space resiliency",
+                    format!("kind {} with {}", r.resiliency, r.param),
+                )
+            })?;
+            let layout = Layout::new(
+                resiliency,
+                usize::from(r.columns.get()),
+                u64::from(r.interleave.get()),
+                slab_size,
+            )
+            .map_err(|e| sbad(96, "space layout", e.to_string()))?;
+            let size = r.size.get();
+            let extents = r.extent_count.get();
+            if size == 0 || size % 4096 != 0 || layout.extents_for(size) != extents {
+                return Err(sbad(
+                    80,
+                    "space size",
+                    format!("{size} bytes in {extents} extents"),
+                ));
+            }
+            if layout.width > meta.members.len() {
+                return Err(sbad(
+                    100,
+                    "space columns",
+                    format!("{} disks wide, the pool has {}", layout.width, members),
+                ));
+            }
+            let provisioning = match r.provisioning {
+                0 => Provisioning::Thin,
+                1 => Provisioning::Fixed,
+                p => return Err(sbad(104, "space provisioning", format!("{p}"))),
+            };
+            total_refs = total_refs.saturating_add(extents.saturating_mul(layout.width as u64));
+            if total_refs > refs {
+                return Err(sbad(
+                    88,
+                    "space extent count",
+                    format!("{extents} extents exceed the {refs} slab references"),
+                ));
+            }
+            let mut ext = Vec::with_capacity(extents as usize);
+            for e in 0..extents {
+                let mut slots = Vec::with_capacity(layout.width);
+                let mut unallocated = 0;
+                for _ in 0..layout.width {
+                    let (sr, _) = SlabRef::ref_from_prefix(&blob[ref_at..]).expect("length");
+                    let (m, slab) = (sr.member.get(), sr.slab.get());
+                    let rbad = |reason: String| {
+                        bad(
+                            ref_at,
+                            "slab reference",
+                            format!("space {i} extent {e}: {reason}"),
+                        )
+                    };
+                    if m == UNALLOCATED {
+                        unallocated += 1;
+                    } else {
+                        let m = m as usize;
+                        let u = used
+                            .get_mut(m)
+                            .and_then(|u| u.get_mut(slab as usize))
+                            .ok_or_else(|| {
+                                rbad(format!("member {m} slab {slab} does not exist"))
+                            })?;
+                        if *u {
+                            return Err(rbad(format!("member {m} slab {slab} is used twice")));
+                        }
+                        *u = true;
+                        if slots.iter().any(|s: &Slot| s.member == m) {
+                            return Err(rbad(format!("member {m} holds two slots")));
+                        }
+                        slots.push(Slot { member: m, slab });
+                    }
+                    ref_at += REF;
+                }
+                ext.push(match unallocated {
+                    0 => Some(slots),
+                    n if n == layout.width && provisioning == Provisioning::Thin => None,
+                    _ => {
+                        return Err(bad(
+                            ref_at,
+                            "slab reference",
+                            format!("space {i} extent {e}: partly allocated"),
+                        ))
+                    }
+                });
+            }
+            meta.spaces.push(SpaceMeta {
+                id: Uuid::from_bytes(r.id),
+                name,
+                size,
+                layout,
+                provisioning,
+                extents: ext,
+            });
+        }
+        if total_refs != refs {
+            return Err(bad(
+                80,
+                "slab reference count",
+                format!("{refs} stored, the spaces use {total_refs}"),
+            ));
+        }
+        Ok((meta, me))
+    }
+}
+
+/// Whether `name` is a valid space name: 1 to 64 bytes of letters, digits, `-`, `_` and `.`,
+/// not starting with a dot.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Meta {
+        let layout = Layout::new(Resiliency::Mirror { copies: 2 }, 1, 65536, 1 << 20).unwrap();
+        Meta {
+            pool_id: Uuid::new_v4(),
+            sequence: 7,
+            slab_size: 1 << 20,
+            slot_size: MIN_SLOT,
+            data_start: 2 * MIN_SLOT,
+            created: 1,
+            members: (0..3)
+                .map(|_| MemberMeta {
+                    id: Uuid::new_v4(),
+                    capacity: 16 << 20,
+                    slab_count: 14,
+                    state: MemberState::Healthy,
+                })
+                .collect(),
+            spaces: vec![SpaceMeta {
+                id: Uuid::new_v4(),
+                name: "data".into(),
+                size: 3 << 20,
+                layout,
+                provisioning: Provisioning::Thin,
+                extents: vec![
+                    Some(vec![
+                        Slot { member: 0, slab: 0 },
+                        Slot { member: 2, slab: 0 },
+                    ]),
+                    None,
+                    Some(vec![
+                        Slot { member: 1, slab: 3 },
+                        Slot { member: 0, slab: 1 },
+                    ]),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let b = m.serialize(1);
+        assert_eq!(b.len() as u64, m.blob_len());
+        let mut slot = b.clone();
+        slot.resize(MIN_SLOT as usize, 0);
+        assert_eq!(Meta::peek(&slot), Some((MIN_SLOT, b.len() as u64)));
+        let (back, me) = Meta::parse(&slot, "d", 0).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(me, 1);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_caught() {
+        let b = sample().serialize(0);
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(Meta::parse(&c, "d", 0).is_err(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn cross_references_are_checked() {
+        let mut m = sample();
+        m.spaces[0].extents[2] = Some(vec![
+            Slot { member: 0, slab: 0 },
+            Slot { member: 1, slab: 1 },
+        ]);
+        let e = Meta::parse(&m.serialize(0), "d", 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("used twice"), "{e}");
+        let mut m = sample();
+        m.spaces[0].extents[0] = Some(vec![
+            Slot { member: 0, slab: 5 },
+            Slot { member: 0, slab: 6 },
+        ]);
+        let e = Meta::parse(&m.serialize(0), "d", 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("two slots"), "{e}");
+        let mut m = sample();
+        m.spaces[0].extents[0] = Some(vec![
+            Slot {
+                member: 0,
+                slab: 99,
+            },
+            Slot { member: 1, slab: 6 },
+        ]);
+        let e = Meta::parse(&m.serialize(0), "d", 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+    }
+}

@@ -1,0 +1,1113 @@
+//! Pools: creating, opening and describing them, allocating slabs, recording member failures.
+
+use crate::error::{invalid, SpacesError};
+use crate::format::{
+    valid_name, MemberMeta, MemberState, Meta, Provisioning, Slot, SpaceMeta, MAX_MEMBERS,
+    MAX_SLOT, MAX_SPACES, MIN_SLOT,
+};
+use crate::layout::{Layout, Resiliency};
+use crate::space::{Space, SpaceShared};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use uuid::Uuid;
+use vstor_core::{BlockDevice, Error, FileDevice, FileOptions, Result};
+
+/// The default slab size: 256 MiB, as Storage Spaces.
+pub const DEFAULT_SLAB_SIZE: u64 = 256 << 20;
+/// The default interleave: 256 KiB, as Storage Spaces.
+pub const DEFAULT_INTERLEAVE: u64 = 256 << 10;
+
+/// A disk offered to a pool: a name for messages and reports, and the device.
+#[derive(Clone)]
+pub struct PoolDisk {
+    /// What the disk is called in messages (its path, for files).
+    pub name: String,
+    /// The device.
+    pub device: Arc<dyn BlockDevice>,
+}
+
+impl std::fmt::Debug for PoolDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolDisk")
+            .field("name", &self.name)
+            .field("device", &self.device.describe())
+            .finish()
+    }
+}
+
+impl PoolDisk {
+    /// A disk named `name`.
+    pub fn new(name: impl Into<String>, device: Arc<dyn BlockDevice>) -> Self {
+        PoolDisk {
+            name: name.into(),
+            device,
+        }
+    }
+}
+
+/// How to create a pool.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Bytes per slab: a power of two from 64 KiB to 64 GiB (default 256 MiB).
+    pub slab_size: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            slab_size: DEFAULT_SLAB_SIZE,
+        }
+    }
+}
+
+/// How to open a pool.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Write nothing: no metadata refresh, no failure records, spaces refuse writes.
+    pub read_only: bool,
+}
+
+/// What a new space is.
+#[derive(Debug, Clone)]
+pub struct SpaceSpec {
+    /// Its name: 1 to 64 bytes of letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// Its size in bytes (a multiple of 4096).
+    pub size: u64,
+    /// Its resiliency.
+    pub resiliency: Resiliency,
+    /// Columns (simple, parity: disks per extent; mirror: data columns, each on `copies`
+    /// disks). `None`: as many as the pool's healthy disks allow, at most 8 (mirror 4).
+    pub columns: Option<usize>,
+    /// Interleave (stripe unit) in bytes (default 256 KiB, at most the slab size).
+    pub interleave: Option<u64>,
+    /// Thin (slabs on first write) or fixed (every slab now).
+    pub provisioning: Provisioning,
+}
+
+/// A space's health, from the members that are usable now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpaceHealth {
+    /// Every slab is on a usable member.
+    Healthy,
+    /// Some slabs are on lost members, within what the resiliency tolerates.
+    Degraded {
+        /// Slabs of the space on members that are missing or failed.
+        lost_slabs: usize,
+    },
+    /// More is lost than the resiliency tolerates: I/O is refused.
+    Failed {
+        /// What is lost.
+        reason: String,
+    },
+}
+
+impl SpaceHealth {
+    /// `healthy`, `degraded` or `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SpaceHealth::Healthy => "healthy",
+            SpaceHealth::Degraded { .. } => "degraded",
+            SpaceHealth::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// A description of a space.
+#[derive(Debug, Clone)]
+pub struct SpaceInfo {
+    /// Its identity.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its resiliency.
+    pub resiliency: Resiliency,
+    /// Columns as given at creation (see [`SpaceSpec::columns`]).
+    pub columns: usize,
+    /// Data columns per row.
+    pub data_columns: usize,
+    /// Disks one extent spans.
+    pub width: usize,
+    /// Interleave in bytes.
+    pub interleave: u64,
+    /// Provisioning.
+    pub provisioning: Provisioning,
+    /// Extents the space has.
+    pub extents: u64,
+    /// Extents allocated (all of them unless thin).
+    pub allocated_extents: u64,
+    /// Slabs used on members (allocated extents times width).
+    pub slabs: u64,
+    /// Health.
+    pub health: SpaceHealth,
+}
+
+/// A description of a member.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    /// Its index in the pool.
+    pub index: usize,
+    /// Its identity.
+    pub id: Uuid,
+    /// The disk it was found on, if it was found.
+    pub disk: Option<String>,
+    /// Its recorded state.
+    pub state: MemberState,
+    /// Whether I/O goes to it (present and not failed).
+    pub usable: bool,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Slabs it holds.
+    pub slabs: u64,
+    /// Slabs in use.
+    pub slabs_used: u64,
+    /// The sequence number of the newest metadata found on it at open (`None`: missing).
+    pub metadata_sequence: Option<u64>,
+}
+
+/// A description of a pool.
+#[derive(Debug, Clone)]
+pub struct PoolInfo {
+    /// The pool's identity.
+    pub id: Uuid,
+    /// The metadata's sequence number.
+    pub sequence: u64,
+    /// Bytes per slab.
+    pub slab_size: u64,
+    /// Bytes of each member before slab 0 (the two metadata slots).
+    pub data_start: u64,
+    /// Members.
+    pub members: Vec<MemberInfo>,
+    /// Spaces.
+    pub spaces: Vec<SpaceInfo>,
+    /// What happened at open (stale metadata refreshed, missing members, unrecognized disks).
+    pub notes: Vec<String>,
+}
+
+pub(crate) struct MemberRt {
+    pub name: Option<String>,
+    pub device: Option<Arc<dyn BlockDevice>>,
+    pub usable: bool,
+    pub seen_sequence: Option<u64>,
+}
+
+/// The shared state of an open pool.
+pub(crate) struct Inner {
+    pub meta: Mutex<Meta>,
+    pub members: RwLock<Vec<MemberRt>>,
+    pub open_spaces: Mutex<HashMap<Uuid, Weak<SpaceShared>>>,
+    pub read_only: bool,
+    /// Bumped on every change of member usability or allocation (health caches key on it).
+    pub epoch: AtomicU64,
+    /// A member is missing but still recorded healthy: record it before the first write.
+    pub missing_unrecorded: AtomicBool,
+    pub notes: Mutex<Vec<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A pool of disks. Cloning gives another handle to the same open pool.
+#[derive(Clone)]
+pub struct Pool {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = lock(&self.inner.meta);
+        f.debug_struct("Pool")
+            .field("id", &m.pool_id)
+            .field("sequence", &m.sequence)
+            .finish()
+    }
+}
+
+/// Reads `len` bytes at `offset` (a multiple of 4096 bytes is read and trimmed).
+fn read_exact(dev: &dyn BlockDevice, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len.div_ceil(4096) * 4096];
+    dev.read_at(offset, &mut buf)?;
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Reads one metadata slot whose header is at `offset`; `expect_slot` requires the copy to
+/// name that slot size (slot B must sit at offset `slot_size`).
+fn read_slot(
+    disk: &PoolDisk,
+    offset: u64,
+    expect_slot: Option<u64>,
+) -> Result<Option<(Meta, usize)>> {
+    let cap = disk.device.capacity();
+    if offset + 4096 > cap {
+        return Ok(None);
+    }
+    let head = read_exact(&*disk.device, offset, 4096)?;
+    let Some((slot, len)) = Meta::peek(&head) else {
+        return Ok(None);
+    };
+    if expect_slot.is_some_and(|s| s != slot) || offset + slot > cap {
+        return Ok(None);
+    }
+    let blob = if len <= 4096 {
+        head
+    } else {
+        read_exact(&*disk.device, offset, len as usize)?
+    };
+    Ok(Meta::parse(&blob, &disk.name, offset).ok())
+}
+
+/// The newest valid metadata copy on a disk, if it has one.
+fn read_best(disk: &PoolDisk) -> Result<Option<(Meta, usize)>> {
+    let a = read_slot(disk, 0, None)?;
+    let b = match &a {
+        Some((m, _)) => read_slot(disk, m.slot_size, Some(m.slot_size))?,
+        None => {
+            // Slot A is unreadable: slot B sits at the slot size, a power of two.
+            let mut found = None;
+            let mut s = MIN_SLOT;
+            while s <= MAX_SLOT && found.is_none() {
+                found = read_slot(disk, s, Some(s))?;
+                s *= 2;
+            }
+            found
+        }
+    };
+    Ok(match (a, b) {
+        (Some(a), Some(b)) => Some(if b.0.sequence > a.0.sequence { b } else { a }),
+        (a, b) => a.or(b),
+    })
+}
+
+/// Writes zeroes over whole slabs.
+fn zero_slabs(dev: &dyn BlockDevice, meta: &Meta, slabs: &[u32]) -> Result<()> {
+    for &s in slabs {
+        let off = meta.data_start + u64::from(s) * meta.slab_size;
+        if dev.info().supports.write_zeroes {
+            dev.write_zeroes(off, meta.slab_size)?;
+        } else {
+            let zero = vec![0u8; (1 << 20).min(meta.slab_size as usize)];
+            let mut pos = 0;
+            while pos < meta.slab_size {
+                dev.write_at(off + pos, &zero)?;
+                pos += zero.len() as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Hands out free slabs: the members with the most free slabs first, so extents spread.
+pub(crate) struct Allocator {
+    free: Vec<Vec<u32>>,
+}
+
+impl Allocator {
+    /// Free slabs of the members `eligible` allows.
+    pub fn new(meta: &Meta, eligible: impl Fn(usize) -> bool) -> Self {
+        let mut used: Vec<Vec<bool>> = meta
+            .members
+            .iter()
+            .map(|m| vec![false; m.slab_count as usize])
+            .collect();
+        for s in &meta.spaces {
+            for slots in s.extents.iter().flatten() {
+                for sl in slots {
+                    used[sl.member][sl.slab as usize] = true;
+                }
+            }
+        }
+        let free = used
+            .iter()
+            .enumerate()
+            .map(|(m, u)| {
+                if eligible(m) {
+                    (0..u.len() as u32)
+                        .rev()
+                        .filter(|&s| !u[s as usize])
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        Allocator { free }
+    }
+
+    /// Members that can take a slab.
+    pub fn members_with_room(&self) -> usize {
+        self.free.iter().filter(|f| !f.is_empty()).count()
+    }
+
+    /// One slab on each of `width` distinct members, avoiding `exclude`.
+    pub fn extent(&mut self, width: usize, exclude: &[usize]) -> Option<Vec<Slot>> {
+        let mut order: Vec<usize> = (0..self.free.len())
+            .filter(|&m| !self.free[m].is_empty() && !exclude.contains(&m))
+            .collect();
+        if order.len() < width {
+            return None;
+        }
+        order.sort_by_key(|&m| std::cmp::Reverse(self.free[m].len()));
+        Some(
+            order[..width]
+                .iter()
+                .map(|&m| Slot {
+                    member: m,
+                    slab: self.free[m].pop().expect("non-empty"),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Health of a space whose extents are `extents`, with member usability `usable`.
+pub(crate) fn health(
+    name: &str,
+    layout: &Layout,
+    extents: &[Option<Vec<Slot>>],
+    usable: &[bool],
+) -> SpaceHealth {
+    let mut lost = 0;
+    for (e, slots) in extents.iter().enumerate() {
+        let Some(slots) = slots else { continue };
+        let ok = |s: usize| usable.get(slots[s].member).copied().unwrap_or(false);
+        let n = (0..slots.len()).filter(|&s| !ok(s)).count();
+        if n > 0 && !layout.extent_readable(ok) {
+            let gone: Vec<String> = slots
+                .iter()
+                .filter(|s| !usable.get(s.member).copied().unwrap_or(false))
+                .map(|s| s.member.to_string())
+                .collect();
+            return SpaceHealth::Failed {
+                reason: format!(
+                    "extent {e} of '{name}' has slabs on lost members {}; {} tolerates the loss of {}",
+                    gone.join(", "),
+                    layout.resiliency,
+                    layout.resiliency.tolerates()
+                ),
+            };
+        }
+        lost += n;
+    }
+    if lost == 0 {
+        SpaceHealth::Healthy
+    } else {
+        SpaceHealth::Degraded { lost_slabs: lost }
+    }
+}
+
+impl Pool {
+    /// Creates a pool on `disks`, which must not belong to a pool already. Every disk gets the
+    /// pool's metadata in both slots; nothing is written if any disk is unfit.
+    pub fn create(disks: Vec<PoolDisk>, opts: &CreateOptions) -> Result<Pool> {
+        let slab = opts.slab_size;
+        if !slab.is_power_of_two() || !(64 << 10..=64 << 30).contains(&slab) {
+            return Err(invalid(format!(
+                "slab size {slab} is not a power of two from 64 KiB to 64 GiB"
+            )));
+        }
+        if disks.is_empty() || disks.len() > MAX_MEMBERS {
+            return Err(invalid(format!(
+                "a pool has 1 to {MAX_MEMBERS} disks, not {}",
+                disks.len()
+            )));
+        }
+        let mut est_slabs = 0u64;
+        for d in &disks {
+            let info = d.device.info();
+            if info.read_only {
+                return Err(invalid(format!("{} is read-only", d.name)));
+            }
+            if info.logical_sector_size > 4096 {
+                return Err(invalid(format!(
+                    "{} has {}-byte sectors; at most 4096",
+                    d.name, info.logical_sector_size
+                )));
+            }
+            if let Some((m, _)) = read_best(d)? {
+                return Err(SpacesError::ForeignMember {
+                    disk: d.name.clone(),
+                    reason: format!("already a member of pool {}", m.pool_id),
+                }
+                .into());
+            }
+            est_slabs += info.capacity / slab;
+        }
+        for (i, a) in disks.iter().enumerate() {
+            if disks[..i].iter().any(|b| Arc::ptr_eq(&a.device, &b.device)) {
+                return Err(invalid(format!("{} is given twice", a.name)));
+            }
+        }
+        // Room for every member and space, and for spaces four times the pool's slabs (thin).
+        let need =
+            256 + MAX_MEMBERS as u64 * 64 + MAX_SPACES as u64 * 128 + 8 * (4 * est_slabs + 4096);
+        let slot_size = need.next_power_of_two().max(MIN_SLOT);
+        if slot_size > MAX_SLOT {
+            return Err(invalid(format!(
+                "{est_slabs} slabs of {slab} bytes need more pool metadata than {MAX_SLOT} bytes; use a larger slab size"
+            )));
+        }
+        let data_start = 2 * slot_size;
+        let mut members = Vec::new();
+        for d in &disks {
+            let cap = d.device.capacity();
+            let slabs = cap.saturating_sub(data_start) / slab;
+            if slabs == 0 {
+                return Err(SpacesError::DiskTooSmall {
+                    disk: d.name.clone(),
+                    size: cap,
+                    needed: data_start + slab,
+                }
+                .into());
+            }
+            members.push(MemberMeta {
+                id: Uuid::new_v4(),
+                capacity: cap,
+                slab_count: slabs.min(u64::from(u32::MAX - 1)) as u32,
+                state: MemberState::Healthy,
+            });
+        }
+        let meta = Meta {
+            pool_id: Uuid::new_v4(),
+            sequence: 1,
+            slab_size: slab,
+            slot_size,
+            data_start,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            members,
+            spaces: Vec::new(),
+        };
+        for (i, d) in disks.iter().enumerate() {
+            let mut blob = meta.serialize(i);
+            blob.resize(blob.len().div_ceil(4096) * 4096, 0);
+            d.device.write_at(0, &blob)?;
+            d.device.write_at(slot_size, &blob)?;
+            d.device.flush()?;
+        }
+        let rt = disks
+            .into_iter()
+            .map(|d| MemberRt {
+                name: Some(d.name),
+                device: Some(d.device),
+                usable: true,
+                seen_sequence: Some(1),
+            })
+            .collect();
+        Ok(Pool::from_parts(meta, rt, false, Vec::new()))
+    }
+
+    fn from_parts(meta: Meta, members: Vec<MemberRt>, read_only: bool, notes: Vec<String>) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                meta: Mutex::new(meta),
+                members: RwLock::new(members),
+                open_spaces: Mutex::new(HashMap::new()),
+                read_only,
+                epoch: AtomicU64::new(0),
+                missing_unrecorded: AtomicBool::new(false),
+                notes: Mutex::new(notes),
+            }),
+        }
+    }
+
+    /// Opens the pool whose members are among `disks`: picks the newest valid metadata, reports
+    /// missing members and members with stale metadata (and, unless read-only, brings the
+    /// latter up to date). Disks without pool metadata are skipped and named in the notes; a
+    /// disk of another pool, an unknown member or a member given twice is an error.
+    pub fn open(disks: Vec<PoolDisk>, opts: &OpenOptions) -> Result<Pool> {
+        let mut notes = Vec::new();
+        let mut found: Vec<(PoolDisk, Meta, usize)> = Vec::new();
+        for d in disks {
+            match read_best(&d)? {
+                Some((m, i)) => found.push((d, m, i)),
+                None => notes.push(format!("{}: no pool metadata; not a member", d.name)),
+            }
+        }
+        let newest = found
+            .iter()
+            .max_by_key(|(_, m, _)| m.sequence)
+            .ok_or_else(|| SpacesError::NoPool("no disk holds valid pool metadata".into()))?;
+        let meta = newest.1.clone();
+        let mut rt: Vec<MemberRt> = meta
+            .members
+            .iter()
+            .map(|_| MemberRt {
+                name: None,
+                device: None,
+                usable: false,
+                seen_sequence: None,
+            })
+            .collect();
+        for (d, m, i) in found {
+            if m.pool_id != meta.pool_id {
+                return Err(SpacesError::ForeignMember {
+                    disk: d.name,
+                    reason: format!(
+                        "belongs to pool {}, not to pool {} of the other disks",
+                        m.pool_id, meta.pool_id
+                    ),
+                }
+                .into());
+            }
+            let id = m.members[i].id;
+            let Some(idx) = meta.members.iter().position(|x| x.id == id) else {
+                return Err(SpacesError::ForeignMember {
+                    disk: d.name,
+                    reason: format!("member {id} is no longer in pool {}", meta.pool_id),
+                }
+                .into());
+            };
+            if let Some(other) = &rt[idx].name {
+                return Err(SpacesError::ForeignMember {
+                    disk: d.name,
+                    reason: format!("is the same member ({id}) as {other}"),
+                }
+                .into());
+            }
+            if d.device.capacity() < meta.members[idx].capacity {
+                return Err(SpacesError::ForeignMember {
+                    disk: d.name,
+                    reason: format!(
+                        "has {} bytes; member {idx} had {}",
+                        d.device.capacity(),
+                        meta.members[idx].capacity
+                    ),
+                }
+                .into());
+            }
+            rt[idx] = MemberRt {
+                name: Some(d.name),
+                usable: meta.members[idx].state != MemberState::Failed,
+                device: Some(d.device),
+                seen_sequence: Some(m.sequence),
+            };
+        }
+        let mut missing = false;
+        let mut stale = false;
+        for (i, (m, r)) in meta.members.iter().zip(&rt).enumerate() {
+            match (&r.name, m.state) {
+                (None, MemberState::Failed) => notes.push(format!("member {i} is missing (failed)")),
+                (None, _) => {
+                    missing = true;
+                    notes.push(format!("member {i} ({}) is missing", m.id));
+                }
+                (Some(n), MemberState::Failed) => notes.push(format!(
+                    "member {i} ({n}) is stale: it failed or missed writes; repair rebuilds its data"
+                )),
+                (Some(n), _) if r.seen_sequence < Some(meta.sequence) => {
+                    stale = true;
+                    notes.push(format!(
+                        "member {i} ({n}) had metadata sequence {}, the pool is at {}{}",
+                        r.seen_sequence.unwrap_or(0),
+                        meta.sequence,
+                        if opts.read_only { "" } else { "; refreshed" }
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let pool = Pool::from_parts(meta, rt, opts.read_only, notes);
+        pool.inner
+            .missing_unrecorded
+            .store(missing, Ordering::Release);
+        if stale && !opts.read_only {
+            let mut meta = lock(&pool.inner.meta);
+            pool.inner.persist(&mut meta)?;
+        }
+        Ok(pool)
+    }
+
+    /// Creates a pool of `count` new files of `disk_size` bytes each, `disk0.raw`,
+    /// `disk1.raw`, ..., in `dir` (created if needed; existing files are never overwritten).
+    pub fn create_in_dir(
+        dir: &Path,
+        count: usize,
+        disk_size: u64,
+        opts: &CreateOptions,
+        file: &FileOptions,
+    ) -> Result<Pool> {
+        if count == 0 || count > MAX_MEMBERS {
+            return Err(invalid(format!(
+                "a pool has 1 to {MAX_MEMBERS} disks, not {count}"
+            )));
+        }
+        if disk_size % 4096 != 0 {
+            return Err(invalid(format!(
+                "disk size {disk_size} is not a multiple of 4096"
+            )));
+        }
+        let min = 2 * MIN_SLOT + opts.slab_size;
+        if disk_size < min {
+            return Err(SpacesError::DiskTooSmall {
+                disk: dir.join("disk0.raw").display().to_string(),
+                size: disk_size,
+                needed: min,
+            }
+            .into());
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let paths: Vec<PathBuf> = (0..count)
+            .map(|i| dir.join(format!("disk{i}.raw")))
+            .collect();
+        if let Some(p) = paths.iter().find(|p| p.exists()) {
+            return Err(invalid(format!("{} exists already", p.display())));
+        }
+        let mut disks = Vec::new();
+        let mut made = Vec::new();
+        let result = (|| {
+            for p in &paths {
+                let dev = FileDevice::create(p, disk_size, file)?;
+                made.push(p.clone());
+                disks.push(PoolDisk::new(p.display().to_string(), Arc::new(dev)));
+            }
+            Pool::create(disks, opts)
+        })();
+        if result.is_err() {
+            for p in made {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        result
+    }
+
+    /// Opens the pool whose member files are in `dir`: every regular file there is offered.
+    pub fn open_dir(dir: &Path, opts: &OpenOptions, file: &FileOptions) -> Result<Pool> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(format!("read directory {}", dir.display()), e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .collect();
+        paths.sort();
+        let mut disks = Vec::new();
+        for p in paths {
+            let fo = FileOptions {
+                read_only: opts.read_only || file.read_only,
+                ..file.clone()
+            };
+            let dev = FileDevice::open(&p, &fo)?;
+            disks.push(PoolDisk::new(p.display().to_string(), Arc::new(dev)));
+        }
+        if disks.is_empty() {
+            return Err(SpacesError::NoPool(format!("{} holds no files", dir.display())).into());
+        }
+        Pool::open(disks, opts)
+    }
+
+    /// The pool's identity.
+    pub fn id(&self) -> Uuid {
+        lock(&self.inner.meta).pool_id
+    }
+
+    /// A description of the pool, its members and its spaces.
+    pub fn info(&self) -> PoolInfo {
+        let meta = lock(&self.inner.meta);
+        let rt = self.inner.members_read();
+        let mut used = vec![0u64; meta.members.len()];
+        for s in &meta.spaces {
+            for slots in s.extents.iter().flatten() {
+                for sl in slots {
+                    used[sl.member] += 1;
+                }
+            }
+        }
+        let usable: Vec<bool> = rt.iter().map(|r| r.usable).collect();
+        PoolInfo {
+            id: meta.pool_id,
+            sequence: meta.sequence,
+            slab_size: meta.slab_size,
+            data_start: meta.data_start,
+            members: meta
+                .members
+                .iter()
+                .zip(rt.iter())
+                .enumerate()
+                .map(|(i, (m, r))| MemberInfo {
+                    index: i,
+                    id: m.id,
+                    disk: r.name.clone(),
+                    state: m.state,
+                    usable: r.usable,
+                    capacity: m.capacity,
+                    slabs: u64::from(m.slab_count),
+                    slabs_used: used[i],
+                    metadata_sequence: r.seen_sequence,
+                })
+                .collect(),
+            spaces: meta.spaces.iter().map(|s| space_info(s, &usable)).collect(),
+            notes: lock(&self.inner.notes).clone(),
+        }
+    }
+
+    /// Descriptions of every space.
+    pub fn spaces(&self) -> Vec<SpaceInfo> {
+        self.info().spaces
+    }
+
+    /// The description of the space `name`.
+    pub fn space_info(&self, name: &str) -> Result<SpaceInfo> {
+        self.spaces()
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| SpacesError::NoSuchSpace(name.into()).into())
+    }
+
+    /// Creates a space. A fixed space gets every slab now (zeroed); a thin one gets slabs on
+    /// first write. Nothing is written if the layout does not fit the pool.
+    pub fn create_space(&self, spec: &SpaceSpec) -> Result<SpaceInfo> {
+        if self.inner.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        if !valid_name(&spec.name) {
+            return Err(invalid(format!(
+                "'{}' is not a valid space name (1 to 64 letters, digits, '-', '_', '.')",
+                spec.name
+            )));
+        }
+        if spec.size == 0 || spec.size % 4096 != 0 {
+            return Err(invalid(format!(
+                "space size {} is not a positive multiple of 4096",
+                spec.size
+            )));
+        }
+        let mut meta = lock(&self.inner.meta);
+        if meta.spaces.iter().any(|s| s.name == spec.name) {
+            return Err(SpacesError::SpaceExists(spec.name.clone()).into());
+        }
+        if meta.spaces.len() >= MAX_SPACES {
+            return Err(
+                SpacesError::PoolFull(format!("a pool holds at most {MAX_SPACES} spaces")).into(),
+            );
+        }
+        let eligible = self.inner.eligible(&meta);
+        let n = eligible.iter().filter(|&&e| e).count();
+        let columns = spec.columns.unwrap_or(match spec.resiliency {
+            Resiliency::Simple => n.clamp(1, 8),
+            Resiliency::Mirror { copies } => (n / usize::from(copies)).clamp(1, 4),
+            Resiliency::Parity { .. } => n.min(8),
+        });
+        let layout = Layout::new(
+            spec.resiliency,
+            columns,
+            spec.interleave
+                .unwrap_or(DEFAULT_INTERLEAVE.min(meta.slab_size)),
+            meta.slab_size,
+        )?;
+        let allocator = Allocator::new(&meta, |m| eligible[m]);
+        let room = allocator.members_with_room();
+        if layout.width > room {
+            return Err(SpacesError::TooFewDisks {
+                what: format!("a {} space with {columns} columns", spec.resiliency),
+                needed: layout.width,
+                available: room,
+            }
+            .into());
+        }
+        let count = layout.extents_for(spec.size);
+        let mut space = SpaceMeta {
+            id: Uuid::new_v4(),
+            name: spec.name.clone(),
+            size: spec.size,
+            layout,
+            provisioning: spec.provisioning,
+            extents: vec![None; count as usize],
+        };
+        let mut next = meta.clone();
+        if spec.provisioning == Provisioning::Fixed {
+            let mut allocator = allocator;
+            for e in space.extents.iter_mut() {
+                *e = Some(allocator.extent(layout.width, &[]).ok_or_else(|| {
+                    SpacesError::PoolFull(format!(
+                        "a fixed space of {} bytes needs {} slabs on {} disks",
+                        spec.size,
+                        count * layout.width as u64,
+                        layout.width
+                    ))
+                })?);
+            }
+        }
+        next.spaces.push(space.clone());
+        if next.blob_len() > next.slot_size {
+            return Err(SpacesError::PoolFull(format!(
+                "the pool metadata area ({} bytes) cannot describe {} more extents",
+                next.slot_size, count
+            ))
+            .into());
+        }
+        self.inner.zero_new(&next, space.extents.iter().flatten())?;
+        self.inner.persist(&mut next)?;
+        *meta = next;
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        let usable: Vec<bool> = self.inner.members_read().iter().map(|r| r.usable).collect();
+        Ok(space_info(meta.spaces.last().expect("pushed"), &usable))
+    }
+
+    /// Deletes a space; its slabs become free. Open handles of it fail their I/O from now on.
+    pub fn delete_space(&self, name: &str) -> Result<()> {
+        if self.inner.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        let mut meta = lock(&self.inner.meta);
+        let i = meta
+            .spaces
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| SpacesError::NoSuchSpace(name.into()))?;
+        let mut next = meta.clone();
+        let gone = next.spaces.remove(i);
+        self.inner.persist(&mut next)?;
+        *meta = next;
+        if let Some(s) = lock(&self.inner.open_spaces)
+            .remove(&gone.id)
+            .and_then(|w| w.upgrade())
+        {
+            s.deleted.store(true, Ordering::Release);
+        }
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Opens the space `name` as a block device. Handles of one space share their state.
+    pub fn open_space(&self, name: &str) -> Result<Space> {
+        let meta = lock(&self.inner.meta);
+        let s = meta
+            .spaces
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| SpacesError::NoSuchSpace(name.into()))?;
+        let mut open = lock(&self.inner.open_spaces);
+        let shared = match open.get(&s.id).and_then(Weak::upgrade) {
+            Some(sh) => sh,
+            None => {
+                let sh = Arc::new(SpaceShared::new(s, &self.inner.members_read()));
+                open.insert(s.id, Arc::downgrade(&sh));
+                sh
+            }
+        };
+        Ok(Space::new(
+            self.inner.clone(),
+            shared,
+            meta.data_start,
+            meta.slab_size,
+        ))
+    }
+
+    /// Marks member `index` failed (as an I/O error would), records it unless read-only, and
+    /// stops I/O to it. For operators taking a disk out and for tests.
+    pub fn fail_member(&self, index: usize) -> Result<()> {
+        if index >= lock(&self.inner.meta).members.len() {
+            return Err(invalid(format!("the pool has no member {index}")));
+        }
+        self.inner.fail_member(index, "failed by request");
+        Ok(())
+    }
+}
+
+fn space_info(s: &SpaceMeta, usable: &[bool]) -> SpaceInfo {
+    let allocated = s.extents.iter().filter(|e| e.is_some()).count() as u64;
+    SpaceInfo {
+        id: s.id,
+        name: s.name.clone(),
+        size: s.size,
+        resiliency: s.layout.resiliency,
+        columns: s.layout.columns,
+        data_columns: s.layout.data_columns,
+        width: s.layout.width,
+        interleave: s.layout.interleave,
+        provisioning: s.provisioning,
+        extents: s.extents.len() as u64,
+        allocated_extents: allocated,
+        slabs: allocated * s.layout.width as u64,
+        health: health(&s.name, &s.layout, &s.extents, usable),
+    }
+}
+
+impl Inner {
+    pub fn members_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<MemberRt>> {
+        self.members.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn members_write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<MemberRt>> {
+        self.members.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Members new slabs may go to: usable and healthy (not retired).
+    fn eligible(&self, meta: &Meta) -> Vec<bool> {
+        let rt = self.members_read();
+        meta.members
+            .iter()
+            .zip(rt.iter())
+            .map(|(m, r)| r.usable && m.state == MemberState::Healthy)
+            .collect()
+    }
+
+    /// The devices I/O may go to now, by member index.
+    pub fn snapshot(&self) -> Vec<Option<Arc<dyn BlockDevice>>> {
+        self.members_read()
+            .iter()
+            .map(|r| if r.usable { r.device.clone() } else { None })
+            .collect()
+    }
+
+    /// Zeroes the slabs of new extents and flushes them, so a new extent reads as zeroes.
+    fn zero_new<'a>(
+        &self,
+        meta: &Meta,
+        extents: impl Iterator<Item = &'a Vec<Slot>>,
+    ) -> Result<()> {
+        let mut by_member: HashMap<usize, Vec<u32>> = HashMap::new();
+        for slots in extents {
+            for s in slots {
+                by_member.entry(s.member).or_default().push(s.slab);
+            }
+        }
+        let devs = self.snapshot();
+        for (m, slabs) in by_member {
+            let dev = devs[m]
+                .as_ref()
+                .ok_or_else(|| invalid(format!("member {m} is not usable")))?;
+            zero_slabs(&**dev, meta, &slabs)?;
+            dev.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `meta` with the next sequence number to every usable member and flushes. A member
+    /// that fails the write is marked failed and the update is written again without it.
+    pub fn persist(&self, meta: &mut Meta) -> Result<()> {
+        if self.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        loop {
+            meta.sequence += 1;
+            let targets: Vec<(usize, Arc<dyn BlockDevice>)> = self
+                .snapshot()
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, d)| d.map(|d| (i, d)))
+                .collect();
+            if targets.is_empty() {
+                return Err(SpacesError::NoPool(
+                    "no usable member is left to hold the pool metadata".into(),
+                )
+                .into());
+            }
+            let offset = (meta.sequence % 2) * meta.slot_size;
+            let mut failed = Vec::new();
+            for (i, dev) in &targets {
+                let mut blob = meta.serialize(*i);
+                blob.resize(blob.len().div_ceil(4096) * 4096, 0);
+                if let Err(e) = dev.write_at(offset, &blob).and_then(|()| dev.flush()) {
+                    failed.push((*i, e));
+                }
+            }
+            if failed.is_empty() {
+                let mut rt = self.members_write();
+                for (i, _) in &targets {
+                    rt[*i].seen_sequence = Some(meta.sequence);
+                }
+                return Ok(());
+            }
+            let mut rt = self.members_write();
+            let mut notes = lock(&self.notes);
+            for (i, e) in failed {
+                rt[i].usable = false;
+                meta.members[i].state = MemberState::Failed;
+                notes.push(format!("member {i} failed writing pool metadata: {e}"));
+            }
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Marks a member failed after an I/O error, and records it.
+    pub fn fail_member(&self, index: usize, cause: &str) {
+        let mut meta = lock(&self.meta);
+        {
+            let mut rt = self.members_write();
+            if !rt[index].usable && meta.members[index].state == MemberState::Failed {
+                return;
+            }
+            rt[index].usable = false;
+        }
+        meta.members[index].state = MemberState::Failed;
+        lock(&self.notes).push(format!("member {index} failed: {cause}"));
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if !self.read_only {
+            // If no member can take the record, I/O fails on its own (nothing is usable).
+            let _ = self.persist(&mut meta);
+        }
+    }
+
+    /// Before the first write with a member missing: record it failed, so that when it comes
+    /// back its stale data is not trusted.
+    pub fn record_missing(&self) -> Result<()> {
+        if !self.missing_unrecorded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut meta = lock(&self.meta);
+        if !self.missing_unrecorded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut next = meta.clone();
+        {
+            let rt = self.members_read();
+            for (m, r) in next.members.iter_mut().zip(rt.iter()) {
+                if r.device.is_none() {
+                    m.state = MemberState::Failed;
+                }
+            }
+        }
+        self.persist(&mut next)?;
+        *meta = next;
+        self.missing_unrecorded.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Allocates the thin extents `extents` of space `id` that are not allocated yet: zeroes
+    /// their slabs, records them, and returns the space's new extent map.
+    pub fn allocate(&self, id: Uuid, extents: &[u64]) -> Result<Vec<Option<Vec<Slot>>>> {
+        let mut meta = lock(&self.meta);
+        let eligible = self.eligible(&meta);
+        let mut next = meta.clone();
+        let mut allocator = Allocator::new(&next, |m| eligible[m]);
+        let si = next
+            .spaces
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| SpacesError::NoSuchSpace(format!("{id} (deleted)")))?;
+        let space = &mut next.spaces[si];
+        let width = space.layout.width;
+        let mut fresh = Vec::new();
+        for &e in extents {
+            let e = e as usize;
+            if space.extents[e].is_none() {
+                let slots = allocator.extent(width, &[]).ok_or_else(|| {
+                    SpacesError::PoolFull(format!(
+                        "space '{}' needs {width} slabs on distinct disks; only {} disks have room",
+                        space.name,
+                        allocator.members_with_room()
+                    ))
+                })?;
+                fresh.push(slots.clone());
+                space.extents[e] = Some(slots);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(next.spaces[si].extents.clone());
+        }
+        self.zero_new(&next, fresh.iter())?;
+        self.persist(&mut next)?;
+        *meta = next;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(meta.spaces[si].extents.clone())
+    }
+}

@@ -1,0 +1,745 @@
+//! A space as a block device: a batch in maps to one batch per member, run side by side.
+//!
+//! - Simple and mirror I/O, and parity reads whose data members are usable, go straight to the
+//!   members with the caller's buffers carved into pieces (no copy); pieces that land next to
+//!   each other on one member are merged into one request. A mirror read goes to one copy
+//!   (rotating by row), a mirror write to every usable copy.
+//! - Parity writes and degraded parity reads work a row at a time under a stripe lock: read
+//!   what the row needs, rebuild lost shards, apply the writes, recompute the parity from the
+//!   whole data of the row (so a stale parity is never carried forward), write.
+//! - An I/O error marks the member failed (recorded in the pool metadata before anything is
+//!   acknowledged) and the requests it touched run again without it, as long as the space
+//!   keeps its data; otherwise they fail with [`SpacesError::SpaceFailed`].
+
+use crate::code;
+use crate::error::SpacesError;
+use crate::format::{Slot, MAX_MEMBERS};
+use crate::layout::{Layout, Piece};
+use crate::pool::{health, Inner, MemberRt, Pool, SpaceHealth};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use uuid::Uuid;
+use vstor_core::{
+    carve_read_bufs, carve_write_bufs, copy_from_bufs, copy_into_bufs, fail_remaining, zero_bufs,
+    BlockDevice, DeviceInfo, Error, Op, ReadBufs, Request, Result, Supports,
+};
+
+/// Stripe locks per space: parity row updates hash onto them.
+const STRIPES: usize = 64;
+
+type Devs = Vec<Option<Arc<dyn BlockDevice>>>;
+
+/// What the open handles of one space share.
+pub(crate) struct SpaceShared {
+    pub id: Uuid,
+    pub name: String,
+    pub size: u64,
+    pub layout: Layout,
+    pub extents: RwLock<Vec<Option<Vec<Slot>>>>,
+    pub deleted: AtomicBool,
+    stripes: Vec<Mutex<()>>,
+    logical: u32,
+    physical: u32,
+    align: u32,
+    health_cache: Mutex<Option<(u64, SpaceHealth)>>,
+}
+
+impl SpaceShared {
+    pub fn new(s: &crate::format::SpaceMeta, members: &[MemberRt]) -> Self {
+        let infos: Vec<DeviceInfo> = members
+            .iter()
+            .filter_map(|m| m.device.as_ref().map(|d| d.info()))
+            .collect();
+        let logical = infos
+            .iter()
+            .map(|i| i.logical_sector_size)
+            .max()
+            .unwrap_or(512)
+            .max(512);
+        SpaceShared {
+            id: s.id,
+            name: s.name.clone(),
+            size: s.size,
+            layout: s.layout,
+            extents: RwLock::new(s.extents.clone()),
+            deleted: AtomicBool::new(false),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            logical,
+            physical: infos
+                .iter()
+                .map(|i| i.physical_sector_size)
+                .max()
+                .unwrap_or(512)
+                .max(logical),
+            align: infos.iter().map(|i| i.mem_alignment).max().unwrap_or(1),
+            health_cache: Mutex::new(None),
+        }
+    }
+}
+
+/// A space of a pool, as a [`BlockDevice`]. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Space {
+    pool: Arc<Inner>,
+    shared: Arc<SpaceShared>,
+    data_start: u64,
+    slab_size: u64,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space")
+            .field("name", &self.shared.name)
+            .field("size", &self.shared.size)
+            .field("layout", &self.shared.layout)
+            .finish()
+    }
+}
+
+fn guard<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs each member's batch, the members side by side.
+fn run_members(devs: &Devs, per: &mut [Vec<Request<'_>>]) {
+    let mut jobs = Vec::new();
+    for (d, reqs) in devs.iter().zip(per.iter_mut()) {
+        if reqs.is_empty() {
+            continue;
+        }
+        match d {
+            Some(d) => jobs.push((d, &mut reqs[..])),
+            None => fail_remaining(reqs, &Error::InvalidArgument("member not usable".into())),
+        }
+    }
+    if jobs.len() <= 1 {
+        for (d, r) in jobs {
+            d.submit(r);
+        }
+        return;
+    }
+    std::thread::scope(|s| {
+        let (d0, r0) = jobs.pop().expect("two or more");
+        for (d, r) in jobs {
+            s.spawn(move || d.submit(r));
+        }
+        d0.submit(r0);
+    });
+}
+
+/// Appends a read, merged into the member's previous request when it continues it.
+fn push_read<'a>(
+    per: &mut Vec<Request<'a>>,
+    own: &mut Vec<usize>,
+    parent: usize,
+    offset: u64,
+    bufs: ReadBufs<'a>,
+) {
+    if let (Some(last), Some(&o)) = (per.last_mut(), own.last()) {
+        if o == parent && last.offset() + last.len() == offset {
+            if let Op::Read { bufs: b, .. } = &mut last.op {
+                b.extend(bufs);
+                return;
+            }
+        }
+    }
+    per.push(Request::new(Op::Read { offset, bufs }));
+    own.push(parent);
+}
+
+/// Appends a write, merged into the member's previous request when it continues it.
+fn push_write<'a>(
+    per: &mut Vec<Request<'a>>,
+    own: &mut Vec<usize>,
+    parent: usize,
+    offset: u64,
+    bufs: vstor_core::WriteBufs<'a>,
+) {
+    if let (Some(last), Some(&o)) = (per.last_mut(), own.last()) {
+        if o == parent && last.offset() + last.len() == offset {
+            if let Op::Write { bufs: b, .. } = &mut last.op {
+                b.extend(bufs);
+                return;
+            }
+        }
+    }
+    per.push(Request::new(Op::Write { offset, bufs }));
+    own.push(parent);
+}
+
+/// One row of a parity extent touched by the slow path.
+struct RowOp {
+    extent: u64,
+    row: u64,
+    lo: u64,
+    hi: u64,
+    pieces: Vec<(usize, Piece, bool)>,
+    shards: Vec<Option<Vec<u8>>>,
+    rebuild: bool,
+}
+
+impl Space {
+    pub(crate) fn new(
+        pool: Arc<Inner>,
+        shared: Arc<SpaceShared>,
+        data_start: u64,
+        slab_size: u64,
+    ) -> Self {
+        Space {
+            pool,
+            shared,
+            data_start,
+            slab_size,
+        }
+    }
+
+    /// The space's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The pool the space belongs to.
+    pub fn pool(&self) -> Pool {
+        Pool {
+            inner: self.pool.clone(),
+        }
+    }
+
+    /// The space's health with the members usable now.
+    pub fn health(&self) -> SpaceHealth {
+        self.health_of(&self.pool.snapshot())
+    }
+
+    fn health_of(&self, devs: &Devs) -> SpaceHealth {
+        let epoch = self.pool.epoch.load(Ordering::Acquire);
+        if let Some((e, h)) = &*guard(&self.shared.health_cache) {
+            if *e == epoch {
+                return h.clone();
+            }
+        }
+        let usable: Vec<bool> = devs.iter().map(Option::is_some).collect();
+        let ext = self
+            .shared
+            .extents
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let h = health(&self.shared.name, &self.shared.layout, &ext, &usable);
+        *guard(&self.shared.health_cache) = Some((epoch, h.clone()));
+        h
+    }
+
+    fn phys(&self, slot: Slot, in_slab: u64) -> u64 {
+        self.data_start + u64::from(slot.slab) * self.slab_size + in_slab
+    }
+
+    fn failed(&self, reason: String) -> Error {
+        SpacesError::SpaceFailed {
+            space: self.shared.name.clone(),
+            reason,
+        }
+        .into()
+    }
+
+    fn flush_members(&self) -> Result<()> {
+        let devs = self.pool.snapshot();
+        let mut per: Vec<Vec<Request<'_>>> = devs
+            .iter()
+            .map(|d| {
+                if d.is_some() {
+                    vec![Request::flush()]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        run_members(&devs, &mut per);
+        for (m, r) in per.iter().enumerate() {
+            if let Some(Err(e)) = r.first().map(Request::result) {
+                self.pool.fail_member(m, &e.to_string());
+            }
+        }
+        match self.health() {
+            SpaceHealth::Failed { reason } => Err(self.failed(reason)),
+            _ => Ok(()),
+        }
+    }
+
+    fn run_segment(&self, seg: &mut [Request<'_>], info: &DeviceInfo) {
+        for r in seg.iter_mut() {
+            if let Err(e) = info.check(r) {
+                r.complete(Err(e));
+            }
+        }
+        if self.shared.deleted.load(Ordering::Acquire) {
+            let e: Error =
+                SpacesError::NoSuchSpace(format!("{} (deleted)", self.shared.name)).into();
+            fail_remaining(seg, &e);
+            return;
+        }
+        // A space beyond its tolerance refuses I/O before anything is written.
+        if let SpaceHealth::Failed { reason } = self.health() {
+            fail_remaining(seg, &self.failed(reason));
+            return;
+        }
+        let writes = seg.iter().any(|r| !r.is_complete() && r.kind().is_write());
+        if writes {
+            if let Err(e) = self.pool.record_missing() {
+                for r in seg
+                    .iter_mut()
+                    .filter(|r| !r.is_complete() && r.kind().is_write())
+                {
+                    r.complete(Err(e.clone()));
+                }
+            }
+            self.allocate_for(seg);
+        }
+        for _ in 0..=MAX_MEMBERS {
+            if seg.iter().all(Request::is_complete) {
+                return;
+            }
+            let devs = self.pool.snapshot();
+            if let SpaceHealth::Failed { reason } = self.health_of(&devs) {
+                fail_remaining(seg, &self.failed(reason));
+                return;
+            }
+            let failures = self.run_once(seg, &devs);
+            let mut seen = BTreeSet::new();
+            for (m, e) in failures {
+                if seen.insert(m) {
+                    self.pool.fail_member(m, &e.to_string());
+                }
+            }
+        }
+        fail_remaining(seg, &self.failed("members kept failing".into()));
+    }
+
+    /// Allocates the thin extents the segment's writes need.
+    fn allocate_for(&self, seg: &mut [Request<'_>]) {
+        let eb = self.shared.layout.extent_bytes();
+        let need: BTreeSet<u64> = {
+            let ext = self
+                .shared
+                .extents
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            seg.iter()
+                .filter(|r| !r.is_complete() && r.kind().is_write() && !r.is_empty())
+                .flat_map(|r| r.offset() / eb..=(r.offset() + r.len() - 1) / eb)
+                .filter(|&e| ext[e as usize].is_none())
+                .collect()
+        };
+        if need.is_empty() {
+            return;
+        }
+        let need: Vec<u64> = need.into_iter().collect();
+        match self.pool.allocate(self.shared.id, &need) {
+            Ok(map) => {
+                *self
+                    .shared
+                    .extents
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = map
+            }
+            Err(e) => {
+                let ext = self
+                    .shared
+                    .extents
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner());
+                for r in seg.iter_mut() {
+                    if !r.is_complete()
+                        && r.kind().is_write()
+                        && (r.offset() / eb..=(r.offset() + r.len() - 1) / eb)
+                            .any(|x| ext[x as usize].is_none())
+                    {
+                        r.complete(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass over the incomplete requests. Completes what succeeded; leaves incomplete what a
+    /// member failure touched; returns the failures.
+    fn run_once(&self, seg: &mut [Request<'_>], devs: &Devs) -> Vec<(usize, Error)> {
+        let layout = self.shared.layout;
+        let ext = self
+            .shared
+            .extents
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = devs.len();
+        let parity = layout.parities() > 0;
+        let k = layout.copies();
+        let mut slow = Vec::new();
+        let mut direct = vec![false; seg.len()];
+        let mut errors: Vec<Option<Error>> = vec![None; seg.len()];
+        let mut retry = vec![false; seg.len()];
+        let mut failures = Vec::new();
+        {
+            let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
+            let mut own: Vec<Vec<usize>> = (0..n).map(|_| Vec::new()).collect();
+            for (pi, req) in seg.iter_mut().enumerate() {
+                if req.is_complete() {
+                    continue;
+                }
+                let pieces: Vec<Piece> = layout.pieces(req.offset(), req.len()).collect();
+                let is_write = matches!(req.op, Op::Write { .. });
+                let data_lost = |p: &Piece| match &ext[p.extent as usize] {
+                    Some(s) => devs[s[layout.data_slot(p.row, p.col, 0)].member].is_none(),
+                    None => false,
+                };
+                if parity && (is_write || pieces.iter().any(data_lost)) {
+                    slow.push(pi);
+                    continue;
+                }
+                direct[pi] = true;
+                let lens = pieces.iter().map(|p| p.len as usize);
+                match &mut req.op {
+                    Op::Read { bufs, .. } => {
+                        for (p, mut b) in pieces.iter().zip(carve_read_bufs(bufs, lens)) {
+                            let Some(slots) = &ext[p.extent as usize] else {
+                                zero_bufs(&mut b);
+                                continue;
+                            };
+                            let first = p.row as usize % k;
+                            let slot = (0..k)
+                                .map(|c| slots[layout.data_slot(p.row, p.col, (first + c) % k)])
+                                .find(|s| devs[s.member].is_some());
+                            match slot {
+                                Some(s) => {
+                                    let off = self.phys(s, layout.slab_offset(p.row, p.in_unit));
+                                    push_read(&mut per[s.member], &mut own[s.member], pi, off, b);
+                                }
+                                None => {
+                                    errors[pi] = Some(self.failed(format!(
+                                        "no usable copy of extent {} column {}",
+                                        p.extent, p.col
+                                    )))
+                                }
+                            }
+                        }
+                    }
+                    Op::Write { bufs, .. } => {
+                        for (p, b) in pieces.iter().zip(carve_write_bufs(bufs, lens)) {
+                            let Some(slots) = &ext[p.extent as usize] else {
+                                errors[pi] = Some(
+                                    self.failed(format!("extent {} is not allocated", p.extent)),
+                                );
+                                continue;
+                            };
+                            for c in 0..k {
+                                let s = slots[layout.data_slot(p.row, p.col, c)];
+                                if devs[s.member].is_some() {
+                                    let off = self.phys(s, layout.slab_offset(p.row, p.in_unit));
+                                    push_write(
+                                        &mut per[s.member],
+                                        &mut own[s.member],
+                                        pi,
+                                        off,
+                                        b.clone(),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            run_members(devs, &mut per);
+            for (m, reqs) in per.iter().enumerate() {
+                for (r, &pi) in reqs.iter().zip(&own[m]) {
+                    if let Err(e) = r.result() {
+                        failures.push((m, e));
+                        retry[pi] = true;
+                    }
+                }
+            }
+        }
+        for (pi, req) in seg.iter_mut().enumerate() {
+            if direct[pi] && !retry[pi] {
+                req.complete(errors[pi].take().map_or(Ok(()), Err));
+            }
+        }
+        if !slow.is_empty() {
+            self.slow(seg, &slow, devs, &ext, &mut failures);
+        }
+        failures
+    }
+
+    fn shard_slot(&self, row: u64, shard: usize) -> usize {
+        let l = &self.shared.layout;
+        if shard < l.data_columns {
+            l.data_slot(row, shard, 0)
+        } else {
+            l.parity_slot(row, shard - l.data_columns)
+        }
+    }
+
+    /// Parity writes and degraded parity reads, a row at a time under the row's stripe lock.
+    fn slow(
+        &self,
+        seg: &mut [Request<'_>],
+        parents: &[usize],
+        devs: &Devs,
+        ext: &[Option<Vec<Slot>>],
+        failures: &mut Vec<(usize, Error)>,
+    ) {
+        let layout = self.shared.layout;
+        let (d, w) = (layout.data_columns, layout.width);
+        let mut rows: BTreeMap<(u64, u64), RowOp> = BTreeMap::new();
+        let mut zero_reads: Vec<(usize, Piece)> = Vec::new();
+        for &pi in parents {
+            let req = &seg[pi];
+            let is_write = matches!(req.op, Op::Write { .. });
+            for p in layout.pieces(req.offset(), req.len()) {
+                if ext[p.extent as usize].is_none() {
+                    // Writes were allocated before; a read of a thin hole is zeroes.
+                    zero_reads.push((pi, p));
+                    continue;
+                }
+                let r = rows.entry((p.extent, p.row)).or_insert_with(|| RowOp {
+                    extent: p.extent,
+                    row: p.row,
+                    lo: p.in_unit,
+                    hi: p.in_unit + p.len,
+                    pieces: Vec::new(),
+                    shards: Vec::new(),
+                    rebuild: false,
+                });
+                r.lo = r.lo.min(p.in_unit);
+                r.hi = r.hi.max(p.in_unit + p.len);
+                r.pieces.push((pi, p, is_write));
+            }
+        }
+        let mut stripe_ids: Vec<usize> = rows
+            .keys()
+            .map(|&(e, r)| {
+                (e.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ r.wrapping_mul(0xc2b2_ae3d_27d4_eb4f))
+                    as usize
+                    % STRIPES
+            })
+            .collect();
+        stripe_ids.sort_unstable();
+        stripe_ids.dedup();
+        let _locks: Vec<_> = stripe_ids
+            .iter()
+            .map(|&i| guard(&self.shared.stripes[i]))
+            .collect();
+
+        // Plan and issue the reads each row needs.
+        for row in rows.values_mut() {
+            let slots = ext[row.extent as usize].as_ref().expect("allocated");
+            let usable =
+                |shard: usize| devs[slots[self.shard_slot(row.row, shard)].member].is_some();
+            let len = (row.hi - row.lo) as usize;
+            let writes = row.pieces.iter().any(|x| x.2);
+            let mut need = vec![false; d];
+            if writes {
+                for (c, n) in need.iter_mut().enumerate() {
+                    *n = !covered(&row.pieces, c, row.lo, row.hi);
+                }
+            }
+            for (_, p, wr) in &row.pieces {
+                if !wr {
+                    need[p.col] = true;
+                }
+            }
+            row.shards = vec![None; w];
+            row.rebuild = (0..d).any(|c| need[c] && !usable(c));
+            for s in 0..w {
+                if (row.rebuild && usable(s)) || (!row.rebuild && s < d && need[s]) {
+                    row.shards[s] = Some(vec![0u8; len]);
+                }
+            }
+        }
+        if !self.row_io(&mut rows, devs, ext, failures, false) {
+            return;
+        }
+        // Rebuild, apply the writes, recompute parity.
+        for row in rows.values_mut() {
+            let len = (row.hi - row.lo) as usize;
+            if row.rebuild && !code::reconstruct(&mut row.shards, d, len) {
+                for (pi, _, _) in &row.pieces {
+                    seg[*pi].complete(Err(self.failed(format!(
+                        "extent {} row {} cannot be rebuilt",
+                        row.extent, row.row
+                    ))));
+                }
+                row.shards.iter_mut().for_each(|s| *s = None);
+                continue;
+            }
+            let writes = row.pieces.iter().any(|x| x.2);
+            for (pi, p, wr) in &row.pieces {
+                if *wr {
+                    let shard = row.shards[p.col].get_or_insert_with(|| vec![0u8; len]);
+                    let at = (p.in_unit - row.lo) as usize;
+                    if let Op::Write { bufs, .. } = &seg[*pi].op {
+                        copy_from_bufs(bufs, p.at as usize, &mut shard[at..at + p.len as usize]);
+                    }
+                }
+            }
+            for (pi, p, wr) in &row.pieces {
+                if !*wr {
+                    let at = (p.in_unit - row.lo) as usize;
+                    let src = row.shards[p.col].as_deref().expect("read or rebuilt");
+                    if let Op::Read { bufs, .. } = &mut seg[*pi].op {
+                        copy_into_bufs(bufs, p.at as usize, &src[at..at + p.len as usize]);
+                    }
+                }
+            }
+            if writes {
+                let (data, par) = row.shards.split_at_mut(d);
+                let data: Vec<&[u8]> = data.iter().map(|s| s.as_deref().expect("data")).collect();
+                let mut par: Vec<&mut [u8]> = par
+                    .iter_mut()
+                    .map(|s| &mut s.get_or_insert_with(|| vec![0u8; len])[..])
+                    .collect();
+                code::encode(&data, &mut par);
+                // Keep only what is written: the written data columns and every parity.
+                let written: Vec<bool> = (0..w)
+                    .map(|s| s >= d || row.pieces.iter().any(|x| x.2 && x.1.col == s))
+                    .collect();
+                for (s, sh) in row.shards.iter_mut().enumerate() {
+                    if !written[s] {
+                        *sh = None;
+                    }
+                }
+            } else {
+                row.shards.iter_mut().for_each(|s| *s = None);
+            }
+        }
+        if !self.row_io(&mut rows, devs, ext, failures, true) {
+            // Reads of the batch are done; the writes run again without the failed member.
+            for &pi in parents {
+                if matches!(seg[pi].op, Op::Read { .. }) && !seg[pi].is_complete() {
+                    seg[pi].complete(Ok(()));
+                }
+            }
+            return;
+        }
+        for (pi, p) in zero_reads {
+            if let Op::Read { bufs, .. } = &mut seg[pi].op {
+                copy_into_bufs(bufs, p.at as usize, &vec![0u8; p.len as usize]);
+            }
+        }
+        for &pi in parents {
+            if !seg[pi].is_complete() {
+                seg[pi].complete(Ok(()));
+            }
+        }
+    }
+
+    /// Reads into (or writes from) every shard buffer of the rows, skipping unusable members.
+    /// Returns false (and adds the failures) if a member failed.
+    fn row_io(
+        &self,
+        rows: &mut BTreeMap<(u64, u64), RowOp>,
+        devs: &Devs,
+        ext: &[Option<Vec<Slot>>],
+        failures: &mut Vec<(usize, Error)>,
+        write: bool,
+    ) -> bool {
+        let layout = self.shared.layout;
+        let n = devs.len();
+        let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
+        for row in rows.values_mut() {
+            let slots = ext[row.extent as usize].as_ref().expect("allocated");
+            let off = layout.slab_offset(row.row, row.lo);
+            for (shard, buf) in row.shards.iter_mut().enumerate() {
+                let Some(buf) = buf else { continue };
+                let s = slots[self.shard_slot(row.row, shard)];
+                if devs[s.member].is_none() {
+                    continue;
+                }
+                let at = self.phys(s, off);
+                per[s.member].push(if write {
+                    Request::write(at, buf)
+                } else {
+                    Request::read(at, buf)
+                });
+            }
+        }
+        run_members(devs, &mut per);
+        let before = failures.len();
+        for (m, reqs) in per.iter().enumerate() {
+            for r in reqs {
+                if let Err(e) = r.result() {
+                    failures.push((m, e));
+                }
+            }
+        }
+        failures.len() == before
+    }
+}
+
+/// Whether the write pieces of data column `col` cover `[lo, hi)`.
+fn covered(pieces: &[(usize, Piece, bool)], col: usize, lo: u64, hi: u64) -> bool {
+    let mut iv: Vec<(u64, u64)> = pieces
+        .iter()
+        .filter(|(_, p, w)| *w && p.col == col)
+        .map(|(_, p, _)| (p.in_unit, p.in_unit + p.len))
+        .collect();
+    iv.sort_unstable();
+    let mut reach = lo;
+    for (a, b) in iv {
+        if a > reach {
+            return false;
+        }
+        reach = reach.max(b);
+    }
+    reach >= hi
+}
+
+impl BlockDevice for Space {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            capacity: self.shared.size,
+            logical_sector_size: self.shared.logical,
+            physical_sector_size: self.shared.physical,
+            mem_alignment: self.shared.align,
+            read_only: self.pool.read_only,
+            discard_zeroes: false,
+            supports: Supports {
+                flush: true,
+                discard: false,
+                write_zeroes: false,
+                resize: false,
+            },
+        }
+    }
+
+    fn submit(&self, batch: &mut [Request<'_>]) {
+        let info = self.info();
+        let mut i = 0;
+        while i < batch.len() {
+            let j = batch[i..]
+                .iter()
+                .position(|r| matches!(r.op, Op::Flush))
+                .map_or(batch.len(), |p| i + p);
+            self.run_segment(&mut batch[i..j], &info);
+            if j < batch.len() {
+                let r = self.flush_members();
+                batch[j].complete(r);
+            }
+            i = j + 1;
+        }
+    }
+
+    fn describe(&self) -> String {
+        let l = &self.shared.layout;
+        format!(
+            "space '{}' ({}, {} columns, {} KiB interleave) of pool {}",
+            self.shared.name,
+            l.resiliency,
+            l.columns,
+            l.interleave >> 10,
+            self.pool
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pool_id
+        )
+    }
+}
