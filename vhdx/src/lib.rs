@@ -30,6 +30,7 @@ pub mod format;
 pub mod lifecycle;
 pub mod log;
 pub mod meta;
+pub mod vpc;
 
 pub use create::{CreateOptions, DiskKind, DEFAULT_BLOCK_SIZE};
 pub use disk::{CompactReport, ImageKind, OpenOptions, ResizeReport, Src, Vhdx};
