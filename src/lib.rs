@@ -30,6 +30,8 @@ pub use target::{open_target, OpenedTarget, TargetKind, TargetOptions, TargetSpe
 pub use vstor_core as core;
 /// Storage QoS (re-exported `vstor-qos`).
 pub use vstor_qos as qos;
+/// Storage pools and spaces (re-exported `vstor-spaces`).
+pub use vstor_spaces as spaces;
 /// The VHDX format (re-exported `vstor-vhdx`).
 pub use vstor_vhdx as vhdx;
 

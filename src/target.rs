@@ -3,7 +3,7 @@
 //! ```text
 //! disk.raw, /dev/sdb, raw:PATH      a plain file or block device
 //! disk.vhdx, vhdx:PATH              a VHDX file with its parent chain
-//! pool:DIR/NAME                     a space of a storage pool            (not yet supported)
+//! pool:DIR/NAME                     a space of the pool whose member disks are in DIR
 //! ```
 //!
 //! Options follow after commas as `key=value`, in the style of QEMU's `-drive`:
@@ -230,10 +230,24 @@ impl TargetSpec {
                     notes,
                 })
             }
-            TargetKind::Pool { dir, name } => Err(Error::Unsupported(format!(
-                "pool:{}/{name}: pool targets are not supported yet (storage pools have not landed)",
-                dir.display()
-            ))),
+            TargetKind::Pool { dir, name } => {
+                let file = FileOptions {
+                    read_only,
+                    direct,
+                    engine,
+                    ring_entries: 0,
+                };
+                let pool = vstor_spaces::Pool::open_dir(
+                    dir,
+                    &vstor_spaces::OpenOptions { read_only },
+                    &file,
+                )?;
+                let space = pool.open_space(name)?;
+                Ok(OpenedTarget {
+                    device: Arc::new(space),
+                    notes: pool.info().notes,
+                })
+            }
         }
     }
 }

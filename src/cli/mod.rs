@@ -3,6 +3,7 @@
 mod demo;
 mod disk;
 mod hexdump;
+mod pool;
 mod qos;
 mod vhdx;
 
@@ -40,6 +41,12 @@ enum Command {
     /// Storage QoS: IOPS limits and reservations per virtual disk, flow statistics.
     #[command(subcommand)]
     Qos(qos::QosCommand),
+    /// Storage pools: create a pool of disks, show its members and spaces.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
+    /// Spaces (virtual disks of a pool): create, list, show, delete.
+    #[command(subcommand)]
+    Space(pool::SpaceCommand),
 }
 
 /// Runs a parsed command line.
@@ -48,6 +55,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Demo(a) => demo::run(a),
         Command::Disk(c) => disk::run(c),
         Command::Qos(c) => qos::run(c),
+        Command::Pool(c) => pool::run_pool(c),
+        Command::Space(c) => pool::run_space(c),
     }
 }
 

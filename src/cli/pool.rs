@@ -1,0 +1,469 @@
+//! `vstor pool ...` and `vstor space ...`: storage pools and the spaces in them.
+
+use super::size_arg;
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use vstor::core::FileOptions;
+use vstor::spaces::{
+    CreateOptions, OpenOptions, Pool, PoolInfo, Provisioning, Resiliency, SpaceHealth, SpaceInfo,
+    SpaceSpec,
+};
+use vstor::{format_size, Error};
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Create a pool of new file-backed disks in DIR (New-StoragePool).
+    #[command(
+        after_help = "Examples:\n  vstor pool create /srv/pool --disks 4 --disk-size 10G\n  \
+        vstor pool create /tmp/p --disks 6 --disk-size 256M --slab-size 16M"
+    )]
+    Create(PoolCreateArgs),
+    /// Show a pool: members and their state, spaces and their health (Get-StoragePool).
+    #[command(
+        after_help = "Examples:\n  vstor pool info /srv/pool\n  vstor pool info /srv/pool --json"
+    )]
+    Info(PoolInfoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpaceCommand {
+    /// Create a space in a pool (New-VirtualDisk).
+    #[command(
+        after_help = "Examples:\n  vstor space create /srv/pool data --size 10G --resiliency mirror\n  \
+        vstor space create /srv/pool logs --size 1G --resiliency mirror --copies 3\n  \
+        vstor space create /srv/pool bulk --size 20G --resiliency parity --redundancy 2 --columns 6\n  \
+        vstor space create /srv/pool fast --size 4G --resiliency simple --interleave 64k --provisioning fixed\n\
+        The space is then the target pool:/srv/pool/data for disk read, write and bench."
+    )]
+    Create(SpaceCreateArgs),
+    /// List the spaces of a pool (Get-VirtualDisk).
+    #[command(after_help = "Example:\n  vstor space list /srv/pool --json")]
+    List(SpaceListArgs),
+    /// Show one space: layout, allocation, health.
+    #[command(after_help = "Example:\n  vstor space info /srv/pool data --json")]
+    Info(SpaceNameArgs),
+    /// Delete a space; its slabs become free (Remove-VirtualDisk).
+    #[command(after_help = "Example:\n  vstor space delete /srv/pool data")]
+    Delete(SpaceDeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PoolCreateArgs {
+    /// Directory for the member disks (created if needed; disk0.raw, disk1.raw, ...).
+    dir: PathBuf,
+    /// Number of disks.
+    #[arg(long)]
+    disks: usize,
+    /// Size of each disk (`10G`).
+    #[arg(long, value_parser = size_arg)]
+    disk_size: u64,
+    /// Slab size: the unit of allocation on each disk (a power of two, 64K to 64G).
+    #[arg(long, value_parser = size_arg, default_value = "256M")]
+    slab_size: u64,
+    /// Report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PoolInfoArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// Report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ResiliencyArg {
+    Simple,
+    Mirror,
+    Parity,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProvisioningArg {
+    Thin,
+    Fixed,
+}
+
+#[derive(Debug, Args)]
+pub struct SpaceCreateArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// Name of the space (letters, digits, '-', '_', '.').
+    name: String,
+    /// Size of the space (`10G`).
+    #[arg(long, value_parser = size_arg)]
+    size: u64,
+    /// Resiliency.
+    #[arg(long, value_enum)]
+    resiliency: ResiliencyArg,
+    /// Copies of a mirror.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(2..=3))]
+    copies: Option<u8>,
+    /// Parity columns of a parity space.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    redundancy: Option<u8>,
+    /// Columns (simple, parity: disks per stripe; mirror: data columns). Default: as many as
+    /// the healthy disks allow, up to 8 (mirror 4).
+    #[arg(long)]
+    columns: Option<usize>,
+    /// Interleave (stripe unit), a power of two from 4K (default 256K).
+    #[arg(long, value_parser = size_arg)]
+    interleave: Option<u64>,
+    /// Thin (slabs on first write) or fixed (all slabs now).
+    #[arg(long, value_enum, default_value = "thin")]
+    provisioning: ProvisioningArg,
+    /// Report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SpaceListArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// Report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SpaceNameArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// Name of the space.
+    name: String,
+    /// Report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SpaceDeleteArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// Name of the space.
+    name: String,
+}
+
+pub fn run_pool(cmd: PoolCommand) -> Result<(), Error> {
+    match cmd {
+        PoolCommand::Create(a) => {
+            let pool = Pool::create_in_dir(
+                &a.dir,
+                a.disks,
+                a.disk_size,
+                &CreateOptions {
+                    slab_size: a.slab_size,
+                },
+                &FileOptions::default(),
+            )?;
+            print_pool(&pool.info(), a.json);
+            Ok(())
+        }
+        PoolCommand::Info(a) => {
+            let pool = open(&a.dir, true)?;
+            print_pool(&pool.info(), a.json);
+            Ok(())
+        }
+    }
+}
+
+pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
+    match cmd {
+        SpaceCommand::Create(a) => {
+            let resiliency = match a.resiliency {
+                ResiliencyArg::Simple => {
+                    if a.copies.is_some() || a.redundancy.is_some() {
+                        return Err(Error::InvalidArgument(
+                            "--copies and --redundancy do not apply to a simple space".into(),
+                        ));
+                    }
+                    Resiliency::Simple
+                }
+                ResiliencyArg::Mirror => {
+                    if a.redundancy.is_some() {
+                        return Err(Error::InvalidArgument(
+                            "--redundancy applies to parity; a mirror takes --copies".into(),
+                        ));
+                    }
+                    Resiliency::Mirror {
+                        copies: a.copies.unwrap_or(2),
+                    }
+                }
+                ResiliencyArg::Parity => {
+                    if a.copies.is_some() {
+                        return Err(Error::InvalidArgument(
+                            "--copies applies to a mirror; parity takes --redundancy".into(),
+                        ));
+                    }
+                    Resiliency::Parity {
+                        redundancy: a.redundancy.unwrap_or(1),
+                    }
+                }
+            };
+            let pool = open(&a.dir, false)?;
+            let info = pool.create_space(&SpaceSpec {
+                name: a.name,
+                size: a.size,
+                resiliency,
+                columns: a.columns,
+                interleave: a.interleave,
+                provisioning: match a.provisioning {
+                    ProvisioningArg::Thin => Provisioning::Thin,
+                    ProvisioningArg::Fixed => Provisioning::Fixed,
+                },
+            })?;
+            print_space(&info, a.json);
+            Ok(())
+        }
+        SpaceCommand::List(a) => {
+            let pool = open(&a.dir, true)?;
+            let spaces = pool.spaces();
+            if a.json {
+                let v: Vec<SpaceJson> = spaces.iter().map(space_json).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).expect("serializable")
+                );
+            } else if spaces.is_empty() {
+                println!("no spaces");
+            } else {
+                println!(
+                    "{:<20} {:>10} {:<16} {:>7} {:<6} {:<9}",
+                    "NAME", "SIZE", "RESILIENCY", "COLUMNS", "PROV", "HEALTH"
+                );
+                for s in &spaces {
+                    println!(
+                        "{:<20} {:>10} {:<16} {:>7} {:<6} {:<9}",
+                        s.name,
+                        format_size(s.size),
+                        s.resiliency.to_string(),
+                        s.columns,
+                        prov_name(s.provisioning),
+                        s.health.name()
+                    );
+                }
+            }
+            Ok(())
+        }
+        SpaceCommand::Info(a) => {
+            let pool = open(&a.dir, true)?;
+            print_space(&pool.space_info(&a.name)?, a.json);
+            Ok(())
+        }
+        SpaceCommand::Delete(a) => {
+            let pool = open(&a.dir, false)?;
+            pool.delete_space(&a.name)?;
+            println!("deleted space '{}'", a.name);
+            Ok(())
+        }
+    }
+}
+
+fn open(dir: &Path, read_only: bool) -> Result<Pool, Error> {
+    Ok(Pool::open_dir(
+        dir,
+        &OpenOptions { read_only },
+        &FileOptions {
+            read_only,
+            ..FileOptions::default()
+        },
+    )?)
+}
+
+fn prov_name(p: Provisioning) -> &'static str {
+    match p {
+        Provisioning::Thin => "thin",
+        Provisioning::Fixed => "fixed",
+    }
+}
+
+#[derive(Serialize)]
+struct MemberJson {
+    index: usize,
+    id: String,
+    disk: Option<String>,
+    state: &'static str,
+    usable: bool,
+    capacity: u64,
+    slabs: u64,
+    slabs_used: u64,
+    metadata_sequence: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct SpaceJson {
+    id: String,
+    name: String,
+    size: u64,
+    resiliency: &'static str,
+    copies: Option<u8>,
+    redundancy: Option<u8>,
+    columns: usize,
+    data_columns: usize,
+    disks_per_extent: usize,
+    interleave: u64,
+    provisioning: &'static str,
+    extents: u64,
+    allocated_extents: u64,
+    slabs: u64,
+    health: &'static str,
+    health_detail: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PoolJson {
+    id: String,
+    sequence: u64,
+    slab_size: u64,
+    members: Vec<MemberJson>,
+    spaces: Vec<SpaceJson>,
+    notes: Vec<String>,
+}
+
+fn space_json(s: &SpaceInfo) -> SpaceJson {
+    SpaceJson {
+        id: s.id.to_string(),
+        name: s.name.clone(),
+        size: s.size,
+        resiliency: s.resiliency.kind_name(),
+        copies: match s.resiliency {
+            Resiliency::Mirror { copies } => Some(copies),
+            _ => None,
+        },
+        redundancy: match s.resiliency {
+            Resiliency::Parity { redundancy } => Some(redundancy),
+            _ => None,
+        },
+        columns: s.columns,
+        data_columns: s.data_columns,
+        disks_per_extent: s.width,
+        interleave: s.interleave,
+        provisioning: prov_name(s.provisioning),
+        extents: s.extents,
+        allocated_extents: s.allocated_extents,
+        slabs: s.slabs,
+        health: s.health.name(),
+        health_detail: match &s.health {
+            SpaceHealth::Healthy => None,
+            SpaceHealth::Degraded { lost_slabs } => {
+                Some(format!("{lost_slabs} slabs on lost members"))
+            }
+            SpaceHealth::Failed { reason } => Some(reason.clone()),
+        },
+    }
+}
+
+fn print_pool(p: &PoolInfo, json: bool) {
+    if json {
+        let v = PoolJson {
+            id: p.id.to_string(),
+            sequence: p.sequence,
+            slab_size: p.slab_size,
+            members: p
+                .members
+                .iter()
+                .map(|m| MemberJson {
+                    index: m.index,
+                    id: m.id.to_string(),
+                    disk: m.disk.clone(),
+                    state: if m.disk.is_none() {
+                        "missing"
+                    } else {
+                        m.state.name()
+                    },
+                    usable: m.usable,
+                    capacity: m.capacity,
+                    slabs: m.slabs,
+                    slabs_used: m.slabs_used,
+                    metadata_sequence: m.metadata_sequence,
+                })
+                .collect(),
+            spaces: p.spaces.iter().map(space_json).collect(),
+            notes: p.notes.clone(),
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("serializable")
+        );
+        return;
+    }
+    println!("pool:        {}", p.id);
+    println!("sequence:    {}", p.sequence);
+    println!("slab size:   {}", format_size(p.slab_size));
+    let total: u64 = p.members.iter().map(|m| m.slabs).sum();
+    let used: u64 = p.members.iter().map(|m| m.slabs_used).sum();
+    println!(
+        "capacity:    {} in {total} slabs, {} used",
+        format_size(total * p.slab_size),
+        format_size(used * p.slab_size)
+    );
+    println!("members:");
+    for m in &p.members {
+        let state = if m.disk.is_none() {
+            "missing"
+        } else {
+            m.state.name()
+        };
+        println!(
+            "  {:>2}  {:<8} {:>6}/{:<6} slabs  {}",
+            m.index,
+            state,
+            m.slabs_used,
+            m.slabs,
+            m.disk.as_deref().unwrap_or("-")
+        );
+    }
+    if p.spaces.is_empty() {
+        println!("spaces:      none");
+    } else {
+        println!("spaces:");
+        for s in &p.spaces {
+            println!(
+                "  {:<20} {:>10}  {:<16} {}",
+                s.name,
+                format_size(s.size),
+                s.resiliency.to_string(),
+                s.health.name()
+            );
+        }
+    }
+    for n in &p.notes {
+        println!("note: {n}");
+    }
+}
+
+fn print_space(s: &SpaceInfo, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&space_json(s)).expect("serializable")
+        );
+        return;
+    }
+    println!("space:        {}", s.name);
+    println!("id:           {}", s.id);
+    println!("size:         {}", format_size(s.size));
+    println!("resiliency:   {}", s.resiliency);
+    println!(
+        "columns:      {} ({} data, {} disks per extent)",
+        s.columns, s.data_columns, s.width
+    );
+    println!("interleave:   {}", format_size(s.interleave));
+    println!("provisioning: {}", prov_name(s.provisioning));
+    println!(
+        "allocated:    {}/{} extents ({} slabs)",
+        s.allocated_extents, s.extents, s.slabs
+    );
+    match &s.health {
+        SpaceHealth::Healthy => println!("health:       healthy"),
+        SpaceHealth::Degraded { lost_slabs } => {
+            println!("health:       degraded ({lost_slabs} slabs on lost members)")
+        }
+        SpaceHealth::Failed { reason } => println!("health:       failed ({reason})"),
+    }
+}

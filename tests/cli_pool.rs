@@ -1,0 +1,360 @@
+//! End-to-end tests of `vstor pool ...`, `vstor space ...` and the `pool:DIR/NAME` target.
+
+mod common;
+
+use common::{fails, ok, s};
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).expect("json")
+}
+
+#[test]
+fn create_a_pool_and_spaces_and_use_them_as_targets() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    let out = ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "4",
+        "--disk-size",
+        "32M",
+        "--slab-size",
+        "1M",
+    ]);
+    assert!(
+        out.contains("slab size:   1 MiB") || out.contains("slab size:"),
+        "{out}"
+    );
+    for i in 0..4 {
+        assert!(dir.join(format!("disk{i}.raw")).exists());
+    }
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert_eq!(info["members"].as_array().unwrap().len(), 4);
+    assert_eq!(info["slab_size"], 1 << 20);
+    assert!(info["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["state"] == "healthy"));
+
+    for (name, args) in [
+        ("m2", vec!["--resiliency", "mirror"]),
+        (
+            "m3",
+            vec!["--resiliency", "mirror", "--copies", "3", "--columns", "1"],
+        ),
+        ("p1", vec!["--resiliency", "parity", "--interleave", "64k"]),
+        (
+            "p2",
+            vec![
+                "--resiliency",
+                "parity",
+                "--redundancy",
+                "2",
+                "--columns",
+                "4",
+            ],
+        ),
+        (
+            "st",
+            vec!["--resiliency", "simple", "--provisioning", "fixed"],
+        ),
+    ] {
+        let mut a = vec!["space", "create", d, name, "--size", "4M", "--json"];
+        a.extend(args);
+        let sp = json(&ok(&a));
+        assert_eq!(sp["name"], name);
+        assert_eq!(sp["size"], 4 << 20);
+        assert_eq!(sp["health"], "healthy");
+    }
+    let list = json(&ok(&["space", "list", d, "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 5);
+    let st = json(&ok(&["space", "info", d, "st", "--json"]));
+    assert_eq!(st["provisioning"], "fixed");
+    assert_eq!(st["allocated_extents"], st["extents"]);
+    let m3 = json(&ok(&["space", "info", d, "m3", "--json"]));
+    assert_eq!(m3["copies"], 3);
+    assert_eq!(m3["disks_per_extent"], 3);
+    let text = ok(&["space", "list", d]);
+    assert!(
+        text.contains("2-way mirror") && text.contains("dual parity"),
+        "{text}"
+    );
+
+    // Each space is a target: write a pattern, read it back.
+    for name in ["m2", "m3", "p1", "p2", "st"] {
+        let target = format!("pool:{d}/{name}");
+        ok(&[
+            "disk",
+            "write",
+            &target,
+            "--offset",
+            "12k",
+            "--length",
+            "100k",
+            "--pattern",
+            "0x5a",
+        ]);
+        let dump = ok(&["disk", "read", &target, "--offset", "12k", "--length", "16"]);
+        assert!(
+            dump.contains("5a5a 5a5a") || dump.contains("5a 5a"),
+            "{name}: {dump}"
+        );
+        let zero = ok(&["disk", "read", &target, "--offset", "0", "--length", "16"]);
+        assert!(!zero.contains("5a"), "{name}: {zero}");
+        let info = json(&ok(&["disk", "info", &target, "--json"]));
+        assert_eq!(
+            info["capacity"].as_u64().or(info["virtual_size"].as_u64()),
+            Some(4 << 20),
+            "{info}"
+        );
+    }
+    let bench = ok(&[
+        "disk",
+        "bench",
+        &format!("pool:{d}/p1"),
+        "-c",
+        "200",
+        "-d",
+        "8",
+        "-s",
+        "4k",
+        "-w",
+    ]);
+    assert!(!bench.is_empty());
+
+    ok(&["space", "delete", d, "m3"]);
+    let list = json(&ok(&["space", "list", d, "--json"]));
+    assert_eq!(list.as_array().unwrap().len(), 4);
+    let e = fails(&["space", "info", d, "m3"]);
+    assert!(e.contains("no space named 'm3'"), "{e}");
+    let e = fails(&[
+        "disk",
+        "read",
+        &format!("pool:{d}/m3"),
+        "--offset",
+        "0",
+        "--length",
+        "16",
+    ]);
+    assert!(e.contains("no space named 'm3'"), "{e}");
+}
+
+#[test]
+fn a_missing_member_is_reported_and_mirror_data_survives() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "3",
+        "--disk-size",
+        "16M",
+        "--slab-size",
+        "1M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "2M",
+        "--resiliency",
+        "mirror",
+        "--columns",
+        "1",
+    ]);
+    let target = format!("pool:{d}/m");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "0",
+        "--length",
+        "64k",
+        "--pattern",
+        "0xc3",
+    ]);
+    let info = json(&ok(&["space", "info", d, "m", "--json"]));
+    assert_eq!(info["allocated_extents"], 1);
+    // Take away a member that holds a copy.
+    let pool = json(&ok(&["pool", "info", d, "--json"]));
+    let holder = pool["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["slabs_used"].as_u64().unwrap() > 0)
+        .unwrap()["disk"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::rename(&holder, t.path().join("away.raw")).unwrap();
+    let pool = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(pool["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["state"] == "missing"));
+    assert!(pool["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n.as_str().unwrap().contains("missing")));
+    let sp = json(&ok(&["space", "info", d, "m", "--json"]));
+    assert_eq!(sp["health"], "degraded");
+    let dump = ok(&["disk", "read", &target, "--offset", "0", "--length", "16"]);
+    assert!(dump.contains("c3c3") || dump.contains("c3 c3"), "{dump}");
+    // A degraded write records the member as failed; when it comes back it is stale.
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "0",
+        "--length",
+        "4k",
+        "--pattern",
+        "0x11",
+    ]);
+    std::fs::rename(t.path().join("away.raw"), &holder).unwrap();
+    let pool = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(
+        pool["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["state"] == "failed"),
+        "{pool}"
+    );
+    let dump = ok(&["disk", "read", &target, "--offset", "0", "--length", "16"]);
+    assert!(dump.contains("1111") || dump.contains("11 11"), "{dump}");
+}
+
+#[test]
+fn bad_input_fails_with_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    let e = fails(&["pool", "create", d, "--disks", "2", "--disk-size", "1M"]);
+    assert!(e.contains("too small"), "{e}");
+    assert!(
+        !dir.join("disk0.raw").exists(),
+        "a refused create left files"
+    );
+    let e = fails(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "2",
+        "--disk-size",
+        "8M",
+        "--slab-size",
+        "3M",
+    ]);
+    assert!(e.contains("slab size"), "{e}");
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "2",
+        "--disk-size",
+        "8M",
+        "--slab-size",
+        "1M",
+    ]);
+    let e = fails(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "2",
+        "--disk-size",
+        "8M",
+        "--slab-size",
+        "1M",
+    ]);
+    assert!(e.contains("exists already"), "{e}");
+    let e = fails(&[
+        "space",
+        "create",
+        d,
+        "p",
+        "--size",
+        "1M",
+        "--resiliency",
+        "parity",
+    ]);
+    assert!(e.contains("columns") || e.contains("needs"), "{e}");
+    let e = fails(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "1M",
+        "--resiliency",
+        "mirror",
+        "--copies",
+        "3",
+    ]);
+    assert!(e.contains("needs 3 disks"), "{e}");
+    let e = fails(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "1M",
+        "--resiliency",
+        "mirror",
+        "--redundancy",
+        "2",
+    ]);
+    assert!(e.contains("--copies"), "{e}");
+    let e = fails(&[
+        "space",
+        "create",
+        d,
+        "bad/name",
+        "--size",
+        "1M",
+        "--resiliency",
+        "simple",
+    ]);
+    assert!(e.contains("not a valid space name"), "{e}");
+    assert_eq!(
+        json(&ok(&["space", "list", d, "--json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let e = fails(&["pool", "info", s(&t.path().join("nothing"))]);
+    assert!(e.contains("nothing"), "{e}");
+    // A member of another pool in the directory.
+    let other = t.path().join("other");
+    ok(&[
+        "pool",
+        "create",
+        s(&other),
+        "--disks",
+        "1",
+        "--disk-size",
+        "8M",
+        "--slab-size",
+        "1M",
+    ]);
+    std::fs::copy(other.join("disk0.raw"), dir.join("stray.raw")).unwrap();
+    let e = fails(&["pool", "info", d]);
+    assert!(e.contains("belongs to pool"), "{e}");
+}
