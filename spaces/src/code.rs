@@ -139,12 +139,8 @@ pub fn reconstruct(shards: &mut [Option<Vec<u8>>], k: usize, len: usize) -> bool
     let missing_parity: Vec<usize> = missing.into_iter().filter(|&i| i >= k).collect();
     for p in missing_parity {
         let mut out = vec![0u8; len];
-        for i in 0..k {
-            mul_add_into(
-                &mut out,
-                shards[i].as_deref().expect("data"),
-                coef(p - k, i),
-            );
+        for (i, s) in shards[..k].iter().enumerate() {
+            mul_add_into(&mut out, s.as_deref().expect("data"), coef(p - k, i));
         }
         shards[p] = Some(out);
     }

@@ -93,7 +93,7 @@ pub struct MemberRecord {
     pub capacity: U64,
     /// Slabs it holds.
     pub slab_count: U32,
-    /// 0 healthy, 1 failed (its data is stale), 2 retired (no new slabs).
+    /// 0 healthy, 1 failed (its data is stale), 2 retired (no new slabs), 3 removed.
     pub state: U32,
     /// Reserved, zero.
     pub reserved: [u8; 32],
@@ -149,6 +149,8 @@ pub enum MemberState {
     Failed,
     /// Being retired: no new slabs are allocated on it.
     Retired,
+    /// Removed from the pool (it held no slabs); its record stays as a tombstone.
+    Removed,
 }
 
 impl MemberState {
@@ -157,6 +159,7 @@ impl MemberState {
             MemberState::Healthy => 0,
             MemberState::Failed => 1,
             MemberState::Retired => 2,
+            MemberState::Removed => 3,
         }
     }
 
@@ -166,6 +169,7 @@ impl MemberState {
             MemberState::Healthy => "healthy",
             MemberState::Failed => "failed",
             MemberState::Retired => "retired",
+            MemberState::Removed => "removed",
         }
     }
 }
@@ -371,8 +375,8 @@ impl Meta {
                 format!("{members} members, {spaces} spaces"),
             ));
         }
-        let expect = (HEADER + members * MEMBER + spaces * SPACE) as u64
-            + refs.checked_mul(REF as u64).unwrap_or(u64::MAX);
+        let expect = ((HEADER + members * MEMBER + spaces * SPACE) as u64)
+            .saturating_add(refs.saturating_mul(REF as u64));
         if expect != blob_len {
             return Err(bad(
                 32,
@@ -417,6 +421,7 @@ impl Meta {
                 0 => MemberState::Healthy,
                 1 => MemberState::Failed,
                 2 => MemberState::Retired,
+                3 => MemberState::Removed,
                 s => return Err(bad(at + 28, "member state", format!("member {i}: {s}"))),
             };
             let id = Uuid::from_bytes(r.id);

@@ -56,6 +56,7 @@ mod error;
 pub mod format;
 mod layout;
 mod pool;
+mod repair;
 mod space;
 
 pub use code::{encode as parity_encode, reconstruct as parity_reconstruct};
@@ -66,4 +67,5 @@ pub use pool::{
     CreateOptions, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth, SpaceInfo,
     SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE,
 };
+pub use repair::RepairReport;
 pub use space::Space;

@@ -206,9 +206,11 @@ pub(crate) struct Inner {
     /// A member is missing but still recorded healthy: record it before the first write.
     pub missing_unrecorded: AtomicBool,
     pub notes: Mutex<Vec<String>>,
+    /// Slabs a rebuild in progress has taken but not yet recorded.
+    pub reserved: Mutex<Vec<Slot>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -263,7 +265,7 @@ fn read_slot(
 }
 
 /// The newest valid metadata copy on a disk, if it has one.
-fn read_best(disk: &PoolDisk) -> Result<Option<(Meta, usize)>> {
+pub(crate) fn read_best(disk: &PoolDisk) -> Result<Option<(Meta, usize)>> {
     let a = read_slot(disk, 0, None)?;
     let b = match &a {
         Some((m, _)) => read_slot(disk, m.slot_size, Some(m.slot_size))?,
@@ -308,8 +310,9 @@ pub(crate) struct Allocator {
 }
 
 impl Allocator {
-    /// Free slabs of the members `eligible` allows.
-    pub fn new(meta: &Meta, eligible: impl Fn(usize) -> bool) -> Self {
+    /// Free slabs of the members `eligible` allows, less the slabs `reserved` (held by a
+    /// rebuild in progress).
+    pub fn new(meta: &Meta, reserved: &[Slot], eligible: impl Fn(usize) -> bool) -> Self {
         let mut used: Vec<Vec<bool>> = meta
             .members
             .iter()
@@ -320,6 +323,14 @@ impl Allocator {
                 for sl in slots {
                     used[sl.member][sl.slab as usize] = true;
                 }
+            }
+        }
+        for sl in reserved {
+            if let Some(u) = used
+                .get_mut(sl.member)
+                .and_then(|u| u.get_mut(sl.slab as usize))
+            {
+                *u = true;
             }
         }
         let free = used
@@ -514,6 +525,7 @@ impl Pool {
                 epoch: AtomicU64::new(0),
                 missing_unrecorded: AtomicBool::new(false),
                 notes: Mutex::new(notes),
+                reserved: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -558,7 +570,11 @@ impl Pool {
                 .into());
             }
             let id = m.members[i].id;
-            let Some(idx) = meta.members.iter().position(|x| x.id == id) else {
+            let Some(idx) = meta
+                .members
+                .iter()
+                .position(|x| x.id == id && x.state != MemberState::Removed)
+            else {
                 return Err(SpacesError::ForeignMember {
                     disk: d.name,
                     reason: format!("member {id} is no longer in pool {}", meta.pool_id),
@@ -594,6 +610,7 @@ impl Pool {
         let mut stale = false;
         for (i, (m, r)) in meta.members.iter().zip(&rt).enumerate() {
             match (&r.name, m.state) {
+                (None, MemberState::Removed) => {}
                 (None, MemberState::Failed) => notes.push(format!("member {i} is missing (failed)")),
                 (None, _) => {
                     missing = true;
@@ -802,7 +819,7 @@ impl Pool {
                 .unwrap_or(DEFAULT_INTERLEAVE.min(meta.slab_size)),
             meta.slab_size,
         )?;
-        let allocator = Allocator::new(&meta, |m| eligible[m]);
+        let allocator = Allocator::new(&meta, &lock(&self.inner.reserved), |m| eligible[m]);
         let room = allocator.members_with_room();
         if layout.width > room {
             return Err(SpacesError::TooFewDisks {
@@ -936,12 +953,12 @@ impl Inner {
         self.members.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn members_write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<MemberRt>> {
+    pub(crate) fn members_write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<MemberRt>> {
         self.members.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Members new slabs may go to: usable and healthy (not retired).
-    fn eligible(&self, meta: &Meta) -> Vec<bool> {
+    pub(crate) fn eligible(&self, meta: &Meta) -> Vec<bool> {
         let rt = self.members_read();
         meta.members
             .iter()
@@ -1061,7 +1078,7 @@ impl Inner {
         {
             let rt = self.members_read();
             for (m, r) in next.members.iter_mut().zip(rt.iter()) {
-                if r.device.is_none() {
+                if r.device.is_none() && m.state != MemberState::Removed {
                     m.state = MemberState::Failed;
                 }
             }
@@ -1078,7 +1095,7 @@ impl Inner {
         let mut meta = lock(&self.meta);
         let eligible = self.eligible(&meta);
         let mut next = meta.clone();
-        let mut allocator = Allocator::new(&next, |m| eligible[m]);
+        let mut allocator = Allocator::new(&next, &lock(&self.reserved), |m| eligible[m]);
         let si = next
             .spaces
             .iter()

@@ -43,7 +43,12 @@ pub(crate) struct SpaceShared {
     physical: u32,
     align: u32,
     health_cache: Mutex<Option<(u64, SpaceHealth)>>,
+    /// The extent being rebuilt and the new slabs of its lost slots: writes go there too.
+    pub rebuilding: RwLock<Option<Rebuild>>,
 }
+
+/// An extent under rebuild: its index and, per lost slot, the slab taking its place.
+pub(crate) type Rebuild = (u64, Vec<(usize, Slot)>);
 
 impl SpaceShared {
     pub fn new(s: &crate::format::SpaceMeta, members: &[MemberRt]) -> Self {
@@ -74,6 +79,7 @@ impl SpaceShared {
                 .max(logical),
             align: infos.iter().map(|i| i.mem_alignment).max().unwrap_or(1),
             health_cache: Mutex::new(None),
+            rebuilding: RwLock::new(None),
         }
     }
 }
@@ -81,8 +87,8 @@ impl SpaceShared {
 /// A space of a pool, as a [`BlockDevice`]. Cheap to clone; clones share everything.
 #[derive(Clone)]
 pub struct Space {
-    pool: Arc<Inner>,
-    shared: Arc<SpaceShared>,
+    pub(crate) pool: Arc<Inner>,
+    pub(crate) shared: Arc<SpaceShared>,
     data_start: u64,
     slab_size: u64,
 }
@@ -369,6 +375,11 @@ impl Space {
             .extents
             .read()
             .unwrap_or_else(|p| p.into_inner());
+        let rebuilding = self
+            .shared
+            .rebuilding
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let n = devs.len();
         let parity = layout.parities() > 0;
         let k = layout.copies();
@@ -429,8 +440,24 @@ impl Space {
                                 );
                                 continue;
                             };
+                            let shadows = match &*rebuilding {
+                                Some((e, t)) if *e == p.extent => &t[..],
+                                _ => &[],
+                            };
                             for c in 0..k {
-                                let s = slots[layout.data_slot(p.row, p.col, c)];
+                                let si = layout.data_slot(p.row, p.col, c);
+                                let s = slots[si];
+                                if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
+                                    // The slab being rebuilt gets the write too.
+                                    let off = self.phys(new, layout.slab_offset(p.row, p.in_unit));
+                                    push_write(
+                                        &mut per[new.member],
+                                        &mut own[new.member],
+                                        pi,
+                                        off,
+                                        b.clone(),
+                                    );
+                                }
                                 if devs[s.member].is_some() {
                                     let off = self.phys(s, layout.slab_offset(p.row, p.in_unit));
                                     push_write(
@@ -463,7 +490,7 @@ impl Space {
             }
         }
         if !slow.is_empty() {
-            self.slow(seg, &slow, devs, &ext, &mut failures);
+            self.slow(seg, &slow, devs, &ext, rebuilding.as_ref(), &mut failures);
         }
         failures
     }
@@ -484,6 +511,7 @@ impl Space {
         parents: &[usize],
         devs: &Devs,
         ext: &[Option<Vec<Slot>>],
+        rebuilding: Option<&Rebuild>,
         failures: &mut Vec<(usize, Error)>,
     ) {
         let layout = self.shared.layout;
@@ -548,13 +576,14 @@ impl Space {
             }
             row.shards = vec![None; w];
             row.rebuild = (0..d).any(|c| need[c] && !usable(c));
-            for s in 0..w {
-                if (row.rebuild && usable(s)) || (!row.rebuild && s < d && need[s]) {
-                    row.shards[s] = Some(vec![0u8; len]);
+            let rebuild = row.rebuild;
+            for (s, shard) in row.shards.iter_mut().enumerate() {
+                if (rebuild && usable(s)) || (!rebuild && s < d && need[s]) {
+                    *shard = Some(vec![0u8; len]);
                 }
             }
         }
-        if !self.row_io(&mut rows, devs, ext, failures, false) {
+        if !self.row_io(&mut rows, devs, ext, None, failures, false) {
             return;
         }
         // Rebuild, apply the writes, recompute parity.
@@ -610,7 +639,7 @@ impl Space {
                 row.shards.iter_mut().for_each(|s| *s = None);
             }
         }
-        if !self.row_io(&mut rows, devs, ext, failures, true) {
+        if !self.row_io(&mut rows, devs, ext, rebuilding, failures, true) {
             // Reads of the batch are done; the writes run again without the failed member.
             for &pi in parents {
                 if matches!(seg[pi].op, Op::Read { .. }) && !seg[pi].is_complete() {
@@ -638,6 +667,7 @@ impl Space {
         rows: &mut BTreeMap<(u64, u64), RowOp>,
         devs: &Devs,
         ext: &[Option<Vec<Slot>>],
+        rebuilding: Option<&Rebuild>,
         failures: &mut Vec<(usize, Error)>,
         write: bool,
     ) -> bool {
@@ -647,18 +677,31 @@ impl Space {
         for row in rows.values_mut() {
             let slots = ext[row.extent as usize].as_ref().expect("allocated");
             let off = layout.slab_offset(row.row, row.lo);
+            if write {
+                let shadows = match rebuilding {
+                    Some((e, t)) if *e == row.extent => &t[..],
+                    _ => &[],
+                };
+                for (shard, buf) in row.shards.iter().enumerate() {
+                    let Some(buf) = buf else { continue };
+                    let si = self.shard_slot(row.row, shard);
+                    if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
+                        // The slab being rebuilt gets the write too.
+                        per[new.member].push(Request::write(self.phys(new, off), buf));
+                    }
+                    let s = slots[si];
+                    if devs[s.member].is_some() {
+                        per[s.member].push(Request::write(self.phys(s, off), buf));
+                    }
+                }
+                continue;
+            }
             for (shard, buf) in row.shards.iter_mut().enumerate() {
                 let Some(buf) = buf else { continue };
                 let s = slots[self.shard_slot(row.row, shard)];
-                if devs[s.member].is_none() {
-                    continue;
+                if devs[s.member].is_some() {
+                    per[s.member].push(Request::read(self.phys(s, off), buf));
                 }
-                let at = self.phys(s, off);
-                per[s.member].push(if write {
-                    Request::write(at, buf)
-                } else {
-                    Request::read(at, buf)
-                });
             }
         }
         run_members(devs, &mut per);

@@ -1,0 +1,452 @@
+//! Repair: adding disks, retiring and removing them, and rebuilding the slabs of lost or retired
+//! members onto healthy ones, online.
+//!
+//! A rebuild works an extent at a time. It takes a free slab on a healthy member that holds no
+//! other slot of the extent, for every slot of the extent that is on a lost (missing or failed)
+//! or retired member; from then on writes to the extent also go to the new slabs. It then copies
+//! the extent's slot contents a chunk (1 MiB) at a time with the space's I/O held off for that
+//! chunk only: from the retired member itself, from another copy (mirror), or rebuilt from the
+//! rest of the row (parity). At the end of the extent the new slabs replace the old ones in the
+//! pool metadata (one metadata update per extent), so an interrupted repair resumes from the
+//! first extent not yet switched.
+
+use crate::error::{invalid, SpacesError};
+use crate::format::{MemberMeta, MemberState, Slot, MAX_MEMBERS};
+use crate::layout::{Layout, Resiliency};
+use crate::pool::{lock, read_best, Allocator, MemberRt, Pool, PoolDisk};
+use crate::{code, Space};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use uuid::Uuid;
+use vstor_core::{BlockDevice, Result};
+
+/// Bytes a rebuild copies with the space's I/O held off.
+const CHUNK: u64 = 1 << 20;
+
+/// What a repair did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Extents whose lost or retired slabs were rebuilt.
+    pub extents: u64,
+    /// Slabs rebuilt.
+    pub slabs: u64,
+    /// Bytes written to new slabs.
+    pub bytes: u64,
+    /// Extents that lost more than their resiliency tolerates (their data is gone).
+    pub unrecoverable: Vec<String>,
+}
+
+/// One extent to rebuild.
+struct Work {
+    space: String,
+    id: Uuid,
+    extent: u64,
+    bad: Vec<usize>,
+}
+
+impl Pool {
+    /// Adds a disk to the pool (it must not belong to a pool); returns its member index. New
+    /// slabs may go to it at once, and a repair can rebuild onto it.
+    pub fn add_disk(&self, disk: PoolDisk) -> Result<usize> {
+        if self.inner.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        if let Some((m, _)) = read_best(&disk)? {
+            return Err(SpacesError::ForeignMember {
+                disk: disk.name,
+                reason: format!("already a member of pool {}", m.pool_id),
+            }
+            .into());
+        }
+        let info = disk.device.info();
+        if info.read_only || info.logical_sector_size > 4096 {
+            return Err(invalid(format!(
+                "{} is read-only or has sectors over 4096 bytes",
+                disk.name
+            )));
+        }
+        let mut meta = lock(&self.inner.meta);
+        if meta.members.len() >= MAX_MEMBERS {
+            return Err(invalid(format!("a pool has at most {MAX_MEMBERS} members")));
+        }
+        let cap = info.capacity;
+        let slabs = cap.saturating_sub(meta.data_start) / meta.slab_size;
+        if slabs == 0 {
+            return Err(SpacesError::DiskTooSmall {
+                disk: disk.name,
+                size: cap,
+                needed: meta.data_start + meta.slab_size,
+            }
+            .into());
+        }
+        let mut next = meta.clone();
+        next.members.push(MemberMeta {
+            id: Uuid::new_v4(),
+            capacity: cap,
+            slab_count: slabs.min(u64::from(u32::MAX - 1)) as u32,
+            state: MemberState::Healthy,
+        });
+        if next.blob_len() > next.slot_size {
+            return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
+        }
+        self.inner.members_write().push(MemberRt {
+            name: Some(disk.name),
+            device: Some(disk.device),
+            usable: true,
+            seen_sequence: None,
+        });
+        if let Err(e) = self.inner.persist(&mut next) {
+            self.inner.members_write().pop();
+            return Err(e);
+        }
+        *meta = next;
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(meta.members.len() - 1)
+    }
+
+    /// Retires a member: no new slabs go to it; [`repair`](Pool::repair) moves its slabs off.
+    pub fn retire_member(&self, index: usize) -> Result<()> {
+        self.set_state(index, MemberState::Retired, |s| {
+            matches!(s, MemberState::Healthy | MemberState::Retired)
+        })
+    }
+
+    /// Removes a member that holds no slab (after a repair moved them off). Its record stays as
+    /// a tombstone; the disk is no longer part of the pool.
+    pub fn remove_member(&self, index: usize) -> Result<()> {
+        let used = self.info().members.get(index).map(|m| m.slabs_used);
+        match used {
+            None => Err(invalid(format!("the pool has no member {index}"))),
+            Some(n) if n > 0 => Err(invalid(format!(
+                "member {index} holds {n} slabs; retire it and repair first"
+            ))),
+            Some(_) => {
+                self.set_state(index, MemberState::Removed, |_| true)?;
+                let mut rt = self.inner.members_write();
+                rt[index].usable = false;
+                rt[index].device = None;
+                Ok(())
+            }
+        }
+    }
+
+    fn set_state(
+        &self,
+        index: usize,
+        state: MemberState,
+        allowed: impl Fn(MemberState) -> bool,
+    ) -> Result<()> {
+        if self.inner.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        let mut meta = lock(&self.inner.meta);
+        let cur = meta
+            .members
+            .get(index)
+            .ok_or_else(|| invalid(format!("the pool has no member {index}")))?
+            .state;
+        if !allowed(cur) {
+            return Err(invalid(format!(
+                "member {index} is {}; it cannot become {}",
+                cur.name(),
+                state.name()
+            )));
+        }
+        let mut next = meta.clone();
+        next.members[index].state = state;
+        self.inner.persist(&mut next)?;
+        *meta = next;
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Rebuilds every slab of the space `name` (all spaces if `None`) that is on a lost or
+    /// retired member onto healthy members, online. `progress` is called with (bytes done,
+    /// bytes to do) after each chunk.
+    pub fn repair(
+        &self,
+        name: Option<&str>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RepairReport> {
+        if self.inner.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        let (work, slab_size) = {
+            let meta = lock(&self.inner.meta);
+            if let Some(n) = name {
+                if !meta.spaces.iter().any(|s| s.name == n) {
+                    return Err(SpacesError::NoSuchSpace(n.into()).into());
+                }
+            }
+            let rt = self.inner.members_read();
+            let bad = |m: usize| !rt[m].usable || meta.members[m].state == MemberState::Retired;
+            let mut work = Vec::new();
+            for s in meta
+                .spaces
+                .iter()
+                .filter(|s| name.is_none_or(|n| n == s.name))
+            {
+                for (e, slots) in s.extents.iter().enumerate() {
+                    let Some(slots) = slots else { continue };
+                    let b: Vec<usize> =
+                        (0..slots.len()).filter(|&i| bad(slots[i].member)).collect();
+                    if !b.is_empty() {
+                        work.push(Work {
+                            space: s.name.clone(),
+                            id: s.id,
+                            extent: e as u64,
+                            bad: b,
+                        });
+                    }
+                }
+            }
+            (work, meta.slab_size)
+        };
+        let total: u64 = work.iter().map(|w| w.bad.len() as u64 * slab_size).sum();
+        let mut report = RepairReport::default();
+        let mut done = 0;
+        progress(0, total);
+        for w in work {
+            let space = match self.open_space(&w.space) {
+                Ok(s) if s.shared.id == w.id => s,
+                _ => continue, // deleted meanwhile
+            };
+            match self.rebuild_extent(&space, &w, &mut |n| {
+                done += n;
+                progress(done, total);
+            })? {
+                Some(bytes) => {
+                    report.extents += 1;
+                    report.slabs += w.bad.len() as u64;
+                    report.bytes += bytes;
+                }
+                None => report.unrecoverable.push(format!(
+                    "space '{}' extent {}: more members lost than {} tolerates",
+                    w.space, w.extent, space.shared.layout.resiliency
+                )),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Rebuilds one extent; `None` if it cannot be rebuilt (too much is lost).
+    fn rebuild_extent(
+        &self,
+        space: &Space,
+        w: &Work,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Option<u64>> {
+        let inner = &self.inner;
+        let layout = space.shared.layout;
+        let (slots, new, data_start, slab_size) = {
+            let meta = lock(&inner.meta);
+            let Some(Some(slots)) = meta
+                .spaces
+                .iter()
+                .find(|s| s.id == w.id)
+                .and_then(|s| s.extents.get(w.extent as usize))
+                .cloned()
+            else {
+                return Ok(Some(0));
+            };
+            let rt = inner.members_read();
+            let readable = layout.extent_readable(|s| rt[slots[s].member].usable);
+            drop(rt);
+            if !readable {
+                return Ok(None);
+            }
+            let eligible = inner.eligible(&meta);
+            let mut reserved = lock(&inner.reserved);
+            let mut alloc = Allocator::new(&meta, &reserved, |m| eligible[m]);
+            let mut exclude: Vec<usize> = slots.iter().map(|s| s.member).collect();
+            let mut new = Vec::new();
+            for &si in &w.bad {
+                let got = alloc
+                    .extent(1, &exclude)
+                    .ok_or_else(|| SpacesError::TooFewDisks {
+                        what: format!(
+                            "rebuilding extent {} of '{}' ({}) onto a disk it does not use yet",
+                            w.extent, w.space, layout.resiliency
+                        ),
+                        needed: layout.width + 1,
+                        available: eligible.iter().filter(|&&e| e).count(),
+                    })?;
+                exclude.push(got[0].member);
+                reserved.push(got[0]);
+                new.push((si, got[0]));
+            }
+            (slots, new, meta.data_start, meta.slab_size)
+        };
+        let release = || {
+            let mut r = lock(&inner.reserved);
+            r.retain(|s| !new.iter().any(|(_, n)| n == s));
+        };
+        *space
+            .shared
+            .rebuilding
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some((w.extent, new.clone()));
+        let chunk = CHUNK.max(layout.interleave).min(slab_size);
+        let mut bytes = 0;
+        let mut result = Ok(());
+        let mut off = 0;
+        while off < slab_size {
+            let _io_held = space
+                .shared
+                .extents
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let devs = inner.snapshot();
+            let r = copy_chunk(
+                &layout, &slots, &new, &devs, data_start, slab_size, off, chunk,
+            );
+            drop(_io_held);
+            if let Err(e) = r {
+                result = Err(e);
+                break;
+            }
+            bytes += chunk * new.len() as u64;
+            progress(chunk * new.len() as u64);
+            off += chunk;
+        }
+        if let Err(e) = result {
+            *space
+                .shared
+                .rebuilding
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+            release();
+            return Err(e);
+        }
+        // Switch: the new slabs replace the old in the metadata, then in the map.
+        let mut meta = lock(&inner.meta);
+        let mut next = meta.clone();
+        let Some(target) = next
+            .spaces
+            .iter_mut()
+            .find(|s| s.id == w.id)
+            .and_then(|s| s.extents.get_mut(w.extent as usize))
+            .and_then(Option::as_mut)
+        else {
+            *space
+                .shared
+                .rebuilding
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+            release();
+            return Ok(Some(0));
+        };
+        for &(si, n) in &new {
+            target[si] = n;
+        }
+        let switched = target.clone();
+        let persisted = inner.persist(&mut next);
+        if persisted.is_ok() {
+            *meta = next;
+        }
+        {
+            let mut ext = space
+                .shared
+                .extents
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            if persisted.is_ok() {
+                ext[w.extent as usize] = Some(switched);
+            }
+            *space
+                .shared
+                .rebuilding
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        drop(meta);
+        release();
+        inner.epoch.fetch_add(1, Ordering::AcqRel);
+        persisted.map(|()| Some(bytes))
+    }
+}
+
+/// Copies `[off, off + len)` of every rebuilt slot of an extent into its new slab.
+#[allow(clippy::too_many_arguments)]
+fn copy_chunk(
+    layout: &Layout,
+    slots: &[Slot],
+    new: &[(usize, Slot)],
+    devs: &[Option<Arc<dyn BlockDevice>>],
+    data_start: u64,
+    slab_size: u64,
+    off: u64,
+    len: u64,
+) -> Result<()> {
+    let at = |s: Slot| data_start + u64::from(s.slab) * slab_size + off;
+    let dev = |m: usize| {
+        devs[m]
+            .as_ref()
+            .ok_or_else(|| invalid(format!("member {m} is not usable")))
+    };
+    let usable = |si: usize| devs[slots[si].member].is_some();
+    let mut buf = vec![0u8; len as usize];
+    let lost: Vec<usize> = new.iter().map(|x| x.0).filter(|&si| !usable(si)).collect();
+    // Retired (still readable) slots: copy straight across.
+    for &(si, n) in new.iter().filter(|x| usable(x.0)) {
+        dev(slots[si].member)?.read_at(at(slots[si]), &mut buf)?;
+        dev(n.member)?.write_at(at(n), &buf)?;
+    }
+    if lost.is_empty() {
+        return Ok(());
+    }
+    match layout.resiliency {
+        Resiliency::Simple => Err(invalid("a simple space has no other copy")),
+        Resiliency::Mirror { copies } => {
+            let k = usize::from(copies);
+            for &si in &lost {
+                let col = si / k;
+                let src = (0..k)
+                    .map(|c| col * k + c)
+                    .find(|&s| usable(s))
+                    .ok_or_else(|| invalid("no copy left"))?;
+                dev(slots[src].member)?.read_at(at(slots[src]), &mut buf)?;
+                let n = new.iter().find(|x| x.0 == si).expect("planned").1;
+                dev(n.member)?.write_at(at(n), &buf)?;
+            }
+            Ok(())
+        }
+        Resiliency::Parity { .. } => {
+            let w = layout.width;
+            let d = layout.data_columns;
+            let il = layout.interleave as usize;
+            let mut have: Vec<Option<Vec<u8>>> = vec![None; w];
+            for (si, h) in have.iter_mut().enumerate() {
+                if usable(si) {
+                    let mut b = vec![0u8; len as usize];
+                    dev(slots[si].member)?.read_at(at(slots[si]), &mut b)?;
+                    *h = Some(b);
+                }
+            }
+            let mut out: Vec<Vec<u8>> = lost.iter().map(|_| vec![0u8; len as usize]).collect();
+            let first_row = off / layout.interleave;
+            for r in 0..(len as usize / il) {
+                let row = first_row + r as u64;
+                let rot = (row % w as u64) as usize;
+                let mut shards: Vec<Option<Vec<u8>>> = vec![None; w];
+                for (si, h) in have.iter().enumerate() {
+                    if let Some(h) = h {
+                        shards[(si + w - rot) % w] = Some(h[r * il..(r + 1) * il].to_vec());
+                    }
+                }
+                if !code::reconstruct(&mut shards, d, il) {
+                    return Err(invalid("too many shards lost"));
+                }
+                for (o, &si) in out.iter_mut().zip(&lost) {
+                    let s = shards[(si + w - rot) % w].as_deref().expect("rebuilt");
+                    o[r * il..(r + 1) * il].copy_from_slice(s);
+                }
+            }
+            for (o, &si) in out.iter().zip(&lost) {
+                let n = new.iter().find(|x| x.0 == si).expect("planned").1;
+                dev(n.member)?.write_at(at(n), o)?;
+            }
+            Ok(())
+        }
+    }
+}
