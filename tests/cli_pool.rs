@@ -358,3 +358,107 @@ fn bad_input_fails_with_one_line() {
     let e = fails(&["pool", "info", d]);
     assert!(e.contains("belongs to pool"), "{e}");
 }
+
+#[test]
+fn repair_after_a_failure_and_retire_remove_a_disk() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "3",
+        "--disk-size",
+        "16M",
+        "--slab-size",
+        "1M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "p",
+        "--size",
+        "4M",
+        "--resiliency",
+        "parity",
+        "--interleave",
+        "16k",
+    ]);
+    let target = format!("pool:{d}/p");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "0",
+        "--length",
+        "4M",
+        "--pattern",
+        "0x77",
+    ]);
+    // Lose disk1, write degraded, add a disk, repair.
+    let away = t.path().join("away.raw");
+    std::fs::rename(dir.join("disk1.raw"), &away).unwrap();
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "8k",
+        "--length",
+        "8k",
+        "--pattern",
+        "0x12",
+    ]);
+    let pool = json(&ok(&[
+        "pool",
+        "add-disk",
+        d,
+        "--disk-size",
+        "16M",
+        "--json",
+    ]));
+    assert_eq!(pool["members"].as_array().unwrap().len(), 4);
+    assert!(
+        dir.join("disk1.raw").exists(),
+        "the new disk takes the first free name"
+    );
+    let r = json(&ok(&["space", "repair", d, "--json"]));
+    assert!(r["slabs"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["health"][0]["health"], "healthy");
+    let sp = json(&ok(&["space", "info", d, "p", "--json"]));
+    assert_eq!(sp["health"], "healthy");
+    let dump = ok(&["disk", "read", &target, "--offset", "8k", "--length", "16"]);
+    assert!(dump.contains("1212") || dump.contains("12 12"), "{dump}");
+    let dump = ok(&["disk", "read", &target, "--offset", "1M", "--length", "16"]);
+    assert!(dump.contains("7777") || dump.contains("77 77"), "{dump}");
+    // The lost member holds nothing now: remove it.
+    let pool = json(&ok(&["pool", "info", d, "--json"]));
+    let lost = pool["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["state"] == "missing")
+        .unwrap()["index"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    ok(&["pool", "remove-disk", d, &lost]);
+    // Retire disk0, repair moves its slabs off, then remove it.
+    ok(&["pool", "add-disk", d, "--disk-size", "16M"]);
+    ok(&["pool", "retire-disk", d, "disk0.raw"]);
+    let e = fails(&["pool", "remove-disk", d, "disk0.raw"]);
+    assert!(e.contains("repair first"), "{e}");
+    ok(&["space", "repair", d, "p"]);
+    ok(&["pool", "remove-disk", d, "disk0.raw"]);
+    std::fs::remove_file(dir.join("disk0.raw")).unwrap();
+    let pool = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(pool["notes"].as_array().unwrap().is_empty(), "{pool}");
+    let dump = ok(&["disk", "read", &target, "--offset", "3M", "--length", "16"]);
+    assert!(dump.contains("7777") || dump.contains("77 77"), "{dump}");
+    let e = fails(&["pool", "retire-disk", d, "nosuch.raw"]);
+    assert!(e.contains("no member 'nosuch.raw'"), "{e}");
+}

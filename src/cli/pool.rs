@@ -1,13 +1,14 @@
 //! `vstor pool ...` and `vstor space ...`: storage pools and the spaces in them.
 
-use super::size_arg;
+use super::{progress_bar, size_arg};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use vstor::core::FileOptions;
+use std::sync::Arc;
+use vstor::core::{FileDevice, FileOptions};
 use vstor::spaces::{
-    CreateOptions, OpenOptions, Pool, PoolInfo, Provisioning, Resiliency, SpaceHealth, SpaceInfo,
-    SpaceSpec,
+    CreateOptions, OpenOptions, Pool, PoolDisk, PoolInfo, Provisioning, Resiliency, SpaceHealth,
+    SpaceInfo, SpaceSpec,
 };
 use vstor::{format_size, Error};
 
@@ -24,6 +25,21 @@ pub enum PoolCommand {
         after_help = "Examples:\n  vstor pool info /srv/pool\n  vstor pool info /srv/pool --json"
     )]
     Info(PoolInfoArgs),
+    /// Add a new file-backed disk to a pool (Add-PhysicalDisk).
+    #[command(
+        after_help = "Example:\n  vstor pool add-disk /srv/pool --disk-size 10G\n\
+        Then `vstor space repair /srv/pool` rebuilds onto it what lost disks held."
+    )]
+    AddDisk(AddDiskArgs),
+    /// Retire a disk: no new slabs go to it; `space repair` moves its slabs off.
+    #[command(
+        after_help = "Example:\n  vstor pool retire-disk /srv/pool disk2.raw\n  \
+        vstor space repair /srv/pool\n  vstor pool remove-disk /srv/pool disk2.raw"
+    )]
+    RetireDisk(DiskRefArgs),
+    /// Remove a disk that holds no slabs (retired and repaired, or failed and repaired).
+    #[command(after_help = "Example:\n  vstor pool remove-disk /srv/pool 2")]
+    RemoveDisk(DiskRefArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,6 +62,43 @@ pub enum SpaceCommand {
     /// Delete a space; its slabs become free (Remove-VirtualDisk).
     #[command(after_help = "Example:\n  vstor space delete /srv/pool data")]
     Delete(SpaceDeleteArgs),
+    /// Rebuild the copies and parity that lost or retired disks held onto healthy disks
+    /// (Repair-VirtualDisk); all spaces unless NAME is given.
+    #[command(
+        after_help = "Examples:\n  vstor space repair /srv/pool\n  vstor space repair /srv/pool data --json"
+    )]
+    Repair(SpaceRepairArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddDiskArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// Size of the new disk.
+    #[arg(long, value_parser = size_arg)]
+    disk_size: u64,
+    /// Report the pool as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DiskRefArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// The disk: its member index or its file name.
+    disk: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SpaceRepairArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// Only this space.
+    name: Option<String>,
+    /// Report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -169,7 +222,55 @@ pub fn run_pool(cmd: PoolCommand) -> Result<(), Error> {
             print_pool(&pool.info(), a.json);
             Ok(())
         }
+        PoolCommand::AddDisk(a) => {
+            let pool = open(&a.dir, false)?;
+            let path = (0..)
+                .map(|i| a.dir.join(format!("disk{i}.raw")))
+                .find(|p| !p.exists())
+                .expect("a free name");
+            let dev = FileDevice::create(&path, a.disk_size, &FileOptions::default())?;
+            let added = pool.add_disk(PoolDisk::new(path.display().to_string(), Arc::new(dev)));
+            if let Err(e) = added {
+                let _ = std::fs::remove_file(&path);
+                return Err(e.into());
+            }
+            print_pool(&pool.info(), a.json);
+            Ok(())
+        }
+        PoolCommand::RetireDisk(a) => {
+            let pool = open(&a.dir, false)?;
+            let i = member(&pool, &a.disk)?;
+            pool.retire_member(i)?;
+            println!("member {i} retired; `vstor space repair` moves its slabs off");
+            Ok(())
+        }
+        PoolCommand::RemoveDisk(a) => {
+            let pool = open(&a.dir, false)?;
+            let i = member(&pool, &a.disk)?;
+            pool.remove_member(i)?;
+            println!("member {i} removed from the pool");
+            Ok(())
+        }
     }
+}
+
+/// A member by index or file name.
+fn member(pool: &Pool, disk: &str) -> Result<usize, Error> {
+    let info = pool.info();
+    if let Ok(i) = disk.parse::<usize>() {
+        if i < info.members.len() {
+            return Ok(i);
+        }
+    }
+    info.members
+        .iter()
+        .find(|m| {
+            m.disk
+                .as_deref()
+                .is_some_and(|d| d == disk || Path::new(d).file_name().is_some_and(|f| f == disk))
+        })
+        .map(|m| m.index)
+        .ok_or_else(|| Error::InvalidArgument(format!("no member '{disk}' in the pool")))
 }
 
 pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
@@ -254,6 +355,65 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
             let pool = open(&a.dir, true)?;
             print_space(&pool.space_info(&a.name)?, a.json);
             Ok(())
+        }
+        SpaceCommand::Repair(a) => {
+            let pool = open(&a.dir, false)?;
+            let pb = progress_bar(0, "repair");
+            let report = pool.repair(a.name.as_deref(), &mut |done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            let health: Vec<(String, &'static str)> = pool
+                .spaces()
+                .iter()
+                .map(|s| (s.name.clone(), s.health.name()))
+                .collect();
+            if a.json {
+                #[derive(Serialize)]
+                struct R<'a> {
+                    extents: u64,
+                    slabs: u64,
+                    bytes: u64,
+                    unrecoverable: &'a [String],
+                    health: Vec<serde_json::Value>,
+                }
+                let r = R {
+                    extents: report.extents,
+                    slabs: report.slabs,
+                    bytes: report.bytes,
+                    unrecoverable: &report.unrecoverable,
+                    health: health
+                        .iter()
+                        .map(|(n, h)| serde_json::json!({"space": n, "health": h}))
+                        .collect(),
+                };
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("serializable")
+                );
+            } else {
+                println!(
+                    "rebuilt {} slabs in {} extents ({})",
+                    report.slabs,
+                    report.extents,
+                    format_size(report.bytes)
+                );
+                for u in &report.unrecoverable {
+                    println!("unrecoverable: {u}");
+                }
+                for (n, h) in &health {
+                    println!("{n}: {h}");
+                }
+            }
+            if report.unrecoverable.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Failed(format!(
+                    "{} extents could not be rebuilt",
+                    report.unrecoverable.len()
+                )))
+            }
         }
         SpaceCommand::Delete(a) => {
             let pool = open(&a.dir, false)?;
