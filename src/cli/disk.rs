@@ -48,6 +48,43 @@ pub enum DiskCommand {
         Add --random for uniformly random offsets, -w for writes, --engine sync for the portable engine."
     )]
     Bench(BenchArgs),
+    /// Grow or shrink a VHDX (Resize-VHD); never cuts data: below the data it fails naming
+    /// the smallest size, which --to-minimum picks.
+    #[command(
+        after_help = "Examples:\n  vstor disk resize /tmp/d.vhdx --size 20G\n  \
+        vstor disk resize /tmp/d.vhdx --to-minimum --json"
+    )]
+    Resize(super::lifecycle::ResizeArgs),
+    /// Give back the space of unmapped (and with --full, all-zero) blocks and shrink the file
+    /// (Optimize-VHD).
+    #[command(after_help = "Example:\n  vstor disk compact /tmp/d.vhdx --full")]
+    Compact(super::lifecycle::CompactArgs),
+    /// Copy a disk into a new VHDX or raw file: raw to VHDX and back, fixed to dynamic and
+    /// back, a chain flattened, a legacy VHD to VHDX. Zero regions stay unallocated.
+    #[command(
+        after_help = "Examples:\n  vstor disk convert d.raw d.vhdx --block-size 1M\n  \
+        vstor disk convert child.avhdx flat.raw\n  \
+        vstor disk convert old.vhd new.vhdx --fixed"
+    )]
+    Convert(super::lifecycle::ConvertArgs),
+    /// Fold a differencing disk into its parent or an ancestor (Merge-VHD); the merged disks
+    /// are deleted.
+    #[command(after_help = "Examples:\n  vstor disk merge child.avhdx\n  \
+        vstor disk merge grandchild.avhdx --into base.vhdx")]
+    Merge(super::lifecycle::MergeArgs),
+    /// Freeze a disk: writes continue in a new differencing child (.avhdx).
+    #[command(after_help = "Example:\n  vstor disk checkpoint vm.vhdx")]
+    Checkpoint(super::lifecycle::CheckpointArgs),
+    /// Copy a disk (its chain flattened) into a new independent VHDX.
+    #[command(after_help = "Example:\n  vstor disk clone vm.avhdx copy.vhdx")]
+    Clone(super::lifecycle::CloneArgs),
+    /// Change a VHDX: its parent (a moved parent; linkage checked) or its physical sector
+    /// size (Set-VHD).
+    #[command(
+        after_help = "Examples:\n  vstor disk set child.avhdx --parent /new/place/base.vhdx\n  \
+        vstor disk set d.vhdx --physical-sector-size 4096"
+    )]
+    Set(super::lifecycle::SetArgs),
 }
 
 /// I/O options shared by the commands that open a target.
@@ -243,6 +280,13 @@ pub fn run(cmd: DiskCommand) -> Result<(), Error> {
         DiskCommand::Read(a) => read(a),
         DiskCommand::Write(a) => write(a),
         DiskCommand::Bench(a) => bench_cmd(a),
+        DiskCommand::Resize(a) => super::lifecycle::resize(a),
+        DiskCommand::Compact(a) => super::lifecycle::compact(a),
+        DiskCommand::Convert(a) => super::lifecycle::convert(a),
+        DiskCommand::Merge(a) => super::lifecycle::merge(a),
+        DiskCommand::Checkpoint(a) => super::lifecycle::checkpoint(a),
+        DiskCommand::Clone(a) => super::lifecycle::clone(a),
+        DiskCommand::Set(a) => super::lifecycle::set(a),
     }
 }
 

@@ -3,6 +3,7 @@
 mod demo;
 mod disk;
 mod hexdump;
+mod lifecycle;
 mod pool;
 mod qos;
 mod vhdx;

@@ -27,7 +27,7 @@ pub enum Fill {
 }
 
 /// What to do with each part of a range: consecutive (length, fill) pieces.
-pub type AllocationMap<'a> = &'a dyn Fn(u64, u64) -> Result<Vec<(u64, Fill)>>;
+pub type AllocationMap<'a> = &'a (dyn Fn(u64, u64) -> Result<Vec<(u64, Fill)>> + Sync);
 
 /// The output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,9 +186,20 @@ pub fn convert(
     r
 }
 
+/// One window of the copy, read and ready to write.
+struct Window {
+    /// Data ranges with their bytes.
+    data: Vec<(u64, Vec<u8>)>,
+    /// Ranges to zero.
+    zeros: Vec<(u64, u64)>,
+    /// Where the window ends.
+    end: u64,
+}
+
 /// Copies `src` into `dst` (same size or larger) as `map` says (everything when `None`).
 /// With `dst_is_zero`, `dst` reads as zeros where nothing is written, so zero runs of data
-/// are not written.
+/// are not written. Reading and writing overlap: one thread reads the next window while the
+/// caller's thread writes the last one.
 pub fn copy_all(
     src: &dyn BlockDevice,
     map: Option<AllocationMap<'_>>,
@@ -197,102 +208,111 @@ pub fn copy_all(
     job: &Job,
 ) -> Result<ConvertReport> {
     let size = src.capacity();
-    let mut rep = ConvertReport {
-        size,
-        ..Default::default()
-    };
     let window = PIECE * DEPTH;
-    let mut bufs: Vec<Vec<u8>> = (0..DEPTH).map(|_| vec![0u8; PIECE as usize]).collect();
-    let mut pos = 0u64;
-    while pos < size {
-        job.check("convert")?;
-        let len = window.min(size - pos);
-        let pieces = match map {
-            Some(m) => m(pos, len)?,
-            None => vec![(len, Fill::Data)],
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Window>>(2);
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|sc| {
+        sc.spawn(move || {
+            let read_one = |pos: u64| -> Result<Window> {
+                let len = window.min(size - pos);
+                let pieces = match map {
+                    Some(m) => m(pos, len)?,
+                    None => vec![(len, Fill::Data)],
+                };
+                let mut w = Window {
+                    data: Vec::new(),
+                    zeros: Vec::new(),
+                    end: pos + len,
+                };
+                let mut at = pos;
+                for (n, fill) in pieces {
+                    match fill {
+                        Fill::Zero => w.zeros.push((at, n)),
+                        Fill::Skip => {}
+                        Fill::Data => {
+                            let mut o = at;
+                            while o < at + n {
+                                let l = (at + n - o).min(PIECE - (o - pos) % PIECE);
+                                let mut b = back_rx
+                                    .try_recv()
+                                    .unwrap_or_else(|_| vec![0u8; PIECE as usize]);
+                                b.truncate(l as usize);
+                                w.data.push((o, b));
+                                o += l;
+                            }
+                        }
+                    }
+                    at += n;
+                }
+                let mut reads: Vec<Request<'_>> = w
+                    .data
+                    .iter_mut()
+                    .map(|(o, b)| Request::read(*o, b))
+                    .collect();
+                src.submit_all(&mut reads)?;
+                drop(reads);
+                Ok(w)
+            };
+            let mut pos = 0;
+            while pos < size {
+                if job.is_cancelled() {
+                    return;
+                }
+                let w = read_one(pos);
+                let stop = w.is_err();
+                pos = w.as_ref().map(|w| w.end).unwrap_or(size);
+                if tx.send(w).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let mut rep = ConvertReport {
+            size,
+            ..Default::default()
         };
-        // The data ranges of this window, cut into pieces.
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        let mut at = pos;
-        for (n, fill) in pieces {
-            if fill == Fill::Zero {
-                dst.write_zeroes(at, n)?;
+        let mut pos = 0;
+        while pos < size {
+            job.check("convert")?;
+            let w = rx
+                .recv()
+                .map_err(|_| Error::Cancelled("convert".into()))??;
+            for &(o, n) in &w.zeros {
+                dst.write_zeroes(o, n)?;
                 rep.written_bytes += n;
             }
-            if fill == Fill::Data {
-                let mut o = at;
-                while o < at + n {
-                    let l = (at + n - o).min(PIECE - (o - pos) % PIECE);
-                    ranges.push((o, l));
-                    o += l;
-                }
-            }
-            at += n;
-        }
-        if !ranges.is_empty() {
-            let mut reads: Vec<Request<'_>> = Vec::with_capacity(ranges.len());
-            let mut rest: &mut [Vec<u8>] = &mut bufs;
-            // Several ranges may share a piece's buffer: carve each buffer in order.
-            let mut cur: Option<(&mut [u8], u64)> = None;
-            for &(o, l) in &ranges {
-                let piece = (o - pos) / PIECE;
-                let need_new = cur.as_ref().is_none_or(|(_, p)| *p != piece);
-                if need_new {
-                    let (first, tail) = std::mem::take(&mut rest)
-                        .split_first_mut()
-                        .expect("one buffer per piece");
-                    rest = tail;
-                    let skip = ((o - pos) % PIECE) as usize;
-                    cur = Some((&mut first[skip..], piece));
-                }
-                let (b, p) = cur.take().expect("set");
-                let (head, tail) = b.split_at_mut(l as usize);
-                reads.push(Request::read(o, head));
-                cur = Some((tail, p));
-            }
-            src.submit_all(&mut reads)?;
-            drop(reads);
-            rep.read_bytes += ranges.iter().map(|r| r.1).sum::<u64>();
-            // Non-zero runs, written together.
-            let mut writes: Vec<(u64, usize, usize, usize)> = Vec::new();
-            let mut bi = 0usize;
-            let mut last_piece = u64::MAX;
-            let mut boff = 0usize;
-            for &(o, l) in &ranges {
-                let piece = (o - pos) / PIECE;
-                if piece != last_piece {
-                    if last_piece != u64::MAX {
-                        bi += 1;
-                    }
-                    last_piece = piece;
-                    boff = ((o - pos) % PIECE) as usize;
-                }
+            let mut runs: Vec<(u64, &[u8])> = Vec::new();
+            for (o, b) in &w.data {
+                rep.read_bytes += b.len() as u64;
                 let mut s = 0usize;
-                while s < l as usize {
-                    let e = (s + ZERO_RUN - (o as usize + s) % ZERO_RUN).min(l as usize);
-                    if !dst_is_zero || !is_zero(&bufs[bi][boff + s..boff + e]) {
-                        match writes.last_mut() {
-                            Some(w) if w.1 == bi && w.0 + (w.3 - w.2) as u64 == o + s as u64 => {
-                                w.3 = boff + e
+                while s < b.len() {
+                    let e = (s + ZERO_RUN - (*o as usize + s) % ZERO_RUN).min(b.len());
+                    let piece = &b[s..e];
+                    if !dst_is_zero || !is_zero(piece) {
+                        let at = *o + s as u64;
+                        match runs.last_mut() {
+                            Some((ro, rb)) if *ro + rb.len() as u64 == at && s > 0 => {
+                                *rb = &b[(*ro - *o) as usize..e];
                             }
-                            _ => writes.push((o + s as u64, bi, boff + s, boff + e)),
+                            _ => runs.push((at, piece)),
                         }
                     }
                     s = e;
                 }
-                boff += l as usize;
             }
-            if !writes.is_empty() {
-                let mut reqs: Vec<Request<'_>> = writes
-                    .iter()
-                    .map(|&(o, b, s, e)| Request::write(o, &bufs[b][s..e]))
-                    .collect();
+            if !runs.is_empty() {
+                let mut reqs: Vec<Request<'_>> =
+                    runs.iter().map(|&(o, b)| Request::write(o, b)).collect();
                 dst.submit_all(&mut reqs)?;
-                rep.written_bytes += writes.iter().map(|w| (w.3 - w.2) as u64).sum::<u64>();
+                rep.written_bytes += runs.iter().map(|r| r.1.len() as u64).sum::<u64>();
             }
+            drop(runs);
+            for (_, mut b) in w.data {
+                b.resize(PIECE as usize, 0);
+                let _ = back_tx.send(b);
+            }
+            pos = w.end;
+            job.report(pos, size);
         }
-        pos += len;
-        job.report(pos, size);
-    }
-    Ok(rep)
+        Ok(rep)
+    })
 }

@@ -382,6 +382,48 @@ impl FileDevice {
         self.core.direct
     }
 
+    /// Which parts of [offset, offset+len) hold data and which are holes, as consecutive
+    /// (length, holds data) pieces, from the file system (SEEK_DATA/SEEK_HOLE). Where the file
+    /// system cannot tell (or for block devices), everything holds data.
+    pub fn data_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let end = offset.saturating_add(len).min(self.capacity());
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        let fd = self.core.file.as_raw_fd();
+        while pos < end {
+            // SAFETY: lseek on a descriptor this device owns; it only moves the file offset,
+            // which no I/O path here uses (they all use positioned reads and writes).
+            let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    out.push((end - pos, false));
+                } else {
+                    // The file system cannot say: all data.
+                    out.push((end - pos, true));
+                }
+                break;
+            }
+            let data = (data as u64).min(end);
+            if data > pos {
+                out.push((data - pos, false));
+                pos = data;
+                continue;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_HOLE) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            let hole = hole.max(pos + 1);
+            out.push((hole - pos, true));
+            pos = hole;
+        }
+        Ok(out)
+    }
+
     /// Why O_DIRECT was asked for but is not in effect, if so.
     pub fn direct_fallback(&self) -> Option<&str> {
         self.direct_fallback.as_deref()

@@ -158,7 +158,7 @@ impl Vhdx {
             .iter()
             .map(|i| i.offset as u64 + i.length as u64)
             .max()
-            .unwrap_or(METADATA_TABLE_SIZE as u64);
+            .unwrap_or(METADATA_TABLE_SIZE);
         for it in md.items.iter_mut() {
             let before = old.iter().find(|o| o.id == it.id);
             match before {

@@ -210,9 +210,9 @@ impl Vhdx {
             let mut raw = vec![0u8; (to - from) as usize];
             let first = (from / 8) as usize;
             let last = ((to / 8) as usize).min(vals.len());
-            for i in first..last {
+            for (i, v) in vals.iter().enumerate().take(last).skip(first) {
                 let at = i * 8 - from as usize;
-                raw[at..at + 8].copy_from_slice(&vals[i].to_le_bytes());
+                raw[at..at + 8].copy_from_slice(&v.to_le_bytes());
             }
             raw
         };

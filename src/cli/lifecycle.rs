@@ -1,0 +1,407 @@
+//! `vstor disk resize|compact|convert|merge|checkpoint|clone|set`: the VHDX lifecycle
+//! (Resize-VHD, Optimize-VHD, Convert-VHD, Merge-VHD, checkpoints, Set-VHD).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use vstor::core::{FileDevice, FileOptions, Job};
+use vstor::vhdx::convert::{self, ConvertOptions, Fill, Format};
+use vstor::vhdx::lifecycle;
+use vstor::vhdx::vpc::{ChainPlace, Vpc};
+use vstor::vhdx::{OpenOptions, Vhdx};
+use vstor::{format_size, Error, TargetKind, TargetSpec};
+
+use super::{progress_bar, size_arg};
+
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The VHDX file.
+    path: PathBuf,
+    /// The new virtual size (`10G`, `512M`).
+    #[arg(long, value_parser = size_arg, conflicts_with = "to_minimum", required_unless_present = "to_minimum")]
+    size: Option<u64>,
+    /// Shrink to the smallest size that keeps every block holding data.
+    #[arg(long)]
+    to_minimum: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The VHDX file.
+    path: PathBuf,
+    /// Also read every allocated block and release those that are all zeros.
+    #[arg(long)]
+    full: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutFormat {
+    /// VHDX.
+    Vhdx,
+    /// Raw (sparse) file.
+    Raw,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The source: a VHDX (with its chain, flattened), a legacy VHD (.vhd), or a raw file.
+    src: PathBuf,
+    /// The new file (must not exist).
+    dst: PathBuf,
+    /// The output format (by default from DST's extension: .vhdx/.avhdx is VHDX, else raw).
+    #[arg(long, value_enum)]
+    format: Option<OutFormat>,
+    /// A fixed VHDX (every block allocated).
+    #[arg(long)]
+    fixed: bool,
+    /// The VHDX block size (1M to 256M).
+    #[arg(long, value_parser = size_arg)]
+    block_size: Option<u64>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The differencing disk to fold in (it is deleted afterwards, with any disks between it
+    /// and the target).
+    child: PathBuf,
+    /// The ancestor to merge into (default: the parent).
+    #[arg(long)]
+    into: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// The disk to freeze.
+    path: PathBuf,
+    /// The new child (default: NAME_<GUID>.avhdx next to the disk).
+    #[arg(long)]
+    child: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The disk to copy (with its chain, flattened).
+    src: PathBuf,
+    /// The new independent VHDX (must not exist).
+    dst: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The VHDX file.
+    path: PathBuf,
+    /// A new parent for a differencing disk (the same disk moved or renamed).
+    #[arg(long)]
+    parent: Option<PathBuf>,
+    /// Link to --parent even if it is not the disk the child was made from.
+    #[arg(long, requires = "parent")]
+    ignore_linkage: bool,
+    /// The physical sector size reported to guests.
+    #[arg(long, value_parser = ["512", "4096"])]
+    physical_sector_size: Option<String>,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// A job with a progress bar (on a terminal) that Ctrl-C cancels at the next safe point.
+fn job(what: &str) -> (Job, indicatif::ProgressBar) {
+    let pb = progress_bar(0, what);
+    let p2 = pb.clone();
+    let job = Job::new().on_progress(move |done, total| {
+        p2.set_length(total);
+        p2.set_position(done);
+    });
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+    let j2 = job.clone();
+    std::thread::spawn(move || loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            j2.cancel();
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    });
+    (job, pb)
+}
+
+fn print(json_out: bool, j: serde_json::Value, text: String) {
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&j).expect("serializable")
+        );
+    } else {
+        println!("{text}");
+    }
+}
+
+fn open_rw(path: &Path) -> Result<Vhdx, Error> {
+    vhdx_only(path)?;
+    Ok(Vhdx::open(path, &OpenOptions::default())?)
+}
+
+fn vhdx_only(path: &Path) -> Result<(), Error> {
+    let spec: TargetSpec = path.to_string_lossy().parse()?;
+    if !matches!(spec.kind, TargetKind::Vhdx(_)) {
+        return Err(Error::Unsupported(format!(
+            "{}: this command works on VHDX files",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+pub fn resize(a: ResizeArgs) -> Result<(), Error> {
+    let v = open_rw(&a.path)?;
+    let size = match a.size {
+        Some(s) => s,
+        None => v.minimum_size(),
+    };
+    let (job, pb) = job("resize");
+    let t = Instant::now();
+    let r = v.resize_with(size, &job)?;
+    v.close()?;
+    pb.finish_and_clear();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    print(
+        a.json,
+        json!({"path": a.path, "old_size": r.old_size, "new_size": r.new_size,
+               "moved_blocks": r.moved_blocks, "bat_relocated": r.bat_relocated, "ms": ms}),
+        format!(
+            "{}: {} -> {} ({} blocks moved, {ms:.1} ms)",
+            a.path.display(),
+            format_size(r.old_size),
+            format_size(r.new_size),
+            r.moved_blocks
+        ),
+    );
+    Ok(())
+}
+
+pub fn compact(a: CompactArgs) -> Result<(), Error> {
+    let v = open_rw(&a.path)?;
+    let (job, pb) = job("compact");
+    let r = v.compact_with(a.full, &job)?;
+    v.close()?;
+    pb.finish_and_clear();
+    print(
+        a.json,
+        json!({"path": a.path, "old_file_size": r.old_file_size, "new_file_size": r.new_file_size,
+               "released_blocks": r.released_blocks, "moved_blocks": r.moved_blocks}),
+        format!(
+            "{}: file {} -> {} ({} blocks released, {} moved)",
+            a.path.display(),
+            format_size(r.old_file_size),
+            format_size(r.new_file_size),
+            r.released_blocks,
+            r.moved_blocks
+        ),
+    );
+    Ok(())
+}
+
+fn is_vhdx_name(p: &Path) -> bool {
+    matches!(
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("vhdx" | "avhdx")
+    )
+}
+
+pub fn convert(a: ConvertArgs) -> Result<(), Error> {
+    let format = match a.format {
+        Some(OutFormat::Vhdx) => Format::Vhdx,
+        Some(OutFormat::Raw) => Format::Raw,
+        None if is_vhdx_name(&a.dst) => Format::Vhdx,
+        None => Format::Raw,
+    };
+    if format == Format::Raw && (a.fixed || a.block_size.is_some()) {
+        return Err(Error::InvalidArgument(
+            "--fixed and --block-size describe a VHDX output; the output here is raw".into(),
+        ));
+    }
+    let block_size = a
+        .block_size
+        .map(|b| {
+            u32::try_from(b)
+                .map_err(|_| Error::InvalidArgument(format!("block size {b} is too large")))
+        })
+        .transpose()?;
+    let opts = ConvertOptions {
+        format,
+        fixed: a.fixed,
+        block_size,
+    };
+    let ext = a
+        .src
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let (job, pb) = job("convert");
+    let t = Instant::now();
+    let r = if is_vhdx_name(&a.src) {
+        let v = Vhdx::open(&a.src, &OpenOptions::read_only())?;
+        let map = |o: u64, l: u64| v.fills(o, l, None);
+        convert::convert(&v, Some(&map), &a.dst, &opts, &job)?
+    } else if ext.as_deref() == Some("vhd") {
+        let v = Vpc::open(&a.src)?;
+        let map = |o: u64, l: u64| -> vstor::core::Result<Vec<(u64, Fill)>> {
+            Ok(v.locate_chain(o, l)?
+                .into_iter()
+                .map(|(n, p)| {
+                    (
+                        n,
+                        if p == ChainPlace::Zero {
+                            Fill::Skip
+                        } else {
+                            Fill::Data
+                        },
+                    )
+                })
+                .collect())
+        };
+        convert::convert(&v, Some(&map), &a.dst, &opts, &job)?
+    } else {
+        let f = FileDevice::open(
+            &a.src,
+            &FileOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )?;
+        // Holes are not read (SEEK_DATA/SEEK_HOLE), as qemu-img does.
+        let map = |o: u64, l: u64| -> vstor::core::Result<Vec<(u64, Fill)>> {
+            Ok(f.data_ranges(o, l)?
+                .into_iter()
+                .map(|(n, d)| (n, if d { Fill::Data } else { Fill::Skip }))
+                .collect())
+        };
+        convert::convert(&f, Some(&map), &a.dst, &opts, &job)?
+    };
+    pb.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    print(
+        a.json,
+        json!({"src": a.src, "dst": a.dst, "size": r.size, "read_bytes": r.read_bytes,
+               "written_bytes": r.written_bytes, "seconds": secs}),
+        format!(
+            "{} -> {}: {} virtual, {} read, {} written in {secs:.2} s",
+            a.src.display(),
+            a.dst.display(),
+            format_size(r.size),
+            format_size(r.read_bytes),
+            format_size(r.written_bytes)
+        ),
+    );
+    Ok(())
+}
+
+pub fn merge(a: MergeArgs) -> Result<(), Error> {
+    vhdx_only(&a.child)?;
+    let (job, pb) = job("merge");
+    let t = Instant::now();
+    let r = lifecycle::merge(&a.child, a.into.as_deref(), &job)?;
+    pb.finish_and_clear();
+    let secs = t.elapsed().as_secs_f64();
+    print(
+        a.json,
+        json!({"into": r.into, "removed": r.removed, "copied_bytes": r.copied_bytes,
+               "size": r.size, "seconds": secs}),
+        format!(
+            "merged into {}: {} copied, removed {} ({secs:.2} s)",
+            r.into.display(),
+            format_size(r.copied_bytes),
+            r.removed
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    Ok(())
+}
+
+pub fn checkpoint(a: CheckpointArgs) -> Result<(), Error> {
+    vhdx_only(&a.path)?;
+    let child = lifecycle::checkpoint(&a.path, a.child.as_deref())?;
+    print(
+        a.json,
+        json!({"parent": a.path, "child": child}),
+        format!(
+            "{} is now read-only; write to {}",
+            a.path.display(),
+            child.display()
+        ),
+    );
+    Ok(())
+}
+
+pub fn clone(a: CloneArgs) -> Result<(), Error> {
+    vhdx_only(&a.src)?;
+    let (job, pb) = job("clone");
+    let r = lifecycle::clone(&a.src, &a.dst, &ConvertOptions::default(), &job)?;
+    pb.finish_and_clear();
+    print(
+        a.json,
+        json!({"src": a.src, "dst": a.dst, "size": r.size, "written_bytes": r.written_bytes}),
+        format!(
+            "{} -> {}: {} of data",
+            a.src.display(),
+            a.dst.display(),
+            format_size(r.written_bytes)
+        ),
+    );
+    Ok(())
+}
+
+pub fn set(a: SetArgs) -> Result<(), Error> {
+    vhdx_only(&a.path)?;
+    if a.parent.is_none() && a.physical_sector_size.is_none() {
+        return Err(Error::InvalidArgument(
+            "nothing to set: give --parent and/or --physical-sector-size".into(),
+        ));
+    }
+    if let Some(p) = &a.parent {
+        lifecycle::set_parent(&a.path, p, a.ignore_linkage)?;
+        println!("{}: parent is now {}", a.path.display(), p.display());
+    }
+    if let Some(s) = &a.physical_sector_size {
+        let v = Vhdx::open(&a.path, &OpenOptions::default())?;
+        v.set_physical_sector_size(s.parse().expect("validated by clap"))?;
+        v.close()?;
+        println!("{}: physical sector size is now {s}", a.path.display());
+    }
+    Ok(())
+}
