@@ -197,3 +197,22 @@ fn help_shows_examples() {
         assert!(h.contains("Example"), "{cmd}: {h}");
     }
 }
+
+#[test]
+fn check_repair_fixes_a_damaged_header_slot() {
+    use std::io::{Seek, SeekFrom, Write};
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("d.vhdx");
+    ok(&["disk", "create", s(&p), "--size", "16M"]);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.seek(SeekFrom::Start(64 * 1024 + 200)).unwrap();
+    f.write_all(&[0xEE; 8]).unwrap();
+    drop(f);
+    let e = fails(&["disk", "check", s(&p)]);
+    assert!(e.contains("not clean") || e.contains("error"), "{e}");
+    let o = common::vstor(&["disk", "check", s(&p), "--repair"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("repaired: header slot"), "{err}");
+    ok(&["disk", "check", s(&p)]);
+}

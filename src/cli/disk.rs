@@ -25,8 +25,11 @@ pub enum DiskCommand {
     )]
     Info(InfoArgs),
     /// Verify a VHDX file structure by structure (headers, region table, metadata, BAT,
-    /// sector bitmaps, log, leaked space); exit status 0 only when clean. Writes nothing.
-    #[command(after_help = "Example:\n  vstor disk check /tmp/d.vhdx --json")]
+    /// sector bitmaps, log, leaked space); exit status 0 only when clean. Writes nothing
+    /// unless --repair is given.
+    #[command(
+        after_help = "Examples:\n  vstor disk check /tmp/d.vhdx --json\n  vstor disk check /tmp/d.vhdx --repair"
+    )]
     Check(CheckArgs),
     /// Read bytes from a target: a hex dump (like xxd) or raw bytes into a file.
     #[command(
@@ -171,6 +174,10 @@ pub struct CheckArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Fix what can be fixed without guessing (a log left by a crash, a damaged header slot or
+    /// region table copy, leaked space), then check again and report the rest.
+    #[arg(long)]
+    repair: bool,
 }
 
 #[derive(Debug, Args)]
@@ -397,6 +404,9 @@ fn check(a: CheckArgs) -> Result<(), Error> {
             "{}: check verifies VHDX files (a raw file has no structure to check)",
             a.path.display()
         )));
+    }
+    if a.repair {
+        super::lifecycle::repair(&a.path)?;
     }
     super::vhdx::check_cmd(&a.path, a.json)
 }

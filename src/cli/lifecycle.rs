@@ -405,3 +405,27 @@ pub fn set(a: SetArgs) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// `disk check --repair`: repairs (saying what on stderr), then the caller checks again.
+pub fn repair(path: &Path) -> Result<(), Error> {
+    let before = vstor::vhdx::check::check(path)?;
+    if before.is_clean() {
+        eprintln!("{}: clean; nothing to repair", path.display());
+        return Ok(());
+    }
+    let v = Vhdx::open(path, &OpenOptions::default())?;
+    let (job, pb) = job("repair");
+    let done = v.repair(&job)?;
+    drop(v);
+    pb.finish_and_clear();
+    for d in &done {
+        eprintln!("repaired: {d}");
+    }
+    if done.is_empty() {
+        eprintln!(
+            "{}: nothing could be repaired without guessing",
+            path.display()
+        );
+    }
+    Ok(())
+}

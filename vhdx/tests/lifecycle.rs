@@ -416,3 +416,39 @@ fn a_checkpoint_freezes_the_parent() {
     assert!(all_of(&c) == now);
     let _ = Fill::Skip;
 }
+
+#[test]
+fn repair_fixes_a_damaged_header_a_region_table_copy_and_a_stale_log() {
+    use std::io::{Seek, SeekFrom, Write};
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("r.vhdx");
+    let want = sample(&p, 16 * MIB, MIB as u32);
+    // A stale log: written and flushed, never closed.
+    let v = Vhdx::open(&p, &OpenOptions::default()).unwrap();
+    v.write_at(MIB, &[0x77; 4096]).unwrap();
+    v.flush().unwrap();
+    std::mem::forget(v);
+    let mut want = want;
+    want[MIB as usize..(MIB + 4096) as usize].fill(0x77);
+    // Damage header slot 1 and the second region table copy; add tail space nobody owns.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.seek(SeekFrom::Start(128 * 1024 + 100)).unwrap();
+    f.write_all(&[0xFF; 16]).unwrap();
+    f.seek(SeekFrom::Start(256 * 1024 + 40)).unwrap();
+    f.write_all(&[0xFF; 16]).unwrap();
+    drop(f);
+    let r = check(&p).unwrap();
+    assert!(!r.is_clean());
+    assert!(r.log_entries_pending > 0, "{r:?}");
+    let v = Vhdx::open(&p, &OpenOptions::default()).unwrap();
+    let done = v.repair(&Job::new()).unwrap();
+    drop(v);
+    let all = done.join("\n");
+    assert!(all.contains("log"), "{all}");
+    assert!(all.contains("header slot"), "{all}");
+    assert!(all.contains("region table"), "{all}");
+    clean(&p);
+    qemu_img(&["check", "-f", "vhdx"], &[&p]);
+    let v = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&v) == want);
+}

@@ -133,6 +133,71 @@ impl Vhdx {
         Ok(rep)
     }
 
+    /// Fixes what can be fixed without guessing and says what it did: a log left by a crash
+    /// (replayed by the writable open that made `self`), a damaged header slot (both slots
+    /// rewritten from the current header), a damaged region table copy (both rewritten from the
+    /// good one), leaked space (given back by a compaction). Data is never touched.
+    pub fn repair(&self, job: &Job) -> Result<Vec<String>> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                op: vstor_core::OpKind::Write,
+            });
+        }
+        let mut done = Vec::new();
+        if let Some(r) = &self.replayed {
+            done.push(format!("log: {r}"));
+        }
+        if let Some(bad) = self.headers.slots.iter().position(|s| s.is_err()) {
+            // A session writes the other slot; closing it writes this one.
+            let mut m = self.lock();
+            self.start_session(&mut m)?;
+            drop(m);
+            self.close()?;
+            let mut m = self.lock();
+            self.start_session(&mut m)?;
+            drop(m);
+            self.close()?;
+            done.push(format!(
+                "header slot {bad}: rewritten from the current header"
+            ));
+        }
+        let regions = self.table().regions.clone();
+        if !regions.problems.is_empty() {
+            let t = self.table_mut();
+            let mut m = self.lock();
+            self.commit_locked(&t, &mut m)?;
+            self.start_session(&mut m)?;
+            let table = meta::region_table_bytes(&regions.all);
+            let mut pages: Vec<(u64, &[u8])> = Vec::new();
+            for base in REGION_TABLE_OFFSETS {
+                for (i, page) in table.chunks(4096).enumerate() {
+                    pages.push((base + i as u64 * 4096, page));
+                }
+            }
+            let (fl, ap) = (m.file_len, m.alloc_ptr.max(m.file_len));
+            m.log.write_entry(&*self.file, &[], &pages, fl, ap)?;
+            self.file.flush()?;
+            let mut reqs: Vec<Request<'_>> =
+                pages.iter().map(|(o, p)| Request::write(*o, p)).collect();
+            self.file.submit_all(&mut reqs)?;
+            self.file.flush()?;
+            done.push(format!(
+                "region table: both copies rewritten ({})",
+                regions.problems.join("; ")
+            ));
+        }
+        let before = self.file.capacity();
+        let c = self.compact_with(false, job)?;
+        if c.new_file_size < before || c.moved_blocks > 0 {
+            done.push(format!(
+                "space: file {} -> {} bytes ({} blocks moved into holes)",
+                before, c.new_file_size, c.moved_blocks
+            ));
+        }
+        self.close()?;
+        Ok(done)
+    }
+
     /// Rewrites the metadata region with `change` applied, through one log entry. Items whose
     /// data grows move to free space in the region.
     fn rewrite_metadata(
