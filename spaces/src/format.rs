@@ -1,8 +1,10 @@
 //! The on-disk pool metadata.
 //!
 //! Every member starts with two metadata slots of `slot_size` bytes (a power of two from 1 MiB
-//! to 64 MiB): slot A at offset 0 and slot B at offset `slot_size`. Data slabs follow at
-//! `data_start = 2 * slot_size`. An update writes the whole metadata, with the sequence number
+//! to 64 MiB): slot A at offset 0 and slot B at offset `slot_size`. The member's write-intent
+//! bitmap follows ([`BITMAP_SIZE`] bytes at `2 * slot_size`: bit `slab * CHUNKS_PER_SLAB +
+//! chunk` set means a write to that chunk of that slab of this member may be incomplete), and
+//! data slabs follow at `data_start = 2 * slot_size + BITMAP_SIZE`. An update writes the whole metadata, with the sequence number
 //! one higher, to the slot `sequence % 2` of every usable member and flushes; so a torn update
 //! leaves the other slot intact, and every member holds the whole pool's metadata (losing any
 //! set of members that leaves one keeps it).
@@ -42,6 +44,12 @@ pub const MAX_SPACES: usize = 64;
 pub const MAX_NAME: usize = 64;
 /// Slab member value of a thin extent not yet allocated.
 pub const UNALLOCATED: u32 = u32::MAX;
+/// Bytes of each member's write-intent bitmap.
+pub const BITMAP_SIZE: u64 = 1 << 20;
+/// Write-intent bitmap bits per slab: one per sixteenth of a slab.
+pub const CHUNKS_PER_SLAB: u64 = 16;
+/// The most slabs a member can have (its bitmap must hold them).
+pub const MAX_SLABS: u64 = BITMAP_SIZE * 8 / CHUNKS_PER_SLAB;
 
 /// The header of a metadata copy.
 #[derive(Clone, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -396,7 +404,7 @@ impl Meta {
         }
         if !slot_size.is_power_of_two()
             || !(MIN_SLOT..=MAX_SLOT).contains(&slot_size)
-            || data_start != 2 * slot_size
+            || data_start != 2 * slot_size + BITMAP_SIZE
         {
             return Err(bad(
                 96,
@@ -434,10 +442,11 @@ impl Meta {
             }
             let capacity = r.capacity.get();
             let slab_count = r.slab_count.get();
-            if (u64::from(slab_count))
-                .checked_mul(slab_size)
-                .and_then(|b| b.checked_add(data_start))
-                .is_none_or(|end| end > capacity)
+            if u64::from(slab_count) > MAX_SLABS
+                || (u64::from(slab_count))
+                    .checked_mul(slab_size)
+                    .and_then(|b| b.checked_add(data_start))
+                    .is_none_or(|end| end > capacity)
             {
                 return Err(bad(
                     at + 24,
@@ -622,13 +631,13 @@ mod tests {
             sequence: 7,
             slab_size: 1 << 20,
             slot_size: MIN_SLOT,
-            data_start: 2 * MIN_SLOT,
+            data_start: 2 * MIN_SLOT + BITMAP_SIZE,
             created: 1,
             members: (0..3)
                 .map(|_| MemberMeta {
                     id: Uuid::new_v4(),
                     capacity: 16 << 20,
-                    slab_count: 14,
+                    slab_count: 13,
                     state: MemberState::Healthy,
                 })
                 .collect(),

@@ -51,6 +51,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod bitmap;
 mod code;
 mod error;
 pub mod format;

@@ -1,9 +1,10 @@
 //! Pools: creating, opening and describing them, allocating slabs, recording member failures.
 
+use crate::bitmap::Bitmaps;
 use crate::error::{invalid, SpacesError};
 use crate::format::{
-    valid_name, MemberMeta, MemberState, Meta, Provisioning, Slot, SpaceMeta, MAX_MEMBERS,
-    MAX_SLOT, MAX_SPACES, MIN_SLOT,
+    valid_name, MemberMeta, MemberState, Meta, Provisioning, Slot, SpaceMeta, BITMAP_SIZE,
+    MAX_MEMBERS, MAX_SLABS, MAX_SLOT, MAX_SPACES, MIN_SLOT,
 };
 use crate::layout::{Layout, Resiliency};
 use crate::space::{Space, SpaceShared};
@@ -184,8 +185,11 @@ pub struct PoolInfo {
     pub members: Vec<MemberInfo>,
     /// Spaces.
     pub spaces: Vec<SpaceInfo>,
-    /// What happened at open (stale metadata refreshed, missing members, unrecognized disks).
+    /// What happened at open (stale metadata refreshed, missing members, unrecognized disks,
+    /// chunks resynced after an unclean shutdown) and since (members failed).
     pub notes: Vec<String>,
+    /// Chunks resynced (copies or parity made to agree) since the pool was opened.
+    pub resynced_chunks: u64,
 }
 
 pub(crate) struct MemberRt {
@@ -208,6 +212,25 @@ pub(crate) struct Inner {
     pub notes: Mutex<Vec<String>>,
     /// Slabs a rebuild in progress has taken but not yet recorded.
     pub reserved: Mutex<Vec<Slot>>,
+    /// The write-intent bitmaps.
+    pub bitmap: Mutex<Bitmaps>,
+    /// Writes hold it shared while in flight; clearing the bitmaps holds it exclusively.
+    pub gate: RwLock<()>,
+    /// Chunks resynced since the pool was opened.
+    pub resynced: AtomicU64,
+}
+
+impl Drop for Inner {
+    /// A clean close: flush every member and clear the write-intent bitmaps.
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        let devs = self.snapshot();
+        if devs.iter().flatten().all(|d| d.flush().is_ok()) {
+            self.clear_bitmaps(true);
+        }
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -286,20 +309,29 @@ pub(crate) fn read_best(disk: &PoolDisk) -> Result<Option<(Meta, usize)>> {
     })
 }
 
+/// Writes zeroes over `len` bytes at `off` (a multiple of 64 KiB).
+pub(crate) fn zero_range(dev: &dyn BlockDevice, off: u64, len: u64) -> Result<()> {
+    if dev.info().supports.write_zeroes {
+        dev.write_zeroes(off, len)
+    } else {
+        let zero = vec![0u8; (1 << 20).min(len as usize)];
+        let mut pos = 0;
+        while pos < len {
+            dev.write_at(off + pos, &zero)?;
+            pos += zero.len() as u64;
+        }
+        Ok(())
+    }
+}
+
 /// Writes zeroes over whole slabs.
 fn zero_slabs(dev: &dyn BlockDevice, meta: &Meta, slabs: &[u32]) -> Result<()> {
     for &s in slabs {
-        let off = meta.data_start + u64::from(s) * meta.slab_size;
-        if dev.info().supports.write_zeroes {
-            dev.write_zeroes(off, meta.slab_size)?;
-        } else {
-            let zero = vec![0u8; (1 << 20).min(meta.slab_size as usize)];
-            let mut pos = 0;
-            while pos < meta.slab_size {
-                dev.write_at(off + pos, &zero)?;
-                pos += zero.len() as u64;
-            }
-        }
+        zero_range(
+            dev,
+            meta.data_start + u64::from(s) * meta.slab_size,
+            meta.slab_size,
+        )?;
     }
     Ok(())
 }
@@ -463,7 +495,7 @@ impl Pool {
                 "{est_slabs} slabs of {slab} bytes need more pool metadata than {MAX_SLOT} bytes; use a larger slab size"
             )));
         }
-        let data_start = 2 * slot_size;
+        let data_start = 2 * slot_size + BITMAP_SIZE;
         let mut members = Vec::new();
         for d in &disks {
             let cap = d.device.capacity();
@@ -479,7 +511,7 @@ impl Pool {
             members.push(MemberMeta {
                 id: Uuid::new_v4(),
                 capacity: cap,
-                slab_count: slabs.min(u64::from(u32::MAX - 1)) as u32,
+                slab_count: slabs.min(MAX_SLABS) as u32,
                 state: MemberState::Healthy,
             });
         }
@@ -499,6 +531,7 @@ impl Pool {
         for (i, d) in disks.iter().enumerate() {
             let mut blob = meta.serialize(i);
             blob.resize(blob.len().div_ceil(4096) * 4096, 0);
+            zero_range(&*d.device, 2 * slot_size, BITMAP_SIZE)?;
             d.device.write_at(0, &blob)?;
             d.device.write_at(slot_size, &blob)?;
             d.device.flush()?;
@@ -526,6 +559,9 @@ impl Pool {
                 missing_unrecorded: AtomicBool::new(false),
                 notes: Mutex::new(notes),
                 reserved: Mutex::new(Vec::new()),
+                bitmap: Mutex::new(Bitmaps::default()),
+                gate: RwLock::new(()),
+                resynced: AtomicU64::new(0),
             }),
         }
     }
@@ -639,6 +675,8 @@ impl Pool {
             let mut meta = lock(&pool.inner.meta);
             pool.inner.persist(&mut meta)?;
         }
+        let (_, resync_notes) = pool.inner.resync_at_open()?;
+        lock(&pool.inner.notes).extend(resync_notes);
         Ok(pool)
     }
 
@@ -661,7 +699,7 @@ impl Pool {
                 "disk size {disk_size} is not a multiple of 4096"
             )));
         }
-        let min = 2 * MIN_SLOT + opts.slab_size;
+        let min = 2 * MIN_SLOT + BITMAP_SIZE + opts.slab_size;
         if disk_size < min {
             return Err(SpacesError::DiskTooSmall {
                 disk: dir.join("disk0.raw").display().to_string(),
@@ -762,6 +800,7 @@ impl Pool {
                 .collect(),
             spaces: meta.spaces.iter().map(|s| space_info(s, &usable)).collect(),
             notes: lock(&self.inner.notes).clone(),
+            resynced_chunks: self.inner.resynced.load(Ordering::Acquire),
         }
     }
 

@@ -11,7 +11,7 @@
 //! first extent not yet switched.
 
 use crate::error::{invalid, SpacesError};
-use crate::format::{MemberMeta, MemberState, Slot, MAX_MEMBERS};
+use crate::format::{MemberMeta, MemberState, Slot, BITMAP_SIZE, MAX_MEMBERS};
 use crate::layout::{Layout, Resiliency};
 use crate::pool::{lock, read_best, Allocator, MemberRt, Pool, PoolDisk};
 use crate::{code, Space};
@@ -83,12 +83,13 @@ impl Pool {
         next.members.push(MemberMeta {
             id: Uuid::new_v4(),
             capacity: cap,
-            slab_count: slabs.min(u64::from(u32::MAX - 1)) as u32,
+            slab_count: slabs.min(crate::format::MAX_SLABS) as u32,
             state: MemberState::Healthy,
         });
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
         }
+        crate::pool::zero_range(&*disk.device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
         self.inner.members_write().push(MemberRt {
             name: Some(disk.name),
             device: Some(disk.device),
@@ -308,6 +309,17 @@ impl Pool {
             bytes += chunk * new.len() as u64;
             progress(chunk * new.len() as u64);
             off += chunk;
+        }
+        if result.is_ok() {
+            // The copies must be durable before the metadata points at them.
+            let devs = inner.snapshot();
+            result = new.iter().try_for_each(|(_, n)| match &devs[n.member] {
+                Some(d) => d.flush(),
+                None => Err(invalid(format!(
+                    "member {} failed during the rebuild",
+                    n.member
+                ))),
+            });
         }
         if let Err(e) = result {
             *space

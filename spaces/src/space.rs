@@ -248,6 +248,9 @@ impl Space {
     }
 
     fn flush_members(&self) -> Result<()> {
+        // With no write in flight, a flush makes every written chunk durable everywhere: the
+        // write-intent bitmap can then be cleared.
+        let quiet = self.pool.gate.try_write().ok();
         let devs = self.pool.snapshot();
         let mut per: Vec<Vec<Request<'_>>> = devs
             .iter()
@@ -260,11 +263,17 @@ impl Space {
             })
             .collect();
         run_members(&devs, &mut per);
+        let mut clean = true;
         for (m, r) in per.iter().enumerate() {
             if let Some(Err(e)) = r.first().map(Request::result) {
+                clean = false;
                 self.pool.fail_member(m, &e.to_string());
             }
         }
+        if quiet.is_some() && clean {
+            self.pool.clear_bitmaps(false);
+        }
+        drop(quiet);
         match self.health() {
             SpaceHealth::Failed { reason } => Err(self.failed(reason)),
             _ => Ok(()),
@@ -300,6 +309,15 @@ impl Space {
             }
             self.allocate_for(seg);
         }
+        // Writes in flight hold the gate shared: the bitmap is cleared only when none is.
+        let _gate = writes.then(|| self.pool.gate.read().unwrap_or_else(|p| p.into_inner()));
+        if writes {
+            let chunks = self.dirty_chunks(seg);
+            for (m, e) in self.pool.mark_dirty(&chunks) {
+                self.pool
+                    .fail_member(m, &format!("write-intent bitmap: {e}"));
+            }
+        }
         for _ in 0..=MAX_MEMBERS {
             if seg.iter().all(Request::is_complete) {
                 return;
@@ -318,6 +336,36 @@ impl Space {
             }
         }
         fail_remaining(seg, &self.failed("members kept failing".into()));
+    }
+
+    /// The (member, slab, chunk) bits of every slot of every extent chunk the segment's writes
+    /// touch.
+    fn dirty_chunks(&self, seg: &[Request<'_>]) -> BTreeSet<(usize, u32, u64)> {
+        let layout = self.shared.layout;
+        let chunk = self.slab_size / crate::format::CHUNKS_PER_SLAB;
+        let ext = self
+            .shared
+            .extents
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out = BTreeSet::new();
+        for r in seg
+            .iter()
+            .filter(|r| !r.is_complete() && r.kind().is_write())
+        {
+            for p in layout.pieces(r.offset(), r.len()) {
+                let Some(slots) = &ext[p.extent as usize] else {
+                    continue;
+                };
+                let off = layout.slab_offset(p.row, p.in_unit);
+                for c in off / chunk..=(off + p.len - 1) / chunk {
+                    for s in slots {
+                        out.insert((s.member, s.slab, c));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Allocates the thin extents the segment's writes need.

@@ -197,10 +197,10 @@ fn an_interrupted_repair_resumes() {
     let pool = open(&devs, &[lost], false);
     let spare = Arc::new(FaultDevice::new(fresh()));
     spare.set_volatile_cache(false).unwrap();
-    // The spare fails its second data write (past the two metadata slots).
+    // The spare fails its second data write (past the metadata slots and the bitmap).
     spare.add_rule(
         FaultRule::fail(OpKind::Write)
-            .in_range(2 << 20..u64::MAX)
+            .in_range(3 << 20..u64::MAX)
             .after(1)
             .times(1),
     );

@@ -1,0 +1,342 @@
+//! The write-intent bitmap, resync after an unclean shutdown, and scrub.
+//!
+//! Before a write reaches an extent, the bit of every (member, slab, chunk) it touches is set
+//! in that member's bitmap on disk and flushed (only the first write to a clean chunk pays for
+//! this). Bits are cleared when the pool is quiet (no write in flight) at a flush at least
+//! [`CLEAR_DELAY`] after the last bit was set, and when the last handle of the pool is dropped.
+//! So after a crash the bits name every chunk that may hold a write that reached some slots of
+//! its extent and not others: opening the pool writable resyncs exactly those chunks (mirror:
+//! the first usable copy is copied over the others; parity: the parity is recomputed from the
+//! data), so a later rebuild never uses a parity that disagrees with its data.
+//!
+//! What this does not close is a crash together with the loss of a member holding a data
+//! column of a dirty parity row (the parity cannot be checked then): such chunks are named in
+//! the pool's notes. A journal would close that too; there is none yet.
+
+use crate::code;
+use crate::format::{Meta, Slot, BITMAP_SIZE, CHUNKS_PER_SLAB};
+use crate::layout::{Layout, Resiliency};
+use crate::pool::{lock, Inner};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vstor_core::{BlockDevice, Error, Result};
+
+/// How long after the last bit was set a quiet flush clears the bitmap.
+pub const CLEAR_DELAY: Duration = Duration::from_secs(2);
+
+/// The in-memory copy of every member's bitmap, as it is on disk.
+#[derive(Debug, Default)]
+pub(crate) struct Bitmaps {
+    pub bits: Vec<Vec<u8>>,
+    pub any: bool,
+    pub last_mark: Option<Instant>,
+}
+
+type Devs = [Option<Arc<dyn BlockDevice>>];
+
+/// What syncing one chunk of an extent found.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct SyncOutcome {
+    /// Copies or parity disagreed with the data and were rewritten.
+    pub mismatched: bool,
+    /// A data column is lost, so the parity could not be checked.
+    pub unverifiable: bool,
+}
+
+/// Bytes of a member's bitmap that hold its slabs' bits, rounded up to 4 KiB.
+pub(crate) fn bitmap_bytes(slab_count: u32) -> usize {
+    ((u64::from(slab_count) * CHUNKS_PER_SLAB)
+        .div_ceil(8)
+        .div_ceil(4096)
+        * 4096) as usize
+}
+
+impl Inner {
+    fn bitmap_offset(&self) -> u64 {
+        lock(&self.meta).data_start - BITMAP_SIZE
+    }
+
+    /// Sets on disk the bits of `chunks` (member, slab, chunk) not set yet, before the writes
+    /// they cover. Returns the members that failed the bitmap write.
+    pub fn mark_dirty(&self, chunks: &BTreeSet<(usize, u32, u64)>) -> Vec<(usize, Error)> {
+        let base = self.bitmap_offset();
+        let mut bm = lock(&self.bitmap);
+        let mut sectors: BTreeSet<(usize, usize)> = BTreeSet::new();
+        for &(m, slab, c) in chunks {
+            let bit = u64::from(slab) * CHUNKS_PER_SLAB + c;
+            let (byte, mask) = ((bit / 8) as usize, 1u8 << (bit % 8));
+            if bm.bits.len() <= m {
+                bm.bits.resize(m + 1, Vec::new());
+            }
+            let v = &mut bm.bits[m];
+            if v.len() <= byte {
+                v.resize((byte + 1).div_ceil(4096) * 4096, 0);
+            }
+            if v[byte] & mask == 0 {
+                v[byte] |= mask;
+                sectors.insert((m, byte / 4096));
+            }
+        }
+        if sectors.is_empty() {
+            return Vec::new();
+        }
+        bm.any = true;
+        bm.last_mark = Some(Instant::now());
+        let devs = self.snapshot();
+        let mut failed = Vec::new();
+        let mut by_member: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (m, s) in sectors {
+            by_member.entry(m).or_default().push(s);
+        }
+        for (m, secs) in by_member {
+            let Some(dev) = devs.get(m).and_then(Option::as_ref) else {
+                continue;
+            };
+            let r = secs
+                .iter()
+                .try_for_each(|&s| {
+                    dev.write_at(
+                        base + s as u64 * 4096,
+                        &bm.bits[m][s * 4096..(s + 1) * 4096],
+                    )
+                })
+                .and_then(|()| dev.flush());
+            if let Err(e) = r {
+                failed.push((m, e));
+            }
+        }
+        failed
+    }
+
+    /// Clears every bit on disk (the caller holds the write gate, so no write is in flight,
+    /// and has flushed the members). With `force` false, only if the last bit was set at least
+    /// [`CLEAR_DELAY`] ago.
+    pub fn clear_bitmaps(&self, force: bool) {
+        let base = self.bitmap_offset();
+        let mut bm = lock(&self.bitmap);
+        if !bm.any || (!force && bm.last_mark.is_some_and(|t| t.elapsed() < CLEAR_DELAY)) {
+            return;
+        }
+        let devs = self.snapshot();
+        let mut all = true;
+        for (m, v) in bm.bits.iter_mut().enumerate() {
+            let dirty: Vec<usize> = (0..v.len() / 4096)
+                .filter(|&s| v[s * 4096..(s + 1) * 4096].iter().any(|&b| b != 0))
+                .collect();
+            if dirty.is_empty() {
+                continue;
+            }
+            let Some(dev) = devs.get(m).and_then(Option::as_ref) else {
+                all = false;
+                continue;
+            };
+            let zero = [0u8; 4096];
+            let r = dirty
+                .iter()
+                .try_for_each(|&s| dev.write_at(base + s as u64 * 4096, &zero))
+                .and_then(|()| dev.flush());
+            match r {
+                Ok(()) => v.iter_mut().for_each(|b| *b = 0),
+                Err(_) => all = false,
+            }
+        }
+        bm.any = !all;
+    }
+
+    /// At open: reads every present member's bitmap and (unless read-only) resyncs the chunks
+    /// it names, then clears the bitmaps. Returns the number of chunks resynced and notes.
+    pub fn resync_at_open(&self) -> Result<(u64, Vec<String>)> {
+        let meta = lock(&self.meta).clone();
+        let base = meta.data_start - BITMAP_SIZE;
+        let devs = self.snapshot();
+        let mut dirty: BTreeSet<(usize, u32, u64)> = BTreeSet::new();
+        let mut bm = lock(&self.bitmap);
+        bm.bits = vec![Vec::new(); meta.members.len()];
+        for (m, mm) in meta.members.iter().enumerate() {
+            let Some(dev) = &devs[m] else { continue };
+            let mut v = vec![0u8; bitmap_bytes(mm.slab_count)];
+            dev.read_at(base, &mut v)?;
+            for (i, &b) in v.iter().enumerate() {
+                for k in 0..8 {
+                    if b & (1 << k) != 0 {
+                        let bit = i as u64 * 8 + k;
+                        let slab = bit / CHUNKS_PER_SLAB;
+                        if slab < u64::from(mm.slab_count) {
+                            dirty.insert((m, slab as u32, bit % CHUNKS_PER_SLAB));
+                        }
+                    }
+                }
+            }
+            if v.iter().any(|&b| b != 0) {
+                bm.any = true;
+            }
+            bm.bits[m] = v;
+        }
+        drop(bm);
+        if dirty.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        if self.read_only {
+            return Ok((
+                0,
+                vec![format!(
+                    "unclean shutdown: {} chunks of members may differ between copies or from their parity; open the pool writable to resync them",
+                    dirty.len()
+                )],
+            ));
+        }
+        // Which extent chunk each dirty (member, slab, chunk) belongs to.
+        let mut owner: BTreeMap<(usize, u32), (usize, usize)> = BTreeMap::new();
+        for (si, s) in meta.spaces.iter().enumerate() {
+            for (e, slots) in s.extents.iter().enumerate() {
+                for sl in slots.iter().flatten() {
+                    owner.insert((sl.member, sl.slab), (si, e));
+                }
+            }
+        }
+        let work: BTreeSet<(usize, usize, u64)> = dirty
+            .iter()
+            .filter_map(|&(m, slab, c)| owner.get(&(m, slab)).map(|&(s, e)| (s, e, c)))
+            .collect();
+        let chunk = meta.slab_size / CHUNKS_PER_SLAB;
+        let mut notes = Vec::new();
+        let mut done = 0;
+        for &(s, e, c) in &work {
+            let space = &meta.spaces[s];
+            let slots = space.extents[e].as_ref().expect("allocated");
+            let out = sync_chunk(
+                &space.layout,
+                slots,
+                &devs,
+                &meta,
+                c * chunk,
+                (c + 1) * chunk,
+            )?;
+            if out.unverifiable {
+                notes.push(format!(
+                    "space '{}' extent {e} chunk {c} was being written at an unclean shutdown and a data column is lost: its parity could not be checked",
+                    space.name
+                ));
+            }
+            done += 1;
+        }
+        for d in devs.iter().flatten() {
+            d.flush()?;
+        }
+        self.clear_bitmaps(true);
+        self.resynced.fetch_add(done, Ordering::AcqRel);
+        notes.insert(
+            0,
+            format!(
+                "unclean shutdown: resynced {done} dirty chunks named by the write-intent bitmap"
+            ),
+        );
+        Ok((done, notes))
+    }
+}
+
+/// Makes the copies (mirror) or the parity (parity) of slab bytes `[a, b)` of an extent agree
+/// with the data: the first usable copy wins; parity is recomputed. Reports what it found.
+pub(crate) fn sync_chunk(
+    layout: &Layout,
+    slots: &[Slot],
+    devs: &Devs,
+    meta: &Meta,
+    a: u64,
+    b: u64,
+) -> Result<SyncOutcome> {
+    let at = |s: Slot| meta.data_start + u64::from(s.slab) * meta.slab_size + a;
+    let dev = |si: usize| devs[slots[si].member].as_ref();
+    let len = (b - a) as usize;
+    let mut out = SyncOutcome::default();
+    match layout.resiliency {
+        Resiliency::Simple => {}
+        Resiliency::Mirror { copies } => {
+            let k = usize::from(copies);
+            for d in 0..layout.data_columns {
+                let usable: Vec<usize> = (0..k)
+                    .map(|c| d * k + c)
+                    .filter(|&s| dev(s).is_some())
+                    .collect();
+                let Some((&src, rest)) = usable.split_first() else {
+                    continue;
+                };
+                let mut want = vec![0u8; len];
+                dev(src)
+                    .expect("usable")
+                    .read_at(at(slots[src]), &mut want)?;
+                let mut have = vec![0u8; len];
+                for &s in rest {
+                    let dv = dev(s).expect("usable");
+                    dv.read_at(at(slots[s]), &mut have)?;
+                    if have != want {
+                        out.mismatched = true;
+                        dv.write_at(at(slots[s]), &want)?;
+                    }
+                }
+            }
+        }
+        Resiliency::Parity { .. } => {
+            let w = layout.width;
+            let dcols = layout.data_columns;
+            let il = layout.interleave;
+            let mut bufs: Vec<Option<Vec<u8>>> = vec![None; w];
+            for (si, buf) in bufs.iter_mut().enumerate() {
+                if let Some(d) = dev(si) {
+                    let mut v = vec![0u8; len];
+                    d.read_at(at(slots[si]), &mut v)?;
+                    *buf = Some(v);
+                }
+            }
+            let mut changed = vec![false; w];
+            let mut pos = a;
+            while pos < b {
+                let row = pos / il;
+                let end = ((row + 1) * il).min(b);
+                let (lo, hi) = ((pos - a) as usize, (end - a) as usize);
+                let slot_of = |shard: usize| {
+                    if shard < dcols {
+                        layout.data_slot(row, shard, 0)
+                    } else {
+                        layout.parity_slot(row, shard - dcols)
+                    }
+                };
+                if (0..dcols).any(|d| bufs[slot_of(d)].is_none()) {
+                    out.unverifiable = true;
+                    pos = end;
+                    continue;
+                }
+                let data: Vec<Vec<u8>> = (0..dcols)
+                    .map(|d| bufs[slot_of(d)].as_ref().expect("usable")[lo..hi].to_vec())
+                    .collect();
+                let refs: Vec<&[u8]> = data.iter().map(|v| &v[..]).collect();
+                let mut parity = vec![vec![0u8; hi - lo]; w - dcols];
+                {
+                    let mut p: Vec<&mut [u8]> = parity.iter_mut().map(|v| &mut v[..]).collect();
+                    code::encode(&refs, &mut p);
+                }
+                for (j, p) in parity.iter().enumerate() {
+                    let si = slot_of(dcols + j);
+                    if let Some(buf) = bufs[si].as_mut() {
+                        if buf[lo..hi] != p[..] {
+                            buf[lo..hi].copy_from_slice(p);
+                            changed[si] = true;
+                            out.mismatched = true;
+                        }
+                    }
+                }
+                pos = end;
+            }
+            for (si, buf) in bufs.iter().enumerate() {
+                if changed[si] {
+                    dev(si)
+                        .expect("usable")
+                        .write_at(at(slots[si]), buf.as_ref().expect("read"))?;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
