@@ -459,6 +459,9 @@ fn repair_after_a_failure_and_retire_remove_a_disk() {
     assert!(pool["notes"].as_array().unwrap().is_empty(), "{pool}");
     let dump = ok(&["disk", "read", &target, "--offset", "3M", "--length", "16"]);
     assert!(dump.contains("7777") || dump.contains("77 77"), "{dump}");
+    let r = json(&ok(&["space", "scrub", d, "--json"]));
+    assert!(r["chunks"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["repaired"], 0, "{r}");
     let e = fails(&["pool", "retire-disk", d, "nosuch.raw"]);
     assert!(e.contains("no member 'nosuch.raw'"), "{e}");
 }

@@ -14,7 +14,7 @@
 //! the pool's notes. A journal would close that too; there is none yet.
 
 use crate::code;
-use crate::format::{Meta, Slot, BITMAP_SIZE, CHUNKS_PER_SLAB};
+use crate::format::{Slot, BITMAP_SIZE, CHUNKS_PER_SLAB};
 use crate::layout::{Layout, Resiliency};
 use crate::pool::{lock, Inner};
 use std::collections::{BTreeMap, BTreeSet};
@@ -210,7 +210,7 @@ impl Inner {
                 &space.layout,
                 slots,
                 &devs,
-                &meta,
+                (meta.data_start, meta.slab_size),
                 c * chunk,
                 (c + 1) * chunk,
             )?;
@@ -243,11 +243,11 @@ pub(crate) fn sync_chunk(
     layout: &Layout,
     slots: &[Slot],
     devs: &Devs,
-    meta: &Meta,
+    (data_start, slab_size): (u64, u64),
     a: u64,
     b: u64,
 ) -> Result<SyncOutcome> {
-    let at = |s: Slot| meta.data_start + u64::from(s.slab) * meta.slab_size + a;
+    let at = |s: Slot| data_start + u64::from(s.slab) * slab_size + a;
     let dev = |si: usize| devs[slots[si].member].as_ref();
     let len = (b - a) as usize;
     let mut out = SyncOutcome::default();
@@ -339,4 +339,99 @@ pub(crate) fn sync_chunk(
         }
     }
     Ok(out)
+}
+
+/// What a scrub found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Chunks (a sixteenth of a slab, in every slot of an extent) checked.
+    pub chunks: u64,
+    /// Chunks whose copies or parity disagreed with the data, and were rewritten.
+    pub repaired: u64,
+    /// Chunks of degraded parity extents whose parity could not be checked.
+    pub unverifiable: u64,
+}
+
+impl crate::Pool {
+    /// Walks every allocated extent of the space `name` (all spaces if `None`), online, a chunk
+    /// at a time with the space's I/O held off for that chunk, and makes copies and parity agree
+    /// with the data: a mirror's first usable copy is copied over copies that differ, parity is
+    /// recomputed where it differs. Without per-block checksums a scrub cannot tell which copy
+    /// is right; it makes them consistent, as md's `repair` does. `progress` gets (chunks done,
+    /// chunks to do).
+    pub fn scrub(
+        &self,
+        name: Option<&str>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<ScrubReport> {
+        if self.inner.read_only {
+            return Err(crate::SpacesError::ReadOnly.into());
+        }
+        let names: Vec<String> = {
+            let meta = lock(&self.inner.meta);
+            if let Some(n) = name {
+                if !meta.spaces.iter().any(|s| s.name == n) {
+                    return Err(crate::SpacesError::NoSuchSpace(n.into()).into());
+                }
+            }
+            meta.spaces
+                .iter()
+                .filter(|s| name.is_none_or(|n| n == s.name))
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        let spaces: Vec<crate::Space> = names
+            .iter()
+            .filter_map(|n| self.open_space(n).ok())
+            .collect();
+        let total: u64 = spaces
+            .iter()
+            .map(|s| {
+                let ext = s.shared.extents.read().unwrap_or_else(|p| p.into_inner());
+                ext.iter().flatten().count() as u64 * CHUNKS_PER_SLAB
+            })
+            .sum();
+        let geo = {
+            let m = lock(&self.inner.meta);
+            (m.data_start, m.slab_size)
+        };
+        let mut report = ScrubReport::default();
+        progress(0, total);
+        for space in &spaces {
+            let n = space
+                .shared
+                .extents
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .len();
+            for e in 0..n {
+                for c in 0..CHUNKS_PER_SLAB {
+                    let ext = space
+                        .shared
+                        .extents
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let Some(slots) = ext[e].clone() else { break };
+                    let (chunk, devs) = (geo.1 / CHUNKS_PER_SLAB, self.inner.snapshot());
+                    let out = sync_chunk(
+                        &space.shared.layout,
+                        &slots,
+                        &devs,
+                        geo,
+                        c * chunk,
+                        (c + 1) * chunk,
+                    )?;
+                    drop(ext);
+                    report.chunks += 1;
+                    report.repaired += u64::from(out.mismatched);
+                    report.unverifiable += u64::from(out.unverifiable);
+                    progress(report.chunks, total);
+                }
+            }
+        }
+        for d in self.inner.snapshot().iter().flatten() {
+            d.flush()?;
+        }
+        Ok(report)
+    }
 }

@@ -60,6 +60,7 @@ mod pool;
 mod repair;
 mod space;
 
+pub use bitmap::{ScrubReport, CLEAR_DELAY};
 pub use code::{encode as parity_encode, reconstruct as parity_reconstruct};
 pub use error::SpacesError;
 pub use format::{MemberState, Provisioning};
@@ -69,4 +70,4 @@ pub use pool::{
     SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE,
 };
 pub use repair::RepairReport;
-pub use space::Space;
+pub use space::{Location, Space};

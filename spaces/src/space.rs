@@ -174,6 +174,22 @@ fn push_write<'a>(
     own.push(parent);
 }
 
+/// Where a byte of a space lives (see [`Space::locate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The extent.
+    pub extent: u64,
+    /// The row inside the extent.
+    pub row: u64,
+    /// The data column inside the row.
+    pub column: usize,
+    /// (member, byte offset on the member) of the byte: one entry, or one per mirror copy.
+    pub copies: Vec<(usize, u64)>,
+    /// (member, byte offset on the member) of the same byte position in each parity column
+    /// of the row.
+    pub parity: Vec<(usize, u64)>,
+}
+
 /// One row of a parity extent touched by the slow path.
 struct RowOp {
     extent: u64,
@@ -210,6 +226,37 @@ impl Space {
         Pool {
             inner: self.pool.clone(),
         }
+    }
+
+    /// Where the byte at `offset` of the space lives: `None` past the end or in a thin extent
+    /// not allocated yet.
+    pub fn locate(&self, offset: u64) -> Option<Location> {
+        if offset >= self.shared.size {
+            return None;
+        }
+        let layout = self.shared.layout;
+        let p = layout.pieces(offset, 1).next()?;
+        let ext = self
+            .shared
+            .extents
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let slots = ext.get(p.extent as usize)?.as_ref()?;
+        let at = |si: usize| {
+            let s = slots[si];
+            (s.member, self.phys(s, layout.slab_offset(p.row, p.in_unit)))
+        };
+        Some(Location {
+            extent: p.extent,
+            row: p.row,
+            column: p.col,
+            copies: (0..layout.copies())
+                .map(|c| at(layout.data_slot(p.row, p.col, c)))
+                .collect(),
+            parity: (0..layout.parities())
+                .map(|j| at(layout.parity_slot(p.row, j)))
+                .collect(),
+        })
     }
 
     /// The space's health with the members usable now.
