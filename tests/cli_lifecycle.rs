@@ -216,3 +216,58 @@ fn check_repair_fixes_a_damaged_header_slot() {
     assert!(err.contains("repaired: header slot"), "{err}");
     ok(&["disk", "check", s(&p)]);
 }
+
+#[test]
+fn a_legacy_vhd_converts_to_vhdx_and_raw_like_qemu_img() {
+    use std::process::Command;
+    let d = tempfile::tempdir().unwrap();
+    for sub in ["dynamic", "fixed"] {
+        let vhd = d.path().join(format!("{sub}.vhd"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "vpc", "-o"])
+            .arg(format!("subformat={sub},force_size=on"))
+            .arg(&vhd)
+            .arg("48M")
+            .status()
+            .expect("qemu-img runs");
+        assert!(st.success());
+        let st = Command::new("qemu-io")
+            .args([
+                "-f",
+                "vpc",
+                "-c",
+                "write -P 0x3c 5M 1M",
+                "-c",
+                "write -P 0x4d 40M 4k",
+            ])
+            .arg(&vhd)
+            .output()
+            .expect("qemu-io runs");
+        assert!(st.status.success());
+        let ours = d.path().join(format!("{sub}.raw"));
+        let theirs = d.path().join(format!("{sub}-qemu.raw"));
+        ok(&["disk", "convert", s(&vhd), s(&ours)]);
+        let st = Command::new("qemu-img")
+            .args(["convert", "-f", "vpc", "-O", "raw"])
+            .arg(&vhd)
+            .arg(&theirs)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(
+            std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+            "{sub}: vstor and qemu-img read the VHD differently"
+        );
+        let vhdx = d.path().join(format!("{sub}.vhdx"));
+        ok(&["disk", "convert", s(&vhd), s(&vhdx)]);
+        ok(&["disk", "check", s(&vhdx)]);
+        let back = d.path().join(format!("{sub}-back.raw"));
+        ok(&["disk", "convert", s(&vhdx), s(&back)]);
+        assert!(std::fs::read(&back).unwrap() == std::fs::read(&theirs).unwrap());
+        let info = json(&ok(&["disk", "info", s(&vhdx), "--json"]));
+        assert_eq!(
+            info["allocated_blocks"], 2,
+            "{sub}: only the written blocks: {info}"
+        );
+    }
+}

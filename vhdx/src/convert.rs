@@ -207,7 +207,19 @@ pub fn copy_all(
     dst_is_zero: bool,
     job: &Job,
 ) -> Result<ConvertReport> {
-    let size = src.capacity();
+    copy_range(src, map, dst, dst_is_zero, 0..src.capacity(), job)
+}
+
+/// [`copy_all`] of the byte range `range` only (the report's `size` is the range's length).
+pub fn copy_range(
+    src: &dyn BlockDevice,
+    map: Option<AllocationMap<'_>>,
+    dst: &dyn BlockDevice,
+    dst_is_zero: bool,
+    range: std::ops::Range<u64>,
+    job: &Job,
+) -> Result<ConvertReport> {
+    let (start, size) = (range.start, range.end);
     let window = PIECE * DEPTH;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Window>>(2);
     let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -253,7 +265,7 @@ pub fn copy_all(
                 drop(reads);
                 Ok(w)
             };
-            let mut pos = 0;
+            let mut pos = start;
             while pos < size {
                 if job.is_cancelled() {
                     return;
@@ -267,10 +279,10 @@ pub fn copy_all(
             }
         });
         let mut rep = ConvertReport {
-            size,
+            size: size - start,
             ..Default::default()
         };
-        let mut pos = 0;
+        let mut pos = start;
         while pos < size {
             job.check("convert")?;
             let w = rx
@@ -311,7 +323,7 @@ pub fn copy_all(
                 let _ = back_tx.send(b);
             }
             pos = w.end;
-            job.report(pos, size);
+            job.report(pos - start, size - start);
         }
         Ok(rep)
     })

@@ -28,6 +28,7 @@ mod disk;
 mod error;
 pub mod format;
 pub mod lifecycle;
+pub mod live;
 pub mod log;
 pub mod meta;
 pub mod vpc;

@@ -1,0 +1,214 @@
+//! A disk in use that can be checkpointed and merged online, as Hyper-V does for a running VM.
+//!
+//! [`LiveDisk`] is the [`BlockDevice`] a VMM serves: it forwards every batch to the current
+//! image under a shared lock. A checkpoint takes that lock exclusively, so the batches in
+//! flight finish first; the image is closed and becomes the read-only parent of a new
+//! differencing child that takes every later write. A backup reads the frozen parent while the
+//! disk keeps changing. Merging the checkpoint back copies the child's data into the parent
+//! while writes continue (the ranges they touch are recorded), then, with I/O paused, copies
+//! what changed meanwhile and switches to the parent: the writes made during the merge are in
+//! the result.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vstor_core::{BlockDevice, CapacitySignal, DeviceInfo, Job, Op, Request, Result};
+
+use crate::convert::{copy_range, ConvertOptions, ConvertReport};
+use crate::disk::{OpenOptions, Vhdx};
+use crate::error::invalid;
+use crate::lifecycle::{self, MergeReport};
+
+/// The granule of the changes recorded during an online merge.
+const GRANULE: u64 = 1 << 20;
+
+/// A VHDX in use that can be checkpointed and merged online (see the module documentation).
+pub struct LiveDisk {
+    cur: RwLock<Arc<Vhdx>>,
+    signal: Arc<CapacitySignal>,
+    tracking: AtomicBool,
+    dirty: Mutex<BTreeSet<u64>>,
+    /// Serializes checkpoint and merge.
+    ops: Mutex<()>,
+}
+
+impl std::fmt::Debug for LiveDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveDisk")
+            .field("current", &self.current().name().to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveDisk {
+    /// Opens the image at `path` (writable, with its chain).
+    pub fn open(path: impl AsRef<Path>) -> Result<LiveDisk> {
+        let v = Vhdx::open(path, &OpenOptions::default())?;
+        let cap = v.capacity();
+        Ok(LiveDisk {
+            cur: RwLock::new(Arc::new(v)),
+            signal: Arc::new(CapacitySignal::new(cap)),
+            tracking: AtomicBool::new(false),
+            dirty: Mutex::new(BTreeSet::new()),
+            ops: Mutex::new(()),
+        })
+    }
+
+    /// The image that takes writes now.
+    pub fn current(&self) -> Arc<Vhdx> {
+        self.cur.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a production checkpoint: the current image is flushed and closed and becomes the
+    /// read-only parent of a new child (at `child`, or `NAME_<GUID>.avhdx` next to it) that
+    /// takes every later write. Returns the child's path and the frozen parent, which a backup
+    /// can read while the disk keeps changing.
+    pub fn checkpoint(&self, child: Option<&Path>) -> Result<(PathBuf, Arc<Vhdx>)> {
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.cur.write().unwrap_or_else(|p| p.into_inner());
+        let path = g
+            .path()
+            .ok_or_else(|| invalid("a checkpoint needs an image opened from a path"))?
+            .to_path_buf();
+        g.flush()?;
+        g.close()?;
+        let child = lifecycle::checkpoint(&path, child)?;
+        let v = Vhdx::open(&child, &OpenOptions::default())?;
+        let parent = v
+            .parent()
+            .cloned()
+            .expect("a differencing child has its parent");
+        *g = Arc::new(v);
+        Ok((child, parent))
+    }
+
+    /// Merges the current differencing image into its parent while I/O continues, then
+    /// switches to the parent and deletes the child. Writes made during the merge are in the
+    /// result.
+    pub fn merge_checkpoint(&self, job: &Job) -> Result<MergeReport> {
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let child = self.current();
+        let Some(parent_path) = child.parent().and_then(|p| p.path().map(Path::to_path_buf)) else {
+            return Err(invalid(format!(
+                "{} has no parent to merge into",
+                child.name()
+            )));
+        };
+        let child_path = child
+            .path()
+            .ok_or_else(|| invalid("the child has no path"))?
+            .to_path_buf();
+        let size = child.capacity();
+        let target = Vhdx::open(&parent_path, &OpenOptions::default())?;
+        if target.capacity() < size {
+            target.resize_with(size, &Job::new())?;
+        }
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.tracking.store(true, Ordering::SeqCst);
+        let copy = |c: &Vhdx, from: u64, len: u64, job: &Job| -> Result<u64> {
+            let map = |off: u64, l: u64| c.fills(off, l, Some(1));
+            Ok(copy_range(c, Some(&map), &target, false, from..from + len, job)?.written_bytes)
+        };
+        let first = copy(&child, 0, size, job);
+        let first = match first {
+            Ok(n) => n,
+            Err(e) => {
+                self.tracking.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        // I/O paused: what changed during the copy, then the switch.
+        let mut g = self.cur.write().unwrap_or_else(|p| p.into_inner());
+        self.tracking.store(false, Ordering::SeqCst);
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut again = 0;
+        for gr in dirty {
+            let from = gr * GRANULE;
+            let len = GRANULE.min(size.saturating_sub(from));
+            if len > 0 {
+                again += copy(&child, from, len, &Job::new())?;
+            }
+        }
+        target.flush()?;
+        drop(child);
+        *g = Arc::new(target);
+        drop(g);
+        std::fs::remove_file(&child_path).map_err(|e| {
+            vstor_core::Error::io(
+                format!("merged, but cannot remove {}", child_path.display()),
+                e,
+            )
+        })?;
+        Ok(MergeReport {
+            into: parent_path,
+            removed: vec![child_path],
+            copied_bytes: first + again,
+            size,
+        })
+    }
+
+    /// A live clone: a consistent point-in-time copy of the disk at `dst` while it stays in
+    /// use. A checkpoint freezes the disk, the frozen chain is copied (flattened) into `dst`,
+    /// and the checkpoint is merged back online.
+    pub fn clone_to(&self, dst: &Path, opts: &ConvertOptions, job: &Job) -> Result<ConvertReport> {
+        let (_child, frozen) = self.checkpoint(None)?;
+        let src = frozen
+            .path()
+            .ok_or_else(|| invalid("the frozen image has no path"))?
+            .to_path_buf();
+        drop(frozen);
+        let copied = lifecycle::clone(&src, dst, opts, job);
+        // Merge back even when the copy failed: the disk must not stay checkpointed.
+        let merged = self.merge_checkpoint(&Job::new());
+        let r = copied?;
+        merged?;
+        Ok(r)
+    }
+
+    fn record(&self, batch: &[Request<'_>]) {
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        for r in batch {
+            let (off, len) = match r.op {
+                Op::Write { .. } | Op::Discard { .. } | Op::WriteZeroes { .. } => {
+                    (r.offset(), r.len())
+                }
+                _ => continue,
+            };
+            if len > 0 {
+                d.extend(off / GRANULE..=(off + len - 1) / GRANULE);
+            }
+        }
+    }
+}
+
+impl BlockDevice for LiveDisk {
+    fn info(&self) -> DeviceInfo {
+        self.current().info()
+    }
+
+    fn submit(&self, batch: &mut [Request<'_>]) {
+        let g = self.cur.read().unwrap_or_else(|p| p.into_inner());
+        if self.tracking.load(Ordering::SeqCst) {
+            self.record(batch);
+        }
+        g.submit(batch);
+    }
+
+    fn resize(&self, new_capacity: u64) -> Result<()> {
+        let g = self.cur.read().unwrap_or_else(|p| p.into_inner());
+        g.resize_with(new_capacity, &Job::new())?;
+        drop(g);
+        self.signal.publish(new_capacity);
+        Ok(())
+    }
+
+    fn capacity_signal(&self) -> Option<Arc<CapacitySignal>> {
+        Some(self.signal.clone())
+    }
+
+    fn describe(&self) -> String {
+        format!("live {}", self.current().describe())
+    }
+}
