@@ -7,7 +7,12 @@
 //!   memory on a read-only one.
 //! - I/O follows the core contract: batches, vectored reads and writes, flush, discard,
 //!   write-zeroes; data paths to mapped blocks take no lock.
-//! - [`check`] verifies an image structure by structure.
+//! - [`check`] verifies an image structure by structure; [`Vhdx::repair`] fixes what it can.
+//! - The lifecycle: [`Vhdx::resize_with`] (online), [`Vhdx::compact_with`],
+//!   [`convert::convert`], [`lifecycle::merge`], [`lifecycle::set_parent`],
+//!   [`lifecycle::checkpoint`], and for a disk in use [`live::LiveDisk`] (online checkpoint,
+//!   merge and clone). Long operations take a [`vstor_core::Job`] for progress and
+//!   cancellation. [`vpc`] reads legacy VHD images for conversion.
 //!
 //! ```no_run
 //! use vstor_core::BlockDevice;
