@@ -2,27 +2,38 @@
 //! parity spaces as block devices.
 //!
 //! What exists:
-//! - [`Pool`]: create a pool on any [`BlockDevice`]s ([`Pool::create`]) or on new files in a
+//! - [`Pool`]: create a pool on any [`BlockDevice`](vstor_core::BlockDevice)s ([`Pool::create`]) or on new files in a
 //!   directory ([`Pool::create_in_dir`]); open it again ([`Pool::open`], [`Pool::open_dir`]).
 //!   Every member holds the whole pool metadata (identity, members, slab map, space
 //!   definitions) in two slots with sequence numbers and CRC-32C; opening picks the newest
 //!   valid copy, reports missing members and members with stale metadata, refreshes the
-//!   latter, and refuses members of another pool. See [`format`] for the on-disk layout.
+//!   latter, and refuses members of another pool. See [`format`](mod@format) for the on-disk layout.
 //! - Spaces ([`Pool::create_space`]): simple, 2-way and 3-way mirror (copies on distinct
 //!   disks), single parity (XOR) and dual parity (P + Q over GF(2^8)), with rotating parity;
 //!   columns and interleave as Storage Spaces has them; thin or fixed provisioning. A
-//!   [`Space`] is a [`BlockDevice`]: a batch in becomes one batch per member, run side by side.
+//!   [`Space`] is a [`BlockDevice`](vstor_core::BlockDevice): a batch in becomes one batch per member, run side by side.
 //! - Degraded operation: reads and writes go on with as many members lost as the resiliency
 //!   tolerates (missing at open, or failed by an I/O error, which is recorded in the metadata
 //!   before anything is acknowledged, so a member that comes back with stale data is not
-//!   trusted); beyond that a space refuses I/O with [`SpacesError::SpaceFailed`] and other
-//!   spaces go on.
+//!   trusted); beyond that a space refuses I/O with [`SpacesError::SpaceFailed`], writes
+//!   nothing, and other spaces go on.
+//! - Repair ([`Pool::repair`]): rebuilds the slabs of lost or retired members onto healthy
+//!   ones, online (writes during the rebuild also reach the new slabs), an extent at a time
+//!   with one metadata update per extent, so an interrupted repair resumes; [`Pool::add_disk`],
+//!   [`Pool::retire_member`], [`Pool::remove_member`].
+//! - A write-intent bitmap on every member and resync of its dirty chunks when a pool is
+//!   opened after an unclean shutdown (mirror copies made equal, parity recomputed from the
+//!   data), so a parity update cut by a crash does not corrupt other data on a later rebuild.
+//! - [`Pool::scrub`]: makes copies and parity agree with the data, online, and counts what it
+//!   rewrote.
 //!
-//! What does not exist yet: rebuilding lost copies or parity onto a replacement or added disk
-//! (repair), retiring and removing disks, per-block checksums with self-healing reads and scrub,
-//! a write-intent bitmap, protection against the parity write hole (a crash between a data
-//! write and its parity write can leave the parity of that row stale until the row is written
-//! again), discard and write-zeroes on spaces, and vectorized GF(2^8) arithmetic.
+//! What does not exist yet: per-block checksums (so neither self-healing reads nor a scrub
+//! that knows which copy is right: a mirror's first copy wins, parity follows the data); a
+//! journal for the case of a crash together with the loss of a member of a dirty parity row
+//! (reported in the pool's notes at open); resync of a member that failed and came back
+//! (it is rebuilt elsewhere instead); `--device` members outside a directory; discard and
+//! write-zeroes on spaces; growing or shrinking a space; vectorized GF(2^8) arithmetic; pool
+//! locking against two processes opening the same pool.
 //!
 //! ```
 //! use std::sync::Arc;
