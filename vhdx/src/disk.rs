@@ -556,7 +556,13 @@ impl Vhdx {
                     s.trim_matches(|c| c == '{' || c == '}')
                         .to_ascii_lowercase()
                 };
-                if !ignore_linkage && norm(want) != have.to_uuid().to_string() {
+                // A parent in the middle of a merge from its child keeps the DataWriteGuid it had
+                // before in a marker item: the child still reads as it did (the merge writes
+                // only what the child holds), so it stays openable until the merge finishes.
+                let merging = p
+                    .merge_marker()
+                    .is_some_and(|g| norm(want) == g.to_uuid().to_string());
+                if !ignore_linkage && !merging && norm(want) != have.to_uuid().to_string() {
                     return Err(VhdxError::LinkageMismatch {
                         child: l.name.clone(),
                         parent: p.name.clone(),

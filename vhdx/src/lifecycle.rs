@@ -10,6 +10,7 @@ use crate::convert::{self, copy_all, ConvertOptions, ConvertReport};
 use crate::create::{self, CreateOptions};
 use crate::disk::{OpenOptions, Vhdx};
 use crate::error::{invalid, VhdxError};
+use crate::format::Guid;
 
 /// What a merge did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -87,20 +88,34 @@ pub fn merge(child: &Path, into: Option<&Path>, job: &Job) -> Result<MergeReport
         .collect();
     let size = top.capacity();
     let target = Vhdx::open(&target_path, &OpenOptions::default())?;
+    // The marker keeps the disk above the target openable (as it was) until the merge is
+    // done: an interrupted merge leaves the old disk readable and can be run again.
+    let linkage = links[depth - 1]
+        .metadata()
+        .parent
+        .as_ref()
+        .and_then(|l| l.get("parent_linkage"))
+        .and_then(|s| uuid::Uuid::parse_str(s.trim_matches(|c| c == '{' || c == '}')).ok())
+        .map(Guid::from_uuid)
+        .ok_or_else(|| invalid("the disk above the target records no parent linkage"))?;
+    if target.merge_marker() != Some(linkage) {
+        target.set_merge_marker(Some(linkage))?;
+    }
     if target.capacity() < size {
         target.resize_with(size, &Job::new())?;
     }
     let map = |off: u64, len: u64| top.fills(off, len, Some(depth));
     let rep = copy_all(&*top, Some(&map), &target, false, job)?;
     target.flush()?;
-    target.close()?;
-    drop(target);
     drop(links);
     drop(top);
     for p in &removed {
         std::fs::remove_file(p)
             .map_err(|e| Error::io(format!("merged, but cannot remove {}", p.display()), e))?;
     }
+    target.set_merge_marker(None)?;
+    target.close()?;
+    drop(target);
     Ok(MergeReport {
         into: target_path,
         removed,

@@ -452,3 +452,45 @@ fn repair_fixes_a_damaged_header_a_region_table_copy_and_a_stale_log() {
     let v = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
     assert!(all_of(&v) == want);
 }
+
+#[test]
+fn an_interrupted_merge_leaves_the_child_readable_and_runs_again() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, cv, _) = three_levels(d.path());
+    let c = d.path().join("c.avhdx");
+    std::fs::remove_file(d.path().join("g.avhdx")).unwrap();
+    // Interrupt after every possible number of progress steps.
+    let mut stopped_at = 0;
+    for k in 1.. {
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let s2 = seen.clone();
+        let job = Job::new();
+        let j2 = job.clone();
+        let job = job.on_progress(move |_, _| {
+            if s2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= k {
+                j2.cancel();
+            }
+        });
+        match merge(&c, None, &job) {
+            Err(Error::Cancelled(_)) => {
+                // The child still reads exactly as before.
+                let v = Vhdx::open(&c, &OpenOptions::read_only()).unwrap();
+                assert!(all_of(&v) == cv, "after {k} steps");
+                drop(v);
+                clean(&d.path().join("p.vhdx"));
+                stopped_at = k;
+            }
+            Ok(r) => {
+                assert!(!c.exists());
+                let p = Vhdx::open(&r.into, &OpenOptions::read_only()).unwrap();
+                assert!(all_of(&p) == cv);
+                assert!(p.merge_marker().is_none());
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(stopped_at >= 1);
+    clean(&d.path().join("p.vhdx"));
+    qemu_img(&["check", "-f", "vhdx"], &[&d.path().join("p.vhdx")]);
+}

@@ -277,6 +277,35 @@ impl Vhdx {
         Ok(())
     }
 
+    /// The DataWriteGuid this disk had when a merge into it began, while the merge runs (see
+    /// [`crate::lifecycle::merge`]).
+    pub fn merge_marker(&self) -> Option<Guid> {
+        self.table()
+            .metadata
+            .items
+            .iter()
+            .find(|i| i.id == MERGE_MARKER && i.data.len() == 16)
+            .map(|i| Guid(i.data[..16].try_into().expect("16")))
+    }
+
+    /// Sets (or with `None` removes) the merge marker: an optional metadata item, which other
+    /// readers keep and ignore. A metadata-only change: the DataWriteGuid stays.
+    pub fn set_merge_marker(&self, g: Option<Guid>) -> Result<()> {
+        self.rewrite_metadata("merge marker", |md| {
+            md.items.retain(|i| i.id != MERGE_MARKER);
+            if let Some(g) = g {
+                md.items.push(MetaItem {
+                    id: MERGE_MARKER,
+                    offset: 0,
+                    length: 0,
+                    flags: 0,
+                    data: g.0.to_vec(),
+                });
+            }
+            Ok(())
+        })
+    }
+
     /// Changes the physical sector size the disk reports (512 or 4096).
     pub fn set_physical_sector_size(&self, size: u32) -> Result<()> {
         if size != 512 && size != 4096 {
