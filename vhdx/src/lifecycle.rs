@@ -88,25 +88,7 @@ pub fn merge(child: &Path, into: Option<&Path>, job: &Job) -> Result<MergeReport
         .collect();
     let size = top.capacity();
     let target = Vhdx::open(&target_path, &OpenOptions::default())?;
-    // The marker keeps the disk above the target openable (as it was) until the merge is
-    // done: an interrupted merge leaves the old disk readable and can be run again.
-    let linkage = links[depth - 1]
-        .metadata()
-        .parent
-        .as_ref()
-        .and_then(|l| l.get("parent_linkage"))
-        .and_then(|s| uuid::Uuid::parse_str(s.trim_matches(|c| c == '{' || c == '}')).ok())
-        .map(Guid::from_uuid)
-        .ok_or_else(|| invalid("the disk above the target records no parent linkage"))?;
-    if target.merge_marker() != Some(linkage) {
-        target.set_merge_marker(Some(linkage))?;
-    }
-    if target.capacity() < size {
-        target.resize_with(size, &Job::new())?;
-    }
-    let map = |off: u64, len: u64| top.fills(off, len, Some(depth));
-    let rep = copy_all(&*top, Some(&map), &target, false, job)?;
-    target.flush()?;
+    let copied = merge_into(&top, depth, &target, job)?;
     drop(links);
     drop(top);
     for p in &removed {
@@ -119,9 +101,43 @@ pub fn merge(child: &Path, into: Option<&Path>, job: &Job) -> Result<MergeReport
     Ok(MergeReport {
         into: target_path,
         removed,
-        copied_bytes: rep.written_bytes,
+        copied_bytes: copied,
         size,
     })
+}
+
+/// The device-level merge: writes what `top` and the disks down to `depth - 1` hold into
+/// `target` (the ancestor `depth` levels below `top`, opened writable on its own), marked so
+/// that `top` stays openable until the caller has removed the merged disks and cleared the
+/// marker (`target.set_merge_marker(None)`). Returns the bytes copied.
+pub fn merge_into(top: &Vhdx, depth: usize, target: &Vhdx, job: &Job) -> Result<u64> {
+    let mut above: &Vhdx = top;
+    for _ in 1..depth {
+        above = above
+            .parent()
+            .ok_or_else(|| invalid("the chain is shorter than the merge depth"))?;
+    }
+    // The marker keeps the disk above the target openable (as it was) until the merge is
+    // done: an interrupted merge leaves the old disk readable and can be run again.
+    let linkage = above
+        .metadata()
+        .parent
+        .as_ref()
+        .and_then(|l| l.get("parent_linkage"))
+        .and_then(|s| uuid::Uuid::parse_str(s.trim_matches(|c| c == '{' || c == '}')).ok())
+        .map(Guid::from_uuid)
+        .ok_or_else(|| invalid("the disk above the target records no parent linkage"))?;
+    if target.merge_marker() != Some(linkage) {
+        target.set_merge_marker(Some(linkage))?;
+    }
+    let size = top.capacity();
+    if target.capacity() < size {
+        target.resize_with(size, &Job::new())?;
+    }
+    let map = |off: u64, len: u64| top.fills(off, len, Some(depth));
+    let rep = copy_all(top, Some(&map), target, false, job)?;
+    target.flush()?;
+    Ok(rep.written_bytes)
 }
 
 /// Points the differencing disk `child` at `new_parent`. The new parent must be the disk the

@@ -494,3 +494,116 @@ fn an_interrupted_merge_leaves_the_child_readable_and_runs_again() {
     clean(&d.path().join("p.vhdx"));
     qemu_img(&["check", "-f", "vhdx"], &[&d.path().join("p.vhdx")]);
 }
+
+#[test]
+fn a_power_cut_at_any_write_of_merge_leaves_the_old_or_the_new_disk() {
+    use vstor_vhdx::lifecycle::merge_into;
+    let bs = MIB;
+    let parent_bytes = |b: u64| vec![0x40 + b as u8; bs as usize];
+    // The child holds blocks 1, 4 (half) and zeros over 6.
+    let expected = |b: u64, half: usize| -> u8 {
+        match (b, half) {
+            (1, _) => 0xC1,
+            (4, 0) => 0xC4,
+            (6, _) => 0,
+            _ => 0x40 + b as u8,
+        }
+    };
+    let setup = || {
+        let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
+        let fault = Arc::new(FaultDevice::new(mem));
+        fault.set_volatile_cache(true).unwrap();
+        let p = Vhdx::create_on(
+            fault.clone(),
+            &CreateOptions::dynamic(8 * bs).block_size(bs as u32),
+            None,
+        )
+        .unwrap();
+        for b in 0..8 {
+            p.write_at(b * bs, &parent_bytes(b)).unwrap();
+        }
+        p.close().unwrap();
+        drop(p);
+        let ro =
+            Arc::new(Vhdx::open_on(fault.clone(), "p", &OpenOptions::read_only(), None).unwrap());
+        let cm: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
+        let c = Vhdx::create_on(
+            cm.clone(),
+            &CreateOptions::differencing("p.vhdx"),
+            Some((ro.clone(), Path::new("p.vhdx"))),
+        )
+        .unwrap();
+        c.write_at(bs, &vec![0xC1; bs as usize]).unwrap();
+        c.write_at(4 * bs, &vec![0xC4; (bs / 2) as usize]).unwrap();
+        c.write_zeroes(6 * bs, bs).unwrap();
+        c.close().unwrap();
+        drop(c);
+        let child = Vhdx::open_on(cm.clone(), "c", &OpenOptions::read_only(), Some(ro)).unwrap();
+        let target = Vhdx::open_on(fault.clone(), "p", &OpenOptions::default(), None).unwrap();
+        (fault, cm, child, target)
+    };
+    let steps = |child: &Vhdx, target: &Vhdx| -> vstor_core::Result<()> {
+        merge_into(child, 1, target, &Job::new())?;
+        target.set_merge_marker(None)?;
+        target.close()
+    };
+    let verify = |v: &Vhdx, what: &str| {
+        let mut b = vec![0u8; bs as usize];
+        for blk in 0..8u64 {
+            v.read_at(blk * bs, &mut b).unwrap();
+            for (h, part) in b.chunks(bs as usize / 2).enumerate() {
+                assert!(
+                    part.iter().all(|&x| x == expected(blk, h)),
+                    "{what}: block {blk} half {h}"
+                );
+            }
+        }
+    };
+    let (fault, _cm, child, target) = setup();
+    let w0 = fault.stats().writes;
+    steps(&child, &target).unwrap();
+    let total = fault.stats().writes - w0;
+    verify(&target, "no cut");
+    drop((child, target));
+    let (mut old, mut new) = (0, 0);
+    for n in 1..=total {
+        for policy in [
+            CutPolicy::DropAll,
+            CutPolicy::KeepAll,
+            CutPolicy::Random {
+                seed: n,
+                torn: true,
+            },
+        ] {
+            let (fault, cm, child, target) = setup();
+            fault.arm_power_cut(n, policy);
+            let _ = steps(&child, &target);
+            drop((child, target));
+            fault.power_on();
+            let what = format!("cut at write {n} of {total} ({policy:?})");
+            let dev: Arc<dyn BlockDevice> = fault.clone();
+            // A writable open replays the log, then a read-only look.
+            Vhdx::open_on(dev.clone(), "p", &OpenOptions::default(), None)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+                .close()
+                .unwrap();
+            let c = check_device(dev.clone(), "p");
+            assert!(c.is_clean(), "{what}: {c:?}");
+            let p = Arc::new(Vhdx::open_on(dev, "p", &OpenOptions::read_only(), None).unwrap());
+            match Vhdx::open_on(cm, "c", &OpenOptions::read_only(), Some(p.clone())) {
+                Ok(c) => {
+                    // Not merged yet, or merged but not yet unmarked: the child reads as before.
+                    verify(&c, &what);
+                    old += 1;
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains("has changed"), "{what}: {e}");
+                    assert!(p.merge_marker().is_none(), "{what}");
+                    verify(&p, &what);
+                    new += 1;
+                }
+            }
+        }
+    }
+    assert!(old > 0 && new > 0, "old {old} new {new}");
+}
