@@ -1,4 +1,5 @@
 //! Parity encode and decode speed at the widths pools use (bytes of data per second).
+#![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vstor_spaces::{parity_encode, parity_reconstruct};

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use uuid::Uuid;
 use vstor_core::{
     carve_read_bufs, carve_write_bufs, copy_from_bufs, copy_into_bufs, fail_remaining, zero_bufs,
-    BlockDevice, DeviceInfo, Error, Op, ReadBufs, Request, Result, Supports,
+    AlignedBuf, BlockDevice, DeviceInfo, Error, Op, ReadBufs, Request, Result, Supports,
 };
 
 /// Stripe locks per space: parity row updates hash onto them.
@@ -45,6 +45,8 @@ pub(crate) struct SpaceShared {
     health_cache: Mutex<Option<(u64, SpaceHealth)>>,
     /// The extent being rebuilt and the new slabs of its lost slots: writes go there too.
     pub rebuilding: RwLock<Option<Rebuild>>,
+    /// Row buffers of the parity path, recycled.
+    bufs: Mutex<Vec<AlignedBuf>>,
 }
 
 /// An extent under rebuild: its index and, per lost slot, the slab taking its place.
@@ -80,6 +82,7 @@ impl SpaceShared {
             align: infos.iter().map(|i| i.mem_alignment).max().unwrap_or(1),
             health_cache: Mutex::new(None),
             rebuilding: RwLock::new(None),
+            bufs: Mutex::new(Vec::new()),
         }
     }
 }
@@ -197,7 +200,7 @@ struct RowOp {
     lo: u64,
     hi: u64,
     pieces: Vec<(usize, Piece, bool)>,
-    shards: Vec<Option<Vec<u8>>>,
+    shards: Vec<Option<AlignedBuf>>,
     rebuild: bool,
 }
 
@@ -669,35 +672,39 @@ impl Space {
                     need[p.col] = true;
                 }
             }
-            row.shards = vec![None; w];
+            row.shards = (0..w).map(|_| None).collect();
             row.rebuild = (0..d).any(|c| need[c] && !usable(c));
             let rebuild = row.rebuild;
             for (s, shard) in row.shards.iter_mut().enumerate() {
                 if (rebuild && usable(s)) || (!rebuild && s < d && need[s]) {
-                    *shard = Some(vec![0u8; len]);
+                    *shard = Some(self.take_buf(len));
                 }
             }
         }
         if !self.row_io(&mut rows, devs, ext, None, failures, false) {
+            self.give_rows(rows);
             return;
         }
         // Rebuild, apply the writes, recompute parity.
         for row in rows.values_mut() {
             let len = (row.hi - row.lo) as usize;
-            if row.rebuild && !code::reconstruct(&mut row.shards, d, len) {
+            if row.rebuild && !self.rebuild_row(&mut row.shards, d, len) {
                 for (pi, _, _) in &row.pieces {
                     seg[*pi].complete(Err(self.failed(format!(
                         "extent {} row {} cannot be rebuilt",
                         row.extent, row.row
                     ))));
                 }
-                row.shards.iter_mut().for_each(|s| *s = None);
+                row.shards.iter_mut().for_each(|s| self.give_buf(s.take()));
                 continue;
             }
             let writes = row.pieces.iter().any(|x| x.2);
             for (pi, p, wr) in &row.pieces {
                 if *wr {
-                    let shard = row.shards[p.col].get_or_insert_with(|| vec![0u8; len]);
+                    if row.shards[p.col].is_none() {
+                        row.shards[p.col] = Some(self.take_buf(len));
+                    }
+                    let shard = row.shards[p.col].as_mut().expect("just set");
                     let at = (p.in_unit - row.lo) as usize;
                     if let Op::Write { bufs, .. } = &seg[*pi].op {
                         copy_from_bufs(bufs, p.at as usize, &mut shard[at..at + p.len as usize]);
@@ -714,11 +721,14 @@ impl Space {
                 }
             }
             if writes {
+                for s in row.shards[d..].iter_mut().filter(|s| s.is_none()) {
+                    *s = Some(self.take_buf(len));
+                }
                 let (data, par) = row.shards.split_at_mut(d);
                 let data: Vec<&[u8]> = data.iter().map(|s| s.as_deref().expect("data")).collect();
                 let mut par: Vec<&mut [u8]> = par
                     .iter_mut()
-                    .map(|s| &mut s.get_or_insert_with(|| vec![0u8; len])[..])
+                    .map(|s| &mut s.as_mut().expect("just set")[..])
                     .collect();
                 code::encode(&data, &mut par);
                 // Keep only what is written: the written data columns and every parity.
@@ -727,14 +737,16 @@ impl Space {
                     .collect();
                 for (s, sh) in row.shards.iter_mut().enumerate() {
                     if !written[s] {
-                        *sh = None;
+                        self.give_buf(sh.take());
                     }
                 }
             } else {
-                row.shards.iter_mut().for_each(|s| *s = None);
+                row.shards.iter_mut().for_each(|s| self.give_buf(s.take()));
             }
         }
-        if !self.row_io(&mut rows, devs, ext, rebuilding, failures, true) {
+        let wrote = self.row_io(&mut rows, devs, ext, rebuilding, failures, true);
+        self.give_rows(rows);
+        if !wrote {
             // Reads of the batch are done; the writes run again without the failed member.
             for &pi in parents {
                 if matches!(seg[pi].op, Op::Read { .. }) && !seg[pi].is_complete() {
@@ -751,6 +763,54 @@ impl Space {
         for &pi in parents {
             if !seg[pi].is_complete() {
                 seg[pi].complete(Ok(()));
+            }
+        }
+    }
+
+    /// A page-aligned buffer of `len` bytes (so O_DIRECT members need no bounce copy),
+    /// recycled when one of that size is at hand: a fresh large allocation faults every page
+    /// in, which costs more than the parity arithmetic. Its contents are unspecified: every
+    /// caller fills it whole (a read, writes that cover it, or the parity).
+    fn take_buf(&self, len: usize) -> AlignedBuf {
+        let mut pool = guard(&self.shared.bufs);
+        match pool.iter().position(|b| b.len() == len) {
+            Some(i) => pool.swap_remove(i),
+            None => AlignedBuf::new(len),
+        }
+    }
+
+    /// Rebuilds the lost shards of a row (the degraded path: copies through `Vec`s).
+    fn rebuild_row(&self, shards: &mut [Option<AlignedBuf>], d: usize, len: usize) -> bool {
+        let mut v: Vec<Option<Vec<u8>>> = shards
+            .iter()
+            .map(|s| s.as_deref().map(<[u8]>::to_vec))
+            .collect();
+        if !code::reconstruct(&mut v, d, len) {
+            return false;
+        }
+        for (s, r) in shards.iter_mut().zip(v) {
+            if s.is_none() {
+                let mut b = self.take_buf(len);
+                b.copy_from_slice(&r.expect("rebuilt"));
+                *s = Some(b);
+            }
+        }
+        true
+    }
+
+    fn give_buf(&self, buf: Option<AlignedBuf>) {
+        if let Some(b) = buf {
+            let mut pool = guard(&self.shared.bufs);
+            if pool.len() < 256 {
+                pool.push(b);
+            }
+        }
+    }
+
+    fn give_rows(&self, rows: BTreeMap<(u64, u64), RowOp>) {
+        for row in rows.into_values() {
+            for s in row.shards {
+                self.give_buf(s);
             }
         }
     }
@@ -782,11 +842,11 @@ impl Space {
                     let si = self.shard_slot(row.row, shard);
                     if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
                         // The slab being rebuilt gets the write too.
-                        per[new.member].push(Request::write(self.phys(new, off), buf));
+                        per[new.member].push(Request::write(self.phys(new, off), &buf[..]));
                     }
                     let s = slots[si];
                     if devs[s.member].is_some() {
-                        per[s.member].push(Request::write(self.phys(s, off), buf));
+                        per[s.member].push(Request::write(self.phys(s, off), &buf[..]));
                     }
                 }
                 continue;
@@ -795,7 +855,7 @@ impl Space {
                 let Some(buf) = buf else { continue };
                 let s = slots[self.shard_slot(row.row, shard)];
                 if devs[s.member].is_some() {
-                    per[s.member].push(Request::read(self.phys(s, off), buf));
+                    per[s.member].push(Request::read(self.phys(s, off), &mut buf[..]));
                 }
             }
         }
