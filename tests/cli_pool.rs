@@ -465,3 +465,70 @@ fn repair_after_a_failure_and_retire_remove_a_disk() {
     let e = fails(&["pool", "retire-disk", d, "nosuch.raw"]);
     assert!(e.contains("no member 'nosuch.raw'"), "{e}");
 }
+
+#[test]
+fn a_disk_that_came_back_is_reset_and_rebuilt() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "3",
+        "--disk-size",
+        "12M",
+        "--slab-size",
+        "1M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "p",
+        "--size",
+        "2M",
+        "--resiliency",
+        "parity",
+        "--interleave",
+        "16k",
+    ]);
+    let target = format!("pool:{d}/p");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "0",
+        "--length",
+        "2M",
+        "--pattern",
+        "0x44",
+    ]);
+    std::fs::rename(dir.join("disk2.raw"), t.path().join("away.raw")).unwrap();
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "0",
+        "--length",
+        "64k",
+        "--pattern",
+        "0x55",
+    ]);
+    std::fs::rename(t.path().join("away.raw"), dir.join("disk2.raw")).unwrap();
+    let e = fails(&["space", "repair", d]);
+    assert!(e.contains("does not use yet"), "{e}");
+    let out = ok(&["pool", "reset-disk", d, "disk2.raw"]);
+    assert!(out.contains("member 2 is back as member 3"), "{out}");
+    ok(&["space", "repair", d]);
+    ok(&["pool", "remove-disk", d, "2"]);
+    let sp = json(&ok(&["space", "info", d, "p", "--json"]));
+    assert_eq!(sp["health"], "healthy");
+    let dump = ok(&["disk", "read", &target, "--offset", "0", "--length", "16"]);
+    assert!(dump.contains("5555") || dump.contains("55 55"), "{dump}");
+    let dump = ok(&["disk", "read", &target, "--offset", "1M", "--length", "16"]);
+    assert!(dump.contains("4444") || dump.contains("44 44"), "{dump}");
+}

@@ -20,7 +20,8 @@
 //! - Repair ([`Pool::repair`]): rebuilds the slabs of lost or retired members onto healthy
 //!   ones, online (writes during the rebuild also reach the new slabs), an extent at a time
 //!   with one metadata update per extent, so an interrupted repair resumes; [`Pool::add_disk`],
-//!   [`Pool::retire_member`], [`Pool::remove_member`].
+//!   [`Pool::retire_member`], [`Pool::remove_member`], and [`Pool::reuse_member`] to take a
+//!   failed disk that came back as a fresh member (its stale data is never read).
 //! - A write-intent bitmap on every member and resync of its dirty chunks when a pool is
 //!   opened after an unclean shutdown (mirror copies made equal, parity recomputed from the
 //!   data), so a parity update cut by a crash does not corrupt other data on a later rebuild.
@@ -30,8 +31,8 @@
 //! What does not exist yet: per-block checksums (so neither self-healing reads nor a scrub
 //! that knows which copy is right: a mirror's first copy wins, parity follows the data); a
 //! journal for the case of a crash together with the loss of a member of a dirty parity row
-//! (reported in the pool's notes at open); resync of a member that failed and came back
-//! (it is rebuilt elsewhere instead); `--device` members outside a directory; discard and
+//! (reported in the pool's notes at open); an incremental resync of a member that came back
+//! (it is rebuilt whole, through [`Pool::reuse_member`]); `--device` members outside a directory; discard and
 //! write-zeroes on spaces; growing or shrinking a space; vectorized GF(2^8) arithmetic; pool
 //! locking against two processes opening the same pool.
 //!

@@ -105,6 +105,73 @@ impl Pool {
         Ok(meta.members.len() - 1)
     }
 
+    /// Takes back a member that failed (or missed writes) and is present again, as a fresh
+    /// disk: the disk gets a new member identity with every slab free, the old member stays
+    /// failed (its slabs are the lost ones), and [`repair`](Pool::repair) then rebuilds onto
+    /// the disk, after which [`remove_member`](Pool::remove_member) drops the old record.
+    /// Returns the new member index. This is how a pool with no spare disk heals after a
+    /// disk came back: the disk's stale contents are never read.
+    pub fn reuse_member(&self, index: usize) -> Result<usize> {
+        if self.inner.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        let mut meta = lock(&self.inner.meta);
+        let state = meta
+            .members
+            .get(index)
+            .ok_or_else(|| invalid(format!("the pool has no member {index}")))?
+            .state;
+        let (name, device) = {
+            let rt = self.inner.members_read();
+            match (&rt[index].name, &rt[index].device) {
+                (Some(n), Some(d)) if state == MemberState::Failed => (n.clone(), d.clone()),
+                _ => {
+                    return Err(invalid(format!(
+                        "member {index} is {} and {}; only a failed member that is present can be reused",
+                        state.name(),
+                        if rt[index].device.is_some() { "present" } else { "missing" }
+                    )))
+                }
+            }
+        };
+        if meta.members.len() >= MAX_MEMBERS {
+            return Err(invalid(format!("a pool has at most {MAX_MEMBERS} members")));
+        }
+        let mut next = meta.clone();
+        let old = &meta.members[index];
+        next.members.push(MemberMeta {
+            id: Uuid::new_v4(),
+            capacity: old.capacity,
+            slab_count: old.slab_count,
+            state: MemberState::Healthy,
+        });
+        if next.blob_len() > next.slot_size {
+            return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
+        }
+        crate::pool::zero_range(&*device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+        {
+            let mut rt = self.inner.members_write();
+            rt[index].device = None;
+            rt[index].name = None;
+            rt.push(MemberRt {
+                name: Some(name),
+                device: Some(device),
+                usable: true,
+                seen_sequence: None,
+            });
+        }
+        if let Err(e) = self.inner.persist(&mut next) {
+            let mut rt = self.inner.members_write();
+            let back = rt.pop().expect("pushed");
+            rt[index].device = back.device;
+            rt[index].name = back.name;
+            return Err(e);
+        }
+        *meta = next;
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(meta.members.len() - 1)
+    }
+
     /// Retires a member: no new slabs go to it; [`repair`](Pool::repair) moves its slabs off.
     pub fn retire_member(&self, index: usize) -> Result<()> {
         self.set_state(index, MemberState::Retired, |s| {

@@ -219,3 +219,57 @@ fn an_interrupted_repair_resumes() {
     assert_eq!(space.health(), SpaceHealth::Healthy);
     assert!(read_all(&space) == model);
 }
+
+#[test]
+fn a_disk_that_came_back_is_reused_in_place() {
+    for (label, res, cols, n) in [
+        ("parity1", Resiliency::Parity { redundancy: 1 }, 3, 3),
+        ("mirror2", Resiliency::Mirror { copies: 2 }, 1, 2),
+    ] {
+        let devs = mem_disks(n, DISK);
+        let pool = create(&devs);
+        pool.create_space(&spec("s", SPACE, res, Some(cols)))
+            .unwrap();
+        let mut model = fill(&pool.open_space("s").unwrap(), 8);
+        drop(pool);
+        // Member 1 goes away; writes go on without it.
+        let pool = open(&devs, &[1], false);
+        let space = pool.open_space("s").unwrap();
+        let new = pattern(9, 1 << 20);
+        space.write_at(512 << 10, &new).unwrap();
+        model[512 << 10..(512 << 10) + new.len()].copy_from_slice(&new);
+        drop((space, pool));
+        // It comes back, stale. With no other disk, repair has nowhere to go...
+        let pool = open(&devs, &[], false);
+        assert_eq!(pool.info().members[1].state, MemberState::Failed);
+        let e = pool.repair(None, &mut |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains("does not use yet"), "{label}: {e}");
+        // ...until the disk is taken back as a fresh member.
+        let fresh = pool.reuse_member(1).unwrap();
+        assert_eq!(fresh, n);
+        let report = pool.repair(None, &mut |_, _| {}).unwrap();
+        assert!(report.slabs > 0, "{label}");
+        let space = pool.open_space("s").unwrap();
+        assert_eq!(space.health(), SpaceHealth::Healthy, "{label}");
+        assert!(read_all(&space) == model, "{label}");
+        pool.remove_member(1).unwrap();
+        let e = pool.reuse_member(0).unwrap_err();
+        assert!(e.to_string().contains("only a failed member"), "{e}");
+        drop((space, pool));
+        let pool = open(&devs, &[], false);
+        assert!(
+            pool.info().notes.is_empty(),
+            "{label}: {:?}",
+            pool.info().notes
+        );
+        assert!(read_all(&pool.open_space("s").unwrap()) == model, "{label}");
+        drop(pool);
+        for lost in 0..n {
+            let p = open(&devs, &[lost], true);
+            assert!(
+                read_all(&p.open_space("s").unwrap()) == model,
+                "{label} without {lost}"
+            );
+        }
+    }
+}

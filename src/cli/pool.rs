@@ -37,6 +37,13 @@ pub enum PoolCommand {
         vstor space repair /srv/pool\n  vstor pool remove-disk /srv/pool disk2.raw"
     )]
     RetireDisk(DiskRefArgs),
+    /// Take back a failed disk that is present again as a fresh member (Reset-PhysicalDisk):
+    /// its stale data is never read; `space repair` rebuilds onto it.
+    #[command(
+        after_help = "Example:\n  vstor pool reset-disk /srv/pool disk1.raw\n  \
+        vstor space repair /srv/pool\n  vstor pool remove-disk /srv/pool 1    # the old record"
+    )]
+    ResetDisk(DiskRefArgs),
     /// Remove a disk that holds no slabs (retired and repaired, or failed and repaired).
     #[command(after_help = "Example:\n  vstor pool remove-disk /srv/pool 2")]
     RemoveDisk(DiskRefArgs),
@@ -250,6 +257,16 @@ pub fn run_pool(cmd: PoolCommand) -> Result<(), Error> {
             let i = member(&pool, &a.disk)?;
             pool.retire_member(i)?;
             println!("member {i} retired; `vstor space repair` moves its slabs off");
+            Ok(())
+        }
+        PoolCommand::ResetDisk(a) => {
+            let pool = open(&a.dir, false)?;
+            let i = member(&pool, &a.disk)?;
+            let new = pool.reuse_member(i)?;
+            println!(
+                "member {i} is back as member {new}; `vstor space repair` rebuilds onto it, then `vstor pool remove-disk {} {i}` drops the old record",
+                a.dir.display()
+            );
             Ok(())
         }
         PoolCommand::RemoveDisk(a) => {
