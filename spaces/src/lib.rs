@@ -32,9 +32,10 @@
 //! that knows which copy is right: a mirror's first copy wins, parity follows the data); a
 //! journal for the case of a crash together with the loss of a member of a dirty parity row
 //! (reported in the pool's notes at open); an incremental resync of a member that came back
-//! (it is rebuilt whole, through [`Pool::reuse_member`]); `--device` members outside a directory; discard and
-//! write-zeroes on spaces; growing or shrinking a space; vectorized GF(2^8) arithmetic; pool
-//! locking against two processes opening the same pool.
+//! (it is rebuilt whole, through [`Pool::reuse_member`]); members outside a directory for
+//! the `pool:DIR/NAME` target; deallocating thin slabs on discard (discard and write-zeroes
+//! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
+//! GF(2^8) arithmetic; locking against two processes opening the same pool.
 //!
 //! ```
 //! use std::sync::Arc;

@@ -342,6 +342,14 @@ impl Space {
             fail_remaining(seg, &e);
             return;
         }
+        // Write-zeroes and discard (which reads back as zeroes) become writes of zeroes, except
+        // over thin extents not allocated yet, which read as zeroes already.
+        for r in seg.iter_mut().filter(|r| {
+            !r.is_complete() && matches!(r.op, Op::WriteZeroes { .. } | Op::Discard { .. })
+        }) {
+            let res = self.zero_range(r.offset(), r.len(), info);
+            r.complete(res);
+        }
         // A space beyond its tolerance refuses I/O before anything is written.
         if let SpaceHealth::Failed { reason } = self.health() {
             fail_remaining(seg, &self.failed(reason));
@@ -386,6 +394,35 @@ impl Space {
             }
         }
         fail_remaining(seg, &self.failed("members kept failing".into()));
+    }
+
+    /// Writes zeroes over `[offset, offset + len)`, 1 MiB at a time, skipping extents that are
+    /// not allocated.
+    fn zero_range(&self, offset: u64, len: u64, info: &DeviceInfo) -> Result<()> {
+        static ZERO: [u8; 1 << 20] = [0; 1 << 20];
+        let eb = self.shared.layout.extent_bytes();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let e = pos / eb;
+            let ext_end = ((e + 1) * eb).min(end);
+            let allocated = self
+                .shared
+                .extents
+                .read()
+                .unwrap_or_else(|p| p.into_inner())[e as usize]
+                .is_some();
+            if !allocated {
+                pos = ext_end;
+                continue;
+            }
+            let n = (ext_end - pos).min(ZERO.len() as u64);
+            let mut one = [Request::write(pos, &ZERO[..n as usize])];
+            self.run_segment(&mut one, info);
+            one[0].result()?;
+            pos += n;
+        }
+        Ok(())
     }
 
     /// The (member, slab, chunk) bits of every slot of every extent chunk the segment's writes
@@ -898,11 +935,11 @@ impl BlockDevice for Space {
             physical_sector_size: self.shared.physical,
             mem_alignment: self.shared.align,
             read_only: self.pool.read_only,
-            discard_zeroes: false,
+            discard_zeroes: true,
             supports: Supports {
                 flush: true,
-                discard: false,
-                write_zeroes: false,
+                discard: true,
+                write_zeroes: true,
                 resize: false,
             },
         }

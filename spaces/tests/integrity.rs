@@ -278,3 +278,25 @@ fn spaces_of_one_pool_do_not_share_slabs_and_survive_reopen() {
     let slabs: u64 = p.spaces().iter().map(|s| s.slabs).sum();
     assert_eq!(used, slabs);
 }
+
+#[test]
+fn write_zeroes_and_discard_read_back_zero_and_leave_holes_unallocated() {
+    for (label, res, cols, n) in layouts() {
+        let devs = mem_disks(n, DISK);
+        let pool = create(&devs);
+        pool.create_space(&spec("s", SPACE, res, Some(cols)))
+            .unwrap();
+        let space = pool.open_space("s").unwrap();
+        assert!(space.info().supports.write_zeroes && space.info().discard_zeroes);
+        space.write_at(8192, &pattern(1, 64 << 10)).unwrap();
+        let allocated = pool.space_info("s").unwrap().allocated_extents;
+        space.write_zeroes(0, SPACE).unwrap();
+        space.discard(4096, 8192).unwrap();
+        assert_eq!(
+            pool.space_info("s").unwrap().allocated_extents,
+            allocated,
+            "{label}: zeroing a hole allocated it"
+        );
+        assert!(read_all(&space).unwrap().iter().all(|&b| b == 0), "{label}");
+    }
+}

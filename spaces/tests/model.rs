@@ -17,6 +17,7 @@ const SECTOR: u64 = 512;
 enum Step {
     Write { at: u64, len: u64, seed: u64 },
     Read { at: u64, len: u64 },
+    Zero { at: u64, len: u64, discard: bool },
     Batch(Vec<(u64, u64, u64, bool)>),
     Flush,
     Fail(usize),
@@ -34,6 +35,11 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => (range(), any::<u64>()).prop_map(|((at, len), seed)| Step::Write { at, len, seed }),
         3 => range().prop_map(|(at, len)| Step::Read { at, len }),
+        1 => (range(), any::<bool>(), any::<bool>()).prop_map(|((at, len), big, discard)| {
+            // Sometimes a large range that crosses extents, some of them never written.
+            let len = if big { (SIZE - at).min(len * 64) } else { len };
+            Step::Zero { at, len, discard }
+        }),
         2 => proptest::collection::vec((range(), any::<u64>(), any::<bool>()), 1..8)
             .prop_map(|v| Step::Batch(v.into_iter().map(|((a, l), s, w)| (a, l, s, w)).collect())),
         1 => Just(Step::Flush),
@@ -71,6 +77,14 @@ fn run(layout: usize, steps: Vec<Step>) -> Result<(), TestCaseError> {
                 let data = pattern(seed, len as usize);
                 space.write_at(at, &data).unwrap();
                 model[at as usize..(at + len) as usize].copy_from_slice(&data);
+            }
+            Step::Zero { at, len, discard } => {
+                if discard {
+                    space.discard(at, len).unwrap();
+                } else {
+                    space.write_zeroes(at, len).unwrap();
+                }
+                model[at as usize..(at + len) as usize].fill(0);
             }
             Step::Read { at, len } => {
                 let mut back = vec![0u8; len as usize];
