@@ -18,10 +18,32 @@ use crate::{code, Space};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use uuid::Uuid;
-use vstor_core::{BlockDevice, Result};
+use vstor_core::{AlignedBuf, BlockDevice, Request, Result};
 
 /// Bytes a rebuild copies with the space's I/O held off.
-const CHUNK: u64 = 1 << 20;
+const CHUNK: u64 = 4 << 20;
+/// Bytes per request of a rebuild copy (a chunk's requests are in flight together).
+const PIECE: usize = 1 << 20;
+
+/// Reads `buf.len()` bytes at `offset` in 1 MiB requests submitted as one batch.
+fn read_big(dev: &dyn BlockDevice, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let mut batch: Vec<Request<'_>> = buf
+        .chunks_mut(PIECE)
+        .enumerate()
+        .map(|(i, b)| Request::read(offset + (i * PIECE) as u64, b))
+        .collect();
+    dev.submit_all(&mut batch)
+}
+
+/// Writes `buf` at `offset` in 1 MiB requests submitted as one batch.
+fn write_big(dev: &dyn BlockDevice, offset: u64, buf: &[u8]) -> Result<()> {
+    let mut batch: Vec<Request<'_>> = buf
+        .chunks(PIECE)
+        .enumerate()
+        .map(|(i, b)| Request::write(offset + (i * PIECE) as u64, b))
+        .collect();
+    dev.submit_all(&mut batch)
+}
 
 /// What a repair did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -464,12 +486,13 @@ fn copy_chunk(
             .ok_or_else(|| invalid(format!("member {m} is not usable")))
     };
     let usable = |si: usize| devs[slots[si].member].is_some();
-    let mut buf = vec![0u8; len as usize];
+    // Page-aligned: members opened with O_DIRECT need no bounce copy.
+    let mut buf = AlignedBuf::new(len as usize);
     let lost: Vec<usize> = new.iter().map(|x| x.0).filter(|&si| !usable(si)).collect();
     // Retired (still readable) slots: copy straight across.
     for &(si, n) in new.iter().filter(|x| usable(x.0)) {
-        dev(slots[si].member)?.read_at(at(slots[si]), &mut buf)?;
-        dev(n.member)?.write_at(at(n), &buf)?;
+        read_big(&**dev(slots[si].member)?, at(slots[si]), &mut buf)?;
+        write_big(&**dev(n.member)?, at(n), &buf)?;
     }
     if lost.is_empty() {
         return Ok(());
@@ -484,9 +507,9 @@ fn copy_chunk(
                     .map(|c| col * k + c)
                     .find(|&s| usable(s))
                     .ok_or_else(|| invalid("no copy left"))?;
-                dev(slots[src].member)?.read_at(at(slots[src]), &mut buf)?;
+                read_big(&**dev(slots[src].member)?, at(slots[src]), &mut buf)?;
                 let n = new.iter().find(|x| x.0 == si).expect("planned").1;
-                dev(n.member)?.write_at(at(n), &buf)?;
+                write_big(&**dev(n.member)?, at(n), &buf)?;
             }
             Ok(())
         }
@@ -494,15 +517,16 @@ fn copy_chunk(
             let w = layout.width;
             let d = layout.data_columns;
             let il = layout.interleave as usize;
-            let mut have: Vec<Option<Vec<u8>>> = vec![None; w];
+            let mut have: Vec<Option<AlignedBuf>> = (0..w).map(|_| None).collect();
             for (si, h) in have.iter_mut().enumerate() {
                 if usable(si) {
-                    let mut b = vec![0u8; len as usize];
-                    dev(slots[si].member)?.read_at(at(slots[si]), &mut b)?;
+                    let mut b = AlignedBuf::new(len as usize);
+                    read_big(&**dev(slots[si].member)?, at(slots[si]), &mut b)?;
                     *h = Some(b);
                 }
             }
-            let mut out: Vec<Vec<u8>> = lost.iter().map(|_| vec![0u8; len as usize]).collect();
+            let mut out: Vec<AlignedBuf> =
+                lost.iter().map(|_| AlignedBuf::new(len as usize)).collect();
             let first_row = off / layout.interleave;
             for r in 0..(len as usize / il) {
                 let row = first_row + r as u64;
@@ -523,7 +547,7 @@ fn copy_chunk(
             }
             for (o, &si) in out.iter().zip(&lost) {
                 let n = new.iter().find(|x| x.0 == si).expect("planned").1;
-                dev(n.member)?.write_at(at(n), o)?;
+                write_big(&**dev(n.member)?, at(n), o)?;
             }
             Ok(())
         }

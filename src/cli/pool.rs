@@ -382,7 +382,7 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
             Ok(())
         }
         SpaceCommand::Repair(a) => {
-            let pool = open(&a.dir, false)?;
+            let pool = open_direct(&a.dir)?;
             let pb = progress_bar(0, "repair");
             let report = pool.repair(a.name.as_deref(), &mut |done, total| {
                 pb.set_length(total);
@@ -481,6 +481,19 @@ fn open(dir: &Path, read_only: bool) -> Result<Pool, Error> {
         &OpenOptions { read_only },
         &FileOptions {
             read_only,
+            ..FileOptions::default()
+        },
+    )?)
+}
+
+/// Opens writable with O_DIRECT members (where the file system allows it): long copies
+/// (repair) should not go through the page cache.
+fn open_direct(dir: &Path) -> Result<Pool, Error> {
+    Ok(Pool::open_dir(
+        dir,
+        &OpenOptions::default(),
+        &FileOptions {
+            direct: true,
             ..FileOptions::default()
         },
     )?)
