@@ -207,8 +207,32 @@ pub fn checkpoint(path: &Path, child: Option<&Path>) -> Result<PathBuf> {
             path.with_file_name(format!("{stem}_{id}.avhdx"))
         }
     };
-    let c = Vhdx::create(&child, &CreateOptions::differencing(path))?;
-    c.close()?;
+    if child.exists() {
+        return Err(invalid(format!("{} already exists", child.display())));
+    }
+    // Made under a temporary name in the same folder (so the locator's relative path is the
+    // same) and renamed when complete: a crash leaves no half-made child.
+    let name = child
+        .file_name()
+        .ok_or_else(|| invalid(format!("{} names no file", child.display())))?;
+    let tmp = child.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    let _ = std::fs::remove_file(&tmp);
+    let made = Vhdx::create(&tmp, &CreateOptions::differencing(path)).and_then(|c| c.close());
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &child).map_err(|e| {
+        Error::io(
+            format!("cannot rename {} to {}", tmp.display(), child.display()),
+            e,
+        )
+    })?;
+    if let Some(dir) = child.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
     Ok(child)
 }
 

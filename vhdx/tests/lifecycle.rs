@@ -406,6 +406,15 @@ fn a_checkpoint_freezes_the_parent() {
         .to_string_lossy()
         .starts_with("vm_"));
     assert_eq!(child.extension().unwrap(), "avhdx");
+    // Made under a temporary name and renamed: nothing half-made is left, and an existing
+    // child is not overwritten.
+    assert!(std::fs::read_dir(d.path())
+        .unwrap()
+        .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".partial")));
+    let before = std::fs::read(&child).unwrap();
+    let e = checkpoint(&p, Some(&child)).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    assert_eq!(std::fs::read(&child).unwrap(), before);
     let c = Vhdx::open(&child, &OpenOptions::default()).unwrap();
     c.write_at(0, &[0xEE; 4096]).unwrap();
     c.close().unwrap();
