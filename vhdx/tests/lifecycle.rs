@@ -408,9 +408,11 @@ fn a_checkpoint_freezes_the_parent() {
     assert_eq!(child.extension().unwrap(), "avhdx");
     // Made under a temporary name and renamed: nothing half-made is left, and an existing
     // child is not overwritten.
-    assert!(std::fs::read_dir(d.path())
+    assert!(std::fs::read_dir(d.path()).unwrap().all(|e| !e
         .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".partial")));
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".partial")));
     let before = std::fs::read(&child).unwrap();
     let e = checkpoint(&p, Some(&child)).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
@@ -615,4 +617,92 @@ fn a_power_cut_at_any_write_of_merge_leaves_the_old_or_the_new_disk() {
         }
     }
     assert!(old > 0 && new > 0, "old {old} new {new}");
+}
+
+#[test]
+fn a_power_cut_at_any_write_of_a_checkpoint_leaves_the_parent_whole() {
+    // A checkpoint of a disk in use flushes and closes it (its writes), then makes the child
+    // elsewhere (a new file, renamed into place when complete). Cut power at every write of the
+    // disk's side; the child's side never touches the disk.
+    let setup = || {
+        let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
+        let fault = Arc::new(FaultDevice::new(mem));
+        fault.set_volatile_cache(true).unwrap();
+        let v = Vhdx::create_on(
+            fault.clone(),
+            &CreateOptions::dynamic(8 * MIB).block_size(MIB as u32),
+            None,
+        )
+        .unwrap();
+        for b in 0..4u64 {
+            v.write_at(b * 2 * MIB, &vec![0x20 + b as u8; MIB as usize])
+                .unwrap();
+        }
+        v.flush().unwrap();
+        // Written after the last flush: the checkpoint's own flush makes it durable.
+        v.write_at(MIB, &vec![0x99; 4096]).unwrap();
+        (fault, v)
+    };
+    let steps = |v: &Vhdx| -> vstor_core::Result<()> {
+        v.flush()?;
+        v.close()?;
+        let cm: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
+        let parent = Arc::new(Vhdx::open_on(
+            v.file().clone(),
+            "p",
+            &OpenOptions::read_only(),
+            None,
+        )?);
+        let c = Vhdx::create_on(
+            cm,
+            &CreateOptions::differencing("p.vhdx"),
+            Some((parent, Path::new("p.vhdx"))),
+        )?;
+        c.write_at(0, &[0xCC; 4096])?;
+        c.close()
+    };
+    let (fault, v) = setup();
+    let w0 = fault.stats().writes;
+    steps(&v).unwrap();
+    let total = fault.stats().writes - w0;
+    drop(v);
+    assert!(total >= 2, "{total}");
+    for n in 1..=total {
+        for policy in [
+            CutPolicy::DropAll,
+            CutPolicy::KeepAll,
+            CutPolicy::Random {
+                seed: n,
+                torn: true,
+            },
+        ] {
+            let (fault, v) = setup();
+            fault.arm_power_cut(n, policy);
+            let flushed = steps(&v).is_ok();
+            drop(v);
+            fault.power_on();
+            let what = format!("cut at write {n} of {total} ({policy:?})");
+            let dev: Arc<dyn BlockDevice> = fault.clone();
+            let p = Vhdx::open_on(dev.clone(), "p", &OpenOptions::default(), None)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut b = vec![0u8; MIB as usize];
+            for blk in 0..4u64 {
+                p.read_at(blk * 2 * MIB, &mut b).unwrap();
+                assert!(
+                    b.iter().all(|&x| x == 0x20 + blk as u8),
+                    "{what}: block {blk}"
+                );
+            }
+            let mut s = vec![0u8; 4096];
+            p.read_at(MIB, &mut s).unwrap();
+            assert!(
+                s.iter().all(|&x| x == 0x99) || (!flushed && s.iter().all(|&x| x == 0)),
+                "{what}"
+            );
+            p.close().unwrap();
+            drop(p);
+            let c = check_device(dev, "p");
+            assert!(c.is_clean(), "{what}: {c:?}");
+        }
+    }
 }
