@@ -271,3 +271,28 @@ fn a_legacy_vhd_converts_to_vhdx_and_raw_like_qemu_img() {
         );
     }
 }
+
+#[test]
+fn the_demo_runs_every_step_and_everything_checks_clean() {
+    let out = ok(&["demo"]);
+    for step in 1..=7 {
+        assert!(
+            out.contains(&format!("\n{step}. ")) || out.starts_with(&format!("{step}. ")),
+            "step {step} missing:\n{out}"
+        );
+    }
+    assert!(!out.contains("NOT clean"), "{out}");
+    assert!(out.contains("vstor disk check: clean"), "{out}");
+    let last = out.lines().find(|l| l.starts_with("7. ")).unwrap();
+    let (got, want) = last
+        .rsplit_once("the last record reads ")
+        .unwrap()
+        .1
+        .split_once(" (expected ")
+        .unwrap();
+    assert_eq!(got, want.trim_end_matches(')'), "{last}");
+    assert!(
+        out.ends_with("Done; the temporary files are removed.\n"),
+        "{out}"
+    );
+}

@@ -150,6 +150,7 @@ pub fn run(a: DemoArgs) -> Result<(), Error> {
         println!("   unflushed write at {:>5}: {fate}", w.offset);
     }
     vhdx_demo(dir.path())?;
+    lifecycle_demo(dir.path())?;
     println!("Done; the temporary files are removed.");
     Ok(())
 }
@@ -243,6 +244,73 @@ fn vhdx_demo(dir: &std::path::Path) -> Result<(), Error> {
     println!(
         "   check after reopening: {}",
         if r.is_clean() { "clean" } else { "NOT clean" }
+    );
+    Ok(())
+}
+
+/// Step 7: the lifecycle of a disk in use: online resize, checkpoint, merge back.
+fn lifecycle_demo(dir: &std::path::Path) -> Result<(), Error> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use vstor::core::Job;
+    use vstor::vhdx::live::LiveDisk;
+    use vstor::vhdx::{check, CreateOptions, Vhdx};
+    let path = dir.join("vm.vhdx");
+    Vhdx::create(&path, &CreateOptions::dynamic(64 << 20).block_size(1 << 20))?.close()?;
+    let disk = Arc::new(LiveDisk::open(&path)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    // A "guest" writing 64 KiB records with increasing numbers while the operator works.
+    let guest = {
+        let (disk, stop, written) = (disk.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || -> Result<(), Error> {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut rec = vec![0u8; 65536];
+                rec[..8].copy_from_slice(&n.to_le_bytes());
+                disk.write_at((n % 512) * 65536, &rec)?;
+                n += 1;
+                if n % 16 == 0 {
+                    disk.flush()?;
+                }
+            }
+            written.store(n, Ordering::Relaxed);
+            Ok(())
+        })
+    };
+    let t = std::time::Instant::now();
+    let old_size = disk.capacity();
+    // Through the device, as a VMM's API would: holders of its capacity signal are told.
+    disk.resize(2 << 40)?;
+    let new_size = disk.capacity();
+    let resize_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (child, frozen) = disk.checkpoint(None)?;
+    let frozen_size = frozen.capacity();
+    drop(frozen);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let m = disk.merge_checkpoint(&Job::new())?;
+    stop.store(true, Ordering::Relaxed);
+    guest.join().expect("the guest thread")?;
+    let n = written.load(Ordering::Relaxed);
+    // The last record the guest wrote is on the disk.
+    let last = n - 1;
+    let mut rec = [0u8; 512];
+    disk.read_at((last % 512) * 65536, &mut rec)?;
+    println!(
+        "7. A disk in use while a guest thread writes {n} records: resized online {} -> {} in \
+         {resize_ms:.1} ms; checkpoint {} (parent frozen at {}); merged back ({} copied); the \
+         last record reads {} (expected {last})",
+        vstor::format_size(old_size),
+        vstor::format_size(new_size),
+        child.file_name().unwrap_or_default().to_string_lossy(),
+        vstor::format_size(frozen_size),
+        vstor::format_size(m.copied_bytes),
+        u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"))
+    );
+    drop(disk);
+    let c = check::check(&path)?;
+    println!(
+        "   vstor disk check: {}",
+        if c.is_clean() { "clean" } else { "NOT clean" }
     );
     Ok(())
 }
