@@ -532,3 +532,79 @@ fn a_disk_that_came_back_is_reset_and_rebuilt() {
     let dump = ok(&["disk", "read", &target, "--offset", "1M", "--length", "16"]);
     assert!(dump.contains("4444") || dump.contains("44 44"), "{dump}");
 }
+
+#[test]
+fn a_pool_of_existing_devices_named_by_a_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let devs: Vec<String> = (0..3)
+        .map(|i| {
+            let p = t.path().join(format!("dev{i}.img"));
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(12 << 20)
+                .unwrap();
+            s(&p).to_string()
+        })
+        .collect();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    let mut a = vec!["pool", "create", d, "--slab-size", "1M", "--json"];
+    for dv in &devs {
+        a.extend(["--device", dv.as_str()]);
+    }
+    let info = json(&ok(&a));
+    assert_eq!(info["members"].as_array().unwrap().len(), 3);
+    assert!(dir.join("pool.devices").exists());
+    ok(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "2M",
+        "--resiliency",
+        "mirror",
+        "--columns",
+        "1",
+    ]);
+    let target = format!("pool:{d}/m");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "0",
+        "--length",
+        "8k",
+        "--pattern",
+        "0x6b",
+    ]);
+    let dump = ok(&["disk", "read", &target, "--offset", "4k", "--length", "16"]);
+    assert!(dump.contains("6b6b") || dump.contains("6b 6b"), "{dump}");
+    // A listed device that is gone is a missing member, not an error.
+    std::fs::remove_file(&devs[0]).unwrap();
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(
+        info["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("pool.devices")),
+        "{info}"
+    );
+    // Devices already in a pool are refused, and --disks does not mix with --device.
+    let other = t.path().join("other");
+    let e = fails(&["pool", "create", s(&other), "--device", &devs[1]]);
+    assert!(e.contains("already a member of pool"), "{e}");
+    assert!(!other.join("pool.devices").exists());
+    let e = fails(&[
+        "pool",
+        "create",
+        s(&other),
+        "--device",
+        &devs[1],
+        "--disks",
+        "2",
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
+}

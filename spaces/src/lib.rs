@@ -3,7 +3,8 @@
 //!
 //! What exists:
 //! - [`Pool`]: create a pool on any [`BlockDevice`](vstor_core::BlockDevice)s ([`Pool::create`]) or on new files in a
-//!   directory ([`Pool::create_in_dir`]); open it again ([`Pool::open`], [`Pool::open_dir`]).
+//!   directory ([`Pool::create_in_dir`]) or on existing devices named in a directory
+//!   ([`Pool::create_with_devices`]); open it again ([`Pool::open`], [`Pool::open_dir`]).
 //!   Every member holds the whole pool metadata (identity, members, slab map, space
 //!   definitions) in two slots with sequence numbers and CRC-32C; opening picks the newest
 //!   valid copy, reports missing members and members with stale metadata, refreshes the
@@ -32,8 +33,7 @@
 //! that knows which copy is right: a mirror's first copy wins, parity follows the data); a
 //! journal for the case of a crash together with the loss of a member of a dirty parity row
 //! (reported in the pool's notes at open); an incremental resync of a member that came back
-//! (it is rebuilt whole, through [`Pool::reuse_member`]); members outside a directory for
-//! the `pool:DIR/NAME` target; deallocating thin slabs on discard (discard and write-zeroes
+//! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
 //! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
 //! GF(2^8) arithmetic; locking against two processes opening the same pool.
 //!
@@ -80,7 +80,7 @@ pub use format::{MemberState, Provisioning};
 pub use layout::Resiliency;
 pub use pool::{
     CreateOptions, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth, SpaceInfo,
-    SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE,
+    SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE, DEVICES_FILE,
 };
 pub use repair::RepairReport;
 pub use space::{Location, Space};

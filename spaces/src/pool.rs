@@ -17,6 +17,9 @@ use vstor_core::{BlockDevice, Error, FileDevice, FileOptions, Result};
 
 /// The default slab size: 256 MiB, as Storage Spaces.
 pub const DEFAULT_SLAB_SIZE: u64 = 256 << 20;
+/// The file in a pool directory that lists member devices kept elsewhere (one path a line).
+pub const DEVICES_FILE: &str = "pool.devices";
+
 /// The default interleave: 256 KiB, as Storage Spaces.
 pub const DEFAULT_INTERLEAVE: u64 = 256 << 10;
 
@@ -734,28 +737,79 @@ impl Pool {
         result
     }
 
-    /// Opens the pool whose member files are in `dir`: every regular file there is offered.
+    /// Creates a pool on existing devices or files (`paths`), and records their paths in
+    /// `dir`/[`DEVICES_FILE`] (one a line) so that [`open_dir`](Pool::open_dir) finds them:
+    /// `dir` then only names the pool. The devices must not belong to a pool.
+    pub fn create_with_devices(
+        dir: &Path,
+        paths: &[PathBuf],
+        opts: &CreateOptions,
+        file: &FileOptions,
+    ) -> Result<Pool> {
+        let list = dir.join(DEVICES_FILE);
+        if list.exists() {
+            return Err(invalid(format!("{} exists already", list.display())));
+        }
+        let mut disks = Vec::new();
+        let mut names = Vec::new();
+        for p in paths {
+            let abs = std::fs::canonicalize(p)
+                .map_err(|e| Error::io(format!("find {}", p.display()), e))?;
+            let dev = FileDevice::open(&abs, file)?;
+            names.push(abs.display().to_string());
+            disks.push(PoolDisk::new(abs.display().to_string(), Arc::new(dev)));
+        }
+        let pool = Pool::create(disks, opts)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        std::fs::write(&list, names.join("\n") + "\n")
+            .map_err(|e| Error::io(format!("write {}", list.display()), e))?;
+        Ok(pool)
+    }
+
+    /// Opens the pool whose member files are in `dir`: every regular file there is offered,
+    /// and every device or file listed in `dir`/[`DEVICES_FILE`].
     pub fn open_dir(dir: &Path, opts: &OpenOptions, file: &FileOptions) -> Result<Pool> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(format!("read directory {}", dir.display()), e))?
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()) && e.file_name() != DEVICES_FILE)
             .map(|e| e.path())
             .collect();
         paths.sort();
+        let local = paths.len();
+        let list = dir.join(DEVICES_FILE);
+        if list.exists() {
+            let text = std::fs::read_to_string(&list)
+                .map_err(|e| Error::io(format!("read {}", list.display()), e))?;
+            paths.extend(
+                text.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(PathBuf::from),
+            );
+        }
+        let fo = FileOptions {
+            read_only: opts.read_only || file.read_only,
+            ..file.clone()
+        };
         let mut disks = Vec::new();
-        for p in paths {
-            let fo = FileOptions {
-                read_only: opts.read_only || file.read_only,
-                ..file.clone()
-            };
-            let dev = FileDevice::open(&p, &fo)?;
-            disks.push(PoolDisk::new(p.display().to_string(), Arc::new(dev)));
+        let mut unopened = Vec::new();
+        for (i, p) in paths.into_iter().enumerate() {
+            match FileDevice::open(&p, &fo) {
+                Ok(dev) => disks.push(PoolDisk::new(p.display().to_string(), Arc::new(dev))),
+                // A listed device that cannot be opened is a missing member, not a failure.
+                Err(e) if i >= local => {
+                    unopened.push(format!("{} (listed in {DEVICES_FILE}): {e}", p.display()))
+                }
+                Err(e) => return Err(e),
+            }
         }
         if disks.is_empty() {
             return Err(SpacesError::NoPool(format!("{} holds no files", dir.display())).into());
         }
-        Pool::open(disks, opts)
+        let pool = Pool::open(disks, opts)?;
+        lock(&pool.inner.notes).extend(unopened);
+        Ok(pool)
     }
 
     /// The pool's identity.

@@ -14,10 +14,11 @@ use vstor::{format_size, Error};
 
 #[derive(Debug, Subcommand)]
 pub enum PoolCommand {
-    /// Create a pool of new file-backed disks in DIR (New-StoragePool).
+    /// Create a pool of new file-backed disks in DIR, or of existing devices (New-StoragePool).
     #[command(
         after_help = "Examples:\n  vstor pool create /srv/pool --disks 4 --disk-size 10G\n  \
-        vstor pool create /tmp/p --disks 6 --disk-size 256M --slab-size 16M"
+        vstor pool create /tmp/p --disks 6 --disk-size 256M --slab-size 16M\n  \
+        vstor pool create /srv/pool --device /dev/sdb --device /dev/sdc --device /dev/sdd"
     )]
     Create(PoolCreateArgs),
     /// Show a pool: members and their state, spaces and their health (Get-StoragePool).
@@ -117,15 +118,20 @@ pub struct SpaceRepairArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("members").required(true).args(["disks", "device"]))]
 pub struct PoolCreateArgs {
-    /// Directory for the member disks (created if needed; disk0.raw, disk1.raw, ...).
+    /// Directory for the member disks (created if needed; disk0.raw, disk1.raw, ...). With
+    /// --device it only names the pool: it gets a pool.devices file listing the devices.
     dir: PathBuf,
-    /// Number of disks.
-    #[arg(long)]
-    disks: usize,
-    /// Size of each disk (`10G`).
+    /// Number of new file-backed disks.
+    #[arg(long, requires = "disk_size")]
+    disks: Option<usize>,
+    /// Size of each new disk (`10G`).
     #[arg(long, value_parser = size_arg)]
-    disk_size: u64,
+    disk_size: Option<u64>,
+    /// An existing block device or file to use as a member (repeat for each).
+    #[arg(long, conflicts_with_all = ["disks", "disk_size"])]
+    device: Vec<PathBuf>,
     /// Slab size: the unit of allocation on each disk (a power of two, 64K to 64G).
     #[arg(long, value_parser = size_arg, default_value = "256M")]
     slab_size: u64,
@@ -220,15 +226,15 @@ pub struct SpaceDeleteArgs {
 pub fn run_pool(cmd: PoolCommand) -> Result<(), Error> {
     match cmd {
         PoolCommand::Create(a) => {
-            let pool = Pool::create_in_dir(
-                &a.dir,
-                a.disks,
-                a.disk_size,
-                &CreateOptions {
-                    slab_size: a.slab_size,
-                },
-                &FileOptions::default(),
-            )?;
+            let opts = CreateOptions {
+                slab_size: a.slab_size,
+            };
+            let pool = match (a.disks, a.disk_size) {
+                (Some(n), Some(size)) => {
+                    Pool::create_in_dir(&a.dir, n, size, &opts, &FileOptions::default())?
+                }
+                _ => Pool::create_with_devices(&a.dir, &a.device, &opts, &FileOptions::default())?,
+            };
             print_pool(&pool.info(), a.json);
             Ok(())
         }
