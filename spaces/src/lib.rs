@@ -35,7 +35,10 @@
 //! (reported in the pool's notes at open); an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
 //! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
-//! GF(2^8) arithmetic; locking against two processes opening the same pool.
+//! GF(2^8) arithmetic; locking against two processes opening the same pool; a metadata
+//! quorum: if the only members present at an open are ones that were missing while the
+//! others took writes (a "split brain": A and B alternately absent), the older metadata they
+//! hold is the newest the pool can see, and their stale data is served.
 //!
 //! ```
 //! use std::sync::Arc;
