@@ -1,5 +1,6 @@
-//! A property test: random reads, writes, flushes, discards, write-zeroes, clean reopens and
-//! power cuts against a model of the expected contents, on dynamic and differencing disks.
+//! A property test: random reads, writes, flushes, discards, write-zeroes, clean reopens,
+//! power cuts, online resizes (to sizes that end inside a block too) and compactions against a
+//! model of the expected contents, on dynamic and differencing disks.
 
 mod tagmodel;
 
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use tagmodel::{fill, tag_of, Model, SECTOR, UNDEFINED};
-use vstor_core::{BlockDevice, CutPolicy, FaultDevice, MemoryDevice};
+use vstor_core::{BlockDevice, CutPolicy, FaultDevice, Job, MemoryDevice};
 use vstor_vhdx::check::check_device;
 use vstor_vhdx::{CreateOptions, OpenOptions, Vhdx};
 
@@ -24,6 +25,10 @@ enum Op {
     Zero(u64, u64),
     Reopen,
     PowerCut(u64),
+    /// Resize to the model's size plus this many sectors (never below the data).
+    Resize(u64),
+    /// Compact (with `--full` when true).
+    Compact(bool),
 }
 
 fn range() -> impl Strategy<Value = (u64, u64)> {
@@ -41,6 +46,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => range().prop_map(|(s, n)| Op::Zero(s, n)),
         1 => Just(Op::Reopen),
         1 => any::<u64>().prop_map(Op::PowerCut),
+        1 => prop_oneof![Just(0u64), 1u64..8192].prop_map(Op::Resize),
+        1 => any::<bool>().prop_map(Op::Compact),
     ]
 }
 
@@ -156,6 +163,21 @@ fn run_ops(diff: bool, ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Reopen => {
                 w.reopen();
+                m.flushed();
+            }
+            Op::Resize(extra) => {
+                // A resize that changes the size commits what was written before it.
+                let r = w
+                    .disk()
+                    .resize_with(BLOCKS * MIB + extra * SECTOR, &Job::new())
+                    .unwrap();
+                if r.old_size != r.new_size {
+                    m.flushed();
+                }
+                prop_assert_eq!(w.disk().capacity(), BLOCKS * MIB + extra * SECTOR);
+            }
+            Op::Compact(full) => {
+                w.disk().compact_with(full, &Job::new()).unwrap();
                 m.flushed();
             }
             Op::PowerCut(seed) => {

@@ -342,6 +342,12 @@ impl Vhdx {
             m.file_len,
         );
         if end < m.file_len && m.reserved.is_empty() {
+            // The active log entry records the file size it was written at, and a replay
+            // refuses a file shorter than that (truncated). So first an empty entry that
+            // records the new size (with every earlier entry retired by the flush), then the
+            // truncation: a crash between the two leaves only unreferenced tail space.
+            self.file.flush()?;
+            m.log.write_sequence(&*self.file, &[], end, end)?;
             self.file.flush()?;
             self.file.resize(end)?;
             m.file_len = end;
