@@ -14,9 +14,9 @@ use vstor::Error;
 /// vstor: virtual disks, pools and QoS for VMMs, from the command line.
 #[derive(Debug, Parser)]
 #[command(name = "vstor", version, about, long_about = None, after_help = "\
-Targets name a stack: a VHDX file with its parent chain (disk.vhdx, vhdx:PATH) or a raw file or
-block device (disk.raw, /dev/sdb, raw:PATH), with options after commas:
-disk.vhdx,readonly=on,direct=on,engine=sync.
+Targets name a stack: a VHDX file with its parent chain (disk.vhdx, vhdx:PATH), a raw file or
+block device (disk.raw, /dev/sdb, raw:PATH) or a space of a storage pool (pool:DIR/NAME), with
+options after commas: disk.vhdx,readonly=on,direct=on,engine=sync.
 
 Examples:
   vstor demo
@@ -26,7 +26,10 @@ Examples:
   vstor disk read /tmp/child.avhdx --offset 0 --length 64
   vstor disk info /tmp/child.avhdx
   vstor disk check /tmp/d.vhdx
-  vstor disk bench /tmp/d.vhdx --direct -d 32 -s 4k -c 100000")]
+  vstor disk bench /tmp/d.vhdx --direct -d 32 -s 4k -c 100000
+  vstor pool create /tmp/pool --disks 4 --disk-size 1G
+  vstor space create /tmp/pool data --size 1G --resiliency mirror
+  vstor disk bench pool:/tmp/pool/data -d 32 -s 64k -c 10000 -w")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,10 +45,10 @@ enum Command {
     /// Storage QoS: IOPS limits and reservations per virtual disk, flow statistics.
     #[command(subcommand)]
     Qos(qos::QosCommand),
-    /// Storage pools: create a pool of disks, show its members and spaces.
+    /// Storage pools: create a pool of disks, show it, add, retire, reset and remove disks.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
-    /// Spaces (virtual disks of a pool): create, list, show, delete.
+    /// Spaces (virtual disks of a pool): create, list, show, delete, repair, scrub.
     #[command(subcommand)]
     Space(pool::SpaceCommand),
 }
