@@ -1,6 +1,56 @@
 //! vstor-vmm: the reference KVM VMM that serves vstor stacks to a guest over virtio-blk.
 //!
-//! **Status: not implemented yet.** This crate is a placeholder in the workspace layout; the VMM
-//! binary and its test guest land with the reference-VMM issue. The crate exports no API and
-//! builds no binary yet.
+//! A small VMM on the rust-vmm crates (kvm-ioctls, kvm-bindings, vm-memory, linux-loader,
+//! virtio-queue, vm-superio, vmm-sys-util) whose disks are any vstor target string
+//! (`disk.raw`, `disk.vhdx`, `pool:DIR/NAME`, with options such as `readonly=on`).
+//!
+//! What exists:
+//! - [`vm::Vm`]: guest memory, one vCPU started directly in 64-bit long mode ([`boot`]), an
+//!   8250 serial console on stdout ([`serial`]), a virtio-mmio device per disk ([`virtio::mmio`])
+//!   serving virtio-blk ([`virtio::block`]) with validated descriptor chains; the available
+//!   chains of a queue go down to the stack as one batch.
+//! - The test guest (vmm/guest): a no_std virtio-blk driver built for `x86_64-unknown-none` by
+//!   build.rs and embedded ([`vm::TEST_GUEST`]); it runs a workload and reports its status on
+//!   port 0xf4, which becomes the VMM's exit status.
+//!
+//! Not yet: more than one vCPU, multi-queue and I/O threads, ioeventfd/irqfd for the disks,
+//! EVENT_IDX, DISCARD/WRITE_ZEROES/CONFIG_WCE, the API socket (resize, QoS, statistics), Linux
+//! boot (linux-loader bzImage, ACPI tables).
 #![deny(missing_docs)]
+
+pub mod boot;
+pub mod layout;
+pub mod serial;
+pub mod virtio;
+pub mod vm;
+
+pub use vm::{kvm_usable, DiskConfig, Vm, VmConfig};
+
+/// Errors of the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed (or /dev/kvm is missing).
+    #[error("KVM: {0}")]
+    Kvm(String),
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Loading the guest or writing its boot structures failed.
+    #[error("boot: {0}")]
+    Boot(String),
+    /// A disk could not be opened.
+    #[error("disk {target}: {source}")]
+    Disk {
+        /// The target string.
+        target: String,
+        /// Why.
+        #[source]
+        source: vstor::Error,
+    },
+    /// A configuration that cannot run.
+    #[error("{0}")]
+    Config(String),
+    /// The guest stopped without reporting a status.
+    #[error("the guest failed: {0}")]
+    Guest(String),
+}

@@ -1,0 +1,66 @@
+//! The `vstor-vmm` command line.
+use clap::Parser;
+use std::process::ExitCode;
+use vstor_vmm::{DiskConfig, Vm, VmConfig};
+
+/// The reference KVM VMM of vstor: serves vstor targets to a guest over virtio-blk.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vstor-vmm",
+    version,
+    after_help = "Examples:\n  vstor-vmm --disk /tmp/d.raw --memory 256M --test-guest\n  \
+    vstor-vmm --disk /tmp/d.vhdx --test-guest verify\n  \
+    vstor-vmm --disk /tmp/d.vhdx,readonly=on --test-guest readonly\n\n\
+    The exit status is the test guest's (0: passed); 125 when the VMM itself fails."
+)]
+struct Cli {
+    /// A disk: any vstor target (disk.raw, disk.vhdx, raw:PATH, pool:DIR/NAME) with options
+    /// after commas, e.g. readonly=on. Repeat for more disks; the test guest uses the first.
+    #[arg(long, value_name = "TARGET[,readonly=on]", required = true)]
+    disk: Vec<String>,
+    /// Guest RAM (a multiple of 2 MiB, 32M to 3G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Number of vCPUs (1 for now).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Run the built-in test guest with a workload: pattern (default), verify, readonly,
+    /// malformed.
+    #[arg(long, value_name = "WORKLOAD", num_args = 0..=1, default_missing_value = "pattern", required = true)]
+    test_guest: Option<String>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    vstor::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = VmConfig {
+        memory: cli.memory,
+        vcpus: cli.vcpus,
+        disks: cli
+            .disk
+            .into_iter()
+            .map(|target| DiskConfig { target })
+            .collect(),
+        workload: cli.test_guest.unwrap_or_else(|| "pattern".into()),
+    };
+    let result = Vm::new(&config).and_then(|mut vm| {
+        for note in &vm.notes {
+            eprintln!("vstor-vmm: note: {note}");
+        }
+        vm.run()
+    });
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("vstor-vmm: the guest reported status {status}");
+            ExitCode::from(status.clamp(1, 124) as u8)
+        }
+        Err(e) => {
+            eprintln!("vstor-vmm: error: {e}");
+            ExitCode::from(125)
+        }
+    }
+}

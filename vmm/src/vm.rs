@@ -1,0 +1,308 @@
+//! The VM: guest memory, one vCPU in long mode, the serial console, a virtio-blk device per disk,
+//! and the run loop that dispatches port I/O and MMIO exits.
+
+use crate::boot;
+use crate::layout::*;
+use crate::serial::SerialPort;
+use crate::virtio::block::Block;
+use crate::virtio::mmio::{IrqLine, MmioTransport};
+use crate::Error;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The test guest's ELF image, built from vmm/guest by build.rs.
+pub static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vstor-test-guest.elf"));
+
+/// A disk of the VM.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// A vstor target string (`disk.raw`, `disk.vhdx,readonly=on`, `pool:DIR/NAME`, ...).
+    pub target: String,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Bytes of guest RAM.
+    pub memory: u64,
+    /// Number of vCPUs (1 for now).
+    pub vcpus: u32,
+    /// The disks, one virtio-mmio device each.
+    pub disks: Vec<DiskConfig>,
+    /// The test guest's workload (`pattern`, `verify`, `readonly`, `malformed`).
+    pub workload: String,
+}
+
+/// The magic value at the start of the test guest's boot information ("VSTORGST").
+const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"VSTORGST");
+
+fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> Error + '_ {
+    move |e| Error::Kvm(format!("{what}: {e}"))
+}
+
+/// Checks that `/dev/kvm` can run a VM: it opens, speaks API version 12 and creates a VM with a
+/// vCPU. The error says why not.
+pub fn kvm_usable() -> Result<(), Error> {
+    let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(Error::Kvm(format!(
+            "KVM API version {version}, expected 12"
+        )));
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    Ok(())
+}
+
+/// An interrupt line of the in-kernel interrupt controller (nothing, when KVM has none).
+struct KvmIrq {
+    vm: Option<Arc<VmFd>>,
+    gsi: u32,
+}
+
+impl IrqLine for KvmIrq {
+    fn set_level(&self, high: bool) {
+        if let Some(vm) = &self.vm {
+            // A failure here means the irqchip went away; the guest still sees the interrupt
+            // status register, which is all a polling driver needs.
+            let _ = vm.set_irq_line(self.gsi, high);
+        }
+    }
+}
+
+/// The device whose MMIO window holds `addr`, and the offset in the window.
+fn disk_at(disks: &mut [MmioTransport], addr: u64) -> Option<(&mut MmioTransport, u64)> {
+    let off = addr.checked_sub(MMIO_BASE)?;
+    let i = usize::try_from(off / MMIO_SIZE).ok()?;
+    disks.get_mut(i).map(|d| (d, off % MMIO_SIZE))
+}
+
+/// A running VM.
+pub struct Vm {
+    /// Kept for the lifetime of the VM (KVM objects hold references to it).
+    _kvm: Kvm,
+    vm: Arc<VmFd>,
+    vcpu: VcpuFd,
+    mem: GuestMemoryMmap,
+    serial: SerialPort,
+    disks: Vec<MmioTransport>,
+    /// Notes for the user (how disks were opened, missing KVM features).
+    pub notes: Vec<String>,
+}
+
+impl Vm {
+    /// Creates the VM, loads the test guest and opens the disks.
+    pub fn new(config: &VmConfig) -> Result<Vm, Error> {
+        if config.vcpus != 1 {
+            return Err(Error::Config(format!(
+                "{} vCPUs requested; this VMM runs one vCPU so far",
+                config.vcpus
+            )));
+        }
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&config.memory) || config.memory % (2 << 20) != 0 {
+            return Err(Error::Config(format!(
+                "memory {} MiB: it must be a multiple of 2 MiB from {} MiB to {} MiB",
+                config.memory >> 20,
+                MIN_MEMORY >> 20,
+                MAX_MEMORY >> 20
+            )));
+        }
+        if config.disks.is_empty() {
+            return Err(Error::Config(
+                "the test guest needs a disk (--disk TARGET)".into(),
+            ));
+        }
+        if config.workload.len() > 64 {
+            return Err(Error::Config("the workload is longer than 64 bytes".into()));
+        }
+        let mut notes = Vec::new();
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.memory as usize)])
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps for as long as
+            // the VM exists (fields drop in declaration order: vcpu and vm before mem).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        if let Err(e) = vm.set_tss_address(0xfffb_d000) {
+            notes.push(format!(
+                "KVM_SET_TSS_ADDR failed ({e}); going on without it"
+            ));
+        }
+        let irqchip = match vm.create_irq_chip() {
+            Ok(()) => Some(vm.clone()),
+            Err(e) => {
+                notes.push(format!(
+                    "no in-kernel interrupt controller ({e}): devices are polled, not interrupting"
+                ));
+                None
+            }
+        };
+
+        let serial_evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(format!("eventfd: {e}")))?;
+        if irqchip.is_some() {
+            vm.register_irqfd(&serial_evt, SERIAL_IRQ)
+                .map_err(kvm_err("KVM_IRQFD"))?;
+        }
+        let serial = SerialPort::new(serial_evt);
+
+        let mut disks = Vec::new();
+        for (i, d) in config.disks.iter().enumerate() {
+            let opened = vstor::open_target(&d.target, &vstor::TargetOptions::default()).map_err(
+                |source| Error::Disk {
+                    target: d.target.clone(),
+                    source,
+                },
+            )?;
+            notes.extend(opened.notes.iter().map(|n| format!("{}: {n}", d.target)));
+            let read_only = opened.device.info().read_only;
+            let id = format!("vstor{i}");
+            let block = Block::new(opened.device, read_only, &id);
+            let irq = KvmIrq {
+                vm: irqchip.clone(),
+                gsi: MMIO_IRQ + i as u32,
+            };
+            disks.push(MmioTransport::new(
+                Box::new(block),
+                mem.clone(),
+                Box::new(irq),
+            ));
+        }
+
+        // The guest image, its boot information and the long-mode structures.
+        let loaded = Elf::load(
+            &mem,
+            None,
+            &mut std::io::Cursor::new(TEST_GUEST),
+            Some(GuestAddress(GUEST_IMAGE_ADDR)),
+        )
+        .map_err(|e| Error::Boot(format!("loading the test guest: {e}")))?;
+        if loaded.kernel_end > 0x100_0000 {
+            return Err(Error::Boot(
+                "the test guest's image reaches into its DMA window".into(),
+            ));
+        }
+        let mut info = Vec::with_capacity(96);
+        info.extend_from_slice(&BOOT_MAGIC.to_le_bytes());
+        info.extend_from_slice(&config.memory.to_le_bytes());
+        info.extend_from_slice(&MMIO_BASE.to_le_bytes());
+        info.extend_from_slice(&(config.workload.len() as u32).to_le_bytes());
+        info.extend_from_slice(&MMIO_IRQ.to_le_bytes());
+        let mut workload = [0u8; 64];
+        workload[..config.workload.len()].copy_from_slice(config.workload.as_bytes());
+        info.extend_from_slice(&workload);
+        mem.write_slice(&info, GuestAddress(BOOT_INFO_ADDR))
+            .map_err(|e| Error::Boot(format!("writing the boot information: {e}")))?;
+        boot::write_boot_structures(&mem)?;
+
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        match kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
+            Ok(cpuid) => vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?,
+            Err(e) => notes.push(format!(
+                "KVM_GET_SUPPORTED_CPUID failed ({e}); default CPUID"
+            )),
+        }
+        boot::setup_long_mode(&vcpu, loaded.kernel_load.0, BOOT_STACK, BOOT_INFO_ADDR)?;
+        Ok(Vm {
+            _kvm: kvm,
+            vm,
+            vcpu,
+            mem,
+            serial,
+            disks,
+            notes,
+        })
+    }
+
+    /// The guest memory (for diagnostics).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The VM's file descriptor.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Runs the vCPU until the guest reports its status on the exit port; returns it.
+    pub fn run(&mut self) -> Result<u32, Error> {
+        loop {
+            let exit = match self.vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Err(Error::Kvm(format!("KVM_RUN: {e}"))),
+            };
+            match exit {
+                VcpuExit::IoOut(port, data) => {
+                    if port == EXIT_PORT {
+                        let mut v = [0u8; 4];
+                        let n = data.len().min(4);
+                        v[..n].copy_from_slice(&data[..n]);
+                        self.serial.flush();
+                        return Ok(u32::from_le_bytes(v));
+                    }
+                    if SerialPort::owns(port) {
+                        self.serial.write(port, data);
+                    }
+                }
+                VcpuExit::IoIn(port, data) => {
+                    if SerialPort::owns(port) {
+                        self.serial.read(port, data);
+                    } else {
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    // Reads of unbacked addresses see all ones, as on a PC.
+                    data.fill(0xff);
+                    if let Some((disk, off)) = disk_at(&mut self.disks, addr) {
+                        disk.read(off, data);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if let Some((disk, off)) = disk_at(&mut self.disks, addr) {
+                        disk.write(off, data);
+                    }
+                }
+                VcpuExit::Hlt => {
+                    self.serial.flush();
+                    return Err(Error::Guest("it halted without reporting a status".into()));
+                }
+                VcpuExit::Shutdown => {
+                    self.serial.flush();
+                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(Error::Guest(format!(
+                        "it shut down (triple fault?) near rip {rip:#x}"
+                    )));
+                }
+                other => {
+                    let what = format!("{other:?}");
+                    self.serial.flush();
+                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(Error::Guest(format!(
+                        "unexpected exit {what} at rip {rip:#x}"
+                    )));
+                }
+            }
+        }
+    }
+}
