@@ -121,6 +121,19 @@ impl Vm {
             return Err(Error::Config("the workload is longer than 64 bytes".into()));
         }
         let mut notes = Vec::new();
+        // Disks first: a target that does not open needs no VM to be reported.
+        let mut blocks = Vec::new();
+        for (i, d) in config.disks.iter().enumerate() {
+            let opened = vstor::open_target(&d.target, &vstor::TargetOptions::default()).map_err(
+                |source| Error::Disk {
+                    target: d.target.clone(),
+                    source,
+                },
+            )?;
+            notes.extend(opened.notes.iter().map(|n| format!("{}: {n}", d.target)));
+            let read_only = opened.device.info().read_only;
+            blocks.push(Block::new(opened.device, read_only, &format!("vstor{i}")));
+        }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
 
@@ -166,17 +179,7 @@ impl Vm {
         let serial = SerialPort::new(serial_evt);
 
         let mut disks = Vec::new();
-        for (i, d) in config.disks.iter().enumerate() {
-            let opened = vstor::open_target(&d.target, &vstor::TargetOptions::default()).map_err(
-                |source| Error::Disk {
-                    target: d.target.clone(),
-                    source,
-                },
-            )?;
-            notes.extend(opened.notes.iter().map(|n| format!("{}: {n}", d.target)));
-            let read_only = opened.device.info().read_only;
-            let id = format!("vstor{i}");
-            let block = Block::new(opened.device, read_only, &id);
+        for (i, block) in blocks.into_iter().enumerate() {
             let irq = KvmIrq {
                 vm: irqchip.clone(),
                 gsi: MMIO_IRQ + i as u32,
