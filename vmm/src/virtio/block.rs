@@ -63,6 +63,9 @@ const SIZE_MAX: u32 = 64 * 1024;
 const SEG_MAX: u32 = 126;
 /// Chains served per batch at most (a queue's worth).
 const BATCH_MAX: usize = QUEUE_SIZE as usize;
+/// Data bytes buffered per batch at most: a batch ends once it holds this much, so a guest that
+/// fills its queue with the largest requests costs the VMM 32 MiB, not 256 times 8 MiB.
+const BATCH_BYTES: u64 = 32 << 20;
 /// Length of a GET_ID string.
 const ID_LEN: usize = 20;
 const SECTOR: u64 = 512;
@@ -445,7 +448,8 @@ impl VirtioDevice for Block {
         let mut any = false;
         loop {
             let mut pending = Vec::new();
-            while pending.len() < BATCH_MAX {
+            let mut buffered = 0u64;
+            while pending.len() < BATCH_MAX && buffered < BATCH_BYTES {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
@@ -453,13 +457,12 @@ impl VirtioDevice for Block {
                 // The iterator stops after as many descriptors as the table has (a loop) and
                 // at a `next` outside the table; `parse_chain` sees the cut.
                 let descs: Vec<Descriptor> = chain.collect();
-                pending.push(parse_chain(
-                    mem,
-                    head,
-                    &descs,
-                    self.capacity,
-                    self.read_only,
-                ));
+                let p = parse_chain(mem, head, &descs, self.capacity, self.read_only);
+                buffered += match &p.action {
+                    Action::Read { segs, .. } | Action::Write { segs, .. } => total(segs),
+                    _ => 0,
+                };
+                pending.push(p);
             }
             if pending.is_empty() {
                 return any;
