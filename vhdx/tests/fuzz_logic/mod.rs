@@ -1114,6 +1114,11 @@ pub fn run_io(data: &[u8]) {
                 }
                 r
             }
+            6 if op & 0x40 != 0 => {
+                // Compaction keeps every byte's value (and commits, like a flush).
+                img.compact_with(op & 8 != 0, &vstor_core::Job::new())
+                    .map(|_| ())
+            }
             6 => img.flush(),
             _ => {
                 let img = v.take().expect("open");
