@@ -25,7 +25,7 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Run the built-in test guest with a workload: pattern (default), verify, readonly,
-    /// malformed.
+    /// malformed. pattern and verify take a seed XORed into the pattern ("pattern 90").
     #[arg(long, value_name = "WORKLOAD", num_args = 0..=1, default_missing_value = "pattern", required = true)]
     test_guest: Option<String>,
 }

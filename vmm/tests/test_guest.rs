@@ -1,5 +1,6 @@
-//! End to end: the VMM runs its test guest on a raw file and on a dynamic VHDX; afterwards the
-//! host reads what the guest wrote with `vstor disk read` and compares it with the pattern.
+//! End to end: the VMM runs its test guest on a raw file, a dynamic VHDX, a differencing VHDX and
+//! a mirrored pool space; afterwards the host reads what the guest wrote with `vstor disk read`
+//! and compares it with the pattern.
 //!
 //! These tests need a usable /dev/kvm. Where there is none they skip, printing why (nextest shows
 //! their output: see .config/nextest.toml).
@@ -8,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The pattern byte at disk offset `off` (the same formula as vmm/guest/src/workload.rs).
-fn pattern_byte(off: u64) -> u8 {
-    ((off >> 9) as u8).wrapping_mul(37) ^ (off as u8) ^ 0xa5
+/// The pattern byte at disk offset `off` for `seed` (the same formula as
+/// vmm/guest/src/workload.rs).
+fn pattern_byte(off: u64, seed: u8) -> u8 {
+    ((off >> 9) as u8).wrapping_mul(37) ^ (off as u8) ^ 0xa5 ^ seed
 }
 
 /// The regions the guest's pattern workload writes (vmm/guest/src/workload.rs `regions`).
@@ -114,15 +116,15 @@ fn host_read(dir: &Path, target: &str, off: u64, len: u64) -> Vec<u8> {
     std::fs::read(&out).expect("read the output of vstor disk read")
 }
 
-/// Checks with `vstor disk read` that the guest's regions hold the pattern and that a region it
-/// did not write is still zero.
-fn check_from_host(dir: &Path, target: &str) {
+/// Checks with `vstor disk read` that the guest's regions hold the pattern of `seed` and that a
+/// region it did not write is still zero.
+fn check_from_host(dir: &Path, target: &str, seed: u8) {
     for (off, len) in regions(DISK_SIZE) {
         let got = host_read(dir, target, off, len);
         assert_eq!(got.len() as u64, len);
         for (i, &b) in got.iter().enumerate() {
             let at = off + i as u64;
-            assert_eq!(b, pattern_byte(at), "{target}: byte at {at:#x}");
+            assert_eq!(b, pattern_byte(at, seed), "{target}: byte at {at:#x}");
         }
     }
     let untouched = host_read(dir, target, 1 << 20, 4096);
@@ -134,11 +136,10 @@ fn check_from_host(dir: &Path, target: &str) {
 
 /// The full round on one disk: pattern (write, flush, read back), the host's check, verify in a
 /// second VM (the data persisted), malformed chains, and read-only.
-fn round(dir: &Path, path: &Path) {
-    let target = path.to_str().unwrap();
-    assert_passes(target, "pattern");
-    check_from_host(dir, target);
-    assert_passes(target, "verify");
+fn round(dir: &Path, target: &str, seed: u8) {
+    assert_passes(target, &format!("pattern {seed}"));
+    check_from_host(dir, target, seed);
+    assert_passes(target, &format!("verify {seed}"));
     assert_passes(target, "malformed");
     let ro = format!("{target},readonly=on");
     assert_passes(&ro, "readonly");
@@ -147,7 +148,7 @@ fn round(dir: &Path, path: &Path) {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("FAIL"), "{out}");
     // The read-only runs changed nothing.
-    check_from_host(dir, target);
+    check_from_host(dir, target, seed);
 }
 
 #[test]
@@ -164,7 +165,7 @@ fn test_guest_on_a_raw_file() {
         "--size",
         &DISK_SIZE.to_string(),
     ]);
-    round(dir.path(), &path);
+    round(dir.path(), path.to_str().unwrap(), 0);
 }
 
 #[test]
@@ -182,9 +183,104 @@ fn test_guest_on_a_dynamic_vhdx() {
         &DISK_SIZE.to_string(),
     ]);
     assert!(created.contains("dynamic"), "{created}");
-    round(dir.path(), &path);
+    round(dir.path(), path.to_str().unwrap(), 0);
     let check = vstor(&["disk", "check", path.to_str().unwrap()]);
     println!("{check}");
+}
+
+#[test]
+fn test_guest_on_a_differencing_vhdx() {
+    if !kvm_or_skip("test_guest_on_a_differencing_vhdx") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let base = base.to_str().unwrap();
+    vstor(&["disk", "create", base, "--size", &DISK_SIZE.to_string()]);
+    // The parent: the guest's pattern (seed 0), and 4 KiB of 0x3c written by the host at 3 MiB,
+    // in a block the child will also write (a partial block of the child shows its parent).
+    assert_passes(base, "pattern");
+    check_from_host(dir.path(), base, 0);
+    let host_off = 3u64 << 20;
+    vstor(&[
+        "disk",
+        "write",
+        base,
+        "--offset",
+        &host_off.to_string(),
+        "--length",
+        "4096",
+        "--pattern",
+        "0x3c",
+    ]);
+    let child = dir.path().join("child.avhdx");
+    let child = child.to_str().unwrap();
+    vstor(&["disk", "create", child, "--parent", base]);
+    let info = vstor(&["disk", "info", child]);
+    assert!(info.contains("differencing"), "{info}");
+    // Through the child the guest first sees its parent's data, then writes its own (seed 90).
+    assert_passes(child, "verify");
+    round(dir.path(), child, 90);
+    // The parent is untouched; what the child did not write still comes from the parent.
+    check_from_host(dir.path(), base, 0);
+    assert!(host_read(dir.path(), child, host_off, 4096)
+        .iter()
+        .all(|&b| b == 0x3c));
+    // A region the child never wrote but its parent did, at the edge of one the child did.
+    let beside = host_read(dir.path(), child, 64 * 1024, 512);
+    assert_eq!(beside, host_read(dir.path(), base, 64 * 1024, 512));
+    let check = vstor(&["disk", "check", child]);
+    println!("{check}");
+}
+
+/// Moves member `disk` of the pool in `pool` out of it (into `aside`), or back.
+fn move_member(from: &Path, to: &Path, disk: &str) {
+    std::fs::rename(from.join(disk), to.join(disk)).expect("move a member disk");
+}
+
+#[test]
+fn test_guest_on_a_mirrored_pool_space() {
+    if !kvm_or_skip("test_guest_on_a_mirrored_pool_space") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let aside = dir.path().join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    let pool_dir = pool.to_str().unwrap();
+    vstor(&[
+        "pool",
+        "create",
+        pool_dir,
+        "--disks",
+        "2",
+        "--disk-size",
+        "128M",
+        "--slab-size",
+        "16M",
+    ]);
+    let space = vstor(&[
+        "space",
+        "create",
+        pool_dir,
+        "data",
+        "--size",
+        &DISK_SIZE.to_string(),
+        "--resiliency",
+        "mirror",
+    ]);
+    assert!(space.contains("2-way mirror"), "{space}");
+    let target = format!("pool:{pool_dir}/data");
+    round(dir.path(), &target, 0);
+    // Both copies hold what the guest wrote: the host reads it with either member missing.
+    for disk in ["disk0.raw", "disk1.raw"] {
+        move_member(&pool, &aside, disk);
+        check_from_host(dir.path(), &target, 0);
+        move_member(&aside, &pool, disk);
+    }
+    // The guest is served by a degraded space too.
+    move_member(&pool, &aside, "disk0.raw");
+    assert_passes(&target, "verify");
 }
 
 #[test]

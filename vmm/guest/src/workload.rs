@@ -1,5 +1,9 @@
 //! The workloads the VMM's command line picks (`--test-guest [WORKLOAD]`).
 //!
+//! Each workload may be followed by a seed (`pattern 90`, `verify 90`; decimal, 0 to 255, 0 when
+//! left out) that is XORed into every pattern byte, so that two runs can leave different data
+//! (a differencing child over its parent, say).
+//!
 //! - `pattern` (the default): writes a pattern to three regions (the first 64 KiB in a request of
 //!   three data segments, 16 KiB in the middle, the last 8 KiB), flushes, reads them back and
 //!   compares; checks GET_ID, a read past the end (I/O error) and an unknown request type
@@ -11,8 +15,8 @@
 //!   of the wrong direction, a loop, an absurd length) must each fail cleanly, and the device must
 //!   serve a good request afterwards.
 //!
-//! The pattern byte at disk offset `o` is `((o >> 9) as u8 * 37) ^ (o as u8) ^ 0xa5`; the VMM's
-//! CI test recomputes it on the host.
+//! The pattern byte at disk offset `o` is `((o >> 9) as u8 * 37) ^ (o as u8) ^ 0xa5 ^ seed`; the
+//! VMM's CI test recomputes it on the host.
 
 use crate::println;
 use crate::virtio::{
@@ -23,9 +27,25 @@ const WRITE_BUF: u64 = virtio::BUFFERS;
 const READ_BUF: u64 = virtio::BUFFERS + 0x10_0000;
 const REGION_MAX: usize = 64 * 1024;
 
-/// The pattern byte at disk offset `off`.
-pub fn pattern_byte(off: u64) -> u8 {
-    ((off >> 9) as u8).wrapping_mul(37) ^ (off as u8) ^ 0xa5
+/// The pattern byte at disk offset `off` for `seed`.
+pub fn pattern_byte(off: u64, seed: u8) -> u8 {
+    ((off >> 9) as u8).wrapping_mul(37) ^ (off as u8) ^ 0xa5 ^ seed
+}
+
+/// Splits `name [seed]` into the name and the seed.
+fn parse(workload: &str) -> Result<(&str, u8), &'static str> {
+    let mut words = workload.split_whitespace();
+    let name = words.next().unwrap_or("");
+    let seed = match words.next() {
+        None => 0,
+        Some(w) => w
+            .parse::<u8>()
+            .map_err(|_| "the seed after the workload is not a number from 0 to 255")?,
+    };
+    if words.next().is_some() {
+        return Err("too many words after the workload");
+    }
+    Ok((name, seed))
 }
 
 /// The regions the pattern workloads use, as (byte offset, length, data segments).
@@ -56,9 +76,10 @@ pub fn run(mmio_base: u64, workload: &str) -> Result<(), &'static str> {
     if blk.capacity < 2048 {
         return Err("the disk is smaller than 1 MiB");
     }
-    match workload {
-        "" | "pattern" => pattern(&mut blk),
-        "verify" => verify(&mut blk),
+    let (name, seed) = parse(workload)?;
+    match name {
+        "" | "pattern" => pattern(&mut blk, seed),
+        "verify" => verify(&mut blk, seed),
         "readonly" => readonly(&mut blk),
         "malformed" => malformed(&mut blk),
         _ => Err("unknown workload (known: pattern, verify, readonly, malformed)"),
@@ -105,6 +126,7 @@ fn read_and_compare(
     off: u64,
     len: usize,
     sizes: &[u32],
+    seed: u8,
 ) -> Result<(), &'static str> {
     let back = virtio::dma_slice(READ_BUF, len);
     back.fill(0xee);
@@ -112,7 +134,7 @@ fn read_and_compare(
     expect(blk, "read", T_IN, off / 512, &bufs[..n], S_OK)?;
     let back = virtio::dma_slice(READ_BUF, len);
     for (i, &b) in back.iter().enumerate() {
-        let want = pattern_byte(off + i as u64);
+        let want = pattern_byte(off + i as u64, seed);
         if b != want {
             println!(
                 "mismatch at disk offset {:#x}: {:#04x}, expected {:#04x}",
@@ -127,7 +149,7 @@ fn read_and_compare(
     Ok(())
 }
 
-fn pattern(blk: &mut Blk) -> Result<(), &'static str> {
+fn pattern(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
     if blk.has(virtio::feature::RO) {
         return Err("the disk is read-only (use the readonly workload)");
     }
@@ -136,7 +158,7 @@ fn pattern(blk: &mut Blk) -> Result<(), &'static str> {
         debug_assert!(len <= REGION_MAX);
         let data = virtio::dma_slice(WRITE_BUF, len);
         for (i, b) in data.iter_mut().enumerate() {
-            *b = pattern_byte(off + i as u64);
+            *b = pattern_byte(off + i as u64, seed);
         }
         let (bufs, n) = segments(WRITE_BUF, sizes, false);
         expect(blk, "write", T_OUT, off / 512, &bufs[..n], S_OK)?;
@@ -152,7 +174,7 @@ fn pattern(blk: &mut Blk) -> Result<(), &'static str> {
         println!("  flush: ok");
     }
     for (off, len, sizes) in regions(capacity) {
-        read_and_compare(blk, off, len, sizes)?;
+        read_and_compare(blk, off, len, sizes, seed)?;
     }
     // GET_ID: a 20-byte identification string.
     let id = virtio::dma_slice(READ_BUF, 20);
@@ -189,9 +211,9 @@ fn pattern(blk: &mut Blk) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn verify(blk: &mut Blk) -> Result<(), &'static str> {
+fn verify(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
     for (off, len, sizes) in regions(blk.capacity * 512) {
-        read_and_compare(blk, off, len, sizes)?;
+        read_and_compare(blk, off, len, sizes, seed)?;
     }
     Ok(())
 }
