@@ -8,14 +8,18 @@
 //! - [`vm::Vm`]: guest memory, one vCPU started directly in 64-bit long mode ([`boot`]), an
 //!   8250 serial console on stdout ([`serial`]), a virtio-mmio device per disk ([`virtio::mmio`])
 //!   serving virtio-blk ([`virtio::block`]) with validated descriptor chains; the available
-//!   chains of a queue go down to the stack as one batch.
+//!   chains of a queue go down to the stack as one batch. The device offers FLUSH, BLK_SIZE,
+//!   SEG_MAX, SIZE_MAX, RO, GET_ID, DISCARD and WRITE_ZEROES (where the stack supports them),
+//!   CONFIG_WCE (write-back/write-through switch) and EVENT_IDX.
 //! - The test guest (vmm/guest): a no_std virtio-blk driver built for `x86_64-unknown-none` by
 //!   build.rs and embedded ([`vm::TEST_GUEST`]); it runs a workload and reports its status on
 //!   port 0xf4, which becomes the VMM's exit status.
 //!
-//! Not yet: more than one vCPU, multi-queue and I/O threads, ioeventfd/irqfd for the disks,
-//! EVENT_IDX, DISCARD/WRITE_ZEROES/CONFIG_WCE, the API socket (resize, QoS, statistics), Linux
-//! boot (linux-loader bzImage, ACPI tables).
+//! Not yet: more than one vCPU, multi-queue and I/O threads, ioeventfd/irqfd for the disks
+//! (queues are served on the vCPU thread at the MMIO exit of a notification), QoS options on
+//! `--disk`, the API socket (resize, QoS, statistics, pause/resume) and the capacity-change
+//! workload, the cargo-fuzz target of the device model, Linux boot (linux-loader bzImage, ACPI
+//! tables).
 #![deny(missing_docs)]
 
 pub mod boot;

@@ -26,6 +26,16 @@ fn regions(capacity: u64) -> [(u64, u64); 3] {
 
 const DISK_SIZE: u64 = 64 << 20;
 
+/// The area of the guest's `zeroes` workload, the ranges it zeroes in it and the range it
+/// discards (vmm/guest/src/workload.rs `ZERO_AREA`, `ZEROED`, `DISCARDED`).
+const ZERO_AREA: (u64, u64) = (4 << 20, 256 << 10);
+const ZEROED: [(u64, u64); 3] = [
+    (16 << 10, 8 << 10),
+    (64 << 10, 32 << 10),
+    (128 << 10, 64 << 10),
+];
+const DISCARDED: (u64, u64) = (224 << 10, 32 << 10);
+
 /// Whether the tests can run here; prints why not.
 fn kvm_or_skip(test: &str) -> bool {
     match vstor_vmm::kvm_usable() {
@@ -134,12 +144,51 @@ fn check_from_host(dir: &Path, target: &str, seed: u8) {
     );
 }
 
+/// Checks with `vstor disk read` what the `zeroes` workload left: zeroes in the zeroed ranges,
+/// the pattern of `seed` in the rest of its area (but the discarded range).
+fn check_zero_area(dir: &Path, target: &str, seed: u8) {
+    let (base, _) = ZERO_AREA;
+    let got = host_read(dir, target, base, DISCARDED.0);
+    for (i, &b) in got.iter().enumerate() {
+        let at = i as u64;
+        let zeroed = ZEROED.iter().any(|&(o, l)| (o..o + l).contains(&at));
+        let want = if zeroed {
+            0
+        } else {
+            pattern_byte(base + at, seed)
+        };
+        assert_eq!(b, want, "{target}: byte at {:#x}", base + at);
+    }
+}
+
+/// Writes the pattern of `seed` over the `zeroes` workload's area from the host.
+fn host_write_pattern(dir: &Path, target: &str, seed: u8) {
+    let (base, len) = ZERO_AREA;
+    let data: Vec<u8> = (0..len).map(|i| pattern_byte(base + i, seed)).collect();
+    let file = dir.join("pattern.bin");
+    std::fs::write(&file, data).unwrap();
+    vstor(&[
+        "disk",
+        "write",
+        target,
+        "--offset",
+        &base.to_string(),
+        "--input",
+        file.to_str().unwrap(),
+    ]);
+}
+
 /// The full round on one disk: pattern (write, flush, read back), the host's check, verify in a
 /// second VM (the data persisted), malformed chains, and read-only.
 fn round(dir: &Path, target: &str, seed: u8) {
     assert_passes(target, &format!("pattern {seed}"));
     check_from_host(dir, target, seed);
     assert_passes(target, &format!("verify {seed}"));
+    // DISCARD and WRITE_ZEROES, the cache mode switch (CONFIG_WCE), EVENT_IDX.
+    assert_passes(target, &format!("zeroes {seed}"));
+    check_zero_area(dir, target, seed);
+    assert_passes(target, &format!("wce {seed}"));
+    assert_passes(target, "event-idx");
     assert_passes(target, "malformed");
     let ro = format!("{target},readonly=on");
     assert_passes(&ro, "readonly");
@@ -213,13 +262,25 @@ fn test_guest_on_a_differencing_vhdx() {
         "--pattern",
         "0x3c",
     ]);
+    // The area of the zeroes workload holds the pattern of seed 7 in the parent.
+    host_write_pattern(dir.path(), base, 7);
     let child = dir.path().join("child.avhdx");
     let child = child.to_str().unwrap();
     vstor(&["disk", "create", child, "--parent", base]);
     let info = vstor(&["disk", "info", child]);
     assert!(info.contains("differencing"), "{info}");
-    // Through the child the guest first sees its parent's data, then writes its own (seed 90).
+    // Through the child the guest first sees its parent's data; write-zeroes in the child hides
+    // the parent's data under it, and nothing else.
     assert_passes(child, "verify");
+    assert_passes(child, "zeroes-over 7");
+    check_zero_area(dir.path(), child, 7);
+    let (zbase, zlen) = ZERO_AREA;
+    let parent_area = host_read(dir.path(), base, zbase, zlen);
+    assert!(parent_area
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pattern_byte(zbase + i as u64, 7)));
+    // Then the guest writes its own data (seed 90).
     round(dir.path(), child, 90);
     // The parent is untouched; what the child did not write still comes from the parent.
     check_from_host(dir.path(), base, 0);

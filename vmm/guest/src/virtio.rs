@@ -51,6 +51,14 @@ pub mod feature {
     pub const BLK_SIZE: u32 = 6;
     /// The device has a cache that `FLUSH` writes back.
     pub const FLUSH: u32 = 9;
+    /// The driver can read and set the cache mode (`writeback` in the configuration space).
+    pub const CONFIG_WCE: u32 = 11;
+    /// DISCARD requests.
+    pub const DISCARD: u32 = 13;
+    /// WRITE_ZEROES requests.
+    pub const WRITE_ZEROES: u32 = 14;
+    /// `used_event`/`avail_event`: each side says when it wants to hear from the other.
+    pub const EVENT_IDX: u32 = 29;
     /// Virtio 1.x (mandatory for virtio-mmio version 2).
     pub const VERSION_1: u32 = 32;
 }
@@ -64,6 +72,14 @@ pub const T_OUT: u32 = 1;
 pub const T_FLUSH: u32 = 4;
 /// Get the device ID string (20 bytes).
 pub const T_GET_ID: u32 = 8;
+/// Discard ranges.
+pub const T_DISCARD: u32 = 11;
+/// Write zeroes over ranges.
+pub const T_WRITE_ZEROES: u32 = 13;
+/// The UNMAP flag of a write-zeroes range.
+pub const WRITE_ZEROES_UNMAP: u32 = 1;
+/// Offset of `writeback` in the configuration space.
+pub const CONFIG_WRITEBACK: usize = 32;
 /// Success.
 pub const S_OK: u8 = 0;
 /// I/O error.
@@ -82,6 +98,10 @@ pub const DMA_BASE: u64 = 0x100_0000;
 const DESC_TABLE: u64 = DMA_BASE;
 const AVAIL_RING: u64 = DMA_BASE + 0x1000;
 const USED_RING: u64 = DMA_BASE + 0x2000;
+/// `used_event`, after the avail ring's entries (EVENT_IDX).
+const USED_EVENT: u64 = AVAIL_RING + 4 + 2 * QUEUE_SIZE as u64;
+/// `avail_event`, after the used ring's entries (EVENT_IDX).
+const AVAIL_EVENT: u64 = USED_RING + 4 + 8 * QUEUE_SIZE as u64;
 const HEADER: u64 = DMA_BASE + 0x3000;
 const STATUS_BYTE: u64 = DMA_BASE + 0x3100;
 /// Where data buffers may be placed by the caller (up to `DMA_BASE + 3 MiB`).
@@ -119,6 +139,12 @@ pub struct Blk {
     avail_idx: u16,
     /// The used index seen last.
     used_seen: u16,
+    /// With EVENT_IDX: how many completions past the next one the device may go before it
+    /// interrupts (0: interrupt at the next one).
+    pub used_event_gap: u16,
+    /// Notifications sent, and skipped because the device's `avail_event` said it was not
+    /// waiting for one (EVENT_IDX).
+    pub notifies: (u64, u64),
 }
 
 fn rd(addr: u64) -> u32 {
@@ -170,6 +196,8 @@ impl Blk {
             seg_max: 0,
             avail_idx: 0,
             used_seen: 0,
+            used_event_gap: 0,
+            notifies: (0, 0),
         };
         if blk.reg(MAGIC) != 0x7472_6976 {
             return Err("no virtio-mmio magic value at the disk's address");
@@ -196,6 +224,10 @@ impl Blk {
             feature::RO,
             feature::BLK_SIZE,
             feature::FLUSH,
+            feature::CONFIG_WCE,
+            feature::DISCARD,
+            feature::WRITE_ZEROES,
+            feature::EVENT_IDX,
             feature::VERSION_1,
         ]
         .iter()
@@ -235,6 +267,8 @@ impl Blk {
         poke::<u16>(AVAIL_RING, 1);
         poke::<u16>(AVAIL_RING + 2, 0);
         poke::<u16>(USED_RING + 2, 0);
+        poke::<u16>(USED_EVENT, 0);
+        poke::<u16>(AVAIL_EVENT, 0);
         blk.set_reg(QUEUE_READY, 1);
         // 8. DRIVER_OK: the device is live.
         blk.set_reg(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
@@ -246,6 +280,26 @@ impl Blk {
             blk.seg_max = blk.config::<u32>(12);
         }
         Ok(blk)
+    }
+
+    /// Reads and acknowledges the interrupt status; returns what it was.
+    pub fn take_isr(&mut self) -> u32 {
+        let isr = self.reg(INTERRUPT_STATUS);
+        if isr != 0 {
+            self.set_reg(INTERRUPT_ACK, isr);
+        }
+        isr
+    }
+
+    /// Reads a byte of the device-specific configuration space.
+    pub fn config_u8(&self, off: usize) -> u8 {
+        self.config::<u8>(off)
+    }
+
+    /// Writes a byte of the device-specific configuration space.
+    pub fn set_config_u8(&self, off: usize, v: u8) {
+        // SAFETY: the device-specific configuration space of the mmio window.
+        unsafe { write_volatile((self.base + CONFIG + off) as *mut u8, v) }
     }
 
     /// Whether feature `bit` was negotiated.
@@ -293,11 +347,27 @@ impl Blk {
         let slot = u64::from(self.avail_idx % QUEUE_SIZE);
         poke::<u16>(AVAIL_RING + 4 + 2 * slot, head);
         // The descriptors and the ring entry must be visible before the index that publishes them.
+        let event_idx = self.has(feature::EVENT_IDX);
+        if event_idx {
+            poke::<u16>(USED_EVENT, self.used_seen.wrapping_add(self.used_event_gap));
+        }
         fence(Ordering::SeqCst);
+        let old = self.avail_idx;
         self.avail_idx = self.avail_idx.wrapping_add(1);
         poke::<u16>(AVAIL_RING + 2, self.avail_idx);
         fence(Ordering::SeqCst);
-        self.set_reg(QUEUE_NOTIFY, 0);
+        // With EVENT_IDX the device says up to which index it has seen the ring: notify only
+        // when this publication crosses it (the spec's vring_need_event).
+        let needed = !event_idx || {
+            let event = peek::<u16>(AVAIL_EVENT);
+            self.avail_idx.wrapping_sub(event).wrapping_sub(1) < self.avail_idx.wrapping_sub(old)
+        };
+        if needed {
+            self.set_reg(QUEUE_NOTIFY, 0);
+            self.notifies.0 += 1;
+        } else {
+            self.notifies.1 += 1;
+        }
         let mut spins = 0u64;
         while peek::<u16>(USED_RING + 2) == self.used_seen {
             spins += 1;
@@ -311,10 +381,10 @@ impl Blk {
         let id = peek::<u32>(USED_RING + 4 + 8 * slot);
         let written = peek::<u32>(USED_RING + 4 + 8 * slot + 4);
         self.used_seen = self.used_seen.wrapping_add(1);
-        // Acknowledge the interrupt the device raised, so that its line goes low again.
-        let isr = self.reg(INTERRUPT_STATUS);
-        if isr != 0 {
-            self.set_reg(INTERRUPT_ACK, isr);
+        // Acknowledge the interrupt the device raised (if it did), so that its line goes low
+        // again; without EVENT_IDX every completion raises one.
+        if !self.has(feature::EVENT_IDX) {
+            self.take_isr();
         }
         if id != u32::from(head) {
             return Err("the device returned a descriptor we did not submit");

@@ -15,12 +15,24 @@
 //!   of the wrong direction, a loop, an absurd length) must each fail cleanly, and the device must
 //!   serve a good request afterwards.
 //!
+//! - `zeroes`: writes the pattern over 256 KiB at 4 MiB, zeroes ranges of it with WRITE_ZEROES
+//!   (two ranges in one request, and one with the UNMAP flag), discards another, checks that
+//!   unsupported flags and ranges past the end are refused, and reads back: zeroes where the
+//!   zeroes went, the pattern elsewhere. `zeroes-over` does the same without writing the pattern
+//!   first (it must already be there: from a parent disk, say).
+//! - `wce`: reads the cache mode (`writeback`, CONFIG_WCE), switches to write-through, writes
+//!   and reads back, and switches back.
+//! - `event-idx`: with EVENT_IDX the device must interrupt when the driver's `used_event` asks
+//!   for it and not before, and keep `avail_event` current so that the driver notifies only when
+//!   the device waits for it.
+//!
 //! The pattern byte at disk offset `o` is `((o >> 9) as u8 * 37) ^ (o as u8) ^ 0xa5 ^ seed`; the
 //! VMM's CI test recomputes it on the host.
 
 use crate::println;
 use crate::virtio::{
-    self, flags, Blk, Buf, S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    self, flags, Blk, Buf, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
+    T_WRITE_ZEROES, WRITE_ZEROES_UNMAP,
 };
 
 const WRITE_BUF: u64 = virtio::BUFFERS;
@@ -82,7 +94,14 @@ pub fn run(mmio_base: u64, workload: &str) -> Result<(), &'static str> {
         "verify" => verify(&mut blk, seed),
         "readonly" => readonly(&mut blk),
         "malformed" => malformed(&mut blk),
-        _ => Err("unknown workload (known: pattern, verify, readonly, malformed)"),
+        "zeroes" => zeroes(&mut blk, seed, true),
+        "zeroes-over" => zeroes(&mut blk, seed, false),
+        "wce" => wce(&mut blk, seed),
+        "event-idx" => event_idx(&mut blk),
+        _ => Err(
+            "unknown workload (known: pattern, verify, readonly, malformed, zeroes, zeroes-over, \
+             wce, event-idx)",
+        ),
     }
 }
 
@@ -317,5 +336,197 @@ fn malformed(blk: &mut Blk) -> Result<(), &'static str> {
     };
     expect(blk, "read after malformed chains", T_IN, 0, &[inb], S_OK)?;
     println!("  a good request after them: ok");
+    Ok(())
+}
+
+/// Where the `zeroes` workload works: 256 KiB at 4 MiB.
+const ZERO_AREA: (u64, usize) = (4 << 20, 256 * 1024);
+/// Ranges (offset in the area, length) that the `zeroes` workload writes zeroes over; the first
+/// two go in one request, the third carries the UNMAP flag.
+const ZEROED: [(u64, u32); 3] = [
+    (16 << 10, 8 << 10),
+    (64 << 10, 32 << 10),
+    (128 << 10, 64 << 10),
+];
+/// The range it discards (its content afterwards is unspecified).
+const DISCARDED: (u64, u32) = (224 << 10, 32 << 10);
+/// Where the ranges of a request are built (past the 256 KiB the workload writes).
+const RANGES_BUF: u64 = WRITE_BUF + 0x8_0000;
+
+/// Builds discard/write-zeroes ranges `(byte offset, bytes, flags)` and runs the request.
+fn ranges(blk: &mut Blk, typ: u32, list: &[(u64, u32, u32)]) -> Result<u8, &'static str> {
+    let raw = virtio::dma_slice(RANGES_BUF, 16 * list.len());
+    for (r, &(off, len, flags)) in raw.chunks_exact_mut(16).zip(list) {
+        r[0..8].copy_from_slice(&(off / 512).to_le_bytes());
+        r[8..12].copy_from_slice(&(len / 512).to_le_bytes());
+        r[12..16].copy_from_slice(&flags.to_le_bytes());
+    }
+    let buf = Buf {
+        addr: RANGES_BUF,
+        len: 16 * list.len() as u32,
+        device_writes: false,
+    };
+    blk.request(typ, 0, &[buf])
+}
+
+fn want(what: &str, got: u8, want: u8) -> Result<(), &'static str> {
+    if got != want {
+        println!("{}: status {} where {} was expected", what, got, want);
+        return Err("a request ended with the wrong status");
+    }
+    Ok(())
+}
+
+fn zeroes(blk: &mut Blk, seed: u8, write_first: bool) -> Result<(), &'static str> {
+    if !blk.has(virtio::feature::WRITE_ZEROES) || !blk.has(virtio::feature::DISCARD) {
+        return Err("the device does not offer DISCARD and WRITE_ZEROES");
+    }
+    let (base, len) = ZERO_AREA;
+    if blk.capacity * 512 < base + len as u64 {
+        return Err("the disk is too small for the zeroes workload (5 MiB)");
+    }
+    if write_first {
+        let data = virtio::dma_slice(WRITE_BUF, len);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = pattern_byte(base + i as u64, seed);
+        }
+        let (bufs, n) = segments(WRITE_BUF, &[65536; 4], false);
+        expect(blk, "write", T_OUT, base / 512, &bufs[..n], S_OK)?;
+        println!("  wrote {} KiB at {:#x}", len / 1024, base);
+    }
+    let z = |i: usize, flags: u32| (base + ZEROED[i].0, ZEROED[i].1, flags);
+    let got = ranges(blk, T_WRITE_ZEROES, &[z(0, 0), z(1, 0)])?;
+    want("write-zeroes of two ranges", got, S_OK)?;
+    let got = ranges(blk, T_WRITE_ZEROES, &[z(2, WRITE_ZEROES_UNMAP)])?;
+    want("write-zeroes with UNMAP", got, S_OK)?;
+    let d = (base + DISCARDED.0, DISCARDED.1, 0);
+    let got = ranges(blk, T_DISCARD, &[d])?;
+    want("discard", got, S_OK)?;
+    println!("  write-zeroes (2 ranges; 1 with UNMAP) and discard: ok");
+    let got = ranges(blk, T_DISCARD, &[(d.0, d.1, WRITE_ZEROES_UNMAP)])?;
+    want("discard with UNMAP", got, S_UNSUPP)?;
+    let got = ranges(blk, T_WRITE_ZEROES, &[(base, 512, 2)])?;
+    want("write-zeroes with an unknown flag", got, S_UNSUPP)?;
+    let end = blk.capacity * 512;
+    let got = ranges(blk, T_WRITE_ZEROES, &[(end - 512, 1024, 0)])?;
+    want("write-zeroes past the end", got, S_IOERR)?;
+    println!("  unknown flags: unsupported; past the end: I/O error");
+    if blk.has(virtio::feature::FLUSH) {
+        expect(blk, "flush", T_FLUSH, 0, &[], S_OK)?;
+    }
+    // Read back everything but the discarded range.
+    let check = DISCARDED.0 as usize;
+    let back = virtio::dma_slice(READ_BUF, check);
+    back.fill(0xee);
+    let (bufs, n) = segments(READ_BUF, &[65536, 65536, 65536, 32768], true);
+    expect(blk, "read", T_IN, base / 512, &bufs[..n], S_OK)?;
+    let back = virtio::dma_slice(READ_BUF, check);
+    for (i, &b) in back.iter().enumerate() {
+        let at = i as u64;
+        let zeroed = ZEROED
+            .iter()
+            .any(|&(o, l)| (o..o + u64::from(l)).contains(&at));
+        let expected = if zeroed {
+            0
+        } else {
+            pattern_byte(base + at, seed)
+        };
+        if b != expected {
+            println!(
+                "mismatch at disk offset {:#x}: {:#04x}, expected {:#04x}",
+                base + at,
+                b,
+                expected
+            );
+            return Err("read-back after write-zeroes differs");
+        }
+    }
+    println!(
+        "  read back {} KiB: zeroes where zeroed, the pattern elsewhere",
+        check / 1024
+    );
+    Ok(())
+}
+
+fn wce(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
+    use virtio::CONFIG_WRITEBACK;
+    if !blk.has(virtio::feature::CONFIG_WCE) || !blk.has(virtio::feature::FLUSH) {
+        return Err("the device does not offer CONFIG_WCE and FLUSH");
+    }
+    if blk.config_u8(CONFIG_WRITEBACK) != 1 {
+        return Err("the device does not start in write-back mode");
+    }
+    blk.set_config_u8(CONFIG_WRITEBACK, 0);
+    if blk.config_u8(CONFIG_WRITEBACK) != 0 {
+        return Err("the device did not switch to write-through");
+    }
+    println!("  writeback 1 -> 0 (write-through)");
+    let (off, len, sizes) = regions(blk.capacity * 512)[1];
+    let data = virtio::dma_slice(WRITE_BUF, len);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = pattern_byte(off + i as u64, seed);
+    }
+    let (bufs, n) = segments(WRITE_BUF, sizes, false);
+    expect(
+        blk,
+        "write-through write",
+        T_OUT,
+        off / 512,
+        &bufs[..n],
+        S_OK,
+    )?;
+    read_and_compare(blk, off, len, sizes, seed)?;
+    blk.set_config_u8(CONFIG_WRITEBACK, 1);
+    if blk.config_u8(CONFIG_WRITEBACK) != 1 {
+        return Err("the device did not switch back to write-back");
+    }
+    println!("  writeback 0 -> 1 (write-back)");
+    Ok(())
+}
+
+/// Waits a while for the device to raise the used-buffer interrupt status; returns whether it
+/// did (and acknowledges it).
+fn vring_interrupt(blk: &mut Blk) -> bool {
+    for _ in 0..200_000 {
+        if blk.take_isr() & 1 != 0 {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    false
+}
+
+fn event_idx(blk: &mut Blk) -> Result<(), &'static str> {
+    if !blk.has(virtio::feature::EVENT_IDX) {
+        return Err("the device does not offer EVENT_IDX");
+    }
+    let one = Buf {
+        addr: READ_BUF,
+        len: 512,
+        device_writes: true,
+    };
+    // used_event far ahead: the device must not interrupt for these.
+    blk.take_isr();
+    blk.used_event_gap = 100;
+    for _ in 0..3 {
+        expect(blk, "read", T_IN, 0, &[one], S_OK)?;
+        if vring_interrupt(blk) {
+            return Err("the device interrupted before used_event");
+        }
+    }
+    // used_event at the next completion: it must.
+    blk.used_event_gap = 0;
+    expect(blk, "read", T_IN, 0, &[one], S_OK)?;
+    if !vring_interrupt(blk) {
+        return Err("the device did not interrupt at used_event");
+    }
+    let (sent, skipped) = blk.notifies;
+    println!(
+        "  no interrupt before used_event, one at it; {} notifications sent, {} skipped",
+        sent, skipped
+    );
+    if sent == 0 {
+        return Err("no notification was sent");
+    }
     Ok(())
 }

@@ -9,8 +9,15 @@
 //! The available chains of a queue go down to the stack as one batch (the core contract), so the
 //! guest's queue depth reaches the backend. Data moves through host buffers owned by the request
 //! (a copy per request; mapping guest memory directly is a later optimization).
+//!
+//! Besides reads, writes, flushes and GET_ID the device serves DISCARD and WRITE_ZEROES (offered
+//! when the stack supports them; a write-zeroes range with the UNMAP flag becomes a discard where
+//! the stack's discards read back as zeroes), lets the driver switch between write-back and
+//! write-through caching (CONFIG_WCE), and honours EVENT_IDX notification suppression. Its state
+//! is atomic, so one device serves its queues from several threads.
 
-use super::VirtioDevice;
+use super::{VirtioDevice, F_EVENT_IDX};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
@@ -32,6 +39,12 @@ pub mod feature {
     pub const BLK_SIZE: u64 = 1 << 6;
     /// Cache flush command support.
     pub const FLUSH: u64 = 1 << 9;
+    /// The cache mode can be read and set through the `writeback` configuration field.
+    pub const CONFIG_WCE: u64 = 1 << 11;
+    /// DISCARD requests.
+    pub const DISCARD: u64 = 1 << 13;
+    /// WRITE_ZEROES requests.
+    pub const WRITE_ZEROES: u64 = 1 << 14;
 }
 
 /// Request types (virtio spec 5.2.6).
@@ -44,7 +57,14 @@ pub mod req {
     pub const FLUSH: u32 = 4;
     /// Device ID string.
     pub const GET_ID: u32 = 8;
+    /// Discard ranges.
+    pub const DISCARD: u32 = 11;
+    /// Write zeroes over ranges.
+    pub const WRITE_ZEROES: u32 = 13;
 }
+
+/// The UNMAP flag of a write-zeroes range: the device may deallocate the range.
+pub const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 /// Status byte: success.
 pub const S_OK: u8 = 0;
@@ -66,6 +86,17 @@ const BATCH_MAX: usize = QUEUE_SIZE as usize;
 /// Data bytes buffered per batch at most: a batch ends once it holds this much, so a guest that
 /// fills its queue with the largest requests costs the VMM 32 MiB, not 256 times 8 MiB.
 const BATCH_BYTES: u64 = 32 << 20;
+/// Most sectors of one discard or write-zeroes range (`max_discard_sectors`,
+/// `max_write_zeroes_sectors`): 1 GiB.
+pub const MAX_RANGE_SECTORS: u32 = 1 << 21;
+/// Most ranges of one discard or write-zeroes request (`max_discard_seg`, `max_write_zeroes_seg`).
+pub const MAX_RANGES: u32 = 16;
+/// The size of one discard/write-zeroes range descriptor.
+const RANGE_LEN: u64 = 16;
+/// Offset of `writeback` in the configuration space.
+const CONFIG_WRITEBACK: u64 = 32;
+/// Length of the configuration space we serve (up to `write_zeroes_may_unmap` and its padding).
+const CONFIG_LEN: usize = 60;
 /// Length of a GET_ID string.
 const ID_LEN: usize = 20;
 const SECTOR: u64 = 512;
@@ -96,6 +127,16 @@ enum Action {
     Flush,
     GetId {
         segs: Vec<Segment>,
+    },
+    /// Discard these (offset, length) byte ranges.
+    Discard {
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Write zeroes over these (offset, length) byte ranges; `unmap`: the driver allows them to
+    /// be deallocated.
+    WriteZeroes {
+        ranges: Vec<(u64, u64)>,
+        unmap: bool,
     },
     /// Complete at once with this status (a malformed or refused request).
     Status(u8),
@@ -154,13 +195,75 @@ fn write_segs(mem: &GuestMemoryMmap, segs: &[Segment], src: &[u8]) -> bool {
     at == src.len()
 }
 
+/// What the device can do, as `parse_chain` needs it.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    read_only: bool,
+    discard: bool,
+    write_zeroes: bool,
+}
+
+/// Parses the ranges of a DISCARD or WRITE_ZEROES request (virtio spec 5.2.6): `out_len` bytes of
+/// 16-byte `{ le64 sector; le32 num_sectors; le32 flags }` after the header, nothing for the
+/// device to write but the status. Unknown flags, and UNMAP on a discard, are unsupported; a range
+/// that is empty, longer than [`MAX_RANGE_SECTORS`] or past the end is an I/O error.
+fn parse_ranges(
+    mem: &GuestMemoryMmap,
+    readable: &[Segment],
+    out_len: u64,
+    in_len: u64,
+    capacity: u64,
+    write_zeroes: bool,
+) -> Action {
+    let count = out_len / RANGE_LEN;
+    if in_len != 0 || out_len % RANGE_LEN != 0 || count == 0 || count > u64::from(MAX_RANGES) {
+        return Action::Status(S_IOERR);
+    }
+    let mut raw = vec![0u8; out_len as usize];
+    if !read_segs(mem, readable, 16, &mut raw) {
+        return Action::Status(S_IOERR);
+    }
+    let mut ranges = Vec::with_capacity(count as usize);
+    let mut unmap = true;
+    for r in raw.chunks_exact(RANGE_LEN as usize) {
+        let sector = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
+        let sectors = u32::from_le_bytes(r[8..12].try_into().expect("4 bytes"));
+        let flags = u32::from_le_bytes(r[12..16].try_into().expect("4 bytes"));
+        let allowed = if write_zeroes {
+            WRITE_ZEROES_FLAG_UNMAP
+        } else {
+            0
+        };
+        if flags & !allowed != 0 {
+            return Action::Status(S_UNSUPP);
+        }
+        unmap &= flags & WRITE_ZEROES_FLAG_UNMAP != 0;
+        let len = u64::from(sectors) * SECTOR;
+        let Some(offset) = sector
+            .checked_mul(SECTOR)
+            .filter(|off| off.checked_add(len).is_some_and(|end| end <= capacity))
+        else {
+            return Action::Status(S_IOERR);
+        };
+        if sectors == 0 || sectors > MAX_RANGE_SECTORS {
+            return Action::Status(S_IOERR);
+        }
+        ranges.push((offset, len));
+    }
+    if write_zeroes {
+        Action::WriteZeroes { ranges, unmap }
+    } else {
+        Action::Discard { ranges }
+    }
+}
+
 /// Validates a chain and turns it into a [`Pending`] request. Never touches the disk.
 fn parse_chain(
     mem: &GuestMemoryMmap,
     head: u16,
     descs: &[Descriptor],
     capacity: u64,
-    read_only: bool,
+    caps: Caps,
 ) -> Pending {
     let broken = |head| Pending {
         head,
@@ -260,7 +363,7 @@ fn parse_chain(
             _ => Action::Status(S_IOERR),
         },
         req::OUT => match range(out_len) {
-            Some(_) if read_only => Action::Status(S_IOERR),
+            Some(_) if caps.read_only => Action::Status(S_IOERR),
             Some(offset) if in_len == 0 => Action::Write {
                 offset,
                 segs: out_segs(),
@@ -271,6 +374,12 @@ fn parse_chain(
         req::FLUSH => Action::Status(S_IOERR),
         req::GET_ID if out_len == 0 && in_len > 0 => Action::GetId { segs: in_segs },
         req::GET_ID => Action::Status(S_IOERR),
+        req::DISCARD if caps.discard => {
+            parse_ranges(mem, &readable, out_len, in_len, capacity, false)
+        }
+        req::WRITE_ZEROES if caps.write_zeroes => {
+            parse_ranges(mem, &readable, out_len, in_len, capacity, true)
+        }
         _ => Action::Status(S_UNSUPP),
     };
     if let Action::Status(s) = action {
@@ -287,13 +396,21 @@ fn parse_chain(
 /// A virtio-blk device serving a vstor stack.
 pub struct Block {
     disk: Arc<dyn BlockDevice>,
-    read_only: bool,
-    capacity: u64,
+    caps: Caps,
+    /// The stack's discards read back as zeroes (so a write-zeroes with UNMAP may discard).
+    discard_zeroes: bool,
+    /// In bytes; it changes when the disk is resized ([`Block::set_capacity`]).
+    capacity: AtomicU64,
     block_size: u32,
     id: [u8; ID_LEN],
     /// The driver negotiated FLUSH; without it the device is write-through (flushes every write).
-    flush_negotiated: bool,
-    queue_sizes: [u16; 1],
+    flush_negotiated: AtomicBool,
+    /// The `writeback` configuration field: with FLUSH negotiated, 1 keeps writes in the cache
+    /// until a flush, 0 makes the device write-through (CONFIG_WCE lets the driver change it).
+    writeback: AtomicBool,
+    /// The driver negotiated EVENT_IDX.
+    event_idx: AtomicBool,
+    queue_sizes: Vec<u16>,
 }
 
 impl Block {
@@ -304,24 +421,66 @@ impl Block {
         let mut ident = [0u8; ID_LEN];
         let n = id.len().min(ID_LEN);
         ident[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let read_only = read_only || info.read_only;
         Block {
-            read_only: read_only || info.read_only,
-            capacity: info.capacity,
+            caps: Caps {
+                read_only,
+                discard: info.supports.discard && !read_only,
+                write_zeroes: info.supports.write_zeroes && !read_only,
+            },
+            discard_zeroes: info.discard_zeroes && info.supports.discard,
+            capacity: AtomicU64::new(info.capacity),
             block_size: info.logical_sector_size.max(512),
             disk,
             id: ident,
-            flush_negotiated: false,
-            queue_sizes: [QUEUE_SIZE],
+            flush_negotiated: AtomicBool::new(false),
+            writeback: AtomicBool::new(true),
+            event_idx: AtomicBool::new(false),
+            queue_sizes: vec![QUEUE_SIZE],
         }
     }
 
-    /// The configuration space (virtio spec 5.2.4), up to and including `blk_size`.
-    fn config(&self) -> [u8; 24] {
-        let mut c = [0u8; 24];
-        c[0..8].copy_from_slice(&(self.capacity / SECTOR).to_le_bytes());
+    /// The disk under the device.
+    pub fn disk(&self) -> &Arc<dyn BlockDevice> {
+        &self.disk
+    }
+
+    /// The capacity in bytes the device reports.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Sets the capacity the device reports (after the disk was resized); the transport then
+    /// tells the driver with a configuration-change interrupt.
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes, Ordering::Release);
+    }
+
+    /// Whether writes are made durable before they complete (no write-back cache in effect).
+    pub fn write_through(&self) -> bool {
+        !(self.flush_negotiated.load(Ordering::Acquire) && self.writeback.load(Ordering::Acquire))
+    }
+
+    /// The configuration space (virtio spec 5.2.4), up to `write_zeroes_may_unmap`.
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&(self.capacity() / SECTOR).to_le_bytes());
         c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&self.block_size.to_le_bytes());
+        c[32] = u8::from(self.writeback.load(Ordering::Acquire));
+        c[34..36].copy_from_slice(&(self.queue_sizes.len() as u16).to_le_bytes());
+        let align = self.block_size / SECTOR as u32;
+        if self.caps.discard {
+            c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+            c[40..44].copy_from_slice(&MAX_RANGES.to_le_bytes());
+            c[44..48].copy_from_slice(&align.to_le_bytes());
+        }
+        if self.caps.write_zeroes {
+            c[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+            c[52..56].copy_from_slice(&MAX_RANGES.to_le_bytes());
+            c[56] = u8::from(self.discard_zeroes);
+        }
         c
     }
 
@@ -337,27 +496,47 @@ impl Block {
                         p.action = Action::Status(S_IOERR);
                     }
                 }
-                Action::GetId { .. } | Action::Flush | Action::Status(_) => {}
+                _ => {}
             }
         }
-        let writes = pending
-            .iter()
-            .any(|p| matches!(p.action, Action::Write { .. }));
-        // One batch down the stack; a trailing flush when the guest did not negotiate FLUSH
-        // (write-through).
+        let writes = pending.iter().any(|p| {
+            matches!(
+                p.action,
+                Action::Write { .. } | Action::Discard { .. } | Action::WriteZeroes { .. }
+            )
+        });
+        // One batch down the stack; a trailing flush when the device is write-through.
         let mut slots = Vec::with_capacity(pending.len());
         let mut batch: Vec<Request<'_>> = Vec::with_capacity(pending.len() + 1);
         for (i, p) in pending.iter_mut().enumerate() {
-            let r = match &p.action {
-                Action::Read { offset, .. } => Request::read(*offset, &mut p.buf),
-                Action::Write { offset, .. } => Request::write(*offset, &p.buf),
-                Action::Flush => Request::flush(),
+            match &p.action {
+                Action::Read { offset, .. } => batch.push(Request::read(*offset, &mut p.buf)),
+                Action::Write { offset, .. } => batch.push(Request::write(*offset, &p.buf)),
+                Action::Flush => batch.push(Request::flush()),
+                Action::Discard { ranges } => {
+                    for &(off, len) in ranges {
+                        slots.push(i);
+                        batch.push(Request::discard(off, len));
+                    }
+                    continue;
+                }
+                Action::WriteZeroes { ranges, unmap } => {
+                    let discard = *unmap && self.discard_zeroes;
+                    for &(off, len) in ranges {
+                        slots.push(i);
+                        batch.push(if discard {
+                            Request::discard(off, len)
+                        } else {
+                            Request::write_zeroes(off, len)
+                        });
+                    }
+                    continue;
+                }
                 _ => continue,
             };
             slots.push(i);
-            batch.push(r);
         }
-        let write_through = writes && !self.flush_negotiated;
+        let write_through = writes && self.write_through();
         if write_through {
             batch.push(Request::flush());
         }
@@ -369,8 +548,11 @@ impl Block {
         drop(batch);
         for (&i, ok) in slots.iter().zip(results) {
             let p = &mut pending[i];
-            let ok = ok && (through_ok || !matches!(p.action, Action::Write { .. }));
-            if !ok {
+            let is_write = matches!(
+                p.action,
+                Action::Write { .. } | Action::Discard { .. } | Action::WriteZeroes { .. }
+            );
+            if !ok || (is_write && !through_ok) {
                 p.action = Action::Status(S_IOERR);
             }
         }
@@ -397,13 +579,45 @@ impl Block {
                     (S_IOERR, 0)
                 }
             }
-            Action::Write { .. } | Action::Flush => (S_OK, 0),
+            Action::Write { .. }
+            | Action::Flush
+            | Action::Discard { .. }
+            | Action::WriteZeroes { .. } => (S_OK, 0),
             Action::Status(s) => (*s, 0),
         };
         if mem.write_obj(status, status_at).is_err() {
             return 0;
         }
         data_len as u32 + 1
+    }
+
+    /// Pops up to a batch of chains and serves them; returns how many were returned through the
+    /// used ring, or `None` when the used ring cannot be written.
+    fn serve_batch(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Option<usize> {
+        let capacity = self.capacity();
+        let mut pending = Vec::new();
+        let mut buffered = 0u64;
+        while pending.len() < BATCH_MAX && buffered < BATCH_BYTES {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            // The iterator stops after as many descriptors as the table has (a loop) and at a
+            // `next` outside the table; `parse_chain` sees the cut.
+            let descs: Vec<Descriptor> = chain.collect();
+            let p = parse_chain(mem, head, &descs, capacity, self.caps);
+            buffered += match &p.action {
+                Action::Read { segs, .. } | Action::Write { segs, .. } => total(segs),
+                _ => 0,
+            };
+            pending.push(p);
+        }
+        self.run_batch(mem, &mut pending);
+        for p in &pending {
+            let len = self.complete(mem, p);
+            queue.add_used(mem, p.head, len).ok()?;
+        }
+        Some(pending.len())
     }
 }
 
@@ -413,9 +627,20 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = feature::SIZE_MAX | feature::SEG_MAX | feature::BLK_SIZE | feature::FLUSH;
-        if self.read_only {
+        let mut f = feature::SIZE_MAX
+            | feature::SEG_MAX
+            | feature::BLK_SIZE
+            | feature::FLUSH
+            | feature::CONFIG_WCE
+            | F_EVENT_IDX;
+        if self.caps.read_only {
             f |= feature::RO;
+        }
+        if self.caps.discard {
+            f |= feature::DISCARD;
+        }
+        if self.caps.write_zeroes {
+            f |= feature::WRITE_ZEROES;
         }
         f
     }
@@ -436,48 +661,53 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn activate(&mut self, features: u64) {
-        self.flush_negotiated = features & feature::FLUSH != 0;
-    }
-
-    fn reset(&mut self) {
-        self.flush_negotiated = false;
-    }
-
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut any = false;
-        loop {
-            let mut pending = Vec::new();
-            let mut buffered = 0u64;
-            while pending.len() < BATCH_MAX && buffered < BATCH_BYTES {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                // The iterator stops after as many descriptors as the table has (a loop) and
-                // at a `next` outside the table; `parse_chain` sees the cut.
-                let descs: Vec<Descriptor> = chain.collect();
-                let p = parse_chain(mem, head, &descs, self.capacity, self.read_only);
-                buffered += match &p.action {
-                    Action::Read { segs, .. } | Action::Write { segs, .. } => total(segs),
-                    _ => 0,
-                };
-                pending.push(p);
-            }
-            if pending.is_empty() {
-                return any;
-            }
-            self.run_batch(mem, &mut pending);
-            for p in &pending {
-                let len = self.complete(mem, p);
-                if queue.add_used(mem, p.head, len).is_err() {
-                    // The used ring is not in guest memory any more: nothing more can be done
-                    // for this queue until the driver sets it up again.
-                    return any;
-                }
-                any = true;
+    fn write_config(&self, driver_features: u64, offset: u64, data: &[u8]) {
+        // Only `writeback` is writable, and only once CONFIG_WCE is negotiated; a value other
+        // than 0 or 1 is ignored.
+        if driver_features & feature::CONFIG_WCE != 0 && offset == CONFIG_WRITEBACK {
+            if let [v @ (0 | 1)] = data {
+                self.writeback.store(*v == 1, Ordering::Release);
             }
         }
+    }
+
+    fn activate(&self, features: u64) {
+        self.flush_negotiated
+            .store(features & feature::FLUSH != 0, Ordering::Release);
+        self.event_idx
+            .store(features & F_EVENT_IDX != 0, Ordering::Release);
+    }
+
+    fn reset(&self) {
+        self.flush_negotiated.store(false, Ordering::Release);
+        self.writeback.store(true, Ordering::Release);
+        self.event_idx.store(false, Ordering::Release);
+    }
+
+    fn process_queue(&self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = 0usize;
+        loop {
+            // No notifications while we drain the ring; re-enabling them tells us whether more
+            // chains arrived meanwhile (with EVENT_IDX it also publishes `avail_event`).
+            if queue.disable_notification(mem).is_err() {
+                break;
+            }
+            loop {
+                match self.serve_batch(queue, mem) {
+                    Some(0) => break,
+                    Some(n) => used += n,
+                    // The used ring is not in guest memory any more: nothing more can be done
+                    // for this queue until the driver sets it up again.
+                    None => return used > 0,
+                }
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        // With EVENT_IDX the driver says from which used index on it wants an interrupt.
+        used > 0 && queue.needs_notification(mem).unwrap_or(true)
     }
 }
 
@@ -506,7 +736,7 @@ mod tests {
     fn harness(read_only: bool) -> Harness {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let disk = Arc::new(MemoryDevice::new(1 << 20).unwrap());
-        let mut block = Block::new(disk.clone(), read_only, "vstor-test");
+        let block = Block::new(disk.clone(), read_only, "vstor-test");
         block.activate(feature::FLUSH);
         Harness { mem, disk, block }
     }
@@ -690,5 +920,202 @@ mod tests {
         let mut past = [9u8; 4];
         h.block.read_config(u64::MAX - 1, &mut past);
         assert_eq!(past, [0; 4]);
+    }
+
+    /// Writes discard/write-zeroes ranges (sector, sectors, flags) at DATA; returns the chain.
+    fn ranges(h: &Harness, list: &[(u64, u32, u32)]) -> Vec<Desc> {
+        let mut raw = Vec::new();
+        for &(sector, n, flags) in list {
+            raw.extend_from_slice(&sector.to_le_bytes());
+            raw.extend_from_slice(&n.to_le_bytes());
+            raw.extend_from_slice(&flags.to_le_bytes());
+        }
+        h.mem.write_slice(&raw, GuestAddress(DATA)).unwrap();
+        chain(raw.len() as u32, 0)
+    }
+
+    #[test]
+    fn write_zeroes_and_discard() {
+        let mut h = harness(false);
+        let f = h.block.features();
+        assert_ne!(f & feature::DISCARD, 0);
+        assert_ne!(f & feature::WRITE_ZEROES, 0);
+        h.disk.write_at(0, &[0x5a; 16 * 512]).unwrap();
+        // Two ranges in one request: sectors 2..4 and 8.
+        let c = ranges(&h, &[(2, 2, 0), (8, 1, 0)]);
+        assert_eq!(run(&mut h, req::WRITE_ZEROES, 0, &c), (1, S_OK));
+        let mut back = [0u8; 16 * 512];
+        h.disk.read_at(0, &mut back).unwrap();
+        for (i, chunk) in back.chunks(512).enumerate() {
+            let zero = matches!(i, 2 | 3 | 8);
+            assert!(
+                chunk.iter().all(|&b| b == if zero { 0 } else { 0x5a }),
+                "{i}"
+            );
+        }
+        // With UNMAP (the memory device's discards read as zeroes, so it is discarded).
+        let c = ranges(&h, &[(10, 2, WRITE_ZEROES_FLAG_UNMAP)]);
+        assert_eq!(run(&mut h, req::WRITE_ZEROES, 0, &c), (1, S_OK));
+        h.disk.read_at(10 * 512, &mut back[..1024]).unwrap();
+        assert!(back[..1024].iter().all(|&b| b == 0));
+        let c = ranges(&h, &[(12, 4, 0)]);
+        assert_eq!(run(&mut h, req::DISCARD, 0, &c), (1, S_OK));
+        // Refusals.
+        type Case = (&'static str, u32, Vec<(u64, u32, u32)>, u8);
+        let cases: Vec<Case> = vec![
+            (
+                "discard with UNMAP",
+                req::DISCARD,
+                vec![(0, 1, 1)],
+                S_UNSUPP,
+            ),
+            ("unknown flag", req::WRITE_ZEROES, vec![(0, 1, 2)], S_UNSUPP),
+            (
+                "past the end",
+                req::WRITE_ZEROES,
+                vec![(2047, 2, 0)],
+                S_IOERR,
+            ),
+            (
+                "sector overflow",
+                req::DISCARD,
+                vec![(u64::MAX / 4, 1, 0)],
+                S_IOERR,
+            ),
+            ("empty range", req::DISCARD, vec![(0, 0, 0)], S_IOERR),
+            (
+                "range over the limit",
+                req::WRITE_ZEROES,
+                vec![(0, MAX_RANGE_SECTORS + 1, 0)],
+                S_IOERR,
+            ),
+            (
+                "too many ranges",
+                req::DISCARD,
+                vec![(0, 1, 0); MAX_RANGES as usize + 1],
+                S_IOERR,
+            ),
+        ];
+        for (what, typ, list, want) in cases {
+            let c = ranges(&h, &list);
+            assert_eq!(run(&mut h, typ, 0, &c), (1, want), "{what}");
+        }
+        // A length that is not a whole number of ranges, and no ranges at all.
+        assert_eq!(run(&mut h, req::DISCARD, 0, &chain(20, 0)), (1, S_IOERR));
+        let bare = [(HDR, 16, F_NEXT, 1), (STATUS, 1, F_WRITE, 0)];
+        assert_eq!(run(&mut h, req::WRITE_ZEROES, 0, &bare), (1, S_IOERR));
+        // Nothing but sectors 2, 3, 8, 10, 11 (and the discarded 12..16) changed.
+        h.disk.read_at(0, &mut back[..1024]).unwrap();
+        assert!(back[..1024].iter().all(|&b| b == 0x5a));
+    }
+
+    #[test]
+    fn read_only_offers_neither_discard_nor_write_zeroes() {
+        let mut h = harness(true);
+        let f = h.block.features();
+        assert_eq!(f & (feature::DISCARD | feature::WRITE_ZEROES), 0);
+        let c = ranges(&h, &[(0, 1, 0)]);
+        assert_eq!(run(&mut h, req::WRITE_ZEROES, 0, &c), (1, S_UNSUPP));
+        assert_eq!(run(&mut h, req::DISCARD, 0, &c), (1, S_UNSUPP));
+    }
+
+    /// A memory device that counts the flushes it is sent.
+    struct CountingFlushes {
+        inner: MemoryDevice,
+        flushes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockDevice for CountingFlushes {
+        fn info(&self) -> vstor_core::DeviceInfo {
+            self.inner.info()
+        }
+        fn submit(&self, batch: &mut [Request<'_>]) {
+            let n = batch
+                .iter()
+                .filter(|r| r.kind() == vstor_core::OpKind::Flush)
+                .count();
+            self.flushes.fetch_add(n, Ordering::SeqCst);
+            self.inner.submit(batch)
+        }
+    }
+
+    #[test]
+    fn config_wce_switches_between_write_back_and_write_through() {
+        let counting = Arc::new(CountingFlushes {
+            inner: MemoryDevice::new(1 << 20).unwrap(),
+            flushes: Default::default(),
+        });
+        let mut h = harness(false);
+        h.block = Block::new(counting.clone(), false, "wce");
+        assert_ne!(h.block.features() & feature::CONFIG_WCE, 0);
+        let acked = feature::FLUSH | feature::CONFIG_WCE;
+        h.block.activate(acked);
+        let writeback = |b: &Block| {
+            let mut v = [9u8];
+            b.read_config(CONFIG_WRITEBACK, &mut v);
+            v[0]
+        };
+        assert_eq!(writeback(&h.block), 1);
+        assert_eq!(run(&mut h, req::OUT, 0, &chain(512, 0)), (1, S_OK));
+        assert_eq!(counting.flushes.load(Ordering::SeqCst), 0, "write-back");
+        // Without CONFIG_WCE negotiated, or with a value other than 0/1, nothing changes.
+        h.block.write_config(feature::FLUSH, CONFIG_WRITEBACK, &[0]);
+        h.block.write_config(acked, CONFIG_WRITEBACK, &[7]);
+        h.block.write_config(acked, CONFIG_WRITEBACK - 1, &[0]);
+        assert_eq!(writeback(&h.block), 1);
+        h.block.write_config(acked, CONFIG_WRITEBACK, &[0]);
+        assert_eq!(writeback(&h.block), 0);
+        assert!(h.block.write_through());
+        assert_eq!(run(&mut h, req::OUT, 0, &chain(512, 0)), (1, S_OK));
+        assert_eq!(counting.flushes.load(Ordering::SeqCst), 1, "write-through");
+        // A reset brings write-back back (for a driver that negotiates FLUSH again).
+        h.block.reset();
+        assert_eq!(writeback(&h.block), 1);
+        // A driver without FLUSH gets write-through whatever the field says.
+        h.block.activate(0);
+        assert!(h.block.write_through());
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts_until_used_event() {
+        // The rings are laid out by hand (the mock queue's used ring overlaps its avail ring's
+        // `used_event`): descriptors at 0x1000, avail ring at 0x2000, used ring at 0x3000.
+        let h = harness(false);
+        h.block.activate(feature::FLUSH | F_EVENT_IDX);
+        let (desc, avail, used) = (0x1000u64, 0x2000u64, 0x3000u64);
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&req::FLUSH.to_le_bytes());
+        h.mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        let flush = [(HDR, 16, F_NEXT, 1), (STATUS, 1, F_WRITE, 0)];
+        for (i, &(addr, len, flags, next)) in flush.iter().enumerate() {
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            h.mem
+                .write_obj(d, GuestAddress(desc + 16 * i as u64))
+                .unwrap();
+        }
+        let mut q = Queue::new(16).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(desc as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_ready(true);
+        q.set_event_idx(true);
+        let used_event = GuestAddress(avail + 4 + 2 * 16);
+        let avail_event = GuestAddress(used + 4 + 8 * 16);
+        let mut interrupts = Vec::new();
+        for n in 1..=4u16 {
+            let slot = GuestAddress(avail + 4 + 2 * u64::from(n - 1));
+            h.mem.write_obj(0u16.to_le(), slot).unwrap();
+            h.mem.write_obj(n.to_le(), GuestAddress(avail + 2)).unwrap();
+            // The driver wants an interrupt once the third chain is used (used_event = 2).
+            h.mem.write_obj(2u16.to_le(), used_event).unwrap();
+            interrupts.push(h.block.process_queue(0, &mut q, &h.mem));
+            // The device publishes where it stopped, so the driver notifies for the next one.
+            let seen: u16 = h.mem.read_obj(avail_event).unwrap();
+            assert_eq!(u16::from_le(seen), n);
+            let used_idx: u16 = h.mem.read_obj(GuestAddress(used + 2)).unwrap();
+            assert_eq!(u16::from_le(used_idx), n);
+        }
+        assert_eq!(interrupts, [false, false, true, false]);
     }
 }

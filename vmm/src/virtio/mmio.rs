@@ -5,7 +5,7 @@
 //! wrong width, a queue change while the queue is live, a write to a read-only register) are
 //! ignored, never fatal: a guest cannot stop the VMM through this window.
 
-use super::{VirtioDevice, F_VERSION_1};
+use super::{VirtioDevice, F_EVENT_IDX, F_VERSION_1};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -152,8 +152,10 @@ impl MmioTransport {
     /// A write of `data` at `offset` in the window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= 0x100 {
-            // The block device's configuration space has no writable field we offer (no
-            // CONFIG_WCE yet): writes are ignored.
+            if self.status & status::FEATURES_OK != 0 {
+                self.device
+                    .write_config(self.driver_features, offset - 0x100, data);
+            }
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -240,6 +242,10 @@ impl MmioTransport {
             if v & status::FEATURES_OK == 0 {
                 return;
             }
+            let event_idx = self.driver_features & F_EVENT_IDX != 0;
+            for q in &mut self.queues {
+                q.set_event_idx(event_idx);
+            }
             self.device.activate(self.driver_features);
         }
         self.status = v;
@@ -265,7 +271,7 @@ impl MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
     use vm_memory::GuestAddress;
 
@@ -277,8 +283,8 @@ mod tests {
     }
 
     struct Dummy {
-        active: Option<u64>,
-        served: usize,
+        active: AtomicU64,
+        served: AtomicUsize,
     }
     impl VirtioDevice for Dummy {
         fn device_type(&self) -> u32 {
@@ -293,14 +299,15 @@ mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn activate(&mut self, features: u64) {
-            self.active = Some(features);
+        fn write_config(&self, _: u64, _: u64, _: &[u8]) {}
+        fn activate(&self, features: u64) {
+            self.active.store(features, Ordering::SeqCst);
         }
-        fn reset(&mut self) {
-            self.active = None;
+        fn reset(&self) {
+            self.active.store(0, Ordering::SeqCst);
         }
-        fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap) -> bool {
-            self.served += 1;
+        fn process_queue(&self, _: usize, _: &mut Queue, _: &GuestMemoryMmap) -> bool {
+            self.served.fetch_add(1, Ordering::SeqCst);
             true
         }
     }
@@ -320,8 +327,8 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let line = Arc::new(AtomicBool::new(false));
         let dev = Box::new(Dummy {
-            active: None,
-            served: 0,
+            active: AtomicU64::new(0),
+            served: AtomicUsize::new(0),
         });
         let mut t = MmioTransport::new(dev, mem, Box::new(Line(line.clone())));
         assert_eq!(rd(&mut t, 0), MAGIC_VALUE);

@@ -8,9 +8,14 @@ use vm_memory::GuestMemoryMmap;
 
 /// Virtio 1.x (feature bit 32), which every device here offers and requires.
 pub const F_VERSION_1: u64 = 1 << 32;
+/// `used_event`/`avail_event` notification suppression (feature bit 29).
+pub const F_EVENT_IDX: u64 = 1 << 29;
 
 /// What a virtio device model implements; the transport does the rest.
-pub trait VirtioDevice: Send {
+///
+/// Every method takes `&self`: a device keeps its state in atomics so that its queues can be
+/// served from their own threads while the vCPU thread reads its configuration.
+pub trait VirtioDevice: Send + Sync {
     /// The virtio device ID (2 for a block device).
     fn device_type(&self) -> u32;
     /// The feature bits the device offers.
@@ -19,11 +24,15 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Reads from the device-specific configuration space (bytes past its end read as zero).
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the device-specific configuration space; `driver_features` are the features
+    /// the driver has acknowledged so far. Fields that are not writable ignore the write.
+    fn write_config(&self, driver_features: u64, offset: u64, data: &[u8]);
     /// The driver finished feature negotiation and set DRIVER_OK with these features.
-    fn activate(&mut self, features: u64);
+    fn activate(&self, features: u64);
     /// The driver reset the device.
-    fn reset(&mut self);
-    /// Serves the available buffers of queue `index`; returns whether any buffer was returned
-    /// through the used ring (so the driver should be interrupted).
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+    fn reset(&self);
+    /// Serves the available buffers of queue `index`; returns whether the driver should be
+    /// interrupted (buffers were returned through the used ring and, with EVENT_IDX, the driver
+    /// asked for an interrupt at this point).
+    fn process_queue(&self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
 }
