@@ -14,6 +14,7 @@
 //! the pool's notes. A journal would close that too; there is none yet.
 
 use crate::code;
+use crate::csum::{self, Csums, BLOCK};
 use crate::format::{Slot, BITMAP_SIZE, CHUNKS_PER_SLAB};
 use crate::layout::{Layout, Resiliency};
 use crate::pool::{lock, Inner};
@@ -39,10 +40,16 @@ type Devs = [Option<Arc<dyn BlockDevice>>];
 /// What syncing one chunk of an extent found.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct SyncOutcome {
-    /// Copies or parity disagreed with the data and were rewritten.
+    /// Copies, parity or checksums disagreed with the data and were rewritten.
     pub mismatched: bool,
     /// A data column is lost, so the parity could not be checked.
     pub unverifiable: bool,
+    /// Blocks whose checksum failed (not counted in a resync).
+    pub bad_blocks: u64,
+    /// Of those, blocks rewritten from a good source.
+    pub healed: u64,
+    /// Of those, blocks no good source was left for.
+    pub lost: u64,
 }
 
 /// Bytes of a member's bitmap that hold its slabs' bits, rounded up to 4 KiB.
@@ -54,6 +61,14 @@ pub(crate) fn bitmap_bytes(slab_count: u32) -> usize {
 }
 
 impl Inner {
+    /// Adds what a scrub or a rebuild found to the pool's statistics.
+    pub(crate) fn count(&self, out: &SyncOutcome) {
+        self.checksum_errors
+            .fetch_add(out.bad_blocks, Ordering::AcqRel);
+        self.healed.fetch_add(out.healed, Ordering::AcqRel);
+        self.unrecoverable.fetch_add(out.lost, Ordering::AcqRel);
+    }
+
     fn bitmap_offset(&self) -> u64 {
         lock(&self.meta).data_start - BITMAP_SIZE
     }
@@ -207,12 +222,13 @@ impl Inner {
             let space = &meta.spaces[s];
             let slots = space.extents[e].as_ref().expect("allocated");
             let out = sync_chunk(
+                &self.csums,
                 &space.layout,
                 slots,
                 &devs,
                 (meta.data_start, meta.slab_size),
-                c * chunk,
-                (c + 1) * chunk,
+                (c * chunk, (c + 1) * chunk),
+                true,
             )?;
             if out.unverifiable {
                 notes.push(format!(
@@ -238,104 +254,223 @@ impl Inner {
 }
 
 /// Makes the copies (mirror) or the parity (parity) of slab bytes `[a, b)` of an extent agree
-/// with the data: the first usable copy wins; parity is recomputed. Reports what it found.
+/// with the data, using the block checksums to tell good from bad: every block of every usable
+/// slot is checked; a mirror block is taken from a copy whose checksum matches; a parity
+/// layout's bad blocks are rebuilt from the rest of the row when the result matches their
+/// checksum, then the parity is recomputed from the data.
+///
+/// With `resync` (after an unclean shutdown, over chunks the write-intent bitmap names) a
+/// block may fail its checksum because its write and its checksum's did not both land: such a
+/// block that nothing can rebuild is taken as it is and its checksum rewritten (the write was
+/// never acknowledged, so its old or its new contents are both right), and nothing is counted
+/// as an error. Without it (scrub, rebuild) such a block is counted as lost and left alone.
 pub(crate) fn sync_chunk(
+    csums: &Csums,
     layout: &Layout,
     slots: &[Slot],
     devs: &Devs,
     (data_start, slab_size): (u64, u64),
-    a: u64,
-    b: u64,
+    (a, b): (u64, u64),
+    resync: bool,
 ) -> Result<SyncOutcome> {
     let at = |s: Slot| data_start + u64::from(s.slab) * slab_size + a;
     let dev = |si: usize| devs[slots[si].member].as_ref();
     let len = (b - a) as usize;
+    let bs = BLOCK as usize;
+    let nb = len / bs;
+    let w = layout.width;
     let mut out = SyncOutcome::default();
+    let mut bufs: Vec<Option<Vec<u8>>> = vec![None; w];
+    let mut want: Vec<Vec<u32>> = vec![Vec::new(); w];
+    let mut ok: Vec<Vec<bool>> = vec![Vec::new(); w];
+    for si in 0..w {
+        let Some(d) = dev(si) else { continue };
+        let s = slots[si];
+        let mut v = vec![0u8; len];
+        d.read_at(at(s), &mut v)?;
+        want[si] = csums.get(&**d, s.member, s.slab, a / BLOCK, nb as u64)?;
+        ok[si] = csum::crcs(&v)
+            .iter()
+            .zip(&want[si])
+            .map(|(g, w)| g == w)
+            .collect();
+        bufs[si] = Some(v);
+    }
+    let mut data_dirty = vec![false; w];
+    let mut crc_dirty = vec![false; w];
+    let blk =
+        |v: &Option<Vec<u8>>, i: usize| v.as_ref().expect("present")[i * bs..(i + 1) * bs].to_vec();
     match layout.resiliency {
-        Resiliency::Simple => {}
-        Resiliency::Mirror { copies } => {
-            let k = usize::from(copies);
-            for d in 0..layout.data_columns {
-                let usable: Vec<usize> = (0..k)
-                    .map(|c| d * k + c)
-                    .filter(|&s| dev(s).is_some())
+        Resiliency::Simple | Resiliency::Mirror { .. } => {
+            let k = layout.copies();
+            for col in 0..layout.data_columns {
+                let copies: Vec<usize> = (0..k)
+                    .map(|c| layout.data_slot(0, col, c))
+                    .filter(|&si| bufs[si].is_some())
                     .collect();
-                let Some((&src, rest)) = usable.split_first() else {
+                if copies.is_empty() {
                     continue;
-                };
-                let mut want = vec![0u8; len];
-                dev(src)
-                    .expect("usable")
-                    .read_at(at(slots[src]), &mut want)?;
-                let mut have = vec![0u8; len];
-                for &s in rest {
-                    let dv = dev(s).expect("usable");
-                    dv.read_at(at(slots[s]), &mut have)?;
-                    if have != want {
-                        out.mismatched = true;
-                        dv.write_at(at(slots[s]), &want)?;
+                }
+                for i in 0..nb {
+                    let bad = copies.iter().filter(|&&si| !ok[si][i]).count() as u64;
+                    let src = match copies.iter().copied().find(|&si| ok[si][i]) {
+                        Some(g) => {
+                            if !resync {
+                                out.bad_blocks += bad;
+                                out.healed += bad;
+                            }
+                            g
+                        }
+                        None if resync => {
+                            let g = copies[0];
+                            want[g][i] = csum::block_crc(&blk(&bufs[g], i));
+                            crc_dirty[g] = true;
+                            g
+                        }
+                        None => {
+                            out.bad_blocks += bad;
+                            out.lost += bad;
+                            continue;
+                        }
+                    };
+                    let data = blk(&bufs[src], i);
+                    for &si in copies.iter().filter(|&&si| si != src) {
+                        let mine = &mut bufs[si].as_mut().expect("present")[i * bs..(i + 1) * bs];
+                        if mine != &data[..] || want[si][i] != want[src][i] {
+                            mine.copy_from_slice(&data);
+                            want[si][i] = want[src][i];
+                            data_dirty[si] = true;
+                            crc_dirty[si] = true;
+                            out.mismatched = true;
+                        }
                     }
                 }
             }
         }
-        Resiliency::Parity { .. } => {
-            let w = layout.width;
-            let dcols = layout.data_columns;
+        Resiliency::Parity { redundancy } => {
+            let m = usize::from(redundancy);
+            let d = layout.data_columns;
             let il = layout.interleave;
-            let mut bufs: Vec<Option<Vec<u8>>> = vec![None; w];
-            for (si, buf) in bufs.iter_mut().enumerate() {
-                if let Some(d) = dev(si) {
-                    let mut v = vec![0u8; len];
-                    d.read_at(at(slots[si]), &mut v)?;
-                    *buf = Some(v);
-                }
-            }
-            let mut changed = vec![false; w];
-            let mut pos = a;
-            while pos < b {
+            for i in 0..nb {
+                let pos = a + (i * bs) as u64;
                 let row = pos / il;
-                let end = ((row + 1) * il).min(b);
-                let (lo, hi) = ((pos - a) as usize, (end - a) as usize);
                 let slot_of = |shard: usize| {
-                    if shard < dcols {
+                    if shard < d {
                         layout.data_slot(row, shard, 0)
                     } else {
-                        layout.parity_slot(row, shard - dcols)
+                        layout.parity_slot(row, shard - d)
                     }
                 };
-                if (0..dcols).any(|d| bufs[slot_of(d)].is_none()) {
+                let bad: Vec<usize> = (0..w)
+                    .filter(|&sh| bufs[slot_of(sh)].is_some() && !ok[slot_of(sh)][i])
+                    .collect();
+                if !resync {
+                    out.bad_blocks += bad.len() as u64;
+                }
+                let absent = (0..w).filter(|&sh| bufs[slot_of(sh)].is_none()).count();
+                if !bad.is_empty() && bad.len() + absent <= m {
+                    let mut shards: Vec<Option<Vec<u8>>> = (0..w)
+                        .map(|sh| {
+                            let si = slot_of(sh);
+                            (bufs[si].is_some() && ok[si][i]).then(|| blk(&bufs[si], i))
+                        })
+                        .collect();
+                    if code::reconstruct(&mut shards, d, bs) {
+                        for &sh in &bad {
+                            let si = slot_of(sh);
+                            let rec = shards[sh].as_ref().expect("rebuilt");
+                            let mine =
+                                &mut bufs[si].as_mut().expect("present")[i * bs..(i + 1) * bs];
+                            if csum::block_crc(rec) == want[si][i] {
+                                mine.copy_from_slice(rec);
+                                data_dirty[si] = true;
+                            } else if mine == &rec[..] {
+                                // The data is what the row says: the checksum entry was damaged.
+                                want[si][i] = csum::block_crc(rec);
+                                crc_dirty[si] = true;
+                            } else {
+                                continue;
+                            }
+                            ok[si][i] = true;
+                            if !resync {
+                                out.healed += 1;
+                            }
+                        }
+                    }
+                }
+                // Data blocks nothing could rebuild.
+                let mut skip = false;
+                for sh in 0..d {
+                    let si = slot_of(sh);
+                    if bufs[si].is_some() && !ok[si][i] {
+                        if resync {
+                            want[si][i] = csum::block_crc(&blk(&bufs[si], i));
+                            ok[si][i] = true;
+                            crc_dirty[si] = true;
+                        } else {
+                            out.lost += 1;
+                            skip = true;
+                        }
+                    }
+                }
+                if (0..d).any(|sh| bufs[slot_of(sh)].is_none()) {
                     out.unverifiable = true;
-                    pos = end;
+                    skip = true;
+                }
+                if skip {
+                    for sh in d..w {
+                        let si = slot_of(sh);
+                        if bufs[si].is_some() && !ok[si][i] && !resync {
+                            out.lost += 1;
+                        }
+                    }
                     continue;
                 }
-                let data: Vec<Vec<u8>> = (0..dcols)
-                    .map(|d| bufs[slot_of(d)].as_ref().expect("usable")[lo..hi].to_vec())
-                    .collect();
+                let data: Vec<Vec<u8>> = (0..d).map(|sh| blk(&bufs[slot_of(sh)], i)).collect();
                 let refs: Vec<&[u8]> = data.iter().map(|v| &v[..]).collect();
-                let mut parity = vec![vec![0u8; hi - lo]; w - dcols];
+                let mut parity = vec![vec![0u8; bs]; w - d];
                 {
                     let mut p: Vec<&mut [u8]> = parity.iter_mut().map(|v| &mut v[..]).collect();
                     code::encode(&refs, &mut p);
                 }
                 for (j, p) in parity.iter().enumerate() {
-                    let si = slot_of(dcols + j);
-                    if let Some(buf) = bufs[si].as_mut() {
-                        if buf[lo..hi] != p[..] {
-                            buf[lo..hi].copy_from_slice(p);
-                            changed[si] = true;
-                            out.mismatched = true;
+                    let si = slot_of(d + j);
+                    let Some(buf) = bufs[si].as_mut() else {
+                        continue;
+                    };
+                    let crc = csum::block_crc(p);
+                    if buf[i * bs..(i + 1) * bs] != p[..] || want[si][i] != crc {
+                        if !ok[si][i] && !resync {
+                            out.healed += 1;
                         }
+                        buf[i * bs..(i + 1) * bs].copy_from_slice(p);
+                        want[si][i] = crc;
+                        ok[si][i] = true;
+                        data_dirty[si] = true;
+                        crc_dirty[si] = true;
+                        out.mismatched = true;
                     }
                 }
-                pos = end;
             }
-            for (si, buf) in bufs.iter().enumerate() {
-                if changed[si] {
-                    dev(si)
-                        .expect("usable")
-                        .write_at(at(slots[si]), buf.as_ref().expect("read"))?;
-                }
-            }
+        }
+    }
+    for si in 0..w {
+        let s = slots[si];
+        if data_dirty[si] {
+            out.mismatched = true;
+            dev(si)
+                .expect("usable")
+                .write_at(at(s), bufs[si].as_ref().expect("read"))?;
+        }
+        if crc_dirty[si] {
+            out.mismatched = true;
+            csums.store(
+                dev(si).expect("usable"),
+                s.member,
+                s.slab,
+                a / BLOCK,
+                &want[si],
+            )?;
         }
     }
     Ok(out)
@@ -350,6 +485,12 @@ pub struct ScrubReport {
     pub repaired: u64,
     /// Chunks of degraded parity extents whose parity could not be checked.
     pub unverifiable: u64,
+    /// 512-byte blocks of members whose data did not match their checksum.
+    pub checksum_errors: u64,
+    /// Of those, blocks rewritten from a good copy or rebuilt from parity.
+    pub healed: u64,
+    /// Of those, blocks with no good source left (reads of them fail).
+    pub lost: u64,
 }
 
 impl crate::Pool {
@@ -414,17 +555,22 @@ impl crate::Pool {
                     let Some(slots) = ext[e].clone() else { break };
                     let (chunk, devs) = (geo.1 / CHUNKS_PER_SLAB, self.inner.snapshot());
                     let out = sync_chunk(
+                        &self.inner.csums,
                         &space.shared.layout,
                         &slots,
                         &devs,
                         geo,
-                        c * chunk,
-                        (c + 1) * chunk,
+                        (c * chunk, (c + 1) * chunk),
+                        false,
                     )?;
                     drop(ext);
                     report.chunks += 1;
                     report.repaired += u64::from(out.mismatched);
                     report.unverifiable += u64::from(out.unverifiable);
+                    report.checksum_errors += out.bad_blocks;
+                    report.healed += out.healed;
+                    report.lost += out.lost;
+                    self.inner.count(&out);
                     progress(report.chunks, total);
                 }
             }

@@ -63,6 +63,15 @@ pub enum SpacesError {
     /// The pool has no room for what was asked.
     #[error("not enough free space in the pool: {0}")]
     PoolFull(String),
+    /// Blocks whose checksum fails in every copy (or beyond what parity rebuilds): the data
+    /// there is lost, and a read of it fails rather than return wrong bytes.
+    #[error("space '{space}': {detail}")]
+    ChecksumMismatch {
+        /// The space.
+        space: String,
+        /// Where, and what was tried.
+        detail: String,
+    },
     /// The pool was opened read-only.
     #[error("the pool is open read-only")]
     ReadOnly,

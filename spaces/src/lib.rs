@@ -69,6 +69,7 @@
 
 mod bitmap;
 mod code;
+pub mod csum;
 mod error;
 pub mod format;
 mod layout;
@@ -82,8 +83,8 @@ pub use error::SpacesError;
 pub use format::{MemberState, Provisioning};
 pub use layout::Resiliency;
 pub use pool::{
-    CreateOptions, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth, SpaceInfo,
-    SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE, DEVICES_FILE,
+    CreateOptions, IntegrityStats, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth,
+    SpaceInfo, SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE, DEVICES_FILE,
 };
 pub use repair::RepairReport;
 pub use space::{Location, Space};

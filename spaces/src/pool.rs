@@ -193,6 +193,19 @@ pub struct PoolInfo {
     pub notes: Vec<String>,
     /// Chunks resynced (copies or parity made to agree) since the pool was opened.
     pub resynced_chunks: u64,
+    /// Block checksum statistics since the pool was opened.
+    pub integrity: IntegrityStats,
+}
+
+/// What the block checksums caught since the pool was opened (reads, scrubs and rebuilds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntegrityStats {
+    /// 512-byte blocks of a member whose data did not match their checksum.
+    pub checksum_errors: u64,
+    /// Of those, blocks rewritten from a good copy or rebuilt from parity (self-heal).
+    pub healed: u64,
+    /// Of those, blocks with no good source left (a read of them fails).
+    pub unrecoverable: u64,
 }
 
 pub(crate) struct MemberRt {
@@ -221,6 +234,17 @@ pub(crate) struct Inner {
     pub gate: RwLock<()>,
     /// Chunks resynced since the pool was opened.
     pub resynced: AtomicU64,
+    /// Every member's block checksums.
+    pub csums: crate::csum::Csums,
+    /// Blocks whose checksum failed on a read, a scrub or a rebuild.
+    pub checksum_errors: AtomicU64,
+    /// Of those, blocks rewritten from a good copy or rebuilt from parity.
+    pub healed: AtomicU64,
+    /// Of those, blocks no good source was left for.
+    pub unrecoverable: AtomicU64,
+    /// A read-only pool does not rewrite bad blocks: the good contents of the 4 KiB windows
+    /// it healed, by (member, slab, offset in the slab), which reads use in their place.
+    pub healed_windows: Mutex<HashMap<(usize, u32, u64), Vec<u8>>>,
 }
 
 impl Drop for Inner {
@@ -310,6 +334,18 @@ pub(crate) fn read_best(disk: &PoolDisk) -> Result<Option<(Meta, usize)>> {
         (Some(a), Some(b)) => Some(if b.0.sequence > a.0.sequence { b } else { a }),
         (a, b) => a.or(b),
     })
+}
+
+/// Why an open found no pool: no metadata at all, or metadata of another format version.
+fn no_pool_reason(old: &[(String, u32)]) -> String {
+    match old.first() {
+        None => "no disk holds valid pool metadata".into(),
+        Some((disk, v)) => format!(
+            "{disk} (and {} more disks) holds pool metadata of format version {v}; this vstor reads version {} (version 2 added block checksums): open the pool with the vstor that made it and copy its spaces out",
+            old.len() - 1,
+            crate::format::VERSION
+        ),
+    }
 }
 
 /// Writes zeroes over `len` bytes at `off` (a multiple of 64 KiB).
@@ -502,12 +538,12 @@ impl Pool {
         let mut members = Vec::new();
         for d in &disks {
             let cap = d.device.capacity();
-            let slabs = cap.saturating_sub(data_start) / slab;
+            let slabs = crate::csum::slabs_fitting(cap, data_start, slab);
             if slabs == 0 {
                 return Err(SpacesError::DiskTooSmall {
                     disk: d.name.clone(),
                     size: cap,
-                    needed: data_start + slab,
+                    needed: data_start + slab + crate::csum::area_bytes(1, slab),
                 }
                 .into());
             }
@@ -552,6 +588,12 @@ impl Pool {
     }
 
     fn from_parts(meta: Meta, members: Vec<MemberRt>, read_only: bool, notes: Vec<String>) -> Pool {
+        let starts = meta
+            .members
+            .iter()
+            .map(|m| crate::csum::area_start(meta.data_start, meta.slab_size, m.slab_count))
+            .collect();
+        let csums = crate::csum::Csums::new(meta.slab_size, starts);
         Pool {
             inner: Arc::new(Inner {
                 meta: Mutex::new(meta),
@@ -565,6 +607,11 @@ impl Pool {
                 bitmap: Mutex::new(Bitmaps::default()),
                 gate: RwLock::new(()),
                 resynced: AtomicU64::new(0),
+                csums,
+                checksum_errors: AtomicU64::new(0),
+                healed: AtomicU64::new(0),
+                unrecoverable: AtomicU64::new(0),
+                healed_windows: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -576,16 +623,22 @@ impl Pool {
     pub fn open(disks: Vec<PoolDisk>, opts: &OpenOptions) -> Result<Pool> {
         let mut notes = Vec::new();
         let mut found: Vec<(PoolDisk, Meta, usize)> = Vec::new();
+        let mut old_versions = Vec::new();
         for d in disks {
             match read_best(&d)? {
                 Some((m, i)) => found.push((d, m, i)),
-                None => notes.push(format!("{}: no pool metadata; not a member", d.name)),
+                None => {
+                    if let Some(v) = Meta::other_version(&read_exact(&*d.device, 0, 4096)?) {
+                        old_versions.push((d.name.clone(), v));
+                    }
+                    notes.push(format!("{}: no pool metadata; not a member", d.name))
+                }
             }
         }
         let newest = found
             .iter()
             .max_by_key(|(_, m, _)| m.sequence)
-            .ok_or_else(|| SpacesError::NoPool("no disk holds valid pool metadata".into()))?;
+            .ok_or_else(|| SpacesError::NoPool(no_pool_reason(&old_versions)))?;
         let meta = newest.1.clone();
         let mut rt: Vec<MemberRt> = meta
             .members
@@ -702,7 +755,10 @@ impl Pool {
                 "disk size {disk_size} is not a multiple of 4096"
             )));
         }
-        let min = 2 * MIN_SLOT + BITMAP_SIZE + opts.slab_size;
+        let min = 2 * MIN_SLOT
+            + BITMAP_SIZE
+            + opts.slab_size
+            + crate::csum::area_bytes(1, opts.slab_size);
         if disk_size < min {
             return Err(SpacesError::DiskTooSmall {
                 disk: dir.join("disk0.raw").display().to_string(),
@@ -855,6 +911,11 @@ impl Pool {
             spaces: meta.spaces.iter().map(|s| space_info(s, &usable)).collect(),
             notes: lock(&self.inner.notes).clone(),
             resynced_chunks: self.inner.resynced.load(Ordering::Acquire),
+            integrity: IntegrityStats {
+                checksum_errors: self.inner.checksum_errors.load(Ordering::Acquire),
+                healed: self.inner.healed.load(Ordering::Acquire),
+                unrecoverable: self.inner.unrecoverable.load(Ordering::Acquire),
+            },
         }
     }
 
@@ -1086,6 +1147,10 @@ impl Inner {
                 .as_ref()
                 .ok_or_else(|| invalid(format!("member {m} is not usable")))?;
             zero_slabs(&**dev, meta, &slabs)?;
+            let zero = vec![0u32; (meta.slab_size / crate::csum::BLOCK) as usize];
+            for &slab in &slabs {
+                self.csums.store(dev, m, slab, 0, &zero)?;
+            }
             dev.flush()?;
         }
         Ok(())

@@ -10,6 +10,7 @@
 //! pool metadata (one metadata update per extent), so an interrupted repair resumes from the
 //! first extent not yet switched.
 
+use crate::csum::{Csums, BLOCK};
 use crate::error::{invalid, SpacesError};
 use crate::format::{MemberMeta, MemberState, Slot, BITMAP_SIZE, MAX_MEMBERS};
 use crate::layout::{Layout, Resiliency};
@@ -92,12 +93,14 @@ impl Pool {
             return Err(invalid(format!("a pool has at most {MAX_MEMBERS} members")));
         }
         let cap = info.capacity;
-        let slabs = cap.saturating_sub(meta.data_start) / meta.slab_size;
+        let slabs = crate::csum::slabs_fitting(cap, meta.data_start, meta.slab_size);
         if slabs == 0 {
             return Err(SpacesError::DiskTooSmall {
                 disk: disk.name,
                 size: cap,
-                needed: meta.data_start + meta.slab_size,
+                needed: meta.data_start
+                    + meta.slab_size
+                    + crate::csum::area_bytes(1, meta.slab_size),
             }
             .into());
         }
@@ -118,6 +121,13 @@ impl Pool {
             usable: true,
             seen_sequence: None,
         });
+        {
+            let m = next.members.last().expect("pushed");
+            self.inner.csums.set_member(
+                next.members.len() - 1,
+                crate::csum::area_start(next.data_start, next.slab_size, m.slab_count),
+            );
+        }
         if let Err(e) = self.inner.persist(&mut next) {
             self.inner.members_write().pop();
             return Err(e);
@@ -182,6 +192,10 @@ impl Pool {
                 seen_sequence: None,
             });
         }
+        self.inner.csums.set_member(
+            next.members.len() - 1,
+            crate::csum::area_start(next.data_start, next.slab_size, old.slab_count),
+        );
         if let Err(e) = self.inner.persist(&mut next) {
             let mut rt = self.inner.members_write();
             let back = rt.pop().expect("pushed");
@@ -387,9 +401,31 @@ impl Pool {
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
             let devs = inner.snapshot();
-            let r = copy_chunk(
-                &layout, &slots, &new, &devs, data_start, slab_size, off, chunk,
-            );
+            // Blocks of the sources that fail their checksum are healed first (from another
+            // copy or the rest of the row), so a bad block is never copied with a fresh
+            // checksum.
+            let r = crate::bitmap::sync_chunk(
+                &inner.csums,
+                &layout,
+                &slots,
+                &devs,
+                (data_start, slab_size),
+                (off, off + chunk),
+                false,
+            )
+            .and_then(|out| {
+                inner.count(&out);
+                copy_chunk(
+                    &inner.csums,
+                    &layout,
+                    &slots,
+                    &new,
+                    &devs,
+                    (data_start, slab_size),
+                    off,
+                    chunk,
+                )
+            });
             drop(_io_held);
             if let Err(e) = r {
                 result = Err(e);
@@ -470,15 +506,23 @@ impl Pool {
 /// Copies `[off, off + len)` of every rebuilt slot of an extent into its new slab.
 #[allow(clippy::too_many_arguments)]
 fn copy_chunk(
+    csums: &Csums,
     layout: &Layout,
     slots: &[Slot],
     new: &[(usize, Slot)],
     devs: &[Option<Arc<dyn BlockDevice>>],
-    data_start: u64,
-    slab_size: u64,
+    (data_start, slab_size): (u64, u64),
     off: u64,
     len: u64,
 ) -> Result<()> {
+    // Each new slab gets the checksums of what is written to it.
+    let put = |n: Slot, buf: &[u8]| -> Result<()> {
+        let d = devs[n.member]
+            .as_ref()
+            .ok_or_else(|| invalid(format!("member {} is not usable", n.member)))?;
+        write_big(&**d, data_start + u64::from(n.slab) * slab_size + off, buf)?;
+        csums.store(d, n.member, n.slab, off / BLOCK, &crate::csum::crcs(buf))
+    };
     let at = |s: Slot| data_start + u64::from(s.slab) * slab_size + off;
     let dev = |m: usize| {
         devs[m]
@@ -492,7 +536,7 @@ fn copy_chunk(
     // Retired (still readable) slots: copy straight across.
     for &(si, n) in new.iter().filter(|x| usable(x.0)) {
         read_big(&**dev(slots[si].member)?, at(slots[si]), &mut buf)?;
-        write_big(&**dev(n.member)?, at(n), &buf)?;
+        put(n, &buf)?;
     }
     if lost.is_empty() {
         return Ok(());
@@ -509,7 +553,7 @@ fn copy_chunk(
                     .ok_or_else(|| invalid("no copy left"))?;
                 read_big(&**dev(slots[src].member)?, at(slots[src]), &mut buf)?;
                 let n = new.iter().find(|x| x.0 == si).expect("planned").1;
-                write_big(&**dev(n.member)?, at(n), &buf)?;
+                put(n, &buf)?;
             }
             Ok(())
         }
@@ -547,7 +591,7 @@ fn copy_chunk(
             }
             for (o, &si) in out.iter().zip(&lost) {
                 let n = new.iter().find(|x| x.0 == si).expect("planned").1;
-                write_big(&**dev(n.member)?, at(n), o)?;
+                put(n, o)?;
             }
             Ok(())
         }

@@ -12,6 +12,7 @@
 //!   keeps its data; otherwise they fail with [`SpacesError::SpaceFailed`].
 
 use crate::code;
+use crate::csum::{self, PageWrite};
 use crate::error::SpacesError;
 use crate::format::{Slot, MAX_MEMBERS};
 use crate::layout::{Layout, Piece};
@@ -191,6 +192,16 @@ pub struct Location {
     /// (member, byte offset on the member) of the same byte position in each parity column
     /// of the row.
     pub parity: Vec<(usize, u64)>,
+}
+
+/// A 4 KiB window of an extent's slabs (the same offset in every slot) that a read found a
+/// bad block in, and the request that read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heal {
+    pub extent: u64,
+    /// Offset inside the slabs, a multiple of 4 KiB.
+    pub window: u64,
+    pub parent: usize,
 }
 
 /// One row of a parity extent touched by the slow path.
@@ -385,15 +396,66 @@ impl Space {
                 fail_remaining(seg, &self.failed(reason));
                 return;
             }
-            let failures = self.run_once(seg, &devs);
+            let mut heal = Vec::new();
+            let failures = self.run_once(seg, &devs, &mut heal);
             let mut seen = BTreeSet::new();
             for (m, e) in failures {
                 if seen.insert(m) {
                     self.pool.fail_member(m, &e.to_string());
                 }
             }
+            if !heal.is_empty() {
+                self.heal(seg, &heal);
+            }
         }
         fail_remaining(seg, &self.failed("members kept failing".into()));
+    }
+
+    /// Heals the windows reads found bad blocks in, with the space's I/O held off; the
+    /// requests that read them run again, or fail if a block has no good source left.
+    fn heal(&self, seg: &mut [Request<'_>], heal: &[Heal]) {
+        let ext = self
+            .shared
+            .extents
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut windows: BTreeMap<(u64, u64), Vec<usize>> = BTreeMap::new();
+        for h in heal {
+            windows
+                .entry((h.extent, h.window))
+                .or_default()
+                .push(h.parent);
+        }
+        let devs = self.pool.snapshot();
+        for ((extent, window), parents) in windows {
+            let Some(Some(slots)) = ext.get(extent as usize) else {
+                continue;
+            };
+            let r = heal_window(
+                &self.pool,
+                &self.shared.layout,
+                slots,
+                &devs,
+                (self.data_start, self.slab_size),
+                window,
+            );
+            let err = match r {
+                Ok(0) => continue,
+                Ok(lost) => SpacesError::ChecksumMismatch {
+                    space: self.shared.name.clone(),
+                    detail: format!(
+                        "extent {extent}: {lost} blocks of 512 bytes at slab offset {window} fail their checksum and no good copy or parity is left"
+                    ),
+                }
+                .into(),
+                Err(e) => e,
+            };
+            for pi in parents {
+                if !seg[pi].is_complete() {
+                    seg[pi].complete(Err(err.clone()));
+                }
+            }
+        }
     }
 
     /// Writes zeroes over `[offset, offset + len)`, 1 MiB at a time, skipping extents that are
@@ -503,7 +565,12 @@ impl Space {
 
     /// One pass over the incomplete requests. Completes what succeeded; leaves incomplete what a
     /// member failure touched; returns the failures.
-    fn run_once(&self, seg: &mut [Request<'_>], devs: &Devs) -> Vec<(usize, Error)> {
+    fn run_once(
+        &self,
+        seg: &mut [Request<'_>],
+        devs: &Devs,
+        heal: &mut Vec<Heal>,
+    ) -> Vec<(usize, Error)> {
         let layout = self.shared.layout;
         let ext = self
             .shared
@@ -523,6 +590,11 @@ impl Space {
         let mut errors: Vec<Option<Error>> = vec![None; seg.len()];
         let mut retry = vec![false; seg.len()];
         let mut failures = Vec::new();
+        // Reads to verify once done: (parent, offset in it, length, slot, offset in the slab, extent).
+        let mut checks: Vec<(usize, u64, u64, Slot, u64, u64)> = Vec::new();
+        // Checksums of written pieces: (member, slab, first block, values).
+        let mut sums: Vec<(usize, u32, u64, Vec<u32>)> = Vec::new();
+        let mut pages: Vec<PageWrite> = Vec::new();
         {
             let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
             let mut own: Vec<Vec<usize>> = (0..n).map(|_| Vec::new()).collect();
@@ -555,7 +627,9 @@ impl Space {
                                 .find(|s| devs[s.member].is_some());
                             match slot {
                                 Some(s) => {
-                                    let off = self.phys(s, layout.slab_offset(p.row, p.in_unit));
+                                    let in_slab = layout.slab_offset(p.row, p.in_unit);
+                                    checks.push((pi, p.at, p.len, s, in_slab, p.extent));
+                                    let off = self.phys(s, in_slab);
                                     push_read(&mut per[s.member], &mut own[s.member], pi, off, b);
                                 }
                                 None => {
@@ -579,10 +653,16 @@ impl Space {
                                 Some((e, t)) if *e == p.extent => &t[..],
                                 _ => &[],
                             };
+                            let crcs = csum::crcs_iov(&b, 0, p.len as usize);
+                            let block = layout.slab_offset(p.row, p.in_unit) / csum::BLOCK;
                             for c in 0..k {
                                 let si = layout.data_slot(p.row, p.col, c);
                                 let s = slots[si];
+                                if devs[s.member].is_some() {
+                                    sums.push((s.member, s.slab, block, crcs.clone()));
+                                }
                                 if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
+                                    sums.push((new.member, new.slab, block, crcs.clone()));
                                     // The slab being rebuilt gets the write too.
                                     let off = self.phys(new, layout.slab_offset(p.row, p.in_unit));
                                     push_write(
@@ -609,13 +689,78 @@ impl Space {
                     _ => {}
                 }
             }
+            // The checksum pages of the writes go in the same batches, their locks held until
+            // the batches complete.
+            let _page_locks = self
+                .pool
+                .csums
+                .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
+            for (m, slab, block, crcs) in &sums {
+                let Some(dev) = devs[*m].as_ref() else {
+                    continue;
+                };
+                match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
+                    Ok(w) => pages.extend(w),
+                    Err(e) => failures.push((*m, e)),
+                }
+            }
+            for (m, off, buf) in &pages {
+                per[*m].push(Request::write(*off, &buf[..]));
+                own[*m].push(usize::MAX);
+            }
             run_members(devs, &mut per);
             for (m, reqs) in per.iter().enumerate() {
                 for (r, &pi) in reqs.iter().zip(&own[m]) {
                     if let Err(e) = r.result() {
                         failures.push((m, e));
-                        retry[pi] = true;
+                        if pi != usize::MAX {
+                            retry[pi] = true;
+                        }
                     }
+                }
+            }
+        }
+        // Verify what was read; a block whose checksum fails is healed and read again.
+        for (pi, at, len, s, in_slab, extent) in checks {
+            if retry[pi] || errors[pi].is_some() {
+                continue;
+            }
+            let Op::Read { bufs, .. } = &seg[pi].op else {
+                continue;
+            };
+            let got = csum::crcs_iov(bufs, at as usize, len as usize);
+            let Some(dev) = devs[s.member].as_ref() else {
+                continue;
+            };
+            let want = match self.pool.csums.get(
+                &**dev,
+                s.member,
+                s.slab,
+                in_slab / csum::BLOCK,
+                len / csum::BLOCK,
+            ) {
+                Ok(w) => w,
+                Err(e) => {
+                    failures.push((s.member, e));
+                    retry[pi] = true;
+                    continue;
+                }
+            };
+            for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+                if g != w {
+                    let off = in_slab + b as u64 * csum::BLOCK;
+                    if let Some(good) = self.pool.healed_block(s, off) {
+                        if let Op::Read { bufs, .. } = &mut seg[pi].op {
+                            copy_into_bufs(bufs, (at + b as u64 * csum::BLOCK) as usize, &good);
+                        }
+                        continue;
+                    }
+                    heal.push(Heal {
+                        extent,
+                        window: off - off % csum::PAGE,
+                        parent: pi,
+                    });
+                    retry[pi] = true;
                 }
             }
         }
@@ -625,7 +770,15 @@ impl Space {
             }
         }
         if !slow.is_empty() {
-            self.slow(seg, &slow, devs, &ext, rebuilding.as_ref(), &mut failures);
+            self.slow(
+                seg,
+                &slow,
+                devs,
+                &ext,
+                rebuilding.as_ref(),
+                &mut failures,
+                heal,
+            );
         }
         failures
     }
@@ -640,6 +793,7 @@ impl Space {
     }
 
     /// Parity writes and degraded parity reads, a row at a time under the row's stripe lock.
+    #[allow(clippy::too_many_arguments)]
     fn slow(
         &self,
         seg: &mut [Request<'_>],
@@ -648,6 +802,7 @@ impl Space {
         ext: &[Option<Vec<Slot>>],
         rebuilding: Option<&Rebuild>,
         failures: &mut Vec<(usize, Error)>,
+        heal: &mut Vec<Heal>,
     ) {
         let layout = self.shared.layout;
         let (d, w) = (layout.data_columns, layout.width);
@@ -719,6 +874,55 @@ impl Space {
             }
         }
         if !self.row_io(&mut rows, devs, ext, None, failures, false) {
+            self.give_rows(rows);
+            return;
+        }
+        // Verify every shard read: a bad block is healed first (by the caller, with the
+        // space's I/O held off) and the rows run again, so a bad block is never carried into
+        // a parity or a reconstruction.
+        let before = (heal.len(), failures.len());
+        for row in rows.values_mut() {
+            let slots = ext[row.extent as usize].as_ref().expect("allocated");
+            let in_slab = layout.slab_offset(row.row, row.lo);
+            let n = (row.hi - row.lo) / csum::BLOCK;
+            for (shard, buf) in row.shards.iter_mut().enumerate() {
+                let Some(buf) = buf else { continue };
+                let s = slots[self.shard_slot(row.row, shard)];
+                let Some(dev) = devs[s.member].as_ref() else {
+                    continue;
+                };
+                let want =
+                    match self
+                        .pool
+                        .csums
+                        .get(&**dev, s.member, s.slab, in_slab / csum::BLOCK, n)
+                    {
+                        Ok(w) => w,
+                        Err(e) => {
+                            failures.push((s.member, e));
+                            continue;
+                        }
+                    };
+                for (b, (g, w)) in csum::crcs(buf).iter().zip(&want).enumerate() {
+                    if g != w {
+                        let off = in_slab + b as u64 * csum::BLOCK;
+                        if let Some(good) = self.pool.healed_block(s, off) {
+                            let at = b * csum::BLOCK as usize;
+                            buf[at..at + csum::BLOCK as usize].copy_from_slice(&good);
+                            continue;
+                        }
+                        for (pi, _, _) in &row.pieces {
+                            heal.push(Heal {
+                                extent: row.extent,
+                                window: off - off % csum::PAGE,
+                                parent: *pi,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if (heal.len(), failures.len()) != before {
             self.give_rows(rows);
             return;
         }
@@ -865,6 +1069,8 @@ impl Space {
     ) -> bool {
         let layout = self.shared.layout;
         let n = devs.len();
+        let mut pages: Vec<PageWrite> = Vec::new();
+        let mut sums: Vec<(usize, u32, u64, Vec<u32>)> = Vec::new();
         let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
         for row in rows.values_mut() {
             let slots = ext[row.extent as usize].as_ref().expect("allocated");
@@ -877,13 +1083,16 @@ impl Space {
                 for (shard, buf) in row.shards.iter().enumerate() {
                     let Some(buf) = buf else { continue };
                     let si = self.shard_slot(row.row, shard);
+                    let crcs = csum::crcs(buf);
                     if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
                         // The slab being rebuilt gets the write too.
                         per[new.member].push(Request::write(self.phys(new, off), &buf[..]));
+                        sums.push((new.member, new.slab, off / csum::BLOCK, crcs.clone()));
                     }
                     let s = slots[si];
                     if devs[s.member].is_some() {
                         per[s.member].push(Request::write(self.phys(s, off), &buf[..]));
+                        sums.push((s.member, s.slab, off / csum::BLOCK, crcs));
                     }
                 }
                 continue;
@@ -896,8 +1105,24 @@ impl Space {
                 }
             }
         }
-        run_members(devs, &mut per);
         let before = failures.len();
+        let _page_locks = self
+            .pool
+            .csums
+            .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
+        for (m, slab, block, crcs) in &sums {
+            let Some(dev) = devs[*m].as_ref() else {
+                continue;
+            };
+            match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
+                Ok(w) => pages.extend(w),
+                Err(e) => failures.push((*m, e)),
+            }
+        }
+        for (m, off, buf) in &pages {
+            per[*m].push(Request::write(*off, &buf[..]));
+        }
+        run_members(devs, &mut per);
         for (m, reqs) in per.iter().enumerate() {
             for r in reqs {
                 if let Err(e) = r.result() {
@@ -977,4 +1202,192 @@ impl BlockDevice for Space {
                 .pool_id
         )
     }
+}
+
+impl Inner {
+    /// The good contents of the block at `off` of a slot, where a read-only pool healed it.
+    fn healed_block(&self, s: Slot, off: u64) -> Option<Vec<u8>> {
+        if !self.read_only {
+            return None;
+        }
+        let w = off - off % csum::PAGE;
+        let at = (off - w) as usize;
+        crate::pool::lock(&self.healed_windows)
+            .get(&(s.member, s.slab, w))
+            .map(|v| v[at..at + csum::BLOCK as usize].to_vec())
+    }
+}
+
+/// Checks every slot of a 4 KiB window of an extent (the same slab offset `window` in every
+/// slot) against its checksums and rewrites each bad block from a good copy (mirror) or from
+/// the rest of its row (parity), if the result matches the block's checksum. The caller holds
+/// the space's I/O off. Counts what it found in the pool's statistics and returns the blocks
+/// left bad.
+pub(crate) fn heal_window(
+    pool: &Inner,
+    layout: &Layout,
+    slots: &[Slot],
+    devs: &Devs,
+    (data_start, slab_size): (u64, u64),
+    window: u64,
+) -> Result<u64> {
+    let win = csum::PAGE as usize;
+    let nb = win / csum::BLOCK as usize;
+    let bs = csum::BLOCK as usize;
+    let w = layout.width;
+    let mut bufs: Vec<Option<Vec<u8>>> = vec![None; w];
+    let mut want: Vec<Vec<u32>> = vec![Vec::new(); w];
+    let mut ok: Vec<Vec<bool>> = vec![Vec::new(); w];
+    for si in 0..w {
+        let s = slots[si];
+        let Some(dev) = devs[s.member].as_ref() else {
+            continue;
+        };
+        let mut b = vec![0u8; win];
+        dev.read_at(data_start + u64::from(s.slab) * slab_size + window, &mut b)?;
+        want[si] = pool
+            .csums
+            .get(&**dev, s.member, s.slab, window / csum::BLOCK, nb as u64)?;
+        ok[si] = csum::crcs(&b)
+            .iter()
+            .zip(&want[si])
+            .map(|(g, w)| g == w)
+            .collect();
+        bufs[si] = Some(b);
+    }
+    let (mut found, mut fixed, mut lost) = (0u64, 0u64, 0u64);
+    let mut dirty = vec![false; w];
+    let mut sums_dirty = vec![false; w];
+    let present_bad = |si: usize, b: usize, ok: &[Vec<bool>], bufs: &[Option<Vec<u8>>]| {
+        bufs[si].is_some() && !ok[si][b]
+    };
+    match layout.resiliency {
+        crate::Resiliency::Parity { redundancy } => {
+            let d = layout.data_columns;
+            let row = window / layout.interleave;
+            let slot_of = |shard: usize| {
+                if shard < d {
+                    layout.data_slot(row, shard, 0)
+                } else {
+                    layout.parity_slot(row, shard - d)
+                }
+            };
+            for b in 0..nb {
+                let bad: Vec<usize> = (0..w)
+                    .filter(|&sh| present_bad(slot_of(sh), b, &ok, &bufs))
+                    .collect();
+                if bad.is_empty() {
+                    continue;
+                }
+                found += bad.len() as u64;
+                let erased = (0..w)
+                    .filter(|&sh| {
+                        let si = slot_of(sh);
+                        bufs[si].is_none() || !ok[si][b]
+                    })
+                    .count();
+                if erased > usize::from(redundancy) {
+                    lost += bad.len() as u64;
+                    continue;
+                }
+                let mut shards: Vec<Option<Vec<u8>>> = (0..w)
+                    .map(|sh| {
+                        let si = slot_of(sh);
+                        match &bufs[si] {
+                            Some(v) if ok[si][b] => Some(v[b * bs..(b + 1) * bs].to_vec()),
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                if !code::reconstruct(&mut shards, d, bs) {
+                    lost += bad.len() as u64;
+                    continue;
+                }
+                for sh in bad {
+                    let si = slot_of(sh);
+                    let rec = shards[sh].as_ref().expect("rebuilt");
+                    let mine = &mut bufs[si].as_mut().expect("present")[b * bs..(b + 1) * bs];
+                    if csum::block_crc(rec) == want[si][b] {
+                        mine.copy_from_slice(rec);
+                        dirty[si] = true;
+                        fixed += 1;
+                    } else if mine == &rec[..] {
+                        // The data is what the row says: the checksum entry was damaged.
+                        want[si][b] = csum::block_crc(rec);
+                        sums_dirty[si] = true;
+                        fixed += 1;
+                    } else {
+                        lost += 1;
+                    }
+                }
+            }
+        }
+        _ => {
+            let k = layout.copies();
+            for col in 0..layout.data_columns {
+                let copies: Vec<usize> = (0..k).map(|c| layout.data_slot(0, col, c)).collect();
+                for b in 0..nb {
+                    let bad: Vec<usize> = copies
+                        .iter()
+                        .copied()
+                        .filter(|&si| present_bad(si, b, &ok, &bufs))
+                        .collect();
+                    if bad.is_empty() {
+                        continue;
+                    }
+                    found += bad.len() as u64;
+                    let good = copies
+                        .iter()
+                        .copied()
+                        .find(|&si| bufs[si].is_some() && ok[si][b]);
+                    let Some(g) = good else {
+                        lost += bad.len() as u64;
+                        continue;
+                    };
+                    let src = bufs[g].as_ref().expect("present")[b * bs..(b + 1) * bs].to_vec();
+                    for si in bad {
+                        let mine = &mut bufs[si].as_mut().expect("present")[b * bs..(b + 1) * bs];
+                        if mine != &src[..] {
+                            mine.copy_from_slice(&src);
+                            dirty[si] = true;
+                        }
+                        if want[si][b] != want[g][b] {
+                            want[si][b] = want[g][b];
+                            sums_dirty[si] = true;
+                        }
+                        fixed += 1;
+                    }
+                }
+            }
+        }
+    }
+    for si in 0..w {
+        let s = slots[si];
+        let Some(dev) = devs[s.member].as_ref() else {
+            continue;
+        };
+        if pool.read_only {
+            if dirty[si] || sums_dirty[si] {
+                crate::pool::lock(&pool.healed_windows).insert(
+                    (s.member, s.slab, window),
+                    bufs[si].take().expect("present"),
+                );
+            }
+            continue;
+        }
+        if dirty[si] {
+            dev.write_at(
+                data_start + u64::from(s.slab) * slab_size + window,
+                bufs[si].as_ref().expect("present"),
+            )?;
+        }
+        if sums_dirty[si] {
+            pool.csums
+                .store(dev, s.member, s.slab, window / csum::BLOCK, &want[si])?;
+        }
+    }
+    pool.checksum_errors.fetch_add(found, Ordering::AcqRel);
+    pool.healed.fetch_add(fixed, Ordering::AcqRel);
+    pool.unrecoverable.fetch_add(lost, Ordering::AcqRel);
+    Ok(lost)
 }

@@ -10,7 +10,7 @@ use common::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vstor_core::{BlockDevice, CutPolicy, DeviceInfo, FaultDevice, MemoryDevice, Request};
-use vstor_spaces::{OpenOptions, Pool, PoolDisk, Resiliency, SpaceHealth};
+use vstor_spaces::{IntegrityStats, OpenOptions, Pool, PoolDisk, Resiliency, SpaceHealth};
 
 const DISK: u64 = 10 << 20;
 const SPACE: u64 = 2 << 20;
@@ -180,6 +180,19 @@ fn power_cuts_during_writes_leave_copies_and_parity_consistent() {
                     "{label} cut at {k}: sector {i} is neither old nor new"
                 );
             }
+            // The resync left every block's checksum matching its data: no read found a
+            // checksum error, and neither does a scrub.
+            assert_eq!(
+                pool.info().integrity,
+                IntegrityStats::default(),
+                "{label} cut at {k}"
+            );
+            let scrub = pool.scrub(None, &mut |_, _| {}).unwrap();
+            assert_eq!(
+                (scrub.checksum_errors, scrub.repaired),
+                (0, 0),
+                "{label} cut at {k}: {scrub:?}"
+            );
             drop((space, pool));
             // Every single loss gives back exactly the same data: copies and parity agree.
             let after = g.media();

@@ -459,6 +459,9 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
                     "chunks": r.chunks,
                     "repaired": r.repaired,
                     "unverifiable": r.unverifiable,
+                    "checksum_errors": r.checksum_errors,
+                    "healed_blocks": r.healed,
+                    "lost_blocks": r.lost,
                 });
                 println!(
                     "{}",
@@ -469,6 +472,16 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
                     "checked {} chunks: {} repaired, {} could not be checked (degraded)",
                     r.chunks, r.repaired, r.unverifiable
                 );
+                println!(
+                    "block checksums: {} bad blocks of 512 bytes found, {} healed from a good copy or parity, {} lost",
+                    r.checksum_errors, r.healed, r.lost
+                );
+            }
+            if r.lost > 0 {
+                return Err(Error::Failed(format!(
+                    "{} blocks fail their checksum with no good copy or parity left",
+                    r.lost
+                )));
             }
             Ok(())
         }
