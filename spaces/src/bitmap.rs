@@ -6,8 +6,12 @@
 //! [`CLEAR_DELAY`] after the last bit was set, and when the last handle of the pool is dropped.
 //! So after a crash the bits name every chunk that may hold a write that reached some slots of
 //! its extent and not others: opening the pool writable resyncs exactly those chunks (mirror:
-//! the first usable copy is copied over the others; parity: the parity is recomputed from the
-//! data), so a later rebuild never uses a parity that disagrees with its data.
+//! the first copy whose block checksums match is copied over the others; parity: blocks that
+//! fail their checksum are rebuilt from the row where that matches, then the parity is
+//! recomputed from the data), so a later rebuild never uses a parity that disagrees with its
+//! data. The bits also cover the block checksums written with the data: a block in a dirty
+//! chunk whose data and checksum did not both land, and that nothing rebuilds, is taken as it
+//! is with its checksum rewritten (no false checksum error after a crash).
 //!
 //! What this does not close is a crash together with the loss of a member holding a data
 //! column of a dirty parity row (the parity cannot be checked then): such chunks are named in
@@ -495,11 +499,12 @@ pub struct ScrubReport {
 
 impl crate::Pool {
     /// Walks every allocated extent of the space `name` (all spaces if `None`), online, a chunk
-    /// at a time with the space's I/O held off for that chunk, and makes copies and parity agree
-    /// with the data: a mirror's first usable copy is copied over copies that differ, parity is
-    /// recomputed where it differs. Without per-block checksums a scrub cannot tell which copy
-    /// is right; it makes them consistent, as md's `repair` does. `progress` gets (chunks done,
-    /// chunks to do).
+    /// at a time with the space's I/O held off for that chunk, checks every 512-byte block of
+    /// every slot against its checksum, and repairs: a bad mirror block is rewritten from a
+    /// copy whose checksum matches, a bad parity-layout block is rebuilt from the rest of its
+    /// row, copies that differ are made equal to the first good one, and parity is recomputed
+    /// from the (verified) data where it differs. Blocks with no good source are counted as
+    /// lost and left alone. `progress` gets (chunks done, chunks to do).
     pub fn scrub(
         &self,
         name: Option<&str>,

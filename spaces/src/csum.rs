@@ -12,7 +12,8 @@
 //!   the pages' locks held until the batch completes (so pages written for two writes that
 //!   share one cannot land out of order). The write-intent bitmap covers both: after a crash a
 //!   dirty chunk may hold data whose checksum did not land (or the reverse), and the resync
-//!   decides it (see [`bitmap`](crate::bitmap)); outside dirty chunks a mismatch is damage.
+//!   decides it (the resync at [`Pool::open`](crate::Pool::open)); outside dirty chunks a
+//!   mismatch is damage.
 //! - Checksum pages (4 KiB, 1024 entries: 512 KiB of a member's data) are cached in memory
 //!   once read; the cache is never trimmed (8 MiB of memory per GiB of data touched).
 

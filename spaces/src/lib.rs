@@ -26,19 +26,33 @@
 //! - A write-intent bitmap on every member and resync of its dirty chunks when a pool is
 //!   opened after an unclean shutdown (mirror copies made equal, parity recomputed from the
 //!   data), so a parity update cut by a crash does not corrupt other data on a later rebuild.
-//! - [`Pool::scrub`]: makes copies and parity agree with the data, online, and counts what it
-//!   rewrote.
+//! - Per-block CRC-32C ([`csum`]): every 512-byte block of every slab has a checksum in its
+//!   member's checksum area, written in the same batch as the data (the write-intent bitmap
+//!   covers both; a resync after a crash settles blocks whose data and checksum did not both
+//!   land). Every read is verified: a bad block is served from a copy whose checksum matches
+//!   or rebuilt from the rest of its parity row (dual parity: up to two bad or missing shards
+//!   per block), and rewritten (self-heal; a read-only pool keeps the healed 4 KiB windows in
+//!   memory instead of writing); a block with no good source fails the read with
+//!   [`SpacesError::ChecksumMismatch`]. A damaged checksum entry over good data is rewritten.
+//!   [`PoolInfo::integrity`](PoolInfo) counts what was found, healed and lost. The metadata format is
+//!   version 2; a version 1 pool (no checksums) is refused with an error that says so.
+//! - [`Pool::scrub`]: checks every block of every allocated extent, online, heals bad blocks
+//!   from a good source, makes copies and parity agree with the (verified) data, and reports
+//!   chunks rewritten and blocks found bad, healed and lost ([`ScrubReport`]). A rebuild
+//!   heals its sources the same way before copying, and writes the new slabs' checksums.
 //!
-//! What does not exist yet: per-block checksums (so neither self-healing reads nor a scrub
-//! that knows which copy is right: a mirror's first copy wins, parity follows the data); a
-//! journal for the case of a crash together with the loss of a member of a dirty parity row
+//! What does not exist yet: a journal for the case of a crash together with the loss of a member of a dirty parity row
 //! (reported in the pool's notes at open); an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
 //! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
 //! GF(2^8) arithmetic; locking against two processes opening the same pool; a metadata
 //! quorum: if the only members present at an open are ones that were missing while the
 //! others took writes (a "split brain": A and B alternately absent), the older metadata they
-//! hold is the newest the pool can see, and their stale data is served.
+//! hold is the newest the pool can see, and their stale data is served; trimming the cache of
+//! checksum pages (8 MiB of memory per GiB of data touched since the open); verifying data
+//! against its checksum inside a resync's dirty chunks when no copy or parity can rebuild it
+//! (after a crash such a block is taken as it is and its checksum rewritten, as dm-integrity's
+//! bitmap mode does: its write was never acknowledged, but real damage there goes unseen).
 //!
 //! ```
 //! use std::sync::Arc;

@@ -10,6 +10,11 @@
 //! - An I/O error marks the member failed (recorded in the pool metadata before anything is
 //!   acknowledged) and the requests it touched run again without it, as long as the space
 //!   keeps its data; otherwise they fail with [`SpacesError::SpaceFailed`].
+//! - Every write sends the block checksums of what it writes, in the same member batch; every
+//!   read (and every shard a parity row reads) is verified against them. A bad block stops the
+//!   requests that read it; they run again after [`heal_window`] has rewritten the bad blocks
+//!   of that 4 KiB window in every slot (with the space's I/O held off), or fail with
+//!   [`SpacesError::ChecksumMismatch`] if no good source is left.
 
 use crate::code;
 use crate::csum::{self, PageWrite};

@@ -1,7 +1,7 @@
 //! Scrub: copies and parity that disagree with the data (corrupted behind the pool's back) are
-//! found, counted and rewritten; afterwards the loss of any member gives back the data.
-//! (Without per-block checksums a scrub cannot tell which copy is right: these tests corrupt
-//! a second copy or a parity, which scrub rewrites from the first copy or the data.)
+//! found, counted and rewritten; afterwards the loss of any member gives back the data. (These
+//! corrupt a second copy or a parity; tests/checksums.rs corrupts first copies and data
+//! columns too, which only the block checksums can tell apart.)
 
 mod common;
 
