@@ -185,6 +185,24 @@ impl Csums {
         Ok(())
     }
 
+    /// The pages holding the checksums of blocks `[first, first + n)` of slab `slab` of
+    /// `member` that are not cached: (page index, byte offset on the member), for a caller
+    /// that reads them in its own batch and hands them to [`Csums::insert`].
+    pub fn missing(&self, member: usize, slab: u32, first: u64, n: u64) -> Vec<(u64, u64)> {
+        let cache = guard(&self.pages);
+        Self::pages_of(self.index(slab, first), n)
+            .filter(|p| !cache.contains_key(&(member, *p)))
+            .map(|p| (p, self.page_offset(member, p)))
+            .collect()
+    }
+
+    /// Caches a page read from the member, unless a newer copy is cached already.
+    pub fn insert(&self, member: usize, page: u64, buf: Vec<u8>) {
+        guard(&self.pages)
+            .entry((member, page))
+            .or_insert(buf.into_boxed_slice());
+    }
+
     /// The stored checksums of blocks `[first, first + n)` of slab `slab` of `member`.
     pub fn get(
         &self,
@@ -239,7 +257,19 @@ impl Csums {
         vals: &[u32],
     ) -> Result<Vec<PageWrite>> {
         let i0 = self.index(slab, first);
+        let end = i0 + vals.len() as u64;
         let pages = Self::pages_of(i0, vals.len() as u64);
+        // Pages the update covers whole need not be read first.
+        {
+            let mut cache = guard(&self.pages);
+            for p in pages.clone() {
+                if p * PER_PAGE >= i0 && (p + 1) * PER_PAGE <= end {
+                    cache
+                        .entry((member, p))
+                        .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+                }
+            }
+        }
         self.load(dev, member, pages.clone())?;
         let mut cache = guard(&self.pages);
         for (k, &v) in vals.iter().enumerate() {

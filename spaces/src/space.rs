@@ -600,6 +600,8 @@ impl Space {
         // Checksums of written pieces: (member, slab, first block, values).
         let mut sums: Vec<(usize, u32, u64, Vec<u32>)> = Vec::new();
         let mut pages: Vec<PageWrite> = Vec::new();
+        // Checksum pages the reads need that are not cached: read in the same batches.
+        let mut loads: Vec<(usize, u64, u64, AlignedBuf)> = Vec::new();
         {
             let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
             let mut own: Vec<Vec<usize>> = (0..n).map(|_| Vec::new()).collect();
@@ -713,6 +715,23 @@ impl Space {
                 per[*m].push(Request::write(*off, &buf[..]));
                 own[*m].push(usize::MAX);
             }
+            let mut wanted = BTreeSet::new();
+            for (_, _, len, s, in_slab, _) in &checks {
+                for (page, off) in self.pool.csums.missing(
+                    s.member,
+                    s.slab,
+                    in_slab / csum::BLOCK,
+                    len / csum::BLOCK,
+                ) {
+                    if wanted.insert((s.member, page)) {
+                        loads.push((s.member, page, off, AlignedBuf::new(csum::PAGE as usize)));
+                    }
+                }
+            }
+            for (m, _, off, buf) in loads.iter_mut() {
+                per[*m].push(Request::read(*off, &mut buf[..]));
+                own[*m].push(usize::MAX);
+            }
             run_members(devs, &mut per);
             for (m, reqs) in per.iter().enumerate() {
                 for (r, &pi) in reqs.iter().zip(&own[m]) {
@@ -723,6 +742,12 @@ impl Space {
                         }
                     }
                 }
+            }
+        }
+        let failed: BTreeSet<usize> = failures.iter().map(|f| f.0).collect();
+        for (m, page, _, buf) in loads {
+            if !failed.contains(&m) {
+                self.pool.csums.insert(m, page, buf.to_vec());
             }
         }
         // Verify what was read; a block whose checksum fails is healed and read again.
