@@ -105,6 +105,26 @@ pub fn slabs_fitting(capacity: u64, data_start: u64, slab_size: u64) -> u64 {
     n
 }
 
+/// Page writes in one request per run of adjacent pages of a member (sequential writes
+/// change runs of adjacent pages); of two writes of one page the later one is kept (all were
+/// taken from the cache under the page's lock, the later one is the newer).
+pub(crate) fn merge_pages(pages: Vec<PageWrite>) -> Vec<PageWrite> {
+    let mut by: std::collections::BTreeMap<(usize, u64), Vec<u8>> = Default::default();
+    for (m, off, buf) in pages {
+        by.insert((m, off), buf);
+    }
+    let mut out: Vec<PageWrite> = Vec::new();
+    for ((m, off), buf) in by {
+        match out.last_mut() {
+            Some((lm, loff, lbuf)) if *lm == m && *loff + lbuf.len() as u64 == off => {
+                lbuf.extend_from_slice(&buf)
+            }
+            _ => out.push((m, off, buf)),
+        }
+    }
+    out
+}
+
 /// Where a member's checksum area starts.
 pub fn area_start(data_start: u64, slab_size: u64, slabs: u32) -> u64 {
     data_start + u64::from(slabs) * slab_size
@@ -319,6 +339,21 @@ mod tests {
         let flat = crcs(&data[512..3584]);
         let parts: Vec<&[u8]> = vec![&data[..100], &data[100..1500], &data[1500..]];
         assert_eq!(crcs_iov(&parts, 512, 3072), flat);
+    }
+
+    #[test]
+    fn adjacent_page_writes_merge_and_the_later_copy_wins() {
+        let p = |m, off, v| (m, off, vec![v; 4096]);
+        let out = merge_pages(vec![
+            p(0, 8192, 1),
+            p(0, 4096, 2),
+            p(1, 8192, 3),
+            p(0, 8192, 4),
+        ]);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].0, out[0].1, out[0].2.len()), (0, 4096, 8192));
+        assert_eq!((out[0].2[0], out[0].2[4096]), (2, 4));
+        assert_eq!((out[1].0, out[1].1), (1, 8192));
     }
 
     #[test]

@@ -711,6 +711,7 @@ impl Space {
                     Err(e) => failures.push((*m, e)),
                 }
             }
+            pages = csum::merge_pages(std::mem::take(&mut pages));
             for (m, off, buf) in &pages {
                 per[*m].push(Request::write(*off, &buf[..]));
                 own[*m].push(usize::MAX);
@@ -1149,6 +1150,7 @@ impl Space {
                 Err(e) => failures.push((*m, e)),
             }
         }
+        pages = csum::merge_pages(std::mem::take(&mut pages));
         for (m, off, buf) in &pages {
             per[*m].push(Request::write(*off, &buf[..]));
         }
