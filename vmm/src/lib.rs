@@ -14,14 +14,18 @@
 //! - The test guest (vmm/guest): a no_std virtio-blk driver built for `x86_64-unknown-none` by
 //!   build.rs and embedded ([`vm::TEST_GUEST`]); it runs a workload and reports its status on
 //!   port 0xf4, which becomes the VMM's exit status.
+//! - [`api`]: the control plane and its Unix-socket API (`--api-socket`): resize a disk (the
+//!   VMM follows the stack's capacity signal, so the guest gets a configuration-change interrupt
+//!   and the new capacity; the `capacity` workload waits for it), per-disk statistics, pause and
+//!   resume (the vCPU is kicked out of KVM_RUN with a signal).
 //!
 //! Not yet: more than one vCPU, multi-queue and I/O threads, ioeventfd/irqfd for the disks
 //! (queues are served on the vCPU thread at the MMIO exit of a notification), QoS options on
-//! `--disk`, the API socket (resize, QoS, statistics, pause/resume) and the capacity-change
-//! workload, the cargo-fuzz target of the device model, Linux boot (linux-loader bzImage, ACPI
+//! `--disk` and QoS changes through the API, the cargo-fuzz target of the device model, Linux boot (linux-loader bzImage, ACPI
 //! tables).
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod layout;
 pub mod serial;

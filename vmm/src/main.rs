@@ -10,7 +10,8 @@ use vstor_vmm::{DiskConfig, Vm, VmConfig};
     version,
     after_help = "Examples:\n  vstor-vmm --disk /tmp/d.raw --memory 256M --test-guest\n  \
     vstor-vmm --disk /tmp/d.vhdx --test-guest verify\n  \
-    vstor-vmm --disk /tmp/d.vhdx,readonly=on --test-guest readonly\n\n\
+    vstor-vmm --disk /tmp/d.vhdx,readonly=on --test-guest readonly\n  \
+    vstor-vmm --disk /tmp/d.vhdx --api-socket /tmp/vmm.sock --test-guest capacity\n\n\
     The exit status is the test guest's (0: passed); 125 when the VMM itself fails."
 )]
 struct Cli {
@@ -25,9 +26,13 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Run the built-in test guest with a workload: pattern (default), verify, readonly,
-    /// malformed. pattern and verify take a seed XORed into the pattern ("pattern 90").
+    /// malformed, zeroes, zeroes-over, wce, event-idx, capacity. pattern and verify take a seed XORed into the pattern ("pattern 90").
     #[arg(long, value_name = "WORKLOAD", num_args = 0..=1, default_missing_value = "pattern", required = true)]
     test_guest: Option<String>,
+    /// Serve the API (one JSON object per line: {"op":"resize","disk":0,"size":N},
+    /// {"op":"stats"}, {"op":"pause"}, {"op":"resume"}) on a Unix socket at this path.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<std::path::PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -41,14 +46,20 @@ fn main() -> ExitCode {
         vcpus: cli.vcpus,
         disks: cli
             .disk
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|target| DiskConfig { target })
             .collect(),
-        workload: cli.test_guest.unwrap_or_else(|| "pattern".into()),
+        workload: cli.test_guest.clone().unwrap_or_else(|| "pattern".into()),
     };
     let result = Vm::new(&config).and_then(|mut vm| {
         for note in &vm.notes {
             eprintln!("vstor-vmm: note: {note}");
+        }
+        if let Some(path) = &cli.api_socket {
+            vstor_vmm::api::serve(vm.control(), path).map_err(|e| {
+                vstor_vmm::Error::Config(format!("API socket {}: {e}", path.display()))
+            })?;
         }
         vm.run()
     });

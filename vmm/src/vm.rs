@@ -1,6 +1,7 @@
 //! The VM: guest memory, one vCPU in long mode, the serial console, a virtio-blk device per disk,
 //! and the run loop that dispatches port I/O and MMIO exits.
 
+use crate::api::Control;
 use crate::boot;
 use crate::layout::*;
 use crate::serial::SerialPort;
@@ -91,6 +92,7 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     serial: SerialPort,
     disks: Vec<MmioTransport>,
+    control: Arc<Control>,
     /// Notes for the user (how disks were opened, missing KVM features).
     pub notes: Vec<String>,
 }
@@ -132,7 +134,11 @@ impl Vm {
             )?;
             notes.extend(opened.notes.iter().map(|n| format!("{}: {n}", d.target)));
             let read_only = opened.device.info().read_only;
-            blocks.push(Block::new(opened.device, read_only, &format!("vstor{i}")));
+            blocks.push(Arc::new(Block::new(
+                opened.device,
+                read_only,
+                &format!("vstor{i}"),
+            )));
         }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
@@ -178,6 +184,7 @@ impl Vm {
         }
         let serial = SerialPort::new(serial_evt);
 
+        let control = Control::new(blocks.clone());
         let mut disks = Vec::new();
         for (i, block) in blocks.into_iter().enumerate() {
             let irq = KvmIrq {
@@ -232,6 +239,7 @@ impl Vm {
             mem,
             serial,
             disks,
+            control,
             notes,
         })
     }
@@ -246,9 +254,25 @@ impl Vm {
         &self.vm
     }
 
+    /// The VM's control plane (resize, pause, statistics), which [`crate::api::serve`] serves.
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
     /// Runs the vCPU until the guest reports its status on the exit port; returns it.
     pub fn run(&mut self) -> Result<u32, Error> {
+        self.control.enter()?;
+        let result = self.run_vcpu();
+        self.control.leave();
+        result
+    }
+
+    fn run_vcpu(&mut self) -> Result<u32, Error> {
         loop {
+            // Work of the control plane first: configuration interrupts, a pause.
+            for i in self.control.service() {
+                self.disks[i].config_changed();
+            }
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,

@@ -30,6 +30,7 @@ const QUEUE_DRIVER_LOW: usize = 0x090;
 const QUEUE_DRIVER_HIGH: usize = 0x094;
 const QUEUE_DEVICE_LOW: usize = 0x0a0;
 const QUEUE_DEVICE_HIGH: usize = 0x0a4;
+const CONFIG_GENERATION: usize = 0x0fc;
 const CONFIG: usize = 0x100;
 
 // Device status bits.
@@ -289,6 +290,23 @@ impl Blk {
             self.set_reg(INTERRUPT_ACK, isr);
         }
         isr
+    }
+
+    /// The configuration generation: it changes whenever the device changes its configuration.
+    pub fn config_generation(&self) -> u32 {
+        self.reg(CONFIG_GENERATION)
+    }
+
+    /// Reads the capacity (in sectors) consistently: again while the generation moves under
+    /// the read (virtio spec 4.2.2.2).
+    pub fn read_capacity(&self) -> u64 {
+        loop {
+            let before = self.config_generation();
+            let capacity = self.config::<u64>(0);
+            if self.config_generation() == before {
+                return capacity;
+            }
+        }
     }
 
     /// Reads a byte of the device-specific configuration space.

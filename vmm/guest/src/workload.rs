@@ -25,6 +25,11 @@
 //! - `event-idx`: with EVENT_IDX the device must interrupt when the driver's `used_event` asks
 //!   for it and not before, and keep `avail_event` current so that the driver notifies only when
 //!   the device waits for it.
+//! - `capacity`: reports `waiting for a capacity change`, then polls the interrupt status for
+//!   the configuration-change bit and the configuration generation until the capacity grows
+//!   (the host resizes the disk through the VMM's API); then writes the pattern over the first
+//!   64 KiB of the new area and the last 8 KiB of the disk, reads them back, and checks that a
+//!   read past the new end is an I/O error; flushes.
 //!
 //! The pattern byte at disk offset `o` is `((o >> 9) as u8 * 37) ^ (o as u8) ^ 0xa5 ^ seed`; the
 //! VMM's CI test recomputes it on the host.
@@ -98,9 +103,10 @@ pub fn run(mmio_base: u64, workload: &str) -> Result<(), &'static str> {
         "zeroes-over" => zeroes(&mut blk, seed, false),
         "wce" => wce(&mut blk, seed),
         "event-idx" => event_idx(&mut blk),
+        "capacity" => capacity(&mut blk, seed),
         _ => Err(
             "unknown workload (known: pattern, verify, readonly, malformed, zeroes, zeroes-over, \
-             wce, event-idx)",
+             wce, event-idx, capacity)",
         ),
     }
 }
@@ -528,5 +534,85 @@ fn event_idx(blk: &mut Blk) -> Result<(), &'static str> {
     if sent == 0 {
         return Err("no notification was sent");
     }
+    Ok(())
+}
+
+/// The time stamp counter.
+fn rdtsc() -> u64 {
+    // SAFETY: reading the TSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// How long `capacity` waits for the change, in TSC ticks (a minute or more at a few GHz).
+const CAPACITY_WAIT_TICKS: u64 = 200_000_000_000;
+
+/// Writes the pattern to `len` bytes at `off` and reads it back.
+fn write_and_check(blk: &mut Blk, off: u64, len: usize, seed: u8) -> Result<(), &'static str> {
+    let data = virtio::dma_slice(WRITE_BUF, len);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = pattern_byte(off + i as u64, seed);
+    }
+    let sizes = [len as u32];
+    let (bufs, n) = segments(WRITE_BUF, &sizes, false);
+    expect(blk, "write", T_OUT, off / 512, &bufs[..n], S_OK)?;
+    println!("  wrote {} KiB at {:#x}", len / 1024, off);
+    read_and_compare(blk, off, len, &sizes, seed)
+}
+
+fn capacity(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
+    if blk.has(virtio::feature::RO) {
+        return Err("the disk is read-only");
+    }
+    let old = blk.capacity;
+    let generation = blk.config_generation();
+    blk.take_isr();
+    println!(
+        "  capacity {} sectors, generation {}: waiting for a capacity change",
+        old, generation
+    );
+    let start = rdtsc();
+    let mut interrupted = false;
+    let new = loop {
+        interrupted |= blk.take_isr() & 2 != 0;
+        if interrupted || blk.config_generation() != generation {
+            let now = blk.read_capacity();
+            if now != old {
+                // The change may have landed between the status read and the generation read.
+                interrupted |= blk.take_isr() & 2 != 0;
+                break now;
+            }
+        }
+        if rdtsc().wrapping_sub(start) > CAPACITY_WAIT_TICKS {
+            return Err("the capacity did not change");
+        }
+        core::hint::spin_loop();
+    };
+    println!(
+        "  capacity changed: {} -> {} sectors (configuration interrupt: {}, generation {})",
+        old,
+        new,
+        if interrupted { "yes" } else { "no" },
+        blk.config_generation()
+    );
+    if !interrupted {
+        return Err("the device changed its configuration without a configuration interrupt");
+    }
+    if new < old + 256 {
+        return Err("the disk did not grow by at least 128 KiB");
+    }
+    blk.capacity = new;
+    write_and_check(blk, old * 512, 64 * 1024, seed)?;
+    write_and_check(blk, new * 512 - 8192, 8192, seed)?;
+    if blk.has(virtio::feature::FLUSH) {
+        expect(blk, "flush", T_FLUSH, 0, &[], S_OK)?;
+        println!("  flush: ok");
+    }
+    let one = Buf {
+        addr: READ_BUF,
+        len: 512,
+        device_writes: true,
+    };
+    expect(blk, "read past the new end", T_IN, new, &[one], S_IOERR)?;
+    println!("  read past the new end: I/O error");
     Ok(())
 }

@@ -411,6 +411,41 @@ pub struct Block {
     /// The driver negotiated EVENT_IDX.
     event_idx: AtomicBool,
     queue_sizes: Vec<u16>,
+    counters: Counters,
+}
+
+/// Request counters of a device (all requests since it was created).
+#[derive(Debug, Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    discards: AtomicU64,
+    write_zeroes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A snapshot of a device's request counters ([`Block::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Reads completed successfully.
+    pub reads: u64,
+    /// Writes completed successfully.
+    pub writes: u64,
+    /// Flushes completed successfully.
+    pub flushes: u64,
+    /// Discard requests completed successfully.
+    pub discards: u64,
+    /// Write-zeroes requests completed successfully.
+    pub write_zeroes: u64,
+    /// Bytes read by successful reads.
+    pub bytes_read: u64,
+    /// Bytes written by successful writes.
+    pub bytes_written: u64,
+    /// Requests that completed with an error or were refused (any status but OK).
+    pub errors: u64,
 }
 
 impl Block {
@@ -437,6 +472,53 @@ impl Block {
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),
             queue_sizes: vec![QUEUE_SIZE],
+            counters: Counters::default(),
+        }
+    }
+
+    /// The request counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            reads: get(&c.reads),
+            writes: get(&c.writes),
+            flushes: get(&c.flushes),
+            discards: get(&c.discards),
+            write_zeroes: get(&c.write_zeroes),
+            bytes_read: get(&c.bytes_read),
+            bytes_written: get(&c.bytes_written),
+            errors: get(&c.errors),
+        }
+    }
+
+    /// Whether the device is read-only.
+    pub fn read_only(&self) -> bool {
+        self.caps.read_only
+    }
+
+    fn count(&self, action: &Action, status: u8) {
+        let c = &self.counters;
+        let add = |a: &AtomicU64, n: u64| {
+            a.fetch_add(n, Ordering::Relaxed);
+        };
+        if status != S_OK {
+            add(&c.errors, 1);
+            return;
+        }
+        match action {
+            Action::Read { segs, .. } => {
+                add(&c.reads, 1);
+                add(&c.bytes_read, total(segs));
+            }
+            Action::Write { segs, .. } => {
+                add(&c.writes, 1);
+                add(&c.bytes_written, total(segs));
+            }
+            Action::Flush => add(&c.flushes, 1),
+            Action::Discard { .. } => add(&c.discards, 1),
+            Action::WriteZeroes { .. } => add(&c.write_zeroes, 1),
+            Action::GetId { .. } | Action::Status(_) => {}
         }
     }
 
@@ -585,6 +667,7 @@ impl Block {
             | Action::WriteZeroes { .. } => (S_OK, 0),
             Action::Status(s) => (*s, 0),
         };
+        self.count(&p.action, status);
         if mem.write_obj(status, status_at).is_err() {
             return 0;
         }

@@ -36,3 +36,31 @@ pub trait VirtioDevice: Send + Sync {
     /// asked for an interrupt at this point).
     fn process_queue(&self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
 }
+
+/// A shared device serves as the device itself (the VMM keeps a handle for its control plane).
+impl<T: VirtioDevice + ?Sized> VirtioDevice for std::sync::Arc<T> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        (**self).queue_max_sizes()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&self, driver_features: u64, offset: u64, data: &[u8]) {
+        (**self).write_config(driver_features, offset, data)
+    }
+    fn activate(&self, features: u64) {
+        (**self).activate(features)
+    }
+    fn reset(&self) {
+        (**self).reset()
+    }
+    fn process_queue(&self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        (**self).process_queue(index, queue, mem)
+    }
+}

@@ -1,0 +1,359 @@
+//! Run-time control of a VM: disk resize, pause and resume, per-disk statistics, over a Unix
+//! socket (`--api-socket PATH`) in the spirit of Firecracker's API.
+//!
+//! The protocol is one JSON object per line each way. Requests:
+//! - `{"op":"resize","disk":0,"size":N}`: resizes disk 0 to N bytes (the stack must support
+//!   online resize, as VHDX does); the guest gets a configuration-change interrupt and reads the
+//!   new capacity.
+//! - `{"op":"stats"}`: per-disk capacity and request counters.
+//! - `{"op":"pause"}` / `{"op":"resume"}`: stops the vCPU at its next exit (it is kicked out of
+//!   `KVM_RUN` with a signal) and lets it go on.
+//!
+//! Every answer has `"ok": true` or `"ok": false, "error": "..."`.
+//!
+//! [`Control`] is the part shared between the API threads and the vCPU thread: work that must
+//! touch the virtio transport (a configuration-change interrupt) is left for the vCPU thread,
+//! which does it before it re-enters the guest.
+
+use crate::virtio::block::Block;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+/// A disk as the control plane sees it.
+pub struct DiskControl {
+    /// The device model (capacity, statistics, the stack under it).
+    pub block: Arc<Block>,
+    /// The disk's capacity changed and the driver has not been told yet.
+    config_pending: AtomicBool,
+}
+
+#[derive(Default)]
+struct RunState {
+    /// The vCPU thread while it runs the guest (the target of kicks).
+    vcpu: Option<libc::pthread_t>,
+    pause_requested: bool,
+    paused: bool,
+}
+
+/// What the API and the vCPU thread share.
+pub struct Control {
+    disks: Vec<DiskControl>,
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+/// The signal that kicks the vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Control {
+    /// The control of a VM with these disks (in `--disk` order).
+    pub fn new(blocks: Vec<Arc<Block>>) -> Arc<Control> {
+        let control = Arc::new(Control {
+            disks: blocks
+                .into_iter()
+                .map(|block| DiskControl {
+                    block,
+                    config_pending: AtomicBool::new(false),
+                })
+                .collect(),
+            state: Mutex::new(RunState::default()),
+            changed: Condvar::new(),
+        });
+        // Follow capacity changes of stacks that announce them (a resize through the API, or by
+        // anything else holding the stack).
+        for (i, d) in control.disks.iter().enumerate() {
+            if let Some(signal) = d.block.disk().capacity_signal() {
+                let weak = Arc::downgrade(&control);
+                signal.subscribe(move |capacity| {
+                    if let Some(control) = weak.upgrade() {
+                        control.capacity_changed(i, capacity);
+                    }
+                });
+            }
+        }
+        control
+    }
+
+    /// The disks.
+    pub fn disks(&self) -> &[DiskControl] {
+        &self.disks
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new capacity of disk `i`; the vCPU thread tells the driver.
+    pub fn capacity_changed(&self, i: usize, capacity: u64) {
+        let Some(d) = self.disks.get(i) else { return };
+        d.block.set_capacity(capacity);
+        d.config_pending.store(true, Ordering::Release);
+        self.kick(&self.lock());
+    }
+
+    /// Sends the kick signal to the vCPU thread, if it runs the guest.
+    fn kick(&self, state: &RunState) {
+        if let Some(thread) = state.vcpu {
+            // SAFETY: `thread` is the vCPU thread, which clears `vcpu` under the same lock before
+            // it stops running the guest, so it is alive; its handler for the signal
+            // (installed by `enter`) does nothing, which is what makes KVM_RUN return EINTR.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Called by the vCPU thread before it first runs the guest: installs the kick handler and
+    /// records the thread.
+    pub fn enter(&self) -> Result<(), crate::Error> {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| crate::Error::Kvm(format!("installing the vCPU kick handler: {e}")))?;
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.lock().vcpu = Some(me);
+        Ok(())
+    }
+
+    /// Called by the vCPU thread when it stops running the guest.
+    pub fn leave(&self) {
+        let mut s = self.lock();
+        s.vcpu = None;
+        s.paused = false;
+        self.changed.notify_all();
+    }
+
+    /// Called by the vCPU thread between exits: returns the disks whose configuration changed
+    /// (the caller raises their configuration interrupts), after waiting out a pause.
+    pub fn service(&self) -> Vec<usize> {
+        let mut s = self.lock();
+        if s.pause_requested {
+            s.paused = true;
+            self.changed.notify_all();
+            while s.pause_requested {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.paused = false;
+            self.changed.notify_all();
+        }
+        drop(s);
+        self.disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.config_pending.swap(false, Ordering::AcqRel))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Pauses the vCPU; returns once it has stopped (or is not running).
+    pub fn pause(&self) {
+        let mut s = self.lock();
+        s.pause_requested = true;
+        // Kick until the vCPU notices: a kick that lands just before it enters KVM_RUN is lost.
+        while !s.paused && s.vcpu.is_some() {
+            self.kick(&s);
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets a paused vCPU go on.
+    pub fn resume(&self) {
+        let mut s = self.lock();
+        s.pause_requested = false;
+        self.changed.notify_all();
+    }
+
+    /// Whether the vCPU is paused.
+    pub fn paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Resizes disk `i` to `size` bytes and tells the guest.
+    pub fn resize(&self, i: usize, size: u64) -> Result<(), String> {
+        let d = self
+            .disks
+            .get(i)
+            .ok_or_else(|| format!("there is no disk {i} ({} disks)", self.disks.len()))?;
+        d.block.disk().resize(size).map_err(|e| e.to_string())?;
+        if d.block.disk().capacity_signal().is_none() {
+            // A stack that does not announce changes: tell the guest ourselves.
+            self.capacity_changed(i, d.block.disk().info().capacity);
+        }
+        Ok(())
+    }
+
+    /// Per-disk statistics.
+    pub fn stats(&self) -> Value {
+        let disks: Vec<Value> = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let s = d.block.stats();
+                json!({
+                    "disk": i,
+                    "describe": d.block.disk().describe(),
+                    "capacity": d.block.capacity(),
+                    "read_only": d.block.read_only(),
+                    "reads": s.reads,
+                    "writes": s.writes,
+                    "flushes": s.flushes,
+                    "discards": s.discards,
+                    "write_zeroes": s.write_zeroes,
+                    "bytes_read": s.bytes_read,
+                    "bytes_written": s.bytes_written,
+                    "errors": s.errors,
+                })
+            })
+            .collect();
+        json!({ "paused": self.paused(), "disks": disks })
+    }
+
+    /// Answers one request line.
+    pub fn handle(&self, line: &str) -> Value {
+        match self.dispatch(line) {
+            Ok(Value::Null) => json!({ "ok": true }),
+            Ok(Value::Object(mut m)) => {
+                m.insert("ok".into(), Value::Bool(true));
+                Value::Object(m)
+            }
+            Ok(other) => json!({ "ok": true, "result": other }),
+            Err(e) => json!({ "ok": false, "error": e }),
+        }
+    }
+
+    fn dispatch(&self, line: &str) -> Result<Value, String> {
+        let req: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        let op = req
+            .get("op")
+            .and_then(Value::as_str)
+            .ok_or("the request has no \"op\"")?;
+        let uint = |name: &str| {
+            req.get(name)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| format!("\"{op}\" needs \"{name}\" (a non-negative integer)"))
+        };
+        match op {
+            "resize" => {
+                let disk = usize::try_from(uint("disk")?).map_err(|e| e.to_string())?;
+                self.resize(disk, uint("size")?)?;
+                Ok(Value::Null)
+            }
+            "stats" => Ok(self.stats()),
+            "pause" => {
+                self.pause();
+                Ok(Value::Null)
+            }
+            "resume" => {
+                self.resume();
+                Ok(Value::Null)
+            }
+            _ => Err(format!(
+                "unknown op \"{op}\" (known: resize, stats, pause, resume)"
+            )),
+        }
+    }
+}
+
+/// Serves the API on a Unix socket at `path` (replacing a stale socket file) from a background
+/// thread, one thread per connection. The API threads hold the VM's control weakly, so the disks
+/// close when the VM ends even while a client stays connected.
+pub fn serve(control: Arc<Control>, path: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket()
+    }) {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    let control = Arc::downgrade(&control);
+    std::thread::Builder::new()
+        .name("vmm-api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let control = control.clone();
+                let _ = std::thread::Builder::new()
+                    .name("vmm-api-conn".into())
+                    .spawn(move || connection(&control, stream));
+            }
+        })?;
+    Ok(())
+}
+
+fn connection(control: &Weak<Control>, stream: UnixStream) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = match control.upgrade() {
+            Some(control) => control.handle(&line),
+            None => json!({ "ok": false, "error": "the VM has ended" }),
+        };
+        if writeln!(out, "{answer}").is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstor_core::MemoryDevice;
+
+    fn control() -> Arc<Control> {
+        let disk = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        Control::new(vec![Arc::new(Block::new(disk, false, "t"))])
+    }
+
+    #[test]
+    fn bad_requests_get_errors() {
+        let c = control();
+        for (line, want) in [
+            ("nonsense", "not JSON"),
+            ("{}", "no \"op\""),
+            ("{\"op\":\"fly\"}", "unknown op"),
+            ("{\"op\":\"resize\",\"disk\":0}", "needs \"size\""),
+            ("{\"op\":\"resize\",\"disk\":3,\"size\":4096}", "no disk 3"),
+        ] {
+            let a = c.handle(line);
+            assert_eq!(a["ok"], false, "{line}: {a}");
+            assert!(a["error"].as_str().unwrap().contains(want), "{line}: {a}");
+        }
+    }
+
+    #[test]
+    fn stats_and_pause_without_a_vcpu() {
+        let c = control();
+        let a = c.handle("{\"op\":\"stats\"}");
+        assert_eq!(a["ok"], true);
+        assert_eq!(a["disks"][0]["capacity"], 1 << 20);
+        assert_eq!(a["disks"][0]["reads"], 0);
+        // No vCPU runs: pause returns at once and resume clears it.
+        assert_eq!(c.handle("{\"op\":\"pause\"}")["ok"], true);
+        assert_eq!(c.handle("{\"op\":\"resume\"}")["ok"], true);
+        assert!(!c.paused());
+    }
+
+    #[test]
+    fn a_capacity_change_is_pending_until_served() {
+        let c = control();
+        c.capacity_changed(0, 2 << 20);
+        assert_eq!(c.disks()[0].block.capacity(), 2 << 20);
+        assert_eq!(c.service(), vec![0]);
+        assert!(c.service().is_empty());
+    }
+}

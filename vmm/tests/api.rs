@@ -1,0 +1,227 @@
+//! The VMM's API socket, end to end: a host thread resizes a dynamic VHDX through
+//! `--api-socket` while the test guest waits for the capacity change; the guest sees the
+//! configuration-change interrupt and the new capacity and writes the new area, which the host
+//! then reads with `vstor disk read`. Statistics, pause and resume go through the same socket.
+//!
+//! These tests need a usable /dev/kvm. Where there is none they skip, printing why.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The pattern byte at disk offset `off` for `seed` (vmm/guest/src/workload.rs).
+fn pattern_byte(off: u64, seed: u8) -> u8 {
+    ((off >> 9) as u8).wrapping_mul(37) ^ (off as u8) ^ 0xa5 ^ seed
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    match vstor_vmm::kvm_usable() {
+        Ok(()) => true,
+        Err(e) => {
+            println!("SKIPPED {test}: /dev/kvm cannot run a VM here ({e})");
+            false
+        }
+    }
+}
+
+fn vstor_bin() -> PathBuf {
+    let vstor = Path::new(env!("CARGO_BIN_EXE_vstor-vmm")).with_file_name("vstor");
+    assert!(
+        vstor.exists(),
+        "{} is missing: build it first (cargo build -p vstor --bin vstor)",
+        vstor.display()
+    );
+    vstor
+}
+
+fn vstor(args: &[&str]) -> String {
+    let o = Command::new(vstor_bin())
+        .args(args)
+        .output()
+        .expect("run vstor");
+    assert!(
+        o.status.success(),
+        "vstor {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A running VMM whose stdout lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vstor-vmm"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start vstor-vmm");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits for a stdout line containing `what`.
+    fn wait_for(&mut self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.seen.push_str(&line);
+                self.seen.push('\n');
+                if line.contains(what) {
+                    return;
+                }
+            }
+        }
+        let _ = self.child.kill();
+        panic!("the VMM never printed {what:?}; it printed:\n{}", self.seen);
+    }
+
+    /// Waits for the VMM to exit; returns its exit code and all of its stdout.
+    fn finish(mut self) -> (i32, String) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for vstor-vmm") {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                }
+                print!("{}", self.seen);
+                return (status.code().unwrap_or(-1), self.seen);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the VMM hung; it printed:\n{}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// An API connection.
+struct Api {
+    out: UnixStream,
+    answers: BufReader<UnixStream>,
+}
+
+impl Api {
+    fn connect(path: &Path) -> Api {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => {
+                    return Api {
+                        out: s.try_clone().unwrap(),
+                        answers: BufReader::new(s),
+                    }
+                }
+                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn call(&mut self, request: &str) -> Value {
+        writeln!(self.out, "{request}").unwrap();
+        let mut line = String::new();
+        self.answers.read_line(&mut line).unwrap();
+        println!("api: {request} -> {}", line.trim_end());
+        serde_json::from_str(&line).expect("the answer is JSON")
+    }
+}
+
+const OLD_SIZE: u64 = 64 << 20;
+const NEW_SIZE: u64 = 96 << 20;
+
+#[test]
+fn a_resize_through_the_api_is_seen_by_the_guest() {
+    if !kvm_or_skip("a_resize_through_the_api_is_seen_by_the_guest") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.vhdx");
+    let sock = dir.path().join("api.sock");
+    let disk_s = disk.to_str().unwrap();
+    vstor(&["disk", "create", disk_s, "--size", &OLD_SIZE.to_string()]);
+    let mut vm = Running::start(&[
+        "--disk",
+        disk_s,
+        "--memory",
+        "64M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--test-guest",
+        "capacity 7",
+    ]);
+    vm.wait_for("waiting for a capacity change");
+    let mut api = Api::connect(&sock);
+    // Errors are answers, not a dead VMM.
+    let bad = api.call(r#"{"op":"resize","disk":4,"size":1}"#);
+    assert_eq!(bad["ok"], false, "{bad}");
+    let stats = api.call(r#"{"op":"stats"}"#);
+    assert_eq!(stats["ok"], true, "{stats}");
+    assert_eq!(stats["disks"][0]["capacity"], OLD_SIZE, "{stats}");
+    // Pause: the vCPU stops while the guest polls; resume lets it go on.
+    let paused = api.call(r#"{"op":"pause"}"#);
+    assert_eq!(paused["ok"], true, "{paused}");
+    assert_eq!(api.call(r#"{"op":"stats"}"#)["paused"], true);
+    assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
+    let resized = api.call(&format!(r#"{{"op":"resize","disk":0,"size":{NEW_SIZE}}}"#));
+    assert_eq!(resized["ok"], true, "{resized}");
+    let (code, out) = vm.finish();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "capacity changed: {} -> {} sectors (configuration interrupt: yes",
+            OLD_SIZE / 512,
+            NEW_SIZE / 512
+        )),
+        "{out}"
+    );
+    assert!(out.contains("vstor-test-guest: PASS"), "{out}");
+    // The host sees the new size and what the guest wrote past the old end.
+    let info = vstor(&["disk", "info", disk_s]);
+    println!("{info}");
+    for (off, len) in [(OLD_SIZE, 64 << 10), (NEW_SIZE - 8192, 8192)] {
+        let o = dir.path().join("read.bin");
+        let _ = std::fs::remove_file(&o);
+        vstor(&[
+            "disk",
+            "read",
+            disk_s,
+            "--offset",
+            &off.to_string(),
+            "--length",
+            &len.to_string(),
+            "--output",
+            o.to_str().unwrap(),
+        ]);
+        let got = std::fs::read(&o).unwrap();
+        assert_eq!(got.len() as u64, len);
+        for (i, &b) in got.iter().enumerate() {
+            let at = off + i as u64;
+            assert_eq!(b, pattern_byte(at, 7), "byte at {at:#x}");
+        }
+    }
+}
