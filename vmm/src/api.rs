@@ -5,7 +5,10 @@
 //! - `{"op":"resize","disk":0,"size":N}`: resizes disk 0 to N bytes (the stack must support
 //!   online resize, as VHDX does); the guest gets a configuration-change interrupt and reads the
 //!   new capacity.
-//! - `{"op":"stats"}`: per-disk capacity and request counters.
+//! - `{"op":"set-qos","disk":0,"max-iops":N,"min-iops":M}`: changes the QoS limits of a disk
+//!   started with `max-iops=`/`min-iops=` (either may be left out; 0 removes a limit); requests
+//!   already waiting follow the new limits at once.
+//! - `{"op":"stats"}`: per-disk capacity, request counters and QoS flow counters.
 //! - `{"op":"pause"}` / `{"op":"resume"}`: stops the vCPU at its next exit (it is kicked out of
 //!   `KVM_RUN` with a signal) and lets it go on.
 //!
@@ -23,11 +26,24 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
+use vstor::qos::{FlowId, PolicyId, Qos};
+
+/// The storage QoS of a disk started with `max-iops=` or `min-iops=`.
+pub struct DiskQos {
+    /// The VM's scheduler.
+    pub qos: Arc<Qos>,
+    /// The disk's dedicated policy.
+    pub policy: PolicyId,
+    /// The disk's flow.
+    pub flow: FlowId,
+}
 
 /// A disk as the control plane sees it.
 pub struct DiskControl {
     /// The device model (capacity, statistics, the stack under it).
     pub block: Arc<Block>,
+    /// Its QoS, if it has any.
+    pub qos: Option<DiskQos>,
     /// The disk's capacity changed and the driver has not been told yet.
     config_pending: AtomicBool,
 }
@@ -55,13 +71,14 @@ fn kick_signal() -> libc::c_int {
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 impl Control {
-    /// The control of a VM with these disks (in `--disk` order).
-    pub fn new(blocks: Vec<Arc<Block>>) -> Arc<Control> {
+    /// The control of a VM with these disks (in `--disk` order) and their QoS.
+    pub fn new(disks: Vec<(Arc<Block>, Option<DiskQos>)>) -> Arc<Control> {
         let control = Arc::new(Control {
-            disks: blocks
+            disks: disks
                 .into_iter()
-                .map(|block| DiskControl {
+                .map(|(block, qos)| DiskControl {
                     block,
+                    qos,
                     config_pending: AtomicBool::new(false),
                 })
                 .collect(),
@@ -180,16 +197,44 @@ impl Control {
 
     /// Resizes disk `i` to `size` bytes and tells the guest.
     pub fn resize(&self, i: usize, size: u64) -> Result<(), String> {
-        let d = self
-            .disks
-            .get(i)
-            .ok_or_else(|| format!("there is no disk {i} ({} disks)", self.disks.len()))?;
+        let d = self.disk(i)?;
         d.block.disk().resize(size).map_err(|e| e.to_string())?;
         if d.block.disk().capacity_signal().is_none() {
             // A stack that does not announce changes: tell the guest ourselves.
             self.capacity_changed(i, d.block.disk().info().capacity);
         }
         Ok(())
+    }
+
+    /// Changes disk `i`'s QoS limits (a limit left out keeps its value; 0 removes it).
+    pub fn set_qos(
+        &self,
+        i: usize,
+        max_iops: Option<u64>,
+        min_iops: Option<u64>,
+    ) -> Result<(), String> {
+        let d = self.disk(i)?;
+        let q = d.qos.as_ref().ok_or_else(|| {
+            format!("disk {i} has no QoS (give it max-iops= or min-iops= on --disk)")
+        })?;
+        let mut limits = q.qos.limits(q.policy).map_err(|e| e.to_string())?;
+        limits.max_iops = max_iops.unwrap_or(limits.max_iops);
+        limits.min_iops = min_iops.unwrap_or(limits.min_iops);
+        if limits.max_iops != 0 && limits.min_iops > limits.max_iops {
+            return Err(format!(
+                "min-iops {} is above max-iops {}",
+                limits.min_iops, limits.max_iops
+            ));
+        }
+        q.qos
+            .set_limits(q.policy, limits)
+            .map_err(|e| e.to_string())
+    }
+
+    fn disk(&self, i: usize) -> Result<&DiskControl, String> {
+        self.disks
+            .get(i)
+            .ok_or_else(|| format!("there is no disk {i} ({} disks)", self.disks.len()))
     }
 
     /// Per-disk statistics.
@@ -200,7 +245,23 @@ impl Control {
             .enumerate()
             .map(|(i, d)| {
                 let s = d.block.stats();
+                let qos = d
+                    .qos
+                    .as_ref()
+                    .and_then(|q| q.qos.flow_stats(q.flow).ok())
+                    .map(|f| {
+                        json!({
+                            "max_iops": f.limits.max_iops,
+                            "min_iops": f.limits.min_iops,
+                            "requests": f.requests,
+                            "units": f.units,
+                            "queued": f.queued,
+                            "in_flight": f.in_flight,
+                            "status": format!("{:?}", f.status),
+                        })
+                    });
                 json!({
+                    "qos": qos,
                     "disk": i,
                     "describe": d.block.disk().describe(),
                     "capacity": d.block.capacity(),
@@ -249,6 +310,22 @@ impl Control {
                 self.resize(disk, uint("size")?)?;
                 Ok(Value::Null)
             }
+            "set-qos" => {
+                let disk = usize::try_from(uint("disk")?).map_err(|e| e.to_string())?;
+                let opt = |name: &str| match req.get(name) {
+                    None => Ok(None),
+                    Some(v) => v
+                        .as_u64()
+                        .map(Some)
+                        .ok_or_else(|| format!("\"{name}\" must be a non-negative integer")),
+                };
+                let (max, min) = (opt("max-iops")?, opt("min-iops")?);
+                if max.is_none() && min.is_none() {
+                    return Err("\"set-qos\" needs \"max-iops\" or \"min-iops\"".into());
+                }
+                self.set_qos(disk, max, min)?;
+                Ok(Value::Null)
+            }
             "stats" => Ok(self.stats()),
             "pause" => {
                 self.pause();
@@ -259,7 +336,7 @@ impl Control {
                 Ok(Value::Null)
             }
             _ => Err(format!(
-                "unknown op \"{op}\" (known: resize, stats, pause, resume)"
+                "unknown op \"{op}\" (known: resize, set-qos, stats, pause, resume)"
             )),
         }
     }
@@ -316,7 +393,7 @@ mod tests {
 
     fn control() -> Arc<Control> {
         let disk = Arc::new(MemoryDevice::new(1 << 20).unwrap());
-        Control::new(vec![Arc::new(Block::new(disk, false, "t"))])
+        Control::new(vec![(Arc::new(Block::new(disk, false, "t")), None)])
     }
 
     #[test]
@@ -328,6 +405,11 @@ mod tests {
             ("{\"op\":\"fly\"}", "unknown op"),
             ("{\"op\":\"resize\",\"disk\":0}", "needs \"size\""),
             ("{\"op\":\"resize\",\"disk\":3,\"size\":4096}", "no disk 3"),
+            ("{\"op\":\"set-qos\",\"disk\":0}", "needs \"max-iops\""),
+            (
+                "{\"op\":\"set-qos\",\"disk\":0,\"max-iops\":5}",
+                "has no QoS",
+            ),
         ] {
             let a = c.handle(line);
             assert_eq!(a["ok"], false, "{line}: {a}");
@@ -346,6 +428,38 @@ mod tests {
         assert_eq!(c.handle("{\"op\":\"pause\"}")["ok"], true);
         assert_eq!(c.handle("{\"op\":\"resume\"}")["ok"], true);
         assert!(!c.paused());
+    }
+
+    #[test]
+    fn set_qos_changes_the_limits() {
+        let disk = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let qos = Qos::new(vstor::qos::QosConfig::default());
+        let policy = qos
+            .add_policy(
+                "d",
+                vstor::qos::PolicyKind::Dedicated,
+                vstor::qos::Limits::max(10),
+            )
+            .unwrap();
+        let flow = qos.add_flow("d", Some(policy), 0).unwrap();
+        let dev = Arc::new(vstor::qos::QosDevice::new(qos.clone(), flow, disk).unwrap());
+        let c = Control::new(vec![(
+            Arc::new(Block::new(dev, false, "q")),
+            Some(DiskQos { qos, policy, flow }),
+        )]);
+        assert_eq!(c.stats()["disks"][0]["qos"]["max_iops"], 10);
+        let a = c.handle("{\"op\":\"set-qos\",\"disk\":0,\"max-iops\":500,\"min-iops\":20}");
+        assert_eq!(a["ok"], true, "{a}");
+        let q = &c.stats()["disks"][0]["qos"];
+        assert_eq!(
+            (q["max_iops"].as_u64(), q["min_iops"].as_u64()),
+            (Some(500), Some(20))
+        );
+        let a = c.handle("{\"op\":\"set-qos\",\"disk\":0,\"min-iops\":900}");
+        assert!(
+            a["error"].as_str().unwrap().contains("above max-iops"),
+            "{a}"
+        );
     }
 
     #[test]

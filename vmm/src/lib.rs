@@ -17,11 +17,13 @@
 //! - [`api`]: the control plane and its Unix-socket API (`--api-socket`): resize a disk (the
 //!   VMM follows the stack's capacity signal, so the guest gets a configuration-change interrupt
 //!   and the new capacity; the `capacity` workload waits for it), per-disk statistics, pause and
-//!   resume (the vCPU is kicked out of KVM_RUN with a signal).
+//!   resume (the vCPU is kicked out of KVM_RUN with a signal), QoS limits changed at run time.
+//! - Storage QoS per disk: `max-iops=N`/`min-iops=N` on `--disk` ([`DiskConfig::parse`]) serve
+//!   the disk through vstor-qos (one scheduler per VM, a dedicated policy per disk).
 //!
 //! Not yet: more than one vCPU, multi-queue and I/O threads, ioeventfd/irqfd for the disks
-//! (queues are served on the vCPU thread at the MMIO exit of a notification), QoS options on
-//! `--disk` and QoS changes through the API, the cargo-fuzz target of the device model, Linux boot (linux-loader bzImage, ACPI
+//! (queues are served on the vCPU thread at the MMIO exit of a notification, so a disk held
+//! back by its QoS cap holds the vCPU too), the cargo-fuzz target of the device model, Linux boot (linux-loader bzImage, ACPI
 //! tables).
 #![deny(missing_docs)]
 

@@ -16,8 +16,14 @@ use vstor_vmm::{DiskConfig, Vm, VmConfig};
 )]
 struct Cli {
     /// A disk: any vstor target (disk.raw, disk.vhdx, raw:PATH, pool:DIR/NAME) with options
-    /// after commas, e.g. readonly=on. Repeat for more disks; the test guest uses the first.
-    #[arg(long, value_name = "TARGET[,readonly=on]", required = true)]
+    /// after commas, e.g. readonly=on; max-iops=N and min-iops=N serve it through storage QoS
+    /// (IOPS in 8 KiB units: a 64 KiB request costs 8). Repeat for more disks; the test guest
+    /// uses the first.
+    #[arg(
+        long,
+        value_name = "TARGET[,readonly=on][,max-iops=N][,min-iops=N]",
+        required = true
+    )]
     disk: Vec<String>,
     /// Guest RAM (a multiple of 2 MiB, 32M to 3G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
@@ -30,7 +36,8 @@ struct Cli {
     #[arg(long, value_name = "WORKLOAD", num_args = 0..=1, default_missing_value = "pattern", required = true)]
     test_guest: Option<String>,
     /// Serve the API (one JSON object per line: {"op":"resize","disk":0,"size":N},
-    /// {"op":"stats"}, {"op":"pause"}, {"op":"resume"}) on a Unix socket at this path.
+    /// {"op":"set-qos","disk":0,"max-iops":N,"min-iops":M}, {"op":"stats"}, {"op":"pause"},
+    /// {"op":"resume"}) on a Unix socket at this path.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<std::path::PathBuf>,
 }
@@ -41,15 +48,22 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let disks = match cli
+        .disk
+        .iter()
+        .map(|d| DiskConfig::parse(d))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(disks) => disks,
+        Err(e) => {
+            eprintln!("vstor-vmm: error: {e}");
+            return ExitCode::from(125);
+        }
+    };
     let config = VmConfig {
         memory: cli.memory,
         vcpus: cli.vcpus,
-        disks: cli
-            .disk
-            .iter()
-            .cloned()
-            .map(|target| DiskConfig { target })
-            .collect(),
+        disks,
         workload: cli.test_guest.clone().unwrap_or_else(|| "pattern".into()),
     };
     let result = Vm::new(&config).and_then(|mut vm| {

@@ -1,7 +1,7 @@
 //! The VM: guest memory, one vCPU in long mode, the serial console, a virtio-blk device per disk,
 //! and the run loop that dispatches port I/O and MMIO exits.
 
-use crate::api::Control;
+use crate::api::{Control, DiskQos};
 use crate::boot;
 use crate::layout::*;
 use crate::serial::SerialPort;
@@ -14,15 +14,60 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
+use vstor::qos::{Limits, PolicyKind, Qos, QosConfig, QosDevice};
 
 /// The test guest's ELF image, built from vmm/guest by build.rs.
 pub static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vstor-test-guest.elf"));
 
 /// A disk of the VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DiskConfig {
     /// A vstor target string (`disk.raw`, `disk.vhdx,readonly=on`, `pool:DIR/NAME`, ...).
     pub target: String,
+    /// Storage QoS maximum in IOPS (8 KiB units; 0: none). With either limit set the disk is
+    /// served through vstor-qos, and the API can change the limits.
+    pub max_iops: u64,
+    /// Storage QoS minimum (reservation) in IOPS (8 KiB units; 0: none).
+    pub min_iops: u64,
+}
+
+impl DiskConfig {
+    /// Parses `TARGET[,OPTION...]`: `max-iops=N` and `min-iops=N` are the VMM's; every other
+    /// option stays with the target string.
+    pub fn parse(s: &str) -> Result<DiskConfig, Error> {
+        let mut config = DiskConfig::default();
+        let mut kept = Vec::new();
+        for (i, part) in s.split(',').enumerate() {
+            let qos = match part.split_once('=') {
+                Some(("max-iops", v)) if i > 0 => Some((&mut config.max_iops, v)),
+                Some(("min-iops", v)) if i > 0 => Some((&mut config.min_iops, v)),
+                _ => None,
+            };
+            match qos {
+                Some((field, v)) => {
+                    *field = v.parse().map_err(|_| {
+                        Error::Config(format!("--disk {s}: '{part}' is not a whole number"))
+                    })?;
+                }
+                None => kept.push(part),
+            }
+        }
+        config.target = kept.join(",");
+        if config.target.is_empty() {
+            return Err(Error::Config(format!("--disk {s}: no target")));
+        }
+        if config.max_iops != 0 && config.min_iops > config.max_iops {
+            return Err(Error::Config(format!(
+                "--disk {s}: min-iops is above max-iops"
+            )));
+        }
+        Ok(config)
+    }
+
+    /// Whether the disk is served through vstor-qos.
+    pub fn has_qos(&self) -> bool {
+        self.max_iops != 0 || self.min_iops != 0
+    }
 }
 
 /// What to run.
@@ -125,6 +170,10 @@ impl Vm {
         let mut notes = Vec::new();
         // Disks first: a target that does not open needs no VM to be reported.
         let mut blocks = Vec::new();
+        let mut qos_handles = Vec::new();
+        // One scheduler for all the VM's disks with QoS, like a host's: each disk a flow with
+        // its own (dedicated) policy.
+        let mut scheduler: Option<Arc<Qos>> = None;
         for (i, d) in config.disks.iter().enumerate() {
             let opened = vstor::open_target(&d.target, &vstor::TargetOptions::default()).map_err(
                 |source| Error::Disk {
@@ -134,11 +183,28 @@ impl Vm {
             )?;
             notes.extend(opened.notes.iter().map(|n| format!("{}: {n}", d.target)));
             let read_only = opened.device.info().read_only;
-            blocks.push(Arc::new(Block::new(
-                opened.device,
-                read_only,
-                &format!("vstor{i}"),
-            )));
+            let name = format!("vstor{i}");
+            let (device, handle): (Arc<dyn vstor_core::BlockDevice>, _) = if d.has_qos() {
+                let qos = scheduler
+                    .get_or_insert_with(|| Qos::new(QosConfig::default()))
+                    .clone();
+                let qos_err = |e: vstor::qos::Error| Error::Config(format!("{}: {e}", d.target));
+                let limits = Limits {
+                    max_iops: d.max_iops,
+                    min_iops: d.min_iops,
+                    ..Default::default()
+                };
+                let policy = qos
+                    .add_policy(&name, PolicyKind::Dedicated, limits)
+                    .map_err(qos_err)?;
+                let flow = qos.add_flow(&name, Some(policy), 0).map_err(qos_err)?;
+                let device = QosDevice::new(qos.clone(), flow, opened.device).map_err(qos_err)?;
+                (Arc::new(device), Some(DiskQos { qos, policy, flow }))
+            } else {
+                (opened.device, None)
+            };
+            qos_handles.push(handle);
+            blocks.push(Arc::new(Block::new(device, read_only, &name)));
         }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
@@ -184,7 +250,7 @@ impl Vm {
         }
         let serial = SerialPort::new(serial_evt);
 
-        let control = Control::new(blocks.clone());
+        let control = Control::new(blocks.iter().cloned().zip(qos_handles).collect());
         let mut disks = Vec::new();
         for (i, block) in blocks.into_iter().enumerate() {
             let irq = KvmIrq {
@@ -330,6 +396,25 @@ impl Vm {
                     )));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiskConfig;
+
+    #[test]
+    fn disk_options_split_between_the_vmm_and_the_target() {
+        let d = DiskConfig::parse("d.vhdx,readonly=on,max-iops=500,min-iops=100").unwrap();
+        assert_eq!(d.target, "d.vhdx,readonly=on");
+        assert_eq!((d.max_iops, d.min_iops), (500, 100));
+        assert!(d.has_qos());
+        let plain = DiskConfig::parse("d.raw").unwrap();
+        assert_eq!(plain.target, "d.raw");
+        assert!(!plain.has_qos());
+        for bad in ["d.raw,max-iops=x", "d.raw,max-iops=10,min-iops=20", ""] {
+            assert!(DiskConfig::parse(bad).is_err(), "{bad}");
         }
     }
 }

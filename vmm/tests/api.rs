@@ -225,3 +225,86 @@ fn a_resize_through_the_api_is_seen_by_the_guest() {
         }
     }
 }
+
+/// Storage units the `pattern` workload costs (8 KiB units: writes and reads of 64 KiB, 16 KiB
+/// and 8 KiB; flushes and GET_ID cost nothing, the read past the end never reaches the disk).
+const PATTERN_UNITS: u64 = 2 * (8 + 2 + 1);
+
+fn raw_disk(dir: &Path) -> String {
+    let disk = dir.join("disk.raw");
+    let s = disk.to_str().unwrap().to_string();
+    vstor(&["disk", "create", &s, "--size", &(64u64 << 20).to_string()]);
+    s
+}
+
+#[test]
+fn a_capped_disk_takes_the_time_its_cap_implies() {
+    if !kvm_or_skip("a_capped_disk_takes_the_time_its_cap_implies") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let max_iops = 10;
+    let started = Instant::now();
+    let vm = Running::start(&[
+        "--disk",
+        &format!("{disk},max-iops={max_iops}"),
+        "--memory",
+        "64M",
+        "--test-guest",
+        "pattern",
+    ]);
+    let (code, out) = vm.finish();
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{out}");
+    // The first unit may go at once (the burst allowance); the rest at the cap.
+    let floor = Duration::from_secs_f64((PATTERN_UNITS - 1) as f64 / max_iops as f64);
+    println!("pattern at max-iops={max_iops}: {took:?} (the cap implies at least {floor:?})");
+    assert!(took >= floor, "{took:?} < {floor:?}");
+}
+
+#[test]
+fn set_qos_through_the_api_lifts_a_cap_at_run_time() {
+    if !kvm_or_skip("set_qos_through_the_api_lifts_a_cap_at_run_time") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let sock = dir.path().join("api.sock");
+    // At 1 IOPS the pattern would take PATTERN_UNITS seconds.
+    let started = Instant::now();
+    let mut vm = Running::start(&[
+        "--disk",
+        &format!("{disk},max-iops=1"),
+        "--memory",
+        "64M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--test-guest",
+        "pattern",
+    ]);
+    vm.wait_for("virtio-blk:");
+    let mut api = Api::connect(&sock);
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = api.call(r#"{"op":"stats"}"#);
+    let qos = &before["disks"][0]["qos"];
+    assert_eq!(qos["max_iops"], 1, "{before}");
+    assert!(
+        qos["units"].as_u64().unwrap() < PATTERN_UNITS,
+        "the cap held the guest back: {before}"
+    );
+    let set = api.call(r#"{"op":"set-qos","disk":0,"max-iops":100000}"#);
+    assert_eq!(set["ok"], true, "{set}");
+    assert_eq!(
+        api.call(r#"{"op":"stats"}"#)["disks"][0]["qos"]["max_iops"],
+        100000
+    );
+    let (code, out) = vm.finish();
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{out}");
+    println!("pattern, cap lifted after 1.5 s: {took:?}");
+    assert!(
+        took < Duration::from_secs(PATTERN_UNITS / 2),
+        "the lifted cap still held: {took:?}"
+    );
+}
