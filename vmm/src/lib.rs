@@ -23,8 +23,10 @@
 //!
 //! Not yet: more than one vCPU, multi-queue and I/O threads, ioeventfd/irqfd for the disks
 //! (queues are served on the vCPU thread at the MMIO exit of a notification, so a disk held
-//! back by its QoS cap holds the vCPU too), the cargo-fuzz target of the device model, Linux boot (linux-loader bzImage, ACPI
-//! tables).
+//! back by its QoS cap holds the vCPU too), Linux boot (linux-loader bzImage, ACPI tables).
+//!
+//! The device model and transport are fuzzed without KVM by fuzz/fuzz_targets/virtio_blk.rs
+//! (logic in vmm/tests/fuzz_logic, replayed by the `fuzz_regressions` test).
 #![deny(missing_docs)]
 
 pub mod api;

@@ -393,6 +393,15 @@ fn parse_chain(
     }
 }
 
+/// Whether the driver's available index is more than a queue ahead of the device's (or cannot be
+/// read): a broken ring, from which nothing can be popped.
+fn avail_index_broken(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => idx.0.wrapping_sub(queue.next_avail()) > queue.size(),
+        Err(_) => true,
+    }
+}
+
 /// A virtio-blk device serving a vstor stack.
 pub struct Block {
     disk: Arc<dyn BlockDevice>,
@@ -785,7 +794,10 @@ impl VirtioDevice for Block {
                 }
             }
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
+                // More chains arrived while we drained the ring: serve them, unless the driver's
+                // available index is more than a queue ahead of ours: then no chain can be popped
+                // and going round again would spin forever (found by the virtio_blk fuzz target).
+                Ok(true) if !avail_index_broken(queue, mem) => continue,
                 _ => break,
             }
         }
