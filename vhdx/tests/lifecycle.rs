@@ -5,9 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use vstor_core::{
-    BlockDevice, CutPolicy, Error, FaultDevice, FileDevice, FileOptions, Job, MemoryDevice,
-};
+use vstor_core::{BlockDevice, Error, FileDevice, FileOptions, Job, MemoryDevice};
 use vstor_vhdx::check::{check, check_device};
 use vstor_vhdx::convert::{convert, ConvertOptions, Fill, Format};
 use vstor_vhdx::lifecycle::{checkpoint, clone, merge, set_parent};
@@ -192,9 +190,7 @@ fn compact_gives_back_unmapped_and_zero_blocks_and_shrinks_the_file() {
 #[test]
 fn a_power_cut_at_any_write_of_compact_leaves_the_data() {
     let setup = || {
-        let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
-        let fault = Arc::new(FaultDevice::new(mem));
-        fault.set_volatile_cache(true).unwrap();
+        let fault = common::fault_device();
         let v = Vhdx::create_on(
             fault.clone(),
             &CreateOptions::dynamic(12 * MIB).block_size(MIB as u32),
@@ -227,14 +223,7 @@ fn a_power_cut_at_any_write_of_compact_leaves_the_data() {
     let total = fault.stats().writes - w0;
     drop(v);
     for n in 1..=total {
-        for policy in [
-            CutPolicy::DropAll,
-            CutPolicy::KeepAll,
-            CutPolicy::Random {
-                seed: n,
-                torn: true,
-            },
-        ] {
+        for policy in common::cut_policies(n) {
             let (fault, v) = setup();
             fault.arm_power_cut(n, policy);
             let _ = v.compact_with(true, &Job::new());
@@ -521,9 +510,7 @@ fn a_power_cut_at_any_write_of_merge_leaves_the_old_or_the_new_disk() {
         }
     };
     let setup = || {
-        let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
-        let fault = Arc::new(FaultDevice::new(mem));
-        fault.set_volatile_cache(true).unwrap();
+        let fault = common::fault_device();
         let p = Vhdx::create_on(
             fault.clone(),
             &CreateOptions::dynamic(8 * bs).block_size(bs as u32),
@@ -578,14 +565,7 @@ fn a_power_cut_at_any_write_of_merge_leaves_the_old_or_the_new_disk() {
     drop((child, target));
     let (mut old, mut new) = (0, 0);
     for n in 1..=total {
-        for policy in [
-            CutPolicy::DropAll,
-            CutPolicy::KeepAll,
-            CutPolicy::Random {
-                seed: n,
-                torn: true,
-            },
-        ] {
+        for policy in common::cut_policies(n) {
             let (fault, cm, child, target) = setup();
             fault.arm_power_cut(n, policy);
             let _ = steps(&child, &target);
@@ -625,9 +605,7 @@ fn a_power_cut_at_any_write_of_a_checkpoint_leaves_the_parent_whole() {
     // elsewhere (a new file, renamed into place when complete). Cut power at every write of the
     // disk's side; the child's side never touches the disk.
     let setup = || {
-        let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
-        let fault = Arc::new(FaultDevice::new(mem));
-        fault.set_volatile_cache(true).unwrap();
+        let fault = common::fault_device();
         let v = Vhdx::create_on(
             fault.clone(),
             &CreateOptions::dynamic(8 * MIB).block_size(MIB as u32),
@@ -668,14 +646,7 @@ fn a_power_cut_at_any_write_of_a_checkpoint_leaves_the_parent_whole() {
     drop(v);
     assert!(total >= 2, "{total}");
     for n in 1..=total {
-        for policy in [
-            CutPolicy::DropAll,
-            CutPolicy::KeepAll,
-            CutPolicy::Random {
-                seed: n,
-                torn: true,
-            },
-        ] {
+        for policy in common::cut_policies(n) {
             let (fault, v) = setup();
             fault.arm_power_cut(n, policy);
             let flushed = steps(&v).is_ok();

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vstor_core::{BlockDevice, CutPolicy, Error, FaultDevice, Job, MemoryDevice};
+use vstor_core::{BlockDevice, Error, FaultDevice, Job};
 use vstor_vhdx::check::{check, check_device};
 use vstor_vhdx::{CreateOptions, OpenOptions, Vhdx, VhdxError};
 
@@ -320,9 +320,7 @@ fn bad_sizes_and_read_only_opens_are_refused_and_change_nothing() {
 
 /// A resize on a fault device, then the data written before it.
 fn crash_setup(bs: u64) -> (Arc<FaultDevice>, Vhdx) {
-    let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * MIB).unwrap());
-    let fault = Arc::new(FaultDevice::new(mem));
-    fault.set_volatile_cache(true).unwrap();
+    let fault = common::fault_device();
     let v = Vhdx::create_on(
         fault.clone(),
         &CreateOptions::dynamic(16 * bs).block_size(bs as u32),
@@ -345,14 +343,7 @@ fn crash_everywhere(bs: u64, new_size: u64) {
     drop(v);
     assert!(total >= 3, "{total} writes");
     for n in 1..=total {
-        for policy in [
-            CutPolicy::DropAll,
-            CutPolicy::KeepAll,
-            CutPolicy::Random {
-                seed: n,
-                torn: true,
-            },
-        ] {
+        for policy in common::cut_policies(n) {
             let (fault, v) = crash_setup(bs);
             let old = v.capacity();
             fault.arm_power_cut(n, policy);

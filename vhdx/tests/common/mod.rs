@@ -68,3 +68,27 @@ pub fn run(cmd: &mut Command) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// A fault device over a fresh memory device with a volatile write cache, as the crash tests
+/// use it.
+pub fn fault_device() -> std::sync::Arc<vstor_core::FaultDevice> {
+    let mem: std::sync::Arc<dyn vstor_core::BlockDevice> =
+        std::sync::Arc::new(vstor_core::MemoryDevice::new(4 << 20).unwrap());
+    let fault = std::sync::Arc::new(vstor_core::FaultDevice::new(mem));
+    fault.set_volatile_cache(true).unwrap();
+    fault
+}
+
+/// The power-cut policies every crash test tries at write `n`: all unflushed writes lost, all
+/// kept, and a seeded random mix with torn writes.
+pub fn cut_policies(n: u64) -> [vstor_core::CutPolicy; 3] {
+    use vstor_core::CutPolicy;
+    [
+        CutPolicy::DropAll,
+        CutPolicy::KeepAll,
+        CutPolicy::Random {
+            seed: n,
+            torn: true,
+        },
+    ]
+}
