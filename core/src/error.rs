@@ -137,6 +137,22 @@ pub enum Error {
     Layer(Arc<dyn std::error::Error + Send + Sync>),
 }
 
+/// A corrupt-structure error: `what` in `file` at `offset` is wrong because of `reason`. Every
+/// on-disk format (VHDX, pools, VHD) reports damage through this.
+pub fn corrupt(
+    file: &str,
+    offset: u64,
+    what: impl Into<String>,
+    reason: impl Into<String>,
+) -> Error {
+    Error::Corrupt {
+        file: file.to_string(),
+        offset,
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
 impl Error {
     /// Wraps an OS error with a description of what was being done.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {

@@ -37,7 +37,7 @@ mod request;
 
 pub use buf::{is_aligned, AlignedBuf, DEFAULT_ALIGNMENT};
 pub use device::{BlockDevice, CapacitySignal, DeviceInfo, ListenerId, Supports};
-pub use error::{Error, OpKind, Result};
+pub use error::{corrupt, Error, OpKind, Result};
 pub use fault::{CutPolicy, FaultDevice, FaultRule};
 pub use file::{Engine, FileDevice, FileKind, FileOptions};
 pub use job::Job;

@@ -83,20 +83,7 @@ impl From<SpacesError> for vstor_core::Error {
     }
 }
 
-/// A corrupt-structure error.
-pub(crate) fn corrupt(
-    file: &str,
-    offset: u64,
-    what: impl Into<String>,
-    reason: impl Into<String>,
-) -> vstor_core::Error {
-    vstor_core::Error::Corrupt {
-        file: file.to_string(),
-        offset,
-        what: what.into(),
-        reason: reason.into(),
-    }
-}
+pub(crate) use vstor_core::corrupt;
 
 /// An invalid-parameter error.
 pub(crate) fn invalid(msg: impl Into<String>) -> vstor_core::Error {

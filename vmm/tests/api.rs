@@ -8,10 +8,13 @@
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::vstor;
 
 /// The pattern byte at disk offset `off` for `seed` (vmm/guest/src/workload.rs).
 fn pattern_byte(off: u64, seed: u8) -> u8 {
@@ -26,29 +29,6 @@ fn kvm_or_skip(test: &str) -> bool {
             false
         }
     }
-}
-
-fn vstor_bin() -> PathBuf {
-    let vstor = Path::new(env!("CARGO_BIN_EXE_vstor-vmm")).with_file_name("vstor");
-    assert!(
-        vstor.exists(),
-        "{} is missing: build it first (cargo build -p vstor --bin vstor)",
-        vstor.display()
-    );
-    vstor
-}
-
-fn vstor(args: &[&str]) -> String {
-    let o = Command::new(vstor_bin())
-        .args(args)
-        .output()
-        .expect("run vstor");
-    assert!(
-        o.status.success(),
-        "vstor {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// A running VMM whose stdout lines arrive on a channel.

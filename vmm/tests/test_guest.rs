@@ -5,9 +5,12 @@
 //! These tests need a usable /dev/kvm. Where there is none they skip, printing why (nextest shows
 //! their output: see .config/nextest.toml).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::vstor;
 
 /// The pattern byte at disk offset `off` for `seed` (the same formula as
 /// vmm/guest/src/workload.rs).
@@ -45,32 +48,6 @@ fn kvm_or_skip(test: &str) -> bool {
             false
         }
     }
-}
-
-fn vstor_bin() -> PathBuf {
-    // Cargo builds the vstor binary beside vstor-vmm (the workspace's tests need it too).
-    let vmm = Path::new(env!("CARGO_BIN_EXE_vstor-vmm"));
-    let vstor = vmm.with_file_name("vstor");
-    assert!(
-        vstor.exists(),
-        "{} is missing: build it first (cargo build -p vstor --bin vstor)",
-        vstor.display()
-    );
-    vstor
-}
-
-/// Runs `vstor` and returns its stdout; panics with its stderr if it fails.
-fn vstor(args: &[&str]) -> String {
-    let o = Command::new(vstor_bin())
-        .args(args)
-        .output()
-        .expect("run vstor");
-    assert!(
-        o.status.success(),
-        "vstor {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Runs the VMM's test guest with a time limit; returns (exit code, stdout, stderr).
