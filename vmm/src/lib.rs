@@ -29,13 +29,17 @@
 //! (logic in vmm/tests/fuzz_logic, replayed by the `fuzz_regressions` test).
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod layout;
+pub mod linux;
 pub mod serial;
+pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
+pub use linux::LinuxConfig;
 pub use vm::{kvm_usable, DiskConfig, Vm, VmConfig};
 
 /// Errors of the VMM.
