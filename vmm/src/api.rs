@@ -8,14 +8,15 @@
 //! - `{"op":"set-qos","disk":0,"max-iops":N,"min-iops":M}`: changes the QoS limits of a disk
 //!   started with `max-iops=`/`min-iops=` (either may be left out; 0 removes a limit); requests
 //!   already waiting follow the new limits at once.
-//! - `{"op":"stats"}`: per-disk capacity, request counters and QoS flow counters.
-//! - `{"op":"pause"}` / `{"op":"resume"}`: stops the vCPU at its next exit (it is kicked out of
-//!   `KVM_RUN` with a signal) and lets it go on.
+//! - `{"op":"stats"}`: per-disk capacity, request counters and QoS flow counters; how many vCPU
+//!   threads run the guest (`vcpus`) and how many of them wait out a pause (`paused_vcpus`).
+//! - `{"op":"pause"}` / `{"op":"resume"}`: stops every vCPU at its next exit (each is kicked
+//!   out of `KVM_RUN` with a signal) and lets them go on; pause answers once all have stopped.
 //!
 //! Every answer has `"ok": true` or `"ok": false, "error": "..."`.
 //!
-//! [`Control`] is the part shared between the API threads and the vCPU thread: work that must
-//! touch the virtio transport (a configuration-change interrupt) is left for the vCPU thread,
+//! [`Control`] is the part shared between the API threads and the vCPU threads: work that must
+//! touch the virtio transport (a configuration-change interrupt) is left for a vCPU thread,
 //! which does it before it re-enters the guest.
 
 use crate::virtio::block::Block;
@@ -50,13 +51,22 @@ pub struct DiskControl {
 
 #[derive(Default)]
 struct RunState {
-    /// The vCPU thread while it runs the guest (the target of kicks).
-    vcpu: Option<libc::pthread_t>,
+    /// The vCPU threads while they run the guest (the targets of kicks).
+    vcpus: Vec<libc::pthread_t>,
     pause_requested: bool,
-    paused: bool,
+    /// How many vCPU threads wait out a pause.
+    paused: usize,
+    /// The VM is ending: every vCPU thread stops at its next exit.
+    stopping: bool,
 }
 
-/// What the API and the vCPU thread share.
+impl RunState {
+    fn all_paused(&self) -> bool {
+        self.pause_requested && !self.vcpus.is_empty() && self.paused == self.vcpus.len()
+    }
+}
+
+/// What the API and the vCPU threads share.
 pub struct Control {
     disks: Vec<DiskControl>,
     state: Mutex<RunState>,
@@ -117,46 +127,48 @@ impl Control {
         self.kick(&self.lock());
     }
 
-    /// Sends the kick signal to the vCPU thread, if it runs the guest.
+    /// Sends the kick signal to every vCPU thread that runs the guest.
     fn kick(&self, state: &RunState) {
-        if let Some(thread) = state.vcpu {
-            // SAFETY: `thread` is the vCPU thread, which clears `vcpu` under the same lock before
-            // it stops running the guest, so it is alive; its handler for the signal
+        for &thread in &state.vcpus {
+            // SAFETY: `thread` is a vCPU thread, which removes itself from `vcpus` under the same
+            // lock before it stops running the guest, so it is alive; its handler for the signal
             // (installed by `enter`) does nothing, which is what makes KVM_RUN return EINTR.
             unsafe { libc::pthread_kill(thread, kick_signal()) };
         }
     }
 
-    /// Called by the vCPU thread before it first runs the guest: installs the kick handler and
+    /// Called by a vCPU thread before it first runs the guest: installs the kick handler and
     /// records the thread.
     pub fn enter(&self) -> Result<(), crate::Error> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| crate::Error::Kvm(format!("installing the vCPU kick handler: {e}")))?;
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
-        self.lock().vcpu = Some(me);
+        self.lock().vcpus.push(me);
+        self.changed.notify_all();
         Ok(())
     }
 
-    /// Called by the vCPU thread when it stops running the guest.
+    /// Called by a vCPU thread when it stops running the guest.
     pub fn leave(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
         let mut s = self.lock();
-        s.vcpu = None;
-        s.paused = false;
+        s.vcpus.retain(|&t| t != me);
         self.changed.notify_all();
     }
 
-    /// Called by the vCPU thread between exits: returns the disks whose configuration changed
+    /// Called by a vCPU thread between exits: returns the disks whose configuration changed
     /// (the caller raises their configuration interrupts), after waiting out a pause.
     pub fn service(&self) -> Vec<usize> {
         let mut s = self.lock();
-        if s.pause_requested {
-            s.paused = true;
+        if s.pause_requested && !s.stopping {
+            s.paused += 1;
             self.changed.notify_all();
-            while s.pause_requested {
+            while s.pause_requested && !s.stopping {
                 s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
-            s.paused = false;
+            s.paused -= 1;
             self.changed.notify_all();
         }
         drop(s);
@@ -168,12 +180,12 @@ impl Control {
             .collect()
     }
 
-    /// Pauses the vCPU; returns once it has stopped (or is not running).
+    /// Pauses the vCPUs; returns once all have stopped (or none is running).
     pub fn pause(&self) {
         let mut s = self.lock();
         s.pause_requested = true;
-        // Kick until the vCPU notices: a kick that lands just before it enters KVM_RUN is lost.
-        while !s.paused && s.vcpu.is_some() {
+        // Kick until every vCPU notices: a kick that lands just before KVM_RUN is lost.
+        while !s.all_paused() && !s.vcpus.is_empty() {
             self.kick(&s);
             s = self
                 .changed
@@ -183,16 +195,38 @@ impl Control {
         }
     }
 
-    /// Lets a paused vCPU go on.
+    /// Lets the paused vCPUs go on.
     pub fn resume(&self) {
         let mut s = self.lock();
         s.pause_requested = false;
         self.changed.notify_all();
     }
 
-    /// Whether the vCPU is paused.
+    /// Whether the vCPUs are paused (all of them wait out a pause).
     pub fn paused(&self) -> bool {
-        self.lock().paused
+        self.lock().all_paused()
+    }
+
+    /// Ends the run: every vCPU thread stops at its next exit (each is kicked until it has
+    /// left). Returns once none runs the guest. The caller, if it is a vCPU thread, must have
+    /// left first. A control that stopped stays stopped.
+    pub fn stop(&self) {
+        let mut s = self.lock();
+        s.stopping = true;
+        self.changed.notify_all();
+        while !s.vcpus.is_empty() {
+            self.kick(&s);
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Whether the run is ending ([`Control::stop`]).
+    pub fn stopping(&self) -> bool {
+        self.lock().stopping
     }
 
     /// Resizes disk `i` to `size` bytes and tells the guest.
@@ -277,7 +311,13 @@ impl Control {
                 })
             })
             .collect();
-        json!({ "paused": self.paused(), "disks": disks })
+        let s = self.lock();
+        json!({
+            "paused": s.all_paused(),
+            "vcpus": s.vcpus.len(),
+            "paused_vcpus": s.paused,
+            "disks": disks,
+        })
     }
 
     /// Answers one request line.

@@ -5,7 +5,10 @@
 //! (`disk.raw`, `disk.vhdx`, `pool:DIR/NAME`, with options such as `readonly=on`).
 //!
 //! What exists:
-//! - [`vm::Vm`]: guest memory, one vCPU started directly in 64-bit long mode ([`boot`]), an
+//! - [`vm::Vm`]: guest memory, `--vcpus N` vCPUs on a thread each ([`vcpu`]: CPUID with each
+//!   vCPU's APIC ID and the VM's topology, boot MSRs, FPU, LAPIC LINT pins; the first starts
+//!   directly in 64-bit long mode ([`boot`]), the others wait in KVM to be started by the guest,
+//!   as a PC's application processors do), an
 //!   8250 serial console on stdout ([`serial`]), a virtio-mmio device per disk ([`virtio::mmio`])
 //!   serving virtio-blk ([`virtio::block`]) with validated descriptor chains; the available
 //!   chains of a queue go down to the stack as one batch. The device offers FLUSH, BLK_SIZE,
@@ -17,25 +20,41 @@
 //! - [`api`]: the control plane and its Unix-socket API (`--api-socket`): resize a disk (the
 //!   VMM follows the stack's capacity signal, so the guest gets a configuration-change interrupt
 //!   and the new capacity; the `capacity` workload waits for it), per-disk statistics, pause and
-//!   resume (the vCPU is kicked out of KVM_RUN with a signal), QoS limits changed at run time.
+//!   resume (every vCPU is kicked out of KVM_RUN with a signal), QoS limits changed at run time.
+//! - Linux boot ([`linux`], `--kernel`/`--initrd`/`--cmdline`): a bzImage or an ELF vmlinux
+//!   loaded through linux-loader and entered at its 64-bit entry with a boot_params zero page
+//!   (e820 map, command line, initrd at the top of RAM, ACPI RSDP address); ACPI tables built
+//!   with `acpi_tables` ([`acpi`]: RSDP, XSDT, a hardware-reduced FADT, a MADT with a local APIC
+//!   per vCPU, a DSDT with an `LNRO0005` device per disk, which is how Debian's cloud kernel
+//!   finds virtio-mmio devices). The guest's power off (the FADT's sleep control register with
+//!   `_S5_`) and its resets (the FADT reset register, 0xcf9, the 8042's 0xfe, a triple fault)
+//!   end the VMM. scripts/make-initramfs builds a Debian kernel and busybox initramfs that
+//!   tests /dev/vda; booting it needs hardware KVM (PVM, a software hypervisor, gets a stock
+//!   kernel through early boot and then stops on an emulation failure; see the README).
 //! - Storage QoS per disk: `max-iops=N`/`min-iops=N` on `--disk` ([`DiskConfig::parse`]) serve
 //!   the disk through vstor-qos (one scheduler per VM, a dedicated policy per disk).
 //!
-//! Not yet: more than one vCPU, multi-queue and I/O threads, ioeventfd/irqfd for the disks
-//! (queues are served on the vCPU thread at the MMIO exit of a notification, so a disk held
-//! back by its QoS cap holds the vCPU too), Linux boot (linux-loader bzImage, ACPI tables).
+//! Not yet: multi-queue and I/O threads, ioeventfd/irqfd for the disks (queues are served on
+//! the vCPU thread at the MMIO exit of a notification, so a disk held back by its QoS cap holds
+//! that vCPU too), an MP table (ACPI's MADT is the only description of the vCPUs), PCI, vCPU
+//! hotplug, and a Linux boot proven on hardware KVM (the test that does it skips where there is
+//! none).
 //!
 //! The device model and transport are fuzzed without KVM by fuzz/fuzz_targets/virtio_blk.rs
 //! (logic in vmm/tests/fuzz_logic, replayed by the `fuzz_regressions` test).
 #![deny(missing_docs)]
 
+pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod layout;
+pub mod linux;
 pub mod serial;
+pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
+pub use linux::LinuxConfig;
 pub use vm::{kvm_usable, DiskConfig, Vm, VmConfig};
 
 /// Errors of the VMM.

@@ -1,7 +1,7 @@
 //! The `vstor-vmm` command line.
 use clap::Parser;
 use std::process::ExitCode;
-use vstor_vmm::{DiskConfig, Vm, VmConfig};
+use vstor_vmm::{DiskConfig, LinuxConfig, Vm, VmConfig};
 
 /// The reference KVM VMM of vstor: serves vstor targets to a guest over virtio-blk.
 #[derive(Debug, Parser)]
@@ -11,30 +11,44 @@ use vstor_vmm::{DiskConfig, Vm, VmConfig};
     after_help = "Examples:\n  vstor-vmm --disk /tmp/d.raw --memory 256M --test-guest\n  \
     vstor-vmm --disk /tmp/d.vhdx --test-guest verify\n  \
     vstor-vmm --disk /tmp/d.vhdx,readonly=on --test-guest readonly\n  \
-    vstor-vmm --disk /tmp/d.vhdx --api-socket /tmp/vmm.sock --test-guest capacity\n\n\
-    The exit status is the test guest's (0: passed); 125 when the VMM itself fails."
+    vstor-vmm --disk /tmp/d.vhdx --api-socket /tmp/vmm.sock --test-guest capacity\n  \
+    vstor-vmm --vcpus 2 --memory 512M --disk /tmp/d.raw --kernel vmlinuz --initrd initrd.gz\n\n\
+    With --test-guest the exit status is the test guest's (0: passed). A Linux guest's power off \
+    or reset ends the VMM with 0. 125 when the VMM itself fails.\n\n\
+    Linux needs hardware KVM (not a software hypervisor such as PVM); it finds the disks through \
+    the ACPI DSDT (LNRO0005 devices) and its console is ttyS0. scripts/make-initramfs builds a \
+    Debian cloud kernel and a busybox initramfs that tests /dev/vda."
 )]
 struct Cli {
     /// A disk: any vstor target (disk.raw, disk.vhdx, raw:PATH, pool:DIR/NAME) with options
     /// after commas, e.g. readonly=on; max-iops=N and min-iops=N serve it through storage QoS
     /// (IOPS in 8 KiB units: a 64 KiB request costs 8). Repeat for more disks; the test guest
     /// uses the first.
-    #[arg(
-        long,
-        value_name = "TARGET[,readonly=on][,max-iops=N][,min-iops=N]",
-        required = true
-    )]
+    #[arg(long, value_name = "TARGET[,readonly=on][,max-iops=N][,min-iops=N]")]
     disk: Vec<String>,
     /// Guest RAM (a multiple of 2 MiB, 32M to 3G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
-    /// Number of vCPUs (1 for now).
+    /// Number of vCPUs, one thread each (the ACPI MADT and CPUID describe them). The test guest
+    /// runs on the first; the others wait to be started, as a PC's application processors do.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Run the built-in test guest with a workload: pattern (default), verify, readonly,
     /// malformed, zeroes, zeroes-over, wce, event-idx, capacity. pattern and verify take a seed XORed into the pattern ("pattern 90").
-    #[arg(long, value_name = "WORKLOAD", num_args = 0..=1, default_missing_value = "pattern", required = true)]
+    #[arg(long, value_name = "WORKLOAD", num_args = 0..=1, default_missing_value = "pattern",
+          required_unless_present = "kernel", conflicts_with = "kernel", requires = "disk")]
     test_guest: Option<String>,
+    /// Boot Linux: a bzImage or an ELF vmlinux with a 64-bit entry point (instead of
+    /// --test-guest).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<std::path::PathBuf>,
+    /// The initrd / initramfs of --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<std::path::PathBuf>,
+    /// The kernel command line of --kernel [default: console=ttyS0 earlyprintk=ttyS0 panic=-1
+    /// pci=off].
+    #[arg(long, value_name = "CMDLINE", requires = "kernel")]
+    cmdline: Option<String>,
     /// Serve the API (one JSON object per line: {"op":"resize","disk":0,"size":N},
     /// {"op":"set-qos","disk":0,"max-iops":N,"min-iops":M}, {"op":"stats"}, {"op":"pause"},
     /// {"op":"resume"}) on a Unix socket at this path.
@@ -65,6 +79,11 @@ fn main() -> ExitCode {
         vcpus: cli.vcpus,
         disks,
         workload: cli.test_guest.clone().unwrap_or_else(|| "pattern".into()),
+        linux: cli.kernel.clone().map(|kernel| LinuxConfig {
+            kernel,
+            initrd: cli.initrd.clone(),
+            cmdline: cli.cmdline.clone(),
+        }),
     };
     let result = Vm::new(&config).and_then(|mut vm| {
         for note in &vm.notes {
@@ -75,7 +94,11 @@ fn main() -> ExitCode {
                 vstor_vmm::Error::Config(format!("API socket {}: {e}", path.display()))
             })?;
         }
-        vm.run()
+        let status = vm.run()?;
+        if let Some(how) = vm.ended() {
+            eprintln!("vstor-vmm: {how}");
+        }
+        Ok(status)
     });
     match result {
         Ok(0) => ExitCode::SUCCESS,

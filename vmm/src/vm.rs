@@ -1,17 +1,22 @@
-//! The VM: guest memory, one vCPU in long mode, the serial console, a virtio-blk device per disk,
-//! and the run loop that dispatches port I/O and MMIO exits.
+//! The VM: guest memory, its vCPUs (one thread each; the first starts in long mode at the test
+//! guest or at a Linux kernel's 64-bit entry, the others wait for the guest to start them), the
+//! serial console, a virtio-blk device per disk, and the run loop that dispatches port I/O and
+//! MMIO exits.
 
+use crate::acpi::{self, PowerEvent};
 use crate::api::{Control, DiskQos};
 use crate::boot;
 use crate::layout::*;
+use crate::linux::{self, LinuxConfig};
 use crate::serial::SerialPort;
+use crate::vcpu;
 use crate::virtio::block::Block;
 use crate::virtio::mmio::{IrqLine, MmioTransport};
 use crate::Error;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::{elf::Elf, KernelLoader};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vstor::qos::{Limits, PolicyKind, Qos, QosConfig, QosDevice};
@@ -75,12 +80,15 @@ impl DiskConfig {
 pub struct VmConfig {
     /// Bytes of guest RAM.
     pub memory: u64,
-    /// Number of vCPUs (1 for now).
+    /// Number of vCPUs (1 to [`MAX_VCPUS`]).
     pub vcpus: u32,
     /// The disks, one virtio-mmio device each.
     pub disks: Vec<DiskConfig>,
-    /// The test guest's workload (`pattern`, `verify`, `readonly`, `malformed`).
+    /// The test guest's workload (`pattern`, `verify`, `readonly`, `malformed`, ...); unused
+    /// when `linux` is set.
     pub workload: String,
+    /// Boot this Linux kernel instead of the test guest.
+    pub linux: Option<LinuxConfig>,
 }
 
 /// The magic value at the start of the test guest's boot information ("VSTORGST").
@@ -121,11 +129,141 @@ impl IrqLine for KvmIrq {
     }
 }
 
-/// The device whose MMIO window holds `addr`, and the offset in the window.
-fn disk_at(disks: &mut [MmioTransport], addr: u64) -> Option<(&mut MmioTransport, u64)> {
-    let off = addr.checked_sub(MMIO_BASE)?;
-    let i = usize::try_from(off / MMIO_SIZE).ok()?;
-    disks.get_mut(i).map(|d| (d, off % MMIO_SIZE))
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The devices behind the vCPUs' exits, shared by the vCPU threads.
+struct Bus {
+    serial: Mutex<SerialPort>,
+    disks: Vec<Mutex<MmioTransport>>,
+    control: Arc<Control>,
+    /// The guest is Linux: a shutdown exit is its reset, not a crash of the test guest.
+    linux: bool,
+    /// How the guest ended, when it did so without a status (power off, reset).
+    ended: Mutex<Option<String>>,
+}
+
+impl Bus {
+    /// The device whose MMIO window holds `addr`, and the offset in the window.
+    fn disk_at(&self, addr: u64) -> Option<(MutexGuard<'_, MmioTransport>, u64)> {
+        let off = addr.checked_sub(MMIO_BASE)?;
+        let i = usize::try_from(off / MMIO_SIZE).ok()?;
+        self.disks.get(i).map(|d| (lock(d), off % MMIO_SIZE))
+    }
+
+    fn end(&self, how: &str) -> Option<Result<u32, Error>> {
+        lock(&self.serial).flush();
+        *lock(&self.ended) = Some(how.to_string());
+        Some(Ok(0))
+    }
+
+    /// Runs `vcpu` (number `index`) until the guest ends (its result) or the VM is stopped
+    /// (`None`).
+    fn run_vcpu(&self, vcpu: &mut VcpuFd, index: u32) -> Option<Result<u32, Error>> {
+        let rip = |vcpu: &VcpuFd| vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+        loop {
+            // Work of the control plane first: configuration interrupts, a pause, the end.
+            for i in self.control.service() {
+                lock(&self.disks[i]).config_changed();
+            }
+            if self.control.stopping() {
+                return None;
+            }
+            let exit = match vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Some(Err(Error::Kvm(format!("KVM_RUN (vCPU {index}): {e}")))),
+            };
+            match exit {
+                VcpuExit::IoOut(port, data) => {
+                    if port == EXIT_PORT && !self.linux {
+                        let mut v = [0u8; 4];
+                        let n = data.len().min(4);
+                        v[..n].copy_from_slice(&data[..n]);
+                        lock(&self.serial).flush();
+                        return Some(Ok(u32::from_le_bytes(v)));
+                    }
+                    if SerialPort::owns(port) {
+                        lock(&self.serial).write(port, data);
+                    } else if let Some(event) = acpi::power_event(port, data) {
+                        return self.end(match event {
+                            PowerEvent::PowerOff => "the guest powered off",
+                            PowerEvent::Reset => "the guest reset",
+                        });
+                    }
+                }
+                VcpuExit::IoIn(port, data) => {
+                    if SerialPort::owns(port) {
+                        lock(&self.serial).read(port, data);
+                    } else if port == ACPI_PM_PORT {
+                        // The sleep status register: no wake event.
+                        data.fill(0);
+                    } else {
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    // Reads of unbacked addresses see all ones, as on a PC.
+                    data.fill(0xff);
+                    if let Some((mut disk, off)) = self.disk_at(addr) {
+                        disk.read(off, data);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if let Some((mut disk, off)) = self.disk_at(addr) {
+                        disk.write(off, data);
+                    }
+                }
+                VcpuExit::Hlt => {
+                    lock(&self.serial).flush();
+                    return Some(Err(Error::Guest(format!(
+                        "vCPU {index} halted without reporting a status"
+                    ))));
+                }
+                VcpuExit::Shutdown if self.linux => {
+                    return self.end("the guest reset (shutdown exit: a triple fault)");
+                }
+                VcpuExit::Shutdown => {
+                    lock(&self.serial).flush();
+                    return Some(Err(Error::Guest(format!(
+                        "vCPU {index} shut down (triple fault?) near rip {:#x}",
+                        rip(vcpu)
+                    ))));
+                }
+                other => {
+                    let what = format!("{other:?}");
+                    lock(&self.serial).flush();
+                    return Some(Err(Error::Guest(format!(
+                        "unexpected exit {what} on vCPU {index} at rip {:#x}",
+                        rip(vcpu)
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// The body of a vCPU thread: runs `vcpu` and, when the guest ends there, records the result
+    /// (the first one wins) and stops the other vCPUs.
+    fn vcpu_thread(
+        &self,
+        vcpu: &mut VcpuFd,
+        index: u32,
+        result: &Mutex<Option<Result<u32, Error>>>,
+    ) {
+        let outcome = match self.control.enter() {
+            Ok(()) => {
+                let r = self.run_vcpu(vcpu, index);
+                self.control.leave();
+                r
+            }
+            Err(e) => Some(Err(e)),
+        };
+        if let Some(r) = outcome {
+            lock(result).get_or_insert(r);
+            self.control.stop();
+        }
+    }
 }
 
 /// A running VM.
@@ -133,21 +271,23 @@ pub struct Vm {
     /// Kept for the lifetime of the VM (KVM objects hold references to it).
     _kvm: Kvm,
     vm: Arc<VmFd>,
-    vcpu: VcpuFd,
+    /// The vCPUs, the boot vCPU first.
+    vcpus: Vec<VcpuFd>,
+    /// Whether the vCPUs after the first run (they wait in KVM for the guest to start them,
+    /// which needs the in-kernel local APICs).
+    run_aps: bool,
     mem: GuestMemoryMmap,
-    serial: SerialPort,
-    disks: Vec<MmioTransport>,
-    control: Arc<Control>,
+    bus: Bus,
     /// Notes for the user (how disks were opened, missing KVM features).
     pub notes: Vec<String>,
 }
 
 impl Vm {
-    /// Creates the VM, loads the test guest and opens the disks.
+    /// Creates the VM, loads the guest (the test guest or a Linux kernel) and opens the disks.
     pub fn new(config: &VmConfig) -> Result<Vm, Error> {
-        if config.vcpus != 1 {
+        if !(1..=MAX_VCPUS).contains(&config.vcpus) {
             return Err(Error::Config(format!(
-                "{} vCPUs requested; this VMM runs one vCPU so far",
+                "{} vCPUs: give 1 to {MAX_VCPUS}",
                 config.vcpus
             )));
         }
@@ -159,13 +299,15 @@ impl Vm {
                 MAX_MEMORY >> 20
             )));
         }
-        if config.disks.is_empty() {
-            return Err(Error::Config(
-                "the test guest needs a disk (--disk TARGET)".into(),
-            ));
-        }
-        if config.workload.len() > 64 {
-            return Err(Error::Config("the workload is longer than 64 bytes".into()));
+        if config.linux.is_none() {
+            if config.disks.is_empty() {
+                return Err(Error::Config(
+                    "the test guest needs a disk (--disk TARGET)".into(),
+                ));
+            }
+            if config.workload.len() > 64 {
+                return Err(Error::Config("the workload is longer than 64 bytes".into()));
+            }
         }
         let mut notes = Vec::new();
         // Disks first: a target that does not open needs no VM to be reported.
@@ -223,7 +365,7 @@ impl Vm {
                 flags: 0,
             };
             // SAFETY: the region is a live mmap owned by `mem`, which the Vm keeps for as long as
-            // the VM exists (fields drop in declaration order: vcpu and vm before mem).
+            // the VM exists (fields drop in declaration order: vcpus and vm before mem).
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
@@ -257,16 +399,92 @@ impl Vm {
                 vm: irqchip.clone(),
                 gsi: MMIO_IRQ + i as u32,
             };
-            disks.push(MmioTransport::new(
+            disks.push(Mutex::new(MmioTransport::new(
                 Box::new(block),
                 mem.clone(),
                 Box::new(irq),
-            ));
+            )));
         }
 
-        // The guest image, its boot information and the long-mode structures.
+        boot::write_boot_structures(&mem)?;
+        let entry = match &config.linux {
+            Some(linux) => {
+                let devices: Vec<acpi::MmioDevice> = (0..disks.len())
+                    .map(|i| acpi::MmioDevice {
+                        base: MMIO_BASE + i as u64 * MMIO_SIZE,
+                        size: MMIO_SIZE,
+                        irq: MMIO_IRQ + i as u32,
+                    })
+                    .collect();
+                let tables = acpi::build(config.vcpus, &devices)?;
+                acpi::write(&mem, &tables)?;
+                if irqchip.is_none() {
+                    notes.push(
+                        "Linux without an in-kernel interrupt controller will not get far".into(),
+                    );
+                }
+                linux::load(&mem, config.memory, linux, tables.rsdp_addr)?
+            }
+            None => Self::load_test_guest(&mem, config)?,
+        };
+
+        let supported = match kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
+            Ok(cpuid) => Some(cpuid),
+            Err(e) => {
+                notes.push(format!(
+                    "KVM_GET_SUPPORTED_CPUID failed ({e}); default CPUID"
+                ));
+                None
+            }
+        };
+        let mut vcpus = Vec::new();
+        for i in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            notes.extend(vcpu::configure(
+                &vcpu,
+                supported.as_ref(),
+                i,
+                config.vcpus,
+                irqchip.is_some(),
+            )?);
+            vcpus.push(vcpu);
+        }
+        if config.linux.is_some() {
+            linux::setup_boot_vcpu(&vcpus[0], entry)?;
+        } else {
+            boot::setup_long_mode(&vcpus[0], entry, BOOT_STACK, BOOT_INFO_ADDR)?;
+        }
+        let run_aps = irqchip.is_some();
+        if config.vcpus > 1 && !run_aps {
+            notes.push(format!(
+                "{} vCPUs created and configured, but without in-kernel local APICs only the \
+                 first runs",
+                config.vcpus
+            ));
+        }
+        Ok(Vm {
+            _kvm: kvm,
+            vm,
+            vcpus,
+            run_aps,
+            mem,
+            bus: Bus {
+                serial: Mutex::new(serial),
+                disks,
+                control,
+                linux: config.linux.is_some(),
+                ended: Mutex::new(None),
+            },
+            notes,
+        })
+    }
+
+    /// Loads the test guest and its boot information; returns its entry point.
+    fn load_test_guest(mem: &GuestMemoryMmap, config: &VmConfig) -> Result<u64, Error> {
         let loaded = Elf::load(
-            &mem,
+            mem,
             None,
             &mut std::io::Cursor::new(TEST_GUEST),
             Some(GuestAddress(GUEST_IMAGE_ADDR)),
@@ -288,26 +506,7 @@ impl Vm {
         info.extend_from_slice(&workload);
         mem.write_slice(&info, GuestAddress(BOOT_INFO_ADDR))
             .map_err(|e| Error::Boot(format!("writing the boot information: {e}")))?;
-        boot::write_boot_structures(&mem)?;
-
-        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        match kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES) {
-            Ok(cpuid) => vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?,
-            Err(e) => notes.push(format!(
-                "KVM_GET_SUPPORTED_CPUID failed ({e}); default CPUID"
-            )),
-        }
-        boot::setup_long_mode(&vcpu, loaded.kernel_load.0, BOOT_STACK, BOOT_INFO_ADDR)?;
-        Ok(Vm {
-            _kvm: kvm,
-            vm,
-            vcpu,
-            mem,
-            serial,
-            disks,
-            control,
-            notes,
-        })
+        Ok(loaded.kernel_load.0)
     }
 
     /// The guest memory (for diagnostics).
@@ -320,89 +519,116 @@ impl Vm {
         &self.vm
     }
 
+    /// The number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
     /// The VM's control plane (resize, pause, statistics), which [`crate::api::serve`] serves.
     pub fn control(&self) -> Arc<Control> {
-        self.control.clone()
+        self.bus.control.clone()
     }
 
-    /// Runs the vCPU until the guest reports its status on the exit port; returns it.
+    /// How the guest ended when [`Vm::run`] returned 0 without a status from the test guest:
+    /// "the guest powered off", "the guest reset", ...
+    pub fn ended(&self) -> Option<String> {
+        lock(&self.bus.ended).clone()
+    }
+
+    /// Runs the vCPUs, the first on the calling thread and each other one on a thread of its
+    /// own, until the guest ends: the test guest's status on the exit port, or 0 when the guest
+    /// powers off or resets ([`Vm::ended`] says which). A VM runs once.
     pub fn run(&mut self) -> Result<u32, Error> {
-        self.control.enter()?;
-        let result = self.run_vcpu();
-        self.control.leave();
-        result
-    }
-
-    fn run_vcpu(&mut self) -> Result<u32, Error> {
-        loop {
-            // Work of the control plane first: configuration interrupts, a pause.
-            for i in self.control.service() {
-                self.disks[i].config_changed();
-            }
-            let exit = match self.vcpu.run() {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => return Err(Error::Kvm(format!("KVM_RUN: {e}"))),
-            };
-            match exit {
-                VcpuExit::IoOut(port, data) => {
-                    if port == EXIT_PORT {
-                        let mut v = [0u8; 4];
-                        let n = data.len().min(4);
-                        v[..n].copy_from_slice(&data[..n]);
-                        self.serial.flush();
-                        return Ok(u32::from_le_bytes(v));
-                    }
-                    if SerialPort::owns(port) {
-                        self.serial.write(port, data);
-                    }
-                }
-                VcpuExit::IoIn(port, data) => {
-                    if SerialPort::owns(port) {
-                        self.serial.read(port, data);
-                    } else {
-                        data.fill(0xff);
-                    }
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    // Reads of unbacked addresses see all ones, as on a PC.
-                    data.fill(0xff);
-                    if let Some((disk, off)) = disk_at(&mut self.disks, addr) {
-                        disk.read(off, data);
-                    }
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    if let Some((disk, off)) = disk_at(&mut self.disks, addr) {
-                        disk.write(off, data);
-                    }
-                }
-                VcpuExit::Hlt => {
-                    self.serial.flush();
-                    return Err(Error::Guest("it halted without reporting a status".into()));
-                }
-                VcpuExit::Shutdown => {
-                    self.serial.flush();
-                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(Error::Guest(format!(
-                        "it shut down (triple fault?) near rip {rip:#x}"
-                    )));
-                }
-                other => {
-                    let what = format!("{other:?}");
-                    self.serial.flush();
-                    let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                    return Err(Error::Guest(format!(
-                        "unexpected exit {what} at rip {rip:#x}"
-                    )));
+        let result = Mutex::new(None);
+        let bus = &self.bus;
+        let (bsp, aps) = self
+            .vcpus
+            .split_first_mut()
+            .ok_or_else(|| Error::Config("no vCPU".into()))?;
+        let aps = if self.run_aps { aps } else { &mut [] };
+        std::thread::scope(|scope| {
+            let result = &result;
+            for (i, vcpu) in aps.iter_mut().enumerate() {
+                let index = i as u32 + 1;
+                let spawned = std::thread::Builder::new()
+                    .name(format!("vcpu{index}"))
+                    .spawn_scoped(scope, move || bus.vcpu_thread(vcpu, index, result));
+                if let Err(e) = spawned {
+                    lock(result).get_or_insert(Err(Error::Config(format!(
+                        "starting the thread of vCPU {index}: {e}"
+                    ))));
+                    bus.control.stop();
                 }
             }
-        }
+            bus.vcpu_thread(bsp, 0, result);
+        });
+        let outcome = lock(&result).take();
+        outcome.unwrap_or_else(|| Err(Error::Guest("the VM stopped without an outcome".into())))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::DiskConfig;
+    use super::*;
+    use kvm_bindings::Msrs;
+
+    #[test]
+    fn every_vcpu_is_created_with_its_apic_id_cpuid_and_msrs() {
+        if let Err(e) = kvm_usable() {
+            eprintln!("SKIPPED every_vcpu_is_created_with_its_apic_id_cpuid_and_msrs: {e}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.raw");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let vm = Vm::new(&VmConfig {
+            memory: 64 << 20,
+            vcpus: 3,
+            disks: vec![DiskConfig::parse(disk.to_str().unwrap()).unwrap()],
+            workload: "pattern".into(),
+            linux: None,
+        })
+        .unwrap();
+        assert_eq!(vm.vcpu_count(), 3);
+        for (i, vcpu) in vm.vcpus.iter().enumerate() {
+            if vm.run_aps {
+                let lapic = vcpu.get_lapic().unwrap();
+                let id: [u8; 4] = std::array::from_fn(|k| lapic.regs[0x20 + k] as u8);
+                assert_eq!(
+                    u32::from_le_bytes(id) >> 24,
+                    i as u32,
+                    "LAPIC ID of vCPU {i}"
+                );
+            }
+            let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+            let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1).unwrap();
+            assert_eq!(leaf1.ebx >> 24, i as u32, "CPUID APIC ID of vCPU {i}");
+            assert_eq!((leaf1.ebx >> 16) & 0xff, 3, "logical processors");
+            let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                index: 0x2ff,
+                ..Default::default()
+            }])
+            .unwrap();
+            if vcpu.get_msrs(&mut msrs).unwrap() == 1 {
+                assert_eq!(
+                    msrs.as_slice()[0].data,
+                    (1 << 11) | 6,
+                    "MTRRdefType of vCPU {i}"
+                );
+            }
+        }
+        // The boot vCPU starts at the test guest; the others are left in their reset state.
+        let bsp = vm.vcpus[0].get_regs().unwrap();
+        assert!(bsp.rip >= GUEST_IMAGE_ADDR, "{:#x}", bsp.rip);
+        assert_eq!(
+            vm.vcpus[1].get_sregs().unwrap().cr0 & 1,
+            0,
+            "an AP in real mode"
+        );
+    }
 
     #[test]
     fn disk_options_split_between_the_vmm_and_the_target() {

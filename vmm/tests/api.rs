@@ -288,3 +288,52 @@ fn set_qos_through_the_api_lifts_a_cap_at_run_time() {
         "the lifted cap still held: {took:?}"
     );
 }
+
+#[test]
+fn pause_stops_every_vcpu_and_resume_lets_them_go_on() {
+    if !kvm_or_skip("pause_stops_every_vcpu_and_resume_lets_them_go_on") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.vhdx");
+    let sock = dir.path().join("api.sock");
+    let disk_s = disk.to_str().unwrap();
+    vstor(&["disk", "create", disk_s, "--size", &OLD_SIZE.to_string()]);
+    let vcpus = 3;
+    let mut vm = Running::start(&[
+        "--disk",
+        disk_s,
+        "--memory",
+        "64M",
+        "--vcpus",
+        &vcpus.to_string(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--test-guest",
+        "capacity 3",
+    ]);
+    vm.wait_for("waiting for a capacity change");
+    let mut api = Api::connect(&sock);
+    // Every vCPU has a thread in KVM_RUN: the test guest polls on the first, the others wait to
+    // be started. (The other threads register right after they start: give them a moment.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stats = api.call(r#"{"op":"stats"}"#);
+    while stats["vcpus"] != vcpus && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        stats = api.call(r#"{"op":"stats"}"#);
+    }
+    assert_eq!(stats["vcpus"], vcpus, "{stats}");
+    assert_eq!(stats["paused"], false, "{stats}");
+    for _ in 0..3 {
+        assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
+        let paused = api.call(r#"{"op":"stats"}"#);
+        assert_eq!(paused["paused"], true, "{paused}");
+        assert_eq!(paused["paused_vcpus"], vcpus, "{paused}");
+        assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
+    }
+    let resized = api.call(&format!(r#"{{"op":"resize","disk":0,"size":{NEW_SIZE}}}"#));
+    assert_eq!(resized["ok"], true, "{resized}");
+    let (code, out) = vm.finish();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("vstor-test-guest: PASS"), "{out}");
+}
