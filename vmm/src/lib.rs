@@ -33,6 +33,7 @@ pub mod api;
 pub mod boot;
 pub mod layout;
 pub mod serial;
+pub mod timing;
 pub mod virtio;
 pub mod vm;
 

@@ -5,7 +5,9 @@ use crate::api::{Control, DiskQos};
 use crate::boot;
 use crate::layout::*;
 use crate::serial::SerialPort;
-use crate::virtio::block::Block;
+use crate::timing;
+use crate::virtio::block::{Block, MAX_QUEUES};
+use crate::virtio::io_thread::{IoThreads, IrqFd, NoIrq, QueueNotifications};
 use crate::virtio::mmio::{IrqLine, MmioTransport};
 use crate::Error;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -29,15 +31,33 @@ pub struct DiskConfig {
     pub max_iops: u64,
     /// Storage QoS minimum (reservation) in IOPS (8 KiB units; 0: none).
     pub min_iops: u64,
+    /// Request queues (`queues=N`; 0 counts as 1), each served by its own I/O thread; more
+    /// than one offers VIRTIO_BLK_F_MQ.
+    pub queues: usize,
 }
 
 impl DiskConfig {
-    /// Parses `TARGET[,OPTION...]`: `max-iops=N` and `min-iops=N` are the VMM's; every other
-    /// option stays with the target string.
+    /// Parses `TARGET[,OPTION...]`: `max-iops=N`, `min-iops=N` and `queues=N` are the VMM's;
+    /// every other option stays with the target string.
     pub fn parse(s: &str) -> Result<DiskConfig, Error> {
-        let mut config = DiskConfig::default();
+        let mut config = DiskConfig {
+            queues: 1,
+            ..DiskConfig::default()
+        };
         let mut kept = Vec::new();
         for (i, part) in s.split(',').enumerate() {
+            if let (true, Some(("queues", v))) = (i > 0, part.split_once('=')) {
+                config.queues = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_QUEUES).contains(n))
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "--disk {s}: '{part}': queues must be from 1 to {MAX_QUEUES}"
+                        ))
+                    })?;
+                continue;
+            }
             let qos = match part.split_once('=') {
                 Some(("max-iops", v)) if i > 0 => Some((&mut config.max_iops, v)),
                 Some(("min-iops", v)) if i > 0 => Some((&mut config.min_iops, v)),
@@ -105,22 +125,6 @@ pub fn kvm_usable() -> Result<(), Error> {
     Ok(())
 }
 
-/// An interrupt line of the in-kernel interrupt controller (nothing, when KVM has none).
-struct KvmIrq {
-    vm: Option<Arc<VmFd>>,
-    gsi: u32,
-}
-
-impl IrqLine for KvmIrq {
-    fn set_level(&self, high: bool) {
-        if let Some(vm) = &self.vm {
-            // A failure here means the irqchip went away; the guest still sees the interrupt
-            // status register, which is all a polling driver needs.
-            let _ = vm.set_irq_line(self.gsi, high);
-        }
-    }
-}
-
 /// The device whose MMIO window holds `addr`, and the offset in the window.
 fn disk_at(disks: &mut [MmioTransport], addr: u64) -> Option<(&mut MmioTransport, u64)> {
     let off = addr.checked_sub(MMIO_BASE)?;
@@ -137,6 +141,9 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     serial: SerialPort,
     disks: Vec<MmioTransport>,
+    /// The queues of each disk and their notification eventfds (one I/O thread per queue while
+    /// the guest runs: [`crate::virtio::io_thread`]).
+    queue_io: Vec<QueueNotifications>,
     control: Arc<Control>,
     /// Notes for the user (how disks were opened, missing KVM features).
     pub notes: Vec<String>,
@@ -204,7 +211,9 @@ impl Vm {
                 (opened.device, None)
             };
             qos_handles.push(handle);
-            blocks.push(Arc::new(Block::new(device, read_only, &name)));
+            blocks.push(Arc::new(Block::with_queues(
+                device, read_only, &name, d.queues,
+            )));
         }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
@@ -252,16 +261,31 @@ impl Vm {
 
         let control = Control::new(blocks.iter().cloned().zip(qos_handles).collect());
         let mut disks = Vec::new();
+        let mut queue_io = Vec::new();
         for (i, block) in blocks.into_iter().enumerate() {
-            let irq = KvmIrq {
-                vm: irqchip.clone(),
-                gsi: MMIO_IRQ + i as u32,
+            // Completions interrupt through an irqfd; notifications arrive on ioeventfds.
+            let irq: Box<dyn IrqLine> = match &irqchip {
+                Some(vm) => {
+                    let evt = EventFd::new(libc::EFD_NONBLOCK)
+                        .map_err(|e| Error::Kvm(format!("eventfd: {e}")))?;
+                    vm.register_irqfd(&evt, MMIO_IRQ + i as u32)
+                        .map_err(kvm_err("KVM_IRQFD"))?;
+                    Box::new(IrqFd(evt))
+                }
+                None => Box::new(NoIrq),
             };
-            disks.push(MmioTransport::new(
-                Box::new(block),
-                mem.clone(),
-                Box::new(irq),
-            ));
+            let mut transport = MmioTransport::new(Box::new(block), mem.clone(), irq);
+            let window = MMIO_BASE + i as u64 * MMIO_SIZE;
+            let io = QueueNotifications::new(transport.queues(), Some(&*vm), window)
+                .map_err(|e| Error::Kvm(format!("eventfd: {e}")))?;
+            if !io.in_kernel {
+                notes.push(format!(
+                    "disk {i}: KVM_IOEVENTFD failed; queue notifications exit to the VMM"
+                ));
+            }
+            transport.set_notifier(io.notifier());
+            disks.push(transport);
+            queue_io.push(io);
         }
 
         // The guest image, its boot information and the long-mode structures.
@@ -305,6 +329,7 @@ impl Vm {
             mem,
             serial,
             disks,
+            queue_io,
             control,
             notes,
         })
@@ -325,10 +350,19 @@ impl Vm {
         self.control.clone()
     }
 
-    /// Runs the vCPU until the guest reports its status on the exit port; returns it.
+    /// Runs the vCPU (and an I/O thread per disk queue) until the guest reports its status on
+    /// the exit port; returns it. The I/O threads are joined before it returns: QoS caps are
+    /// lifted first, so that requests the guest left in flight finish at once.
     pub fn run(&mut self) -> Result<u32, Error> {
         self.control.enter()?;
-        let result = self.run_vcpu();
+        let io = IoThreads::start(&self.queue_io, self.control.gate())
+            .map_err(|e| Error::Config(format!("starting the I/O threads: {e}")));
+        let result = io.and_then(|io| {
+            let result = self.run_vcpu();
+            self.control.lift_limits();
+            io.stop();
+            result
+        });
         self.control.leave();
         result
     }
@@ -344,6 +378,7 @@ impl Vm {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Err(Error::Kvm(format!("KVM_RUN: {e}"))),
             };
+            self.control.count_exit();
             match exit {
                 VcpuExit::IoOut(port, data) => {
                     if port == EXIT_PORT {
@@ -355,11 +390,21 @@ impl Vm {
                     }
                     if SerialPort::owns(port) {
                         self.serial.write(port, data);
+                    } else if port == TIMING_PORT {
+                        let mut v = [0u8; 4];
+                        let n = data.len().min(4);
+                        v[..n].copy_from_slice(&data[..n]);
+                        let line = timing::mark_line(u32::from_le_bytes(v), timing::since_start());
+                        eprintln!("{line}");
                     }
                 }
                 VcpuExit::IoIn(port, data) => {
                     if SerialPort::owns(port) {
                         self.serial.read(port, data);
+                    } else if port == TIMING_PORT {
+                        let now = timing::clock_us().to_le_bytes();
+                        let n = data.len().min(4);
+                        data[..n].copy_from_slice(&now[..n]);
                     } else {
                         data.fill(0xff);
                     }
@@ -413,7 +458,16 @@ mod tests {
         let plain = DiskConfig::parse("d.raw").unwrap();
         assert_eq!(plain.target, "d.raw");
         assert!(!plain.has_qos());
-        for bad in ["d.raw,max-iops=x", "d.raw,max-iops=10,min-iops=20", ""] {
+        assert_eq!(plain.queues, 1);
+        let mq = DiskConfig::parse("d.raw,queues=4,readonly=on").unwrap();
+        assert_eq!((mq.target.as_str(), mq.queues), ("d.raw,readonly=on", 4));
+        for bad in [
+            "d.raw,max-iops=x",
+            "d.raw,max-iops=10,min-iops=20",
+            "",
+            "d.raw,queues=0",
+            "d.raw,queues=99",
+        ] {
             assert!(DiskConfig::parse(bad).is_err(), "{bad}");
         }
     }
