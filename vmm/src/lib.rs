@@ -10,20 +10,30 @@
 //!   serving virtio-blk ([`virtio::block`]) with validated descriptor chains; the available
 //!   chains of a queue go down to the stack as one batch. The device offers FLUSH, BLK_SIZE,
 //!   SEG_MAX, SIZE_MAX, RO, GET_ID, DISCARD and WRITE_ZEROES (where the stack supports them),
-//!   CONFIG_WCE (write-back/write-through switch) and EVENT_IDX.
+//!   CONFIG_WCE (write-back/write-through switch), EVENT_IDX, and MQ with `queues=N`.
+//! - I/O threads ([`virtio::io_thread`]): one per queue, woken by an ioeventfd on the queue's
+//!   QueueNotify write (KVM_IOEVENTFD with the queue index as data match, so a notification never
+//!   leaves the kernel), completing through an irqfd. A disk held back by its QoS cap holds its
+//!   queue's thread, not the vCPU; pause holds the threads before their next batch; at the end
+//!   QoS caps are lifted and the threads joined, so a guest that leaves requests in flight does
+//!   not hang the VMM.
 //! - The test guest (vmm/guest): a no_std virtio-blk driver built for `x86_64-unknown-none` by
-//!   build.rs and embedded ([`vm::TEST_GUEST`]); it runs a workload and reports its status on
-//!   port 0xf4, which becomes the VMM's exit status.
+//!   build.rs and embedded ([`vm::TEST_GUEST`]); it runs a workload (among them `mq` over every
+//!   queue and `bench read|write DEPTH SIZE COUNT`, random I/O that keeps DEPTH requests in
+//!   flight, halts for interrupts and reports IOPS) and reports its status on port 0xf4, which
+//!   becomes the VMM's exit status. On port 0xf5 ([`timing`]) it marks its first instructions
+//!   and its first completed I/O, which the VMM reports as times since its process started.
 //! - [`api`]: the control plane and its Unix-socket API (`--api-socket`): resize a disk (the
 //!   VMM follows the stack's capacity signal, so the guest gets a configuration-change interrupt
-//!   and the new capacity; the `capacity` workload waits for it), per-disk statistics, pause and
-//!   resume (the vCPU is kicked out of KVM_RUN with a signal), QoS limits changed at run time.
+//!   and the new capacity; the `capacity` workload waits for it), per-disk statistics (requests,
+//!   queue services, interrupts, per-queue requests, vCPU exits), pause and resume (the vCPU is
+//!   kicked out of KVM_RUN with a signal), QoS limits changed at run time.
 //! - Storage QoS per disk: `max-iops=N`/`min-iops=N` on `--disk` ([`DiskConfig::parse`]) serve
 //!   the disk through vstor-qos (one scheduler per VM, a dedicated policy per disk).
 //!
-//! Not yet: more than one vCPU, multi-queue and I/O threads, ioeventfd/irqfd for the disks
-//! (queues are served on the vCPU thread at the MMIO exit of a notification, so a disk held
-//! back by its QoS cap holds the vCPU too), Linux boot (linux-loader bzImage, ACPI tables).
+//! Not yet: more than one vCPU, Linux boot (linux-loader bzImage, ACPI tables); a batch's
+//! completions are published together (the stack completes a batch as a whole), so a queue's
+//! requests are served in rounds rather than as each finishes.
 //!
 //! The device model and transport are fuzzed without KVM by fuzz/fuzz_targets/virtio_blk.rs
 //! (logic in vmm/tests/fuzz_logic, replayed by the `fuzz_regressions` test).
