@@ -119,7 +119,8 @@ static FIRST_IO: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool
 
 /// Tells the VMM, once, that the first I/O completed (it timestamps it).
 fn first_io_done() {
-    if !FIRST_IO.swap(true, Ordering::Relaxed) {
+    // A plain load first: the locked exchange only once.
+    if !FIRST_IO.load(Ordering::Relaxed) && !FIRST_IO.swap(true, Ordering::Relaxed) {
         crate::outl(TIMING_PORT, 2);
     }
 }
@@ -136,7 +137,9 @@ pub struct Buf {
     pub device_writes: bool,
 }
 
-/// One split virtqueue: its rings and, per request slot, a header and a status byte.
+/// One split virtqueue: its rings and, per request slot, a header and a status byte. Its size
+/// is a power of two (ring positions are masked, not divided: divisions are dear where the
+/// guest's instructions are).
 #[derive(Clone, Copy)]
 struct Vq {
     size: u16,
@@ -180,7 +183,7 @@ impl Vq {
     }
 
     fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = self.desc + 16 * u64::from(i % self.size);
+        let d = self.desc + 16 * u64::from(i & (self.size - 1));
         poke::<u64>(d, addr);
         poke::<u32>(d + 8, len);
         poke::<u16>(d + 12, flags);
@@ -480,7 +483,7 @@ impl Blk {
     /// it at the next [`Blk::kick`]).
     pub fn push(&mut self, q: usize, head: u16) {
         let vq = &mut self.queues[q];
-        let slot = u64::from(vq.avail_idx % vq.size);
+        let slot = u64::from(vq.avail_idx & (vq.size - 1));
         poke::<u16>(vq.avail + 4 + 2 * slot, head);
         vq.avail_idx = vq.avail_idx.wrapping_add(1);
     }
@@ -518,7 +521,7 @@ impl Blk {
             return None;
         }
         fence(Ordering::SeqCst);
-        let slot = u64::from(vq.used_seen % vq.size);
+        let slot = u64::from(vq.used_seen & (vq.size - 1));
         let id = peek::<u32>(vq.used + 4 + 8 * slot);
         let written = peek::<u32>(vq.used + 4 + 8 * slot + 4);
         vq.used_seen = vq.used_seen.wrapping_add(1);

@@ -882,7 +882,8 @@ fn bench(blk: &mut Blk, workload: &str) -> Result<(), &'static str> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (depth as u64) << 32 ^ size);
     // The first request of a slot builds its chain; the next ones only change the sector.
     let mut issue = |blk: &mut Blk, g: usize, offsets: &mut [u64; BENCH_MAX_DEPTH], first: bool| {
-        let off = rng.next() % blocks * size;
+        // A uniform block without a division: the high half of random * blocks.
+        let off = ((u128::from(rng.next()) * u128::from(blocks)) >> 64) as u64 * size;
         offsets[g] = off;
         let addr = buf_of(g);
         if write {

@@ -21,8 +21,8 @@ use vmm_sys_util::eventfd::EventFd;
 const QUEUE_NOTIFY: u64 = 0x050;
 
 /// How long a queue's thread keeps looking at the available ring after serving it before it
-/// sleeps on its eventfd: a driver that refills the queue within this time is served without the
-/// thread's wake-up latency (which dominates on a busy host).
+/// sleeps on its eventfd: a driver that refills the queue within this time is served without a
+/// sleep and wake-up of the thread.
 const POLL_BEFORE_SLEEP: Duration = Duration::from_micros(50);
 
 /// An interrupt line that is a KVM irqfd: raising it signals the eventfd, which KVM injects into
