@@ -7,8 +7,8 @@ use crate::layout::*;
 use crate::serial::SerialPort;
 use crate::timing;
 use crate::virtio::block::{Block, MAX_QUEUES};
-use crate::virtio::io_thread::{IoThreads, IrqFd, NoIrq, QueueNotifications};
-use crate::virtio::mmio::{IrqLine, MmioTransport};
+use crate::virtio::io_thread::{self, IoThreads, QueueNotifications};
+use crate::virtio::mmio::MmioTransport;
 use crate::Error;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -263,27 +263,20 @@ impl Vm {
         let mut disks = Vec::new();
         let mut queue_io = Vec::new();
         for (i, block) in blocks.into_iter().enumerate() {
-            // Completions interrupt through an irqfd; notifications arrive on ioeventfds.
-            let irq: Box<dyn IrqLine> = match &irqchip {
-                Some(vm) => {
-                    let evt = EventFd::new(libc::EFD_NONBLOCK)
-                        .map_err(|e| Error::Kvm(format!("eventfd: {e}")))?;
-                    vm.register_irqfd(&evt, MMIO_IRQ + i as u32)
-                        .map_err(kvm_err("KVM_IRQFD"))?;
-                    Box::new(IrqFd(evt))
-                }
-                None => Box::new(NoIrq),
-            };
-            let mut transport = MmioTransport::new(Box::new(block), mem.clone(), irq);
-            let window = MMIO_BASE + i as u64 * MMIO_SIZE;
-            let io = QueueNotifications::new(transport.queues(), Some(&*vm), window)
-                .map_err(|e| Error::Kvm(format!("eventfd: {e}")))?;
+            let (transport, io) = io_thread::mmio_device(
+                Box::new(block),
+                mem.clone(),
+                &vm,
+                irqchip.is_some(),
+                MMIO_IRQ + i as u32,
+                MMIO_BASE + i as u64 * MMIO_SIZE,
+            )
+            .map_err(Error::Kvm)?;
             if !io.in_kernel {
                 notes.push(format!(
                     "disk {i}: KVM_IOEVENTFD failed; queue notifications exit to the VMM"
                 ));
             }
-            transport.set_notifier(io.notifier());
             disks.push(transport);
             queue_io.push(io);
         }

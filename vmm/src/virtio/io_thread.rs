@@ -9,12 +9,14 @@
 //! stops the threads before their next batch; [`IoThreads::stop`] joins them (the batches in
 //! flight finish first).
 
-use super::mmio::{DeviceQueues, IrqLine, Notifier};
+use super::mmio::{DeviceQueues, IrqLine, MmioTransport, Notifier};
+use super::VirtioDevice;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// The offset of QueueNotify in a virtio-mmio window.
@@ -139,6 +141,33 @@ impl QueueNotifications {
             }
         })
     }
+}
+
+/// A virtio-mmio device at `window` whose queues are served by I/O threads: its completions
+/// interrupt line `gsi` through an irqfd (with an in-kernel interrupt controller; without one the
+/// driver polls), its notifications arrive on ioeventfds ([`QueueNotifications::new`]), and a
+/// notification that reaches the transport anyway goes to the same threads.
+pub fn mmio_device(
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    vm: &VmFd,
+    irqchip: bool,
+    gsi: u32,
+    window: u64,
+) -> Result<(MmioTransport, QueueNotifications), String> {
+    let irq: Box<dyn IrqLine> = if irqchip {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        vm.register_irqfd(&evt, gsi)
+            .map_err(|e| format!("KVM_IRQFD: {e}"))?;
+        Box::new(IrqFd(evt))
+    } else {
+        Box::new(NoIrq)
+    };
+    let mut transport = MmioTransport::new(device, mem, irq);
+    let io = QueueNotifications::new(transport.queues(), Some(vm), window)
+        .map_err(|e| format!("eventfd: {e}"))?;
+    transport.set_notifier(io.notifier());
+    Ok((transport, io))
 }
 
 /// The running I/O threads of a VM.
