@@ -181,13 +181,14 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         self.shared.live.store(false, Ordering::Release);
-        self.shared.device.reset();
-        // A queue being served is reset once its thread lets go of it.
+        // A queue being served is reset once its thread lets go of it (its batch done); the
+        // device's state after that, so no batch runs on a half-reset device.
         for i in 0..self.shared.queue_count() {
             if let Some(mut q) = self.shared.lock(i) {
                 q.reset();
             }
         }
+        self.shared.device.reset();
         self.queue_sel = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
