@@ -38,7 +38,7 @@ pub struct MmioDevice {
     pub base: u64,
     /// The window's size.
     pub size: u64,
-    /// Its interrupt (a GSI of the IO-APIC; level-triggered, active high).
+    /// Its interrupt (a GSI of the IO-APIC; edge-triggered, active high).
     pub irq: u32,
 }
 
@@ -84,9 +84,9 @@ pub fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>, Error> {
         }
         let uid = i as u32;
         let memory = aml::Memory32Fixed::new(true, base, size);
-        // Level-triggered, active high, exclusive: the transport holds the line up while its
-        // interrupt status is not zero.
-        let irq = aml::Interrupt::new(true, false, false, false, d.irq);
+        // Edge-triggered, active high, exclusive: completions are signalled through a KVM irqfd,
+        // which injects an edge (the driver reads the cause from the interrupt status register).
+        let irq = aml::Interrupt::new(true, true, false, false, d.irq);
         let crs = aml::ResourceTemplate::new(vec![&memory, &irq]);
         // (Built and serialized in one statement: the children are temporaries.)
         children.push(Raw(bytes(&aml::Device::new(
@@ -122,7 +122,7 @@ pub fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>, Error> {
 
 /// The MADT: a local APIC per vCPU (processor UID and APIC ID = the vCPU's index), the IO-APIC
 /// (GSIs from 0) and interrupt source overrides that give the serial port's IRQ (edge, active
-/// high) and each virtio-mmio IRQ (level, active high) their GSI of the same number.
+/// high) and each virtio-mmio IRQ (edge, active high: an irqfd) their GSI of the same number.
 pub fn madt(vcpus: u32, devices: &[MmioDevice]) -> Result<Vec<u8>, Error> {
     let mut table = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     table.write_u32(36, LAPIC_ADDR);
@@ -139,8 +139,8 @@ pub fn madt(vcpus: u32, devices: &[MmioDevice]) -> Result<Vec<u8>, Error> {
     }
     table.append_slice(&bytes(&IoApic::new(0, IOAPIC_ADDR, 0)));
     let mut overrides = vec![(SERIAL_IRQ, 0u16)];
-    // MPS INTI flags: polarity active high (01), trigger level (11 << 2).
-    overrides.extend(devices.iter().map(|d| (d.irq, 0b1101u16)));
+    // MPS INTI flags: polarity active high (01), trigger edge (01 << 2).
+    overrides.extend(devices.iter().map(|d| (d.irq, 0b0101u16)));
     for (irq, flags) in overrides {
         let source = u8::try_from(irq)
             .map_err(|_| Error::Config(format!("interrupt {irq} is not an ISA source")))?;
@@ -390,7 +390,7 @@ mod tests {
             assert_eq!(ioapics, vec![(0, IOAPIC_ADDR, 0)]);
             assert_eq!(
                 overrides,
-                vec![(4, 4, 0), (5, 5, 0b1101), (6, 6, 0b1101), (7, 7, 0b1101)]
+                vec![(4, 4, 0), (5, 5, 0b0101), (6, 6, 0b0101), (7, 7, 0b0101)]
             );
         }
     }
@@ -451,8 +451,8 @@ mod tests {
             mem.extend_from_slice(&(d.base as u32).to_le_bytes());
             mem.extend_from_slice(&(d.size as u32).to_le_bytes());
             assert!(contains(body, &mem), "{name}: Memory32Fixed");
-            // Extended interrupt: tag 0x89, length 6, consumer + level + active high, 1 IRQ.
-            let mut irq = vec![0x89, 6, 0, 0b0001, 1];
+            // Extended interrupt: tag 0x89, length 6, consumer + edge + active high, 1 IRQ.
+            let mut irq = vec![0x89, 6, 0, 0b0011, 1];
             irq.extend_from_slice(&d.irq.to_le_bytes());
             assert!(contains(body, &irq), "{name}: Interrupt {}", d.irq);
         }

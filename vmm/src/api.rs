@@ -8,10 +8,14 @@
 //! - `{"op":"set-qos","disk":0,"max-iops":N,"min-iops":M}`: changes the QoS limits of a disk
 //!   started with `max-iops=`/`min-iops=` (either may be left out; 0 removes a limit); requests
 //!   already waiting follow the new limits at once.
-//! - `{"op":"stats"}`: per-disk capacity, request counters and QoS flow counters; how many vCPU
-//!   threads run the guest (`vcpus`) and how many of them wait out a pause (`paused_vcpus`).
+//! - `{"op":"stats"}`: per-disk capacity, request counters (also `serves`: queue services, one
+//!   per notification acted on; `interrupts`: used-buffer interrupts raised; `queue_requests`:
+//!   requests per queue) and QoS flow counters; `vcpu_exits`: exits of the vCPUs to the VMM;
+//!   how many vCPU threads run the guest (`vcpus`) and how many of them wait out a pause
+//!   (`paused_vcpus`).
 //! - `{"op":"pause"}` / `{"op":"resume"}`: stops every vCPU at its next exit (each is kicked
-//!   out of `KVM_RUN` with a signal) and lets them go on; pause answers once all have stopped.
+//!   out of `KVM_RUN` with a signal) and the disks' I/O threads before their next batch, and
+//!   lets them go on; pause answers once all vCPUs have stopped.
 //!
 //! Every answer has `"ok": true` or `"ok": false, "error": "..."`.
 //!
@@ -20,11 +24,12 @@
 //! which does it before it re-enters the guest.
 
 use crate::virtio::block::Block;
+use crate::virtio::io_thread::PauseGate;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use vstor::qos::{FlowId, PolicyId, Qos};
@@ -71,6 +76,10 @@ pub struct Control {
     disks: Vec<DiskControl>,
     state: Mutex<RunState>,
     changed: Condvar,
+    /// Holds the I/O threads while the VM is paused.
+    gate: Arc<PauseGate>,
+    /// Exits of the vCPU to the VMM (KVM_RUN returns), for the statistics.
+    exits: AtomicU64,
 }
 
 /// The signal that kicks the vCPU thread out of `KVM_RUN`.
@@ -94,6 +103,8 @@ impl Control {
                 .collect(),
             state: Mutex::new(RunState::default()),
             changed: Condvar::new(),
+            gate: PauseGate::new(),
+            exits: AtomicU64::new(0),
         });
         // Follow capacity changes of stacks that announce them (a resize through the API, or by
         // anything else holding the stack).
@@ -113,6 +124,24 @@ impl Control {
     /// The disks.
     pub fn disks(&self) -> &[DiskControl] {
         &self.disks
+    }
+
+    /// The gate that holds the VM's I/O threads while it is paused.
+    pub fn gate(&self) -> Arc<PauseGate> {
+        self.gate.clone()
+    }
+
+    /// Counts an exit of the vCPU to the VMM.
+    pub fn count_exit(&self) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Removes every disk's QoS limits: at shutdown, so that requests still held back by a cap
+    /// finish at once and the I/O threads can be joined.
+    pub fn lift_limits(&self) {
+        for q in self.disks.iter().filter_map(|d| d.qos.as_ref()) {
+            let _ = q.qos.set_limits(q.policy, vstor::qos::Limits::default());
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, RunState> {
@@ -180,8 +209,10 @@ impl Control {
             .collect()
     }
 
-    /// Pauses the vCPUs; returns once all have stopped (or none is running).
+    /// Pauses the vCPUs and the I/O threads; returns once all vCPUs have stopped (or none is
+    /// running). I/O threads finish the batch they are in and start no other.
     pub fn pause(&self) {
+        self.gate.close();
         let mut s = self.lock();
         s.pause_requested = true;
         // Kick until every vCPU notices: a kick that lands just before KVM_RUN is lost.
@@ -200,6 +231,7 @@ impl Control {
         let mut s = self.lock();
         s.pause_requested = false;
         self.changed.notify_all();
+        self.gate.open();
     }
 
     /// Whether the vCPUs are paused (all of them wait out a pause).
@@ -308,6 +340,9 @@ impl Control {
                     "bytes_read": s.bytes_read,
                     "bytes_written": s.bytes_written,
                     "errors": s.errors,
+                    "serves": s.serves,
+                    "interrupts": s.interrupts,
+                    "queue_requests": d.block.queue_requests(),
                 })
             })
             .collect();
@@ -316,6 +351,7 @@ impl Control {
             "paused": s.all_paused(),
             "vcpus": s.vcpus.len(),
             "paused_vcpus": s.paused,
+            "vcpu_exits": self.exits.load(Ordering::Relaxed),
             "disks": disks,
         })
     }

@@ -11,14 +11,15 @@
 //! 0x000e_0000  ACPI tables: RSDP, then DSDT, FADT, MADT, XSDT (up to 0x10_0000)
 //! 0x0010_0000  Linux: the kernel (a bzImage's protected-mode code; an ELF where it is linked)
 //! 0x0020_0000  the test guest's image (linked there; see vmm/guest/link.ld)
-//! 0x0100_0000  the test guest's DMA window (16 MiB to 19 MiB)
+//! 0x0100_0000  the test guest's DMA window (16 MiB to 32 MiB)
 //! ..mem_size   end of guest RAM (at most 3 GiB); Linux's initrd at its top
 //! 0xd000_0000  virtio-mmio windows, 4 KiB each, one per disk
 //! 0xfec0_0000  IO-APIC, 0xfee0_0000 local APICs (KVM's in-kernel interrupt controller)
 //! ```
 //! Ports: 0x3f8-0x3ff 8250 serial (IRQ 4), 0xf4 the test guest's exit port (32-bit status),
 //! 0x600 the ACPI sleep control/status and reset register (FADT), 0xcf9 the reset control
-//! register, 0x64 the keyboard controller's command port (0xfe: reset).
+//! register, 0x64 the keyboard controller's command port (0xfe: reset), 0xf5 the timing port
+//! (see [`crate::timing`]).
 
 /// The GDT.
 pub const GDT_ADDR: u64 = 0x500;
@@ -36,7 +37,7 @@ pub const PD_ADDR: u64 = 0xb000;
 pub const BOOT_STACK: u64 = 0x8ff0;
 /// Where the test guest is linked; guest images must not load below it.
 pub const GUEST_IMAGE_ADDR: u64 = 0x20_0000;
-/// The smallest guest RAM the test guest can run in (its DMA window ends at 19 MiB).
+/// The smallest guest RAM the test guest can run in (its DMA window ends at 32 MiB).
 pub const MIN_MEMORY: u64 = 32 << 20;
 /// The largest guest RAM (below the MMIO windows).
 pub const MAX_MEMORY: u64 = 3 << 30;
@@ -84,3 +85,5 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// The most vCPUs (APIC IDs are one byte in the MADT's local APIC entries; KVM's limit is
 /// higher).
 pub const MAX_VCPUS: u32 = 254;
+/// The timing port: marks written, a clock read ([`crate::timing`]).
+pub const TIMING_PORT: u16 = 0xf5;

@@ -9,9 +9,11 @@ use crate::boot;
 use crate::layout::*;
 use crate::linux::{self, LinuxConfig};
 use crate::serial::SerialPort;
+use crate::timing;
 use crate::vcpu;
-use crate::virtio::block::Block;
-use crate::virtio::mmio::{IrqLine, MmioTransport};
+use crate::virtio::block::{Block, MAX_QUEUES};
+use crate::virtio::io_thread::{self, IoThreads, QueueNotifications};
+use crate::virtio::mmio::MmioTransport;
 use crate::Error;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -34,15 +36,33 @@ pub struct DiskConfig {
     pub max_iops: u64,
     /// Storage QoS minimum (reservation) in IOPS (8 KiB units; 0: none).
     pub min_iops: u64,
+    /// Request queues (`queues=N`; 0 counts as 1), each served by its own I/O thread; more
+    /// than one offers VIRTIO_BLK_F_MQ.
+    pub queues: usize,
 }
 
 impl DiskConfig {
-    /// Parses `TARGET[,OPTION...]`: `max-iops=N` and `min-iops=N` are the VMM's; every other
-    /// option stays with the target string.
+    /// Parses `TARGET[,OPTION...]`: `max-iops=N`, `min-iops=N` and `queues=N` are the VMM's;
+    /// every other option stays with the target string.
     pub fn parse(s: &str) -> Result<DiskConfig, Error> {
-        let mut config = DiskConfig::default();
+        let mut config = DiskConfig {
+            queues: 1,
+            ..DiskConfig::default()
+        };
         let mut kept = Vec::new();
         for (i, part) in s.split(',').enumerate() {
+            if let (true, Some(("queues", v))) = (i > 0, part.split_once('=')) {
+                config.queues = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_QUEUES).contains(n))
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "--disk {s}: '{part}': queues must be from 1 to {MAX_QUEUES}"
+                        ))
+                    })?;
+                continue;
+            }
             let qos = match part.split_once('=') {
                 Some(("max-iops", v)) if i > 0 => Some((&mut config.max_iops, v)),
                 Some(("min-iops", v)) if i > 0 => Some((&mut config.min_iops, v)),
@@ -113,22 +133,6 @@ pub fn kvm_usable() -> Result<(), Error> {
     Ok(())
 }
 
-/// An interrupt line of the in-kernel interrupt controller (nothing, when KVM has none).
-struct KvmIrq {
-    vm: Option<Arc<VmFd>>,
-    gsi: u32,
-}
-
-impl IrqLine for KvmIrq {
-    fn set_level(&self, high: bool) {
-        if let Some(vm) = &self.vm {
-            // A failure here means the irqchip went away; the guest still sees the interrupt
-            // status register, which is all a polling driver needs.
-            let _ = vm.set_irq_line(self.gsi, high);
-        }
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -175,6 +179,7 @@ impl Bus {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Some(Err(Error::Kvm(format!("KVM_RUN (vCPU {index}): {e}")))),
             };
+            self.control.count_exit();
             match exit {
                 VcpuExit::IoOut(port, data) => {
                     if port == EXIT_PORT && !self.linux {
@@ -186,6 +191,12 @@ impl Bus {
                     }
                     if SerialPort::owns(port) {
                         lock(&self.serial).write(port, data);
+                    } else if port == TIMING_PORT && !self.linux {
+                        let mut v = [0u8; 4];
+                        let n = data.len().min(4);
+                        v[..n].copy_from_slice(&data[..n]);
+                        let line = timing::mark_line(u32::from_le_bytes(v), timing::since_start());
+                        eprintln!("{line}");
                     } else if let Some(event) = acpi::power_event(port, data) {
                         return self.end(match event {
                             PowerEvent::PowerOff => "the guest powered off",
@@ -196,6 +207,10 @@ impl Bus {
                 VcpuExit::IoIn(port, data) => {
                     if SerialPort::owns(port) {
                         lock(&self.serial).read(port, data);
+                    } else if port == TIMING_PORT && !self.linux {
+                        let now = timing::clock_us().to_le_bytes();
+                        let n = data.len().min(4);
+                        data[..n].copy_from_slice(&now[..n]);
                     } else if port == ACPI_PM_PORT {
                         // The sleep status register: no wake event.
                         data.fill(0);
@@ -278,6 +293,9 @@ pub struct Vm {
     run_aps: bool,
     mem: GuestMemoryMmap,
     bus: Bus,
+    /// The queues of each disk and their notification eventfds (one I/O thread per queue while
+    /// the guest runs: [`crate::virtio::io_thread`]).
+    queue_io: Vec<QueueNotifications>,
     /// Notes for the user (how disks were opened, missing KVM features).
     pub notes: Vec<String>,
 }
@@ -346,7 +364,9 @@ impl Vm {
                 (opened.device, None)
             };
             qos_handles.push(handle);
-            blocks.push(Arc::new(Block::new(device, read_only, &name)));
+            blocks.push(Arc::new(Block::with_queues(
+                device, read_only, &name, d.queues,
+            )));
         }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
@@ -394,16 +414,24 @@ impl Vm {
 
         let control = Control::new(blocks.iter().cloned().zip(qos_handles).collect());
         let mut disks = Vec::new();
+        let mut queue_io = Vec::new();
         for (i, block) in blocks.into_iter().enumerate() {
-            let irq = KvmIrq {
-                vm: irqchip.clone(),
-                gsi: MMIO_IRQ + i as u32,
-            };
-            disks.push(Mutex::new(MmioTransport::new(
+            let (transport, io) = io_thread::mmio_device(
                 Box::new(block),
                 mem.clone(),
-                Box::new(irq),
-            )));
+                &vm,
+                irqchip.is_some(),
+                MMIO_IRQ + i as u32,
+                MMIO_BASE + i as u64 * MMIO_SIZE,
+            )
+            .map_err(Error::Kvm)?;
+            if !io.in_kernel {
+                notes.push(format!(
+                    "disk {i}: KVM_IOEVENTFD failed; queue notifications exit to the VMM"
+                ));
+            }
+            disks.push(Mutex::new(transport));
+            queue_io.push(io);
         }
 
         boot::write_boot_structures(&mem)?;
@@ -477,6 +505,7 @@ impl Vm {
                 linux: config.linux.is_some(),
                 ended: Mutex::new(None),
             },
+            queue_io,
             notes,
         })
     }
@@ -536,9 +565,20 @@ impl Vm {
     }
 
     /// Runs the vCPUs, the first on the calling thread and each other one on a thread of its
-    /// own, until the guest ends: the test guest's status on the exit port, or 0 when the guest
-    /// powers off or resets ([`Vm::ended`] says which). A VM runs once.
+    /// own, and an I/O thread per disk queue, until the guest ends: the test guest's status on
+    /// the exit port, or 0 when the guest powers off or resets ([`Vm::ended`] says which). The
+    /// I/O threads are joined before it returns: QoS caps are lifted first, so that requests
+    /// the guest left in flight finish at once. A VM runs once.
     pub fn run(&mut self) -> Result<u32, Error> {
+        let io = IoThreads::start(&self.queue_io, self.bus.control.gate())
+            .map_err(|e| Error::Config(format!("starting the I/O threads: {e}")))?;
+        let result = self.run_vcpus();
+        self.bus.control.lift_limits();
+        io.stop();
+        result
+    }
+
+    fn run_vcpus(&mut self) -> Result<u32, Error> {
         let result = Mutex::new(None);
         let bus = &self.bus;
         let (bsp, aps) = self
@@ -639,7 +679,16 @@ mod tests {
         let plain = DiskConfig::parse("d.raw").unwrap();
         assert_eq!(plain.target, "d.raw");
         assert!(!plain.has_qos());
-        for bad in ["d.raw,max-iops=x", "d.raw,max-iops=10,min-iops=20", ""] {
+        assert_eq!(plain.queues, 1);
+        let mq = DiskConfig::parse("d.raw,queues=4,readonly=on").unwrap();
+        assert_eq!((mq.target.as_str(), mq.queues), ("d.raw,readonly=on", 4));
+        for bad in [
+            "d.raw,max-iops=x",
+            "d.raw,max-iops=10,min-iops=20",
+            "",
+            "d.raw,queues=0",
+            "d.raw,queues=99",
+        ] {
             assert!(DiskConfig::parse(bad).is_err(), "{bad}");
         }
     }

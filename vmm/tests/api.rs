@@ -337,3 +337,70 @@ fn pause_stops_every_vcpu_and_resume_lets_them_go_on() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("vstor-test-guest: PASS"), "{out}");
 }
+
+#[test]
+fn a_disk_held_by_its_cap_does_not_hold_the_vcpu() {
+    if !kvm_or_skip("a_disk_held_by_its_cap_does_not_hold_the_vcpu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    let sock = dir.path().join("api.sock");
+    // At 1 IOPS the first 64 KiB write (8 units) holds its queue for about 7 seconds.
+    let mut vm = Running::start(&[
+        "--disk",
+        &format!("{disk},max-iops=1"),
+        "--memory",
+        "64M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--test-guest",
+        "pattern",
+    ]);
+    vm.wait_for("virtio-blk:");
+    let mut api = Api::connect(&sock);
+    std::thread::sleep(Duration::from_millis(1000));
+    // The vCPU is not inside the request (the queue's I/O thread is), so it stops at once.
+    let asked = Instant::now();
+    assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
+    let took = asked.elapsed();
+    println!("pause while the disk is held by its cap: {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let stats = api.call(r#"{"op":"stats"}"#);
+    assert_eq!(stats["paused"], true, "{stats}");
+    assert!(stats["vcpu_exits"].as_u64().unwrap() > 0, "{stats}");
+    let d = &stats["disks"][0];
+    assert!(d["serves"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(d["queue_requests"].as_array().unwrap().len(), 1, "{stats}");
+    assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
+    let set = api.call(r#"{"op":"set-qos","disk":0,"max-iops":100000}"#);
+    assert_eq!(set["ok"], true, "{set}");
+    let (code, out) = vm.finish();
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn the_vmm_ends_cleanly_with_requests_in_flight() {
+    if !kvm_or_skip("the_vmm_ends_cleanly_with_requests_in_flight") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = raw_disk(dir.path());
+    // 32 writes of 4 KiB on two queues at 1 IOPS: the cap alone would take half a minute; the
+    // guest leaves 300 ms after it submitted them.
+    let started = Instant::now();
+    let vm = Running::start(&[
+        "--disk",
+        &format!("{disk},max-iops=1,queues=2"),
+        "--memory",
+        "64M",
+        "--test-guest",
+        "inflight",
+    ]);
+    let (code, out) = vm.finish();
+    let took = started.elapsed();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("completed after 300 ms; leaving"), "{out}");
+    println!("guest left with requests in flight; the VMM ended after {took:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+}

@@ -321,6 +321,133 @@ fn test_guest_on_a_mirrored_pool_space() {
     assert_passes(&target, "verify");
 }
 
+/// The area queue `q` of the `mq` workload writes (vmm/guest/src/workload.rs `MQ_AREA`,
+/// `MQ_STRIDE`): 64 KiB.
+fn mq_region(q: u64) -> (u64, u64) {
+    ((8 << 20) + q * (256 << 10), 64 << 10)
+}
+
+#[test]
+fn multi_queue_guest_spreads_requests_over_every_queue() {
+    if !kvm_or_skip("multi_queue_guest_spreads_requests_over_every_queue") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    let path = path.to_str().unwrap();
+    vstor(&["disk", "create", path, "--size", &DISK_SIZE.to_string()]);
+    let (code, out, err) = vmm(&format!("{path},queues=4"), "mq 5");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("4 queue(s)"), "{out}");
+    assert!(
+        out.contains(
+            "4 queues: 16 writes of 4 KiB in flight on each, all completed on their own queue"
+        ),
+        "{out}"
+    );
+    // What every queue wrote is on the disk.
+    for q in 0..4 {
+        let (off, len) = mq_region(q);
+        let got = host_read(dir.path(), path, off, len);
+        for (i, &b) in got.iter().enumerate() {
+            let at = off + i as u64;
+            assert_eq!(b, pattern_byte(at, 5), "queue {q}: byte at {at:#x}");
+        }
+    }
+    // With one queue the device offers no MQ and the workload says so.
+    let (code, out, _) = vmm(path, "mq");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("offers one queue"), "{out}");
+}
+
+/// The `key=value` fields of the guest's `bench-result:` line.
+fn bench_result(out: &str) -> std::collections::HashMap<String, String> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("bench-result:"))
+        .unwrap_or_else(|| panic!("no bench-result line in:\n{out}"));
+    line["bench-result:".len()..]
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The milliseconds of the VMM's timing line for `what` on stderr.
+fn timing_ms(err: &str, what: &str) -> f64 {
+    let line = err
+        .lines()
+        .find(|l| l.contains("timing:") && l.contains(what))
+        .unwrap_or_else(|| panic!("no timing line for {what:?} in:\n{err}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let ms = words
+        .iter()
+        .position(|&w| w == "ms")
+        .expect("ms in the timing line");
+    words[ms - 1].parse().expect("a number before ms")
+}
+
+#[test]
+fn bench_workload_reports_iops_and_its_writes_land() {
+    if !kvm_or_skip("bench_workload_reports_iops_and_its_writes_land") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    let path = path.to_str().unwrap();
+    let size: u64 = 16 << 20;
+    vstor(&["disk", "create", path, "--size", &size.to_string()]);
+    let count = 3000u64;
+    let (code, out, err) = vmm(
+        &format!("{path},queues=2"),
+        &format!("bench write 16 4096 {count}"),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let r = bench_result(&out);
+    let num = |k: &str| -> u64 { r[k].parse().unwrap_or_else(|_| panic!("{k} in {r:?}")) };
+    assert_eq!(r["op"], "write");
+    assert_eq!(
+        (num("depth"), num("size"), num("queues"), num("count")),
+        (16, 4096, 2, count)
+    );
+    assert!(num("us") > 0 && num("iops") > 0, "{r:?}");
+    // IOPS is the count over the time.
+    let implied = count * 1_000_000 / num("us");
+    assert!(implied.abs_diff(num("iops")) <= 1, "{r:?}");
+    // With 16 in flight the driver notifies far less than once per request.
+    assert!(num("notifies") < count, "{r:?}");
+    // The VMM timed the guest's start and its first I/O.
+    let (entry, first_io) = (
+        timing_ms(&err, "entered its code"),
+        timing_ms(&err, "first I/O"),
+    );
+    assert!(0.0 < entry && entry <= first_io, "{err}");
+    // The writes landed: every 4 KiB block holds zeroes, or its own tag and zeroes after it.
+    let disk = host_read(dir.path(), path, 0, size);
+    let mut tagged_blocks = 0;
+    for (b, block) in disk.chunks(4096).enumerate() {
+        let off = (b * 4096) as u64;
+        if block.iter().all(|&x| x == 0) {
+            continue;
+        }
+        assert_eq!(&block[..8], b"VSTORBNC", "block at {off:#x}");
+        assert_eq!(block[8..16], off.to_le_bytes(), "block at {off:#x}");
+        assert!(block[16..].iter().all(|&x| x == 0), "block at {off:#x}");
+        tagged_blocks += 1;
+    }
+    // 3000 uniformly random writes over 4096 blocks reach about 2170 of them.
+    println!("{tagged_blocks} blocks written");
+    assert!((1500..=3000).contains(&tagged_blocks), "{tagged_blocks}");
+    // The reads of the same offsets find the tags (the guest checks every sector it reads).
+    let (code, out, err) = vmm(path, &format!("bench read 16 4096 {count}"));
+    assert_eq!(code, 0, "{out}{err}");
+    let r = bench_result(&out);
+    assert_eq!((r["op"].as_str(), r["mismatches"].as_str()), ("read", "0"));
+    // Nonsense parameters are the guest's failure, not a hang.
+    let (code, out, _) = vmm(path, "bench read 0 4096 10");
+    assert_eq!(code, 1, "{out}");
+}
+
 #[test]
 fn a_missing_disk_is_a_vmm_error() {
     // No KVM needed: disks are opened before the VM is created.

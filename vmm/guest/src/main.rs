@@ -5,12 +5,16 @@
 //! - it is loaded at 2 MiB and entered at `_start` with `rdi` pointing at a [`BootInfo`];
 //! - guest RAM is identity-mapped (2 MiB pages, the first 4 GiB, MMIO included);
 //! - text goes to the 8250 serial port at 0x3f8; the result is a 32-bit write to port 0xf4
-//!   (0 = passed), after which the VMM exits with that status.
+//!   (0 = passed), after which the VMM exits with that status;
+//! - port 0xf5 is the VMM's timing port: the guest writes mark 1 when it starts and mark 2 when
+//!   its first I/O completes, and reads it as a microsecond clock (the benchmark workload).
 //!
-//! Interrupts stay disabled: the driver polls the used ring.
+//! Interrupts stay disabled but while the benchmark waits for a completion (`irq`); the other
+//! workloads poll the used ring.
 #![no_std]
 #![no_main]
 
+mod irq;
 mod virtio;
 mod workload;
 
@@ -34,7 +38,8 @@ pub struct BootInfo {
     pub mmio_base: u64,
     /// Number of valid bytes in `workload`.
     pub workload_len: u32,
-    /// The interrupt line of the disk (unused: the driver polls).
+    /// The interrupt line (IOAPIC pin) of the disk (the benchmark waits for it; the other
+    /// workloads poll).
     pub mmio_irq: u32,
     /// The workload name and its arguments, as given on the VMM's command line.
     pub workload: [u8; 64],
@@ -67,6 +72,19 @@ pub fn outb(port: u16, value: u8) {
         core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags))
     };
 }
+
+/// Reads a 32-bit value from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as in `outb`.
+    unsafe {
+        core::arch::asm!("in eax, dx", in("dx") port, out("eax") v, options(nostack, preserves_flags))
+    };
+    v
+}
+
+/// The VMM's timing port: a write is a mark it timestamps, a read its clock in microseconds.
+pub const TIMING_PORT: u16 = 0xf5;
 
 /// Writes a 32-bit value to an I/O port.
 pub fn outl(port: u16, value: u32) {
@@ -110,6 +128,8 @@ pub fn exit(status: u32) -> ! {
 }
 
 extern "sysv64" fn guest_main(info: *const BootInfo) -> ! {
+    // Mark 1: the guest runs (the VMM reports the time since its process started).
+    outl(TIMING_PORT, 1);
     // SAFETY: the VMM passes the address of a BootInfo inside identity-mapped guest RAM.
     let info = unsafe { core::ptr::read_volatile(info) };
     if info.magic != BOOT_MAGIC {
@@ -124,7 +144,7 @@ extern "sysv64" fn guest_main(info: *const BootInfo) -> ! {
         info.mmio_base,
         workload
     );
-    match workload::run(info.mmio_base, workload) {
+    match workload::run(info.mmio_base, info.mmio_irq, workload) {
         Ok(()) => {
             println!("vstor-test-guest: PASS");
             exit(0)

@@ -31,6 +31,27 @@
 //!   64 KiB of the new area and the last 8 KiB of the disk, reads them back, and checks that a
 //!   read past the new end is an I/O error; flushes.
 //!
+//! - `mq`: needs a device with several queues (VIRTIO_BLK_F_MQ): on every queue at once, 16
+//!   writes of 4 KiB in flight (queue `q` writes the pattern over 64 KiB at `8 MiB + q * 256 KiB`),
+//!   a flush, then 16 reads per queue at once, compared with the pattern; each queue must return
+//!   exactly its own requests.
+//! - `inflight`: submits the `mq` writes (on every queue), waits 300 ms and reports PASS without
+//!   waiting for the rest of them: the VMM must still end promptly and cleanly.
+//! - `bench read|write DEPTH SIZE COUNT`: COUNT requests of SIZE bytes at uniformly random
+//!   SIZE-aligned offsets, DEPTH of them in flight, spread over all the device's queues; the
+//!   driver takes completions as they come and, when all DEPTH are in flight, asks for an
+//!   interrupt at the next completion (EVENT_IDX `used_event`) and halts until it comes (`waits`
+//!   counts these); EVENT_IDX also keeps notifications to the ones the device waits for.
+//!   Writes put a tag at the start of each request ("VSTORBNC" and the disk offset; the rest of
+//!   the request is zero) and end with a flush, inside the timing; reads check that each request
+//!   starts with zeroes or its own tag. The offsets depend only on DEPTH and SIZE, so a read run
+//!   after a write run with the same ones reads what it wrote. It reports a `bench-result:`
+//!   line with the time (the VMM's clock, port 0xf5) and IOPS. Each request costs the driver a
+//!   few stores (the chains are built once per slot), which matters where the guest's
+//!   instructions are slow (`cpu` measures it).
+//! - `cpu`: times 10,000,000 iterations of a register-only loop and 1,000,000 of a multiply-add
+//!   through the stack (`cpu-result:` line).
+//!
 //! The pattern byte at disk offset `o` is `((o >> 9) as u8 * 37) ^ (o as u8) ^ 0xa5 ^ seed`; the
 //! VMM's CI test recomputes it on the host.
 
@@ -76,13 +97,20 @@ fn regions(capacity_bytes: u64) -> [(u64, usize, &'static [u32]); 3] {
 }
 
 /// Runs the named workload on the disk at `mmio_base`.
-pub fn run(mmio_base: u64, workload: &str) -> Result<(), &'static str> {
-    let mut blk = Blk::init(mmio_base)?;
+pub fn run(mmio_base: u64, mmio_irq: u32, workload: &str) -> Result<(), &'static str> {
+    let first = workload.split_whitespace().next().unwrap_or("");
+    // mq and bench use every queue the device offers, with room for many requests in flight.
+    let mut blk = if matches!(first, "mq" | "bench" | "inflight") {
+        Blk::init_queues(mmio_base, virtio::MAX_QUEUES, virtio::MAX_QUEUE_SIZE)?
+    } else {
+        Blk::init(mmio_base)?
+    };
     println!(
-        "virtio-blk: {} sectors, block size {}, seg_max {}, features {:#x}{}",
+        "virtio-blk: {} sectors, block size {}, seg_max {}, {} queue(s), features {:#x}{}",
         blk.capacity,
         blk.blk_size,
         blk.seg_max,
+        blk.queue_count,
         blk.features,
         if blk.has(virtio::feature::RO) {
             ", read-only"
@@ -92,6 +120,13 @@ pub fn run(mmio_base: u64, workload: &str) -> Result<(), &'static str> {
     );
     if blk.capacity < 2048 {
         return Err("the disk is smaller than 1 MiB");
+    }
+    if first == "cpu" {
+        return cpu();
+    }
+    if first == "bench" {
+        crate::irq::init(mmio_irq);
+        return bench(&mut blk, workload);
     }
     let (name, seed) = parse(workload)?;
     match name {
@@ -104,9 +139,11 @@ pub fn run(mmio_base: u64, workload: &str) -> Result<(), &'static str> {
         "wce" => wce(&mut blk, seed),
         "event-idx" => event_idx(&mut blk),
         "capacity" => capacity(&mut blk, seed),
+        "mq" => mq(&mut blk, seed),
+        "inflight" => inflight(&mut blk, seed),
         _ => Err(
             "unknown workload (known: pattern, verify, readonly, malformed, zeroes, zeroes-over, \
-             wce, event-idx, capacity)",
+             wce, event-idx, capacity, mq, inflight, bench, cpu)",
         ),
     }
 }
@@ -614,5 +651,394 @@ fn capacity(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
     };
     expect(blk, "read past the new end", T_IN, new, &[one], S_IOERR)?;
     println!("  read past the new end: I/O error");
+    Ok(())
+}
+
+/// Where `mq` and `bench` put their data buffers (to the end of the DMA window: 12 MiB).
+const BENCH_BUF: u64 = virtio::DMA_BASE + 0x40_0000;
+/// Where `mq` writes: queue `q` at `MQ_AREA + q * MQ_STRIDE`, 64 KiB.
+const MQ_AREA: u64 = 8 << 20;
+const MQ_STRIDE: u64 = 256 << 10;
+/// Requests per queue in flight in `mq`, 4 KiB each.
+const MQ_REQUESTS: u16 = 16;
+
+/// Polls every queue for completions until `want[q]` came back on each; checks that each is
+/// one of the queue's own requests with status OK.
+fn collect_mq(blk: &mut Blk, want: u16) -> Result<(), &'static str> {
+    let mut got = [0u16; virtio::MAX_QUEUES];
+    let mut spins = 0u64;
+    while got[..blk.queue_count].iter().any(|&n| n < want) {
+        let mut progress = false;
+        for (q, n) in got.iter_mut().enumerate().take(blk.queue_count) {
+            while let Some((head, _)) = blk.pop_used(q) {
+                let slot = (head / 3) as u16;
+                if head % 3 != 0 || slot >= want {
+                    return Err("a queue returned a chain it was not given");
+                }
+                if blk.slot_status(q, slot) != S_OK {
+                    println!(
+                        "queue {} request {}: status {}",
+                        q,
+                        slot,
+                        blk.slot_status(q, slot)
+                    );
+                    return Err("a request on one of the queues failed");
+                }
+                *n += 1;
+                progress = true;
+            }
+        }
+        if !progress {
+            spins += 1;
+            if spins > 2_000_000_000 {
+                return Err("the device did not complete the requests of every queue");
+            }
+            core::hint::spin_loop();
+        }
+    }
+    Ok(())
+}
+
+fn mq(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
+    if blk.queue_count < 2 {
+        return Err("the device offers one queue (start the VMM with --disk TARGET,queues=N)");
+    }
+    mq_writes(blk, seed)?;
+    collect_mq(blk, MQ_REQUESTS)?;
+    println!(
+        "  {} queues: {} writes of 4 KiB in flight on each, all completed on their own queue",
+        blk.queue_count, MQ_REQUESTS
+    );
+    mq_reads(blk, seed)
+}
+
+fn inflight(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
+    mq_writes(blk, seed)?;
+    // Give the device's threads time to take the requests (the VMM's clock, in microseconds).
+    let start = crate::inl(crate::TIMING_PORT);
+    while crate::inl(crate::TIMING_PORT).wrapping_sub(start) < 300_000 {
+        core::hint::spin_loop();
+    }
+    let done = (0..blk.queue_count)
+        .map(|q| {
+            let mut n = 0;
+            while blk.pop_used(q).is_some() {
+                n += 1;
+            }
+            n
+        })
+        .sum::<u32>();
+    println!(
+        "  {} queue(s): {} writes submitted on each, {} completed after 300 ms; leaving without \
+         waiting for the others",
+        blk.queue_count, MQ_REQUESTS, done
+    );
+    Ok(())
+}
+
+fn mq_buf(q: usize, s: u16) -> u64 {
+    BENCH_BUF + (q as u64 * u64::from(MQ_REQUESTS) + u64::from(s)) * 4096
+}
+
+fn mq_off(q: usize, s: u16) -> u64 {
+    MQ_AREA + q as u64 * MQ_STRIDE + u64::from(s) * 4096
+}
+
+/// Puts the `mq` writes on every queue and notifies them all.
+fn mq_writes(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
+    if blk.has(virtio::feature::RO) {
+        return Err("the disk is read-only");
+    }
+    let nq = blk.queue_count as u64;
+    if blk.capacity * 512 < MQ_AREA + nq * MQ_STRIDE {
+        return Err("the disk is too small for the mq workload");
+    }
+    // Every queue gets its writes before any is notified: they are all in flight together.
+    for q in 0..blk.queue_count {
+        blk.quiet(q);
+        for s in 0..MQ_REQUESTS {
+            let (addr, off) = (mq_buf(q, s), mq_off(q, s));
+            for (i, b) in virtio::dma_slice(addr, 4096).iter_mut().enumerate() {
+                *b = pattern_byte(off + i as u64, seed);
+            }
+            let buf = Buf {
+                addr,
+                len: 4096,
+                device_writes: false,
+            };
+            blk.prepare(q, s, T_OUT, off / 512, buf);
+        }
+    }
+    for q in 0..blk.queue_count {
+        blk.kick(q);
+    }
+    Ok(())
+}
+
+/// Flushes, reads the `mq` areas back on every queue at once and compares.
+fn mq_reads(blk: &mut Blk, seed: u8) -> Result<(), &'static str> {
+    if blk.has(virtio::feature::FLUSH) {
+        expect(blk, "flush", T_FLUSH, 0, &[], S_OK)?;
+    }
+    for q in 0..blk.queue_count {
+        for s in 0..MQ_REQUESTS {
+            let addr = mq_buf(q, s);
+            virtio::dma_slice(addr, 4096).fill(0xee);
+            let buf = Buf {
+                addr,
+                len: 4096,
+                device_writes: true,
+            };
+            blk.prepare(q, s, T_IN, mq_off(q, s) / 512, buf);
+        }
+    }
+    for q in 0..blk.queue_count {
+        blk.kick(q);
+    }
+    collect_mq(blk, MQ_REQUESTS)?;
+    for q in 0..blk.queue_count {
+        for s in 0..MQ_REQUESTS {
+            let off = mq_off(q, s);
+            let back = virtio::dma_slice(mq_buf(q, s), 4096);
+            let bad = back
+                .iter()
+                .enumerate()
+                .position(|(i, &b)| b != pattern_byte(off + i as u64, seed));
+            if let Some(i) = bad {
+                println!("queue {}: mismatch at disk offset {:#x}", q, off + i as u64);
+                return Err("read-back on a queue differs from what was written");
+            }
+        }
+    }
+    let (sent, skipped) = blk.notifies;
+    println!(
+        "  read back 64 KiB on each queue: ok; {} notifications sent, {} suppressed",
+        sent, skipped
+    );
+    Ok(())
+}
+
+/// The tag a bench write leaves at the start of every sector: magic, then the disk offset.
+const BENCH_MAGIC: &[u8; 8] = b"VSTORBNC";
+/// The most requests `bench` keeps in flight.
+const BENCH_MAX_DEPTH: usize = 1024;
+
+/// A xorshift64* generator (the offsets of `bench`).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Parses a decimal number.
+fn number(word: Option<&str>, what: &'static str) -> Result<u64, &'static str> {
+    word.and_then(|w| w.parse::<u64>().ok()).ok_or(what)
+}
+
+fn bench(blk: &mut Blk, workload: &str) -> Result<(), &'static str> {
+    let mut words = workload.split_whitespace().skip(1);
+    let write = match words.next() {
+        Some("read") => false,
+        Some("write") => true,
+        _ => return Err("usage: bench read|write DEPTH SIZE COUNT"),
+    };
+    let depth = number(words.next(), "bench: DEPTH is not a number")? as usize;
+    let size = number(words.next(), "bench: SIZE is not a number")?;
+    let count = number(words.next(), "bench: COUNT is not a number")?;
+    if words.next().is_some() {
+        return Err("usage: bench read|write DEPTH SIZE COUNT");
+    }
+    let nq = blk.queue_count;
+    if size == 0 || size % 512 != 0 || size > 64 * 1024 {
+        return Err("bench: SIZE must be a multiple of 512 up to 64 KiB");
+    }
+    if depth == 0 || depth > BENCH_MAX_DEPTH || depth > nq * usize::from(blk.slots(0)) {
+        return Err("bench: DEPTH must be from 1 to 1024 and fit the queues (85 per queue)");
+    }
+    if depth as u64 * size > virtio::DMA_END - BENCH_BUF {
+        return Err("bench: DEPTH * SIZE is more than the 12 MiB of buffers");
+    }
+    if count == 0 {
+        return Err("bench: COUNT must be at least 1");
+    }
+    if write && blk.has(virtio::feature::RO) {
+        return Err("the disk is read-only");
+    }
+    if !blk.has(virtio::feature::EVENT_IDX) {
+        return Err("bench: the device does not offer EVENT_IDX");
+    }
+    let blocks = blk.capacity * 512 / size;
+    if blocks == 0 {
+        return Err("bench: the disk is smaller than one request");
+    }
+    let typ = if write { T_OUT } else { T_IN };
+    // Request g lives in slot g / nq of queue g % nq, with its own buffer.
+    let buf_of = |g: usize| BENCH_BUF + g as u64 * size;
+    let mut offsets = [0u64; BENCH_MAX_DEPTH];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (depth as u64) << 32 ^ size);
+    // The first request of a slot builds its chain; the next ones only change the sector.
+    let mut issue = |blk: &mut Blk, g: usize, offsets: &mut [u64; BENCH_MAX_DEPTH], first: bool| {
+        // A uniform block without a division: the high half of random * blocks.
+        let off = ((u128::from(rng.next()) * u128::from(blocks)) >> 64) as u64 * size;
+        offsets[g] = off;
+        let addr = buf_of(g);
+        if write {
+            let tag = virtio::dma_slice(addr, 16);
+            tag[..8].copy_from_slice(BENCH_MAGIC);
+            tag[8..16].copy_from_slice(&off.to_le_bytes());
+        }
+        let (q, slot) = (g % nq, (g / nq) as u16);
+        if first {
+            let buf = Buf {
+                addr,
+                len: size as u32,
+                device_writes: !write,
+            };
+            blk.prepare(q, slot, typ, off / 512, buf);
+        } else {
+            blk.resubmit(q, slot, off / 512);
+        }
+    };
+    if write {
+        // The rest of every sector stays zero.
+        for g in 0..depth {
+            virtio::dma_slice(buf_of(g), size as usize).fill(0);
+        }
+    }
+    for q in 0..nq {
+        blk.quiet(q);
+    }
+    let (mut issued, mut done, mut mismatches) = (0u64, 0u64, 0u64);
+    let start = crate::inl(crate::TIMING_PORT);
+    for g in 0..depth.min(count as usize) {
+        issue(blk, g, &mut offsets, true);
+        issued += 1;
+    }
+    for q in 0..nq {
+        blk.kick(q);
+    }
+    let (mut idle, mut waits) = (0u64, 0u64);
+    while done < count {
+        let mut progress = false;
+        for q in 0..nq {
+            while let Some((head, _)) = blk.pop_used(q) {
+                let slot = (head / 3) as u16;
+                let g = usize::from(slot) * nq + q;
+                if head % 3 != 0 || g >= depth {
+                    return Err("the device returned a chain that was not submitted");
+                }
+                if blk.slot_status(q, slot) != S_OK {
+                    println!(
+                        "bench: request at {:#x}: status {}",
+                        offsets[g],
+                        blk.slot_status(q, slot)
+                    );
+                    return Err("a benchmark request failed");
+                }
+                if !write {
+                    // Two loads: the tag's magic and offset (zero where nothing was written).
+                    let head = virtio::dma_slice(buf_of(g), 16);
+                    let word = |i: usize| {
+                        let mut w = [0u8; 8];
+                        w.copy_from_slice(&head[8 * i..8 * i + 8]);
+                        u64::from_le_bytes(w)
+                    };
+                    let (magic, tag) = (word(0), word(1));
+                    let zero = magic == 0 && tag == 0;
+                    if !zero && (magic != u64::from_le_bytes(*BENCH_MAGIC) || tag != offsets[g]) {
+                        mismatches += 1;
+                    }
+                }
+                done += 1;
+                progress = true;
+                if issued < count {
+                    issue(blk, g, &mut offsets, false);
+                    issued += 1;
+                }
+            }
+            if progress {
+                blk.quiet(q);
+                blk.kick(q);
+            }
+        }
+        if progress {
+            idle = 0;
+            continue;
+        }
+        // Everything is in flight: ask for an interrupt at the next completion of each queue,
+        // look again (one may have landed meanwhile), and halt until it comes.
+        for q in 0..nq {
+            blk.interrupt_at_next(q);
+        }
+        if (0..nq).any(|q| blk.used_pending(q)) {
+            continue;
+        }
+        crate::irq::wait();
+        waits += 1;
+        idle += 1;
+        if idle > 100_000_000 {
+            return Err("the device stopped completing benchmark requests");
+        }
+    }
+    if write && blk.has(virtio::feature::FLUSH) {
+        expect(blk, "flush", T_FLUSH, 0, &[], S_OK)?;
+    }
+    let us = u64::from(crate::inl(crate::TIMING_PORT).wrapping_sub(start)).max(1);
+    let (sent, skipped) = blk.notifies;
+    println!(
+        "bench-result: op={} depth={} size={} queues={} count={} us={} iops={} notifies={} suppressed={} waits={} mismatches={}",
+        if write { "write" } else { "read" },
+        depth,
+        size,
+        nq,
+        count,
+        us,
+        count * 1_000_000 / us,
+        sent,
+        skipped,
+        waits,
+        mismatches
+    );
+    if mismatches != 0 {
+        return Err("bench: blocks read back hold neither zeroes nor their own tag");
+    }
+    Ok(())
+}
+
+/// Times two loops: 10,000,000 iterations of a register-only `dec`/`jnz` loop, and 1,000,000 of
+/// a multiply-add through memory (the stack): the speed of the guest's instructions, which
+/// bounds what the benchmark can reach per request.
+fn cpu() -> Result<(), &'static str> {
+    const REGISTER_LOOPS: u64 = 10_000_000;
+    const MEMORY_LOOPS: u64 = 1_000_000;
+    let start = crate::inl(crate::TIMING_PORT);
+    // SAFETY: a counted loop on one register.
+    unsafe {
+        core::arch::asm!(
+            "2: dec {n}",
+            "jnz 2b",
+            n = inout(reg) REGISTER_LOOPS => _,
+            options(nomem, nostack)
+        )
+    };
+    let registers = crate::inl(crate::TIMING_PORT).wrapping_sub(start);
+    let start = crate::inl(crate::TIMING_PORT);
+    let mut x = 1u64;
+    for i in 0..MEMORY_LOOPS {
+        x = core::hint::black_box(x.wrapping_mul(3).wrapping_add(i));
+    }
+    let memory = crate::inl(crate::TIMING_PORT).wrapping_sub(start);
+    println!(
+        "cpu-result: register_loops={} us={} memory_loops={} us={} (x={:#x})",
+        REGISTER_LOOPS,
+        registers,
+        MEMORY_LOOPS,
+        memory,
+        x & 0xff
+    );
     Ok(())
 }

@@ -45,6 +45,8 @@ pub mod feature {
     pub const DISCARD: u64 = 1 << 13;
     /// WRITE_ZEROES requests.
     pub const WRITE_ZEROES: u64 = 1 << 14;
+    /// More than one request queue (`num_queues` is valid).
+    pub const MQ: u64 = 1 << 12;
 }
 
 /// Request types (virtio spec 5.2.6).
@@ -77,6 +79,8 @@ pub const S_UNSUPP: u8 = 2;
 pub const MAX_REQUEST_BYTES: u64 = 8 << 20;
 /// The size of one queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// The most request queues of one device (`queues=N` on `--disk`).
+pub const MAX_QUEUES: usize = 16;
 /// `size_max`: the largest segment.
 const SIZE_MAX: u32 = 64 * 1024;
 /// `seg_max`: the most data segments per request (`SIZE_MAX * SEG_MAX <= MAX_REQUEST_BYTES`).
@@ -434,6 +438,12 @@ struct Counters {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     errors: AtomicU64,
+    /// Times a queue was served (one per notification the device acted on).
+    serves: AtomicU64,
+    /// Times serving a queue ended with a used-buffer interrupt for the driver.
+    interrupts: AtomicU64,
+    /// Chains returned through the used ring, per queue.
+    per_queue: Vec<AtomicU64>,
 }
 
 /// A snapshot of a device's request counters ([`Block::stats`]).
@@ -455,12 +465,29 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Requests that completed with an error or were refused (any status but OK).
     pub errors: u64,
+    /// Times a queue was served: one per notification the device acted on (with EVENT_IDX a
+    /// notification can cover many requests).
+    pub serves: u64,
+    /// Used-buffer interrupts the device asked for (with EVENT_IDX only those the driver wanted).
+    pub interrupts: u64,
 }
 
 impl Block {
-    /// A block device over `disk`; `id` is the GET_ID string (cut to 20 bytes). The device is
-    /// read-only when the stack is or when `read_only` is set.
+    /// A block device over `disk` with one request queue; `id` is the GET_ID string (cut to 20
+    /// bytes). The device is read-only when the stack is or when `read_only` is set.
     pub fn new(disk: Arc<dyn BlockDevice>, read_only: bool, id: &str) -> Self {
+        Self::with_queues(disk, read_only, id, 1)
+    }
+
+    /// A block device with `queues` request queues (1 to [`MAX_QUEUES`]; out-of-range values are
+    /// clamped). With more than one it offers VIRTIO_BLK_F_MQ and `num_queues`.
+    pub fn with_queues(
+        disk: Arc<dyn BlockDevice>,
+        read_only: bool,
+        id: &str,
+        queues: usize,
+    ) -> Self {
+        let queues = queues.clamp(1, MAX_QUEUES);
         let info = disk.info();
         let mut ident = [0u8; ID_LEN];
         let n = id.len().min(ID_LEN);
@@ -480,8 +507,11 @@ impl Block {
             flush_negotiated: AtomicBool::new(false),
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),
-            queue_sizes: vec![QUEUE_SIZE],
-            counters: Counters::default(),
+            queue_sizes: vec![QUEUE_SIZE; queues],
+            counters: Counters {
+                per_queue: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+                ..Counters::default()
+            },
         }
     }
 
@@ -498,7 +528,23 @@ impl Block {
             bytes_read: get(&c.bytes_read),
             bytes_written: get(&c.bytes_written),
             errors: get(&c.errors),
+            serves: get(&c.serves),
+            interrupts: get(&c.interrupts),
         }
+    }
+
+    /// Chains returned through the used ring so far, per queue.
+    pub fn queue_requests(&self) -> Vec<u64> {
+        self.counters
+            .per_queue
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The number of request queues.
+    pub fn queues(&self) -> usize {
+        self.queue_sizes.len()
     }
 
     /// Whether the device is read-only.
@@ -734,6 +780,9 @@ impl VirtioDevice for Block {
         if self.caps.write_zeroes {
             f |= feature::WRITE_ZEROES;
         }
+        if self.queue_sizes.len() > 1 {
+            f |= feature::MQ;
+        }
         f
     }
 
@@ -776,7 +825,23 @@ impl VirtioDevice for Block {
         self.event_idx.store(false, Ordering::Release);
     }
 
-    fn process_queue(&self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    fn process_queue(&self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let interrupt = self.serve_queue(queue, mem);
+        let c = &self.counters;
+        c.serves.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = c.per_queue.get(index) {
+            n.fetch_add(interrupt.0 as u64, Ordering::Relaxed);
+        }
+        if interrupt.1 {
+            c.interrupts.fetch_add(1, Ordering::Relaxed);
+        }
+        interrupt.1
+    }
+}
+
+impl Block {
+    /// Drains a queue; returns the chains used and whether the driver wants an interrupt.
+    fn serve_queue(&self, queue: &mut Queue, mem: &GuestMemoryMmap) -> (usize, bool) {
         let mut used = 0usize;
         loop {
             // No notifications while we drain the ring; re-enabling them tells us whether more
@@ -790,7 +855,7 @@ impl VirtioDevice for Block {
                     Some(n) => used += n,
                     // The used ring is not in guest memory any more: nothing more can be done
                     // for this queue until the driver sets it up again.
-                    None => return used > 0,
+                    None => return (used, used > 0),
                 }
             }
             match queue.enable_notification(mem) {
@@ -802,7 +867,10 @@ impl VirtioDevice for Block {
             }
         }
         // With EVENT_IDX the driver says from which used index on it wants an interrupt.
-        used > 0 && queue.needs_notification(mem).unwrap_or(true)
+        (
+            used,
+            used > 0 && queue.needs_notification(mem).unwrap_or(true),
+        )
     }
 }
 

@@ -6,6 +6,8 @@
 //! ignored, never fatal: a guest cannot stop the VMM through this window.
 
 use super::{VirtioDevice, F_EVENT_IDX, F_VERSION_1};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -34,48 +36,131 @@ pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
 /// An interrupt line the transport drives (level-triggered: high while the interrupt status is
-/// not zero).
-pub trait IrqLine: Send {
+/// not zero; an edge-only line, such as a KVM irqfd, fires on `set_level(true)` and ignores the
+/// rest).
+pub trait IrqLine: Send + Sync {
     /// Sets the line's level.
     fn set_level(&self, high: bool);
 }
 
-/// A virtio device behind a virtio-mmio register window.
-pub struct MmioTransport {
+/// The part of a virtio-mmio device that the threads serving its queues share with the vCPU
+/// thread that drives its registers: the device model, the queues (each behind its own lock, so
+/// queues are served in parallel), the interrupt status and the line.
+pub struct DeviceQueues {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     irq: Box<dyn IrqLine>,
-    queues: Vec<Queue>,
+    queues: Vec<Mutex<Queue>>,
+    max_sizes: Vec<u16>,
+    interrupt_status: AtomicU32,
+    /// DRIVER_OK is set (and no reset since).
+    live: AtomicBool,
+}
+
+impl DeviceQueues {
+    /// The number of queues.
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn lock(&self, i: usize) -> Option<MutexGuard<'_, Queue>> {
+        self.queues
+            .get(i)
+            .map(|q| q.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Serves the available buffers of queue `i` (after a notification) and interrupts the driver
+    /// if the device asks for it. Does nothing before DRIVER_OK, for a queue that is not ready or
+    /// whose rings lie outside guest memory, or for a queue that does not exist.
+    pub fn serve(&self, i: usize) {
+        if !self.live.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(mut q) = self.lock(i) else { return };
+        if !q.ready() || !q.is_valid(&self.mem) {
+            return;
+        }
+        if self.device.process_queue(i, &mut q, &self.mem) {
+            drop(q);
+            self.signal(INT_VRING);
+        }
+    }
+
+    /// Whether queue `i` is live and its driver has made chains available that the device has
+    /// not taken yet (a cheap check for a thread that polls before it sleeps).
+    pub fn has_available(&self, i: usize) -> bool {
+        if !self.live.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(q) = self.lock(i) else { return false };
+        q.ready()
+            && q.avail_idx(&self.mem, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+    }
+
+    /// Raises interrupt status bits and the line.
+    pub fn signal(&self, bits: u32) {
+        self.interrupt_status.fetch_or(bits, Ordering::AcqRel);
+        self.irq.set_level(true);
+    }
+}
+
+/// Where the notifications of a transport go when threads serve its queues (the queue index).
+pub type Notifier = Box<dyn Fn(usize) + Send>;
+
+/// A virtio device behind a virtio-mmio register window.
+pub struct MmioTransport {
+    shared: Arc<DeviceQueues>,
+    /// Set when threads serve the queues: a notification that reaches the transport (one that
+    /// KVM did not turn into an ioeventfd signal) is handed to them. Without it the transport
+    /// serves the queue itself, on the caller's thread.
+    notifier: Option<Notifier>,
     queue_sel: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
     status: u32,
-    interrupt_status: u32,
     config_generation: u32,
 }
 
 impl MmioTransport {
     /// A transport for `device`, whose queues live in `mem`, interrupting through `irq`.
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Box<dyn IrqLine>) -> Self {
-        let queues = device
-            .queue_max_sizes()
+        let max_sizes = device.queue_max_sizes().to_vec();
+        let queues = max_sizes
             .iter()
-            .map(|&max| Queue::new(max).expect("queue sizes of device models are powers of two"))
+            .map(|&max| {
+                Mutex::new(Queue::new(max).expect("queue sizes of device models are powers of two"))
+            })
             .collect();
         MmioTransport {
-            device,
-            mem,
-            irq,
-            queues,
+            shared: Arc::new(DeviceQueues {
+                device,
+                mem,
+                irq,
+                queues,
+                max_sizes,
+                interrupt_status: AtomicU32::new(0),
+                live: AtomicBool::new(false),
+            }),
+            notifier: None,
             queue_sel: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
             status: 0,
-            interrupt_status: 0,
             config_generation: 0,
         }
+    }
+
+    /// What the threads serving the queues need.
+    pub fn queues(&self) -> Arc<DeviceQueues> {
+        self.shared.clone()
+    }
+
+    /// Hands notifications to `notifier` (the queues' threads) instead of serving them here.
+    pub fn set_notifier(&mut self, notifier: Notifier) {
+        self.notifier = Some(notifier);
     }
 
     /// The device's status register (for tests and diagnostics).
@@ -83,32 +168,39 @@ impl MmioTransport {
         self.status
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
+    /// Runs `f` on the selected queue (under its lock).
+    fn with_selected<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> Option<R> {
+        self.shared
+            .lock(self.queue_sel as usize)
+            .map(|mut q| f(&mut q))
     }
 
     fn device_features(&self) -> u64 {
-        self.device.features() | F_VERSION_1
+        self.shared.device.features() | F_VERSION_1
     }
 
     fn reset(&mut self) {
-        self.device.reset();
-        for q in &mut self.queues {
-            q.reset();
+        self.shared.live.store(false, Ordering::Release);
+        // A queue being served is reset once its thread lets go of it (its batch done); the
+        // device's state after that, so no batch runs on a half-reset device.
+        for i in 0..self.shared.queue_count() {
+            if let Some(mut q) = self.shared.lock(i) {
+                q.reset();
+            }
         }
+        self.shared.device.reset();
         self.queue_sel = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.status = 0;
-        self.interrupt_status = 0;
-        self.irq.set_level(false);
+        self.shared.interrupt_status.store(0, Ordering::Release);
+        self.shared.irq.set_level(false);
     }
 
     /// Raises interrupt status bits and the line.
     pub fn signal(&mut self, bits: u32) {
-        self.interrupt_status |= bits;
-        self.irq.set_level(true);
+        self.shared.signal(bits);
     }
 
     /// Tells the driver that the configuration space changed (a new capacity, say).
@@ -122,7 +214,7 @@ impl MmioTransport {
     /// A read of `data.len()` bytes at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
-            self.device.read_config(offset - 0x100, data);
+            self.shared.device.read_config(offset - 0x100, data);
             return;
         }
         if data.len() != 4 {
@@ -132,16 +224,20 @@ impl MmioTransport {
         let v = match offset {
             0x000 => MAGIC_VALUE,
             0x004 => 2,
-            0x008 => self.device.device_type(),
+            0x008 => self.shared.device.device_type(),
             0x00c => VENDOR_ID,
             0x010 => match self.device_features_sel {
                 0 => self.device_features() as u32,
                 1 => (self.device_features() >> 32) as u32,
                 _ => 0,
             },
-            0x034 => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            0x044 => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            0x060 => self.interrupt_status,
+            0x034 => self
+                .shared
+                .max_sizes
+                .get(self.queue_sel as usize)
+                .map_or(0, |&m| u32::from(m)),
+            0x044 => self.with_selected(|q| u32::from(q.ready())).unwrap_or(0),
+            0x060 => self.shared.interrupt_status.load(Ordering::Acquire),
             0x070 => self.status,
             0x0fc => self.config_generation,
             _ => 0,
@@ -153,7 +249,8 @@ impl MmioTransport {
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= 0x100 {
             if self.status & status::FEATURES_OK != 0 {
-                self.device
+                self.shared
+                    .device
                     .write_config(self.driver_features, offset - 0x100, data);
             }
             return;
@@ -163,9 +260,8 @@ impl MmioTransport {
         };
         let v = u32::from_le_bytes(bytes);
         // Queue layout may change only while feature negotiation is done and the queue is off.
-        let queue_setup = self.status & status::FEATURES_OK != 0
-            && self.status & status::FAILED == 0
-            && self.selected_queue().is_some_and(|q| !q.ready());
+        let setup_phase =
+            self.status & status::FEATURES_OK != 0 && self.status & status::FAILED == 0;
         match offset {
             0x014 => self.device_features_sel = v,
             0x020 if self.status & status::FEATURES_OK == 0 => {
@@ -179,42 +275,46 @@ impl MmioTransport {
             }
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
-            0x038 if queue_setup => {
-                if let Some(q) = self.selected_queue() {
-                    if v <= u32::from(q.max_size()) {
+            0x038 if setup_phase => {
+                self.with_selected(|q| {
+                    if !q.ready() && v <= u32::from(q.max_size()) {
                         q.set_size(v as u16);
                     }
-                }
+                });
             }
             0x044 => {
-                if let Some(q) = self.selected_queue() {
+                self.with_selected(|q| {
                     if v == 0 {
                         q.set_ready(false);
-                    } else if queue_setup {
+                    } else if setup_phase && !q.ready() {
                         q.set_ready(true);
                     }
-                }
+                });
             }
             0x050 => self.notify(v),
             0x064 => {
-                self.interrupt_status &= !v;
-                if self.interrupt_status == 0 {
-                    self.irq.set_level(false);
+                let before = self.shared.interrupt_status.fetch_and(!v, Ordering::AcqRel);
+                if before & !v == 0 {
+                    self.shared.irq.set_level(false);
                 }
             }
             0x070 => self.set_status(v),
-            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if queue_setup => {
-                let q = self.selected_queue().expect("queue_setup implies a queue");
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setup_phase => {
                 let (lo, hi) = if offset % 8 == 0 {
                     (Some(v), None)
                 } else {
                     (None, Some(v))
                 };
-                match offset & !7 {
-                    0x080 => q.set_desc_table_address(lo, hi),
-                    0x090 => q.set_avail_ring_address(lo, hi),
-                    _ => q.set_used_ring_address(lo, hi),
-                }
+                self.with_selected(|q| {
+                    if q.ready() {
+                        return;
+                    }
+                    match offset & !7 {
+                        0x080 => q.set_desc_table_address(lo, hi),
+                        0x090 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                });
             }
             _ => {}
         }
@@ -243,27 +343,26 @@ impl MmioTransport {
                 return;
             }
             let event_idx = self.driver_features & F_EVENT_IDX != 0;
-            for q in &mut self.queues {
-                q.set_event_idx(event_idx);
+            for i in 0..self.shared.queue_count() {
+                if let Some(mut q) = self.shared.lock(i) {
+                    q.set_event_idx(event_idx);
+                }
             }
-            self.device.activate(self.driver_features);
+            self.shared.device.activate(self.driver_features);
         }
         self.status = v;
+        let live = v & status::DRIVER_OK != 0 && v & status::DEVICE_NEEDS_RESET == 0;
+        self.shared.live.store(live, Ordering::Release);
     }
 
     fn notify(&mut self, index: u32) {
-        if self.status & status::DRIVER_OK == 0 || self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
         let i = index as usize;
-        let Some(q) = self.queues.get_mut(i) else {
-            return;
-        };
-        if !q.ready() || !q.is_valid(&self.mem) {
+        if i >= self.shared.queue_count() {
             return;
         }
-        if self.device.process_queue(i, q, &self.mem) {
-            self.signal(INT_VRING);
+        match &self.notifier {
+            Some(notify) => notify(i),
+            None => self.shared.serve(i),
         }
     }
 }
@@ -271,8 +370,7 @@ impl MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
     use vm_memory::GuestAddress;
 
     struct Line(Arc<AtomicBool>);

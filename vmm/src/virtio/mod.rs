@@ -1,6 +1,7 @@
 //! Virtio devices and their MMIO transport.
 
 pub mod block;
+pub mod io_thread;
 pub mod mmio;
 
 use virtio_queue::Queue;
