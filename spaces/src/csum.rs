@@ -125,6 +125,28 @@ pub(crate) fn merge_pages(pages: Vec<PageWrite>) -> Vec<PageWrite> {
     out
 }
 
+/// Checksum updates of one batch, `(member, slab, first block, values)`, with the updates that
+/// continue one another on a member's slab joined into one. A write split into pieces smaller
+/// than a checksum page's data (256 KiB interleave: half a page per piece) then covers its
+/// pages whole, so [`Csums::set`] need not read them first. Updates of the same blocks keep
+/// their order (the requests of a batch are unordered anyway; the later one wins as before).
+pub(crate) fn join_runs(mut sums: Vec<SumRun>) -> Vec<SumRun> {
+    sums.sort_by_key(|x| (x.0, x.1, x.2));
+    let mut out: Vec<SumRun> = Vec::with_capacity(sums.len());
+    for s in sums {
+        match out.last_mut() {
+            Some(l) if l.0 == s.0 && l.1 == s.1 && l.2 + l.3.len() as u64 == s.2 => {
+                l.3.extend_from_slice(&s.3)
+            }
+            _ => out.push(s),
+        }
+    }
+    out
+}
+
+/// A run of checksum updates: member, slab, first block, values.
+pub(crate) type SumRun = (usize, u32, u64, Vec<u32>);
+
 /// Where a member's checksum area starts.
 pub fn area_start(data_start: u64, slab_size: u64, slabs: u32) -> u64 {
     data_start + u64::from(slabs) * slab_size
@@ -235,13 +257,18 @@ impl Csums {
         let i0 = self.index(slab, first);
         self.load(dev, member, Self::pages_of(i0, n))?;
         let pages = guard(&self.pages);
-        Ok((i0..i0 + n)
-            .map(|i| {
-                let p = &pages[&(member, i / PER_PAGE)];
-                let at = ((i % PER_PAGE) * ENTRY) as usize;
-                u32::from_le_bytes(p[at..at + 4].try_into().expect("4 bytes"))
-            })
-            .collect())
+        let mut out = Vec::with_capacity(n as usize);
+        for p in Self::pages_of(i0, n) {
+            let page = &pages[&(member, p)];
+            let lo = i0.max(p * PER_PAGE);
+            let hi = (i0 + n).min((p + 1) * PER_PAGE);
+            let src = &page[((lo % PER_PAGE) * ENTRY) as usize..((hi - p * PER_PAGE) * ENTRY) as usize];
+            out.extend(
+                src.chunks_exact(ENTRY as usize)
+                    .map(|e| u32::from_le_bytes(e.try_into().expect("4 bytes"))),
+            );
+        }
+        Ok(out)
     }
 
     /// The lock shard of a page.
@@ -292,11 +319,17 @@ impl Csums {
         }
         self.load(dev, member, pages.clone())?;
         let mut cache = guard(&self.pages);
-        for (k, &v) in vals.iter().enumerate() {
-            let i = i0 + k as u64;
-            let p = cache.get_mut(&(member, i / PER_PAGE)).expect("loaded");
-            let at = ((i % PER_PAGE) * ENTRY) as usize;
-            p[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        for p in pages.clone() {
+            let page = cache.get_mut(&(member, p)).expect("loaded");
+            let lo = i0.max(p * PER_PAGE);
+            let hi = end.min((p + 1) * PER_PAGE);
+            let dst = &mut page[((lo % PER_PAGE) * ENTRY) as usize..];
+            for (d, v) in dst
+                .chunks_exact_mut(ENTRY as usize)
+                .zip(&vals[(lo - i0) as usize..(hi - i0) as usize])
+            {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
         }
         Ok(pages
             .map(|p| {
@@ -354,6 +387,26 @@ mod tests {
         assert_eq!((out[0].0, out[0].1, out[0].2.len()), (0, 4096, 8192));
         assert_eq!((out[0].2[0], out[0].2[4096]), (2, 4));
         assert_eq!((out[1].0, out[1].1), (1, 8192));
+    }
+
+    #[test]
+    fn runs_that_continue_one_another_join_and_a_half_page_pair_covers_its_page() {
+        let out = join_runs(vec![
+            (0, 2, 512, vec![2; 512]),
+            (1, 2, 0, vec![3; 512]),
+            (0, 2, 0, vec![1; 512]),
+            (0, 3, 1024, vec![4; 8]),
+        ]);
+        assert_eq!(out.len(), 3);
+        assert_eq!((out[0].0, out[0].1, out[0].2, out[0].3.len()), (0, 2, 0, 1024));
+        assert_eq!((out[0].3[511], out[0].3[512]), (1, 2));
+        // Two half-page updates joined cover the page whole: nothing is read from the device.
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let counting = vstor_core::FaultDevice::new(dev.clone());
+        let c = Csums::new(1 << 20, vec![0]);
+        let w = c.set(&counting, 0, 2, out[0].2, &out[0].3).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(counting.stats().reads, 0);
     }
 
     #[test]

@@ -598,7 +598,7 @@ impl Space {
         // Reads to verify once done: (parent, offset in it, length, slot, offset in the slab, extent).
         let mut checks: Vec<(usize, u64, u64, Slot, u64, u64)> = Vec::new();
         // Checksums of written pieces: (member, slab, first block, values).
-        let mut sums: Vec<(usize, u32, u64, Vec<u32>)> = Vec::new();
+        let mut sums: Vec<csum::SumRun> = Vec::new();
         let mut pages: Vec<PageWrite> = Vec::new();
         // Checksum pages the reads need that are not cached: read in the same batches.
         let mut loads: Vec<(usize, u64, u64, AlignedBuf)> = Vec::new();
@@ -698,6 +698,7 @@ impl Space {
             }
             // The checksum pages of the writes go in the same batches, their locks held until
             // the batches complete.
+            let sums = csum::join_runs(sums);
             let _page_locks = self
                 .pool
                 .csums
@@ -1101,7 +1102,7 @@ impl Space {
         let layout = self.shared.layout;
         let n = devs.len();
         let mut pages: Vec<PageWrite> = Vec::new();
-        let mut sums: Vec<(usize, u32, u64, Vec<u32>)> = Vec::new();
+        let mut sums: Vec<csum::SumRun> = Vec::new();
         let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
         for row in rows.values_mut() {
             let slots = ext[row.extent as usize].as_ref().expect("allocated");
@@ -1137,6 +1138,7 @@ impl Space {
             }
         }
         let before = failures.len();
+        let sums = csum::join_runs(sums);
         let _page_locks = self
             .pool
             .csums
