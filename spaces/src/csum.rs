@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock};
-use vstor_core::{BlockDevice, Result};
+use vstor_core::{AlignedBuf, BlockDevice, Result};
 
 /// Bytes of data per checksum.
 pub const BLOCK: u64 = 512;
@@ -214,17 +214,44 @@ impl Csums {
         member: usize,
         pages: std::ops::RangeInclusive<u64>,
     ) -> Result<()> {
-        for p in pages {
-            if guard(&self.pages).contains_key(&(member, p)) {
-                continue;
+        // Runs of adjacent missing pages are read in one request each.
+        let missing: Vec<u64> = {
+            let cache = guard(&self.pages);
+            pages
+                .filter(|p| !cache.contains_key(&(member, *p)))
+                .collect()
+        };
+        let mut i = 0;
+        while i < missing.len() {
+            let mut j = i + 1;
+            while j < missing.len() && missing[j] == missing[j - 1] + 1 {
+                j += 1;
             }
-            let mut buf = vec![0u8; PAGE as usize];
-            dev.read_at(self.page_offset(member, p), &mut buf)?;
-            guard(&self.pages)
-                .entry((member, p))
-                .or_insert(buf.into_boxed_slice());
+            let mut buf = AlignedBuf::new((j - i) * PAGE as usize);
+            dev.read_at(self.page_offset(member, missing[i]), &mut buf)?;
+            let mut cache = guard(&self.pages);
+            for (k, page) in buf.chunks_exact(PAGE as usize).enumerate() {
+                cache
+                    .entry((member, missing[i + k as usize]))
+                    .or_insert_with(|| page.into());
+            }
+            i = j;
         }
         Ok(())
+    }
+
+    /// Reads into the cache the checksum pages of blocks `[first, first + n)` of slab `slab`
+    /// of `member` that are not cached, adjacent ones in one request (a rebuild or scrub
+    /// loads a whole slab's pages at once instead of a few pages per chunk).
+    pub fn preload(
+        &self,
+        dev: &dyn BlockDevice,
+        member: usize,
+        slab: u32,
+        first: u64,
+        n: u64,
+    ) -> Result<()> {
+        self.load(dev, member, Self::pages_of(self.index(slab, first), n))
     }
 
     /// The pages holding the checksums of blocks `[first, first + n)` of slab `slab` of
@@ -262,7 +289,8 @@ impl Csums {
             let page = &pages[&(member, p)];
             let lo = i0.max(p * PER_PAGE);
             let hi = (i0 + n).min((p + 1) * PER_PAGE);
-            let src = &page[((lo % PER_PAGE) * ENTRY) as usize..((hi - p * PER_PAGE) * ENTRY) as usize];
+            let src =
+                &page[((lo % PER_PAGE) * ENTRY) as usize..((hi - p * PER_PAGE) * ENTRY) as usize];
             out.extend(
                 src.chunks_exact(ENTRY as usize)
                     .map(|e| u32::from_le_bytes(e.try_into().expect("4 bytes"))),
@@ -398,7 +426,10 @@ mod tests {
             (0, 3, 1024, vec![4; 8]),
         ]);
         assert_eq!(out.len(), 3);
-        assert_eq!((out[0].0, out[0].1, out[0].2, out[0].3.len()), (0, 2, 0, 1024));
+        assert_eq!(
+            (out[0].0, out[0].1, out[0].2, out[0].3.len()),
+            (0, 2, 0, 1024)
+        );
         assert_eq!((out[0].3[511], out[0].3[512]), (1, 2));
         // Two half-page updates joined cover the page whole: nothing is read from the device.
         let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20).unwrap());
