@@ -218,6 +218,9 @@ struct RowOp {
     pieces: Vec<(usize, Piece, bool)>,
     shards: Vec<Option<AlignedBuf>>,
     rebuild: bool,
+    /// A full-stripe write of single requests' contiguous buffers: the data shards are written
+    /// and encoded from the callers' buffers, with no copy and no read.
+    direct: bool,
 }
 
 impl Space {
@@ -597,14 +600,13 @@ impl Space {
         let mut failures = Vec::new();
         // Reads to verify once done: (parent, offset in it, length, slot, offset in the slab, extent).
         let mut checks: Vec<(usize, u64, u64, Slot, u64, u64)> = Vec::new();
-        // Checksums of written pieces: (member, slab, first block, values).
-        let mut sums: Vec<csum::SumRun> = Vec::new();
-        let mut pages: Vec<PageWrite> = Vec::new();
         // Checksum pages the reads need that are not cached: read in the same batches.
         let mut loads: Vec<(usize, u64, u64, AlignedBuf)> = Vec::new();
         {
             let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
             let mut own: Vec<Vec<usize>> = (0..n).map(|_| Vec::new()).collect();
+            // Written pieces whose checksums go to (member, slab)s: targets, first block, data.
+            let mut crc_src: Vec<(Vec<(usize, u32)>, u64, vstor_core::WriteBufs<'_>)> = Vec::new();
             for (pi, req) in seg.iter_mut().enumerate() {
                 if req.is_complete() {
                     continue;
@@ -660,16 +662,16 @@ impl Space {
                                 Some((e, t)) if *e == p.extent => &t[..],
                                 _ => &[],
                             };
-                            let crcs = csum::crcs_iov(&b, 0, p.len as usize);
                             let block = layout.slab_offset(p.row, p.in_unit) / csum::BLOCK;
+                            let mut targets = Vec::new();
                             for c in 0..k {
                                 let si = layout.data_slot(p.row, p.col, c);
                                 let s = slots[si];
                                 if devs[s.member].is_some() {
-                                    sums.push((s.member, s.slab, block, crcs.clone()));
+                                    targets.push((s.member, s.slab));
                                 }
                                 if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
-                                    sums.push((new.member, new.slab, block, crcs.clone()));
+                                    targets.push((new.member, new.slab));
                                     // The slab being rebuilt gets the write too.
                                     let off = self.phys(new, layout.slab_offset(p.row, p.in_unit));
                                     push_write(
@@ -691,31 +693,11 @@ impl Space {
                                     );
                                 }
                             }
+                            crc_src.push((targets, block, b));
                         }
                     }
                     _ => {}
                 }
-            }
-            // The checksum pages of the writes go in the same batches, their locks held until
-            // the batches complete.
-            let sums = csum::join_runs(sums);
-            let _page_locks = self
-                .pool
-                .csums
-                .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
-            for (m, slab, block, crcs) in &sums {
-                let Some(dev) = devs[*m].as_ref() else {
-                    continue;
-                };
-                match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
-                    Ok(w) => pages.extend(w),
-                    Err(e) => failures.push((*m, e)),
-                }
-            }
-            pages = csum::merge_pages(std::mem::take(&mut pages));
-            for (m, off, buf) in &pages {
-                per[*m].push(Request::write(*off, &buf[..]));
-                own[*m].push(usize::MAX);
             }
             let mut wanted = BTreeSet::new();
             for (_, _, len, s, in_slab, _) in &checks {
@@ -734,7 +716,18 @@ impl Space {
                 per[*m].push(Request::read(*off, &mut buf[..]));
                 own[*m].push(usize::MAX);
             }
-            run_members(devs, &mut per);
+            // The checksums of what is written are computed, and their pages written, while
+            // the data is in flight.
+            failures.extend(self.run_with_sums(devs, &mut per, || {
+                let mut sums = Vec::new();
+                for (targets, block, b) in &crc_src {
+                    let crcs = csum::crcs_iov(b, 0, b.iter().map(|x| x.len()).sum());
+                    for &(m, slab) in targets {
+                        sums.push((m, slab, *block, crcs.clone()));
+                    }
+                }
+                sums
+            }));
             for (m, reqs) in per.iter().enumerate() {
                 for (r, &pi) in reqs.iter().zip(&own[m]) {
                     if let Err(e) = r.result() {
@@ -857,6 +850,7 @@ impl Space {
                     pieces: Vec::new(),
                     shards: Vec::new(),
                     rebuild: false,
+                    direct: false,
                 });
                 r.lo = r.lo.min(p.in_unit);
                 r.hi = r.hi.max(p.in_unit + p.len);
@@ -898,6 +892,18 @@ impl Space {
             }
             row.shards = (0..w).map(|_| None).collect();
             row.rebuild = (0..d).any(|c| need[c] && !usable(c));
+            row.direct = writes
+                && (0..d).all(|c| {
+                    let mut of_col = row.pieces.iter().filter(|x| x.1.col == c);
+                    match (of_col.next(), of_col.next()) {
+                        (Some((pi, p, true)), None) => {
+                            p.in_unit == row.lo
+                                && p.in_unit + p.len == row.hi
+                                && write_slice(&seg[*pi], p.at, p.len).is_some()
+                        }
+                        _ => false,
+                    }
+                });
             let rebuild = row.rebuild;
             for (s, shard) in row.shards.iter_mut().enumerate() {
                 if (rebuild && usable(s)) || (!rebuild && s < d && need[s]) {
@@ -905,7 +911,15 @@ impl Space {
                 }
             }
         }
-        if !self.row_io(&mut rows, devs, ext, None, failures, false) {
+        if !self.row_io(
+            &mut rows,
+            &BTreeMap::new(),
+            devs,
+            ext,
+            None,
+            failures,
+            false,
+        ) {
             self.give_rows(rows);
             return;
         }
@@ -959,7 +973,7 @@ impl Space {
             return;
         }
         // Rebuild, apply the writes, recompute parity.
-        for row in rows.values_mut() {
+        for row in rows.values_mut().filter(|r| !r.direct) {
             let len = (row.hi - row.lo) as usize;
             if row.rebuild && !self.rebuild_row(&mut row.shards, d, len) {
                 for (pi, _, _) in &row.pieces {
@@ -1017,7 +1031,34 @@ impl Space {
                 row.shards.iter_mut().for_each(|s| self.give_buf(s.take()));
             }
         }
-        let wrote = self.row_io(&mut rows, devs, ext, rebuilding, failures, true);
+        // Full-stripe rows: the parity straight from the callers' buffers.
+        let direct: BTreeMap<(u64, u64), Vec<&[u8]>> = rows
+            .iter()
+            .filter(|(_, r)| r.direct)
+            .map(|(k, r)| {
+                let data = (0..d)
+                    .map(|c| {
+                        let (pi, p, _) = r.pieces.iter().find(|x| x.1.col == c).expect("planned");
+                        write_slice(&seg[*pi], p.at, p.len).expect("checked")
+                    })
+                    .collect();
+                (*k, data)
+            })
+            .collect();
+        for (k, data) in &direct {
+            let row = rows.get_mut(k).expect("planned");
+            let len = (row.hi - row.lo) as usize;
+            for s in row.shards[d..].iter_mut() {
+                *s = Some(self.take_buf(len));
+            }
+            let mut par: Vec<&mut [u8]> = row.shards[d..]
+                .iter_mut()
+                .map(|s| &mut s.as_mut().expect("just set")[..])
+                .collect();
+            code::encode(data, &mut par);
+        }
+        let wrote = self.row_io(&mut rows, &direct, devs, ext, rebuilding, failures, true);
+        drop(direct);
         self.give_rows(rows);
         if !wrote {
             // Reads of the batch are done; the writes run again without the failed member.
@@ -1090,9 +1131,11 @@ impl Space {
 
     /// Reads into (or writes from) every shard buffer of the rows, skipping unusable members.
     /// Returns false (and adds the failures) if a member failed.
+    #[allow(clippy::too_many_arguments)]
     fn row_io(
         &self,
         rows: &mut BTreeMap<(u64, u64), RowOp>,
+        direct: &BTreeMap<(u64, u64), Vec<&[u8]>>,
         devs: &Devs,
         ext: &[Option<Vec<Slot>>],
         rebuilding: Option<&Rebuild>,
@@ -1101,10 +1144,10 @@ impl Space {
     ) -> bool {
         let layout = self.shared.layout;
         let n = devs.len();
-        let mut pages: Vec<PageWrite> = Vec::new();
-        let mut sums: Vec<csum::SumRun> = Vec::new();
+        // Written shards whose checksums go to (member, slab)s: targets, first block, data.
+        let mut crc_src: Vec<(Vec<(usize, u32)>, u64, &[u8])> = Vec::new();
         let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
-        for row in rows.values_mut() {
+        for (key, row) in rows.iter_mut() {
             let slots = ext[row.extent as usize].as_ref().expect("allocated");
             let off = layout.slab_offset(row.row, row.lo);
             if write {
@@ -1112,20 +1155,26 @@ impl Space {
                     Some((e, t)) if *e == row.extent => &t[..],
                     _ => &[],
                 };
+                let given = direct.get(key);
                 for (shard, buf) in row.shards.iter().enumerate() {
-                    let Some(buf) = buf else { continue };
+                    let buf: &[u8] = match (given.and_then(|g| g.get(shard)), buf) {
+                        (Some(g), _) => g,
+                        (None, Some(b)) => b,
+                        (None, None) => continue,
+                    };
                     let si = self.shard_slot(row.row, shard);
-                    let crcs = csum::crcs(buf);
+                    let mut targets = Vec::new();
                     if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
                         // The slab being rebuilt gets the write too.
                         per[new.member].push(Request::write(self.phys(new, off), &buf[..]));
-                        sums.push((new.member, new.slab, off / csum::BLOCK, crcs.clone()));
+                        targets.push((new.member, new.slab));
                     }
                     let s = slots[si];
                     if devs[s.member].is_some() {
                         per[s.member].push(Request::write(self.phys(s, off), &buf[..]));
-                        sums.push((s.member, s.slab, off / csum::BLOCK, crcs));
+                        targets.push((s.member, s.slab));
                     }
+                    crc_src.push((targets, off / csum::BLOCK, &buf[..]));
                 }
                 continue;
             }
@@ -1138,25 +1187,18 @@ impl Space {
             }
         }
         let before = failures.len();
-        let sums = csum::join_runs(sums);
-        let _page_locks = self
-            .pool
-            .csums
-            .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
-        for (m, slab, block, crcs) in &sums {
-            let Some(dev) = devs[*m].as_ref() else {
-                continue;
-            };
-            match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
-                Ok(w) => pages.extend(w),
-                Err(e) => failures.push((*m, e)),
+        // The checksums of what is written are computed, and their pages written, while the
+        // shards are in flight.
+        failures.extend(self.run_with_sums(devs, &mut per, || {
+            let mut sums = Vec::new();
+            for (targets, block, buf) in &crc_src {
+                let crcs = csum::crcs(buf);
+                for &(m, slab) in targets {
+                    sums.push((m, slab, *block, crcs.clone()));
+                }
             }
-        }
-        pages = csum::merge_pages(std::mem::take(&mut pages));
-        for (m, off, buf) in &pages {
-            per[*m].push(Request::write(*off, &buf[..]));
-        }
-        run_members(devs, &mut per);
+            sums
+        }));
         for (m, reqs) in per.iter().enumerate() {
             for r in reqs {
                 if let Err(e) = r.result() {
@@ -1166,6 +1208,90 @@ impl Space {
         }
         failures.len() == before
     }
+
+    /// Runs each member's batch (as [`run_members`]) and meanwhile, on this thread, `sums`
+    /// (the checksums of what the batches write): the updates are set in the checksum cache
+    /// and their pages written, one batch per member, under the pages' locks, while the
+    /// batches are in flight. Returns failures of the checksum updates. With no updates the
+    /// batches just run.
+    fn run_with_sums<'a>(
+        &self,
+        devs: &Devs,
+        per: &mut [Vec<Request<'a>>],
+        sums: impl FnOnce() -> Vec<csum::SumRun>,
+    ) -> Vec<(usize, Error)> {
+        let writes = per
+            .iter()
+            .any(|r| r.iter().any(|x| matches!(x.op, Op::Write { .. })));
+        if !writes {
+            run_members(devs, per);
+            return Vec::new();
+        }
+        let mut failures = Vec::new();
+        std::thread::scope(|sc| {
+            let mut running = Vec::new();
+            for (d, reqs) in devs.iter().zip(per.iter_mut()) {
+                if reqs.is_empty() {
+                    continue;
+                }
+                match d {
+                    Some(d) => running.push(sc.spawn(move || d.submit(reqs))),
+                    None => {
+                        fail_remaining(reqs, &Error::InvalidArgument("member not usable".into()))
+                    }
+                }
+            }
+            let sums = csum::join_runs(sums());
+            let _page_locks = self
+                .pool
+                .csums
+                .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
+            let mut pages: Vec<PageWrite> = Vec::new();
+            for (m, slab, block, crcs) in &sums {
+                let Some(dev) = devs[*m].as_ref() else {
+                    continue;
+                };
+                match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
+                    Ok(w) => pages.extend(w),
+                    Err(e) => failures.push((*m, e)),
+                }
+            }
+            let pages = csum::merge_pages(pages);
+            let mut by_member: BTreeMap<usize, Vec<Request<'_>>> = BTreeMap::new();
+            for (m, off, buf) in &pages {
+                by_member
+                    .entry(*m)
+                    .or_default()
+                    .push(Request::write(*off, &buf[..]));
+            }
+            for (m, mut reqs) in by_member {
+                if let Some(dev) = devs[m].as_ref() {
+                    if let Err(e) = dev.submit_all(&mut reqs) {
+                        failures.push((m, e));
+                    }
+                }
+            }
+            for h in running {
+                h.join().expect("a member thread does not panic");
+            }
+        });
+        failures
+    }
+}
+
+/// The `len` bytes at `at` of a write request's data, if they lie in one of its buffers.
+fn write_slice<'r>(req: &'r Request<'_>, at: u64, len: u64) -> Option<&'r [u8]> {
+    let Op::Write { bufs, .. } = &req.op else {
+        return None;
+    };
+    let (mut at, len) = (at as usize, len as usize);
+    for b in bufs.iter() {
+        if at < b.len() {
+            return b.get(at..at + len);
+        }
+        at -= b.len();
+    }
+    None
 }
 
 /// Whether the write pieces of data column `col` cover `[lo, hi)`.
