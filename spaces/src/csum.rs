@@ -232,7 +232,7 @@ impl Csums {
             let mut cache = guard(&self.pages);
             for (k, page) in buf.chunks_exact(PAGE as usize).enumerate() {
                 cache
-                    .entry((member, missing[i + k as usize]))
+                    .entry((member, missing[i + k]))
                     .or_insert_with(|| page.into());
             }
             i = j;

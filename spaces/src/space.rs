@@ -55,6 +55,10 @@ pub(crate) struct SpaceShared {
     bufs: Mutex<Vec<AlignedBuf>>,
 }
 
+/// Written data whose checksums go to (member, slab)s: the targets, the first block in the
+/// slabs, the data.
+type CrcSource<B> = (Vec<(usize, u32)>, u64, B);
+
 /// An extent under rebuild: its index and, per lost slot, the slab taking its place.
 pub(crate) type Rebuild = (u64, Vec<(usize, Slot)>);
 
@@ -606,7 +610,7 @@ impl Space {
             let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
             let mut own: Vec<Vec<usize>> = (0..n).map(|_| Vec::new()).collect();
             // Written pieces whose checksums go to (member, slab)s: targets, first block, data.
-            let mut crc_src: Vec<(Vec<(usize, u32)>, u64, vstor_core::WriteBufs<'_>)> = Vec::new();
+            let mut crc_src: Vec<CrcSource<vstor_core::WriteBufs<'_>>> = Vec::new();
             for (pi, req) in seg.iter_mut().enumerate() {
                 if req.is_complete() {
                     continue;
@@ -1145,7 +1149,7 @@ impl Space {
         let layout = self.shared.layout;
         let n = devs.len();
         // Written shards whose checksums go to (member, slab)s: targets, first block, data.
-        let mut crc_src: Vec<(Vec<(usize, u32)>, u64, &[u8])> = Vec::new();
+        let mut crc_src: Vec<CrcSource<&[u8]>> = Vec::new();
         let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
         for (key, row) in rows.iter_mut() {
             let slots = ext[row.extent as usize].as_ref().expect("allocated");
@@ -1166,15 +1170,15 @@ impl Space {
                     let mut targets = Vec::new();
                     if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
                         // The slab being rebuilt gets the write too.
-                        per[new.member].push(Request::write(self.phys(new, off), &buf[..]));
+                        per[new.member].push(Request::write(self.phys(new, off), buf));
                         targets.push((new.member, new.slab));
                     }
                     let s = slots[si];
                     if devs[s.member].is_some() {
-                        per[s.member].push(Request::write(self.phys(s, off), &buf[..]));
+                        per[s.member].push(Request::write(self.phys(s, off), buf));
                         targets.push((s.member, s.slab));
                     }
-                    crc_src.push((targets, off / csum::BLOCK, &buf[..]));
+                    crc_src.push((targets, off / csum::BLOCK, buf));
                 }
                 continue;
             }
