@@ -8,9 +8,12 @@
 //!   stored value 0 and zeroing a slab's checksum entries matches zeroing its data.
 //! - A member's checksums describe that member's own slabs: every copy and every parity shard
 //!   carries its own, so each slot can be verified alone.
-//! - A write sends the data and the checksum pages it changes to the member in one batch, with
-//!   the pages' locks held until the batch completes (so pages written for two writes that
-//!   share one cannot land out of order). The write-intent bitmap covers both: after a crash a
+//! - A write's data goes to the members first; while it is in flight the submitting thread
+//!   computes its checksums, sets them in the cache and writes the checksum pages they change
+//!   (the updates of a batch joined per member and slab first, so pieces smaller than a page's
+//!   data still cover whole pages and need no read), with the pages' locks held until the page
+//!   writes complete (so pages written for two writes that share one cannot land out of
+//!   order). The request completes when both have. The write-intent bitmap covers both: after a crash a
 //!   dirty chunk may hold data whose checksum did not land (or the reverse), and the resync
 //!   decides it (the resync at [`Pool::open`](crate::Pool::open)); outside dirty chunks a
 //!   mismatch is damage.

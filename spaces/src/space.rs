@@ -10,8 +10,12 @@
 //! - An I/O error marks the member failed (recorded in the pool metadata before anything is
 //!   acknowledged) and the requests it touched run again without it, as long as the space
 //!   keeps its data; otherwise they fail with [`SpacesError::SpaceFailed`].
-//! - Every write sends the block checksums of what it writes, in the same member batch; every
-//!   read (and every shard a parity row reads) is verified against them. A bad block stops the
+//! - Every write also writes the block checksums of what it writes: the data batches start
+//!   first and the checksums are computed and their pages written while they are in flight
+//!   ([`csum`]); every read (and every shard a parity row reads) is verified against them, each
+//!   member's reads checksummed by that member's thread as its batch completes. Parity
+//!   full-stripe writes from contiguous caller buffers are encoded and written from those
+//!   buffers (no copy, no read). A bad block stops the
 //!   requests that read it; they run again after [`heal_window`] has rewritten the bad blocks
 //!   of that 4 KiB window in every slot (with the space's I/O held off), or fail with
 //!   [`SpacesError::ChecksumMismatch`] if no good source is left.
@@ -54,6 +58,10 @@ pub(crate) struct SpaceShared {
     /// Row buffers of the parity path, recycled.
     bufs: Mutex<Vec<AlignedBuf>>,
 }
+
+/// A read to verify: parent request, offset in it, length, slot, offset in the slab, extent,
+/// and (index of the member request that read it, offset in that request).
+type ReadCheck = (usize, u64, u64, Slot, u64, u64, (usize, u64));
 
 /// Written data whose checksums go to (member, slab)s: the targets, the first block in the
 /// slabs, the data.
@@ -147,24 +155,27 @@ fn run_members(devs: &Devs, per: &mut [Vec<Request<'_>>]) {
     });
 }
 
-/// Appends a read, merged into the member's previous request when it continues it.
+/// Appends a read, merged into the member's previous request when it continues it. Returns
+/// the request's index in `per` and the offset of the read inside it.
 fn push_read<'a>(
     per: &mut Vec<Request<'a>>,
     own: &mut Vec<usize>,
     parent: usize,
     offset: u64,
     bufs: ReadBufs<'a>,
-) {
+) -> (usize, u64) {
     if let (Some(last), Some(&o)) = (per.last_mut(), own.last()) {
         if o == parent && last.offset() + last.len() == offset {
+            let at = last.len();
             if let Op::Read { bufs: b, .. } = &mut last.op {
                 b.extend(bufs);
-                return;
+                return (per.len() - 1, at);
             }
         }
     }
     per.push(Request::new(Op::Read { offset, bufs }));
     own.push(parent);
+    (per.len() - 1, 0)
 }
 
 /// Appends a write, merged into the member's previous request when it continues it.
@@ -602,8 +613,12 @@ impl Space {
         let mut errors: Vec<Option<Error>> = vec![None; seg.len()];
         let mut retry = vec![false; seg.len()];
         let mut failures = Vec::new();
-        // Reads to verify once done: (parent, offset in it, length, slot, offset in the slab, extent).
-        let mut checks: Vec<(usize, u64, u64, Slot, u64, u64)> = Vec::new();
+        // Reads to verify once done: (parent, offset in it, length, slot, offset in the slab,
+        // extent, (index of the member request, offset in it)).
+        let mut checks: Vec<ReadCheck> = Vec::new();
+        // The stored checksums of what each member request read, computed by the member's
+        // thread once its batch completed.
+        let got_crcs: Vec<Vec<Option<Vec<u32>>>>;
         // Checksum pages the reads need that are not cached: read in the same batches.
         let mut loads: Vec<(usize, u64, u64, AlignedBuf)> = Vec::new();
         {
@@ -641,9 +656,15 @@ impl Space {
                             match slot {
                                 Some(s) => {
                                     let in_slab = layout.slab_offset(p.row, p.in_unit);
-                                    checks.push((pi, p.at, p.len, s, in_slab, p.extent));
                                     let off = self.phys(s, in_slab);
-                                    push_read(&mut per[s.member], &mut own[s.member], pi, off, b);
+                                    let at = push_read(
+                                        &mut per[s.member],
+                                        &mut own[s.member],
+                                        pi,
+                                        off,
+                                        b,
+                                    );
+                                    checks.push((pi, p.at, p.len, s, in_slab, p.extent, at));
                                 }
                                 None => {
                                     errors[pi] = Some(self.failed(format!(
@@ -704,7 +725,7 @@ impl Space {
                 }
             }
             let mut wanted = BTreeSet::new();
-            for (_, _, len, s, in_slab, _) in &checks {
+            for (_, _, len, s, in_slab, _, _) in &checks {
                 for (page, off) in self.pool.csums.missing(
                     s.member,
                     s.slab,
@@ -722,7 +743,12 @@ impl Space {
             }
             // The checksums of what is written are computed, and their pages written, while
             // the data is in flight.
-            failures.extend(self.run_with_sums(devs, &mut per, || {
+            // The reads are checksummed by each member's thread as its batch completes.
+            let verify: Vec<Vec<bool>> = own
+                .iter()
+                .map(|o| o.iter().map(|&pi| pi != usize::MAX).collect())
+                .collect();
+            let (f, crcs) = self.run_with_sums(devs, &mut per, &verify, || {
                 let mut sums = Vec::new();
                 for (targets, block, b) in &crc_src {
                     let crcs = csum::crcs_iov(b, 0, b.iter().map(|x| x.len()).sum());
@@ -731,7 +757,9 @@ impl Space {
                     }
                 }
                 sums
-            }));
+            });
+            failures.extend(f);
+            got_crcs = crcs;
             for (m, reqs) in per.iter().enumerate() {
                 for (r, &pi) in reqs.iter().zip(&own[m]) {
                     if let Err(e) = r.result() {
@@ -750,14 +778,25 @@ impl Space {
             }
         }
         // Verify what was read; a block whose checksum fails is healed and read again.
-        for (pi, at, len, s, in_slab, extent) in checks {
+        for (pi, at, len, s, in_slab, extent, (ri, in_req)) in checks {
             if retry[pi] || errors[pi].is_some() {
                 continue;
             }
             let Op::Read { bufs, .. } = &seg[pi].op else {
                 continue;
             };
-            let got = csum::crcs_iov(bufs, at as usize, len as usize);
+            let (b0, nb) = (
+                (in_req / csum::BLOCK) as usize,
+                (len / csum::BLOCK) as usize,
+            );
+            let got = match got_crcs
+                .get(s.member)
+                .and_then(|v| v.get(ri))
+                .and_then(Option::as_ref)
+            {
+                Some(c) if c.len() >= b0 + nb => c[b0..b0 + nb].to_vec(),
+                _ => csum::crcs_iov(bufs, at as usize, len as usize),
+            };
             let Some(dev) = devs[s.member].as_ref() else {
                 continue;
             };
@@ -1193,7 +1232,7 @@ impl Space {
         let before = failures.len();
         // The checksums of what is written are computed, and their pages written, while the
         // shards are in flight.
-        failures.extend(self.run_with_sums(devs, &mut per, || {
+        let (f, _) = self.run_with_sums(devs, &mut per, &[], || {
             let mut sums = Vec::new();
             for (targets, block, buf) in &crc_src {
                 let crcs = csum::crcs(buf);
@@ -1202,7 +1241,8 @@ impl Space {
                 }
             }
             sums
-        }));
+        });
+        failures.extend(f);
         for (m, reqs) in per.iter().enumerate() {
             for r in reqs {
                 if let Err(e) = r.result() {
@@ -1216,70 +1256,97 @@ impl Space {
     /// Runs each member's batch (as [`run_members`]) and meanwhile, on this thread, `sums`
     /// (the checksums of what the batches write): the updates are set in the checksum cache
     /// and their pages written, one batch per member, under the pages' locks, while the
-    /// batches are in flight. Returns failures of the checksum updates. With no updates the
-    /// batches just run.
+    /// batches are in flight. Each member's thread, once its batch completed, computes the
+    /// stored checksums of what its reads flagged in `verify` (per member, per request) read.
+    /// Returns failures of the checksum updates, and those checksums (per member, per
+    /// request).
+    #[allow(clippy::type_complexity)]
     fn run_with_sums<'a>(
         &self,
         devs: &Devs,
         per: &mut [Vec<Request<'a>>],
+        verify: &[Vec<bool>],
         sums: impl FnOnce() -> Vec<csum::SumRun>,
-    ) -> Vec<(usize, Error)> {
+    ) -> (Vec<(usize, Error)>, Vec<Vec<Option<Vec<u32>>>>) {
         let writes = per
             .iter()
             .any(|r| r.iter().any(|x| matches!(x.op, Op::Write { .. })));
-        if !writes {
-            run_members(devs, per);
-            return Vec::new();
-        }
         let mut failures = Vec::new();
+        let mut got: Vec<Vec<Option<Vec<u32>>>> = vec![Vec::new(); per.len()];
+        let run = |d: &Arc<dyn BlockDevice>, reqs: &mut [Request<'a>], flags: &[bool]| {
+            d.submit(reqs);
+            reqs.iter()
+                .enumerate()
+                .map(|(i, r)| match &r.op {
+                    Op::Read { bufs, .. } if flags.get(i) == Some(&true) && r.result().is_ok() => {
+                        Some(csum::crcs_iov(bufs, 0, r.len() as usize))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
         std::thread::scope(|sc| {
-            let mut running = Vec::new();
-            for (d, reqs) in devs.iter().zip(per.iter_mut()) {
+            let mut jobs = Vec::new();
+            for (m, (d, reqs)) in devs.iter().zip(per.iter_mut()).enumerate() {
                 if reqs.is_empty() {
                     continue;
                 }
                 match d {
-                    Some(d) => running.push(sc.spawn(move || d.submit(reqs))),
+                    Some(d) => jobs.push((m, d, reqs)),
                     None => {
                         fail_remaining(reqs, &Error::InvalidArgument("member not usable".into()))
                     }
                 }
             }
-            let sums = csum::join_runs(sums());
-            let _page_locks = self
-                .pool
-                .csums
-                .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
-            let mut pages: Vec<PageWrite> = Vec::new();
-            for (m, slab, block, crcs) in &sums {
-                let Some(dev) = devs[*m].as_ref() else {
-                    continue;
-                };
-                match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
-                    Ok(w) => pages.extend(w),
-                    Err(e) => failures.push((*m, e)),
+            // Without checksum updates to make, this thread runs one of the batches itself.
+            let mine = if writes { None } else { jobs.pop() };
+            let running: Vec<_> = jobs
+                .into_iter()
+                .map(|(m, d, reqs)| {
+                    let flags = verify.get(m).map_or(&[][..], |v| &v[..]);
+                    (m, sc.spawn(move || run(d, reqs, flags)))
+                })
+                .collect();
+            if let Some((m, d, reqs)) = mine {
+                got[m] = run(d, reqs, verify.get(m).map_or(&[][..], |v| &v[..]));
+            }
+            if writes {
+                let sums = csum::join_runs(sums());
+                let _page_locks = self
+                    .pool
+                    .csums
+                    .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
+                let mut pages: Vec<PageWrite> = Vec::new();
+                for (m, slab, block, crcs) in &sums {
+                    let Some(dev) = devs[*m].as_ref() else {
+                        continue;
+                    };
+                    match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
+                        Ok(w) => pages.extend(w),
+                        Err(e) => failures.push((*m, e)),
+                    }
                 }
-            }
-            let pages = csum::merge_pages(pages);
-            let mut by_member: BTreeMap<usize, Vec<Request<'_>>> = BTreeMap::new();
-            for (m, off, buf) in &pages {
-                by_member
-                    .entry(*m)
-                    .or_default()
-                    .push(Request::write(*off, &buf[..]));
-            }
-            for (m, mut reqs) in by_member {
-                if let Some(dev) = devs[m].as_ref() {
-                    if let Err(e) = dev.submit_all(&mut reqs) {
-                        failures.push((m, e));
+                let pages = csum::merge_pages(pages);
+                let mut by_member: BTreeMap<usize, Vec<Request<'_>>> = BTreeMap::new();
+                for (m, off, buf) in &pages {
+                    by_member
+                        .entry(*m)
+                        .or_default()
+                        .push(Request::write(*off, &buf[..]));
+                }
+                for (m, mut reqs) in by_member {
+                    if let Some(dev) = devs[m].as_ref() {
+                        if let Err(e) = dev.submit_all(&mut reqs) {
+                            failures.push((m, e));
+                        }
                     }
                 }
             }
-            for h in running {
-                h.join().expect("a member thread does not panic");
+            for (m, h) in running {
+                got[m] = h.join().expect("a member thread does not panic");
             }
         });
-        failures
+        (failures, got)
     }
 }
 
