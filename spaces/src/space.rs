@@ -198,6 +198,22 @@ fn push_write<'a>(
     own.push(parent);
 }
 
+/// Appends a write to a member's batch, merged into the last request when it continues it (the
+/// shards of consecutive parity rows lie next to each other on a member).
+fn append_write<'a>(per: &mut Vec<Request<'a>>, offset: u64, buf: &'a [u8]) {
+    if let Some(last) = per.last_mut() {
+        if last.offset() + last.len() == offset {
+            if let Op::Write { bufs, .. } = &mut last.op {
+                if bufs.len() < 64 {
+                    bufs.push(std::io::IoSlice::new(buf));
+                    return;
+                }
+            }
+        }
+    }
+    per.push(Request::write(offset, buf));
+}
+
 /// Where a byte of a space lives (see [`Space::locate`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -1209,12 +1225,12 @@ impl Space {
                     let mut targets = Vec::new();
                     if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
                         // The slab being rebuilt gets the write too.
-                        per[new.member].push(Request::write(self.phys(new, off), buf));
+                        append_write(&mut per[new.member], self.phys(new, off), buf);
                         targets.push((new.member, new.slab));
                     }
                     let s = slots[si];
                     if devs[s.member].is_some() {
-                        per[s.member].push(Request::write(self.phys(s, off), buf));
+                        append_write(&mut per[s.member], self.phys(s, off), buf);
                         targets.push((s.member, s.slab));
                     }
                     crc_src.push((targets, off / csum::BLOCK, buf));
@@ -1326,19 +1342,30 @@ impl Space {
                         Err(e) => failures.push((*m, e)),
                     }
                 }
-                let pages = csum::merge_pages(pages);
-                let mut by_member: BTreeMap<usize, Vec<Request<'_>>> = BTreeMap::new();
-                for (m, off, buf) in &pages {
-                    by_member
-                        .entry(*m)
-                        .or_default()
-                        .push(Request::write(*off, &buf[..]));
+                let mut by_member: BTreeMap<usize, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+                for (m, off, buf) in csum::merge_pages(pages) {
+                    by_member.entry(m).or_default().push((off, buf));
                 }
-                for (m, mut reqs) in by_member {
-                    if let Some(dev) = devs[m].as_ref() {
-                        if let Err(e) = dev.submit_all(&mut reqs) {
-                            failures.push((m, e));
-                        }
+                // Every member's pages at once (each queues behind its member's data).
+                let page_writes: Vec<_> = by_member
+                    .into_iter()
+                    .filter_map(|(m, pages)| {
+                        let dev = devs[m].as_ref()?;
+                        Some((
+                            m,
+                            sc.spawn(move || {
+                                let mut reqs: Vec<Request<'_>> = pages
+                                    .iter()
+                                    .map(|(off, buf)| Request::write(*off, &buf[..]))
+                                    .collect();
+                                dev.submit_all(&mut reqs)
+                            }),
+                        ))
+                    })
+                    .collect();
+                for (m, h) in page_writes {
+                    if let Err(e) = h.join().expect("a page write thread does not panic") {
+                        failures.push((m, e));
                     }
                 }
             }
