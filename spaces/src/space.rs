@@ -198,11 +198,15 @@ fn push_write<'a>(
     own.push(parent);
 }
 
+/// The largest request [`append_write`] makes by merging: a member keeps several requests in
+/// flight rather than one long one.
+const MERGE_MAX: u64 = 1 << 20;
+
 /// Appends a write to a member's batch, merged into the last request when it continues it (the
-/// shards of consecutive parity rows lie next to each other on a member).
+/// shards of consecutive parity rows lie next to each other on a member), up to [`MERGE_MAX`].
 fn append_write<'a>(per: &mut Vec<Request<'a>>, offset: u64, buf: &'a [u8]) {
     if let Some(last) = per.last_mut() {
-        if last.offset() + last.len() == offset {
+        if last.offset() + last.len() == offset && last.len() + buf.len() as u64 <= MERGE_MAX {
             if let Op::Write { bufs, .. } = &mut last.op {
                 if bufs.len() < 64 {
                     bufs.push(std::io::IoSlice::new(buf));
