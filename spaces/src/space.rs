@@ -35,6 +35,10 @@ use vstor_core::{
     AlignedBuf, BlockDevice, DeviceInfo, Error, Op, ReadBufs, Request, Result, Supports,
 };
 
+/// Bytes of writes in one batch from which the checksums are computed while the data is in
+/// flight (below it they are computed first and the pages go in the data's submissions).
+const OVERLAP_MIN: u64 = 1 << 20;
+
 /// Stripe locks per space: parity row updates hash onto them.
 const STRIPES: usize = 64;
 
@@ -642,6 +646,8 @@ impl Space {
         // Checksum pages the reads need that are not cached: read in the same batches.
         let mut loads: Vec<(usize, u64, u64, AlignedBuf)> = Vec::new();
         {
+            // Checksum pages a small batch sends with its data.
+            let mut page_store: Vec<PageWrite> = Vec::new();
             let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
             let mut own: Vec<Vec<usize>> = (0..n).map(|_| Vec::new()).collect();
             // Written pieces whose checksums go to (member, slab)s: targets, first block, data.
@@ -768,7 +774,7 @@ impl Space {
                 .iter()
                 .map(|o| o.iter().map(|&pi| pi != usize::MAX).collect())
                 .collect();
-            let (f, crcs) = self.run_with_sums(devs, &mut per, &verify, || {
+            let (f, crcs) = self.run_with_sums(devs, &mut per, &mut page_store, &verify, || {
                 let mut sums = Vec::new();
                 for (targets, block, b) in &crc_src {
                     let crcs = csum::crcs_iov(b, 0, b.iter().map(|x| x.len()).sum());
@@ -1209,6 +1215,8 @@ impl Space {
         let n = devs.len();
         // Written shards whose checksums go to (member, slab)s: targets, first block, data.
         let mut crc_src: Vec<CrcSource<&[u8]>> = Vec::new();
+        // Checksum pages a small batch sends with its data.
+        let mut page_store: Vec<PageWrite> = Vec::new();
         let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
         for (key, row) in rows.iter_mut() {
             let slots = ext[row.extent as usize].as_ref().expect("allocated");
@@ -1252,7 +1260,7 @@ impl Space {
         let before = failures.len();
         // The checksums of what is written are computed, and their pages written, while the
         // shards are in flight.
-        let (f, _) = self.run_with_sums(devs, &mut per, &[], || {
+        let (f, _) = self.run_with_sums(devs, &mut per, &mut page_store, &[], || {
             let mut sums = Vec::new();
             for (targets, block, buf) in &crc_src {
                 let crcs = csum::crcs(buf);
@@ -1273,11 +1281,14 @@ impl Space {
         failures.len() == before
     }
 
-    /// Runs each member's batch (as [`run_members`]) and meanwhile, on this thread, `sums`
-    /// (the checksums of what the batches write): the updates are set in the checksum cache
-    /// and their pages written, one batch per member, under the pages' locks, while the
-    /// batches are in flight. Each member's thread, once its batch completed, computes the
-    /// stored checksums of what its reads flagged in `verify` (per member, per request) read.
+    /// Runs each member's batch (as [`run_members`]) with the checksums `sums` computes of what
+    /// the batches write: set in the checksum cache and their pages written, under the pages'
+    /// locks. A batch writing [`OVERLAP_MIN`] bytes or more starts its data first and computes
+    /// the checksums and writes the pages (every member's at once) on this thread while the
+    /// data is in flight; a smaller one computes them first and sends each member's pages in
+    /// the same submission as its data (kept in `store`), as threads would cost it more than
+    /// the checksums. Each member's thread, once its batch completed, computes the stored
+    /// checksums of what its reads flagged in `verify` (per member, per request) read.
     /// Returns failures of the checksum updates, and those checksums (per member, per
     /// request).
     #[allow(clippy::type_complexity)]
@@ -1285,13 +1296,37 @@ impl Space {
         &self,
         devs: &Devs,
         per: &mut [Vec<Request<'a>>],
+        store: &'a mut Vec<PageWrite>,
         verify: &[Vec<bool>],
         sums: impl FnOnce() -> Vec<csum::SumRun>,
     ) -> (Vec<(usize, Error)>, Vec<Vec<Option<Vec<u32>>>>) {
-        let writes = per
+        let write_bytes: u64 = per
             .iter()
-            .any(|r| r.iter().any(|x| matches!(x.op, Op::Write { .. })));
+            .flatten()
+            .filter(|x| matches!(x.op, Op::Write { .. }))
+            .map(Request::len)
+            .sum();
+        let early = write_bytes > 0 && write_bytes < OVERLAP_MIN;
+        let overlap = write_bytes >= OVERLAP_MIN;
+        let mut sums = Some(sums);
         let mut failures = Vec::new();
+        let mut own_len: Vec<usize> = Vec::new();
+        let _early_locks = if early {
+            let sums = csum::join_runs(sums.take().expect("once")());
+            let locks = self
+                .pool
+                .csums
+                .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
+            *store = self.set_sums(devs, &sums, &mut failures);
+            let store: &'a Vec<PageWrite> = store;
+            own_len = per.iter().map(Vec::len).collect();
+            for (m, off, buf) in store {
+                per[*m].push(Request::write(*off, &buf[..]));
+            }
+            locks
+        } else {
+            Vec::new()
+        };
         let mut got: Vec<Vec<Option<Vec<u32>>>> = vec![Vec::new(); per.len()];
         let run = |d: &Arc<dyn BlockDevice>, reqs: &mut [Request<'a>], flags: &[bool]| {
             d.submit(reqs);
@@ -1318,8 +1353,8 @@ impl Space {
                     }
                 }
             }
-            // Without checksum updates to make, this thread runs one of the batches itself.
-            let mine = if writes { None } else { jobs.pop() };
+            // Unless it computes checksums meanwhile, this thread runs one of the batches.
+            let mine = if overlap { None } else { jobs.pop() };
             let running: Vec<_> = jobs
                 .into_iter()
                 .map(|(m, d, reqs)| {
@@ -1330,24 +1365,15 @@ impl Space {
             if let Some((m, d, reqs)) = mine {
                 got[m] = run(d, reqs, verify.get(m).map_or(&[][..], |v| &v[..]));
             }
-            if writes {
-                let sums = csum::join_runs(sums());
+            if overlap {
+                let sums = csum::join_runs(sums.take().expect("once")());
                 let _page_locks = self
                     .pool
                     .csums
                     .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
-                let mut pages: Vec<PageWrite> = Vec::new();
-                for (m, slab, block, crcs) in &sums {
-                    let Some(dev) = devs[*m].as_ref() else {
-                        continue;
-                    };
-                    match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
-                        Ok(w) => pages.extend(w),
-                        Err(e) => failures.push((*m, e)),
-                    }
-                }
+                let pages = self.set_sums(devs, &sums, &mut failures);
                 let mut by_member: BTreeMap<usize, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
-                for (m, off, buf) in csum::merge_pages(pages) {
+                for (m, off, buf) in pages {
                     by_member.entry(m).or_default().push((off, buf));
                 }
                 // Every member's pages at once (each queues behind its member's data).
@@ -1377,7 +1403,37 @@ impl Space {
                 got[m] = h.join().expect("a member thread does not panic");
             }
         });
+        // The page writes added to small batches: their failures, then out of the batches.
+        for (m, &n) in own_len.iter().enumerate() {
+            for r in &per[m][n..] {
+                if let Err(e) = r.result() {
+                    failures.push((m, e));
+                }
+            }
+            per[m].truncate(n);
+        }
         (failures, got)
+    }
+
+    /// Sets checksum updates in the cache (the caller holds their pages' locks) and returns
+    /// the page writes that make them durable, adjacent pages merged; failures are added.
+    fn set_sums(
+        &self,
+        devs: &Devs,
+        sums: &[csum::SumRun],
+        failures: &mut Vec<(usize, Error)>,
+    ) -> Vec<PageWrite> {
+        let mut pages: Vec<PageWrite> = Vec::new();
+        for (m, slab, block, crcs) in sums {
+            let Some(dev) = devs[*m].as_ref() else {
+                continue;
+            };
+            match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
+                Ok(w) => pages.extend(w),
+                Err(e) => failures.push((*m, e)),
+            }
+        }
+        csum::merge_pages(pages)
     }
 }
 
