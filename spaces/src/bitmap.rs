@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vstor_core::{BlockDevice, Error, Result};
+use vstor_core::{AlignedBuf, BlockDevice, Error, Request, Result};
 
 /// How long after the last bit was set a quiet flush clears the bitmap.
 pub const CLEAR_DELAY: Duration = Duration::from_secs(2);
@@ -273,10 +273,85 @@ pub(crate) fn sync_chunk(
     layout: &Layout,
     slots: &[Slot],
     devs: &Devs,
+    geo: (u64, u64),
+    range: (u64, u64),
+    resync: bool,
+) -> Result<SyncOutcome> {
+    let mut bufs = read_slots(slots, devs, geo, range, &mut Vec::new())?;
+    Ok(sync_bufs(csums, layout, slots, devs, geo, range, resync, &mut bufs)?.0)
+}
+
+/// Bytes per request of [`read_slots`] (a slot's requests are in flight together).
+pub(crate) const PIECE: usize = 1 << 20;
+
+/// Reads slab bytes `[a, b)` of every usable slot of an extent (`None` for the others), the
+/// slots' members side by side, each in `PIECE` requests submitted as one batch, into
+/// page-aligned buffers (taken from `spare` when one of the right size is there).
+pub(crate) fn read_slots(
+    slots: &[Slot],
+    devs: &Devs,
+    (data_start, slab_size): (u64, u64),
+    (a, b): (u64, u64),
+    spare: &mut Vec<AlignedBuf>,
+) -> Result<Vec<Option<AlignedBuf>>> {
+    let len = (b - a) as usize;
+    let mut bufs: Vec<Option<AlignedBuf>> = slots
+        .iter()
+        .map(|s| {
+            devs[s.member]
+                .as_ref()
+                .map(|_| match spare.iter().position(|x| x.len() == len) {
+                    Some(i) => spare.swap_remove(i),
+                    None => AlignedBuf::new(len),
+                })
+        })
+        .collect();
+    let read = |s: Slot, buf: &mut AlignedBuf| -> Result<()> {
+        let dev = devs[s.member].as_ref().expect("usable");
+        let at = data_start + u64::from(s.slab) * slab_size + a;
+        let mut batch: Vec<Request<'_>> = buf
+            .chunks_mut(PIECE)
+            .enumerate()
+            .map(|(i, c)| Request::read(at + (i * PIECE) as u64, c))
+            .collect();
+        dev.submit_all(&mut batch)
+    };
+    let mut jobs: Vec<(Slot, &mut AlignedBuf)> = slots
+        .iter()
+        .zip(bufs.iter_mut())
+        .filter_map(|(s, b)| b.as_mut().map(|b| (*s, b)))
+        .collect();
+    let last = jobs.pop();
+    std::thread::scope(|sc| {
+        let others: Vec<_> = jobs
+            .into_iter()
+            .map(|(s, b)| sc.spawn(move || read(s, b)))
+            .collect();
+        let mine = last.map_or(Ok(()), |(s, b)| read(s, b));
+        others
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a read thread does not panic"))
+            .and(mine)
+    })?;
+    Ok(bufs)
+}
+
+/// [`sync_chunk`] on slab bytes `[a, b)` already read into `bufs` (by [`read_slots`]): checks,
+/// repairs in place and writes back what it repaired. Returns what it found and, per slot, the
+/// stored checksums of its blocks as they are now, and whether each block matches its
+/// checksum (a rebuild copies verified buffers with these checksums instead of reading them
+/// again).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(crate) fn sync_bufs(
+    csums: &Csums,
+    layout: &Layout,
+    slots: &[Slot],
+    devs: &Devs,
     (data_start, slab_size): (u64, u64),
     (a, b): (u64, u64),
     resync: bool,
-) -> Result<SyncOutcome> {
+    bufs: &mut [Option<AlignedBuf>],
+) -> Result<(SyncOutcome, Vec<Vec<u32>>, Vec<Vec<bool>>)> {
     let at = |s: Slot| data_start + u64::from(s.slab) * slab_size + a;
     let dev = |si: usize| devs[slots[si].member].as_ref();
     let len = (b - a) as usize;
@@ -284,26 +359,25 @@ pub(crate) fn sync_chunk(
     let nb = len / bs;
     let w = layout.width;
     let mut out = SyncOutcome::default();
-    let mut bufs: Vec<Option<Vec<u8>>> = vec![None; w];
     let mut want: Vec<Vec<u32>> = vec![Vec::new(); w];
     let mut ok: Vec<Vec<bool>> = vec![Vec::new(); w];
     for si in 0..w {
-        let Some(d) = dev(si) else { continue };
+        let (Some(d), Some(v)) = (dev(si), bufs[si].as_ref()) else {
+            continue;
+        };
         let s = slots[si];
-        let mut v = vec![0u8; len];
-        d.read_at(at(s), &mut v)?;
         want[si] = csums.get(&**d, s.member, s.slab, a / BLOCK, nb as u64)?;
-        ok[si] = csum::crcs(&v)
+        ok[si] = csum::crcs(v)
             .iter()
             .zip(&want[si])
             .map(|(g, w)| g == w)
             .collect();
-        bufs[si] = Some(v);
     }
     let mut data_dirty = vec![false; w];
     let mut crc_dirty = vec![false; w];
-    let blk =
-        |v: &Option<Vec<u8>>, i: usize| v.as_ref().expect("present")[i * bs..(i + 1) * bs].to_vec();
+    let blk = |v: &Option<AlignedBuf>, i: usize| {
+        v.as_ref().expect("present")[i * bs..(i + 1) * bs].to_vec()
+    };
     match layout.resiliency {
         Resiliency::Simple | Resiliency::Mirror { .. } => {
             let k = layout.copies();
@@ -337,6 +411,9 @@ pub(crate) fn sync_chunk(
                             continue;
                         }
                     };
+                    if copies.len() == 1 {
+                        continue;
+                    }
                     let data = blk(&bufs[src], i);
                     for &si in copies.iter().filter(|&&si| si != src) {
                         let mine = &mut bufs[si].as_mut().expect("present")[i * bs..(i + 1) * bs];
@@ -477,7 +554,7 @@ pub(crate) fn sync_chunk(
             )?;
         }
     }
-    Ok(out)
+    Ok((out, want, ok))
 }
 
 /// What a scrub found.

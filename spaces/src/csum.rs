@@ -8,9 +8,12 @@
 //!   stored value 0 and zeroing a slab's checksum entries matches zeroing its data.
 //! - A member's checksums describe that member's own slabs: every copy and every parity shard
 //!   carries its own, so each slot can be verified alone.
-//! - A write sends the data and the checksum pages it changes to the member in one batch, with
-//!   the pages' locks held until the batch completes (so pages written for two writes that
-//!   share one cannot land out of order). The write-intent bitmap covers both: after a crash a
+//! - A write's data goes to the members first; while it is in flight the submitting thread
+//!   computes its checksums, sets them in the cache and writes the checksum pages they change
+//!   (the updates of a batch joined per member and slab first, so pieces smaller than a page's
+//!   data still cover whole pages and need no read), with the pages' locks held until the page
+//!   writes complete (so pages written for two writes that share one cannot land out of
+//!   order). The request completes when both have. The write-intent bitmap covers both: after a crash a
 //!   dirty chunk may hold data whose checksum did not land (or the reverse), and the resync
 //!   decides it (the resync at [`Pool::open`](crate::Pool::open)); outside dirty chunks a
 //!   mismatch is damage.
@@ -19,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock};
-use vstor_core::{BlockDevice, Result};
+use vstor_core::{AlignedBuf, BlockDevice, Result};
 
 /// Bytes of data per checksum.
 pub const BLOCK: u64 = 512;
@@ -125,6 +128,28 @@ pub(crate) fn merge_pages(pages: Vec<PageWrite>) -> Vec<PageWrite> {
     out
 }
 
+/// Checksum updates of one batch, `(member, slab, first block, values)`, with the updates that
+/// continue one another on a member's slab joined into one. A write split into pieces smaller
+/// than a checksum page's data (256 KiB interleave: half a page per piece) then covers its
+/// pages whole, so [`Csums::set`] need not read them first. Updates of the same blocks keep
+/// their order (the requests of a batch are unordered anyway; the later one wins as before).
+pub(crate) fn join_runs(mut sums: Vec<SumRun>) -> Vec<SumRun> {
+    sums.sort_by_key(|x| (x.0, x.1, x.2));
+    let mut out: Vec<SumRun> = Vec::with_capacity(sums.len());
+    for s in sums {
+        match out.last_mut() {
+            Some(l) if l.0 == s.0 && l.1 == s.1 && l.2 + l.3.len() as u64 == s.2 => {
+                l.3.extend_from_slice(&s.3)
+            }
+            _ => out.push(s),
+        }
+    }
+    out
+}
+
+/// A run of checksum updates: member, slab, first block, values.
+pub(crate) type SumRun = (usize, u32, u64, Vec<u32>);
+
 /// Where a member's checksum area starts.
 pub fn area_start(data_start: u64, slab_size: u64, slabs: u32) -> u64 {
     data_start + u64::from(slabs) * slab_size
@@ -192,17 +217,44 @@ impl Csums {
         member: usize,
         pages: std::ops::RangeInclusive<u64>,
     ) -> Result<()> {
-        for p in pages {
-            if guard(&self.pages).contains_key(&(member, p)) {
-                continue;
+        // Runs of adjacent missing pages are read in one request each.
+        let missing: Vec<u64> = {
+            let cache = guard(&self.pages);
+            pages
+                .filter(|p| !cache.contains_key(&(member, *p)))
+                .collect()
+        };
+        let mut i = 0;
+        while i < missing.len() {
+            let mut j = i + 1;
+            while j < missing.len() && missing[j] == missing[j - 1] + 1 {
+                j += 1;
             }
-            let mut buf = vec![0u8; PAGE as usize];
-            dev.read_at(self.page_offset(member, p), &mut buf)?;
-            guard(&self.pages)
-                .entry((member, p))
-                .or_insert(buf.into_boxed_slice());
+            let mut buf = AlignedBuf::new((j - i) * PAGE as usize);
+            dev.read_at(self.page_offset(member, missing[i]), &mut buf)?;
+            let mut cache = guard(&self.pages);
+            for (k, page) in buf.chunks_exact(PAGE as usize).enumerate() {
+                cache
+                    .entry((member, missing[i + k]))
+                    .or_insert_with(|| page.into());
+            }
+            i = j;
         }
         Ok(())
+    }
+
+    /// Reads into the cache the checksum pages of blocks `[first, first + n)` of slab `slab`
+    /// of `member` that are not cached, adjacent ones in one request (a rebuild or scrub
+    /// loads a whole slab's pages at once instead of a few pages per chunk).
+    pub fn preload(
+        &self,
+        dev: &dyn BlockDevice,
+        member: usize,
+        slab: u32,
+        first: u64,
+        n: u64,
+    ) -> Result<()> {
+        self.load(dev, member, Self::pages_of(self.index(slab, first), n))
     }
 
     /// The pages holding the checksums of blocks `[first, first + n)` of slab `slab` of
@@ -235,13 +287,19 @@ impl Csums {
         let i0 = self.index(slab, first);
         self.load(dev, member, Self::pages_of(i0, n))?;
         let pages = guard(&self.pages);
-        Ok((i0..i0 + n)
-            .map(|i| {
-                let p = &pages[&(member, i / PER_PAGE)];
-                let at = ((i % PER_PAGE) * ENTRY) as usize;
-                u32::from_le_bytes(p[at..at + 4].try_into().expect("4 bytes"))
-            })
-            .collect())
+        let mut out = Vec::with_capacity(n as usize);
+        for p in Self::pages_of(i0, n) {
+            let page = &pages[&(member, p)];
+            let lo = i0.max(p * PER_PAGE);
+            let hi = (i0 + n).min((p + 1) * PER_PAGE);
+            let src =
+                &page[((lo % PER_PAGE) * ENTRY) as usize..((hi - p * PER_PAGE) * ENTRY) as usize];
+            out.extend(
+                src.chunks_exact(ENTRY as usize)
+                    .map(|e| u32::from_le_bytes(e.try_into().expect("4 bytes"))),
+            );
+        }
+        Ok(out)
     }
 
     /// The lock shard of a page.
@@ -292,11 +350,17 @@ impl Csums {
         }
         self.load(dev, member, pages.clone())?;
         let mut cache = guard(&self.pages);
-        for (k, &v) in vals.iter().enumerate() {
-            let i = i0 + k as u64;
-            let p = cache.get_mut(&(member, i / PER_PAGE)).expect("loaded");
-            let at = ((i % PER_PAGE) * ENTRY) as usize;
-            p[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        for p in pages.clone() {
+            let page = cache.get_mut(&(member, p)).expect("loaded");
+            let lo = i0.max(p * PER_PAGE);
+            let hi = end.min((p + 1) * PER_PAGE);
+            let dst = &mut page[((lo % PER_PAGE) * ENTRY) as usize..];
+            for (d, v) in dst
+                .chunks_exact_mut(ENTRY as usize)
+                .zip(&vals[(lo - i0) as usize..(hi - i0) as usize])
+            {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
         }
         Ok(pages
             .map(|p| {
@@ -354,6 +418,29 @@ mod tests {
         assert_eq!((out[0].0, out[0].1, out[0].2.len()), (0, 4096, 8192));
         assert_eq!((out[0].2[0], out[0].2[4096]), (2, 4));
         assert_eq!((out[1].0, out[1].1), (1, 8192));
+    }
+
+    #[test]
+    fn runs_that_continue_one_another_join_and_a_half_page_pair_covers_its_page() {
+        let out = join_runs(vec![
+            (0, 2, 512, vec![2; 512]),
+            (1, 2, 0, vec![3; 512]),
+            (0, 2, 0, vec![1; 512]),
+            (0, 3, 1024, vec![4; 8]),
+        ]);
+        assert_eq!(out.len(), 3);
+        assert_eq!(
+            (out[0].0, out[0].1, out[0].2, out[0].3.len()),
+            (0, 2, 0, 1024)
+        );
+        assert_eq!((out[0].3[511], out[0].3[512]), (1, 2));
+        // Two half-page updates joined cover the page whole: nothing is read from the device.
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+        let counting = vstor_core::FaultDevice::new(dev.clone());
+        let c = Csums::new(1 << 20, vec![0]);
+        let w = c.set(&counting, 0, 2, out[0].2, &out[0].3).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(counting.stats().reads, 0);
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //!   opened after an unclean shutdown (mirror copies made equal, parity recomputed from the
 //!   data), so a parity update cut by a crash does not corrupt other data on a later rebuild.
 //! - Per-block CRC-32C ([`csum`]): every 512-byte block of every slab has a checksum in its
-//!   member's checksum area, written in the same batch as the data (the write-intent bitmap
+//!   member's checksum area, written while the data is in flight (the write-intent bitmap
 //!   covers both; a resync after a crash settles blocks whose data and checksum did not both
 //!   land). Every read is verified: a bad block is served from a copy whose checksum matches
 //!   or rebuilt from the rest of its parity row (dual parity: up to two bad or missing shards
@@ -39,7 +39,8 @@
 //! - [`Pool::scrub`]: checks every block of every allocated extent, online, heals bad blocks
 //!   from a good source, makes copies and parity agree with the (verified) data, and reports
 //!   chunks rewritten and blocks found bad, healed and lost ([`ScrubReport`]). A rebuild
-//!   heals its sources the same way before copying, and writes the new slabs' checksums.
+//!   heals its sources the same way before copying (each chunk read once; the verified
+//!   buffers are what it writes, with the sources' checksums, while the next chunk is read).
 //!
 //! What does not exist yet: a journal for the case of a crash together with the loss of a member of a dirty parity row
 //! (reported in the pool's notes at open); an incremental resync of a member that came back

@@ -4,12 +4,17 @@
 //! A rebuild works an extent at a time. It takes a free slab on a healthy member that holds no
 //! other slot of the extent, for every slot of the extent that is on a lost (missing or failed)
 //! or retired member; from then on writes to the extent also go to the new slabs. It then copies
-//! the extent's slot contents a chunk (1 MiB) at a time with the space's I/O held off for that
-//! chunk only: from the retired member itself, from another copy (mirror), or rebuilt from the
-//! rest of the row (parity). At the end of the extent the new slabs replace the old ones in the
+//! the extent's slot contents a window ([`WINDOW_CHUNKS`] chunks of [`CHUNK`] bytes, 32 MiB) at
+//! a time with the space's I/O held off for that window only: from the retired member itself,
+//! from another copy (mirror), or rebuilt from the rest of the row (parity). Each chunk of the
+//! sources is read once (1 MiB requests in flight together), checked block by block against
+//! its checksums and healed where bad; the verified buffers and their stored checksums are what
+//! a second thread writes to the new slabs (data and checksum pages in one batch per member)
+//! while the next chunk is read. At the end of the extent the new slabs replace the old ones in the
 //! pool metadata (one metadata update per extent), so an interrupted repair resumes from the
 //! first extent not yet switched.
 
+use crate::bitmap::PIECE;
 use crate::csum::{Csums, BLOCK};
 use crate::error::{invalid, SpacesError};
 use crate::format::{MemberMeta, MemberState, Slot, BITMAP_SIZE, MAX_MEMBERS};
@@ -21,30 +26,11 @@ use std::sync::Arc;
 use uuid::Uuid;
 use vstor_core::{AlignedBuf, BlockDevice, Request, Result};
 
-/// Bytes a rebuild copies with the space's I/O held off.
-const CHUNK: u64 = 4 << 20;
-/// Bytes per request of a rebuild copy (a chunk's requests are in flight together).
-const PIECE: usize = 1 << 20;
-
-/// Reads `buf.len()` bytes at `offset` in 1 MiB requests submitted as one batch.
-fn read_big(dev: &dyn BlockDevice, offset: u64, buf: &mut [u8]) -> Result<()> {
-    let mut batch: Vec<Request<'_>> = buf
-        .chunks_mut(PIECE)
-        .enumerate()
-        .map(|(i, b)| Request::read(offset + (i * PIECE) as u64, b))
-        .collect();
-    dev.submit_all(&mut batch)
-}
-
-/// Writes `buf` at `offset` in 1 MiB requests submitted as one batch.
-fn write_big(dev: &dyn BlockDevice, offset: u64, buf: &[u8]) -> Result<()> {
-    let mut batch: Vec<Request<'_>> = buf
-        .chunks(PIECE)
-        .enumerate()
-        .map(|(i, b)| Request::write(offset + (i * PIECE) as u64, b))
-        .collect();
-    dev.submit_all(&mut batch)
-}
+/// Bytes a rebuild reads (then verifies, then writes) as one step.
+const CHUNK: u64 = 8 << 20;
+/// Chunks a rebuild copies with the space's I/O held off: inside them the read of the next chunk
+/// runs while the last one is written.
+const WINDOW_CHUNKS: u64 = 4;
 
 /// What a repair did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -391,49 +377,96 @@ impl Pool {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Some((w.extent, new.clone()));
         let chunk = CHUNK.max(layout.interleave).min(slab_size);
+        let window = (chunk * WINDOW_CHUNKS).min(slab_size);
         let mut bytes = 0;
         let mut result = Ok(());
-        let mut off = 0;
-        while off < slab_size {
+        let mut spare: Vec<AlignedBuf> = Vec::new();
+        // The sources' checksum pages in one read per slot, not a few pages per chunk.
+        {
+            let devs = inner.snapshot();
+            for s in &slots {
+                if let Some(d) = &devs[s.member] {
+                    // Only a cache warm-up: a failure shows again (and is handled) where a
+                    // chunk reads the pages.
+                    let _ = inner
+                        .csums
+                        .preload(&**d, s.member, s.slab, 0, slab_size / BLOCK);
+                }
+            }
+        }
+        let mut ws = 0;
+        'windows: while ws < slab_size {
             let _io_held = space
                 .shared
                 .extents
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
             let devs = inner.snapshot();
-            // Blocks of the sources that fail their checksum are healed first (from another
-            // copy or the rest of the row), so a bad block is never copied with a fresh
-            // checksum.
-            let r = crate::bitmap::sync_chunk(
-                &inner.csums,
-                &layout,
-                &slots,
-                &devs,
-                (data_start, slab_size),
-                (off, off + chunk),
-                false,
-            )
-            .and_then(|out| {
-                inner.count(&out);
-                copy_chunk(
-                    &inner.csums,
-                    &layout,
-                    &slots,
-                    &new,
-                    &devs,
-                    (data_start, slab_size),
-                    off,
-                    chunk,
-                )
+            let geo = (data_start, slab_size);
+            let we = (ws + window).min(slab_size);
+            // Each chunk is read once and checked block by block (bad blocks of the sources
+            // healed from another copy or the rest of the row first, so a bad block is never
+            // copied with a fresh checksum); the verified buffers are what a second thread
+            // writes, with their checksums, while this one reads the next chunk.
+            let r: Result<u64> = std::thread::scope(|sc| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Copied>(1);
+                let (back, returned) = std::sync::mpsc::channel::<AlignedBuf>();
+                let devs = &devs;
+                let writer = sc.spawn(move || -> Result<u64> {
+                    let mut n = 0;
+                    for c in rx {
+                        write_copied(&inner.csums, devs, geo, &c)?;
+                        n += c.writes.len() as u64 * chunk;
+                        for (_, buf, _) in c.writes {
+                            let _ = back.send(buf);
+                        }
+                    }
+                    Ok(n)
+                });
+                let mut read = Ok(());
+                let mut off = ws;
+                while off < we {
+                    spare.extend(returned.try_iter());
+                    match prepare_chunk(
+                        inner,
+                        &layout,
+                        &slots,
+                        &new,
+                        devs,
+                        geo,
+                        (off, off + chunk),
+                        &mut spare,
+                    ) {
+                        // A failed send means the writer stopped on an error: it says which.
+                        Ok(c) => {
+                            if tx.send(c).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            read = Err(e);
+                            break;
+                        }
+                    }
+                    off += chunk;
+                }
+                drop(tx);
+                let written = writer.join().expect("the write thread does not panic");
+                spare.extend(returned.try_iter());
+                read.and(written)
             });
-            drop(_io_held);
-            if let Err(e) = r {
-                result = Err(e);
-                break;
+            match r {
+                Ok(n) => {
+                    bytes += n;
+                    progress(n);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break 'windows;
+                }
             }
-            bytes += chunk * new.len() as u64;
-            progress(chunk * new.len() as u64);
-            off += chunk;
+            drop(_io_held);
+            ws = we;
         }
         if result.is_ok() {
             // The copies must be durable before the metadata points at them.
@@ -503,97 +536,191 @@ impl Pool {
     }
 }
 
-/// Copies `[off, off + len)` of every rebuilt slot of an extent into its new slab.
+/// A verified chunk of an extent ready to go to the new slabs: (new slab, data, checksums of
+/// its blocks), at slab offset `off`.
+struct Copied {
+    off: u64,
+    writes: Vec<(Slot, AlignedBuf, Vec<u32>)>,
+}
+
+/// Reads slab bytes `[a, b)` of every usable slot of the extent once, verifies and heals them
+/// ([`sync_bufs`](crate::bitmap::sync_bufs)), and makes from the verified buffers the contents
+/// of each new slab: the retired slot's own buffer, a good copy (mirror), or the rest of the
+/// row (parity). A copy keeps its source's stored checksums, so a block no good source was left
+/// for still fails its checksum on the new slab; a block rebuilt from parity gets the checksum
+/// of what was rebuilt, or one that fails where a source block of its row failed.
 #[allow(clippy::too_many_arguments)]
-fn copy_chunk(
-    csums: &Csums,
+fn prepare_chunk(
+    inner: &crate::pool::Inner,
     layout: &Layout,
     slots: &[Slot],
     new: &[(usize, Slot)],
     devs: &[Option<Arc<dyn BlockDevice>>],
+    geo: (u64, u64),
+    (a, b): (u64, u64),
+    spare: &mut Vec<AlignedBuf>,
+) -> Result<Copied> {
+    let mut bufs = crate::bitmap::read_slots(slots, devs, geo, (a, b), spare)?;
+    let (out, want, ok) = crate::bitmap::sync_bufs(
+        &inner.csums,
+        layout,
+        slots,
+        devs,
+        geo,
+        (a, b),
+        false,
+        &mut bufs,
+    )?;
+    inner.count(&out);
+    let len = (b - a) as usize;
+    let usable = |si: usize| devs[slots[si].member].is_some();
+    let mut writes: Vec<(Slot, AlignedBuf, Vec<u32>)> = Vec::new();
+    let lost: Vec<(usize, Slot)> = new.iter().copied().filter(|x| !usable(x.0)).collect();
+    // (source slot, index in `writes`) of buffers moved to a new slab.
+    let mut moved: Vec<(usize, usize)> = Vec::new();
+    // The source's buffer moves to its first new slab; later ones copy it.
+    let mut take = |src: usize,
+                    bufs: &mut [Option<AlignedBuf>],
+                    writes: &Vec<(Slot, AlignedBuf, Vec<u32>)>,
+                    spare: &mut Vec<AlignedBuf>| {
+        let data = match bufs[src].take() {
+            Some(d) => d,
+            None => {
+                let i = moved
+                    .iter()
+                    .find(|x| x.0 == src)
+                    .expect("moved to an earlier new slab")
+                    .1;
+                let mut d = take_spare(spare, len);
+                d.copy_from_slice(&writes[i].1);
+                d
+            }
+        };
+        moved.push((src, writes.len()));
+        data
+    };
+    if !lost.is_empty() {
+        match layout.resiliency {
+            Resiliency::Simple => return Err(invalid("a simple space has no other copy")),
+            Resiliency::Mirror { copies } => {
+                let k = usize::from(copies);
+                for &(si, n) in &lost {
+                    let col = si / k;
+                    let src = (0..k)
+                        .map(|c| col * k + c)
+                        .find(|&s| usable(s))
+                        .ok_or_else(|| invalid("no copy left"))?;
+                    let data = take(src, &mut bufs, &writes, spare);
+                    writes.push((n, data, want[src].clone()));
+                }
+            }
+            Resiliency::Parity { .. } => {
+                let w = layout.width;
+                let d = layout.data_columns;
+                let il = layout.interleave as usize;
+                let mut out: Vec<AlignedBuf> =
+                    lost.iter().map(|_| take_spare(spare, len)).collect();
+                let first_row = a / layout.interleave;
+                for r in 0..(len / il) {
+                    let row = first_row + r as u64;
+                    let rot = (row % w as u64) as usize;
+                    let mut shards: Vec<Option<Vec<u8>>> = vec![None; w];
+                    for (si, h) in bufs.iter().enumerate() {
+                        if let Some(h) = h {
+                            shards[(si + w - rot) % w] = Some(h[r * il..(r + 1) * il].to_vec());
+                        }
+                    }
+                    if !code::reconstruct(&mut shards, d, il) {
+                        return Err(invalid("too many shards lost"));
+                    }
+                    for (o, &(si, _)) in out.iter_mut().zip(&lost) {
+                        let s = shards[(si + w - rot) % w].as_deref().expect("rebuilt");
+                        o[r * il..(r + 1) * il].copy_from_slice(s);
+                    }
+                }
+                for (o, &(_, n)) in out.into_iter().zip(&lost) {
+                    let mut sums = crate::csum::crcs(&o);
+                    // A block rebuilt from a source block that failed its checksum is no
+                    // better: its checksum is made to fail too.
+                    for (i, c) in sums.iter_mut().enumerate() {
+                        if ok.iter().any(|v| v.get(i) == Some(&false)) {
+                            *c = !*c;
+                        }
+                    }
+                    writes.push((n, o, sums));
+                }
+            }
+        }
+    }
+    // Retired (still readable) slots: their own verified contents.
+    for &(si, n) in new.iter().filter(|x| usable(x.0)) {
+        let data = take(si, &mut bufs, &writes, spare);
+        writes.push((n, data, want[si].clone()));
+    }
+    spare.extend(bufs.into_iter().flatten());
+    Ok(Copied { off: a, writes })
+}
+
+/// A buffer of `len` bytes from `spare`, or a new one.
+fn take_spare(spare: &mut Vec<AlignedBuf>, len: usize) -> AlignedBuf {
+    match spare.iter().position(|x| x.len() == len) {
+        Some(i) => spare.swap_remove(i),
+        None => AlignedBuf::new(len),
+    }
+}
+
+/// Writes a verified chunk to its new slabs with their checksum pages, each new slab's data
+/// and pages in one batch, the members side by side.
+fn write_copied(
+    csums: &Csums,
+    devs: &[Option<Arc<dyn BlockDevice>>],
     (data_start, slab_size): (u64, u64),
-    off: u64,
-    len: u64,
+    c: &Copied,
 ) -> Result<()> {
-    // Each new slab gets the checksums of what is written to it.
-    let put = |n: Slot, buf: &[u8]| -> Result<()> {
+    let _page_locks = csums.lock_pages(
+        c.writes
+            .iter()
+            .map(|(n, _, sums)| (n.member, n.slab, c.off / BLOCK, sums.len() as u64)),
+    );
+    let mut pages = Vec::new();
+    for (n, _, sums) in &c.writes {
         let d = devs[n.member]
             .as_ref()
             .ok_or_else(|| invalid(format!("member {} is not usable", n.member)))?;
-        write_big(&**d, data_start + u64::from(n.slab) * slab_size + off, buf)?;
-        csums.store(d, n.member, n.slab, off / BLOCK, &crate::csum::crcs(buf))
-    };
-    let at = |s: Slot| data_start + u64::from(s.slab) * slab_size + off;
-    let dev = |m: usize| {
-        devs[m]
+        pages.extend(csums.set(&**d, n.member, n.slab, c.off / BLOCK, sums)?);
+    }
+    let pages = crate::csum::merge_pages(pages);
+    let mut per: Vec<(usize, Vec<Request<'_>>)> = Vec::new();
+    for (n, data, _) in &c.writes {
+        let at = data_start + u64::from(n.slab) * slab_size + c.off;
+        let reqs = data
+            .chunks(PIECE)
+            .enumerate()
+            .map(|(i, b)| Request::write(at + (i * PIECE) as u64, b));
+        match per.iter_mut().find(|x| x.0 == n.member) {
+            Some(x) => x.1.extend(reqs),
+            None => per.push((n.member, reqs.collect())),
+        }
+    }
+    for (m, off, buf) in &pages {
+        match per.iter_mut().find(|x| x.0 == *m) {
+            Some(x) => x.1.push(Request::write(*off, buf)),
+            None => per.push((*m, vec![Request::write(*off, buf)])),
+        }
+    }
+    let run = |(m, reqs): &mut (usize, Vec<Request<'_>>)| -> Result<()> {
+        devs[*m]
             .as_ref()
-            .ok_or_else(|| invalid(format!("member {m} is not usable")))
+            .ok_or_else(|| invalid(format!("member {m} is not usable")))?
+            .submit_all(reqs)
     };
-    let usable = |si: usize| devs[slots[si].member].is_some();
-    // Page-aligned: members opened with O_DIRECT need no bounce copy.
-    let mut buf = AlignedBuf::new(len as usize);
-    let lost: Vec<usize> = new.iter().map(|x| x.0).filter(|&si| !usable(si)).collect();
-    // Retired (still readable) slots: copy straight across.
-    for &(si, n) in new.iter().filter(|x| usable(x.0)) {
-        read_big(&**dev(slots[si].member)?, at(slots[si]), &mut buf)?;
-        put(n, &buf)?;
-    }
-    if lost.is_empty() {
-        return Ok(());
-    }
-    match layout.resiliency {
-        Resiliency::Simple => Err(invalid("a simple space has no other copy")),
-        Resiliency::Mirror { copies } => {
-            let k = usize::from(copies);
-            for &si in &lost {
-                let col = si / k;
-                let src = (0..k)
-                    .map(|c| col * k + c)
-                    .find(|&s| usable(s))
-                    .ok_or_else(|| invalid("no copy left"))?;
-                read_big(&**dev(slots[src].member)?, at(slots[src]), &mut buf)?;
-                let n = new.iter().find(|x| x.0 == si).expect("planned").1;
-                put(n, &buf)?;
-            }
-            Ok(())
-        }
-        Resiliency::Parity { .. } => {
-            let w = layout.width;
-            let d = layout.data_columns;
-            let il = layout.interleave as usize;
-            let mut have: Vec<Option<AlignedBuf>> = (0..w).map(|_| None).collect();
-            for (si, h) in have.iter_mut().enumerate() {
-                if usable(si) {
-                    let mut b = AlignedBuf::new(len as usize);
-                    read_big(&**dev(slots[si].member)?, at(slots[si]), &mut b)?;
-                    *h = Some(b);
-                }
-            }
-            let mut out: Vec<AlignedBuf> =
-                lost.iter().map(|_| AlignedBuf::new(len as usize)).collect();
-            let first_row = off / layout.interleave;
-            for r in 0..(len as usize / il) {
-                let row = first_row + r as u64;
-                let rot = (row % w as u64) as usize;
-                let mut shards: Vec<Option<Vec<u8>>> = vec![None; w];
-                for (si, h) in have.iter().enumerate() {
-                    if let Some(h) = h {
-                        shards[(si + w - rot) % w] = Some(h[r * il..(r + 1) * il].to_vec());
-                    }
-                }
-                if !code::reconstruct(&mut shards, d, il) {
-                    return Err(invalid("too many shards lost"));
-                }
-                for (o, &si) in out.iter_mut().zip(&lost) {
-                    let s = shards[(si + w - rot) % w].as_deref().expect("rebuilt");
-                    o[r * il..(r + 1) * il].copy_from_slice(s);
-                }
-            }
-            for (o, &si) in out.iter().zip(&lost) {
-                let n = new.iter().find(|x| x.0 == si).expect("planned").1;
-                put(n, o)?;
-            }
-            Ok(())
-        }
-    }
+    let last = per.pop();
+    std::thread::scope(|sc| {
+        let others: Vec<_> = per.iter_mut().map(|x| sc.spawn(move || run(x))).collect();
+        let mine = last.map_or(Ok(()), |mut x| run(&mut x));
+        others
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a write thread does not panic"))
+            .and(mine)
+    })
 }

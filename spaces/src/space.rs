@@ -10,8 +10,12 @@
 //! - An I/O error marks the member failed (recorded in the pool metadata before anything is
 //!   acknowledged) and the requests it touched run again without it, as long as the space
 //!   keeps its data; otherwise they fail with [`SpacesError::SpaceFailed`].
-//! - Every write sends the block checksums of what it writes, in the same member batch; every
-//!   read (and every shard a parity row reads) is verified against them. A bad block stops the
+//! - Every write also writes the block checksums of what it writes: the data batches start
+//!   first and the checksums are computed and their pages written while they are in flight
+//!   ([`csum`]); every read (and every shard a parity row reads) is verified against them, each
+//!   member's reads checksummed by that member's thread as its batch completes. Parity
+//!   full-stripe writes from contiguous caller buffers are encoded and written from those
+//!   buffers (no copy, no read). A bad block stops the
 //!   requests that read it; they run again after [`heal_window`] has rewritten the bad blocks
 //!   of that 4 KiB window in every slot (with the space's I/O held off), or fail with
 //!   [`SpacesError::ChecksumMismatch`] if no good source is left.
@@ -30,6 +34,10 @@ use vstor_core::{
     carve_read_bufs, carve_write_bufs, copy_from_bufs, copy_into_bufs, fail_remaining, zero_bufs,
     AlignedBuf, BlockDevice, DeviceInfo, Error, Op, ReadBufs, Request, Result, Supports,
 };
+
+/// Bytes of writes in one batch from which the checksums are computed while the data is in
+/// flight (below it they are computed first and the pages go in the data's submissions).
+const OVERLAP_MIN: u64 = 1 << 20;
 
 /// Stripe locks per space: parity row updates hash onto them.
 const STRIPES: usize = 64;
@@ -54,6 +62,14 @@ pub(crate) struct SpaceShared {
     /// Row buffers of the parity path, recycled.
     bufs: Mutex<Vec<AlignedBuf>>,
 }
+
+/// A read to verify: parent request, offset in it, length, slot, offset in the slab, extent,
+/// and (index of the member request that read it, offset in that request).
+type ReadCheck = (usize, u64, u64, Slot, u64, u64, (usize, u64));
+
+/// Written data whose checksums go to (member, slab)s: the targets, the first block in the
+/// slabs, the data.
+type CrcSource<B> = (Vec<(usize, u32)>, u64, B);
 
 /// An extent under rebuild: its index and, per lost slot, the slab taking its place.
 pub(crate) type Rebuild = (u64, Vec<(usize, Slot)>);
@@ -143,24 +159,27 @@ fn run_members(devs: &Devs, per: &mut [Vec<Request<'_>>]) {
     });
 }
 
-/// Appends a read, merged into the member's previous request when it continues it.
+/// Appends a read, merged into the member's previous request when it continues it. Returns
+/// the request's index in `per` and the offset of the read inside it.
 fn push_read<'a>(
     per: &mut Vec<Request<'a>>,
     own: &mut Vec<usize>,
     parent: usize,
     offset: u64,
     bufs: ReadBufs<'a>,
-) {
+) -> (usize, u64) {
     if let (Some(last), Some(&o)) = (per.last_mut(), own.last()) {
         if o == parent && last.offset() + last.len() == offset {
+            let at = last.len();
             if let Op::Read { bufs: b, .. } = &mut last.op {
                 b.extend(bufs);
-                return;
+                return (per.len() - 1, at);
             }
         }
     }
     per.push(Request::new(Op::Read { offset, bufs }));
     own.push(parent);
+    (per.len() - 1, 0)
 }
 
 /// Appends a write, merged into the member's previous request when it continues it.
@@ -181,6 +200,26 @@ fn push_write<'a>(
     }
     per.push(Request::new(Op::Write { offset, bufs }));
     own.push(parent);
+}
+
+/// The largest request [`append_write`] makes by merging: a member keeps several requests in
+/// flight rather than one long one.
+const MERGE_MAX: u64 = 1 << 20;
+
+/// Appends a write to a member's batch, merged into the last request when it continues it (the
+/// shards of consecutive parity rows lie next to each other on a member), up to [`MERGE_MAX`].
+fn append_write<'a>(per: &mut Vec<Request<'a>>, offset: u64, buf: &'a [u8]) {
+    if let Some(last) = per.last_mut() {
+        if last.offset() + last.len() == offset && last.len() + buf.len() as u64 <= MERGE_MAX {
+            if let Op::Write { bufs, .. } = &mut last.op {
+                if bufs.len() < 64 {
+                    bufs.push(std::io::IoSlice::new(buf));
+                    return;
+                }
+            }
+        }
+    }
+    per.push(Request::write(offset, buf));
 }
 
 /// Where a byte of a space lives (see [`Space::locate`]).
@@ -218,6 +257,9 @@ struct RowOp {
     pieces: Vec<(usize, Piece, bool)>,
     shards: Vec<Option<AlignedBuf>>,
     rebuild: bool,
+    /// A full-stripe write of single requests' contiguous buffers: the data shards are written
+    /// and encoded from the callers' buffers, with no copy and no read.
+    direct: bool,
 }
 
 impl Space {
@@ -595,16 +637,21 @@ impl Space {
         let mut errors: Vec<Option<Error>> = vec![None; seg.len()];
         let mut retry = vec![false; seg.len()];
         let mut failures = Vec::new();
-        // Reads to verify once done: (parent, offset in it, length, slot, offset in the slab, extent).
-        let mut checks: Vec<(usize, u64, u64, Slot, u64, u64)> = Vec::new();
-        // Checksums of written pieces: (member, slab, first block, values).
-        let mut sums: Vec<(usize, u32, u64, Vec<u32>)> = Vec::new();
-        let mut pages: Vec<PageWrite> = Vec::new();
+        // Reads to verify once done: (parent, offset in it, length, slot, offset in the slab,
+        // extent, (index of the member request, offset in it)).
+        let mut checks: Vec<ReadCheck> = Vec::new();
+        // The stored checksums of what each member request read, computed by the member's
+        // thread once its batch completed.
+        let got_crcs: Vec<Vec<Option<Vec<u32>>>>;
         // Checksum pages the reads need that are not cached: read in the same batches.
         let mut loads: Vec<(usize, u64, u64, AlignedBuf)> = Vec::new();
         {
+            // Checksum pages a small batch sends with its data.
+            let mut page_store: Vec<PageWrite> = Vec::new();
             let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
             let mut own: Vec<Vec<usize>> = (0..n).map(|_| Vec::new()).collect();
+            // Written pieces whose checksums go to (member, slab)s: targets, first block, data.
+            let mut crc_src: Vec<CrcSource<vstor_core::WriteBufs<'_>>> = Vec::new();
             for (pi, req) in seg.iter_mut().enumerate() {
                 if req.is_complete() {
                     continue;
@@ -635,9 +682,15 @@ impl Space {
                             match slot {
                                 Some(s) => {
                                     let in_slab = layout.slab_offset(p.row, p.in_unit);
-                                    checks.push((pi, p.at, p.len, s, in_slab, p.extent));
                                     let off = self.phys(s, in_slab);
-                                    push_read(&mut per[s.member], &mut own[s.member], pi, off, b);
+                                    let at = push_read(
+                                        &mut per[s.member],
+                                        &mut own[s.member],
+                                        pi,
+                                        off,
+                                        b,
+                                    );
+                                    checks.push((pi, p.at, p.len, s, in_slab, p.extent, at));
                                 }
                                 None => {
                                     errors[pi] = Some(self.failed(format!(
@@ -660,16 +713,16 @@ impl Space {
                                 Some((e, t)) if *e == p.extent => &t[..],
                                 _ => &[],
                             };
-                            let crcs = csum::crcs_iov(&b, 0, p.len as usize);
                             let block = layout.slab_offset(p.row, p.in_unit) / csum::BLOCK;
+                            let mut targets = Vec::new();
                             for c in 0..k {
                                 let si = layout.data_slot(p.row, p.col, c);
                                 let s = slots[si];
                                 if devs[s.member].is_some() {
-                                    sums.push((s.member, s.slab, block, crcs.clone()));
+                                    targets.push((s.member, s.slab));
                                 }
                                 if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
-                                    sums.push((new.member, new.slab, block, crcs.clone()));
+                                    targets.push((new.member, new.slab));
                                     // The slab being rebuilt gets the write too.
                                     let off = self.phys(new, layout.slab_offset(p.row, p.in_unit));
                                     push_write(
@@ -691,33 +744,14 @@ impl Space {
                                     );
                                 }
                             }
+                            crc_src.push((targets, block, b));
                         }
                     }
                     _ => {}
                 }
             }
-            // The checksum pages of the writes go in the same batches, their locks held until
-            // the batches complete.
-            let _page_locks = self
-                .pool
-                .csums
-                .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
-            for (m, slab, block, crcs) in &sums {
-                let Some(dev) = devs[*m].as_ref() else {
-                    continue;
-                };
-                match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
-                    Ok(w) => pages.extend(w),
-                    Err(e) => failures.push((*m, e)),
-                }
-            }
-            pages = csum::merge_pages(std::mem::take(&mut pages));
-            for (m, off, buf) in &pages {
-                per[*m].push(Request::write(*off, &buf[..]));
-                own[*m].push(usize::MAX);
-            }
             let mut wanted = BTreeSet::new();
-            for (_, _, len, s, in_slab, _) in &checks {
+            for (_, _, len, s, in_slab, _, _) in &checks {
                 for (page, off) in self.pool.csums.missing(
                     s.member,
                     s.slab,
@@ -733,7 +767,25 @@ impl Space {
                 per[*m].push(Request::read(*off, &mut buf[..]));
                 own[*m].push(usize::MAX);
             }
-            run_members(devs, &mut per);
+            // The checksums of what is written are computed, and their pages written, while
+            // the data is in flight.
+            // The reads are checksummed by each member's thread as its batch completes.
+            let verify: Vec<Vec<bool>> = own
+                .iter()
+                .map(|o| o.iter().map(|&pi| pi != usize::MAX).collect())
+                .collect();
+            let (f, crcs) = self.run_with_sums(devs, &mut per, &mut page_store, &verify, || {
+                let mut sums = Vec::new();
+                for (targets, block, b) in &crc_src {
+                    let crcs = csum::crcs_iov(b, 0, b.iter().map(|x| x.len()).sum());
+                    for &(m, slab) in targets {
+                        sums.push((m, slab, *block, crcs.clone()));
+                    }
+                }
+                sums
+            });
+            failures.extend(f);
+            got_crcs = crcs;
             for (m, reqs) in per.iter().enumerate() {
                 for (r, &pi) in reqs.iter().zip(&own[m]) {
                     if let Err(e) = r.result() {
@@ -752,14 +804,25 @@ impl Space {
             }
         }
         // Verify what was read; a block whose checksum fails is healed and read again.
-        for (pi, at, len, s, in_slab, extent) in checks {
+        for (pi, at, len, s, in_slab, extent, (ri, in_req)) in checks {
             if retry[pi] || errors[pi].is_some() {
                 continue;
             }
             let Op::Read { bufs, .. } = &seg[pi].op else {
                 continue;
             };
-            let got = csum::crcs_iov(bufs, at as usize, len as usize);
+            let (b0, nb) = (
+                (in_req / csum::BLOCK) as usize,
+                (len / csum::BLOCK) as usize,
+            );
+            let got = match got_crcs
+                .get(s.member)
+                .and_then(|v| v.get(ri))
+                .and_then(Option::as_ref)
+            {
+                Some(c) if c.len() >= b0 + nb => c[b0..b0 + nb].to_vec(),
+                _ => csum::crcs_iov(bufs, at as usize, len as usize),
+            };
             let Some(dev) = devs[s.member].as_ref() else {
                 continue;
             };
@@ -856,6 +919,7 @@ impl Space {
                     pieces: Vec::new(),
                     shards: Vec::new(),
                     rebuild: false,
+                    direct: false,
                 });
                 r.lo = r.lo.min(p.in_unit);
                 r.hi = r.hi.max(p.in_unit + p.len);
@@ -897,6 +961,18 @@ impl Space {
             }
             row.shards = (0..w).map(|_| None).collect();
             row.rebuild = (0..d).any(|c| need[c] && !usable(c));
+            row.direct = writes
+                && (0..d).all(|c| {
+                    let mut of_col = row.pieces.iter().filter(|x| x.1.col == c);
+                    match (of_col.next(), of_col.next()) {
+                        (Some((pi, p, true)), None) => {
+                            p.in_unit == row.lo
+                                && p.in_unit + p.len == row.hi
+                                && write_slice(&seg[*pi], p.at, p.len).is_some()
+                        }
+                        _ => false,
+                    }
+                });
             let rebuild = row.rebuild;
             for (s, shard) in row.shards.iter_mut().enumerate() {
                 if (rebuild && usable(s)) || (!rebuild && s < d && need[s]) {
@@ -904,7 +980,15 @@ impl Space {
                 }
             }
         }
-        if !self.row_io(&mut rows, devs, ext, None, failures, false) {
+        if !self.row_io(
+            &mut rows,
+            &BTreeMap::new(),
+            devs,
+            ext,
+            None,
+            failures,
+            false,
+        ) {
             self.give_rows(rows);
             return;
         }
@@ -958,7 +1042,7 @@ impl Space {
             return;
         }
         // Rebuild, apply the writes, recompute parity.
-        for row in rows.values_mut() {
+        for row in rows.values_mut().filter(|r| !r.direct) {
             let len = (row.hi - row.lo) as usize;
             if row.rebuild && !self.rebuild_row(&mut row.shards, d, len) {
                 for (pi, _, _) in &row.pieces {
@@ -1016,7 +1100,34 @@ impl Space {
                 row.shards.iter_mut().for_each(|s| self.give_buf(s.take()));
             }
         }
-        let wrote = self.row_io(&mut rows, devs, ext, rebuilding, failures, true);
+        // Full-stripe rows: the parity straight from the callers' buffers.
+        let direct: BTreeMap<(u64, u64), Vec<&[u8]>> = rows
+            .iter()
+            .filter(|(_, r)| r.direct)
+            .map(|(k, r)| {
+                let data = (0..d)
+                    .map(|c| {
+                        let (pi, p, _) = r.pieces.iter().find(|x| x.1.col == c).expect("planned");
+                        write_slice(&seg[*pi], p.at, p.len).expect("checked")
+                    })
+                    .collect();
+                (*k, data)
+            })
+            .collect();
+        for (k, data) in &direct {
+            let row = rows.get_mut(k).expect("planned");
+            let len = (row.hi - row.lo) as usize;
+            for s in row.shards[d..].iter_mut() {
+                *s = Some(self.take_buf(len));
+            }
+            let mut par: Vec<&mut [u8]> = row.shards[d..]
+                .iter_mut()
+                .map(|s| &mut s.as_mut().expect("just set")[..])
+                .collect();
+            code::encode(data, &mut par);
+        }
+        let wrote = self.row_io(&mut rows, &direct, devs, ext, rebuilding, failures, true);
+        drop(direct);
         self.give_rows(rows);
         if !wrote {
             // Reads of the batch are done; the writes run again without the failed member.
@@ -1089,9 +1200,11 @@ impl Space {
 
     /// Reads into (or writes from) every shard buffer of the rows, skipping unusable members.
     /// Returns false (and adds the failures) if a member failed.
+    #[allow(clippy::too_many_arguments)]
     fn row_io(
         &self,
         rows: &mut BTreeMap<(u64, u64), RowOp>,
+        direct: &BTreeMap<(u64, u64), Vec<&[u8]>>,
         devs: &Devs,
         ext: &[Option<Vec<Slot>>],
         rebuilding: Option<&Rebuild>,
@@ -1100,10 +1213,12 @@ impl Space {
     ) -> bool {
         let layout = self.shared.layout;
         let n = devs.len();
-        let mut pages: Vec<PageWrite> = Vec::new();
-        let mut sums: Vec<(usize, u32, u64, Vec<u32>)> = Vec::new();
+        // Written shards whose checksums go to (member, slab)s: targets, first block, data.
+        let mut crc_src: Vec<CrcSource<&[u8]>> = Vec::new();
+        // Checksum pages a small batch sends with its data.
+        let mut page_store: Vec<PageWrite> = Vec::new();
         let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
-        for row in rows.values_mut() {
+        for (key, row) in rows.iter_mut() {
             let slots = ext[row.extent as usize].as_ref().expect("allocated");
             let off = layout.slab_offset(row.row, row.lo);
             if write {
@@ -1111,20 +1226,26 @@ impl Space {
                     Some((e, t)) if *e == row.extent => &t[..],
                     _ => &[],
                 };
+                let given = direct.get(key);
                 for (shard, buf) in row.shards.iter().enumerate() {
-                    let Some(buf) = buf else { continue };
+                    let buf: &[u8] = match (given.and_then(|g| g.get(shard)), buf) {
+                        (Some(g), _) => g,
+                        (None, Some(b)) => b,
+                        (None, None) => continue,
+                    };
                     let si = self.shard_slot(row.row, shard);
-                    let crcs = csum::crcs(buf);
+                    let mut targets = Vec::new();
                     if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
                         // The slab being rebuilt gets the write too.
-                        per[new.member].push(Request::write(self.phys(new, off), &buf[..]));
-                        sums.push((new.member, new.slab, off / csum::BLOCK, crcs.clone()));
+                        append_write(&mut per[new.member], self.phys(new, off), buf);
+                        targets.push((new.member, new.slab));
                     }
                     let s = slots[si];
                     if devs[s.member].is_some() {
-                        per[s.member].push(Request::write(self.phys(s, off), &buf[..]));
-                        sums.push((s.member, s.slab, off / csum::BLOCK, crcs));
+                        append_write(&mut per[s.member], self.phys(s, off), buf);
+                        targets.push((s.member, s.slab));
                     }
+                    crc_src.push((targets, off / csum::BLOCK, buf));
                 }
                 continue;
             }
@@ -1137,24 +1258,19 @@ impl Space {
             }
         }
         let before = failures.len();
-        let _page_locks = self
-            .pool
-            .csums
-            .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
-        for (m, slab, block, crcs) in &sums {
-            let Some(dev) = devs[*m].as_ref() else {
-                continue;
-            };
-            match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
-                Ok(w) => pages.extend(w),
-                Err(e) => failures.push((*m, e)),
+        // The checksums of what is written are computed, and their pages written, while the
+        // shards are in flight.
+        let (f, _) = self.run_with_sums(devs, &mut per, &mut page_store, &[], || {
+            let mut sums = Vec::new();
+            for (targets, block, buf) in &crc_src {
+                let crcs = csum::crcs(buf);
+                for &(m, slab) in targets {
+                    sums.push((m, slab, *block, crcs.clone()));
+                }
             }
-        }
-        pages = csum::merge_pages(std::mem::take(&mut pages));
-        for (m, off, buf) in &pages {
-            per[*m].push(Request::write(*off, &buf[..]));
-        }
-        run_members(devs, &mut per);
+            sums
+        });
+        failures.extend(f);
         for (m, reqs) in per.iter().enumerate() {
             for r in reqs {
                 if let Err(e) = r.result() {
@@ -1164,6 +1280,176 @@ impl Space {
         }
         failures.len() == before
     }
+
+    /// Runs each member's batch (as [`run_members`]) with the checksums `sums` computes of what
+    /// the batches write: set in the checksum cache and their pages written, under the pages'
+    /// locks. A batch writing [`OVERLAP_MIN`] bytes or more starts its data first and computes
+    /// the checksums and writes the pages (every member's at once) on this thread while the
+    /// data is in flight; a smaller one computes them first and sends each member's pages in
+    /// the same submission as its data (kept in `store`), as threads would cost it more than
+    /// the checksums. Each member's thread, once its batch completed, computes the stored
+    /// checksums of what its reads flagged in `verify` (per member, per request) read.
+    /// Returns failures of the checksum updates, and those checksums (per member, per
+    /// request).
+    #[allow(clippy::type_complexity)]
+    fn run_with_sums<'a>(
+        &self,
+        devs: &Devs,
+        per: &mut [Vec<Request<'a>>],
+        store: &'a mut Vec<PageWrite>,
+        verify: &[Vec<bool>],
+        sums: impl FnOnce() -> Vec<csum::SumRun>,
+    ) -> (Vec<(usize, Error)>, Vec<Vec<Option<Vec<u32>>>>) {
+        let write_bytes: u64 = per
+            .iter()
+            .flatten()
+            .filter(|x| matches!(x.op, Op::Write { .. }))
+            .map(Request::len)
+            .sum();
+        let early = write_bytes > 0 && write_bytes < OVERLAP_MIN;
+        let overlap = write_bytes >= OVERLAP_MIN;
+        let mut sums = Some(sums);
+        let mut failures = Vec::new();
+        let mut own_len: Vec<usize> = Vec::new();
+        let _early_locks = if early {
+            let sums = csum::join_runs(sums.take().expect("once")());
+            let locks = self
+                .pool
+                .csums
+                .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
+            *store = self.set_sums(devs, &sums, &mut failures);
+            let store: &'a Vec<PageWrite> = store;
+            own_len = per.iter().map(Vec::len).collect();
+            for (m, off, buf) in store {
+                per[*m].push(Request::write(*off, &buf[..]));
+            }
+            locks
+        } else {
+            Vec::new()
+        };
+        let mut got: Vec<Vec<Option<Vec<u32>>>> = vec![Vec::new(); per.len()];
+        let run = |d: &Arc<dyn BlockDevice>, reqs: &mut [Request<'a>], flags: &[bool]| {
+            d.submit(reqs);
+            reqs.iter()
+                .enumerate()
+                .map(|(i, r)| match &r.op {
+                    Op::Read { bufs, .. } if flags.get(i) == Some(&true) && r.result().is_ok() => {
+                        Some(csum::crcs_iov(bufs, 0, r.len() as usize))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        std::thread::scope(|sc| {
+            let mut jobs = Vec::new();
+            for (m, (d, reqs)) in devs.iter().zip(per.iter_mut()).enumerate() {
+                if reqs.is_empty() {
+                    continue;
+                }
+                match d {
+                    Some(d) => jobs.push((m, d, reqs)),
+                    None => {
+                        fail_remaining(reqs, &Error::InvalidArgument("member not usable".into()))
+                    }
+                }
+            }
+            // Unless it computes checksums meanwhile, this thread runs one of the batches.
+            let mine = if overlap { None } else { jobs.pop() };
+            let running: Vec<_> = jobs
+                .into_iter()
+                .map(|(m, d, reqs)| {
+                    let flags = verify.get(m).map_or(&[][..], |v| &v[..]);
+                    (m, sc.spawn(move || run(d, reqs, flags)))
+                })
+                .collect();
+            if let Some((m, d, reqs)) = mine {
+                got[m] = run(d, reqs, verify.get(m).map_or(&[][..], |v| &v[..]));
+            }
+            if overlap {
+                let sums = csum::join_runs(sums.take().expect("once")());
+                let _page_locks = self
+                    .pool
+                    .csums
+                    .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
+                let pages = self.set_sums(devs, &sums, &mut failures);
+                let mut by_member: BTreeMap<usize, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+                for (m, off, buf) in pages {
+                    by_member.entry(m).or_default().push((off, buf));
+                }
+                // Every member's pages at once (each queues behind its member's data).
+                let page_writes: Vec<_> = by_member
+                    .into_iter()
+                    .filter_map(|(m, pages)| {
+                        let dev = devs[m].as_ref()?;
+                        Some((
+                            m,
+                            sc.spawn(move || {
+                                let mut reqs: Vec<Request<'_>> = pages
+                                    .iter()
+                                    .map(|(off, buf)| Request::write(*off, &buf[..]))
+                                    .collect();
+                                dev.submit_all(&mut reqs)
+                            }),
+                        ))
+                    })
+                    .collect();
+                for (m, h) in page_writes {
+                    if let Err(e) = h.join().expect("a page write thread does not panic") {
+                        failures.push((m, e));
+                    }
+                }
+            }
+            for (m, h) in running {
+                got[m] = h.join().expect("a member thread does not panic");
+            }
+        });
+        // The page writes added to small batches: their failures, then out of the batches.
+        for (m, &n) in own_len.iter().enumerate() {
+            for r in &per[m][n..] {
+                if let Err(e) = r.result() {
+                    failures.push((m, e));
+                }
+            }
+            per[m].truncate(n);
+        }
+        (failures, got)
+    }
+
+    /// Sets checksum updates in the cache (the caller holds their pages' locks) and returns
+    /// the page writes that make them durable, adjacent pages merged; failures are added.
+    fn set_sums(
+        &self,
+        devs: &Devs,
+        sums: &[csum::SumRun],
+        failures: &mut Vec<(usize, Error)>,
+    ) -> Vec<PageWrite> {
+        let mut pages: Vec<PageWrite> = Vec::new();
+        for (m, slab, block, crcs) in sums {
+            let Some(dev) = devs[*m].as_ref() else {
+                continue;
+            };
+            match self.pool.csums.set(&**dev, *m, *slab, *block, crcs) {
+                Ok(w) => pages.extend(w),
+                Err(e) => failures.push((*m, e)),
+            }
+        }
+        csum::merge_pages(pages)
+    }
+}
+
+/// The `len` bytes at `at` of a write request's data, if they lie in one of its buffers.
+fn write_slice<'r>(req: &'r Request<'_>, at: u64, len: u64) -> Option<&'r [u8]> {
+    let Op::Write { bufs, .. } = &req.op else {
+        return None;
+    };
+    let (mut at, len) = (at as usize, len as usize);
+    for b in bufs.iter() {
+        if at < b.len() {
+            return b.get(at..at + len);
+        }
+        at -= b.len();
+    }
+    None
 }
 
 /// Whether the write pieces of data column `col` cover `[lo, hi)`.

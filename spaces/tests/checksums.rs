@@ -341,3 +341,78 @@ fn a_read_only_pool_serves_good_data_without_writing() {
         assert!(before == after, "{label}: a read-only pool wrote");
     }
 }
+
+#[test]
+fn a_rebuild_heals_bad_source_blocks_and_keeps_a_lost_block_failing() {
+    for (label, res, cols, n) in [
+        ("mirror3", Resiliency::Mirror { copies: 3 }, 1, 3),
+        ("mirror2", Resiliency::Mirror { copies: 2 }, 1, 2),
+        ("parity1", Resiliency::Parity { redundancy: 1 }, 3, 3),
+    ] {
+        let (faults, devs) = fault_disks(n);
+        let pool = create(&devs);
+        pool.create_space(&spec("s", SPACE, res, Some(cols)))
+            .unwrap();
+        let space = pool.open_space("s").unwrap();
+        let model = pattern(8, SPACE as usize);
+        space.write_at(0, &model).unwrap();
+        space.flush().unwrap();
+        // The member to lose holds the last copy (mirror) or the parity (parity) of the byte
+        // at `at`; the block at `at` is damaged in the first copy (the data column).
+        let at = 1_000_000u64;
+        let loc = space.locate(at).unwrap();
+        let lost = loc
+            .parity
+            .first()
+            .copied()
+            .unwrap_or(*loc.copies.last().unwrap())
+            .0;
+        let (m, off) = loc.copies[0];
+        assert_ne!(m, lost, "{label}");
+        drop((space, pool));
+        faults[m].corrupt_stored(off - off % 512, 512, 77).unwrap();
+        let pool = open(&devs, &[lost], false);
+        let spare: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(DISK).unwrap());
+        pool.add_disk(vstor_spaces::PoolDisk::new("spare", spare.clone()))
+            .unwrap();
+        let report = pool.repair(None, &mut |_, _| {}).unwrap();
+        assert!(report.slabs >= 1, "{label}: {report:?}");
+        let space = pool.open_space("s").unwrap();
+        let block = at - at % 512;
+        let mut b = vec![0u8; 512];
+        if label == "mirror3" {
+            // A good copy was left: the rebuild healed the source and copied good bytes.
+            assert!(read_all(&space) == model, "{label}");
+            let s = pool.info().integrity;
+            assert!(s.healed >= 1 && s.unrecoverable == 0, "{label}: {s:?}");
+            continue;
+        }
+        // No good source was left for that block: the rebuilt copy or data block must not
+        // come with a fresh checksum over the bad bytes. Every read of it fails (whichever
+        // copy it goes to); the blocks around it read right.
+        for _ in 0..2 {
+            let e = space.read_at(block, &mut b).unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    vstor_core::Error::Layer(l)
+                        if matches!(l.downcast_ref::<SpacesError>(), Some(SpacesError::ChecksumMismatch { .. }))
+                ),
+                "{label}: {e}"
+            );
+        }
+        space.read_at(block + 4096, &mut b).unwrap();
+        assert!(b[..] == model[(block + 4096) as usize..(block + 4608) as usize]);
+        drop((space, pool));
+        if label == "mirror2" {
+            // With only the new copy left, it alone still says the block is bad.
+            let mut disks = without(&devs, &[lost, m]);
+            disks.push(vstor_spaces::PoolDisk::new("spare", spare.clone()));
+            let p = Pool::open(disks, &Default::default()).unwrap();
+            let space = p.open_space("s").unwrap();
+            assert!(space.read_at(block, &mut b).is_err(), "{label}");
+            space.read_at(0, &mut b).unwrap();
+            assert!(b[..] == model[..512]);
+        }
+    }
+}
