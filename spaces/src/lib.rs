@@ -26,6 +26,13 @@
 //! - A write-intent bitmap on every member and resync of its dirty chunks when a pool is
 //!   opened after an unclean shutdown (mirror copies made equal, parity recomputed from the
 //!   data), so a parity update cut by a crash does not corrupt other data on a later rebuild.
+//! - A parity [`journal`] on every member (the RAID write hole): the new data and parity of a
+//!   partial-row parity update reach the journals of the members they go to, checksummed and
+//!   flushed, before any in-place write, one journal write and flush per member per batch;
+//!   after a crash the committed batches are replayed at the open before anything else, so a
+//!   crash followed by the loss of a member (before any resync) never rebuilds data that was
+//!   not being written from a stale parity. Full-row writes skip it. The metadata format is
+//!   version 3; a version 2 pool opens without a journal (and says so) and stays version 2.
 //! - Per-block CRC-32C ([`csum`]): every 512-byte block of every slab has a checksum in its
 //!   member's checksum area, written in the same batch as the data (the write-intent bitmap
 //!   covers both; a resync after a crash settles blocks whose data and checksum did not both
@@ -34,15 +41,15 @@
 //!   per block), and rewritten (self-heal; a read-only pool keeps the healed 4 KiB windows in
 //!   memory instead of writing); a block with no good source fails the read with
 //!   [`SpacesError::ChecksumMismatch`]. A damaged checksum entry over good data is rewritten.
-//!   [`PoolInfo::integrity`](PoolInfo) counts what was found, healed and lost. The metadata format is
-//!   version 2; a version 1 pool (no checksums) is refused with an error that says so.
+//!   [`PoolInfo::integrity`](PoolInfo) counts what was found, healed and lost. A version 1
+//!   pool (no checksums) is refused with an error that says so.
 //! - [`Pool::scrub`]: checks every block of every allocated extent, online, heals bad blocks
 //!   from a good source, makes copies and parity agree with the (verified) data, and reports
 //!   chunks rewritten and blocks found bad, healed and lost ([`ScrubReport`]). A rebuild
 //!   heals its sources the same way before copying, and writes the new slabs' checksums.
 //!
-//! What does not exist yet: a journal for the case of a crash together with the loss of a member of a dirty parity row
-//! (reported in the pool's notes at open); an incremental resync of a member that came back
+//! What does not exist yet: replaying the journal in memory for a read-only open (a read-only
+//! open after a crash names the updates waiting and leaves them for a writable open); an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
 //! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
 //! GF(2^8) arithmetic; locking against two processes opening the same pool; a metadata
@@ -86,6 +93,7 @@ mod code;
 pub mod csum;
 mod error;
 pub mod format;
+pub mod journal;
 mod layout;
 mod pool;
 mod repair;
@@ -95,6 +103,7 @@ pub use bitmap::{ScrubReport, CLEAR_DELAY};
 pub use code::{encode as parity_encode, reconstruct as parity_reconstruct};
 pub use error::SpacesError;
 pub use format::{MemberState, Provisioning};
+pub use journal::JournalStats;
 pub use layout::Resiliency;
 pub use pool::{
     CreateOptions, IntegrityStats, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth,

@@ -195,6 +195,10 @@ pub struct PoolInfo {
     pub resynced_chunks: u64,
     /// Block checksum statistics since the pool was opened.
     pub integrity: IntegrityStats,
+    /// What the parity journal did since the pool was opened (all zero without one).
+    pub journal: crate::journal::JournalStats,
+    /// The pool's on-disk format version (2: no parity journal; 3: with one).
+    pub format_version: u32,
 }
 
 /// What the block checksums caught since the pool was opened (reads, scrubs and rebuilds).
@@ -245,6 +249,8 @@ pub(crate) struct Inner {
     /// A read-only pool does not rewrite bad blocks: the good contents of the 4 KiB windows
     /// it healed, by (member, slab, offset in the slab), which reads use in their place.
     pub healed_windows: Mutex<HashMap<(usize, u32, u64), Vec<u8>>>,
+    /// The parity journal.
+    pub journal: crate::journal::Journal,
 }
 
 impl Drop for Inner {
@@ -256,6 +262,7 @@ impl Drop for Inner {
         let devs = self.snapshot();
         if devs.iter().flatten().all(|d| d.flush().is_ok()) {
             self.clear_bitmaps(true);
+            self.journal.close(&devs);
         }
     }
 }
@@ -341,8 +348,9 @@ fn no_pool_reason(old: &[(String, u32)]) -> String {
     match old.first() {
         None => "no disk holds valid pool metadata".into(),
         Some((disk, v)) => format!(
-            "{disk} (and {} more disks) holds pool metadata of format version {v}; this vstor reads version {} (version 2 added block checksums): open the pool with the vstor that made it and copy its spaces out",
+            "{disk} (and {} more disks) holds pool metadata of format version {v}; this vstor reads versions {} to {} (version 2 added block checksums, version 3 the parity journal): open the pool with the vstor that made it and copy its spaces out",
             old.len() - 1,
+            crate::format::MIN_VERSION,
             crate::format::VERSION
         ),
     }
@@ -534,7 +542,7 @@ impl Pool {
                 "{est_slabs} slabs of {slab} bytes need more pool metadata than {MAX_SLOT} bytes; use a larger slab size"
             )));
         }
-        let data_start = 2 * slot_size + BITMAP_SIZE;
+        let data_start = Meta::data_start_for(crate::format::VERSION, slot_size);
         let mut members = Vec::new();
         for d in &disks {
             let cap = d.device.capacity();
@@ -555,6 +563,7 @@ impl Pool {
             });
         }
         let meta = Meta {
+            version: crate::format::VERSION,
             pool_id: Uuid::new_v4(),
             sequence: 1,
             slab_size: slab,
@@ -570,7 +579,12 @@ impl Pool {
         for (i, d) in disks.iter().enumerate() {
             let mut blob = meta.serialize(i);
             blob.resize(blob.len().div_ceil(4096) * 4096, 0);
-            zero_range(&*d.device, 2 * slot_size, BITMAP_SIZE)?;
+            zero_range(&*d.device, data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+            if let Some(j) = meta.journal_offset() {
+                let id = meta.members[i].id;
+                d.device
+                    .write_at(j, &crate::journal::Journal::initial_header(id))?;
+            }
             d.device.write_at(0, &blob)?;
             d.device.write_at(slot_size, &blob)?;
             d.device.flush()?;
@@ -594,6 +608,7 @@ impl Pool {
             .map(|m| crate::csum::area_start(meta.data_start, meta.slab_size, m.slab_count))
             .collect();
         let csums = crate::csum::Csums::new(meta.slab_size, starts);
+        let journal = crate::journal::Journal::new(&meta);
         Pool {
             inner: Arc::new(Inner {
                 meta: Mutex::new(meta),
@@ -612,6 +627,7 @@ impl Pool {
                 healed: AtomicU64::new(0),
                 unrecoverable: AtomicU64::new(0),
                 healed_windows: Mutex::new(HashMap::new()),
+                journal,
             }),
         }
     }
@@ -731,6 +747,10 @@ impl Pool {
             let mut meta = lock(&pool.inner.meta);
             pool.inner.persist(&mut meta)?;
         }
+        // The journal first: replayed parity updates make their rows agree before the
+        // bitmap resync looks at them.
+        let journal_notes = pool.inner.recover_journal()?;
+        lock(&pool.inner.notes).extend(journal_notes);
         let (_, resync_notes) = pool.inner.resync_at_open()?;
         lock(&pool.inner.notes).extend(resync_notes);
         Ok(pool)
@@ -755,8 +775,7 @@ impl Pool {
                 "disk size {disk_size} is not a multiple of 4096"
             )));
         }
-        let min = 2 * MIN_SLOT
-            + BITMAP_SIZE
+        let min = Meta::data_start_for(crate::format::VERSION, MIN_SLOT)
             + opts.slab_size
             + crate::csum::area_bytes(1, opts.slab_size);
         if disk_size < min {
@@ -916,6 +935,8 @@ impl Pool {
                 healed: self.inner.healed.load(Ordering::Acquire),
                 unrecoverable: self.inner.unrecoverable.load(Ordering::Acquire),
             },
+            journal: self.inner.journal.stats(),
+            format_version: meta.version,
         }
     }
 

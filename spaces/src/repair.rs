@@ -115,6 +115,12 @@ impl Pool {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
         }
         crate::pool::zero_range(&*disk.device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+        {
+            let m = next.members.last().expect("pushed");
+            self.inner
+                .journal
+                .init_member(&*disk.device, next.members.len() - 1, m.id)?;
+        }
         self.inner.members_write().push(MemberRt {
             name: Some(disk.name),
             device: Some(disk.device),
@@ -181,6 +187,12 @@ impl Pool {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
         }
         crate::pool::zero_range(&*device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+        {
+            let m = next.members.last().expect("pushed");
+            self.inner
+                .journal
+                .init_member(&*device, next.members.len() - 1, m.id)?;
+        }
         {
             let mut rt = self.inner.members_write();
             rt[index].device = None;

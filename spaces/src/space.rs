@@ -210,14 +210,17 @@ pub(crate) struct Heal {
 }
 
 /// One row of a parity extent touched by the slow path.
-struct RowOp {
-    extent: u64,
-    row: u64,
-    lo: u64,
-    hi: u64,
-    pieces: Vec<(usize, Piece, bool)>,
-    shards: Vec<Option<AlignedBuf>>,
-    rebuild: bool,
+pub(crate) struct RowOp {
+    pub extent: u64,
+    pub row: u64,
+    pub lo: u64,
+    pub hi: u64,
+    pub pieces: Vec<(usize, Piece, bool)>,
+    pub shards: Vec<Option<AlignedBuf>>,
+    pub rebuild: bool,
+    /// Every data column of `[lo, hi)` is written: the parity depends on the new data only
+    /// (the journal may skip the row).
+    pub full: bool,
 }
 
 impl Space {
@@ -814,7 +817,7 @@ impl Space {
         failures
     }
 
-    fn shard_slot(&self, row: u64, shard: usize) -> usize {
+    pub(crate) fn shard_slot(&self, row: u64, shard: usize) -> usize {
         let l = &self.shared.layout;
         if shard < l.data_columns {
             l.data_slot(row, shard, 0)
@@ -856,6 +859,7 @@ impl Space {
                     pieces: Vec::new(),
                     shards: Vec::new(),
                     rebuild: false,
+                    full: false,
                 });
                 r.lo = r.lo.min(p.in_unit);
                 r.hi = r.hi.max(p.in_unit + p.len);
@@ -896,6 +900,7 @@ impl Space {
                 }
             }
             row.shards = (0..w).map(|_| None).collect();
+            row.full = writes && !need.iter().any(|&n| n);
             row.rebuild = (0..d).any(|c| need[c] && !usable(c));
             let rebuild = row.rebuild;
             for (s, shard) in row.shards.iter_mut().enumerate() {
@@ -1016,8 +1021,8 @@ impl Space {
                 row.shards.iter_mut().for_each(|s| self.give_buf(s.take()));
             }
         }
-        let wrote = self.row_io(&mut rows, devs, ext, rebuilding, failures, true);
-        self.give_rows(rows);
+        // The journal (if the pool has one) goes first; it gives the rows back.
+        let wrote = self.write_rows(rows, devs, ext, rebuilding, failures);
         if !wrote {
             // Reads of the batch are done; the writes run again without the failed member.
             for &pi in parents {
@@ -1043,7 +1048,7 @@ impl Space {
     /// recycled when one of that size is at hand: a fresh large allocation faults every page
     /// in, which costs more than the parity arithmetic. Its contents are unspecified: every
     /// caller fills it whole (a read, writes that cover it, or the parity).
-    fn take_buf(&self, len: usize) -> AlignedBuf {
+    pub(crate) fn take_buf(&self, len: usize) -> AlignedBuf {
         let mut pool = guard(&self.shared.bufs);
         match pool.iter().position(|b| b.len() == len) {
             Some(i) => pool.swap_remove(i),
@@ -1079,7 +1084,7 @@ impl Space {
         }
     }
 
-    fn give_rows(&self, rows: BTreeMap<(u64, u64), RowOp>) {
+    pub(crate) fn give_rows(&self, rows: BTreeMap<(u64, u64), RowOp>) {
         for row in rows.into_values() {
             for s in row.shards {
                 self.give_buf(s);
@@ -1089,7 +1094,7 @@ impl Space {
 
     /// Reads into (or writes from) every shard buffer of the rows, skipping unusable members.
     /// Returns false (and adds the failures) if a member failed.
-    fn row_io(
+    pub(crate) fn row_io(
         &self,
         rows: &mut BTreeMap<(u64, u64), RowOp>,
         devs: &Devs,

@@ -7,98 +7,13 @@
 mod common;
 
 use common::*;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use vstor_core::{BlockDevice, CutPolicy, DeviceInfo, FaultDevice, MemoryDevice, Request};
+use vstor_core::{BlockDevice, MemoryDevice, Request};
 use vstor_spaces::{IntegrityStats, OpenOptions, Pool, PoolDisk, Resiliency, SpaceHealth};
 
 const DISK: u64 = 10 << 20;
 const SPACE: u64 = 2 << 20;
-
-/// Members that lose power together: the `cut_at`-th write-type request of the group (1 is
-/// the first) finds every member powered off.
-struct Group {
-    faults: Vec<Arc<FaultDevice>>,
-    writes: AtomicU64,
-    cut_at: AtomicU64,
-    seed: u64,
-}
-
-struct Member {
-    group: Arc<Group>,
-    index: usize,
-}
-
-impl BlockDevice for Member {
-    fn info(&self) -> DeviceInfo {
-        self.group.faults[self.index].info()
-    }
-
-    fn submit(&self, batch: &mut [Request<'_>]) {
-        let g = &self.group;
-        let n = batch.iter().filter(|r| r.kind().is_write()).count() as u64;
-        let before = g.writes.fetch_add(n, Ordering::SeqCst);
-        let at = g.cut_at.load(Ordering::SeqCst);
-        if n > 0 && at > before && at <= before + n {
-            for f in &g.faults {
-                let _ = f.power_cut(CutPolicy::Random {
-                    seed: g.seed + at,
-                    torn: true,
-                });
-            }
-        }
-        g.faults[self.index].submit(batch)
-    }
-}
-
-impl Group {
-    /// A group over copies of `media`.
-    fn new(media: &[Vec<u8>], seed: u64) -> Arc<Group> {
-        let faults = media
-            .iter()
-            .map(|m| {
-                let d = Arc::new(MemoryDevice::new(DISK).unwrap());
-                d.write_at(0, m).unwrap();
-                Arc::new(FaultDevice::new(d))
-            })
-            .collect();
-        Arc::new(Group {
-            faults,
-            writes: AtomicU64::new(0),
-            cut_at: AtomicU64::new(0),
-            seed,
-        })
-    }
-
-    fn disks(self: &Arc<Self>) -> Vec<PoolDisk> {
-        (0..self.faults.len())
-            .map(|i| {
-                PoolDisk::new(
-                    format!("m{i}"),
-                    Arc::new(Member {
-                        group: self.clone(),
-                        index: i,
-                    }),
-                )
-            })
-            .collect()
-    }
-
-    fn cut_happened(&self) -> bool {
-        self.faults.iter().any(|f| !f.is_powered())
-    }
-
-    fn power_on(&self) {
-        self.cut_at.store(0, Ordering::SeqCst);
-        for f in &self.faults {
-            f.power_on();
-        }
-    }
-
-    fn media(&self) -> Vec<Vec<u8>> {
-        self.faults.iter().map(|f| contents(&**f.inner())).collect()
-    }
-}
 
 fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
     let mut b = vec![0u8; space.capacity() as usize];
@@ -141,7 +56,7 @@ fn power_cuts_during_writes_leave_copies_and_parity_consistent() {
         let mut cuts = 0;
         let mut resynced = 0;
         for k in 1.. {
-            let g = Group::new(&media, k);
+            let g = Group::new(&media, DISK, k);
             let pool = Pool::open(g.disks(), &OpenOptions::default()).unwrap();
             let space = pool.open_space("s").unwrap();
             g.cut_at.store(k, Ordering::SeqCst);
@@ -222,7 +137,7 @@ fn power_cuts_during_writes_leave_copies_and_parity_consistent() {
 #[test]
 fn a_clean_close_leaves_nothing_to_resync() {
     let (media, _) = golden(Resiliency::Parity { redundancy: 1 }, 3, 4);
-    let g = Group::new(&media, 0);
+    let g = Group::new(&media, DISK, 0);
     let pool = Pool::open(g.disks(), &OpenOptions::default()).unwrap();
     assert_eq!(pool.info().resynced_chunks, 0);
     pool.open_space("s")
@@ -241,7 +156,7 @@ fn power_cuts_during_thin_allocation_and_space_creation() {
     drop(create(&devs));
     let media: Vec<Vec<u8>> = devs.iter().map(|d| contents(&**d)).collect();
     for k in 1.. {
-        let g = Group::new(&media, k);
+        let g = Group::new(&media, DISK, k);
         let pool = Pool::open(g.disks(), &OpenOptions::default()).unwrap();
         g.cut_at.store(k, Ordering::SeqCst);
         let made = pool.create_space(&spec("m", SPACE, Resiliency::Mirror { copies: 2 }, Some(1)));
@@ -286,7 +201,7 @@ fn power_cut_during_repair_then_repair_again() {
     media[0] = vec![0u8; DISK as usize];
     let mut k = 1;
     loop {
-        let g = Group::new(&media, k);
+        let g = Group::new(&media, DISK, k);
         let disks: Vec<PoolDisk> = g.disks().into_iter().skip(1).collect();
         let pool = Pool::open(disks, &OpenOptions::default()).unwrap();
         let spare = g.disks().remove(0);
