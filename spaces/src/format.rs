@@ -117,8 +117,14 @@ pub struct MemberRecord {
     pub slab_count: U32,
     /// 0 healthy, 1 failed (its data is stale), 2 retired (no new slabs), 3 removed.
     pub state: U32,
+    /// The metadata sequence number of the update that first recorded the member failed (0:
+    /// not failed, or failed before format version 3). A member whose own metadata reached
+    /// that sequence while it still called itself healthy was written apart from the members
+    /// that failed it (a split brain; see [`Pool::open`](crate::Pool::open)). Always 0 in
+    /// version 2.
+    pub failed_seq: U64,
     /// Reserved, zero.
-    pub reserved: [u8; 32],
+    pub reserved: [u8; 24],
 }
 
 /// One space of the pool.
@@ -212,6 +218,8 @@ pub(crate) struct MemberMeta {
     pub capacity: u64,
     pub slab_count: u32,
     pub state: MemberState,
+    /// The sequence of the update that recorded it failed (0: none known).
+    pub failed_seq: u64,
 }
 
 /// A slot of an allocated extent.
@@ -302,7 +310,8 @@ impl Meta {
                 capacity: m.capacity.into(),
                 slab_count: m.slab_count.into(),
                 state: m.state.code().into(),
-                reserved: [0; 32],
+                failed_seq: if self.version >= 3 { m.failed_seq } else { 0 }.into(),
+                reserved: [0; 24],
             };
             out.extend_from_slice(r.as_bytes());
         }
@@ -484,7 +493,7 @@ impl Meta {
                 3 => MemberState::Removed,
                 s => return Err(bad(at + 28, "member state", format!("member {i}: {s}"))),
             };
-            if r.reserved.iter().any(|&b| b != 0) {
+            if r.reserved.iter().any(|&b| b != 0) || (version < 3 && r.failed_seq.get() != 0) {
                 return Err(bad(
                     at + 32,
                     "member record",
@@ -521,6 +530,7 @@ impl Meta {
                 capacity,
                 slab_count,
                 state,
+                failed_seq: r.failed_seq.get(),
             });
             at += MEMBER;
         }
@@ -738,6 +748,7 @@ mod tests {
                     capacity: 16 << 20,
                     slab_count: 11,
                     state: MemberState::Healthy,
+                    failed_seq: 0,
                 })
                 .collect(),
             spaces: vec![SpaceMeta {
@@ -882,6 +893,7 @@ mod tests_support {
                     capacity: 16 << 20,
                     slab_count: 11,
                     state: MemberState::Healthy,
+                    failed_seq: 0,
                 })
                 .collect(),
             spaces: vec![SpaceMeta {

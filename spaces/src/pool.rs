@@ -71,6 +71,12 @@ impl Default for CreateOptions {
 pub struct OpenOptions {
     /// Write nothing: no metadata refresh, no failure records, spaces refuse writes.
     pub read_only: bool,
+    /// After a split brain ([`SpacesError::SplitBrain`]): the disk (its name as given, or the
+    /// last component of its path) whose metadata, and so whose side's data, is kept. Members
+    /// that diverged from it are taken as failed (their own metadata is overwritten with the
+    /// kept one unless read-only, so the next open agrees); [`Pool::reuse_member`] and
+    /// [`Pool::repair`] bring them back. `None`: refuse to open a diverged pool.
+    pub force_member: Option<String>,
 }
 
 /// What a new space is.
@@ -356,6 +362,44 @@ fn no_pool_reason(old: &[(String, u32)]) -> String {
     }
 }
 
+/// Pairs of members (disk name, its newest metadata, its index in it) that were written apart,
+/// described for an error: a member that one member's metadata records failed at sequence `f`
+/// but whose own metadata (which calls it healthy) reached `f`, or two copies of one sequence
+/// that differ.
+fn divergence(views: &[(&str, &Meta, usize)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (a, (an, am, ai)) in views.iter().enumerate() {
+        for (b, (bn, bm, bi)) in views.iter().enumerate() {
+            if a == b {
+                continue;
+            }
+            let b_id = bm.members[*bi].id;
+            let Some(rec) = am.members.iter().position(|m| m.id == b_id) else {
+                continue;
+            };
+            let r = &am.members[rec];
+            let b_self = &bm.members[*bi];
+            if r.state == MemberState::Failed
+                && r.failed_seq > 0
+                && bm.sequence >= r.failed_seq
+                && b_self.state != MemberState::Failed
+            {
+                out.push(format!(
+                    "{an} (member {ai}, metadata sequence {}) records member {rec} failed at sequence {}, but {bn} (member {bi}) went on to sequence {} as a healthy member",
+                    am.sequence, r.failed_seq, bm.sequence
+                ));
+            }
+            if a < b && am.sequence == bm.sequence && am != bm {
+                out.push(format!(
+                    "{an} (member {ai}) and {bn} (member {bi}) hold different metadata of the same sequence {}",
+                    am.sequence
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Writes zeroes over `len` bytes at `off` (a multiple of 64 KiB).
 pub(crate) fn zero_range(dev: &dyn BlockDevice, off: u64, len: u64) -> Result<()> {
     if dev.info().supports.write_zeroes {
@@ -560,6 +604,7 @@ impl Pool {
                 capacity: cap,
                 slab_count: slabs.min(MAX_SLABS) as u32,
                 state: MemberState::Healthy,
+                failed_seq: 0,
             });
         }
         let meta = Meta {
@@ -655,7 +700,65 @@ impl Pool {
             .iter()
             .max_by_key(|(_, m, _)| m.sequence)
             .ok_or_else(|| SpacesError::NoPool(no_pool_reason(&old_versions)))?;
-        let meta = newest.1.clone();
+        // The metadata quorum: every present member must agree with the metadata taken (hold
+        // it, or an older copy of its history). Members written apart are refused, or, with
+        // force_member, the named side is kept and the others are taken as failed.
+        let views: Vec<(&str, &Meta, usize)> = found
+            .iter()
+            .filter(|(_, m, _)| m.pool_id == newest.1.pool_id)
+            .map(|(d, m, i)| (d.name.as_str(), m, *i))
+            .collect();
+        let (chosen, diverged) = match &opts.force_member {
+            None => {
+                let conflicts = divergence(&views);
+                if !conflicts.is_empty() {
+                    return Err(SpacesError::SplitBrain {
+                        detail: format!(
+                            "{}; taking either side's metadata would silently lose what the other side wrote since: open with force_member naming the disk whose side to keep (vstor space repair DIR --force-member DISK); the others are then taken as failed",
+                            conflicts.join("; ")
+                        ),
+                    }
+                    .into());
+                }
+                (newest.1.clone(), Vec::new())
+            }
+            Some(name) => {
+                let pick = views
+                    .iter()
+                    .find(|(d, _, _)| {
+                        *d == name
+                            || Path::new(d).file_name().and_then(|f| f.to_str()) == Some(name)
+                    })
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "force_member: no member disk named '{name}' was found"
+                        ))
+                    })?;
+                let diverged: Vec<Uuid> = views
+                    .iter()
+                    .filter(|v| v.0 != pick.0 && !divergence(&[*pick, **v]).is_empty())
+                    .map(|(_, m, i)| m.members[*i].id)
+                    .collect();
+                let mut meta = pick.1.clone();
+                // Past every sequence seen, so the kept side's next update is the newest.
+                meta.sequence = views.iter().map(|v| v.1.sequence).max().unwrap_or(0);
+                for m in meta.members.iter_mut() {
+                    if diverged.contains(&m.id) && m.state != MemberState::Failed {
+                        m.state = MemberState::Failed;
+                        m.failed_seq = 0;
+                    }
+                }
+                if !diverged.is_empty() {
+                    notes.push(format!(
+                        "force_member {name}: kept its metadata (sequence {}); {} diverged members taken as failed",
+                        pick.1.sequence,
+                        diverged.len()
+                    ));
+                }
+                (meta, diverged)
+            }
+        };
+        let meta = chosen;
         let mut rt: Vec<MemberRt> = meta
             .members
             .iter()
@@ -743,9 +846,22 @@ impl Pool {
         pool.inner
             .missing_unrecorded
             .store(missing, Ordering::Release);
-        if stale && !opts.read_only {
+        if (stale || !diverged.is_empty()) && !opts.read_only {
             let mut meta = lock(&pool.inner.meta);
             pool.inner.persist(&mut meta)?;
+            // The diverged members get the kept metadata in both slots (they are failed in
+            // it), so their own history is gone and the next open agrees.
+            let rt = pool.inner.members_read();
+            for (i, m) in meta.members.iter().enumerate() {
+                let Some(dev) = rt[i].device.as_ref().filter(|_| diverged.contains(&m.id)) else {
+                    continue;
+                };
+                let mut blob = meta.serialize(i);
+                blob.resize(blob.len().div_ceil(4096) * 4096, 0);
+                dev.write_at(0, &blob)?;
+                dev.write_at(meta.slot_size, &blob)?;
+                dev.flush()?;
+            }
         }
         // The journal first: replayed parity updates make their rows agree before the
         // bitmap resync looks at them.
@@ -1196,6 +1312,11 @@ impl Inner {
                     "no usable member is left to hold the pool metadata".into(),
                 )
                 .into());
+            }
+            for m in meta.members.iter_mut() {
+                if m.state == MemberState::Failed && m.failed_seq == 0 {
+                    m.failed_seq = meta.sequence;
+                }
             }
             let offset = (meta.sequence % 2) * meta.slot_size;
             let mut failed = Vec::new();

@@ -110,6 +110,7 @@ impl Pool {
             capacity: cap,
             slab_count: slabs.min(crate::format::MAX_SLABS) as u32,
             state: MemberState::Healthy,
+            failed_seq: 0,
         });
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
@@ -182,6 +183,7 @@ impl Pool {
             capacity: old.capacity,
             slab_count: old.slab_count,
             state: MemberState::Healthy,
+            failed_seq: 0,
         });
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());

@@ -55,7 +55,14 @@ pub fn create(devs: &[Arc<dyn BlockDevice>]) -> Pool {
 }
 
 pub fn open(devs: &[Arc<dyn BlockDevice>], skip: &[usize], read_only: bool) -> Pool {
-    Pool::open(without(devs, skip), &OpenOptions { read_only }).unwrap()
+    Pool::open(
+        without(devs, skip),
+        &OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 pub fn spec(name: &str, size: u64, resiliency: Resiliency, columns: Option<usize>) -> SpaceSpec {
