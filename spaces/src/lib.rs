@@ -9,6 +9,14 @@
 //!   definitions) in two slots with sequence numbers and CRC-32C; opening picks the newest
 //!   valid copy, reports missing members and members with stale metadata, refreshes the
 //!   latter, and refuses members of another pool. See [`format`](mod@format) for the on-disk layout.
+//! - A metadata quorum: every member present at an open must agree with the metadata taken
+//!   (hold it or an older copy of its history). Members written apart (a split brain: each
+//!   took writes while the other was missing, so one's metadata records the other failed at a
+//!   sequence the other reached as a healthy member, or two copies of one sequence differ)
+//!   make the open fail with [`SpacesError::SplitBrain`], which names the disks, members and
+//!   sequences; [`OpenOptions::force_member`] (CLI: `space repair --force-member DISK`) keeps
+//!   one side and takes the others as failed (their metadata is overwritten so the next open
+//!   agrees; [`Pool::reuse_member`] brings them back).
 //! - Spaces ([`Pool::create_space`]): simple, 2-way and 3-way mirror (copies on distinct
 //!   disks), single parity (XOR) and dual parity (P + Q over GF(2^8)), with rotating parity;
 //!   columns and interleave as Storage Spaces has them; thin or fixed provisioning. A
@@ -52,10 +60,12 @@
 //! open after a crash names the updates waiting and leaves them for a writable open); an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
 //! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
-//! GF(2^8) arithmetic; locking against two processes opening the same pool; a metadata
-//! quorum: if the only members present at an open are ones that were missing while the
-//! others took writes (a "split brain": A and B alternately absent), the older metadata they
-//! hold is the newest the pool can see, and their stale data is served; trimming the cache of
+//! GF(2^8) arithmetic; locking against two processes opening the same pool; a quorum of
+//! members present at an open (a split brain is found only when members of both sides are
+//! present: if only the side that missed the other's writes is there, its metadata is the
+//! newest the pool can see and its data is served, as for any degraded open; and two sides
+//! that changed only metadata, to different sequences, are not told apart from a stale
+//! member); trimming the cache of
 //! checksum pages (8 MiB of memory per GiB of data touched since the open); verifying data
 //! against its checksum inside a resync's dirty chunks when no copy or parity can rebuild it
 //! (after a crash such a block is taken as it is and its checksum rewritten, as dm-integrity's

@@ -681,6 +681,11 @@ impl Pool {
     /// missing members and members with stale metadata (and, unless read-only, brings the
     /// latter up to date). Disks without pool metadata are skipped and named in the notes; a
     /// disk of another pool, an unknown member or a member given twice is an error.
+    ///
+    /// Members written apart are refused with [`SpacesError::SplitBrain`] unless
+    /// [`OpenOptions::force_member`] names the side to keep (see the crate documentation).
+    /// Unless read-only, the parity journal is then replayed (see [`crate::journal`]) and the
+    /// chunks the write-intent bitmaps name are resynced, before the pool is handed out.
     pub fn open(disks: Vec<PoolDisk>, opts: &OpenOptions) -> Result<Pool> {
         let mut notes = Vec::new();
         let mut found: Vec<(PoolDisk, Meta, usize)> = Vec::new();
