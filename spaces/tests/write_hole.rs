@@ -14,13 +14,16 @@ use vstor_spaces::{OpenOptions, Pool, Resiliency};
 
 const DISK: u64 = 6 << 20;
 const SPACE: u64 = 2 << 20;
+/// The interleave of the wrap test: three data columns of 256 KiB, rows of 768 KiB.
+const FILL_INTERLEAVE: u64 = 256 << 10;
 
-/// A pool with one space of `res` (interleave 16 KiB), written whole and flushed.
-fn golden(res: Resiliency, cols: usize, n: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
+/// A pool with one space of `res` (with `interleave`), written whole and flushed.
+fn golden(res: Resiliency, cols: usize, n: usize, interleave: u64) -> (Vec<Vec<u8>>, Vec<u8>) {
     let devs = mem_disks(n, DISK);
     let pool = create(&devs);
-    pool.create_space(&spec("s", SPACE, res, Some(cols)))
-        .unwrap();
+    let mut sp = spec("s", SPACE, res, Some(cols));
+    sp.interleave = Some(interleave);
+    pool.create_space(&sp).unwrap();
     let space = pool.open_space("s").unwrap();
     let data = pattern(11, SPACE as usize);
     space.write_at(0, &data).unwrap();
@@ -45,10 +48,27 @@ fn steps() -> Vec<Vec<(u64, Vec<u8>)>> {
     ]
 }
 
-/// The space after the first `n` steps.
-fn after(old: &[u8], n: usize) -> Vec<u8> {
+/// Steps that fill the journals so they wrap (a new generation) in the middle of the
+/// sequence: first a small partial write to every row (run before the cut points: it puts
+/// every row in the journal's current generation), then writes over nearly the whole space
+/// (rows that are full but journaled all the same, since their rows have records), then a
+/// small partial write.
+fn filling_steps() -> Vec<Vec<(u64, Vec<u8>)>> {
+    let row = 3 * FILL_INTERLEAVE;
+    let mut out = vec![(0..SPACE / row)
+        .map(|r| (r * row + 1024, pattern(40 + r, 512)))
+        .collect()];
+    for i in 0..3u64 {
+        out.push(vec![(512, pattern(141 + i, SPACE as usize - 1024))]);
+    }
+    out.push(vec![(8192 + 512, pattern(149, 2048))]);
+    out
+}
+
+/// The space after the first `n` of `steps`.
+fn after(old: &[u8], steps: &[Vec<(u64, Vec<u8>)>], n: usize) -> Vec<u8> {
     let mut v = old.to_vec();
-    for step in &steps()[..n] {
+    for step in &steps[..n] {
         for (at, d) in step {
             v[*at as usize..*at as usize + d.len()].copy_from_slice(d);
         }
@@ -79,11 +99,20 @@ fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
     out
 }
 
-fn cut_then_lose(label: &str, res: Resiliency, cols: usize, n: usize) {
-    let (media, old) = golden(res, cols, n);
-    let states: Vec<Vec<u8>> = (0..=steps().len()).map(|i| after(&old, i)).collect();
+fn cut_then_lose(
+    label: &str,
+    res: Resiliency,
+    cols: usize,
+    n: usize,
+    steps: &[Vec<(u64, Vec<u8>)>],
+    pre: usize,
+    pairs: bool,
+) {
+    let interleave = if pre > 0 { FILL_INTERLEAVE } else { INTERLEAVE };
+    let (media, old) = golden(res, cols, n, interleave);
+    let states: Vec<Vec<u8>> = (0..=steps.len()).map(|i| after(&old, steps, i)).collect();
     let mut losses: Vec<Vec<usize>> = subsets(n, 1);
-    if res.tolerates() == 2 {
+    if res.tolerates() == 2 && pairs {
         losses.extend(subsets(n, 2));
     }
     let mut cuts = 0;
@@ -92,9 +121,11 @@ fn cut_then_lose(label: &str, res: Resiliency, cols: usize, n: usize) {
         let g = Group::new(&media, DISK, k);
         let pool = Pool::open(g.disks(), &OpenOptions::default()).unwrap();
         let space = pool.open_space("s").unwrap();
-        g.cut_after(k);
         let mut flushed = 0;
-        for step in steps() {
+        for (i, step) in steps.iter().enumerate() {
+            if i == pre {
+                g.cut_after(k);
+            }
             let mut batch: Vec<Request> =
                 step.iter().map(|(at, d)| Request::write(*at, d)).collect();
             batch.push(Request::flush());
@@ -104,9 +135,12 @@ fn cut_then_lose(label: &str, res: Resiliency, cols: usize, n: usize) {
             }
             flushed += 1;
         }
+        let wraps = pool.info().journal.wraps;
         drop((space, pool));
         if !g.cut_happened() {
-            assert_eq!(flushed, steps().len(), "{label}");
+            assert_eq!(flushed, steps.len(), "{label}");
+            // The sequence had the journals wrap where every cut point was tried.
+            assert_eq!(wraps > 0, pre > 0, "{label}: {wraps} wraps");
             break;
         }
         cuts += 1;
@@ -145,12 +179,51 @@ fn cut_then_lose(label: &str, res: Resiliency, cols: usize, n: usize) {
 
 #[test]
 fn single_parity_power_cut_then_member_loss() {
-    cut_then_lose("parity1", Resiliency::Parity { redundancy: 1 }, 4, 5);
+    cut_then_lose(
+        "parity1",
+        Resiliency::Parity { redundancy: 1 },
+        4,
+        5,
+        &steps(),
+        0,
+        true,
+    );
+}
+
+#[test]
+fn power_cut_then_member_loss_while_the_journals_wrap() {
+    let steps = filling_steps();
+    cut_then_lose(
+        "parity1",
+        Resiliency::Parity { redundancy: 1 },
+        4,
+        5,
+        &steps,
+        1,
+        true,
+    );
+    cut_then_lose(
+        "parity2",
+        Resiliency::Parity { redundancy: 2 },
+        5,
+        6,
+        &steps,
+        1,
+        false,
+    );
 }
 
 #[test]
 fn dual_parity_power_cut_then_loss_of_one_or_two_members() {
-    cut_then_lose("parity2", Resiliency::Parity { redundancy: 2 }, 5, 6);
+    cut_then_lose(
+        "parity2",
+        Resiliency::Parity { redundancy: 2 },
+        5,
+        6,
+        &steps(),
+        0,
+        true,
+    );
 }
 
 #[test]
