@@ -580,6 +580,8 @@ struct SpaceJson {
 struct PoolJson {
     id: String,
     sequence: u64,
+    format_version: u32,
+    parity_journal: bool,
     slab_size: u64,
     members: Vec<MemberJson>,
     spaces: Vec<SpaceJson>,
@@ -624,6 +626,8 @@ fn print_pool(p: &PoolInfo, json: bool) {
         let v = PoolJson {
             id: p.id.to_string(),
             sequence: p.sequence,
+            format_version: p.format_version,
+            parity_journal: p.format_version >= 3,
             slab_size: p.slab_size,
             members: p
                 .members
@@ -655,6 +659,15 @@ fn print_pool(p: &PoolInfo, json: bool) {
     }
     println!("pool:        {}", p.id);
     println!("sequence:    {}", p.sequence);
+    println!(
+        "format:      version {}{}",
+        p.format_version,
+        if p.format_version >= 3 {
+            " (parity journal)"
+        } else {
+            " (no parity journal)"
+        }
+    );
     println!("slab size:   {}", format_size(p.slab_size));
     let total: u64 = p.members.iter().map(|m| m.slabs).sum();
     let used: u64 = p.members.iter().map(|m| m.slabs_used).sum();
