@@ -20,7 +20,8 @@
 //! A metadata copy is, in order, little-endian:
 //! - a [`MetaHeader`] (256 bytes) with the magic, the sequence number, the pool and member
 //!   identities, the counts of what follows and a CRC-32C of the whole copy;
-//! - `member_count` [`MemberRecord`]s (64 bytes): identity, capacity, slab count, state;
+//! - `member_count` [`MemberRecord`]s (64 bytes): identity, capacity, slab count, state, and
+//!   (version 3) the sequence of the update that recorded the member failed;
 //! - `space_count` [`SpaceRecord`]s (128 bytes): identity, name, size, resiliency, columns,
 //!   interleave, provisioning, number of extents;
 //! - `ref_count` [`SlabRef`]s (8 bytes): for each space in order, for each of its extents, one

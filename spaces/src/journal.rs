@@ -41,6 +41,18 @@
 //!   cut into parts (a row range at most 256 KiB a part), each journaled and written in turn.
 //! - A read-only open replays nothing: committed batches are named in the pool's notes.
 //!
+//! On disk (little-endian), at `2 * slot_size` of every member:
+//! - a header page (4 KiB): magic `VSTJHDR1`, the generation (u64), the member's identity (16
+//!   bytes), zeroes to byte 64, a CRC-32C of bytes 0..64 at byte 64;
+//! - blocks, each starting on a 4 KiB boundary and a whole number of 4 KiB pages: a 64-byte
+//!   header (magic `VSTJBLK1`, generation u64, batch sequence u64, participants u64 (bit `m`:
+//!   member `m` got a block of the batch), the member's identity (16 bytes), length u32, record
+//!   count u32, CRC-32C u32 of the whole block with this field zero, 4 reserved bytes), then
+//!   the records: space identity (16 bytes), extent u64, row u64, shard u32 (data columns,
+//!   then parities), 4 reserved bytes, offset in the row u64, length u64, and the bytes.
+//!   A reader scans every 4 KiB boundary for a block whose magic, generation (the header's),
+//!   identity, length and CRC are right, so a torn block costs only itself.
+//!
 //! Mirror and simple spaces need no journal: a mirror row has no parity computed from other
 //! data, and the bitmap resync (or the surviving copy) holds the old or the new contents of a
 //! cut write.
