@@ -62,7 +62,7 @@ fn writes(c: &mut Criterion) {
     let full = vec![0xa5u8; row as usize];
     // Both pools first; each kind of batch then runs on one and the other in turn (the order
     // flipped by JOURNAL_BENCH_V2_FIRST=1, as the machine's writeback favours what runs first).
-    let mut order = vec![true, false];
+    let mut order = [true, false];
     if std::env::var_os("JOURNAL_BENCH_V2_FIRST").is_some() {
         order.reverse();
     }
