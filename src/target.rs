@@ -239,7 +239,10 @@ impl TargetSpec {
                 };
                 let pool = vstor_spaces::Pool::open_dir(
                     dir,
-                    &vstor_spaces::OpenOptions { read_only },
+                    &vstor_spaces::OpenOptions {
+                        read_only,
+                        ..Default::default()
+                    },
                     &file,
                 )?;
                 let space = pool.open_space(name)?;

@@ -34,6 +34,10 @@ fn create_a_pool_and_spaces_and_use_them_as_targets() {
     let info = json(&ok(&["pool", "info", d, "--json"]));
     assert_eq!(info["members"].as_array().unwrap().len(), 4);
     assert_eq!(info["slab_size"], 1 << 20);
+    assert_eq!(
+        (&info["format_version"], &info["parity_journal"]),
+        (&3.into(), &true.into())
+    );
     assert!(info["members"]
         .as_array()
         .unwrap()
@@ -607,4 +611,73 @@ fn a_pool_of_existing_devices_named_by_a_directory() {
         "2",
     ]);
     assert!(e.contains("cannot be used with"), "{e}");
+}
+
+#[test]
+fn a_split_brain_is_refused_until_a_side_is_chosen() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "2",
+        "--disk-size",
+        "16M",
+        "--slab-size",
+        "1M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "2M",
+        "--resiliency",
+        "mirror",
+        "--columns",
+        "1",
+    ]);
+    let target = format!("pool:{d}/m");
+    let write = |pattern: &str| {
+        ok(&[
+            "disk",
+            "write",
+            &target,
+            "--offset",
+            "0",
+            "--length",
+            "8k",
+            "--pattern",
+            pattern,
+        ]);
+    };
+    write("0x77");
+    // Each disk takes writes while the other is away.
+    for (away, pattern) in [("disk1.raw", "0x12"), ("disk0.raw", "0x34")] {
+        let aside = t.path().join(away);
+        std::fs::rename(dir.join(away), &aside).unwrap();
+        write(pattern);
+        std::fs::rename(&aside, dir.join(away)).unwrap();
+    }
+    let e = fails(&["pool", "info", d]);
+    assert!(
+        e.contains("split brain") && e.contains("disk0.raw") && e.contains("disk1.raw"),
+        "{e}"
+    );
+    // The choice is recorded even though the repair has no other disk to rebuild onto.
+    let e = fails(&["space", "repair", d, "--force-member", "disk0.raw"]);
+    assert!(e.contains("needs 3 disks"), "{e}");
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert_eq!(info["members"][1]["state"], "failed", "{info}");
+    assert_eq!(info["members"][0]["state"], "healthy", "{info}");
+    // The other side comes back as a fresh member.
+    ok(&["pool", "reset-disk", d, "disk1.raw"]);
+    ok(&["space", "repair", d]);
+    ok(&["pool", "remove-disk", d, "1"]);
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert_eq!(info["spaces"][0]["health"], "healthy", "{info}");
 }

@@ -13,9 +13,11 @@
 //! chunk whose data and checksum did not both land, and that nothing rebuilds, is taken as it
 //! is with its checksum rewritten (no false checksum error after a crash).
 //!
-//! What this does not close is a crash together with the loss of a member holding a data
-//! column of a dirty parity row (the parity cannot be checked then): such chunks are named in
-//! the pool's notes. A journal would close that too; there is none yet.
+//! What this alone does not close is a crash together with the loss of a member holding a data
+//! column of a dirty parity row (the parity cannot be checked then): the parity
+//! [`journal`](crate::journal) (format version 3) closes it, replayed at the open before this
+//! resync runs; such chunks are still named in the pool's notes (for a version 2 pool, which
+//! has no journal, they may hold wrong data).
 
 use crate::code;
 use crate::csum::{self, Csums, BLOCK};

@@ -72,6 +72,14 @@ pub enum SpacesError {
         /// Where, and what was tried.
         detail: String,
     },
+    /// Members of the pool were written apart (each while the other was missing): taking the
+    /// newest metadata would silently drop the other side's writes, so the open is refused.
+    /// [`OpenOptions::force_member`](crate::OpenOptions) picks the side to keep.
+    #[error("the pool's members diverged (split brain): {detail}")]
+    SplitBrain {
+        /// The members, their metadata sequence numbers and what each recorded of the others.
+        detail: String,
+    },
     /// The pool was opened read-only.
     #[error("the pool is open read-only")]
     ReadOnly,

@@ -1,10 +1,15 @@
 //! The on-disk pool metadata.
 //!
 //! Every member starts with two metadata slots of `slot_size` bytes (a power of two from 1 MiB
-//! to 64 MiB): slot A at offset 0 and slot B at offset `slot_size`. The member's write-intent
-//! bitmap follows ([`BITMAP_SIZE`] bytes at `2 * slot_size`: bit `slab * CHUNKS_PER_SLAB +
-//! chunk` set means a write to that chunk of that slab of this member may be incomplete), and
-//! data slabs follow at `data_start = 2 * slot_size + BITMAP_SIZE`. After a member's last slab
+//! to 64 MiB): slot A at offset 0 and slot B at offset `slot_size`. The member's parity
+//! journal follows ([`JOURNAL_SIZE`] bytes at `2 * slot_size`; format version 3, see
+//! [`crate::journal`]), then its write-intent bitmap ([`BITMAP_SIZE`] bytes: bit
+//! `slab * CHUNKS_PER_SLAB + chunk` set means a write to that chunk of that slab of this member
+//! may be incomplete), and data slabs follow at
+//! `data_start = 2 * slot_size + JOURNAL_SIZE + BITMAP_SIZE` (the bitmap is always the
+//! [`BITMAP_SIZE`] bytes before `data_start`). A version 2 pool has no journal:
+//! `data_start = 2 * slot_size + BITMAP_SIZE`; it opens and works as before (without the
+//! journal's protection) and its metadata stays version 2. After a member's last slab
 //! (`data_start + slab_count * slab_size`) comes its checksum area: a 4-byte CRC-32C for every
 //! 512-byte block of each of its slabs, slab after slab, rounded up to 4 KiB (see
 //! [`crate::csum`]; 0.78% of the member). An update writes the whole metadata, with the sequence number
@@ -15,7 +20,8 @@
 //! A metadata copy is, in order, little-endian:
 //! - a [`MetaHeader`] (256 bytes) with the magic, the sequence number, the pool and member
 //!   identities, the counts of what follows and a CRC-32C of the whole copy;
-//! - `member_count` [`MemberRecord`]s (64 bytes): identity, capacity, slab count, state;
+//! - `member_count` [`MemberRecord`]s (64 bytes): identity, capacity, slab count, state, and
+//!   (version 3) the sequence of the update that recorded the member failed;
 //! - `space_count` [`SpaceRecord`]s (128 bytes): identity, name, size, resiliency, columns,
 //!   interleave, provisioning, number of extents;
 //! - `ref_count` [`SlabRef`]s (8 bytes): for each space in order, for each of its extents, one
@@ -33,9 +39,14 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// The magic at the start of every metadata copy.
 pub const MAGIC: [u8; 8] = *b"VSTPOOL1";
-/// The format version: 2 since members carry block checksums (version 1 had none; such a
-/// pool is refused with an error that says so).
-pub const VERSION: u32 = 2;
+/// The format version of new pools: 3 since members carry a parity journal (version 2, made
+/// before it, still opens and stays version 2; version 1 had no block checksums and is
+/// refused with an error that says so).
+pub const VERSION: u32 = 3;
+/// The oldest format version this vstor opens.
+pub const MIN_VERSION: u32 = 2;
+/// Bytes of each member's parity journal (format version 3).
+pub const JOURNAL_SIZE: u64 = 1 << 20;
 /// Smallest metadata slot.
 pub const MIN_SLOT: u64 = 1 << 20;
 /// Largest metadata slot.
@@ -61,7 +72,7 @@ pub const MAX_SLABS: u64 = BITMAP_SIZE * 8 / CHUNKS_PER_SLAB;
 pub struct MetaHeader {
     /// [`MAGIC`].
     pub magic: [u8; 8],
-    /// [`VERSION`].
+    /// [`VERSION`] (or [`MIN_VERSION`] for a pool made before the journal).
     pub version: U32,
     /// Size of this header (256).
     pub header_size: U32,
@@ -107,8 +118,14 @@ pub struct MemberRecord {
     pub slab_count: U32,
     /// 0 healthy, 1 failed (its data is stale), 2 retired (no new slabs), 3 removed.
     pub state: U32,
+    /// The metadata sequence number of the update that first recorded the member failed (0:
+    /// not failed, or failed before format version 3). A member whose own metadata reached
+    /// that sequence while it still called itself healthy was written apart from the members
+    /// that failed it (a split brain; see [`Pool::open`](crate::Pool::open)). Always 0 in
+    /// version 2.
+    pub failed_seq: U64,
     /// Reserved, zero.
-    pub reserved: [u8; 32],
+    pub reserved: [u8; 24],
 }
 
 /// One space of the pool.
@@ -202,6 +219,8 @@ pub(crate) struct MemberMeta {
     pub capacity: u64,
     pub slab_count: u32,
     pub state: MemberState,
+    /// The sequence of the update that recorded it failed (0: none known).
+    pub failed_seq: u64,
 }
 
 /// A slot of an allocated extent.
@@ -226,6 +245,8 @@ pub(crate) struct SpaceMeta {
 /// The whole pool metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Meta {
+    /// The format version the pool was made with (2: no journal, 3: journal).
+    pub version: u32,
     pub pool_id: Uuid,
     pub sequence: u64,
     pub slab_size: u64,
@@ -245,6 +266,16 @@ impl Meta {
             .sum()
     }
 
+    /// Where each member's parity journal starts, if the pool has one (format version 3).
+    pub fn journal_offset(&self) -> Option<u64> {
+        (self.version >= 3).then(|| 2 * self.slot_size)
+    }
+
+    /// Where data slabs start on a member of a pool of format `version`.
+    pub fn data_start_for(version: u32, slot_size: u64) -> u64 {
+        2 * slot_size + BITMAP_SIZE + if version >= 3 { JOURNAL_SIZE } else { 0 }
+    }
+
     /// Bytes a copy of this metadata takes.
     pub fn blob_len(&self) -> u64 {
         (HEADER + self.members.len() * MEMBER + self.spaces.len() * SPACE) as u64
@@ -256,7 +287,7 @@ impl Meta {
         let mut out = Vec::with_capacity(self.blob_len() as usize);
         let header = MetaHeader {
             magic: MAGIC,
-            version: VERSION.into(),
+            version: self.version.into(),
             header_size: (HEADER as u32).into(),
             checksum: 0.into(),
             flags: 0.into(),
@@ -280,7 +311,8 @@ impl Meta {
                 capacity: m.capacity.into(),
                 slab_count: m.slab_count.into(),
                 state: m.state.code().into(),
-                reserved: [0; 32],
+                failed_seq: if self.version >= 3 { m.failed_seq } else { 0 }.into(),
+                reserved: [0; 24],
             };
             out.extend_from_slice(r.as_bytes());
         }
@@ -336,11 +368,12 @@ impl Meta {
         .then_some((slot, len))
     }
 
-    /// The format version of bytes that start like a metadata copy of another version than
-    /// [`VERSION`] (so an open can say why a disk is not taken).
+    /// The format version of bytes that start like a metadata copy of a version this vstor
+    /// does not read (so an open can say why a disk is not taken).
     pub fn other_version(bytes: &[u8]) -> Option<u32> {
         let (h, _) = MetaHeader::ref_from_prefix(bytes).ok()?;
-        (h.magic == MAGIC && h.version.get() != VERSION).then(|| h.version.get())
+        let v = h.version.get();
+        (h.magic == MAGIC && !(MIN_VERSION..=VERSION).contains(&v)).then_some(v)
     }
 
     /// Parses and checks a metadata copy read from `file` at `offset`. Returns the metadata and
@@ -359,11 +392,12 @@ impl Meta {
                 8,
                 "pool metadata version",
                 "version 1 (a pool made before block checksums) is not supported by this vstor, \
-                 which reads version 2: copy the spaces' data out with the vstor that made it"
+                 which reads versions 2 and 3: copy the spaces' data out with the vstor that made it"
                     .into(),
             ));
         }
-        if h.version.get() != VERSION || h.header_size.get() as usize != HEADER {
+        let version = h.version.get();
+        if !(MIN_VERSION..=VERSION).contains(&version) || h.header_size.get() as usize != HEADER {
             return Err(bad(
                 8,
                 "pool metadata version",
@@ -431,7 +465,7 @@ impl Meta {
         }
         if !slot_size.is_power_of_two()
             || !(MIN_SLOT..=MAX_SLOT).contains(&slot_size)
-            || data_start != 2 * slot_size + BITMAP_SIZE
+            || data_start != Meta::data_start_for(version, slot_size)
         {
             return Err(bad(
                 96,
@@ -440,6 +474,7 @@ impl Meta {
             ));
         }
         let mut meta = Meta {
+            version,
             pool_id: Uuid::from_bytes(h.pool_id),
             sequence: h.sequence.get(),
             slab_size,
@@ -459,7 +494,7 @@ impl Meta {
                 3 => MemberState::Removed,
                 s => return Err(bad(at + 28, "member state", format!("member {i}: {s}"))),
             };
-            if r.reserved.iter().any(|&b| b != 0) {
+            if r.reserved.iter().any(|&b| b != 0) || (version < 3 && r.failed_seq.get() != 0) {
                 return Err(bad(
                     at + 32,
                     "member record",
@@ -496,6 +531,7 @@ impl Meta {
                 capacity,
                 slab_count,
                 state,
+                failed_seq: r.failed_seq.get(),
             });
             at += MEMBER;
         }
@@ -700,18 +736,20 @@ mod tests {
     fn sample() -> Meta {
         let layout = Layout::new(Resiliency::Mirror { copies: 2 }, 1, 65536, 1 << 20).unwrap();
         Meta {
+            version: VERSION,
             pool_id: Uuid::new_v4(),
             sequence: 7,
             slab_size: 1 << 20,
             slot_size: MIN_SLOT,
-            data_start: 2 * MIN_SLOT + BITMAP_SIZE,
+            data_start: Meta::data_start_for(VERSION, MIN_SLOT),
             created: 1,
             members: (0..3)
                 .map(|_| MemberMeta {
                     id: Uuid::new_v4(),
                     capacity: 16 << 20,
-                    slab_count: 12,
+                    slab_count: 11,
                     state: MemberState::Healthy,
+                    failed_seq: 0,
                 })
                 .collect(),
             spaces: vec![SpaceMeta {
@@ -843,18 +881,20 @@ mod tests_support {
     pub fn sample_meta() -> Meta {
         let layout = Layout::new(Resiliency::Mirror { copies: 2 }, 1, 65536, 1 << 20).unwrap();
         Meta {
+            version: VERSION,
             pool_id: Uuid::from_u128(7),
             sequence: 7,
             slab_size: 1 << 20,
             slot_size: MIN_SLOT,
-            data_start: 2 * MIN_SLOT + BITMAP_SIZE,
+            data_start: Meta::data_start_for(VERSION, MIN_SLOT),
             created: 1,
             members: (0..3)
                 .map(|i| MemberMeta {
                     id: Uuid::from_u128(100 + i),
                     capacity: 16 << 20,
-                    slab_count: 12,
+                    slab_count: 11,
                     state: MemberState::Healthy,
+                    failed_seq: 0,
                 })
                 .collect(),
             spaces: vec![SpaceMeta {

@@ -9,6 +9,14 @@
 //!   definitions) in two slots with sequence numbers and CRC-32C; opening picks the newest
 //!   valid copy, reports missing members and members with stale metadata, refreshes the
 //!   latter, and refuses members of another pool. See [`format`](mod@format) for the on-disk layout.
+//! - A metadata quorum: every member present at an open must agree with the metadata taken
+//!   (hold it or an older copy of its history). Members written apart (a split brain: each
+//!   took writes while the other was missing, so one's metadata records the other failed at a
+//!   sequence the other reached as a healthy member, or two copies of one sequence differ)
+//!   make the open fail with [`SpacesError::SplitBrain`], which names the disks, members and
+//!   sequences; [`OpenOptions::force_member`] (CLI: `space repair --force-member DISK`) keeps
+//!   one side and takes the others as failed (their metadata is overwritten so the next open
+//!   agrees; [`Pool::reuse_member`] brings them back).
 //! - Spaces ([`Pool::create_space`]): simple, 2-way and 3-way mirror (copies on distinct
 //!   disks), single parity (XOR) and dual parity (P + Q over GF(2^8)), with rotating parity;
 //!   columns and interleave as Storage Spaces has them; thin or fixed provisioning. A
@@ -26,6 +34,13 @@
 //! - A write-intent bitmap on every member and resync of its dirty chunks when a pool is
 //!   opened after an unclean shutdown (mirror copies made equal, parity recomputed from the
 //!   data), so a parity update cut by a crash does not corrupt other data on a later rebuild.
+//! - A parity [`journal`] on every member (the RAID write hole): the new data and parity of a
+//!   partial-row parity update reach the journals of the members they go to, checksummed and
+//!   flushed, before any in-place write, one journal write and flush per member per batch;
+//!   after a crash the committed batches are replayed at the open before anything else, so a
+//!   crash followed by the loss of a member (before any resync) never rebuilds data that was
+//!   not being written from a stale parity. Full-row writes skip it. The metadata format is
+//!   version 3; a version 2 pool opens without a journal (and says so) and stays version 2.
 //! - Per-block CRC-32C ([`csum`]): every 512-byte block of every slab has a checksum in its
 //!   member's checksum area, written while the data is in flight (the write-intent bitmap
 //!   covers both; a resync after a crash settles blocks whose data and checksum did not both
@@ -34,22 +49,24 @@
 //!   per block), and rewritten (self-heal; a read-only pool keeps the healed 4 KiB windows in
 //!   memory instead of writing); a block with no good source fails the read with
 //!   [`SpacesError::ChecksumMismatch`]. A damaged checksum entry over good data is rewritten.
-//!   [`PoolInfo::integrity`](PoolInfo) counts what was found, healed and lost. The metadata format is
-//!   version 2; a version 1 pool (no checksums) is refused with an error that says so.
+//!   [`PoolInfo::integrity`](PoolInfo) counts what was found, healed and lost. A version 1
+//!   pool (no checksums) is refused with an error that says so.
 //! - [`Pool::scrub`]: checks every block of every allocated extent, online, heals bad blocks
 //!   from a good source, makes copies and parity agree with the (verified) data, and reports
 //!   chunks rewritten and blocks found bad, healed and lost ([`ScrubReport`]). A rebuild
 //!   heals its sources the same way before copying (each chunk read once; the verified
 //!   buffers are what it writes, with the sources' checksums, while the next chunk is read).
 //!
-//! What does not exist yet: a journal for the case of a crash together with the loss of a member of a dirty parity row
-//! (reported in the pool's notes at open); an incremental resync of a member that came back
+//! What does not exist yet: replaying the journal in memory for a read-only open (a read-only
+//! open after a crash names the updates waiting and leaves them for a writable open); an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
 //! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
-//! GF(2^8) arithmetic; locking against two processes opening the same pool; a metadata
-//! quorum: if the only members present at an open are ones that were missing while the
-//! others took writes (a "split brain": A and B alternately absent), the older metadata they
-//! hold is the newest the pool can see, and their stale data is served; trimming the cache of
+//! GF(2^8) arithmetic; locking against two processes opening the same pool; a quorum of
+//! members present at an open (a split brain is found only when members of both sides are
+//! present: if only the side that missed the other's writes is there, its metadata is the
+//! newest the pool can see and its data is served, as for any degraded open; and two sides
+//! that changed only metadata, to different sequences, are not told apart from a stale
+//! member); trimming the cache of
 //! checksum pages (8 MiB of memory per GiB of data touched since the open); verifying data
 //! against its checksum inside a resync's dirty chunks when no copy or parity can rebuild it
 //! (after a crash such a block is taken as it is and its checksum rewritten, as dm-integrity's
@@ -87,6 +104,7 @@ mod code;
 pub mod csum;
 mod error;
 pub mod format;
+pub mod journal;
 mod layout;
 mod pool;
 mod repair;
@@ -96,6 +114,7 @@ pub use bitmap::{ScrubReport, CLEAR_DELAY};
 pub use code::{encode as parity_encode, reconstruct as parity_reconstruct};
 pub use error::SpacesError;
 pub use format::{MemberState, Provisioning};
+pub use journal::JournalStats;
 pub use layout::Resiliency;
 pub use pool::{
     CreateOptions, IntegrityStats, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth,

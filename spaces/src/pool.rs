@@ -71,6 +71,12 @@ impl Default for CreateOptions {
 pub struct OpenOptions {
     /// Write nothing: no metadata refresh, no failure records, spaces refuse writes.
     pub read_only: bool,
+    /// After a split brain ([`SpacesError::SplitBrain`]): the disk (its name as given, or the
+    /// last component of its path) whose metadata, and so whose side's data, is kept. Members
+    /// that diverged from it are taken as failed (their own metadata is overwritten with the
+    /// kept one unless read-only, so the next open agrees); [`Pool::reuse_member`] and
+    /// [`Pool::repair`] bring them back. `None`: refuse to open a diverged pool.
+    pub force_member: Option<String>,
 }
 
 /// What a new space is.
@@ -195,6 +201,10 @@ pub struct PoolInfo {
     pub resynced_chunks: u64,
     /// Block checksum statistics since the pool was opened.
     pub integrity: IntegrityStats,
+    /// What the parity journal did since the pool was opened (all zero without one).
+    pub journal: crate::journal::JournalStats,
+    /// The pool's on-disk format version (2: no parity journal; 3: with one).
+    pub format_version: u32,
 }
 
 /// What the block checksums caught since the pool was opened (reads, scrubs and rebuilds).
@@ -245,6 +255,8 @@ pub(crate) struct Inner {
     /// A read-only pool does not rewrite bad blocks: the good contents of the 4 KiB windows
     /// it healed, by (member, slab, offset in the slab), which reads use in their place.
     pub healed_windows: Mutex<HashMap<(usize, u32, u64), Vec<u8>>>,
+    /// The parity journal.
+    pub journal: crate::journal::Journal,
 }
 
 impl Drop for Inner {
@@ -256,6 +268,7 @@ impl Drop for Inner {
         let devs = self.snapshot();
         if devs.iter().flatten().all(|d| d.flush().is_ok()) {
             self.clear_bitmaps(true);
+            self.journal.close(&devs);
         }
     }
 }
@@ -341,11 +354,50 @@ fn no_pool_reason(old: &[(String, u32)]) -> String {
     match old.first() {
         None => "no disk holds valid pool metadata".into(),
         Some((disk, v)) => format!(
-            "{disk} (and {} more disks) holds pool metadata of format version {v}; this vstor reads version {} (version 2 added block checksums): open the pool with the vstor that made it and copy its spaces out",
+            "{disk} (and {} more disks) holds pool metadata of format version {v}; this vstor reads versions {} to {} (version 2 added block checksums, version 3 the parity journal): open the pool with the vstor that made it and copy its spaces out",
             old.len() - 1,
+            crate::format::MIN_VERSION,
             crate::format::VERSION
         ),
     }
+}
+
+/// Pairs of members (disk name, its newest metadata, its index in it) that were written apart,
+/// described for an error: a member that one member's metadata records failed at sequence `f`
+/// but whose own metadata (which calls it healthy) reached `f`, or two copies of one sequence
+/// that differ.
+fn divergence(views: &[(&str, &Meta, usize)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (a, (an, am, ai)) in views.iter().enumerate() {
+        for (b, (bn, bm, bi)) in views.iter().enumerate() {
+            if a == b {
+                continue;
+            }
+            let b_id = bm.members[*bi].id;
+            let Some(rec) = am.members.iter().position(|m| m.id == b_id) else {
+                continue;
+            };
+            let r = &am.members[rec];
+            let b_self = &bm.members[*bi];
+            if r.state == MemberState::Failed
+                && r.failed_seq > 0
+                && bm.sequence >= r.failed_seq
+                && b_self.state != MemberState::Failed
+            {
+                out.push(format!(
+                    "{an} (member {ai}, metadata sequence {}) records member {rec} failed at sequence {}, but {bn} (member {bi}) went on to sequence {} as a healthy member",
+                    am.sequence, r.failed_seq, bm.sequence
+                ));
+            }
+            if a < b && am.sequence == bm.sequence && am != bm {
+                out.push(format!(
+                    "{an} (member {ai}) and {bn} (member {bi}) hold different metadata of the same sequence {}",
+                    am.sequence
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Writes zeroes over `len` bytes at `off` (a multiple of 64 KiB).
@@ -534,7 +586,7 @@ impl Pool {
                 "{est_slabs} slabs of {slab} bytes need more pool metadata than {MAX_SLOT} bytes; use a larger slab size"
             )));
         }
-        let data_start = 2 * slot_size + BITMAP_SIZE;
+        let data_start = Meta::data_start_for(crate::format::VERSION, slot_size);
         let mut members = Vec::new();
         for d in &disks {
             let cap = d.device.capacity();
@@ -552,9 +604,11 @@ impl Pool {
                 capacity: cap,
                 slab_count: slabs.min(MAX_SLABS) as u32,
                 state: MemberState::Healthy,
+                failed_seq: 0,
             });
         }
         let meta = Meta {
+            version: crate::format::VERSION,
             pool_id: Uuid::new_v4(),
             sequence: 1,
             slab_size: slab,
@@ -570,7 +624,12 @@ impl Pool {
         for (i, d) in disks.iter().enumerate() {
             let mut blob = meta.serialize(i);
             blob.resize(blob.len().div_ceil(4096) * 4096, 0);
-            zero_range(&*d.device, 2 * slot_size, BITMAP_SIZE)?;
+            zero_range(&*d.device, data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+            if let Some(j) = meta.journal_offset() {
+                let id = meta.members[i].id;
+                d.device
+                    .write_at(j, &crate::journal::Journal::initial_header(id))?;
+            }
             d.device.write_at(0, &blob)?;
             d.device.write_at(slot_size, &blob)?;
             d.device.flush()?;
@@ -594,6 +653,7 @@ impl Pool {
             .map(|m| crate::csum::area_start(meta.data_start, meta.slab_size, m.slab_count))
             .collect();
         let csums = crate::csum::Csums::new(meta.slab_size, starts);
+        let journal = crate::journal::Journal::new(&meta);
         Pool {
             inner: Arc::new(Inner {
                 meta: Mutex::new(meta),
@@ -612,6 +672,7 @@ impl Pool {
                 healed: AtomicU64::new(0),
                 unrecoverable: AtomicU64::new(0),
                 healed_windows: Mutex::new(HashMap::new()),
+                journal,
             }),
         }
     }
@@ -620,6 +681,11 @@ impl Pool {
     /// missing members and members with stale metadata (and, unless read-only, brings the
     /// latter up to date). Disks without pool metadata are skipped and named in the notes; a
     /// disk of another pool, an unknown member or a member given twice is an error.
+    ///
+    /// Members written apart are refused with [`SpacesError::SplitBrain`] unless
+    /// [`OpenOptions::force_member`] names the side to keep (see the crate documentation).
+    /// Unless read-only, the parity journal is then replayed (see [`crate::journal`]) and the
+    /// chunks the write-intent bitmaps name are resynced, before the pool is handed out.
     pub fn open(disks: Vec<PoolDisk>, opts: &OpenOptions) -> Result<Pool> {
         let mut notes = Vec::new();
         let mut found: Vec<(PoolDisk, Meta, usize)> = Vec::new();
@@ -639,7 +705,65 @@ impl Pool {
             .iter()
             .max_by_key(|(_, m, _)| m.sequence)
             .ok_or_else(|| SpacesError::NoPool(no_pool_reason(&old_versions)))?;
-        let meta = newest.1.clone();
+        // The metadata quorum: every present member must agree with the metadata taken (hold
+        // it, or an older copy of its history). Members written apart are refused, or, with
+        // force_member, the named side is kept and the others are taken as failed.
+        let views: Vec<(&str, &Meta, usize)> = found
+            .iter()
+            .filter(|(_, m, _)| m.pool_id == newest.1.pool_id)
+            .map(|(d, m, i)| (d.name.as_str(), m, *i))
+            .collect();
+        let (chosen, diverged) = match &opts.force_member {
+            None => {
+                let conflicts = divergence(&views);
+                if !conflicts.is_empty() {
+                    return Err(SpacesError::SplitBrain {
+                        detail: format!(
+                            "{}; taking either side's metadata would silently lose what the other side wrote since: open with force_member naming the disk whose side to keep (vstor space repair DIR --force-member DISK); the others are then taken as failed",
+                            conflicts.join("; ")
+                        ),
+                    }
+                    .into());
+                }
+                (newest.1.clone(), Vec::new())
+            }
+            Some(name) => {
+                let pick = views
+                    .iter()
+                    .find(|(d, _, _)| {
+                        *d == name
+                            || Path::new(d).file_name().and_then(|f| f.to_str()) == Some(name)
+                    })
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "force_member: no member disk named '{name}' was found"
+                        ))
+                    })?;
+                let diverged: Vec<Uuid> = views
+                    .iter()
+                    .filter(|v| v.0 != pick.0 && !divergence(&[*pick, **v]).is_empty())
+                    .map(|(_, m, i)| m.members[*i].id)
+                    .collect();
+                let mut meta = pick.1.clone();
+                // Past every sequence seen, so the kept side's next update is the newest.
+                meta.sequence = views.iter().map(|v| v.1.sequence).max().unwrap_or(0);
+                for m in meta.members.iter_mut() {
+                    if diverged.contains(&m.id) && m.state != MemberState::Failed {
+                        m.state = MemberState::Failed;
+                        m.failed_seq = 0;
+                    }
+                }
+                if !diverged.is_empty() {
+                    notes.push(format!(
+                        "force_member {name}: kept its metadata (sequence {}); {} diverged members taken as failed",
+                        pick.1.sequence,
+                        diverged.len()
+                    ));
+                }
+                (meta, diverged)
+            }
+        };
+        let meta = chosen;
         let mut rt: Vec<MemberRt> = meta
             .members
             .iter()
@@ -727,10 +851,27 @@ impl Pool {
         pool.inner
             .missing_unrecorded
             .store(missing, Ordering::Release);
-        if stale && !opts.read_only {
+        if (stale || !diverged.is_empty()) && !opts.read_only {
             let mut meta = lock(&pool.inner.meta);
             pool.inner.persist(&mut meta)?;
+            // The diverged members get the kept metadata in both slots (they are failed in
+            // it), so their own history is gone and the next open agrees.
+            let rt = pool.inner.members_read();
+            for (i, m) in meta.members.iter().enumerate() {
+                let Some(dev) = rt[i].device.as_ref().filter(|_| diverged.contains(&m.id)) else {
+                    continue;
+                };
+                let mut blob = meta.serialize(i);
+                blob.resize(blob.len().div_ceil(4096) * 4096, 0);
+                dev.write_at(0, &blob)?;
+                dev.write_at(meta.slot_size, &blob)?;
+                dev.flush()?;
+            }
         }
+        // The journal first: replayed parity updates make their rows agree before the
+        // bitmap resync looks at them.
+        let journal_notes = pool.inner.recover_journal()?;
+        lock(&pool.inner.notes).extend(journal_notes);
         let (_, resync_notes) = pool.inner.resync_at_open()?;
         lock(&pool.inner.notes).extend(resync_notes);
         Ok(pool)
@@ -755,8 +896,7 @@ impl Pool {
                 "disk size {disk_size} is not a multiple of 4096"
             )));
         }
-        let min = 2 * MIN_SLOT
-            + BITMAP_SIZE
+        let min = Meta::data_start_for(crate::format::VERSION, MIN_SLOT)
             + opts.slab_size
             + crate::csum::area_bytes(1, opts.slab_size);
         if disk_size < min {
@@ -916,6 +1056,8 @@ impl Pool {
                 healed: self.inner.healed.load(Ordering::Acquire),
                 unrecoverable: self.inner.unrecoverable.load(Ordering::Acquire),
             },
+            journal: self.inner.journal.stats(),
+            format_version: meta.version,
         }
     }
 
@@ -1175,6 +1317,11 @@ impl Inner {
                     "no usable member is left to hold the pool metadata".into(),
                 )
                 .into());
+            }
+            for m in meta.members.iter_mut() {
+                if m.state == MemberState::Failed && m.failed_seq == 0 {
+                    m.failed_seq = meta.sequence;
+                }
             }
             let offset = (meta.sequence % 2) * meta.slot_size;
             let mut failed = Vec::new();

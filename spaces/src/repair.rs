@@ -96,11 +96,18 @@ impl Pool {
             capacity: cap,
             slab_count: slabs.min(crate::format::MAX_SLABS) as u32,
             state: MemberState::Healthy,
+            failed_seq: 0,
         });
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
         }
         crate::pool::zero_range(&*disk.device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+        {
+            let m = next.members.last().expect("pushed");
+            self.inner
+                .journal
+                .init_member(&*disk.device, next.members.len() - 1, m.id)?;
+        }
         self.inner.members_write().push(MemberRt {
             name: Some(disk.name),
             device: Some(disk.device),
@@ -162,11 +169,18 @@ impl Pool {
             capacity: old.capacity,
             slab_count: old.slab_count,
             state: MemberState::Healthy,
+            failed_seq: 0,
         });
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
         }
         crate::pool::zero_range(&*device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+        {
+            let m = next.members.last().expect("pushed");
+            self.inner
+                .journal
+                .init_member(&*device, next.members.len() - 1, m.id)?;
+        }
         {
             let mut rt = self.inner.members_write();
             rt[index].device = None;

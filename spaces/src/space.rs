@@ -249,17 +249,21 @@ pub(crate) struct Heal {
 }
 
 /// One row of a parity extent touched by the slow path.
-struct RowOp {
-    extent: u64,
-    row: u64,
-    lo: u64,
-    hi: u64,
-    pieces: Vec<(usize, Piece, bool)>,
-    shards: Vec<Option<AlignedBuf>>,
-    rebuild: bool,
+pub(crate) struct RowOp {
+    pub extent: u64,
+    pub row: u64,
+    pub lo: u64,
+    pub hi: u64,
+    pub pieces: Vec<(usize, Piece, bool)>,
+    pub shards: Vec<Option<AlignedBuf>>,
+    pub rebuild: bool,
+    /// Every data column of `[lo, hi)` is written: the parity depends on the new data only
+    /// (the journal may skip the row).
+    pub full: bool,
     /// A full-stripe write of single requests' contiguous buffers: the data shards are written
-    /// and encoded from the callers' buffers, with no copy and no read.
-    direct: bool,
+    /// and encoded from the callers' buffers, with no copy and no read. Never a row the journal
+    /// must log (its record would need the data shards).
+    pub direct: bool,
 }
 
 impl Space {
@@ -877,7 +881,7 @@ impl Space {
         failures
     }
 
-    fn shard_slot(&self, row: u64, shard: usize) -> usize {
+    pub(crate) fn shard_slot(&self, row: u64, shard: usize) -> usize {
         let l = &self.shared.layout;
         if shard < l.data_columns {
             l.data_slot(row, shard, 0)
@@ -919,6 +923,7 @@ impl Space {
                     pieces: Vec::new(),
                     shards: Vec::new(),
                     rebuild: false,
+                    full: false,
                     direct: false,
                 });
                 r.lo = r.lo.min(p.in_unit);
@@ -960,8 +965,14 @@ impl Space {
                 }
             }
             row.shards = (0..w).map(|_| None).collect();
+            row.full = writes && !need.iter().any(|&n| n);
             row.rebuild = (0..d).any(|c| need[c] && !usable(c));
+            // A row the journal logs needs its data shards in buffers of its own.
             row.direct = writes
+                && !self
+                    .pool
+                    .journal
+                    .row_logged(self.shared.id, row.extent, row.row)
                 && (0..d).all(|c| {
                     let mut of_col = row.pieces.iter().filter(|x| x.1.col == c);
                     match (of_col.next(), of_col.next()) {
@@ -1126,9 +1137,9 @@ impl Space {
                 .collect();
             code::encode(data, &mut par);
         }
-        let wrote = self.row_io(&mut rows, &direct, devs, ext, rebuilding, failures, true);
+        // The journal (if the pool has one) goes first; it gives the rows back.
+        let wrote = self.write_rows(rows, &direct, devs, ext, rebuilding, failures);
         drop(direct);
-        self.give_rows(rows);
         if !wrote {
             // Reads of the batch are done; the writes run again without the failed member.
             for &pi in parents {
@@ -1154,7 +1165,7 @@ impl Space {
     /// recycled when one of that size is at hand: a fresh large allocation faults every page
     /// in, which costs more than the parity arithmetic. Its contents are unspecified: every
     /// caller fills it whole (a read, writes that cover it, or the parity).
-    fn take_buf(&self, len: usize) -> AlignedBuf {
+    pub(crate) fn take_buf(&self, len: usize) -> AlignedBuf {
         let mut pool = guard(&self.shared.bufs);
         match pool.iter().position(|b| b.len() == len) {
             Some(i) => pool.swap_remove(i),
@@ -1190,7 +1201,7 @@ impl Space {
         }
     }
 
-    fn give_rows(&self, rows: BTreeMap<(u64, u64), RowOp>) {
+    pub(crate) fn give_rows(&self, rows: BTreeMap<(u64, u64), RowOp>) {
         for row in rows.into_values() {
             for s in row.shards {
                 self.give_buf(s);
@@ -1201,7 +1212,7 @@ impl Space {
     /// Reads into (or writes from) every shard buffer of the rows, skipping unusable members.
     /// Returns false (and adds the failures) if a member failed.
     #[allow(clippy::too_many_arguments)]
-    fn row_io(
+    pub(crate) fn row_io(
         &self,
         rows: &mut BTreeMap<(u64, u64), RowOp>,
         direct: &BTreeMap<(u64, u64), Vec<&[u8]>>,

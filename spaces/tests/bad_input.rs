@@ -199,7 +199,14 @@ fn no_pool_and_corrupt_metadata() {
     let slot = 1u64 << 20;
     scribble(&*devs[0], 0);
     scribble(&*devs[0], slot);
-    let p = Pool::open(named(&devs), &OpenOptions { read_only: true }).unwrap();
+    let p = Pool::open(
+        named(&devs),
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let info = p.info();
     assert!(
         info.notes

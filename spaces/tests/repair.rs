@@ -197,13 +197,14 @@ fn an_interrupted_repair_resumes() {
     let pool = open(&devs, &[lost], false);
     let spare = Arc::new(FaultDevice::new(fresh()));
     spare.set_volatile_cache(false).unwrap();
-    // The spare fails its second data write (past the metadata slots and the bitmap, before
-    // its checksum area).
-    let slabs = vstor_spaces::csum::slabs_fitting(spare.capacity(), 3 << 20, SLAB);
-    let sums = vstor_spaces::csum::area_start(3 << 20, SLAB, slabs as u32);
+    // The spare fails its second data write (past the metadata slots, the journal and the
+    // bitmap, before its checksum area).
+    let ds = pool.info().data_start;
+    let slabs = vstor_spaces::csum::slabs_fitting(spare.capacity(), ds, SLAB);
+    let sums = vstor_spaces::csum::area_start(ds, SLAB, slabs as u32);
     spare.add_rule(
         FaultRule::fail(OpKind::Write)
-            .in_range(3 << 20..sums)
+            .in_range(ds..sums)
             .after(1)
             .times(1),
     );

@@ -115,6 +115,11 @@ pub struct SpaceRepairArgs {
     /// Report as JSON.
     #[arg(long)]
     json: bool,
+    /// After a split brain (members written apart, which opening refuses): keep the side of
+    /// this disk (its file name in DIR, or a listed device's path); the members that diverged
+    /// from it are taken as failed (`pool reset-disk` and `space repair` bring them back).
+    #[arg(long, value_name = "DISK")]
+    force_member: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -388,7 +393,7 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
             Ok(())
         }
         SpaceCommand::Repair(a) => {
-            let pool = open_direct(&a.dir)?;
+            let pool = open_direct(&a.dir, a.force_member.clone())?;
             let pb = progress_bar(0, "repair");
             let report = pool.repair(a.name.as_deref(), &mut |done, total| {
                 pb.set_length(total);
@@ -447,7 +452,14 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
             }
         }
         SpaceCommand::Scrub(a) => {
-            let pool = open(&a.dir, false)?;
+            let pool = Pool::open_dir(
+                &a.dir,
+                &OpenOptions {
+                    force_member: a.force_member.clone(),
+                    ..OpenOptions::default()
+                },
+                &FileOptions::default(),
+            )?;
             let pb = progress_bar(0, "scrub");
             let r = pool.scrub(a.name.as_deref(), &mut |done, total| {
                 pb.set_length(total);
@@ -497,7 +509,10 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
 fn open(dir: &Path, read_only: bool) -> Result<Pool, Error> {
     Ok(Pool::open_dir(
         dir,
-        &OpenOptions { read_only },
+        &OpenOptions {
+            read_only,
+            ..Default::default()
+        },
         &FileOptions {
             read_only,
             ..FileOptions::default()
@@ -507,10 +522,13 @@ fn open(dir: &Path, read_only: bool) -> Result<Pool, Error> {
 
 /// Opens writable with O_DIRECT members (where the file system allows it): long copies
 /// (repair) should not go through the page cache.
-fn open_direct(dir: &Path) -> Result<Pool, Error> {
+fn open_direct(dir: &Path, force_member: Option<String>) -> Result<Pool, Error> {
     Ok(Pool::open_dir(
         dir,
-        &OpenOptions::default(),
+        &OpenOptions {
+            force_member,
+            ..OpenOptions::default()
+        },
         &FileOptions {
             direct: true,
             ..FileOptions::default()
@@ -562,6 +580,8 @@ struct SpaceJson {
 struct PoolJson {
     id: String,
     sequence: u64,
+    format_version: u32,
+    parity_journal: bool,
     slab_size: u64,
     members: Vec<MemberJson>,
     spaces: Vec<SpaceJson>,
@@ -606,6 +626,8 @@ fn print_pool(p: &PoolInfo, json: bool) {
         let v = PoolJson {
             id: p.id.to_string(),
             sequence: p.sequence,
+            format_version: p.format_version,
+            parity_journal: p.format_version >= 3,
             slab_size: p.slab_size,
             members: p
                 .members
@@ -637,6 +659,15 @@ fn print_pool(p: &PoolInfo, json: bool) {
     }
     println!("pool:        {}", p.id);
     println!("sequence:    {}", p.sequence);
+    println!(
+        "format:      version {}{}",
+        p.format_version,
+        if p.format_version >= 3 {
+            " (parity journal)"
+        } else {
+            " (no parity journal)"
+        }
+    );
     println!("slab size:   {}", format_size(p.slab_size));
     let total: u64 = p.members.iter().map(|m| m.slabs).sum();
     let used: u64 = p.members.iter().map(|m| m.slabs_used).sum();

@@ -1,11 +1,24 @@
 //! Helpers shared by the pool tests.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use vstor_core::{BlockDevice, MemoryDevice};
+use vstor_core::{BlockDevice, CutPolicy, DeviceInfo, FaultDevice, MemoryDevice, Request};
 use vstor_spaces::{
     CreateOptions, OpenOptions, Pool, PoolDisk, Provisioning, Resiliency, SpaceSpec,
 };
+
+/// Memory disks holding copies of `media`.
+pub fn from_media(media: &[Vec<u8>], disk: u64) -> Vec<Arc<dyn BlockDevice>> {
+    media
+        .iter()
+        .map(|m| {
+            let d = Arc::new(MemoryDevice::new(disk).unwrap());
+            d.write_at(0, m).unwrap();
+            d as Arc<dyn BlockDevice>
+        })
+        .collect()
+}
 
 /// Slab size of the test pools.
 pub const SLAB: u64 = 1 << 20;
@@ -42,7 +55,14 @@ pub fn create(devs: &[Arc<dyn BlockDevice>]) -> Pool {
 }
 
 pub fn open(devs: &[Arc<dyn BlockDevice>], skip: &[usize], read_only: bool) -> Pool {
-    Pool::open(without(devs, skip), &OpenOptions { read_only }).unwrap()
+    Pool::open(
+        without(devs, skip),
+        &OpenOptions {
+            read_only,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 pub fn spec(name: &str, size: u64, resiliency: Resiliency, columns: Option<usize>) -> SpaceSpec {
@@ -78,4 +98,95 @@ pub fn layouts() -> Vec<(&'static str, Resiliency, usize, usize)> {
         ("parity1", Resiliency::Parity { redundancy: 1 }, 4, 5),
         ("parity2", Resiliency::Parity { redundancy: 2 }, 5, 6),
     ]
+}
+
+/// Members that lose power together: the `cut_at`-th write-type request of the group (1 is
+/// the first) finds every member powered off.
+pub struct Group {
+    pub faults: Vec<Arc<FaultDevice>>,
+    pub writes: AtomicU64,
+    pub cut_at: AtomicU64,
+    pub seed: u64,
+}
+
+struct Member {
+    group: Arc<Group>,
+    index: usize,
+}
+
+impl BlockDevice for Member {
+    fn info(&self) -> DeviceInfo {
+        self.group.faults[self.index].info()
+    }
+
+    fn submit(&self, batch: &mut [Request<'_>]) {
+        let g = &self.group;
+        let n = batch.iter().filter(|r| r.kind().is_write()).count() as u64;
+        let before = g.writes.fetch_add(n, Ordering::SeqCst);
+        let at = g.cut_at.load(Ordering::SeqCst);
+        if n > 0 && at > before && at <= before + n {
+            for f in &g.faults {
+                let _ = f.power_cut(CutPolicy::Random {
+                    seed: g.seed + at,
+                    torn: true,
+                });
+            }
+        }
+        g.faults[self.index].submit(batch)
+    }
+}
+
+impl Group {
+    /// A group over copies of `media` (disks of `disk` bytes).
+    pub fn new(media: &[Vec<u8>], disk: u64, seed: u64) -> Arc<Group> {
+        let faults = media
+            .iter()
+            .map(|m| {
+                let d = Arc::new(MemoryDevice::new(disk).unwrap());
+                d.write_at(0, m).unwrap();
+                Arc::new(FaultDevice::new(d))
+            })
+            .collect();
+        Arc::new(Group {
+            faults,
+            writes: AtomicU64::new(0),
+            cut_at: AtomicU64::new(0),
+            seed,
+        })
+    }
+
+    pub fn disks(self: &Arc<Self>) -> Vec<PoolDisk> {
+        (0..self.faults.len())
+            .map(|i| {
+                PoolDisk::new(
+                    format!("m{i}"),
+                    Arc::new(Member {
+                        group: self.clone(),
+                        index: i,
+                    }),
+                )
+            })
+            .collect()
+    }
+
+    pub fn cut_happened(&self) -> bool {
+        self.faults.iter().any(|f| !f.is_powered())
+    }
+
+    pub fn power_on(&self) {
+        self.cut_at.store(0, Ordering::SeqCst);
+        for f in &self.faults {
+            f.power_on();
+        }
+    }
+
+    pub fn media(&self) -> Vec<Vec<u8>> {
+        self.faults.iter().map(|f| contents(&**f.inner())).collect()
+    }
+
+    /// Arms the cut at the `k`-th write from now (1: the next one).
+    pub fn cut_after(&self, k: u64) {
+        self.cut_at
+            .store(self.writes.load(Ordering::SeqCst) + k, Ordering::SeqCst);
+    }
 }

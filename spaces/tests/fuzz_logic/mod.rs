@@ -103,7 +103,13 @@ pub fn run_open(data: &[u8]) {
         .map(|(i, d)| PoolDisk::new(format!("m{i}"), d.clone()))
         .collect();
     for read_only in [true, false] {
-        let Ok(pool) = Pool::open(disks.clone(), &OpenOptions { read_only }) else {
+        let Ok(pool) = Pool::open(
+            disks.clone(),
+            &OpenOptions {
+                read_only,
+                ..Default::default()
+            },
+        ) else {
             continue;
         };
         let _ = pool.info();
