@@ -39,7 +39,11 @@
 //!   generation is durable) and a new header (generation + 1) is written and flushed on every
 //!   member. Records of older generations are never replayed. A batch bigger than a journal is
 //!   cut into parts (a row range at most 256 KiB a part), each journaled and written in turn.
-//! - A read-only open replays nothing: committed batches are named in the pool's notes.
+//! - A read-only open replays nothing and writes nothing: committed batches are counted in the
+//!   pool's notes and [`JournalStats::pending_batches`], and a space any of them touches
+//!   refuses to open ([`SpacesError::ReplayNeeded`](crate::SpacesError::ReplayNeeded)), since
+//!   with a member missing its rows would be rebuilt from parity the batch had not yet made
+//!   right. Other spaces, and the pool's metadata, can be read. A writable open replays them.
 //!
 //! On disk (little-endian), at `2 * slot_size` of every member:
 //! - a header page (4 KiB): magic `VSTJHDR1`, the generation (u64), the member's identity (16
@@ -95,6 +99,10 @@ pub struct JournalStats {
     pub replayed_batches: u64,
     /// Records (a shard range of a row) replayed at the open.
     pub replayed_records: u64,
+    /// A read-only open after an unclean shutdown: committed batches it found and left
+    /// unapplied (a writable open replays them). Spaces they touch refuse to open
+    /// ([`SpacesError::ReplayNeeded`](crate::SpacesError::ReplayNeeded)).
+    pub pending_batches: u64,
 }
 
 struct State {
@@ -122,6 +130,8 @@ pub(crate) struct Journal {
     wraps: AtomicU64,
     replayed_batches: AtomicU64,
     replayed_records: AtomicU64,
+    /// A read-only open: committed batches left unapplied, by space they touch, and in all.
+    pending: Mutex<(BTreeMap<Uuid, u64>, u64)>,
 }
 
 /// Held from a batch's journal write until its in-place writes are done.
@@ -337,7 +347,15 @@ impl Journal {
             wraps: AtomicU64::new(0),
             replayed_batches: AtomicU64::new(0),
             replayed_records: AtomicU64::new(0),
+            pending: Mutex::new((BTreeMap::new(), 0)),
         }
+    }
+
+    /// For a read-only open: the committed batches an unclean shutdown left unapplied that
+    /// touch space `id`, and such batches in the whole pool. (0, 0) after a writable open.
+    pub fn pending(&self, id: Uuid) -> (u64, u64) {
+        let p = lock(&self.pending);
+        (p.0.get(&id).copied().unwrap_or(0), p.1)
     }
 
     pub fn stats(&self) -> JournalStats {
@@ -347,6 +365,7 @@ impl Journal {
             wraps: self.wraps.load(Ordering::Acquire),
             replayed_batches: self.replayed_batches.load(Ordering::Acquire),
             replayed_records: self.replayed_records.load(Ordering::Acquire),
+            pending_batches: lock(&self.pending).1,
         }
     }
 
@@ -569,9 +588,27 @@ impl Inner {
         let mut notes = Vec::new();
         if self.read_only {
             if !batches.is_empty() {
+                let mut p = lock(&self.journal.pending);
+                for bs in batches.values() {
+                    let spaces: HashSet<Uuid> = bs
+                        .iter()
+                        .flat_map(|b| b.records.iter().map(|r| r.space))
+                        .collect();
+                    for s in spaces {
+                        *p.0.entry(s).or_default() += 1;
+                    }
+                }
+                p.1 = batches.len() as u64;
+                let names: Vec<&str> = meta
+                    .spaces
+                    .iter()
+                    .filter(|s| p.0.contains_key(&s.id))
+                    .map(|s| s.name.as_str())
+                    .collect();
                 notes.push(format!(
-                    "unclean shutdown: {} journaled parity updates await replay; open the pool writable to replay them (until then a parity row they touch may read wrong with a member missing)",
-                    batches.len()
+                    "unclean shutdown: {} journaled parity updates await replay; a read-only open does not replay them, so the spaces they touch ({}) refuse to open until the pool is opened writable once (which replays them)",
+                    batches.len(),
+                    names.join(", ")
                 ));
             }
             return Ok(notes);

@@ -41,6 +41,9 @@
 //!   crash followed by the loss of a member (before any resync) never rebuilds data that was
 //!   not being written from a stale parity. Full-row writes skip it. The metadata format is
 //!   version 3; a version 2 pool opens without a journal (and says so) and stays version 2.
+//!   A read-only open replays nothing (it writes nothing): a space that committed updates
+//!   left unapplied touch refuses to open with [`SpacesError::ReplayNeeded`], which says how
+//!   many wait and that a writable open applies them.
 //! - Per-block CRC-32C ([`csum`]): every 512-byte block of every slab has a checksum in its
 //!   member's checksum area, written while the data is in flight (the write-intent bitmap
 //!   covers both; a resync after a crash settles blocks whose data and checksum did not both
@@ -57,8 +60,8 @@
 //!   heals its sources the same way before copying (each chunk read once; the verified
 //!   buffers are what it writes, with the sources' checksums, while the next chunk is read).
 //!
-//! What does not exist yet: replaying the journal in memory for a read-only open (a read-only
-//! open after a crash names the updates waiting and leaves them for a writable open); an incremental resync of a member that came back
+//! What does not exist yet: replaying the journal in memory for a read-only open (such an
+//! open refuses the spaces the waiting updates touch, see above); an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
 //! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
 //! GF(2^8) arithmetic; locking against two processes opening the same pool; a quorum of

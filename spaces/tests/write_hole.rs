@@ -371,6 +371,11 @@ fn a_format_version_2_pool_opens_without_a_journal_and_stays_version_2() {
     assert_eq!(pool.info().format_version, 2);
     assert!(read_all(&pool.open_space("s").unwrap()) == model);
     drop(pool);
+    // Read-only: no journal, nothing pending, the space opens.
+    let pool = open(&devs, &[1], true);
+    assert_eq!(pool.info().journal.pending_batches, 0);
+    assert!(read_all(&pool.open_space("s").unwrap()) == model);
+    drop(pool);
     let mut b = vec![0u8; 4096];
     devs[0].read_at(0, &mut b).unwrap();
     assert_eq!(&b[8..12], &2u32.to_le_bytes());
