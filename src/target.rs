@@ -199,6 +199,7 @@ impl TargetSpec {
                         direct,
                         engine,
                         ring_entries: 0,
+                        lock: false,
                     },
                 )?;
                 let notes = dev
@@ -220,6 +221,7 @@ impl TargetSpec {
                         direct,
                         engine,
                         ring_entries: 0,
+                        lock: false,
                     },
                     ..Default::default()
                 };
@@ -236,6 +238,8 @@ impl TargetSpec {
                     direct,
                     engine,
                     ring_entries: 0,
+                    // Pool::open_dir locks every member whatever this says.
+                    lock: true,
                 };
                 let pool = vstor_spaces::Pool::open_dir(
                     dir,

@@ -122,6 +122,15 @@ pub enum Error {
     /// The (simulated) power is off: the device accepts no request until it is powered on.
     #[error("device is powered off")]
     PoweredOff,
+    /// A file opened with [`FileOptions::lock`](crate::FileOptions) is locked by another open
+    /// (another process, or another open of the same file in this one).
+    #[error("{path} is in use: another process holds a lock on it ({}); close that first", if *exclusive { "this open wants to write, and it has the file open" } else { "it has the file open for writing" })]
+    Locked {
+        /// The file or device.
+        path: String,
+        /// Whether this open asked for an exclusive (writable) lock.
+        exclusive: bool,
+    },
     /// The device ran out of space.
     #[error("no space left on the device")]
     NoSpace,

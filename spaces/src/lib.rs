@@ -5,6 +5,9 @@
 //! - [`Pool`]: create a pool on any [`BlockDevice`](vstor_core::BlockDevice)s ([`Pool::create`]) or on new files in a
 //!   directory ([`Pool::create_in_dir`]) or on existing devices named in a directory
 //!   ([`Pool::create_with_devices`]); open it again ([`Pool::open`], [`Pool::open_dir`]).
+//!   The files and devices of a pool opened or created through a directory are locked
+//!   (`flock`: exclusive when writable, shared when read-only) while it is open, so a second
+//!   process opening it for writing fails with [`vstor_core::Error::Locked`], naming the member.
 //!   Every member holds the whole pool metadata (identity, members, slab map, space
 //!   definitions) in two slots with sequence numbers and CRC-32C; opening picks the newest
 //!   valid copy, reports missing members and members with stale metadata, refreshes the
@@ -64,7 +67,8 @@
 //! open refuses the spaces the waiting updates touch, see above); an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
 //! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
-//! GF(2^8) arithmetic; locking against two processes opening the same pool; a quorum of
+//! GF(2^8) arithmetic; locking of pools opened with [`Pool::open`] on devices the caller
+//! opened (only [`Pool::open_dir`] and the `create_*` calls lock their files); a quorum of
 //! members present at an open (a split brain is found only when members of both sides are
 //! present: if only the side that missed the other's writes is there, its metadata is the
 //! newest the pool can see and its data is served, as for any degraded open; and two sides

@@ -879,6 +879,7 @@ impl Pool {
 
     /// Creates a pool of `count` new files of `disk_size` bytes each, `disk0.raw`,
     /// `disk1.raw`, ..., in `dir` (created if needed; existing files are never overwritten).
+    /// The files are locked as [`open_dir`](Pool::open_dir) locks them.
     pub fn create_in_dir(
         dir: &Path,
         count: usize,
@@ -917,6 +918,10 @@ impl Pool {
         }
         let mut disks = Vec::new();
         let mut made = Vec::new();
+        let file = &FileOptions {
+            lock: true,
+            ..file.clone()
+        };
         let result = (|| {
             for p in &paths {
                 let dev = FileDevice::create(p, disk_size, file)?;
@@ -935,7 +940,8 @@ impl Pool {
 
     /// Creates a pool on existing devices or files (`paths`), and records their paths in
     /// `dir`/[`DEVICES_FILE`] (one a line) so that [`open_dir`](Pool::open_dir) finds them:
-    /// `dir` then only names the pool. The devices must not belong to a pool.
+    /// `dir` then only names the pool. The devices must not belong to a pool. They are locked
+    /// as [`open_dir`](Pool::open_dir) locks them.
     pub fn create_with_devices(
         dir: &Path,
         paths: &[PathBuf],
@@ -948,6 +954,10 @@ impl Pool {
         }
         let mut disks = Vec::new();
         let mut names = Vec::new();
+        let file = &FileOptions {
+            lock: true,
+            ..file.clone()
+        };
         for p in paths {
             let abs = std::fs::canonicalize(p)
                 .map_err(|e| Error::io(format!("find {}", p.display()), e))?;
@@ -965,6 +975,12 @@ impl Pool {
 
     /// Opens the pool whose member files are in `dir`: every regular file there is offered,
     /// and every device or file listed in `dir`/[`DEVICES_FILE`].
+    ///
+    /// Every file and device is locked while the pool is open (an advisory `flock`, see
+    /// [`FileOptions::lock`]): exclusively for a writable open, shared for a read-only one, so
+    /// several read-only opens may share a pool but a writer excludes every other open. An open
+    /// that finds a member locked fails with [`vstor_core::Error::Locked`], which names it,
+    /// before anything is written. ([`Pool::open`] on devices the caller opened takes no lock.)
     pub fn open_dir(dir: &Path, opts: &OpenOptions, file: &FileOptions) -> Result<Pool> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(format!("read directory {}", dir.display()), e))?
@@ -984,8 +1000,11 @@ impl Pool {
                     .map(PathBuf::from),
             );
         }
+        // Every member locked (flock: exclusive when writable, shared when read-only) while
+        // the pool is open, so that two processes never write one pool.
         let fo = FileOptions {
             read_only: opts.read_only || file.read_only,
+            lock: true,
             ..file.clone()
         };
         let mut disks = Vec::new();
@@ -993,8 +1012,9 @@ impl Pool {
         for (i, p) in paths.into_iter().enumerate() {
             match FileDevice::open(&p, &fo) {
                 Ok(dev) => disks.push(PoolDisk::new(p.display().to_string(), Arc::new(dev))),
-                // A listed device that cannot be opened is a missing member, not a failure.
-                Err(e) if i >= local => {
+                // A listed device that cannot be opened is a missing member, not a failure;
+                // one that another process holds is a failure.
+                Err(e) if i >= local && !matches!(e, Error::Locked { .. }) => {
                     unopened.push(format!("{} (listed in {DEVICES_FILE}): {e}", p.display()))
                 }
                 Err(e) => return Err(e),

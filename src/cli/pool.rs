@@ -254,7 +254,14 @@ pub fn run_pool(cmd: PoolCommand) -> Result<(), Error> {
                 .map(|i| a.dir.join(format!("disk{i}.raw")))
                 .find(|p| !p.exists())
                 .expect("a free name");
-            let dev = FileDevice::create(&path, a.disk_size, &FileOptions::default())?;
+            let dev = FileDevice::create(
+                &path,
+                a.disk_size,
+                &FileOptions {
+                    lock: true,
+                    ..FileOptions::default()
+                },
+            )?;
             let added = pool.add_disk(PoolDisk::new(path.display().to_string(), Arc::new(dev)));
             if let Err(e) = added {
                 let _ = std::fs::remove_file(&path);

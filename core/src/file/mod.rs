@@ -70,6 +70,11 @@ pub struct FileOptions {
     pub engine: Engine,
     /// Entries per io_uring ring (0: 128). Bounds the requests one thread keeps in flight.
     pub ring_entries: u32,
+    /// Take an advisory lock (`flock`) on the file for as long as the device is open:
+    /// exclusive when writable, shared when read-only, without waiting. An open that finds a
+    /// conflicting lock (another process, or another open of the file in this one) fails with
+    /// [`Error::Locked`]. Only opens that ask for it take or respect the lock.
+    pub lock: bool,
 }
 
 /// What the file is.
@@ -132,6 +137,20 @@ pub struct FileDevice {
     // Held shared by I/O, exclusively by resize, so that no request races a size change.
     resize_lock: RwLock<()>,
     signal: Arc<CapacitySignal>,
+    /// Whether this open holds a flock ([`FileOptions::lock`]).
+    locked: bool,
+}
+
+impl Drop for FileDevice {
+    /// Releases the lock now: an io_uring ring with the file registered keeps the open file
+    /// description (and so its lock) alive until the kernel finishes tearing the ring down,
+    /// which it does in the background, so closing alone could leave the lock held a while.
+    fn drop(&mut self) {
+        if self.locked {
+            // SAFETY: flock on a descriptor this device still owns; it touches no memory.
+            unsafe { libc::flock(self.core.file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
 }
 
 impl std::fmt::Debug for FileDevice {
@@ -184,6 +203,33 @@ fn blk_ioctl_u32(file: &File, req: libc::c_ulong) -> Option<u32> {
     // local int that outlives the call; the fd is a valid open block device.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), req as _, &mut v as *mut libc::c_int) };
     (rc == 0 && v > 0).then_some(v as u32)
+}
+
+/// `flock(LOCK_EX or LOCK_SH | LOCK_NB)`: [`Error::Locked`] if a conflicting lock is held.
+fn lock_file(file: &File, path: &Path, exclusive: bool) -> Result<()> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    loop {
+        // SAFETY: flock on a descriptor `file` owns and keeps open; it touches no memory. The
+        // lock belongs to the open file description and goes with the last descriptor of it.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => {
+                return Err(Error::Locked {
+                    path: path.display().to_string(),
+                    exclusive,
+                })
+            }
+            _ => return Err(Error::io(format!("cannot lock {}", path.display()), e)),
+        }
+    }
 }
 
 const BLKSSZGET: libc::c_ulong = 0x1268;
@@ -308,6 +354,9 @@ impl FileDevice {
         mem_align: u32,
         direct_fallback: Option<String>,
     ) -> Result<Self> {
+        if opts.lock {
+            lock_file(&file, path, !opts.read_only)?;
+        }
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
@@ -354,6 +403,7 @@ impl FileDevice {
             engine_fallback,
             resize_lock: RwLock::new(()),
             signal: Arc::new(CapacitySignal::new(capacity)),
+            locked: opts.lock,
         })
     }
 
