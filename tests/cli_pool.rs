@@ -681,3 +681,179 @@ fn a_split_brain_is_refused_until_a_side_is_chosen() {
     let info = json(&ok(&["pool", "info", d, "--json"]));
     assert_eq!(info["spaces"][0]["health"], "healthy", "{info}");
 }
+
+/// The member files of `dir`, disk0.raw to disk{n-1}.raw.
+fn member_files(dir: &std::path::Path, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| std::fs::read(dir.join(format!("disk{i}.raw"))).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_read_only_open_with_journal_updates_waiting_says_how_to_replay_them() {
+    use vstor::core::{BlockDevice, FileOptions};
+    use vstor::spaces::{OpenOptions, Pool};
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "5",
+        "--disk-size",
+        "16M",
+        "--slab-size",
+        "1M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "p",
+        "--size",
+        "2M",
+        "--resiliency",
+        "parity",
+        "--columns",
+        "4",
+        "--interleave",
+        "64k",
+    ]);
+    let target = format!("pool:{d}/p");
+    // Full rows: no journal.
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "0",
+        "--length",
+        "2M",
+        "--pattern",
+        "0x11",
+    ]);
+    let before = member_files(&dir, 5);
+    // A partial-row write, journaled; the files are copied while the pool is still open
+    // (the journal then holds the committed batch).
+    let (journaled, data_start) = {
+        let pool = Pool::open_dir(&dir, &OpenOptions::default(), &FileOptions::default()).unwrap();
+        let space = pool.open_space("p").unwrap();
+        space.write_at(4096, &[0x22u8; 4096]).unwrap();
+        space.flush().unwrap();
+        assert_eq!(pool.info().journal.batches, 1);
+        (member_files(&dir, 5), pool.info().data_start)
+    };
+    // The crash: the journal reached the disks, the in-place writes did not.
+    let journal = (data_start - (2 << 20)) as usize..(data_start - (1 << 20)) as usize;
+    for (i, (old, j)) in before.iter().zip(&journaled).enumerate() {
+        let mut m = old.clone();
+        m[journal.clone()].copy_from_slice(&j[journal.clone()]);
+        std::fs::write(dir.join(format!("disk{i}.raw")), m).unwrap();
+    }
+    let crashed = member_files(&dir, 5);
+    let e = fails(&["disk", "read", &target, "--offset", "4k", "--length", "16"]);
+    assert!(
+        e.contains("space 'p'")
+            && e.contains("1 journaled parity updates")
+            && e.contains("await replay")
+            && e.contains("vstor space scrub"),
+        "{e}"
+    );
+    // The pool itself still opens read-only, and says so.
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(info.to_string().contains("await replay"), "{info}");
+    assert!(member_files(&dir, 5) == crashed, "a read-only open wrote");
+    // A writable open replays; then reads work and see the write.
+    ok(&["space", "scrub", d]);
+    let dump = ok(&["disk", "read", &target, "--offset", "4k", "--length", "16"]);
+    assert!(dump.contains("2222") || dump.contains("22 22"), "{dump}");
+    let dump = ok(&["disk", "read", &target, "--offset", "8k", "--length", "16"]);
+    assert!(dump.contains("1111") || dump.contains("11 11"), "{dump}");
+}
+
+#[test]
+fn a_pool_held_by_another_open_is_refused_with_the_member_named() {
+    use vstor::core::FileOptions;
+    use vstor::spaces::{OpenOptions, Pool};
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "2",
+        "--disk-size",
+        "16M",
+        "--slab-size",
+        "1M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "2M",
+        "--resiliency",
+        "mirror",
+        "--columns",
+        "1",
+    ]);
+    let target = format!("pool:{d}/m");
+    let open = |read_only| {
+        Pool::open_dir(
+            &dir,
+            &OpenOptions {
+                read_only,
+                ..Default::default()
+            },
+            &FileOptions::default(),
+        )
+        .unwrap()
+    };
+    let write = [
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "0",
+        "--length",
+        "8k",
+        "--pattern",
+        "0x33",
+    ];
+    // Held for writing here: every open from the CLI is refused, and writes nothing.
+    let held = open(false);
+    let before = member_files(&dir, 2);
+    for args in [
+        &["pool", "info", d][..],
+        &write[..],
+        &["disk", "read", &target, "--offset", "0", "--length", "16"][..],
+        &["space", "scrub", d][..],
+    ] {
+        let e = fails(args);
+        assert!(
+            e.contains("disk0.raw is in use") && e.contains("another process"),
+            "{args:?}: {e}"
+        );
+    }
+    assert!(member_files(&dir, 2) == before, "a refused open wrote");
+    drop(held);
+    // Held read-only here: other read-only opens share it, writers are refused.
+    let held = open(true);
+    ok(&["pool", "info", d]);
+    ok(&["disk", "read", &target, "--offset", "0", "--length", "16"]);
+    let e = fails(&write);
+    assert!(
+        e.contains("disk0.raw is in use") && e.contains("writing needs it alone"),
+        "{e}"
+    );
+    drop(held);
+    ok(&write);
+    let dump = ok(&["disk", "read", &target, "--offset", "0", "--length", "16"]);
+    assert!(dump.contains("3333") || dump.contains("33 33"), "{dump}");
+}

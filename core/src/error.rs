@@ -124,7 +124,7 @@ pub enum Error {
     PoweredOff,
     /// A file opened with [`FileOptions::lock`](crate::FileOptions) is locked by another open
     /// (another process, or another open of the same file in this one).
-    #[error("{path} is in use: another process holds a lock on it ({}); close that first", if *exclusive { "this open wants to write, and it has the file open" } else { "it has the file open for writing" })]
+    #[error("{path} is in use: another process has it open{} (it holds an advisory lock); close that first", if *exclusive { ", and writing needs it alone" } else { " for writing" })]
     Locked {
         /// The file or device.
         path: String,
