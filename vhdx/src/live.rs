@@ -105,8 +105,15 @@ impl LiveDisk {
         if target.capacity() < size {
             target.resize_with(size, &Job::new())?;
         }
-        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.tracking.store(true, Ordering::SeqCst);
+        {
+            // Tracking starts with I/O held for a moment: a batch that looked at the flag before
+            // it was set (and so records nothing) has completed before the copy starts, so the
+            // copy sees its data. Without this, such a write could land behind the copy and be
+            // lost at the switch.
+            let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
+            self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.tracking.store(true, Ordering::SeqCst);
+        }
         let copy = |c: &Vhdx, from: u64, len: u64, job: &Job| -> Result<u64> {
             let map = |off: u64, l: u64| c.fills(off, l, Some(1));
             Ok(copy_range(c, Some(&map), &target, false, from..from + len, job)?.written_bytes)
