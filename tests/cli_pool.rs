@@ -4,6 +4,35 @@ mod common;
 
 use common::{fails, ok, s};
 
+/// A pool of `disks` 16 MiB members (1 MiB slabs) in `d` with one 2 MiB space `name` of
+/// `resiliency` over `columns` columns.
+fn small_pool(d: &str, disks: usize, name: &str, resiliency: &str, columns: usize) {
+    let (disks, columns) = (disks.to_string(), columns.to_string());
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        &disks,
+        "--disk-size",
+        "16M",
+        "--slab-size",
+        "1M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        name,
+        "--size",
+        "2M",
+        "--resiliency",
+        resiliency,
+        "--columns",
+        &columns,
+    ]);
+}
+
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).expect("json")
 }
@@ -152,29 +181,7 @@ fn a_missing_member_is_reported_and_mirror_data_survives() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("pool");
     let d = s(&dir);
-    ok(&[
-        "pool",
-        "create",
-        d,
-        "--disks",
-        "3",
-        "--disk-size",
-        "16M",
-        "--slab-size",
-        "1M",
-    ]);
-    ok(&[
-        "space",
-        "create",
-        d,
-        "m",
-        "--size",
-        "2M",
-        "--resiliency",
-        "mirror",
-        "--columns",
-        "1",
-    ]);
+    small_pool(d, 3, "m", "mirror", 1);
     let target = format!("pool:{d}/m");
     ok(&[
         "disk",
@@ -618,29 +625,7 @@ fn a_split_brain_is_refused_until_a_side_is_chosen() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("pool");
     let d = s(&dir);
-    ok(&[
-        "pool",
-        "create",
-        d,
-        "--disks",
-        "2",
-        "--disk-size",
-        "16M",
-        "--slab-size",
-        "1M",
-    ]);
-    ok(&[
-        "space",
-        "create",
-        d,
-        "m",
-        "--size",
-        "2M",
-        "--resiliency",
-        "mirror",
-        "--columns",
-        "1",
-    ]);
+    small_pool(d, 2, "m", "mirror", 1);
     let target = format!("pool:{d}/m");
     let write = |pattern: &str| {
         ok(&[
@@ -780,29 +765,7 @@ fn a_pool_held_by_another_open_is_refused_with_the_member_named() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("pool");
     let d = s(&dir);
-    ok(&[
-        "pool",
-        "create",
-        d,
-        "--disks",
-        "2",
-        "--disk-size",
-        "16M",
-        "--slab-size",
-        "1M",
-    ]);
-    ok(&[
-        "space",
-        "create",
-        d,
-        "m",
-        "--size",
-        "2M",
-        "--resiliency",
-        "mirror",
-        "--columns",
-        "1",
-    ]);
+    small_pool(d, 2, "m", "mirror", 1);
     let target = format!("pool:{d}/m");
     let open = |read_only| {
         Pool::open_dir(
