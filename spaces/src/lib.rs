@@ -66,8 +66,9 @@
 //! What does not exist yet: replaying the journal in memory for a read-only open (such an
 //! open refuses the spaces the waiting updates touch, see above); an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
-//! write zeroes, skipping extents never allocated); growing or shrinking a space; vectorized
-//! GF(2^8) arithmetic; locking of pools opened with [`Pool::open`] on devices the caller
+//! write zeroes, skipping extents never allocated); growing or shrinking a space; table-free
+//! GF(2^8) multiplication by arbitrary constants (decode still uses a product table per
+//! coefficient; P+Q encode runs on 64-bit lanes without tables); locking of pools opened with [`Pool::open`] on devices the caller
 //! opened (only [`Pool::open_dir`] and the `create_*` calls lock their files); a quorum of
 //! members present at an open (a split brain is found only when members of both sides are
 //! present: if only the side that missed the other's writes is there, its metadata is the
