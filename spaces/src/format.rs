@@ -731,47 +731,8 @@ pub fn valid_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::tests_support::sample_meta as sample;
     use super::*;
-
-    fn sample() -> Meta {
-        let layout = Layout::new(Resiliency::Mirror { copies: 2 }, 1, 65536, 1 << 20).unwrap();
-        Meta {
-            version: VERSION,
-            pool_id: Uuid::new_v4(),
-            sequence: 7,
-            slab_size: 1 << 20,
-            slot_size: MIN_SLOT,
-            data_start: Meta::data_start_for(VERSION, MIN_SLOT),
-            created: 1,
-            members: (0..3)
-                .map(|_| MemberMeta {
-                    id: Uuid::new_v4(),
-                    capacity: 16 << 20,
-                    slab_count: 11,
-                    state: MemberState::Healthy,
-                    failed_seq: 0,
-                })
-                .collect(),
-            spaces: vec![SpaceMeta {
-                id: Uuid::new_v4(),
-                name: "data".into(),
-                size: 3 << 20,
-                layout,
-                provisioning: Provisioning::Thin,
-                extents: vec![
-                    Some(vec![
-                        Slot { member: 0, slab: 0 },
-                        Slot { member: 2, slab: 0 },
-                    ]),
-                    None,
-                    Some(vec![
-                        Slot { member: 1, slab: 3 },
-                        Slot { member: 0, slab: 1 },
-                    ]),
-                ],
-            }],
-        }
-    }
 
     #[test]
     fn round_trip() {

@@ -134,6 +134,26 @@ impl Api {
 const OLD_SIZE: u64 = 64 << 20;
 const NEW_SIZE: u64 = 96 << 20;
 
+/// The test guest's pattern workload on a raw disk in `dir` capped at 1 IOPS, with the API
+/// socket connected once the guest has found its disk.
+fn capped_pattern_guest(dir: &Path) -> (Running, Api) {
+    let disk = raw_disk(dir);
+    let sock = dir.join("api.sock");
+    let mut vm = Running::start(&[
+        "--disk",
+        &format!("{disk},max-iops=1"),
+        "--memory",
+        "64M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--test-guest",
+        "pattern",
+    ]);
+    vm.wait_for("virtio-blk:");
+    let api = Api::connect(&sock);
+    (vm, api)
+}
+
 #[test]
 fn a_resize_through_the_api_is_seen_by_the_guest() {
     if !kvm_or_skip("a_resize_through_the_api_is_seen_by_the_guest") {
@@ -249,22 +269,9 @@ fn set_qos_through_the_api_lifts_a_cap_at_run_time() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let disk = raw_disk(dir.path());
-    let sock = dir.path().join("api.sock");
     // At 1 IOPS the pattern would take PATTERN_UNITS seconds.
     let started = Instant::now();
-    let mut vm = Running::start(&[
-        "--disk",
-        &format!("{disk},max-iops=1"),
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--test-guest",
-        "pattern",
-    ]);
-    vm.wait_for("virtio-blk:");
-    let mut api = Api::connect(&sock);
+    let (vm, mut api) = capped_pattern_guest(dir.path());
     std::thread::sleep(Duration::from_millis(1500));
     let before = api.call(r#"{"op":"stats"}"#);
     let qos = &before["disks"][0]["qos"];
@@ -344,21 +351,8 @@ fn a_disk_held_by_its_cap_does_not_hold_the_vcpu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let disk = raw_disk(dir.path());
-    let sock = dir.path().join("api.sock");
     // At 1 IOPS the first 64 KiB write (8 units) holds its queue for about 7 seconds.
-    let mut vm = Running::start(&[
-        "--disk",
-        &format!("{disk},max-iops=1"),
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--test-guest",
-        "pattern",
-    ]);
-    vm.wait_for("virtio-blk:");
-    let mut api = Api::connect(&sock);
+    let (vm, mut api) = capped_pattern_guest(dir.path());
     std::thread::sleep(Duration::from_millis(1000));
     // The vCPU is not inside the request (the queue's I/O thread is), so it stops at once.
     let asked = Instant::now();
