@@ -135,6 +135,14 @@ pub trait BlockDevice: Send + Sync {
         "block device".to_string()
     }
 
+    /// This device as a [`FileDevice`](crate::FileDevice), when it is one with nothing in
+    /// between: lets [`submit_group`](crate::submit_group) keep several files' batches on one
+    /// io_uring. A wrapper that only forwards (`Arc`, `Box`, `&`) forwards this too; a wrapper
+    /// that changes I/O (faults, translation) keeps the default, `None`.
+    fn as_file(&self) -> Option<&crate::FileDevice> {
+        None
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         run_one(self, Request::read(offset, buf))
@@ -193,6 +201,9 @@ macro_rules! forward_block_device {
             }
             fn describe(&self) -> String {
                 (**self).describe()
+            }
+            fn as_file(&self) -> Option<&crate::FileDevice> {
+                (**self).as_file()
             }
         }
     )*};

@@ -8,6 +8,8 @@
 //!   per submitting thread, the file registered) or on portable `pread`/`pwrite`; optional
 //!   O_DIRECT with a fallback when the file system refuses it and bounce buffers for unaligned
 //!   memory.
+//! - [`submit_group`]: batches for several devices at once, the io_uring files among them on
+//!   one ring driven by the calling thread, each request reported as it completes.
 //! - [`MemoryDevice`]: a sparse in-memory device.
 //! - [`FaultDevice`]: injects failures, power cuts (with torn writes), corruption and latency.
 //! - [`AlignedBuf`]: buffers for direct I/O.
@@ -31,6 +33,7 @@ mod device;
 mod error;
 pub mod fault;
 mod file;
+mod group;
 mod job;
 mod mem;
 mod request;
@@ -40,6 +43,7 @@ pub use device::{BlockDevice, CapacitySignal, DeviceInfo, ListenerId, Supports};
 pub use error::{corrupt, Error, OpKind, Result};
 pub use fault::{CutPolicy, FaultDevice, FaultRule};
 pub use file::{Engine, FileDevice, FileKind, FileOptions};
+pub use group::submit_group;
 pub use job::Job;
 pub use mem::MemoryDevice;
 pub use request::{

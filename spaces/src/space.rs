@@ -31,8 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use uuid::Uuid;
 use vstor_core::{
-    carve_read_bufs, carve_write_bufs, copy_from_bufs, copy_into_bufs, fail_remaining, zero_bufs,
-    AlignedBuf, BlockDevice, DeviceInfo, Error, Op, ReadBufs, Request, Result, Supports,
+    carve_read_bufs, carve_write_bufs, copy_from_bufs, copy_into_bufs, fail_remaining,
+    submit_group, zero_bufs, AlignedBuf, BlockDevice, DeviceInfo, Error, Op, ReadBufs, Request,
+    Result, Supports,
 };
 
 /// Bytes of writes in one batch from which the checksums are computed while the data is in
@@ -132,31 +133,35 @@ fn guard<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs each member's batch, the members side by side.
+/// Runs each member's batch, the members side by side (on one ring where they are files).
 fn run_members(devs: &Devs, per: &mut [Vec<Request<'_>>]) {
-    let mut jobs = Vec::new();
-    for (d, reqs) in devs.iter().zip(per.iter_mut()) {
+    run_members_with(devs, per, |_, _, _| {});
+}
+
+/// Runs each member's batch as [`run_members`], calling `on_done(member, index, request)` on
+/// this thread as each request completes (see [`submit_group`]); a missing member's requests
+/// fail without it being called.
+fn run_members_with(
+    devs: &Devs,
+    per: &mut [Vec<Request<'_>>],
+    on_done: impl FnMut(usize, usize, &Request<'_>),
+) {
+    let mut jobs: Vec<(&dyn BlockDevice, &mut [Request<'_>])> = Vec::new();
+    let mut member = Vec::new();
+    for (m, (d, reqs)) in devs.iter().zip(per.iter_mut()).enumerate() {
         if reqs.is_empty() {
             continue;
         }
         match d {
-            Some(d) => jobs.push((d, &mut reqs[..])),
+            Some(d) => {
+                jobs.push((&**d, &mut reqs[..]));
+                member.push(m);
+            }
             None => fail_remaining(reqs, &Error::InvalidArgument("member not usable".into())),
         }
     }
-    if jobs.len() <= 1 {
-        for (d, r) in jobs {
-            d.submit(r);
-        }
-        return;
-    }
-    std::thread::scope(|s| {
-        let (d0, r0) = jobs.pop().expect("two or more");
-        for (d, r) in jobs {
-            s.spawn(move || d.submit(r));
-        }
-        d0.submit(r0);
-    });
+    let mut on_done = on_done;
+    submit_group(&mut jobs, |j, i, r| on_done(member[j], i, r));
 }
 
 /// Appends a read, merged into the member's previous request when it continues it. Returns
@@ -1294,12 +1299,12 @@ impl Space {
 
     /// Runs each member's batch (as [`run_members`]) with the checksums `sums` computes of what
     /// the batches write: set in the checksum cache and their pages written, under the pages'
-    /// locks. A batch writing [`OVERLAP_MIN`] bytes or more starts its data first and computes
-    /// the checksums and writes the pages (every member's at once) on this thread while the
-    /// data is in flight; a smaller one computes them first and sends each member's pages in
-    /// the same submission as its data (kept in `store`), as threads would cost it more than
-    /// the checksums. Each member's thread, once its batch completed, computes the stored
-    /// checksums of what its reads flagged in `verify` (per member, per request) read.
+    /// locks. A batch writing [`OVERLAP_MIN`] bytes or more computes the checksums and writes
+    /// the pages (every member's at once) on a second thread while this one drives the data; a
+    /// smaller one computes them first and sends each member's pages in the same submission as
+    /// its data (kept in `store`), as a thread would cost it more than the checksums. The
+    /// reads flagged in `verify` (per member, per request) are checksummed as each completes,
+    /// while the rest of the batch is in flight.
     /// Returns failures of the checksum updates, and those checksums (per member, per
     /// request).
     #[allow(clippy::type_complexity)]
@@ -1309,7 +1314,7 @@ impl Space {
         per: &mut [Vec<Request<'a>>],
         store: &'a mut Vec<PageWrite>,
         verify: &[Vec<bool>],
-        sums: impl FnOnce() -> Vec<csum::SumRun>,
+        sums: impl FnOnce() -> Vec<csum::SumRun> + Send,
     ) -> (Vec<(usize, Error)>, Vec<Vec<Option<Vec<u32>>>>) {
         let write_bytes: u64 = per
             .iter()
@@ -1338,82 +1343,49 @@ impl Space {
         } else {
             Vec::new()
         };
-        let mut got: Vec<Vec<Option<Vec<u32>>>> = vec![Vec::new(); per.len()];
-        let run = |d: &Arc<dyn BlockDevice>, reqs: &mut [Request<'a>], flags: &[bool]| {
-            d.submit(reqs);
-            reqs.iter()
-                .enumerate()
-                .map(|(i, r)| match &r.op {
-                    Op::Read { bufs, .. } if flags.get(i) == Some(&true) && r.result().is_ok() => {
-                        Some(csum::crcs_iov(bufs, 0, r.len() as usize))
-                    }
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
+        let mut got: Vec<Vec<Option<Vec<u32>>>> =
+            per.iter().map(|reqs| vec![None; reqs.len()]).collect();
+        // Each read to verify is checksummed as soon as it completes, while the rest of the
+        // batch is still in flight.
+        let checksum = |m: usize, i: usize, r: &Request<'_>| match &r.op {
+            Op::Read { bufs, .. }
+                if verify.get(m).and_then(|v| v.get(i)) == Some(&true) && r.result().is_ok() =>
+            {
+                got[m][i] = Some(csum::crcs_iov(bufs, 0, r.len() as usize));
+            }
+            _ => {}
         };
-        std::thread::scope(|sc| {
-            let mut jobs = Vec::new();
-            for (m, (d, reqs)) in devs.iter().zip(per.iter_mut()).enumerate() {
-                if reqs.is_empty() {
-                    continue;
-                }
-                match d {
-                    Some(d) => jobs.push((m, d, reqs)),
-                    None => {
-                        fail_remaining(reqs, &Error::InvalidArgument("member not usable".into()))
+        if !overlap {
+            run_members_with(devs, per, checksum);
+        } else {
+            std::thread::scope(|sc| {
+                // One thread computes the checksums and writes their pages (every member's
+                // at once) while this one drives the data.
+                let pages = sc.spawn(|| {
+                    let mut failures = Vec::new();
+                    let sums = csum::join_runs(sums.take().expect("once")());
+                    let _page_locks = self
+                        .pool
+                        .csums
+                        .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
+                    let pages = self.set_sums(devs, &sums, &mut failures);
+                    let mut by_member: Vec<Vec<Request<'_>>> =
+                        (0..devs.len()).map(|_| Vec::new()).collect();
+                    for (m, off, buf) in &pages {
+                        by_member[*m].push(Request::write(*off, &buf[..]));
                     }
-                }
-            }
-            // Unless it computes checksums meanwhile, this thread runs one of the batches.
-            let mine = if overlap { None } else { jobs.pop() };
-            let running: Vec<_> = jobs
-                .into_iter()
-                .map(|(m, d, reqs)| {
-                    let flags = verify.get(m).map_or(&[][..], |v| &v[..]);
-                    (m, sc.spawn(move || run(d, reqs, flags)))
-                })
-                .collect();
-            if let Some((m, d, reqs)) = mine {
-                got[m] = run(d, reqs, verify.get(m).map_or(&[][..], |v| &v[..]));
-            }
-            if overlap {
-                let sums = csum::join_runs(sums.take().expect("once")());
-                let _page_locks = self
-                    .pool
-                    .csums
-                    .lock_pages(sums.iter().map(|x| (x.0, x.1, x.2, x.3.len() as u64)));
-                let pages = self.set_sums(devs, &sums, &mut failures);
-                let mut by_member: BTreeMap<usize, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
-                for (m, off, buf) in pages {
-                    by_member.entry(m).or_default().push((off, buf));
-                }
-                // Every member's pages at once (each queues behind its member's data).
-                let page_writes: Vec<_> = by_member
-                    .into_iter()
-                    .filter_map(|(m, pages)| {
-                        let dev = devs[m].as_ref()?;
-                        Some((
-                            m,
-                            sc.spawn(move || {
-                                let mut reqs: Vec<Request<'_>> = pages
-                                    .iter()
-                                    .map(|(off, buf)| Request::write(*off, &buf[..]))
-                                    .collect();
-                                dev.submit_all(&mut reqs)
-                            }),
-                        ))
-                    })
-                    .collect();
-                for (m, h) in page_writes {
-                    if let Err(e) = h.join().expect("a page write thread does not panic") {
-                        failures.push((m, e));
+                    run_members(devs, &mut by_member);
+                    for (m, reqs) in by_member.iter().enumerate() {
+                        if let Some(e) = reqs.iter().find_map(|r| r.result().err()) {
+                            failures.push((m, e));
+                        }
                     }
-                }
-            }
-            for (m, h) in running {
-                got[m] = h.join().expect("a member thread does not panic");
-            }
-        });
+                    failures
+                });
+                run_members_with(devs, per, checksum);
+                failures.extend(pages.join().expect("the checksum thread does not panic"));
+            });
+        }
         // The page writes added to small batches: their failures, then out of the batches.
         for (m, &n) in own_len.iter().enumerate() {
             for r in &per[m][n..] {

@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 /// Which I/O engine a [`FileDevice`] uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -495,6 +495,40 @@ impl FileDevice {
     }
 }
 
+impl FileDevice {
+    /// Checks every request of `batch` against the device, completing those refused, and
+    /// returns how many are left to run. The caller holds the resize lock shared.
+    fn validate(&self, batch: &mut [Request<'_>]) -> usize {
+        let info = self.info();
+        let mut valid = 0;
+        for req in batch.iter_mut() {
+            // A request resubmitted with an old result runs again: below, "complete" means
+            // "refused by the check".
+            let _ = req.take_result();
+            match info.check(req) {
+                Ok(()) => valid += 1,
+                Err(e) => req.complete(Err(e)),
+            }
+        }
+        valid
+    }
+
+    /// Prepares `batch` for a shared ring ([`crate::submit_group`]): validates it and returns
+    /// the resize lock (held until the batch completes) and the file, or `None` when this
+    /// device does not run io_uring (the batch then goes through [`BlockDevice::submit`]).
+    pub(crate) fn group_part(
+        &self,
+        batch: &mut [Request<'_>],
+    ) -> Option<(RwLockReadGuard<'_, ()>, &FileCore)> {
+        self.rings.as_ref()?;
+        let guard = self.resize_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.validate(batch);
+        Some((guard, &self.core))
+    }
+}
+
+pub(crate) use uring::{run_group, Part};
+
 impl BlockDevice for FileDevice {
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
@@ -517,20 +551,13 @@ impl BlockDevice for FileDevice {
         self.capacity.load(Ordering::Acquire)
     }
 
+    fn as_file(&self) -> Option<&FileDevice> {
+        Some(self)
+    }
+
     fn submit(&self, batch: &mut [Request<'_>]) {
         let _guard = self.resize_lock.read().unwrap_or_else(|p| p.into_inner());
-        let info = self.info();
-        let mut valid = 0;
-        for req in batch.iter_mut() {
-            // A request resubmitted with an old result runs again: below, "complete" means
-            // "refused by the check".
-            let _ = req.take_result();
-            match info.check(req) {
-                Ok(()) => valid += 1,
-                Err(e) => req.complete(Err(e)),
-            }
-        }
-        if valid == 0 {
+        if self.validate(batch) == 0 {
             return;
         }
         match &self.rings {

@@ -5,6 +5,10 @@
 //! concurrently submitting thread has its own ring and nothing is shared on the data path but
 //! the pool's pop/push), pushes one SQE per request, keeps up to the ring's size in flight, and
 //! reaps completions until every request of the batch has its result.
+//!
+//! [`run_group`] runs the batches of several files on one ring (a process-wide pool of rings
+//! without registered files), so that one thread keeps all of them in flight and sees each
+//! completion as it comes: [`crate::submit_group`].
 
 use super::sync;
 use super::FileCore;
@@ -13,7 +17,7 @@ use crate::error::{Error, OpKind, Result};
 use crate::request::{copy_from_bufs, copy_into_bufs, Op, Request};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
 pub(crate) struct RingPool {
@@ -73,85 +77,172 @@ impl RingPool {
                 return;
             }
         };
-        run_batch(&mut ring, core, batch);
+        run_batch(
+            &mut ring,
+            &mut [Part { core, reqs: batch }],
+            true,
+            &mut |_, _, _| {},
+        );
         self.put(ring);
     }
 }
 
+/// One file's batch in a ring's run: the file and its requests (validated).
+pub(crate) struct Part<'c, 'b, 'a> {
+    pub(crate) core: &'c FileCore,
+    pub(crate) reqs: &'b mut [Request<'a>],
+}
+
+/// The rings [`run_group`] uses: shared by every file, none registered.
+static GROUP_RINGS: Mutex<Vec<IoUring>> = Mutex::new(Vec::new());
+
+/// Runs every part's requests that are not complete yet on one ring, calling
+/// `on_done(part, index, request)` as each completes (the portable engine's way, one request
+/// after another, if no ring can be made here).
+pub(crate) fn run_group(
+    parts: &mut [Part<'_, '_, '_>],
+    on_done: &mut dyn FnMut(usize, usize, &Request<'_>),
+) {
+    let popped = GROUP_RINGS.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let made = popped.map_or_else(
+        || {
+            IoUring::builder()
+                .setup_coop_taskrun()
+                .build(GROUP_RING_ENTRIES)
+                .or_else(|_| IoUring::new(GROUP_RING_ENTRIES))
+        },
+        Ok,
+    );
+    let Ok(mut ring) = made else {
+        for (p, part) in parts.iter_mut().enumerate() {
+            for (i, req) in part.reqs.iter_mut().enumerate() {
+                if !req.is_complete() {
+                    let r = sync::run(part.core, req);
+                    req.complete(r);
+                }
+                on_done(p, i, req);
+            }
+        }
+        return;
+    };
+    run_batch(&mut ring, parts, false, on_done);
+    GROUP_RINGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(ring);
+}
+
+/// The size of a shared ring: enough for several members' batches in flight.
+const GROUP_RING_ENTRIES: u32 = 256;
+
 struct Slot {
+    part: usize,
     idx: usize,
     bounce: Option<AlignedBuf>,
 }
 
-fn build_sqe(slot: &mut Slot, req: &mut Request<'_>) -> squeue::Entry {
-    let fd = types::Fixed(0);
-    let offset = req.offset();
-    match &mut req.op {
-        Op::Read { bufs, .. } => match (&mut slot.bounce, bufs.len()) {
-            (Some(b), _) => opcode::Read::new(fd, b.as_mut_ptr(), b.len() as u32)
-                .offset(offset)
-                .build(),
-            (None, 1) if bufs[0].len() <= u32::MAX as usize => {
-                opcode::Read::new(fd, bufs[0].as_mut_ptr(), bufs[0].len() as u32)
+/// Builds a request's SQE on the file target `$fd` (a macro: the io_uring crate's target
+/// trait cannot be named in a generic bound).
+macro_rules! sqe_on {
+    ($fd:expr, $slot:expr, $req:expr) => {{
+        let fd = $fd;
+        let slot: &mut Slot = $slot;
+        let req: &mut Request<'_> = $req;
+        let offset = req.offset();
+        match &mut req.op {
+            Op::Read { bufs, .. } => match (&mut slot.bounce, bufs.len()) {
+                (Some(b), _) => opcode::Read::new(fd, b.as_mut_ptr(), b.len() as u32)
                     .offset(offset)
-                    .build()
-            }
-            // IoSliceMut is ABI-compatible with struct iovec on Unix.
-            (None, n) => opcode::Readv::new(fd, bufs.as_ptr().cast::<libc::iovec>(), n as u32)
-                .offset(offset)
-                .build(),
-        },
-        Op::Write { bufs, .. } => match (&slot.bounce, bufs.len()) {
-            (Some(b), _) => opcode::Write::new(fd, b.as_ptr(), b.len() as u32)
-                .offset(offset)
-                .build(),
-            (None, 1) if bufs[0].len() <= u32::MAX as usize => {
-                opcode::Write::new(fd, bufs[0].as_ptr(), bufs[0].len() as u32)
+                    .build(),
+                (None, 1) if bufs[0].len() <= u32::MAX as usize => {
+                    opcode::Read::new(fd, bufs[0].as_mut_ptr(), bufs[0].len() as u32)
+                        .offset(offset)
+                        .build()
+                }
+                // IoSliceMut is ABI-compatible with struct iovec on Unix.
+                (None, n) => opcode::Readv::new(fd, bufs.as_ptr().cast::<libc::iovec>(), n as u32)
                     .offset(offset)
-                    .build()
-            }
-            (None, n) => opcode::Writev::new(fd, bufs.as_ptr().cast::<libc::iovec>(), n as u32)
+                    .build(),
+            },
+            Op::Write { bufs, .. } => match (&slot.bounce, bufs.len()) {
+                (Some(b), _) => opcode::Write::new(fd, b.as_ptr(), b.len() as u32)
+                    .offset(offset)
+                    .build(),
+                (None, 1) if bufs[0].len() <= u32::MAX as usize => {
+                    opcode::Write::new(fd, bufs[0].as_ptr(), bufs[0].len() as u32)
+                        .offset(offset)
+                        .build()
+                }
+                (None, n) => opcode::Writev::new(fd, bufs.as_ptr().cast::<libc::iovec>(), n as u32)
+                    .offset(offset)
+                    .build(),
+            },
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+            Op::Discard { len, .. } => opcode::Fallocate::new(fd, *len)
                 .offset(offset)
+                .mode(sync::DISCARD_MODE)
                 .build(),
-        },
-        Op::Flush => opcode::Fsync::new(fd)
-            .flags(types::FsyncFlags::DATASYNC)
-            .build()
-            .flags(squeue::Flags::IO_DRAIN),
-        Op::Discard { len, .. } => opcode::Fallocate::new(fd, *len)
-            .offset(offset)
-            .mode(sync::DISCARD_MODE)
-            .build(),
-        Op::WriteZeroes { len, .. } => opcode::Fallocate::new(fd, *len)
-            .offset(offset)
-            .mode(sync::ZERO_MODE)
-            .build(),
+            Op::WriteZeroes { len, .. } => opcode::Fallocate::new(fd, *len)
+                .offset(offset)
+                .mode(sync::ZERO_MODE)
+                .build(),
+        }
+    }};
+}
+
+/// The SQE for a request, on fixed file 0 or on the file's own descriptor.
+fn build_sqe(
+    slot: &mut Slot,
+    req: &mut Request<'_>,
+    core: &FileCore,
+    fixed: bool,
+) -> squeue::Entry {
+    if fixed {
+        sqe_on!(types::Fixed(0), slot, req)
+    } else {
+        sqe_on!(types::Fd(core.file.as_raw_fd()), slot, req)
     }
 }
 
-fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
-    let mut slots: Vec<Slot> = Vec::with_capacity(batch.len());
-    for (idx, req) in batch.iter_mut().enumerate() {
-        if req.is_complete() {
-            continue;
-        }
-        if matches!(
-            req.op,
-            Op::Discard { len: 0, .. } | Op::WriteZeroes { len: 0, .. }
-        ) {
-            // fallocate refuses a zero length (EINVAL); as in the portable engine, a no-op.
-            req.complete(Ok(()));
-            continue;
-        }
-        // A vector longer than readv/writev take (UIO_MAXIOV) goes through one buffer too.
-        let bounce = (core.needs_bounce(req) || too_many_bufs(req)).then(|| {
-            let mut b = core.bounce(req.len() as usize);
-            if let Op::Write { bufs, .. } = &req.op {
-                copy_from_bufs(bufs, 0, &mut b);
+/// Runs the parts' requests that are not complete yet, keeping up to the ring's size in
+/// flight, and calls `on_done` for each as it completes.
+fn run_batch(
+    ring: &mut IoUring,
+    parts: &mut [Part<'_, '_, '_>],
+    fixed: bool,
+    on_done: &mut dyn FnMut(usize, usize, &Request<'_>),
+) {
+    let mut slots: Vec<Slot> = Vec::with_capacity(parts.iter().map(|p| p.reqs.len()).sum());
+    for (part, p) in parts.iter_mut().enumerate() {
+        let core = p.core;
+        for (idx, req) in p.reqs.iter_mut().enumerate() {
+            if req.is_complete() {
+                // Refused by the device's checks before it got here.
+                on_done(part, idx, req);
+                continue;
             }
-            b
-        });
-        slots.push(Slot { idx, bounce });
+            if matches!(
+                req.op,
+                Op::Discard { len: 0, .. } | Op::WriteZeroes { len: 0, .. }
+            ) {
+                // fallocate refuses a zero length (EINVAL); as in the portable engine, a no-op.
+                req.complete(Ok(()));
+                on_done(part, idx, req);
+                continue;
+            }
+            // A vector longer than readv/writev take (UIO_MAXIOV) goes through one buffer too.
+            let bounce = (core.needs_bounce(req) || too_many_bufs(req)).then(|| {
+                let mut b = core.bounce(req.len() as usize);
+                if let Op::Write { bufs, .. } = &req.op {
+                    copy_from_bufs(bufs, 0, &mut b);
+                }
+                b
+            });
+            slots.push(Slot { part, idx, bounce });
+        }
     }
     let capacity = ring.params().sq_entries() as usize;
     let mut next = 0;
@@ -166,15 +257,17 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
         {
             let mut sq = ring.submission();
             while next < slots.len() && in_flight < capacity && !sq.is_full() && !flush_in_flight {
-                let is_flush = matches!(batch[slots[next].idx].op, Op::Flush);
+                let (part, idx) = (slots[next].part, slots[next].idx);
+                let is_flush = matches!(parts[part].reqs[idx].op, Op::Flush);
                 if is_flush && in_flight > 0 {
                     break;
                 }
                 flush_in_flight = is_flush;
                 let slot = &mut slots[next];
-                let sqe = build_sqe(slot, &mut batch[slot.idx]).user_data(next as u64);
+                let p = &mut parts[part];
+                let sqe = build_sqe(slot, &mut p.reqs[idx], p.core, fixed).user_data(next as u64);
                 // SAFETY: every buffer the SQE points at (the request's buffers, its iovec array
-                // inside the request, or the slot's bounce buffer) is borrowed from `batch` or
+                // inside the request, or the slot's bounce buffer) is borrowed from `parts` or
                 // owned by `slots`, both of which outlive this function; and the function does not
                 // return while any SQE is in flight (the loop runs until `in_flight` is 0).
                 unsafe { sq.push(&sqe) }.expect("queue has room: checked is_full");
@@ -205,12 +298,14 @@ fn run_batch(ring: &mut IoUring, core: &FileCore, batch: &mut [Request<'_>]) {
         for &(s, res) in &reaped {
             in_flight -= 1;
             let slot = &mut slots[s];
-            let req = &mut batch[slot.idx];
+            let p = &mut parts[slot.part];
+            let req = &mut p.reqs[slot.idx];
             if matches!(req.op, Op::Flush) {
                 flush_in_flight = false;
             }
-            let r = complete(core, req, slot.bounce.as_mut(), res);
+            let r = complete(p.core, req, slot.bounce.as_mut(), res);
             req.complete(r);
+            on_done(slot.part, slot.idx, req);
         }
     }
 }
