@@ -55,10 +55,7 @@ pub fn submit_group(
         match dev.as_file().and_then(|f| f.group_part(reqs)) {
             Some((guard, core)) => {
                 guards.push(guard);
-                parts.push(Part {
-                    core,
-                    reqs: &mut **reqs,
-                });
+                parts.push(Part { core, reqs });
                 part_job.push(j);
             }
             None => others.push((j, dev, &mut **reqs)),
