@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vstor_core::{AlignedBuf, BlockDevice, Error, Request, Result};
+use vstor_core::{submit_group, AlignedBuf, BlockDevice, Error, Op, Request, Result};
 
 /// How long after the last bit was set a quiet flush clears the bitmap.
 pub const CLEAR_DELAY: Duration = Duration::from_secs(2);
@@ -279,15 +279,29 @@ pub(crate) fn sync_chunk(
     range: (u64, u64),
     resync: bool,
 ) -> Result<SyncOutcome> {
-    let mut bufs = read_slots(slots, devs, geo, range, &mut Vec::new())?;
-    Ok(sync_bufs(csums, layout, slots, devs, geo, range, resync, &mut bufs)?.0)
+    let (mut bufs, got) = read_slots(slots, devs, geo, range, &mut Vec::new())?;
+    Ok(sync_bufs(
+        csums,
+        layout,
+        slots,
+        devs,
+        geo,
+        range,
+        resync,
+        (&mut bufs, &got),
+    )?
+    .0)
 }
+
+/// What [`read_slots`] read: per slot of the extent, its buffer (none for a slot whose member
+/// is missing) and the checksums of its blocks as read.
+pub(crate) type SlotBufs = (Vec<Option<AlignedBuf>>, Vec<Vec<u32>>);
 
 /// Bytes per request of [`read_slots`] (a slot's requests are in flight together).
 pub(crate) const PIECE: usize = 1 << 20;
 
 /// Reads slab bytes `[a, b)` of every usable slot of an extent (`None` for the others), the
-/// slots' members side by side, each in `PIECE` requests submitted as one batch, into
+/// slots' members side by side (one ring), each in `PIECE` requests, checksummed as they arrive, into
 /// page-aligned buffers (taken from `spare` when one of the right size is there).
 pub(crate) fn read_slots(
     slots: &[Slot],
@@ -295,7 +309,7 @@ pub(crate) fn read_slots(
     (data_start, slab_size): (u64, u64),
     (a, b): (u64, u64),
     spare: &mut Vec<AlignedBuf>,
-) -> Result<Vec<Option<AlignedBuf>>> {
+) -> Result<SlotBufs> {
     let len = (b - a) as usize;
     let mut bufs: Vec<Option<AlignedBuf>> = slots
         .iter()
@@ -308,34 +322,44 @@ pub(crate) fn read_slots(
                 })
         })
         .collect();
-    let read = |s: Slot, buf: &mut AlignedBuf| -> Result<()> {
-        let dev = devs[s.member].as_ref().expect("usable");
+    let mut batches: Vec<(usize, &dyn BlockDevice, Vec<Request<'_>>)> = Vec::new();
+    for (si, (s, buf)) in slots.iter().zip(bufs.iter_mut()).enumerate() {
+        let (Some(buf), Some(dev)) = (buf.as_mut(), devs[s.member].as_ref()) else {
+            continue;
+        };
         let at = data_start + u64::from(s.slab) * slab_size + a;
-        let mut batch: Vec<Request<'_>> = buf
+        let reqs = buf
             .chunks_mut(PIECE)
             .enumerate()
             .map(|(i, c)| Request::read(at + (i * PIECE) as u64, c))
             .collect();
-        dev.submit_all(&mut batch)
-    };
-    let mut jobs: Vec<(Slot, &mut AlignedBuf)> = slots
+        batches.push((si, &**dev, reqs));
+    }
+    // Each piece is checksummed as it arrives, while the rest are still in flight.
+    let mut got: Vec<Vec<Vec<u32>>> = batches
         .iter()
-        .zip(bufs.iter_mut())
-        .filter_map(|(s, b)| b.as_mut().map(|b| (*s, b)))
+        .map(|(_, _, reqs)| vec![Vec::new(); reqs.len()])
         .collect();
-    let last = jobs.pop();
-    std::thread::scope(|sc| {
-        let others: Vec<_> = jobs
-            .into_iter()
-            .map(|(s, b)| sc.spawn(move || read(s, b)))
+    {
+        let mut jobs: Vec<(&dyn BlockDevice, &mut [Request<'_>])> = batches
+            .iter_mut()
+            .map(|(_, dev, reqs)| (*dev, &mut reqs[..]))
             .collect();
-        let mine = last.map_or(Ok(()), |(s, b)| read(s, b));
-        others
-            .into_iter()
-            .try_for_each(|h| h.join().expect("a read thread does not panic"))
-            .and(mine)
-    })?;
-    Ok(bufs)
+        submit_group(&mut jobs, |j, i, r| {
+            if let (Op::Read { bufs, .. }, Ok(())) = (&r.op, r.result()) {
+                got[j][i] = csum::crcs_iov(bufs, 0, r.len() as usize);
+            }
+        });
+    }
+    let mut crcs: Vec<Vec<u32>> = vec![Vec::new(); slots.len()];
+    for ((si, _, reqs), got) in batches.iter().zip(got) {
+        if let Some(e) = reqs.iter().find_map(|r| r.result().err()) {
+            return Err(e);
+        }
+        crcs[*si] = got.concat();
+    }
+    drop(batches);
+    Ok((bufs, crcs))
 }
 
 /// [`sync_chunk`] on slab bytes `[a, b)` already read into `bufs` (by [`read_slots`]): checks,
@@ -352,7 +376,7 @@ pub(crate) fn sync_bufs(
     (data_start, slab_size): (u64, u64),
     (a, b): (u64, u64),
     resync: bool,
-    bufs: &mut [Option<AlignedBuf>],
+    (bufs, got): (&mut [Option<AlignedBuf>], &[Vec<u32>]),
 ) -> Result<(SyncOutcome, Vec<Vec<u32>>, Vec<Vec<bool>>)> {
     let at = |s: Slot| data_start + u64::from(s.slab) * slab_size + a;
     let dev = |si: usize| devs[slots[si].member].as_ref();
@@ -369,11 +393,14 @@ pub(crate) fn sync_bufs(
         };
         let s = slots[si];
         want[si] = csums.get(&**d, s.member, s.slab, a / BLOCK, nb as u64)?;
-        ok[si] = csum::crcs(v)
-            .iter()
-            .zip(&want[si])
-            .map(|(g, w)| g == w)
-            .collect();
+        let computed;
+        let have = if got[si].len() == nb {
+            &got[si]
+        } else {
+            computed = csum::crcs(v);
+            &computed
+        };
+        ok[si] = have.iter().zip(&want[si]).map(|(g, w)| g == w).collect();
     }
     let mut data_dirty = vec![false; w];
     let mut crc_dirty = vec![false; w];

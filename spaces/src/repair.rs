@@ -574,7 +574,7 @@ fn prepare_chunk(
     (a, b): (u64, u64),
     spare: &mut Vec<AlignedBuf>,
 ) -> Result<Copied> {
-    let mut bufs = crate::bitmap::read_slots(slots, devs, geo, (a, b), spare)?;
+    let (mut bufs, got) = crate::bitmap::read_slots(slots, devs, geo, (a, b), spare)?;
     let (out, want, ok) = crate::bitmap::sync_bufs(
         &inner.csums,
         layout,
@@ -583,7 +583,7 @@ fn prepare_chunk(
         geo,
         (a, b),
         false,
-        &mut bufs,
+        (&mut bufs, &got),
     )?;
     inner.count(&out);
     let len = (b - a) as usize;
@@ -722,19 +722,16 @@ fn write_copied(
             None => per.push((*m, vec![Request::write(*off, buf)])),
         }
     }
-    let run = |(m, reqs): &mut (usize, Vec<Request<'_>>)| -> Result<()> {
-        devs[*m]
+    let mut jobs: Vec<(&dyn BlockDevice, &mut [Request<'_>])> = Vec::new();
+    for (m, reqs) in per.iter_mut() {
+        let d = devs[*m]
             .as_ref()
-            .ok_or_else(|| invalid(format!("member {m} is not usable")))?
-            .submit_all(reqs)
-    };
-    let last = per.pop();
-    std::thread::scope(|sc| {
-        let others: Vec<_> = per.iter_mut().map(|x| sc.spawn(move || run(x))).collect();
-        let mine = last.map_or(Ok(()), |mut x| run(&mut x));
-        others
-            .into_iter()
-            .try_for_each(|h| h.join().expect("a write thread does not panic"))
-            .and(mine)
-    })
+            .ok_or_else(|| invalid(format!("member {m} is not usable")))?;
+        jobs.push((&**d, &mut reqs[..]));
+    }
+    vstor_core::submit_group(&mut jobs, |_, _, _| {});
+    drop(jobs);
+    per.iter()
+        .flat_map(|(_, reqs)| reqs.iter())
+        .try_for_each(Request::result)
 }

@@ -254,6 +254,19 @@ pub(crate) struct Heal {
 }
 
 /// One row of a parity extent touched by the slow path.
+/// The parity of a row written from the callers' buffers, encoded on the checksum thread
+/// while the data is in flight ([`Space::row_io`]), then written with its checksums.
+pub(crate) struct LateParity<'a> {
+    /// The row's data shards (the callers' buffers).
+    data: &'a [&'a [u8]],
+    /// The parity shards, to encode.
+    parity: Vec<AlignedBuf>,
+    /// Per parity shard: where it goes (member, offset, slab).
+    dests: Vec<Vec<(usize, u64, u32)>>,
+    /// The first checksum block of the row's shards in their slabs.
+    block: u64,
+}
+
 pub(crate) struct RowOp {
     pub extent: u64,
     pub row: u64,
@@ -783,16 +796,17 @@ impl Space {
                 .iter()
                 .map(|o| o.iter().map(|&pi| pi != usize::MAX).collect())
                 .collect();
-            let (f, crcs) = self.run_with_sums(devs, &mut per, &mut page_store, &verify, || {
-                let mut sums = Vec::new();
-                for (targets, block, b) in &crc_src {
-                    let crcs = csum::crcs_iov(b, 0, b.iter().map(|x| x.len()).sum());
-                    for &(m, slab) in targets {
-                        sums.push((m, slab, *block, crcs.clone()));
+            let (f, crcs) =
+                self.run_with_sums(devs, &mut per, &mut page_store, &verify, Vec::new(), || {
+                    let mut sums = Vec::new();
+                    for (targets, block, b) in &crc_src {
+                        let crcs = csum::crcs_iov(b, 0, b.iter().map(|x| x.len()).sum());
+                        for &(m, slab) in targets {
+                            sums.push((m, slab, *block, crcs.clone()));
+                        }
                     }
-                }
-                sums
-            });
+                    sums
+                });
             failures.extend(f);
             got_crcs = crcs;
             for (m, reqs) in per.iter().enumerate() {
@@ -1130,17 +1144,13 @@ impl Space {
                 (*k, data)
             })
             .collect();
-        for (k, data) in &direct {
+        // Their parity buffers; `row_io` encodes them (beside the data's writes when it can).
+        for k in direct.keys() {
             let row = rows.get_mut(k).expect("planned");
             let len = (row.hi - row.lo) as usize;
             for s in row.shards[d..].iter_mut() {
                 *s = Some(self.take_buf(len));
             }
-            let mut par: Vec<&mut [u8]> = row.shards[d..]
-                .iter_mut()
-                .map(|s| &mut s.as_mut().expect("just set")[..])
-                .collect();
-            code::encode(data, &mut par);
         }
         // The journal (if the pool has one) goes first; it gives the rows back.
         let wrote = self.write_rows(rows, &direct, devs, ext, rebuilding, failures);
@@ -1234,6 +1244,17 @@ impl Space {
         // Checksum pages a small batch sends with its data.
         let mut page_store: Vec<PageWrite> = Vec::new();
         let mut per: Vec<Vec<Request<'_>>> = (0..n).map(|_| Vec::new()).collect();
+        let d = layout.data_columns;
+        // Rows written from the callers' buffers have their parity encoded here: beside the
+        // data's writes (on the checksum thread) when the batch is large enough to overlap,
+        // else now.
+        let direct_bytes: u64 = rows
+            .iter()
+            .filter(|(k, _)| direct.contains_key(k))
+            .map(|(_, r)| (r.hi - r.lo) * layout.width as u64)
+            .sum();
+        let overlap_parity = write && direct_bytes >= OVERLAP_MIN;
+        let mut late: Vec<LateParity<'_>> = Vec::new();
         for (key, row) in rows.iter_mut() {
             let slots = ext[row.extent as usize].as_ref().expect("allocated");
             let off = layout.slab_offset(row.row, row.lo);
@@ -1243,6 +1264,41 @@ impl Space {
                     _ => &[],
                 };
                 let given = direct.get(key);
+                if let Some(data) = given {
+                    let mut parity: Vec<AlignedBuf> = row.shards[d..]
+                        .iter_mut()
+                        .map(|s| s.take().expect("allocated by the caller"))
+                        .collect();
+                    if overlap_parity {
+                        let dests = (d..layout.width)
+                            .map(|shard| {
+                                let si = self.shard_slot(row.row, shard);
+                                let mut t = Vec::new();
+                                if let Some(&(_, new)) = shadows.iter().find(|x| x.0 == si) {
+                                    t.push((new.member, self.phys(new, off), new.slab));
+                                }
+                                let s = slots[si];
+                                if devs[s.member].is_some() {
+                                    t.push((s.member, self.phys(s, off), s.slab));
+                                }
+                                t
+                            })
+                            .collect();
+                        late.push(LateParity {
+                            data,
+                            parity,
+                            dests,
+                            block: off / csum::BLOCK,
+                        });
+                    } else {
+                        let mut par: Vec<&mut [u8]> =
+                            parity.iter_mut().map(|b| &mut b[..]).collect();
+                        code::encode(data, &mut par);
+                        for (s, b) in row.shards[d..].iter_mut().zip(parity) {
+                            *s = Some(b);
+                        }
+                    }
+                }
                 for (shard, buf) in row.shards.iter().enumerate() {
                     let buf: &[u8] = match (given.and_then(|g| g.get(shard)), buf) {
                         (Some(g), _) => g,
@@ -1276,7 +1332,7 @@ impl Space {
         let before = failures.len();
         // The checksums of what is written are computed, and their pages written, while the
         // shards are in flight.
-        let (f, _) = self.run_with_sums(devs, &mut per, &mut page_store, &[], || {
+        let (f, _) = self.run_with_sums(devs, &mut per, &mut page_store, &[], late, || {
             let mut sums = Vec::new();
             for (targets, block, buf) in &crc_src {
                 let crcs = csum::crcs(buf);
@@ -1314,6 +1370,7 @@ impl Space {
         per: &mut [Vec<Request<'a>>],
         store: &'a mut Vec<PageWrite>,
         verify: &[Vec<bool>],
+        late: Vec<LateParity<'_>>,
         sums: impl FnOnce() -> Vec<csum::SumRun> + Send,
     ) -> (Vec<(usize, Error)>, Vec<Vec<Option<Vec<u32>>>>) {
         let write_bytes: u64 = per
@@ -1322,8 +1379,8 @@ impl Space {
             .filter(|x| matches!(x.op, Op::Write { .. }))
             .map(Request::len)
             .sum();
-        let early = write_bytes > 0 && write_bytes < OVERLAP_MIN;
-        let overlap = write_bytes >= OVERLAP_MIN;
+        let overlap = write_bytes >= OVERLAP_MIN || !late.is_empty();
+        let early = write_bytes > 0 && !overlap;
         let mut sums = Some(sums);
         let mut failures = Vec::new();
         let mut own_len: Vec<usize> = Vec::new();
@@ -1363,7 +1420,20 @@ impl Space {
                 // at once) while this one drives the data.
                 let pages = sc.spawn(|| {
                     let mut failures = Vec::new();
-                    let sums = csum::join_runs(sums.take().expect("once")());
+                    let mut late = late;
+                    let mut sums = sums.take().expect("once")();
+                    for l in &mut late {
+                        let mut par: Vec<&mut [u8]> =
+                            l.parity.iter_mut().map(|b| &mut b[..]).collect();
+                        code::encode(&l.data, &mut par);
+                        for (buf, dests) in l.parity.iter().zip(&l.dests) {
+                            let crcs = csum::crcs(buf);
+                            for &(m, _, slab) in dests {
+                                sums.push((m, slab, l.block, crcs.clone()));
+                            }
+                        }
+                    }
+                    let sums = csum::join_runs(sums);
                     let _page_locks = self
                         .pool
                         .csums
@@ -1374,16 +1444,28 @@ impl Space {
                     for (m, off, buf) in &pages {
                         by_member[*m].push(Request::write(*off, &buf[..]));
                     }
+                    for l in &late {
+                        for (buf, dests) in l.parity.iter().zip(&l.dests) {
+                            for &(m, at, _) in dests {
+                                append_write(&mut by_member[m], at, &buf[..]);
+                            }
+                        }
+                    }
                     run_members(devs, &mut by_member);
                     for (m, reqs) in by_member.iter().enumerate() {
                         if let Some(e) = reqs.iter().find_map(|r| r.result().err()) {
                             failures.push((m, e));
                         }
                     }
-                    failures
+                    drop(by_member);
+                    (failures, late)
                 });
                 run_members_with(devs, per, checksum);
-                failures.extend(pages.join().expect("the checksum thread does not panic"));
+                let (f, late) = pages.join().expect("the checksum thread does not panic");
+                failures.extend(f);
+                for l in late {
+                    l.parity.into_iter().for_each(|b| self.give_buf(Some(b)));
+                }
             });
         }
         // The page writes added to small batches: their failures, then out of the batches.
