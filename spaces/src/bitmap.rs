@@ -294,7 +294,7 @@ pub(crate) fn sync_chunk(
 }
 
 /// What [`read_slots`] read: per slot of the extent, its buffer (none for a slot whose member
-/// is missing) and the checksums of its blocks as read.
+/// is missing) and the CRC-32C of each `PIECE` of it as read ([`csum::crc_iov`]).
 pub(crate) type SlotBufs = (Vec<Option<AlignedBuf>>, Vec<Vec<u32>>);
 
 /// Bytes per request of [`read_slots`] (a slot's requests are in flight together).
@@ -347,7 +347,7 @@ pub(crate) fn read_slots(
             .collect();
         submit_group(&mut jobs, |j, i, r| {
             if let (Op::Read { bufs, .. }, Ok(())) = (&r.op, r.result()) {
-                got[j][i] = csum::crcs_iov(bufs, 0, r.len() as usize);
+                got[j][i] = vec![csum::crc_iov(bufs, 0, r.len() as usize)];
             }
         });
     }
@@ -393,14 +393,19 @@ pub(crate) fn sync_bufs(
         };
         let s = slots[si];
         want[si] = csums.get(&**d, s.member, s.slab, a / BLOCK, nb as u64)?;
-        let computed;
-        let have = if got[si].len() == nb {
-            &got[si]
-        } else {
-            computed = csum::crcs(v);
-            &computed
-        };
-        ok[si] = have.iter().zip(&want[si]).map(|(g, w)| g == w).collect();
+        // A piece whose CRC matches its blocks' joined checksums is good throughout; only
+        // the others are checked block by block.
+        let per_piece = PIECE / bs;
+        ok[si] = Vec::with_capacity(nb);
+        for (p, blocks) in want[si].chunks(per_piece).enumerate() {
+            let data = &v[p * PIECE..p * PIECE + blocks.len() * bs];
+            let whole = got[si].get(p).copied();
+            if whole.is_some_and(|c| c == csum::joined(blocks)) {
+                ok[si].extend(std::iter::repeat_n(true, blocks.len()));
+            } else {
+                ok[si].extend(csum::crcs(data).iter().zip(blocks).map(|(g, w)| g == w));
+            }
+        }
     }
     let mut data_dirty = vec![false; w];
     let mut crc_dirty = vec![false; w];

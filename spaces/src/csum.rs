@@ -18,7 +18,12 @@
 //!   decides it (the resync at [`Pool::open`](crate::Pool::open)); outside dirty chunks a
 //!   mismatch is damage.
 //! - Checksum pages (4 KiB, 1024 entries: 512 KiB of a member's data) are cached in memory
-//!   once read; the cache is never trimmed (8 MiB of memory per GiB of data touched).
+//!   once read, up to a limit ([`DEFAULT_CACHE_BYTES`], or
+//!   [`Pool::set_checksum_cache_limit`](crate::Pool::set_checksum_cache_limit)): past it the
+//!   least recently used half is dropped, except pages whose lock is held (a page set in the
+//!   cache whose write has not completed is never dropped, so the member's copy of a dropped
+//!   page is always current). A load that read pages from a member before a drop does not
+//!   cache them, as they may predate a page write that completed since.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock};
@@ -38,6 +43,64 @@ static ZERO: LazyLock<u32> = LazyLock::new(|| crc32c::crc32c(&[0u8; BLOCK as usi
 /// The stored checksum of one block of `BLOCK` bytes.
 pub fn block_crc(block: &[u8]) -> u32 {
     crc32c::crc32c(block) ^ *ZERO
+}
+
+/// Per byte of the CRC register, the register shifted past one `BLOCK` of zero bytes (the
+/// operator `crc(A ++ B) = shift(crc(A)) ^ crc(B)` uses for a B of one block; it is linear).
+static SHIFT_BLOCK: LazyLock<[[u32; 256]; 4]> = LazyLock::new(|| {
+    let mut t = [[0u32; 256]; 4];
+    for (k, row) in t.iter_mut().enumerate() {
+        for (v, e) in row.iter_mut().enumerate() {
+            *e = crc32c::crc32c_combine((v as u32) << (8 * k), 0, BLOCK as usize);
+        }
+    }
+    t
+});
+
+fn shift_block(c: u32) -> u32 {
+    let t = &*SHIFT_BLOCK;
+    t[0][(c & 0xff) as usize]
+        ^ t[1][((c >> 8) & 0xff) as usize]
+        ^ t[2][((c >> 16) & 0xff) as usize]
+        ^ t[3][(c >> 24) as usize]
+}
+
+/// The CRC-32C of consecutive blocks whose stored checksums are `stored`: what [`crc_iov`]
+/// gives over them when every block matches its checksum.
+pub fn joined(stored: &[u32]) -> u32 {
+    let mut it = stored.iter();
+    let Some(first) = it.next() else {
+        return 0;
+    };
+    it.fold(first ^ *ZERO, |acc, s| shift_block(acc) ^ s ^ *ZERO)
+}
+
+/// The CRC-32C of `len` bytes starting `skip` bytes into a list of buffers, in one pass (the
+/// crc32c crate's three-stream path for long data: faster than a CRC per block, notably on
+/// data just read by DMA, which is not in the CPU's caches).
+///
+/// Reads are verified with it: the range's CRC is compared with [`joined`] of the stored
+/// checksums of its blocks, and only a range that differs is checked block by block. Damage
+/// inside one block is caught exactly as the block's own check would catch it (the joined
+/// value is a bijection of each block's CRC); damage spread over several blocks of one range
+/// goes unseen only if the error terms cancel modulo the CRC polynomial.
+pub fn crc_iov<B: std::ops::Deref<Target = [u8]>>(bufs: &[B], skip: usize, len: usize) -> u32 {
+    let (mut crc, mut skip, mut need) = (0u32, skip, len);
+    for b in bufs {
+        if need == 0 {
+            break;
+        }
+        let b: &[u8] = b;
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let s = &b[skip..b.len().min(skip + need)];
+        skip = 0;
+        need -= s.len();
+        crc = crc32c::crc32c_append(crc, s);
+    }
+    crc
 }
 
 /// Stored checksums of consecutive blocks of `data` (a multiple of `BLOCK` bytes).
@@ -164,8 +227,62 @@ pub(crate) struct Csums {
     locks: Vec<Mutex<()>>,
 }
 
-/// Cached checksum pages by (member, page index).
-type PageCache = HashMap<(usize, u64), Box<[u8]>>;
+/// The default limit of the checksum-page cache: 64 MiB, the checksums of 8 GiB of data.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
+/// Cached checksum pages by (member, page index), with when each was last used.
+struct PageCache {
+    map: HashMap<(usize, u64), Cached>,
+    /// Counts uses, for the least-recently-used order.
+    tick: u64,
+    /// Counts drops: a load that began before one does not cache what it read.
+    drops: u64,
+    /// Pages kept at most (at least 1).
+    limit: usize,
+}
+
+struct Cached {
+    page: Box<[u8]>,
+    used: u64,
+}
+
+impl PageCache {
+    fn new(limit_bytes: u64) -> Self {
+        PageCache {
+            map: HashMap::new(),
+            tick: 0,
+            drops: 0,
+            limit: Self::pages(limit_bytes),
+        }
+    }
+
+    fn pages(limit_bytes: u64) -> usize {
+        usize::try_from(limit_bytes / PAGE)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    }
+
+    fn contains(&self, k: &(usize, u64)) -> bool {
+        self.map.contains_key(k)
+    }
+
+    /// A cached page, marked used.
+    fn touch(&mut self, k: &(usize, u64)) -> Option<&mut Box<[u8]>> {
+        self.tick += 1;
+        let t = self.tick;
+        self.map.get_mut(k).map(|c| {
+            c.used = t;
+            &mut c.page
+        })
+    }
+
+    /// Caches a page unless one is cached already (which is newer).
+    fn insert(&mut self, k: (usize, u64), page: Box<[u8]>) {
+        self.tick += 1;
+        let used = self.tick;
+        self.map.entry(k).or_insert(Cached { page, used });
+    }
+}
 
 /// A page write to issue: member, byte offset on the member, contents.
 pub(crate) type PageWrite = (usize, u64, Vec<u8>);
@@ -179,8 +296,48 @@ impl Csums {
         Csums {
             slab_size,
             starts: RwLock::new(starts),
-            pages: Mutex::new(HashMap::new()),
+            pages: Mutex::new(PageCache::new(DEFAULT_CACHE_BYTES)),
             locks: (0..PAGE_LOCKS).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Sets the cache's limit in bytes (at least one page), dropping pages now if it is over.
+    pub fn set_limit(&self, bytes: u64) {
+        let mut cache = guard(&self.pages);
+        cache.limit = PageCache::pages(bytes);
+        self.trim(&mut cache);
+    }
+
+    /// Pages cached now.
+    pub fn cached_pages(&self) -> usize {
+        guard(&self.pages).map.len()
+    }
+
+    /// If the cache is over its limit, drops its least recently used pages down to half the
+    /// limit, skipping pages whose lock is held: a page set in the cache whose write has not
+    /// completed stays, so the member's copy of every dropped page is current.
+    fn trim(&self, cache: &mut PageCache) {
+        if cache.map.len() <= cache.limit {
+            return;
+        }
+        let mut by_age: Vec<((usize, u64), u64)> =
+            cache.map.iter().map(|(k, c)| (*k, c.used)).collect();
+        by_age.sort_unstable_by_key(|x| x.1);
+        let excess = cache.map.len() - cache.limit / 2;
+        let mut dropped = 0;
+        for (k, _) in by_age {
+            if dropped == excess {
+                break;
+            }
+            // Never blocks (the cache's lock is held here, and page locks are taken before
+            // it elsewhere); a held page lock, this thread's own included, keeps the page.
+            if self.locks[Self::shard(k.0, k.1)].try_lock().is_ok() {
+                cache.map.remove(&k);
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            cache.drops += 1;
         }
     }
 
@@ -192,7 +349,9 @@ impl Csums {
             s.resize(member + 1, 0);
         }
         s[member] = start;
-        guard(&self.pages).retain(|k, _| k.0 != member);
+        let mut cache = guard(&self.pages);
+        cache.map.retain(|k, _| k.0 != member);
+        cache.drops += 1;
     }
 
     /// Entry index on the member of block `block` of slab `slab`.
@@ -210,19 +369,21 @@ impl Csums {
         first / PER_PAGE..=(first + n.max(1) - 1) / PER_PAGE
     }
 
-    /// Loads the pages `pages` of `member` that are not cached.
+    /// Loads the pages `pages` of `member` that are not cached. `locked`: the caller holds
+    /// their page locks, so no page write of theirs is in flight and what is read is current
+    /// even if pages were dropped meanwhile.
     fn load(
         &self,
         dev: &dyn BlockDevice,
         member: usize,
         pages: std::ops::RangeInclusive<u64>,
+        locked: bool,
     ) -> Result<()> {
         // Runs of adjacent missing pages are read in one request each.
-        let missing: Vec<u64> = {
+        let (missing, drops): (Vec<u64>, u64) = {
             let cache = guard(&self.pages);
-            pages
-                .filter(|p| !cache.contains_key(&(member, *p)))
-                .collect()
+            let missing = pages.filter(|p| !cache.contains(&(member, *p))).collect();
+            (missing, cache.drops)
         };
         let mut i = 0;
         while i < missing.len() {
@@ -233,11 +394,15 @@ impl Csums {
             let mut buf = AlignedBuf::new((j - i) * PAGE as usize);
             dev.read_at(self.page_offset(member, missing[i]), &mut buf)?;
             let mut cache = guard(&self.pages);
-            for (k, page) in buf.chunks_exact(PAGE as usize).enumerate() {
-                cache
-                    .entry((member, missing[i + k]))
-                    .or_insert_with(|| page.into());
+            if cache.drops != drops && !locked {
+                // Pages were dropped while these were read: what was read may predate a
+                // page write that completed meanwhile. The caller's lookup loads again.
+                return Ok(());
             }
+            for (k, page) in buf.chunks_exact(PAGE as usize).enumerate() {
+                cache.insert((member, missing[i + k]), page.into());
+            }
+            self.trim(&mut cache);
             i = j;
         }
         Ok(())
@@ -254,25 +419,36 @@ impl Csums {
         first: u64,
         n: u64,
     ) -> Result<()> {
-        self.load(dev, member, Self::pages_of(self.index(slab, first), n))
+        self.load(
+            dev,
+            member,
+            Self::pages_of(self.index(slab, first), n),
+            false,
+        )
     }
 
     /// The pages holding the checksums of blocks `[first, first + n)` of slab `slab` of
     /// `member` that are not cached: (page index, byte offset on the member), for a caller
     /// that reads them in its own batch and hands them to [`Csums::insert`].
-    pub fn missing(&self, member: usize, slab: u32, first: u64, n: u64) -> Vec<(u64, u64)> {
+    /// Also returns the cache's drop count, to hand to [`Csums::insert`] with the pages.
+    pub fn missing(&self, member: usize, slab: u32, first: u64, n: u64) -> (Vec<(u64, u64)>, u64) {
         let cache = guard(&self.pages);
-        Self::pages_of(self.index(slab, first), n)
-            .filter(|p| !cache.contains_key(&(member, *p)))
+        let pages = Self::pages_of(self.index(slab, first), n)
+            .filter(|p| !cache.contains(&(member, *p)))
             .map(|p| (p, self.page_offset(member, p)))
-            .collect()
+            .collect();
+        (pages, cache.drops)
     }
 
-    /// Caches a page read from the member, unless a newer copy is cached already.
-    pub fn insert(&self, member: usize, page: u64, buf: Vec<u8>) {
-        guard(&self.pages)
-            .entry((member, page))
-            .or_insert(buf.into_boxed_slice());
+    /// Caches a page read from the member, unless a newer copy is cached already or pages
+    /// were dropped since [`Csums::missing`] returned `drops` (the read may predate a page
+    /// write that completed meanwhile; a later lookup loads it again).
+    pub fn insert(&self, member: usize, page: u64, buf: Vec<u8>, drops: u64) {
+        let mut cache = guard(&self.pages);
+        if cache.drops == drops {
+            cache.insert((member, page), buf.into_boxed_slice());
+            self.trim(&mut cache);
+        }
     }
 
     /// The stored checksums of blocks `[first, first + n)` of slab `slab` of `member`.
@@ -285,11 +461,24 @@ impl Csums {
         n: u64,
     ) -> Result<Vec<u32>> {
         let i0 = self.index(slab, first);
-        self.load(dev, member, Self::pages_of(i0, n))?;
-        let pages = guard(&self.pages);
+        // Pages dropped between the load and the lookup (by other threads' loads) are loaded
+        // again; each round keeps the pages it loaded unless the cache is smaller than them.
+        let mut rounds = 0;
+        let mut pages = loop {
+            self.load(dev, member, Self::pages_of(i0, n), false)?;
+            let cache = guard(&self.pages);
+            if Self::pages_of(i0, n).all(|p| cache.contains(&(member, p))) {
+                break cache;
+            }
+            drop(cache);
+            rounds += 1;
+            if rounds > 8 {
+                return self.read_uncached(dev, member, i0, n);
+            }
+        };
         let mut out = Vec::with_capacity(n as usize);
         for p in Self::pages_of(i0, n) {
-            let page = &pages[&(member, p)];
+            let page = pages.touch(&(member, p)).expect("checked under this lock");
             let lo = i0.max(p * PER_PAGE);
             let hi = (i0 + n).min((p + 1) * PER_PAGE);
             let src =
@@ -300,6 +489,28 @@ impl Csums {
             );
         }
         Ok(out)
+    }
+
+    /// Entries `[i0, i0 + n)` of `member` read from the member, past the cache (for a
+    /// lookup whose pages other threads keep dropping: a cache far smaller than the work).
+    /// The caller holds no page lock, so a concurrent page write may or may not be seen, as
+    /// for any read racing a write of the same blocks.
+    fn read_uncached(
+        &self,
+        dev: &dyn BlockDevice,
+        member: usize,
+        i0: u64,
+        n: u64,
+    ) -> Result<Vec<u32>> {
+        let pages = Self::pages_of(i0, n);
+        let first = *pages.start();
+        let mut buf = AlignedBuf::new(pages.count() * PAGE as usize);
+        dev.read_at(self.page_offset(member, first), &mut buf)?;
+        let at = ((i0 - first * PER_PAGE) * ENTRY) as usize;
+        Ok(buf[at..at + (n * ENTRY) as usize]
+            .chunks_exact(ENTRY as usize)
+            .map(|e| u32::from_le_bytes(e.try_into().expect("4 bytes")))
+            .collect())
     }
 
     /// The lock shard of a page.
@@ -342,16 +553,15 @@ impl Csums {
             let mut cache = guard(&self.pages);
             for p in pages.clone() {
                 if p * PER_PAGE >= i0 && (p + 1) * PER_PAGE <= end {
-                    cache
-                        .entry((member, p))
-                        .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+                    cache.insert((member, p), vec![0u8; PAGE as usize].into_boxed_slice());
                 }
             }
         }
-        self.load(dev, member, pages.clone())?;
+        // The caller holds these pages' locks: no trim drops them once loaded.
+        self.load(dev, member, pages.clone(), true)?;
         let mut cache = guard(&self.pages);
         for p in pages.clone() {
-            let page = cache.get_mut(&(member, p)).expect("loaded");
+            let page = cache.touch(&(member, p)).expect("loaded, and locked");
             let lo = i0.max(p * PER_PAGE);
             let hi = end.min((p + 1) * PER_PAGE);
             let dst = &mut page[((lo % PER_PAGE) * ENTRY) as usize..];
@@ -362,15 +572,18 @@ impl Csums {
                 d.copy_from_slice(&v.to_le_bytes());
             }
         }
-        Ok(pages
+        let writes = pages
             .map(|p| {
                 (
                     member,
                     self.page_offset(member, p),
-                    cache[&(member, p)].to_vec(),
+                    cache.map[&(member, p)].page.to_vec(),
                 )
             })
-            .collect())
+            .collect();
+        // The caller's pages stay (it holds their locks); older ones may go.
+        self.trim(&mut cache);
+        Ok(writes)
     }
 
     /// Sets and writes checksums at once (for paths that hold the I/O of the blocks off:
@@ -395,6 +608,23 @@ impl Csums {
 mod tests {
     use super::*;
     use vstor_core::MemoryDevice;
+
+    #[test]
+    fn joined_checksums_match_the_crc_of_the_range_and_catch_one_bad_block() {
+        let data: Vec<u8> = (0..64 * 512u32).map(|i| (i * 13 % 253) as u8).collect();
+        let stored = crcs(&data);
+        assert_eq!(joined(&stored), crc32c::crc32c(&data));
+        assert_eq!(joined(&stored[..1]), crc32c::crc32c(&data[..512]));
+        assert_eq!(joined(&[]), crc32c::crc32c(&[]));
+        let parts: Vec<&[u8]> = vec![&data[..700], &data[700..9000], &data[9000..]];
+        assert_eq!(crc_iov(&parts, 1024, 8192), joined(&stored[2..18]));
+        // Any change inside one block shows in the range's CRC.
+        for at in [0, 511, 512, 20_000, data.len() - 1] {
+            let mut bad = data.clone();
+            bad[at] ^= 0x40;
+            assert_ne!(crc32c::crc32c(&bad), joined(&stored), "flip at {at}");
+        }
+    }
 
     #[test]
     fn zero_block_is_zero_and_iov_matches_flat() {
@@ -449,6 +679,69 @@ mod tests {
         let n = slabs_fitting(16 << 20, 3 << 20, slab);
         assert!(3 * (1 << 20) + n * slab + area_bytes(n, slab) <= 16 << 20);
         assert!(3 * (1 << 20) + (n + 1) * slab + area_bytes(n + 1, slab) > 16 << 20);
+    }
+
+    /// A device whose next read takes its data when issued and then waits to be let go (a
+    /// read in flight on a slow disk while other threads go on).
+    struct SlowRead {
+        inner: MemoryDevice,
+        gate: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+    }
+
+    impl BlockDevice for SlowRead {
+        fn info(&self) -> vstor_core::DeviceInfo {
+            self.inner.info()
+        }
+        fn submit(&self, batch: &mut [vstor_core::Request<'_>]) {
+            let read = batch
+                .iter()
+                .all(|r| matches!(r.op, vstor_core::Op::Read { .. }));
+            self.inner.submit(batch);
+            if read {
+                let gate = guard(&self.gate).take();
+                if let Some((started, go)) = gate {
+                    started.send(()).unwrap();
+                    go.recv().unwrap();
+                }
+            }
+        }
+    }
+
+    /// A page read before a page write completed, and cached only after the cache dropped
+    /// that page, would be stale: the load must not cache it, and the lookup must see the
+    /// written value.
+    #[test]
+    fn a_load_that_straddles_a_drop_caches_nothing_stale() {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        let slow = Arc::new(SlowRead {
+            inner: MemoryDevice::new(1 << 20).unwrap(),
+            gate: Mutex::new(Some((started_tx, go_rx))),
+        });
+        let dev: Arc<dyn BlockDevice> = slow.clone();
+        let c = Csums::new(64 << 10, vec![8192]);
+        std::thread::scope(|sc| {
+            // Reads entry 0 (stored 0 on the device), and is held with the old page.
+            let reader = sc.spawn(|| c.get(&*dev, 0, 0, 0, 1).unwrap());
+            started_rx.recv().unwrap();
+            // Meanwhile a write sets entry 0 and its page reaches the device...
+            c.store(&dev, 0, 0, 0, &[7]).unwrap();
+            // ...and the cache drops it (another page loaded, the limit cut to one page).
+            c.get(&*dev, 0, 15, 0, 1).unwrap();
+            c.set_limit(PAGE);
+            assert!(c.cached_pages() <= 1);
+            go_tx.send(()).unwrap();
+            assert_eq!(
+                reader.join().unwrap(),
+                vec![7],
+                "the lookup saw the old page"
+            );
+        });
+        assert_eq!(
+            c.get(&*dev, 0, 0, 0, 1).unwrap(),
+            vec![7],
+            "a stale page was cached"
+        );
     }
 
     #[test]

@@ -23,7 +23,11 @@
 //! - Spaces ([`Pool::create_space`]): simple, 2-way and 3-way mirror (copies on distinct
 //!   disks), single parity (XOR) and dual parity (P + Q over GF(2^8)), with rotating parity;
 //!   columns and interleave as Storage Spaces has them; thin or fixed provisioning. A
-//!   [`Space`] is a [`BlockDevice`](vstor_core::BlockDevice): a batch in becomes one batch per member, run side by side.
+//!   [`Space`] is a [`BlockDevice`](vstor_core::BlockDevice): a batch in becomes one batch per member, run side by side
+//!   ([`vstor_core::submit_group`]: the members that are files on one io_uring driven by the
+//!   submitting thread, each read checksummed as it completes while the rest are in flight; a
+//!   full-stripe parity write's parity is encoded and checksummed on a second thread while
+//!   its data is already being written).
 //! - Degraded operation: reads and writes go on with as many members lost as the resiliency
 //!   tolerates (missing at open, or failed by an I/O error, which is recorded in the metadata
 //!   before anything is acknowledged, so a member that comes back with stale data is not
@@ -55,7 +59,10 @@
 //!   per block), and rewritten (self-heal; a read-only pool keeps the healed 4 KiB windows in
 //!   memory instead of writing); a block with no good source fails the read with
 //!   [`SpacesError::ChecksumMismatch`]. A damaged checksum entry over good data is rewritten.
-//!   [`PoolInfo::integrity`](PoolInfo) counts what was found, healed and lost. A version 1
+//!   [`PoolInfo::integrity`](PoolInfo) counts what was found, healed and lost. A read range
+//!   is checked with one CRC over it against the stored checksums of its blocks joined
+//!   ([`csum::joined`]), block by block only when they differ. The cache of checksum pages is
+//!   bounded ([`Pool::set_checksum_cache_limit`], 64 MiB by default). A version 1
 //!   pool (no checksums) is refused with an error that says so.
 //! - [`Pool::scrub`]: checks every block of every allocated extent, online, heals bad blocks
 //!   from a good source, makes copies and parity agree with the (verified) data, and reports
@@ -74,8 +81,7 @@
 //! present: if only the side that missed the other's writes is there, its metadata is the
 //! newest the pool can see and its data is served, as for any degraded open; and two sides
 //! that changed only metadata, to different sequences, are not told apart from a stale
-//! member); trimming the cache of
-//! checksum pages (8 MiB of memory per GiB of data touched since the open); verifying data
+//! member); verifying data
 //! against its checksum inside a resync's dirty chunks when no copy or parity can rebuild it
 //! (after a crash such a block is taken as it is and its checksum rewritten, as dm-integrity's
 //! bitmap mode does: its write was never acknowledged, but real damage there goes unseen).

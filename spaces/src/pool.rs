@@ -1028,6 +1028,19 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Limits the memory the cache of checksum pages takes (default
+    /// [`csum::DEFAULT_CACHE_BYTES`](crate::csum::DEFAULT_CACHE_BYTES), 64 MiB: the checksums
+    /// of 8 GiB of data; at least one 4 KiB page). Past the limit the least recently used
+    /// half is dropped and read again from the members when next needed.
+    pub fn set_checksum_cache_limit(&self, bytes: u64) {
+        self.inner.csums.set_limit(bytes);
+    }
+
+    /// Bytes the cache of checksum pages holds now.
+    pub fn checksum_cache_bytes(&self) -> u64 {
+        self.inner.csums.cached_pages() as u64 * crate::csum::PAGE
+    }
+
     /// The pool's identity.
     pub fn id(&self) -> Uuid {
         lock(&self.inner.meta).pool_id

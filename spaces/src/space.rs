@@ -667,6 +667,9 @@ impl Space {
         let got_crcs: Vec<Vec<Option<Vec<u32>>>>;
         // Checksum pages the reads need that are not cached: read in the same batches.
         let mut loads: Vec<(usize, u64, u64, AlignedBuf)> = Vec::new();
+        let mut loads_drops: Option<u64> = None;
+        // Per check, the index of its range among its member request's ranges.
+        let mut check_at: Vec<usize> = Vec::with_capacity(seg.len());
         {
             // Checksum pages a small batch sends with its data.
             let mut page_store: Vec<PageWrite> = Vec::new();
@@ -774,12 +777,15 @@ impl Space {
             }
             let mut wanted = BTreeSet::new();
             for (_, _, len, s, in_slab, _, _) in &checks {
-                for (page, off) in self.pool.csums.missing(
+                let (missing, drops) = self.pool.csums.missing(
                     s.member,
                     s.slab,
                     in_slab / csum::BLOCK,
                     len / csum::BLOCK,
-                ) {
+                );
+                // The cache's drop count before any of these pages is read.
+                loads_drops.get_or_insert(drops);
+                for (page, off) in missing {
                     if wanted.insert((s.member, page)) {
                         loads.push((s.member, page, off, AlignedBuf::new(csum::PAGE as usize)));
                     }
@@ -790,12 +796,17 @@ impl Space {
                 own[*m].push(usize::MAX);
             }
             // The checksums of what is written are computed, and their pages written, while
-            // the data is in flight.
-            // The reads are checksummed by each member's thread as its batch completes.
-            let verify: Vec<Vec<bool>> = own
+            // the data is in flight. Each read is checksummed as it completes: one CRC per
+            // range a check covers (its position kept in `check_at`).
+            let mut verify: Vec<Vec<Vec<(u64, u64)>>> = per
                 .iter()
-                .map(|o| o.iter().map(|&pi| pi != usize::MAX).collect())
+                .map(|reqs| vec![Vec::new(); reqs.len()])
                 .collect();
+            for (_, _, len, s, _, _, (ri, in_req)) in &checks {
+                let r = &mut verify[s.member][*ri];
+                check_at.push(r.len());
+                r.push((*in_req, *len));
+            }
             let (f, crcs) =
                 self.run_with_sums(devs, &mut per, &mut page_store, &verify, Vec::new(), || {
                     let mut sums = Vec::new();
@@ -823,28 +834,17 @@ impl Space {
         let failed: BTreeSet<usize> = failures.iter().map(|f| f.0).collect();
         for (m, page, _, buf) in loads {
             if !failed.contains(&m) {
-                self.pool.csums.insert(m, page, buf.to_vec());
+                let drops = loads_drops.expect("taken with the loads");
+                self.pool.csums.insert(m, page, buf.to_vec(), drops);
             }
         }
         // Verify what was read; a block whose checksum fails is healed and read again.
-        for (pi, at, len, s, in_slab, extent, (ri, in_req)) in checks {
+        for ((pi, at, len, s, in_slab, extent, (ri, _)), k) in checks.into_iter().zip(check_at) {
             if retry[pi] || errors[pi].is_some() {
                 continue;
             }
             let Op::Read { bufs, .. } = &seg[pi].op else {
                 continue;
-            };
-            let (b0, nb) = (
-                (in_req / csum::BLOCK) as usize,
-                (len / csum::BLOCK) as usize,
-            );
-            let got = match got_crcs
-                .get(s.member)
-                .and_then(|v| v.get(ri))
-                .and_then(Option::as_ref)
-            {
-                Some(c) if c.len() >= b0 + nb => c[b0..b0 + nb].to_vec(),
-                _ => csum::crcs_iov(bufs, at as usize, len as usize),
             };
             let Some(dev) = devs[s.member].as_ref() else {
                 continue;
@@ -863,6 +863,18 @@ impl Space {
                     continue;
                 }
             };
+            // One CRC over the range against the joined stored checksums; only a range that
+            // differs is checked block by block.
+            let whole = got_crcs
+                .get(s.member)
+                .and_then(|v| v.get(ri))
+                .and_then(Option::as_ref)
+                .and_then(|v| v.get(k).copied())
+                .unwrap_or_else(|| csum::crc_iov(bufs, at as usize, len as usize));
+            if whole == csum::joined(&want) {
+                continue;
+            }
+            let got = csum::crcs_iov(bufs, at as usize, len as usize);
             for (b, (g, w)) in got.iter().zip(&want).enumerate() {
                 if g != w {
                     let off = in_slab + b as u64 * csum::BLOCK;
@@ -1048,6 +1060,9 @@ impl Space {
                             continue;
                         }
                     };
+                if csum::crc_iov(&[&buf[..]], 0, buf.len()) == csum::joined(&want) {
+                    continue;
+                }
                 for (b, (g, w)) in csum::crcs(buf).iter().zip(&want).enumerate() {
                     if g != w {
                         let off = in_slab + b as u64 * csum::BLOCK;
@@ -1359,7 +1374,8 @@ impl Space {
     /// the pages (every member's at once) on a second thread while this one drives the data; a
     /// smaller one computes them first and sends each member's pages in the same submission as
     /// its data (kept in `store`), as a thread would cost it more than the checksums. The
-    /// reads flagged in `verify` (per member, per request) are checksummed as each completes,
+    /// ranges of reads in `verify` (per member, per request: offset and length in the request)
+    /// get a CRC-32C each ([`csum::crc_iov`]) as the read completes,
     /// while the rest of the batch is in flight.
     /// Returns failures of the checksum updates, and those checksums (per member, per
     /// request).
@@ -1369,7 +1385,7 @@ impl Space {
         devs: &Devs,
         per: &mut [Vec<Request<'a>>],
         store: &'a mut Vec<PageWrite>,
-        verify: &[Vec<bool>],
+        verify: &[Vec<Vec<(u64, u64)>>],
         late: Vec<LateParity<'_>>,
         sums: impl FnOnce() -> Vec<csum::SumRun> + Send,
     ) -> (Vec<(usize, Error)>, Vec<Vec<Option<Vec<u32>>>>) {
@@ -1404,13 +1420,19 @@ impl Space {
             per.iter().map(|reqs| vec![None; reqs.len()]).collect();
         // Each read to verify is checksummed as soon as it completes, while the rest of the
         // batch is still in flight.
-        let checksum = |m: usize, i: usize, r: &Request<'_>| match &r.op {
-            Op::Read { bufs, .. }
-                if verify.get(m).and_then(|v| v.get(i)) == Some(&true) && r.result().is_ok() =>
-            {
-                got[m][i] = Some(csum::crcs_iov(bufs, 0, r.len() as usize));
+        let checksum = |m: usize, i: usize, r: &Request<'_>| {
+            let ranges = verify
+                .get(m)
+                .and_then(|v| v.get(i))
+                .map_or(&[][..], |v| &v[..]);
+            if let (Op::Read { bufs, .. }, Ok(()), false) = (&r.op, r.result(), ranges.is_empty()) {
+                got[m][i] = Some(
+                    ranges
+                        .iter()
+                        .map(|&(at, len)| csum::crc_iov(bufs, at as usize, len as usize))
+                        .collect(),
+                );
             }
-            _ => {}
         };
         if !overlap {
             run_members_with(devs, per, checksum);
@@ -1425,7 +1447,7 @@ impl Space {
                     for l in &mut late {
                         let mut par: Vec<&mut [u8]> =
                             l.parity.iter_mut().map(|b| &mut b[..]).collect();
-                        code::encode(&l.data, &mut par);
+                        code::encode(l.data, &mut par);
                         for (buf, dests) in l.parity.iter().zip(&l.dests) {
                             let crcs = csum::crcs(buf);
                             for &(m, _, slab) in dests {
