@@ -666,7 +666,10 @@ impl Space {
         // thread once its batch completed.
         let got_crcs: Vec<Vec<Option<Vec<u32>>>>;
         // Checksum pages the reads need that are not cached: read in the same batches.
-        let mut loads: Vec<(usize, u64, u64, AlignedBuf)> = Vec::new();
+        // Checksum pages to read: (member, first page, its offset on the member, pages).
+        let mut loads: Vec<(usize, u64, u64, u64)> = Vec::new();
+        let mut wanted_at: Vec<(usize, u64, u64)> = Vec::new();
+        let mut load_bufs: Vec<AlignedBuf>;
         let mut loads_drops: Option<u64> = None;
         // Per check, the index of its range among its member request's ranges.
         let mut check_at: Vec<usize> = Vec::with_capacity(seg.len());
@@ -787,11 +790,27 @@ impl Space {
                 loads_drops.get_or_insert(drops);
                 for (page, off) in missing {
                     if wanted.insert((s.member, page)) {
-                        loads.push((s.member, page, off, AlignedBuf::new(csum::PAGE as usize)));
+                        wanted_at.push((s.member, page, off));
                     }
                 }
             }
-            for (m, _, off, buf) in loads.iter_mut() {
+            // Adjacent pages of a member in one read each.
+            wanted_at.sort_unstable();
+            for (m, page, off) in wanted_at {
+                match loads.last_mut() {
+                    Some((lm, first, loff, n))
+                        if *lm == m && *first + *n == page && *loff + *n * csum::PAGE == off =>
+                    {
+                        *n += 1
+                    }
+                    _ => loads.push((m, page, off, 1)),
+                }
+            }
+            load_bufs = loads
+                .iter()
+                .map(|l| AlignedBuf::new((l.3 * csum::PAGE) as usize))
+                .collect();
+            for ((m, _, off, _), buf) in loads.iter().zip(load_bufs.iter_mut()) {
                 per[*m].push(Request::read(*off, &mut buf[..]));
                 own[*m].push(usize::MAX);
             }
@@ -832,10 +851,14 @@ impl Space {
             }
         }
         let failed: BTreeSet<usize> = failures.iter().map(|f| f.0).collect();
-        for (m, page, _, buf) in loads {
+        for ((m, first, _, _), buf) in loads.into_iter().zip(load_bufs) {
             if !failed.contains(&m) {
                 let drops = loads_drops.expect("taken with the loads");
-                self.pool.csums.insert(m, page, buf.to_vec(), drops);
+                for (k, page) in buf.chunks_exact(csum::PAGE as usize).enumerate() {
+                    self.pool
+                        .csums
+                        .insert(m, first + k as u64, page.to_vec(), drops);
+                }
             }
         }
         // Verify what was read; a block whose checksum fails is healed and read again.

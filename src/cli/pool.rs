@@ -80,8 +80,10 @@ pub enum SpaceCommand {
     /// what it found and rewrote.
     #[command(
         after_help = "Examples:\n  vstor space scrub /srv/pool\n  vstor space scrub /srv/pool data --json\n\
-        Without per-block checksums a scrub cannot tell which copy is right: the first copy\n\
-        of a mirror wins and parity is recomputed from the data (as md's repair)."
+        Every 512-byte block has a CRC-32C, so a scrub knows which copy is right: a bad block\n\
+        is rewritten from a copy or rebuilt from parity whose checksum matches; a block with\n\
+        no good source is counted as lost. Where the data is good but a copy or the parity\n\
+        disagrees, the copy or parity is rewritten from the data."
     )]
     Scrub(SpaceRepairArgs),
 }
