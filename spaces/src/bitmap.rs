@@ -679,7 +679,9 @@ impl crate::Pool {
                         (c * chunk, (c + 1) * chunk),
                         false,
                     )?;
+                    let entered = space.shared.io_entered();
                     drop(ext);
+                    space.shared.let_waiting_io_in(entered);
                     report.chunks += 1;
                     report.repaired += u64::from(out.mismatched);
                     report.unverifiable += u64::from(out.unverifiable);

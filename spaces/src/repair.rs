@@ -409,6 +409,10 @@ impl Pool {
             }
         }
         let mut ws = 0;
+        // The first chunk of the next window, read at the end of the last one (while its
+        // last chunk was written), and the count of writes to the space then.
+        let mut ahead: Option<(u64, Copied, u64)> = None;
+        let writes = &space.shared.writes_while_rebuilding;
         'windows: while ws < slab_size {
             let _io_held = space
                 .shared
@@ -418,6 +422,19 @@ impl Pool {
             let devs = inner.snapshot();
             let geo = (data_start, slab_size);
             let we = (ws + window).min(slab_size);
+            // It stands for the slab's bytes only if no write ran while the I/O was let
+            // through (a write during a rebuild also reaches the new slab, and the copy read
+            // before it must not land after it).
+            let pre = match ahead.take() {
+                Some((off, c, seen)) if off == ws && writes.load(Ordering::Acquire) == seen => {
+                    Some(c)
+                }
+                Some((_, c, _)) => {
+                    spare.extend(c.writes.into_iter().map(|w| w.1));
+                    None
+                }
+                None => None,
+            };
             // Each chunk is read once and checked block by block (bad blocks of the sources
             // healed from another copy or the rest of the row first, so a bad block is never
             // copied with a fresh checksum); the verified buffers are what a second thread
@@ -439,6 +456,13 @@ impl Pool {
                 });
                 let mut read = Ok(());
                 let mut off = ws;
+                if let Some(c) = pre {
+                    if tx.send(c).is_ok() {
+                        off += chunk;
+                    } else {
+                        off = we;
+                    }
+                }
                 while off < we {
                     spare.extend(returned.try_iter());
                     match prepare_chunk(
@@ -464,6 +488,17 @@ impl Pool {
                     }
                     off += chunk;
                 }
+                // The next window's first chunk, read while the writer finishes this one
+                // (a failure here shows again when the next window reads it).
+                if read.is_ok() && we < slab_size {
+                    spare.extend(returned.try_iter());
+                    let next = (we, (we + chunk).min(slab_size));
+                    if let Ok(c) =
+                        prepare_chunk(inner, &layout, &slots, &new, devs, geo, next, &mut spare)
+                    {
+                        ahead = Some((we, c, writes.load(Ordering::Acquire)));
+                    }
+                }
                 drop(tx);
                 let written = writer.join().expect("the write thread does not panic");
                 spare.extend(returned.try_iter());
@@ -479,7 +514,9 @@ impl Pool {
                     break 'windows;
                 }
             }
+            let entered = space.shared.io_entered();
             drop(_io_held);
+            space.shared.let_waiting_io_in(entered);
             ws = we;
         }
         if result.is_ok() {

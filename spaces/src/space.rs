@@ -27,7 +27,7 @@ use crate::format::{Slot, MAX_MEMBERS};
 use crate::layout::{Layout, Piece};
 use crate::pool::{health, Inner, MemberRt, Pool, SpaceHealth};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use uuid::Uuid;
 use vstor_core::{
@@ -60,6 +60,15 @@ pub(crate) struct SpaceShared {
     health_cache: Mutex<Option<(u64, SpaceHealth)>>,
     /// The extent being rebuilt and the new slabs of its lost slots: writes go there too.
     pub rebuilding: RwLock<Option<Rebuild>>,
+    /// Counts batches with writes run while an extent is being rebuilt: a rebuild that read a
+    /// chunk ahead, before letting the space's I/O through, writes it only if this did not
+    /// move meanwhile.
+    pub writes_while_rebuilding: AtomicU64,
+    /// Batches on their way to the extent map (held off by a rebuild or scrub, they take
+    /// its lock a few times before their I/O), and batches that took it for their I/O so
+    /// far: see [`SpaceShared::let_waiting_io_in`].
+    io_waiting: AtomicUsize,
+    io_entered: AtomicU64,
     /// Row buffers of the parity path, recycled.
     bufs: Mutex<Vec<AlignedBuf>>,
 }
@@ -75,7 +84,40 @@ type CrcSource<B> = (Vec<(usize, u32)>, u64, B);
 /// An extent under rebuild: its index and, per lost slot, the slab taking its place.
 pub(crate) type Rebuild = (u64, Vec<(usize, Slot)>);
 
+/// Takes one off a count of batches waiting for the extent map when dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl SpaceShared {
+    /// How many batches have taken the extent map so far (read it while holding the map
+    /// exclusively, to hand to [`SpaceShared::let_waiting_io_in`]).
+    pub fn io_entered(&self) -> u64 {
+        self.io_entered.load(Ordering::Acquire)
+    }
+
+    /// Called by a long job (rebuild, scrub) right after it lets go of the extent map between
+    /// two steps, with [`SpaceShared::io_entered`] as it was while it held it: if batches are
+    /// on their way to the map, waits (20 ms at most) until one has taken it for its I/O.
+    /// Without this the job takes the map back at once (the lock does not queue its waiters
+    /// fairly, and a write takes it three times), and the space's I/O waits for the whole job.
+    pub fn let_waiting_io_in(&self, entered: u64) {
+        if self.io_waiting.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(20);
+        while self.io_entered.load(Ordering::Acquire) == entered
+            && self.io_waiting.load(Ordering::Acquire) > 0
+            && std::time::Instant::now() < until
+        {
+            std::thread::yield_now();
+        }
+    }
+
     pub fn new(s: &crate::format::SpaceMeta, members: &[MemberRt]) -> Self {
         let infos: Vec<DeviceInfo> = members
             .iter()
@@ -105,6 +147,9 @@ impl SpaceShared {
             align: infos.iter().map(|i| i.mem_alignment).max().unwrap_or(1),
             health_cache: Mutex::new(None),
             rebuilding: RwLock::new(None),
+            writes_while_rebuilding: AtomicU64::new(0),
+            io_waiting: AtomicUsize::new(0),
+            io_entered: AtomicU64::new(0),
             bufs: Mutex::new(Vec::new()),
         }
     }
@@ -411,6 +456,10 @@ impl Space {
     }
 
     fn run_segment(&self, seg: &mut [Request<'_>], info: &DeviceInfo) {
+        // Counted as waiting for the extent map until it returns (it takes the map's lock a
+        // few times before its I/O): see `SpaceShared::let_waiting_io_in`.
+        self.shared.io_waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.shared.io_waiting);
         for r in seg.iter_mut() {
             if let Err(e) = info.check(r) {
                 r.complete(Err(e));
@@ -646,11 +695,17 @@ impl Space {
             .extents
             .read()
             .unwrap_or_else(|p| p.into_inner());
+        self.shared.io_entered.fetch_add(1, Ordering::AcqRel);
         let rebuilding = self
             .shared
             .rebuilding
             .read()
             .unwrap_or_else(|p| p.into_inner());
+        if rebuilding.is_some() && seg.iter().any(|r| !r.is_complete() && r.kind().is_write()) {
+            self.shared
+                .writes_while_rebuilding
+                .fetch_add(1, Ordering::AcqRel);
+        }
         let n = devs.len();
         let parity = layout.parities() > 0;
         let k = layout.copies();
