@@ -69,6 +69,9 @@
 //!   chunks rewritten and blocks found bad, healed and lost ([`ScrubReport`]). A rebuild
 //!   heals its sources the same way before copying (each chunk read once; the verified
 //!   buffers are what it writes, with the sources' checksums, while the next chunk is read).
+//!   Rebuild and scrub hold the space's I/O off a step at a time (scrub: a sixteenth of a
+//!   slab; rebuild: 32 MiB, reading the next step's first chunk while its last is written,
+//!   and keeping it only if no write got in between), and let waiting I/O in between steps.
 //!
 //! What does not exist yet: replaying the journal in memory for a read-only open (such an
 //! open refuses the spaces the waiting updates touch, see above); an incremental resync of a member that came back
