@@ -85,22 +85,27 @@ pub fn joined(stored: &[u32]) -> u32 {
 /// value is a bijection of each block's CRC); damage spread over several blocks of one range
 /// goes unseen only if the error terms cancel modulo the CRC polynomial.
 pub fn crc_iov<B: std::ops::Deref<Target = [u8]>>(bufs: &[B], skip: usize, len: usize) -> u32 {
-    let (mut crc, mut skip, mut need) = (0u32, skip, len);
-    for b in bufs {
-        if need == 0 {
-            break;
-        }
+    iov_slices(bufs, skip, len).fold(0, crc32c::crc32c_append)
+}
+
+/// The pieces of the `len` bytes starting `skip` bytes into a list of buffers, in order.
+fn iov_slices<B: std::ops::Deref<Target = [u8]>>(
+    bufs: &[B],
+    skip: usize,
+    len: usize,
+) -> impl Iterator<Item = &[u8]> {
+    let (mut skip, mut need) = (skip, len);
+    bufs.iter().filter_map(move |b| {
         let b: &[u8] = b;
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
+        if need == 0 || skip >= b.len() {
+            skip = skip.saturating_sub(b.len());
+            return None;
         }
         let s = &b[skip..b.len().min(skip + need)];
         skip = 0;
         need -= s.len();
-        crc = crc32c::crc32c_append(crc, s);
-    }
-    crc
+        Some(s)
+    })
 }
 
 /// Stored checksums of consecutive blocks of `data` (a multiple of `BLOCK` bytes).
@@ -118,20 +123,7 @@ pub fn crcs_iov<B: std::ops::Deref<Target = [u8]>>(
     let mut out = Vec::with_capacity(len / BLOCK as usize);
     let mut crc = 0u32;
     let mut fill = 0usize;
-    let mut skip = skip;
-    let mut need = len;
-    for b in bufs {
-        if need == 0 {
-            break;
-        }
-        let b: &[u8] = b;
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let mut s = &b[skip..b.len().min(skip + need)];
-        skip = 0;
-        need -= s.len();
+    for mut s in iov_slices(bufs, skip, len) {
         while !s.is_empty() {
             let n = (BLOCK as usize - fill).min(s.len());
             if fill == 0 && n == BLOCK as usize {
