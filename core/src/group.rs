@@ -47,14 +47,21 @@ pub fn submit_group(
     let mut parts: Vec<Part<'_, '_, '_>> = Vec::new();
     let mut part_job: Vec<usize> = Vec::new();
     let mut others: Vec<(usize, &dyn BlockDevice, &mut [Request<'_>])> = Vec::new();
+    // Files already locked for a batch of this group (a device may come twice).
+    let mut locked: Vec<*const crate::FileDevice> = Vec::new();
     for (j, (dev, reqs)) in jobs.iter_mut().enumerate() {
         let dev: &dyn BlockDevice = *dev;
         if reqs.is_empty() {
             continue;
         }
-        match dev.as_file().and_then(|f| f.group_part(reqs)) {
+        let part = dev.as_file().and_then(|f| {
+            let first = !locked.contains(&std::ptr::from_ref(f));
+            locked.push(f);
+            f.group_part(reqs, first)
+        });
+        match part {
             Some((guard, core)) => {
-                guards.push(guard);
+                guards.extend(guard);
                 parts.push(Part { core, reqs });
                 part_job.push(j);
             }

@@ -209,3 +209,31 @@ fn unaligned_buffers_bounce_on_the_shared_ring() {
     b.read_at(8192, &mut back[3..]).unwrap();
     assert_eq!(&back[3..], &src[..]);
 }
+
+/// One device in two jobs of a group (its resize lock taken once), with a resize waiting on
+/// another thread the whole time: both batches run, and the resize goes through after.
+#[test]
+fn one_device_twice_in_a_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::sync::Arc::new(file(&dir, "f", Engine::Auto, true));
+    let a = pattern(1, 64 << 10);
+    let b = pattern(2, 64 << 10);
+    for _ in 0..20 {
+        let resizer = {
+            let f = f.clone();
+            std::thread::spawn(move || f.resize(4 * MIB).unwrap())
+        };
+        let mut ja = [Request::write(0, &a[..])];
+        let mut jb = [Request::write(1 << 20, &b[..])];
+        submit_group(
+            &mut [(&*f as &dyn BlockDevice, &mut ja[..]), (&*f, &mut jb[..])],
+            |_, _, r| r.result().unwrap(),
+        );
+        resizer.join().unwrap();
+    }
+    let mut back = AlignedBuf::new(64 << 10);
+    f.read_at(1 << 20, &mut back).unwrap();
+    assert!(back[..] == b[..]);
+    f.read_at(0, &mut back).unwrap();
+    assert!(back[..] == a[..]);
+}

@@ -516,12 +516,16 @@ impl FileDevice {
     /// Prepares `batch` for a shared ring ([`crate::submit_group`]): validates it and returns
     /// the resize lock (held until the batch completes) and the file, or `None` when this
     /// device does not run io_uring (the batch then goes through [`BlockDevice::submit`]).
+    /// `lock`: false when the caller already holds the lock for another batch of this device
+    /// in the same group (taking a read lock twice on one thread can deadlock behind a
+    /// waiting resize).
     pub(crate) fn group_part(
         &self,
         batch: &mut [Request<'_>],
-    ) -> Option<(RwLockReadGuard<'_, ()>, &FileCore)> {
+        lock: bool,
+    ) -> Option<(Option<RwLockReadGuard<'_, ()>>, &FileCore)> {
         self.rings.as_ref()?;
-        let guard = self.resize_lock.read().unwrap_or_else(|p| p.into_inner());
+        let guard = lock.then(|| self.resize_lock.read().unwrap_or_else(|p| p.into_inner()));
         self.validate(batch);
         Some((guard, &self.core))
     }
