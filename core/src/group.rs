@@ -22,6 +22,11 @@ use crate::request::Request;
 /// [`BlockDevice::submit`] (a flush is a barrier inside its own batch; here it also holds back
 /// the other batches on the ring until it completes).
 ///
+/// `on_done` must not do I/O on a file of the group (the group holds each file's resize lock
+/// shared until it returns, and a second shared lock on one thread can deadlock behind a
+/// waiting resize). If it panics, the panic is held until nothing is in flight on the ring,
+/// then resumed, with no further calls.
+///
 /// ```
 /// use vstor_core::{submit_group, BlockDevice, MemoryDevice, Request};
 /// let (a, b) = (MemoryDevice::new(1 << 20)?, MemoryDevice::new(1 << 20)?);

@@ -432,13 +432,16 @@ impl Csums {
         (pages, cache.drops)
     }
 
-    /// Caches a page read from the member, unless a newer copy is cached already or pages
-    /// were dropped since [`Csums::missing`] returned `drops` (the read may predate a page
-    /// write that completed meanwhile; a later lookup loads it again).
-    pub fn insert(&self, member: usize, page: u64, buf: Vec<u8>, drops: u64) {
+    /// Caches pages read from the members (member, page index, contents), each unless a
+    /// newer copy is cached already; none if pages were dropped since [`Csums::missing`]
+    /// returned `drops` (the reads may predate a page write that completed meanwhile; a later
+    /// lookup loads them again). All at once, then trimmed once.
+    pub fn insert(&self, pages: Vec<(usize, u64, Vec<u8>)>, drops: u64) {
         let mut cache = guard(&self.pages);
         if cache.drops == drops {
-            cache.insert((member, page), buf.into_boxed_slice());
+            for (member, page, buf) in pages {
+                cache.insert((member, page), buf.into_boxed_slice());
+            }
             self.trim(&mut cache);
         }
     }

@@ -114,7 +114,9 @@ impl SpaceShared {
             && self.io_waiting.load(Ordering::Acquire) > 0
             && std::time::Instant::now() < until
         {
-            std::thread::yield_now();
+            // Sleeps rather than spins: a batch held elsewhere (a heal, a member failing)
+            // counts as on its way too.
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
     }
 
@@ -906,15 +908,19 @@ impl Space {
             }
         }
         let failed: BTreeSet<usize> = failures.iter().map(|f| f.0).collect();
-        for ((m, first, _, _), buf) in loads.into_iter().zip(load_bufs) {
-            if !failed.contains(&m) {
-                let drops = loads_drops.expect("taken with the loads");
-                for (k, page) in buf.chunks_exact(csum::PAGE as usize).enumerate() {
-                    self.pool
-                        .csums
-                        .insert(m, first + k as u64, page.to_vec(), drops);
-                }
-            }
+        let pages: Vec<(usize, u64, Vec<u8>)> = loads
+            .into_iter()
+            .zip(load_bufs)
+            .filter(|((m, ..), _)| !failed.contains(m))
+            .flat_map(|((m, first, _, _), buf)| {
+                buf.chunks_exact(csum::PAGE as usize)
+                    .enumerate()
+                    .map(|(k, page)| (m, first + k as u64, page.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if let Some(drops) = loads_drops {
+            self.pool.csums.insert(pages, drops);
         }
         // Verify what was read; a block whose checksum fails is healed and read again.
         for ((pi, at, len, s, in_slab, extent, (ri, _)), k) in checks.into_iter().zip(check_at) {

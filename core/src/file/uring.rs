@@ -177,10 +177,10 @@ macro_rules! sqe_on {
                     .offset(offset)
                     .build(),
             },
+            // Ordered by `run_batch`'s barrier (per file), not by IO_DRAIN (the whole ring).
             Op::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build()
-                .flags(squeue::Flags::IO_DRAIN),
+                .build(),
             Op::Discard { len, .. } => opcode::Fallocate::new(fd, *len)
                 .offset(offset)
                 .mode(sync::DISCARD_MODE)
@@ -245,34 +245,63 @@ fn run_batch(
         }
     }
     let capacity = ring.params().sq_entries() as usize;
-    let mut next = 0;
-    let mut in_flight = 0usize;
-    // A flush is a barrier, kept here rather than by IO_DRAIN alone: `complete` finishes short
+    // Per part: its slots in order, the next to submit, how many are in flight, and whether
+    // its flush is. A flush is a barrier inside its own part, kept here (not by IO_DRAIN,
+    // which would hold back the other files on a shared ring too): `complete` finishes short
     // transfers and fallbacks (write-zeroes without FALLOC_FL_ZERO_RANGE, EAGAIN) after the
-    // kernel has posted the CQE, so the flush starts only when nothing is in flight, and nothing
-    // after it starts until it has completed.
-    let mut flush_in_flight = false;
+    // kernel has posted the CQE, so the flush starts only when nothing of its part is in
+    // flight, and nothing of its part after it starts until it has completed.
+    struct Queue {
+        slots: Vec<usize>,
+        next: usize,
+        in_flight: usize,
+        flush_in_flight: bool,
+    }
+    let mut queues: Vec<Queue> = (0..parts.len())
+        .map(|_| Queue {
+            slots: Vec::new(),
+            next: 0,
+            in_flight: 0,
+            flush_in_flight: false,
+        })
+        .collect();
+    for (i, slot) in slots.iter().enumerate() {
+        queues[slot.part].slots.push(i);
+    }
+    let mut in_flight = 0usize;
+    // A panic in `on_done` (the caller's code) or in completing a request is held until
+    // nothing is in flight: unwinding earlier would free buffers the kernel still uses.
+    let mut panicked: Option<Box<dyn std::any::Any + Send>> = None;
     let mut reaped: Vec<(usize, i32)> = Vec::with_capacity(capacity);
-    while next < slots.len() || in_flight > 0 {
+    loop {
         {
             let mut sq = ring.submission();
-            while next < slots.len() && in_flight < capacity && !sq.is_full() && !flush_in_flight {
-                let (part, idx) = (slots[next].part, slots[next].idx);
-                let is_flush = matches!(parts[part].reqs[idx].op, Op::Flush);
-                if is_flush && in_flight > 0 {
-                    break;
+            for q in queues.iter_mut() {
+                while q.next < q.slots.len()
+                    && in_flight < capacity
+                    && !sq.is_full()
+                    && !q.flush_in_flight
+                {
+                    let s = q.slots[q.next];
+                    let (part, idx) = (slots[s].part, slots[s].idx);
+                    let is_flush = matches!(parts[part].reqs[idx].op, Op::Flush);
+                    if is_flush && q.in_flight > 0 {
+                        break;
+                    }
+                    q.flush_in_flight = is_flush;
+                    let p = &mut parts[part];
+                    let sqe = build_sqe(&mut slots[s], &mut p.reqs[idx], p.core, fixed)
+                        .user_data(s as u64);
+                    // SAFETY: every buffer the SQE points at (the request's buffers, its iovec
+                    // array inside the request, or the slot's bounce buffer) is borrowed from
+                    // `parts` or owned by `slots`, both of which outlive this function; and the
+                    // function neither returns nor unwinds while any SQE is in flight (the loop
+                    // runs until `in_flight` is 0, and panics are held until then).
+                    unsafe { sq.push(&sqe) }.expect("queue has room: checked is_full");
+                    q.next += 1;
+                    q.in_flight += 1;
+                    in_flight += 1;
                 }
-                flush_in_flight = is_flush;
-                let slot = &mut slots[next];
-                let p = &mut parts[part];
-                let sqe = build_sqe(slot, &mut p.reqs[idx], p.core, fixed).user_data(next as u64);
-                // SAFETY: every buffer the SQE points at (the request's buffers, its iovec array
-                // inside the request, or the slot's bounce buffer) is borrowed from `parts` or
-                // owned by `slots`, both of which outlive this function; and the function does not
-                // return while any SQE is in flight (the loop runs until `in_flight` is 0).
-                unsafe { sq.push(&sqe) }.expect("queue has room: checked is_full");
-                next += 1;
-                in_flight += 1;
             }
         }
         if in_flight == 0 {
@@ -298,15 +327,27 @@ fn run_batch(
         for &(s, res) in &reaped {
             in_flight -= 1;
             let slot = &mut slots[s];
+            let q = &mut queues[slot.part];
+            q.in_flight -= 1;
             let p = &mut parts[slot.part];
             let req = &mut p.reqs[slot.idx];
             if matches!(req.op, Op::Flush) {
-                flush_in_flight = false;
+                q.flush_in_flight = false;
             }
-            let r = complete(p.core, req, slot.bounce.as_mut(), res);
-            req.complete(r);
-            on_done(slot.part, slot.idx, req);
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let r = complete(p.core, req, slot.bounce.as_mut(), res);
+                req.complete(r);
+                if panicked.is_none() {
+                    on_done(slot.part, slot.idx, req);
+                }
+            }));
+            if let Err(e) = done {
+                panicked.get_or_insert(e);
+            }
         }
+    }
+    if let Some(e) = panicked {
+        std::panic::resume_unwind(e);
     }
 }
 
