@@ -310,12 +310,14 @@ impl Pool {
         let mut report = RepairReport::default();
         let mut done = 0;
         progress(0, total);
+        // Chunk buffers, kept from one extent to the next (a new one is new pages to fault in).
+        let mut spare: Vec<AlignedBuf> = Vec::new();
         for w in work {
             let space = match self.open_space(&w.space) {
                 Ok(s) if s.shared.id == w.id => s,
                 _ => continue, // deleted meanwhile
             };
-            match self.rebuild_extent(&space, &w, &mut |n| {
+            match self.rebuild_extent(&space, &w, &mut spare, &mut |n| {
                 done += n;
                 progress(done, total);
             })? {
@@ -338,6 +340,7 @@ impl Pool {
         &self,
         space: &Space,
         w: &Work,
+        spare: &mut Vec<AlignedBuf>,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Option<u64>> {
         let inner = &self.inner;
@@ -394,7 +397,6 @@ impl Pool {
         let window = (chunk * WINDOW_CHUNKS).min(slab_size);
         let mut bytes = 0;
         let mut result = Ok(());
-        let mut spare: Vec<AlignedBuf> = Vec::new();
         // The sources' checksum pages in one read per slot, not a few pages per chunk.
         {
             let devs = inner.snapshot();
@@ -473,7 +475,7 @@ impl Pool {
                         devs,
                         geo,
                         (off, off + chunk),
-                        &mut spare,
+                        spare,
                     ) {
                         // A failed send means the writer stopped on an error: it says which.
                         Ok(c) => {
@@ -494,7 +496,7 @@ impl Pool {
                     spare.extend(returned.try_iter());
                     let next = (we, (we + chunk).min(slab_size));
                     if let Ok(c) =
-                        prepare_chunk(inner, &layout, &slots, &new, devs, geo, next, &mut spare)
+                        prepare_chunk(inner, &layout, &slots, &new, devs, geo, next, spare)
                     {
                         ahead = Some((we, c, writes.load(Ordering::Acquire)));
                     }
