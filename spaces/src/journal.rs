@@ -67,7 +67,7 @@ use crate::pool::{lock, Inner};
 use crate::space::{RowOp, Space};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use uuid::Uuid;
 use vstor_core::{BlockDevice, Error, Result};
 
@@ -483,20 +483,11 @@ impl Journal {
             }
             if !st.resetting && st.in_flight == 0 {
                 // Full: a new generation once nothing journaled is in flight.
-                st.resetting = true;
-                let gen = st.gen + 1;
-                let ids = st.ids.clone();
-                drop(st);
-                let r = self.start_generation(devs, &ids, gen);
-                st = lock(&self.state);
-                st.resetting = false;
-                st.gen = gen;
+                let r;
+                (st, r) = self.turn(st, devs);
                 if r.is_ok() {
-                    st.heads.iter_mut().for_each(|h| *h = PAGE);
-                    st.rows.clear();
                     self.wraps.fetch_add(1, Ordering::AcqRel);
                 }
-                self.cv.notify_all();
                 r?;
                 continue;
             }
@@ -520,9 +511,77 @@ impl Journal {
         Ok(ticket)
     }
 
+    /// Starts the next generation (the caller saw nothing journaled in flight and no other
+    /// turn under way): the state's lock is let go meanwhile, and taken again.
+    #[allow(clippy::type_complexity)]
+    fn turn<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        devs: &Devs,
+    ) -> (
+        MutexGuard<'a, State>,
+        std::result::Result<(), (usize, Error)>,
+    ) {
+        st.resetting = true;
+        let gen = st.gen + 1;
+        let ids = st.ids.clone();
+        drop(st);
+        let r = self.start_generation(devs, &ids, gen);
+        let mut st = lock(&self.state);
+        st.resetting = false;
+        st.gen = gen;
+        if r.is_ok() {
+            st.heads.iter_mut().for_each(|h| *h = PAGE);
+            st.rows.clear();
+        }
+        self.cv.notify_all();
+        (st, r)
+    }
+
     /// Whether (space, extent, row) has a record in the current generation.
     pub(crate) fn row_logged(&self, space: Uuid, extent: u64, row: u64) -> bool {
         lock(&self.state).rows.contains(&(space, extent, row))
+    }
+
+    /// Whether a row of (space, extent) has a record in the current generation.
+    pub(crate) fn extent_logged(&self, space: Uuid, extent: u64) -> bool {
+        lock(&self.state)
+            .rows
+            .iter()
+            .any(|&(s, e, _)| s == space && e == extent)
+    }
+
+    /// Before thin extents are given back to the pool: if rows of them have records in the
+    /// current generation, starts the next one (once nothing journaled is in flight), so that
+    /// no replay can put their old contents back into the extents once allocated again (a
+    /// replay writes a record wherever its extent lives then). Waits for journaled batches in
+    /// flight: the caller holds no lock those need. Err names the member that failed.
+    pub(crate) fn forget_extents(
+        &self,
+        devs: &Devs,
+        space: Uuid,
+        extents: &[u64],
+    ) -> std::result::Result<(), (usize, Error)> {
+        if self.offset.is_none() {
+            return Ok(());
+        }
+        let mut st = lock(&self.state);
+        loop {
+            if !st
+                .rows
+                .iter()
+                .any(|&(s, e, _)| s == space && extents.contains(&e))
+            {
+                return Ok(());
+            }
+            if !st.resetting && st.in_flight == 0 {
+                let r;
+                (st, r) = self.turn(st, devs);
+                r?;
+                continue;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 

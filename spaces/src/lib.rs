@@ -22,8 +22,12 @@
 //!   agrees; [`Pool::reuse_member`] brings them back).
 //! - Spaces ([`Pool::create_space`]): simple, 2-way and 3-way mirror (copies on distinct
 //!   disks), single parity (XOR) and dual parity (P + Q over GF(2^8)), with rotating parity;
-//!   columns and interleave as Storage Spaces has them; thin or fixed provisioning. A
-//!   [`Space`] is a [`BlockDevice`](vstor_core::BlockDevice): a batch in becomes one batch per member, run side by side
+//!   columns and interleave as Storage Spaces has them; thin or fixed provisioning (a thin
+//!   extent takes its slabs at its first write, and a discard that covers it whole gives them
+//!   back: recorded in the metadata, read as zeroes, allocated afresh by a later write; a
+//!   parity space's journal starts a new generation first if it holds records of the extent's
+//!   rows, so that no replay can put them back; the rest of a discard, write-zeroes, and a
+//!   discard on a fixed space write zeroes). A [`Space`] is a [`BlockDevice`](vstor_core::BlockDevice): a batch in becomes one batch per member, run side by side
 //!   ([`vstor_core::submit_group`]: the members that are files on one io_uring driven by the
 //!   submitting thread, each read checksummed as it completes while the rest are in flight; a
 //!   full-stripe parity write's parity is encoded and checksummed on a second thread while
@@ -75,8 +79,7 @@
 //!
 //! What does not exist yet: replaying the journal in memory for a read-only open (such an
 //! open refuses the spaces the waiting updates touch, see above); an incremental resync of a member that came back
-//! (it is rebuilt whole, through [`Pool::reuse_member`]); deallocating thin slabs on discard (discard and write-zeroes
-//! write zeroes, skipping extents never allocated); growing or shrinking a space; table-free
+//! (it is rebuilt whole, through [`Pool::reuse_member`]); growing or shrinking a space; table-free
 //! GF(2^8) multiplication by arbitrary constants (decode still uses a product table per
 //! coefficient; P+Q encode runs on 64-bit lanes without tables); locking of pools opened with [`Pool::open`] on devices the caller
 //! opened (only [`Pool::open_dir`] and the `create_*` calls lock their files); a quorum of

@@ -1442,6 +1442,73 @@ impl Inner {
         Ok(())
     }
 
+    /// Gives the slabs of thin extents of a space back to the pool (a discard covers the
+    /// extents whole): recorded in the pool metadata, then gone from the space's map, so they
+    /// read as zeroes and a later write allocates (and zeroes) new slabs. Returns the extents
+    /// released. It leaves to the caller (who zeroes them) the extents of a fixed space, those
+    /// not allocated, the one being rebuilt, and those with parity journal records left in the
+    /// current generation (see [`Journal::forget_extents`](crate::journal::Journal)).
+    pub(crate) fn release(&self, space: &SpaceShared, extents: &[u64]) -> Result<Vec<u64>> {
+        if self.read_only || extents.is_empty() {
+            return Ok(Vec::new());
+        }
+        if space.layout.parities() > 0 {
+            // Outside every lock: it may wait for journaled batches in flight.
+            if let Err((m, e)) = self
+                .journal
+                .forget_extents(&self.snapshot(), space.id, extents)
+            {
+                self.fail_member(m, &format!("parity journal: {e}"));
+                return Ok(Vec::new());
+            }
+        }
+        // The order of the rebuild's switch: the metadata, then the space's map (held for
+        // writing, so no I/O of the space is in flight).
+        let mut meta = lock(&self.meta);
+        let mut map = space.extents.write().unwrap_or_else(|p| p.into_inner());
+        let rebuilding = space
+            .rebuilding
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|r| r.0);
+        let Some(si) = meta.spaces.iter().position(|s| s.id == space.id) else {
+            return Ok(Vec::new());
+        };
+        if meta.spaces[si].provisioning != Provisioning::Thin {
+            return Ok(Vec::new());
+        }
+        let mut next = meta.clone();
+        let mut gone = Vec::new();
+        for &e in extents {
+            let Some(slot) = next.spaces[si].extents.get_mut(e as usize) else {
+                continue;
+            };
+            if slot.is_none()
+                || rebuilding == Some(e)
+                || (space.layout.parities() > 0 && self.journal.extent_logged(space.id, e))
+            {
+                continue;
+            }
+            *slot = None;
+            gone.push(e);
+        }
+        if gone.is_empty() {
+            return Ok(gone);
+        }
+        self.persist(&mut next)?;
+        *meta = next;
+        for &e in &gone {
+            map[e as usize] = None;
+        }
+        // A chunk a rebuild read ahead is stale now, as after a write.
+        space.writes_while_rebuilding.fetch_add(1, Ordering::AcqRel);
+        drop(map);
+        drop(meta);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(gone)
+    }
+
     /// Allocates the thin extents `extents` of space `id` that are not allocated yet: zeroes
     /// their slabs, records them, and returns the space's new extent map.
     pub fn allocate(&self, id: Uuid, extents: &[u64]) -> Result<Vec<Option<Vec<Slot>>>> {

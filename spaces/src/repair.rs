@@ -313,23 +313,35 @@ impl Pool {
         // Chunk buffers, kept from one extent to the next (a new one is new pages to fault in).
         let mut spare: Vec<AlignedBuf> = Vec::new();
         for w in work {
+            // Where the progress stands once this extent is done, whatever it took (a space
+            // deleted or an extent discarded meanwhile takes nothing).
+            let next = done + w.bad.len() as u64 * slab_size;
             let space = match self.open_space(&w.space) {
                 Ok(s) if s.shared.id == w.id => s,
-                _ => continue, // deleted meanwhile
+                _ => {
+                    done = next;
+                    progress(done, total);
+                    continue; // deleted meanwhile
+                }
             };
             match self.rebuild_extent(&space, &w, &mut spare, &mut |n| {
                 done += n;
                 progress(done, total);
             })? {
+                Some(0) => {}
                 Some(bytes) => {
                     report.extents += 1;
-                    report.slabs += w.bad.len() as u64;
+                    report.slabs += bytes / slab_size;
                     report.bytes += bytes;
                 }
                 None => report.unrecoverable.push(format!(
                     "space '{}' extent {}: more members lost than {} tolerates",
                     w.space, w.extent, space.shared.layout.resiliency
                 )),
+            }
+            if done != next {
+                done = next;
+                progress(done, total);
             }
         }
         Ok(report)
@@ -358,7 +370,21 @@ impl Pool {
             };
             let rt = inner.members_read();
             let readable = layout.extent_readable(|s| rt[slots[s].member].usable);
+            // The slots still to move: a discard may have given the extent back and a write
+            // allocated it again (on healthy members) since the work was listed.
+            let bad: Vec<usize> = w
+                .bad
+                .iter()
+                .copied()
+                .filter(|&si| {
+                    let m = slots[si].member;
+                    !rt[m].usable || meta.members[m].state == MemberState::Retired
+                })
+                .collect();
             drop(rt);
+            if bad.is_empty() {
+                return Ok(Some(0));
+            }
             if !readable {
                 return Ok(None);
             }
@@ -367,7 +393,7 @@ impl Pool {
             let mut alloc = Allocator::new(&meta, &reserved, |m| eligible[m]);
             let mut exclude: Vec<usize> = slots.iter().map(|s| s.member).collect();
             let mut new = Vec::new();
-            for &si in &w.bad {
+            for &si in &bad {
                 let got = alloc
                     .extent(1, &exclude)
                     .ok_or_else(|| SpacesError::TooFewDisks {
@@ -416,11 +442,30 @@ impl Pool {
         let mut ahead: Option<(u64, Copied, u64)> = None;
         let writes = &space.shared.writes_while_rebuilding;
         'windows: while ws < slab_size {
-            let _io_held = space
+            let io_held = space
                 .shared
                 .extents
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
+            if io_held.get(w.extent as usize).and_then(Option::as_ref) != Some(&slots) {
+                // A discard gave the extent back since the rebuild took its slots: nothing
+                // of it is left to copy (and its old slabs may be another extent's now).
+                drop(io_held);
+                spare.extend(
+                    ahead
+                        .take()
+                        .into_iter()
+                        .flat_map(|a| a.1.writes)
+                        .map(|w| w.1),
+                );
+                *space
+                    .shared
+                    .rebuilding
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+                release();
+                return Ok(Some(0));
+            }
             let devs = inner.snapshot();
             let geo = (data_start, slab_size);
             let we = (ws + window).min(slab_size);
@@ -517,7 +562,7 @@ impl Pool {
                 }
             }
             let entered = space.shared.io_entered();
-            drop(_io_held);
+            drop(io_held);
             space.shared.let_waiting_io_in(entered);
             ws = we;
         }
@@ -550,6 +595,8 @@ impl Pool {
             .find(|s| s.id == w.id)
             .and_then(|s| s.extents.get_mut(w.extent as usize))
             .and_then(Option::as_mut)
+            // Given back by a discard (and maybe allocated again elsewhere) meanwhile.
+            .filter(|t| **t == slots)
         else {
             *space
                 .shared

@@ -473,12 +473,17 @@ impl Space {
             fail_remaining(seg, &e);
             return;
         }
-        // Write-zeroes and discard (which reads back as zeroes) become writes of zeroes, except
-        // over thin extents not allocated yet, which read as zeroes already.
+        // A discard gives back the thin extents it covers whole (`Inner::release`). The rest of
+        // it, and write-zeroes (which keeps the space allocated), become writes of zeroes,
+        // except over thin extents not allocated, which read as zeroes already.
         for r in seg.iter_mut().filter(|r| {
             !r.is_complete() && matches!(r.op, Op::WriteZeroes { .. } | Op::Discard { .. })
         }) {
-            let res = self.zero_range(r.offset(), r.len(), info);
+            let res = match r.op {
+                Op::Discard { .. } => self.release_covered(r.offset(), r.len()),
+                _ => Ok(()),
+            }
+            .and_then(|()| self.zero_range(r.offset(), r.len(), info));
             r.complete(res);
         }
         // A space beyond its tolerance refuses I/O before anything is written.
@@ -576,6 +581,30 @@ impl Space {
                 }
             }
         }
+    }
+
+    /// Gives back the allocated extents that `[offset, offset + len)` covers whole (the last
+    /// extent counts as covered when the range reaches the end of the space).
+    fn release_covered(&self, offset: u64, len: u64) -> Result<()> {
+        let eb = self.shared.layout.extent_bytes();
+        let end = offset + len;
+        let first = offset.div_ceil(eb);
+        let whole: Vec<u64> = {
+            let map = self
+                .shared
+                .extents
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            let last = if end >= self.shared.size {
+                map.len() as u64
+            } else {
+                end / eb
+            };
+            (first..last)
+                .filter(|&e| map.get(e as usize).is_some_and(Option::is_some))
+                .collect()
+        };
+        self.pool.release(&self.shared, &whole).map(drop)
     }
 
     /// Writes zeroes over `[offset, offset + len)`, 1 MiB at a time, skipping extents that are
