@@ -1509,9 +1509,12 @@ impl Inner {
         Ok(gone)
     }
 
-    /// Allocates the thin extents `extents` of space `id` that are not allocated yet: zeroes
-    /// their slabs, records them, and returns the space's new extent map.
-    pub fn allocate(&self, id: Uuid, extents: &[u64]) -> Result<Vec<Option<Vec<Slot>>>> {
+    /// Allocates the thin extents `extents` of a space that are not allocated yet: zeroes
+    /// their slabs, records them, and puts them in the space's map (with the metadata's lock
+    /// held, as every change of an extent's slabs: a map taken from the metadata earlier and
+    /// installed later could undo a rebuild's switch or a discard's release in between).
+    pub fn allocate(&self, shared: &SpaceShared, extents: &[u64]) -> Result<()> {
+        let id = shared.id;
         let mut meta = lock(&self.meta);
         let eligible = self.eligible(&meta);
         let mut next = meta.clone();
@@ -1539,12 +1542,24 @@ impl Inner {
             }
         }
         if fresh.is_empty() {
-            return Ok(next.spaces[si].extents.clone());
+            return Ok(());
         }
         self.zero_new(&next, fresh.iter())?;
+        let mut map = shared.extents.write().unwrap_or_else(|p| p.into_inner());
         self.persist(&mut next)?;
         *meta = next;
+        for &e in extents {
+            if let (Some(slot), Some(got)) = (
+                map.get_mut(e as usize),
+                meta.spaces[si].extents.get(e as usize),
+            ) {
+                if slot.is_none() {
+                    slot.clone_from(got);
+                }
+            }
+        }
+        drop(map);
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        Ok(meta.spaces[si].extents.clone())
+        Ok(())
     }
 }

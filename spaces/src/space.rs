@@ -685,14 +685,8 @@ impl Space {
             return;
         }
         let need: Vec<u64> = need.into_iter().collect();
-        match self.pool.allocate(self.shared.id, &need) {
-            Ok(map) => {
-                *self
-                    .shared
-                    .extents
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner()) = map
-            }
+        match self.pool.allocate(&self.shared, &need) {
+            Ok(()) => {}
             Err(e) => {
                 let ext = self
                     .shared
