@@ -1197,6 +1197,24 @@ impl Pool {
         Ok(space_info(meta.spaces.last().expect("pushed"), &usable))
     }
 
+    /// Grows space `name` to `new_size` bytes (a multiple of 4096), online (Resize-VirtualDisk):
+    /// a thin space's new extents are allocated by their first writes, a fixed space's now;
+    /// the new bytes read as zeroes. Open handles see the new size at once and their
+    /// [`capacity_signal`](vstor_core::BlockDevice::capacity_signal) announces it (a VMM tells
+    /// its guest). A smaller size is refused: a space never cuts data. Nothing changes when
+    /// it fails (the pool full, the metadata area full).
+    pub fn resize_space(&self, name: &str, new_size: u64) -> Result<SpaceInfo> {
+        let id = {
+            let meta = lock(&self.inner.meta);
+            meta.spaces
+                .iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| SpacesError::NoSuchSpace(name.into()))?
+                .id
+        };
+        self.inner.resize_space(id, new_size)
+    }
+
     /// Deletes a space; its slabs become free. Open handles of it fail their I/O from now on.
     pub fn delete_space(&self, name: &str) -> Result<()> {
         if self.inner.read_only {
@@ -1440,6 +1458,90 @@ impl Inner {
         *meta = next;
         self.missing_unrecorded.store(false, Ordering::Release);
         Ok(())
+    }
+
+    /// [`Pool::resize_space`] of the space `id`.
+    pub(crate) fn resize_space(&self, id: Uuid, new_size: u64) -> Result<SpaceInfo> {
+        if self.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        if new_size == 0 || new_size % 4096 != 0 {
+            return Err(invalid(format!(
+                "space size {new_size} is not a positive multiple of 4096"
+            )));
+        }
+        let mut meta = lock(&self.meta);
+        let si = meta
+            .spaces
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or_else(|| SpacesError::NoSuchSpace(format!("{id} (deleted)")))?;
+        let old = meta.spaces[si].size;
+        let usable = |rt: &[MemberRt]| rt.iter().map(|r| r.usable).collect::<Vec<bool>>();
+        if new_size == old {
+            return Ok(space_info(&meta.spaces[si], &usable(&self.members_read())));
+        }
+        if new_size < old {
+            return Err(invalid(format!(
+                "space '{}' is {old} bytes; a space grows but never shrinks (that would cut its data), so {new_size} is refused",
+                meta.spaces[si].name
+            )));
+        }
+        let layout = meta.spaces[si].layout;
+        let count = layout.extents_for(new_size) as usize;
+        let mut next = meta.clone();
+        let have = next.spaces[si].extents.len();
+        next.spaces[si].extents.resize(count, None);
+        next.spaces[si].size = new_size;
+        let mut fresh = Vec::new();
+        if next.spaces[si].provisioning == Provisioning::Fixed {
+            let eligible = self.eligible(&meta);
+            let mut allocator = Allocator::new(&meta, &lock(&self.reserved), |m| eligible[m]);
+            for e in have..count {
+                let slots = allocator.extent(layout.width, &[]).ok_or_else(|| {
+                    SpacesError::PoolFull(format!(
+                        "growing fixed space '{}' to {new_size} bytes needs {} more slabs on {} disks",
+                        next.spaces[si].name,
+                        (count - have) as u64 * layout.width as u64,
+                        layout.width
+                    ))
+                })?;
+                fresh.push(slots.clone());
+                next.spaces[si].extents[e] = Some(slots);
+            }
+        }
+        if next.blob_len() > next.slot_size {
+            return Err(SpacesError::PoolFull(format!(
+                "the pool metadata area ({} bytes) cannot describe {} more extents",
+                next.slot_size,
+                count - have
+            ))
+            .into());
+        }
+        self.zero_new(&next, fresh.iter())?;
+        // An open space: its map grows (held for writing, so no I/O of it is in flight) before
+        // its size does.
+        let shared = lock(&self.open_spaces).get(&id).and_then(Weak::upgrade);
+        let mut map = shared
+            .as_ref()
+            .map(|sh| sh.extents.write().unwrap_or_else(|p| p.into_inner()));
+        self.persist(&mut next)?;
+        *meta = next;
+        if let (Some(sh), Some(map)) = (&shared, map.as_mut()) {
+            map.resize(count, None);
+            for (e, slots) in meta.spaces[si].extents.iter().enumerate().skip(have) {
+                map[e].clone_from(slots);
+            }
+            sh.set_size(new_size);
+        }
+        drop(map);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let info = space_info(&meta.spaces[si], &usable(&self.members_read()));
+        drop(meta);
+        if let Some(sh) = shared {
+            sh.signal.publish(new_size);
+        }
+        Ok(info)
     }
 
     /// Gives the slabs of thin extents of a space back to the pool (a discard covers the

@@ -49,7 +49,10 @@ type Devs = Vec<Option<Arc<dyn BlockDevice>>>;
 pub(crate) struct SpaceShared {
     pub id: Uuid,
     pub name: String,
-    pub size: u64,
+    /// Bytes; it only grows ([`Inner::resize_space`]), after the map has the extents.
+    size: AtomicU64,
+    /// Tells holders of the space (a VMM's disk) that its size changed.
+    pub signal: Arc<vstor_core::CapacitySignal>,
     pub layout: Layout,
     pub extents: RwLock<Vec<Option<Vec<Slot>>>>,
     pub deleted: AtomicBool,
@@ -96,6 +99,15 @@ impl Drop for Waiting<'_> {
 impl SpaceShared {
     /// How many batches have taken the extent map so far (read it while holding the map
     /// exclusively, to hand to [`SpaceShared::let_waiting_io_in`]).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Sets the size: the caller holds the extent map for writing and has grown it first.
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
+    }
+
     pub fn io_entered(&self) -> u64 {
         self.io_entered.load(Ordering::Acquire)
     }
@@ -134,7 +146,8 @@ impl SpaceShared {
         SpaceShared {
             id: s.id,
             name: s.name.clone(),
-            size: s.size,
+            size: AtomicU64::new(s.size),
+            signal: Arc::new(vstor_core::CapacitySignal::new(s.size)),
             layout: s.layout,
             extents: RwLock::new(s.extents.clone()),
             deleted: AtomicBool::new(false),
@@ -170,7 +183,7 @@ impl std::fmt::Debug for Space {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Space")
             .field("name", &self.shared.name)
-            .field("size", &self.shared.size)
+            .field("size", &self.shared.size())
             .field("layout", &self.shared.layout)
             .finish()
     }
@@ -361,7 +374,7 @@ impl Space {
     /// Where the byte at `offset` of the space lives: `None` past the end or in a thin extent
     /// not allocated yet.
     pub fn locate(&self, offset: u64) -> Option<Location> {
-        if offset >= self.shared.size {
+        if offset >= self.shared.size() {
             return None;
         }
         let layout = self.shared.layout;
@@ -595,7 +608,7 @@ impl Space {
                 .extents
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
-            let last = if end >= self.shared.size {
+            let last = if end >= self.shared.size() {
                 map.len() as u64
             } else {
                 end / eb
@@ -1667,7 +1680,7 @@ fn covered(pieces: &[(usize, Piece, bool)], col: usize, lo: u64, hi: u64) -> boo
 impl BlockDevice for Space {
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
-            capacity: self.shared.size,
+            capacity: self.shared.size(),
             logical_sector_size: self.shared.logical,
             physical_sector_size: self.shared.physical,
             mem_alignment: self.shared.align,
@@ -1677,9 +1690,20 @@ impl BlockDevice for Space {
                 flush: true,
                 discard: true,
                 write_zeroes: true,
-                resize: false,
+                resize: !self.pool.read_only,
             },
         }
+    }
+
+    /// Grows the space (see [`Pool::resize_space`]); a smaller size is refused.
+    fn resize(&self, new_capacity: u64) -> Result<()> {
+        self.pool
+            .resize_space(self.shared.id, new_capacity)
+            .map(drop)
+    }
+
+    fn capacity_signal(&self) -> Option<Arc<vstor_core::CapacitySignal>> {
+        Some(self.shared.signal.clone())
     }
 
     fn submit(&self, batch: &mut [Request<'_>]) {

@@ -48,7 +48,7 @@ enum Command {
     /// Storage pools: create a pool of disks, show it, add, retire, reset and remove disks.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
-    /// Spaces (virtual disks of a pool): create, list, show, delete, repair, scrub.
+    /// Spaces (virtual disks of a pool): create, list, show, resize, delete, repair, scrub.
     #[command(subcommand)]
     Space(pool::SpaceCommand),
 }

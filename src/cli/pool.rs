@@ -70,6 +70,15 @@ pub enum SpaceCommand {
     /// Delete a space; its slabs become free (Remove-VirtualDisk).
     #[command(after_help = "Example:\n  vstor space delete /srv/pool data")]
     Delete(SpaceDeleteArgs),
+    /// Grow a space (Resize-VirtualDisk); a space never shrinks. A thin space takes slabs for
+    /// the new bytes as they are written, a fixed one takes them now. The new bytes read as
+    /// zeroes.
+    #[command(
+        after_help = "Example:\n  vstor space resize /srv/pool data --size 20G\n\
+        A VM using the space sees the new size through the reference VMM's API\n\
+        ({\"op\":\"resize\",\"disk\":N,\"size\":BYTES} on its control socket)."
+    )]
+    Resize(SpaceResizeArgs),
     /// Rebuild the copies and parity that lost or retired disks held onto healthy disks
     /// (Repair-VirtualDisk); all spaces unless NAME is given.
     #[command(
@@ -218,6 +227,20 @@ pub struct SpaceNameArgs {
     /// Name of the space.
     name: String,
     /// Report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SpaceResizeArgs {
+    /// Directory of the member disks.
+    dir: PathBuf,
+    /// Name of the space.
+    name: String,
+    /// The new size (`20G`), at least the current one, a multiple of 4K.
+    #[arg(long, value_parser = size_arg)]
+    size: u64,
+    /// Report the space as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -510,6 +533,11 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
             let pool = open(&a.dir, false)?;
             pool.delete_space(&a.name)?;
             println!("deleted space '{}'", a.name);
+            Ok(())
+        }
+        SpaceCommand::Resize(a) => {
+            let pool = open(&a.dir, false)?;
+            print_space(&pool.resize_space(&a.name, a.size)?, a.json);
             Ok(())
         }
     }
