@@ -115,6 +115,9 @@ struct State {
     /// Batches whose blocks are written and whose in-place writes are not finished.
     in_flight: usize,
     resetting: bool,
+    /// Callers of [`Journal::forget_extents`] waiting for a new generation: no new batch is
+    /// let in meanwhile, so the ones in flight drain.
+    turn_wanted: usize,
     /// Rows with a record in this generation: (space, extent, row).
     rows: HashSet<(Uuid, u64, u64)>,
 }
@@ -339,6 +342,7 @@ impl Journal {
                 ids: meta.members.iter().map(|m| m.id).collect(),
                 in_flight: 0,
                 resetting: false,
+                turn_wanted: 0,
                 rows: HashSet::new(),
             }),
             cv: Condvar::new(),
@@ -400,12 +404,26 @@ impl Journal {
         ids: &[Uuid],
         gen: u64,
     ) -> std::result::Result<(), (usize, Error)> {
-        let off = self.offset.expect("journal");
+        Self::flush_all(devs)?;
+        self.write_headers(devs, ids, gen)
+    }
+
+    fn flush_all(devs: &Devs) -> std::result::Result<(), (usize, Error)> {
         for (m, d) in devs.iter().enumerate() {
             if let Some(d) = d {
                 d.flush().map_err(|e| (m, e))?;
             }
         }
+        Ok(())
+    }
+
+    fn write_headers(
+        &self,
+        devs: &Devs,
+        ids: &[Uuid],
+        gen: u64,
+    ) -> std::result::Result<(), (usize, Error)> {
+        let off = self.offset.expect("journal");
         let writes = devs
             .iter()
             .enumerate()
@@ -461,7 +479,7 @@ impl Journal {
                     .iter()
                     .all(|&(m, n)| st.heads.get(m).copied().unwrap_or(PAGE) + n <= JOURNAL_SIZE)
             };
-            if !st.resetting && fits(&st) {
+            if !st.resetting && st.turn_wanted == 0 && fits(&st) {
                 if st.heads.len() < devs.len() {
                     st.heads.resize(devs.len(), PAGE);
                 }
@@ -481,7 +499,7 @@ impl Journal {
                 }
                 break (st.gen, seq, places, st.ids.clone());
             }
-            if !st.resetting && st.in_flight == 0 {
+            if !st.resetting && st.turn_wanted == 0 && st.in_flight == 0 {
                 // Full: a new generation once nothing journaled is in flight.
                 let r;
                 (st, r) = self.turn(st, devs);
@@ -526,10 +544,17 @@ impl Journal {
         let gen = st.gen + 1;
         let ids = st.ids.clone();
         drop(st);
-        let r = self.start_generation(devs, &ids, gen);
+        let flushed = Self::flush_all(devs);
+        let r = flushed
+            .clone()
+            .and_then(|()| self.write_headers(devs, &ids, gen));
         let mut st = lock(&self.state);
         st.resetting = false;
-        st.gen = gen;
+        // Once headers went out (to every member; one that failed is failed by the caller),
+        // new blocks must carry the new generation; if the flush failed first, none did.
+        if flushed.is_ok() {
+            st.gen = gen;
+        }
         if r.is_ok() {
             st.heads.iter_mut().for_each(|h| *h = PAGE);
             st.rows.clear();
@@ -565,23 +590,34 @@ impl Journal {
         if self.offset.is_none() {
             return Ok(());
         }
-        let mut st = lock(&self.state);
-        loop {
-            if !st
-                .rows
+        let logged = |st: &State| {
+            st.rows
                 .iter()
                 .any(|&(s, e, _)| s == space && extents.contains(&e))
-            {
-                return Ok(());
+        };
+        let mut st = lock(&self.state);
+        if !logged(&st) {
+            return Ok(());
+        }
+        st.turn_wanted += 1;
+        let r = loop {
+            if !logged(&st) {
+                break Ok(());
             }
             if !st.resetting && st.in_flight == 0 {
                 let r;
                 (st, r) = self.turn(st, devs);
-                r?;
+                if r.is_err() {
+                    break r;
+                }
                 continue;
             }
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
+        };
+        st.turn_wanted -= 1;
+        drop(st);
+        self.cv.notify_all();
+        r
     }
 }
 

@@ -1532,6 +1532,7 @@ impl Inner {
             for (e, slots) in meta.spaces[si].extents.iter().enumerate().skip(have) {
                 map[e].clone_from(slots);
             }
+            sh.map_version.fetch_add(1, Ordering::AcqRel);
             sh.set_size(new_size);
         }
         drop(map);
@@ -1554,11 +1555,38 @@ impl Inner {
         if self.read_only || extents.is_empty() {
             return Ok(Vec::new());
         }
+        // What can be released at all (checked again under the locks below), so that a fixed
+        // space or the extent being rebuilt costs no journal turn.
+        let extents: Vec<u64> = {
+            let meta = lock(&self.meta);
+            let Some(s) = meta.spaces.iter().find(|s| s.id == space.id) else {
+                return Ok(Vec::new());
+            };
+            if s.provisioning != Provisioning::Thin {
+                return Ok(Vec::new());
+            }
+            let rebuilding = space
+                .rebuilding
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|r| r.0);
+            extents
+                .iter()
+                .copied()
+                .filter(|&e| {
+                    Some(e) != rebuilding && s.extents.get(e as usize).is_some_and(Option::is_some)
+                })
+                .collect()
+        };
+        if extents.is_empty() {
+            return Ok(Vec::new());
+        }
         if space.layout.parities() > 0 {
             // Outside every lock: it may wait for journaled batches in flight.
             if let Err((m, e)) = self
                 .journal
-                .forget_extents(&self.snapshot(), space.id, extents)
+                .forget_extents(&self.snapshot(), space.id, &extents)
             {
                 self.fail_member(m, &format!("parity journal: {e}"));
                 return Ok(Vec::new());
@@ -1582,7 +1610,7 @@ impl Inner {
         }
         let mut next = meta.clone();
         let mut gone = Vec::new();
-        for &e in extents {
+        for &e in &extents {
             let Some(slot) = next.spaces[si].extents.get_mut(e as usize) else {
                 continue;
             };
@@ -1603,6 +1631,7 @@ impl Inner {
         for &e in &gone {
             map[e as usize] = None;
         }
+        space.map_version.fetch_add(1, Ordering::AcqRel);
         // A chunk a rebuild read ahead is stale now, as after a write.
         space.writes_while_rebuilding.fetch_add(1, Ordering::AcqRel);
         drop(map);
@@ -1660,6 +1689,7 @@ impl Inner {
                 }
             }
         }
+        shared.map_version.fetch_add(1, Ordering::AcqRel);
         drop(map);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         Ok(())

@@ -622,6 +622,7 @@ impl Pool {
                 .unwrap_or_else(|p| p.into_inner());
             if persisted.is_ok() {
                 ext[w.extent as usize] = Some(switched);
+                space.shared.map_version.fetch_add(1, Ordering::AcqRel);
             }
             *space
                 .shared

@@ -55,6 +55,10 @@ pub(crate) struct SpaceShared {
     pub signal: Arc<vstor_core::CapacitySignal>,
     pub layout: Layout,
     pub extents: RwLock<Vec<Option<Vec<Slot>>>>,
+    /// Counts changes of the slabs of extents in `extents` (an allocation, a release, a
+    /// rebuild's switch, a resize), made with the map held for writing: a write runs only on
+    /// the map its write-intent bits were set from.
+    pub map_version: AtomicU64,
     pub deleted: AtomicBool,
     stripes: Vec<Mutex<()>>,
     logical: u32,
@@ -150,6 +154,7 @@ impl SpaceShared {
             signal: Arc::new(vstor_core::CapacitySignal::new(s.size)),
             layout: s.layout,
             extents: RwLock::new(s.extents.clone()),
+            map_version: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             logical,
@@ -514,28 +519,52 @@ impl Space {
                     r.complete(Err(e.clone()));
                 }
             }
-            self.allocate_for(seg);
         }
         // Writes in flight hold the gate shared: the bitmap is cleared only when none is.
         let _gate = writes.then(|| self.pool.gate.read().unwrap_or_else(|p| p.into_inner()));
-        if writes {
-            let chunks = self.dirty_chunks(seg);
-            for (m, e) in self.pool.mark_dirty(&chunks) {
-                self.pool
-                    .fail_member(m, &format!("write-intent bitmap: {e}"));
-            }
-        }
-        for _ in 0..=MAX_MEMBERS {
+        let mut tries = 0;
+        let mut stale = 0;
+        while tries <= MAX_MEMBERS {
             if seg.iter().all(Request::is_complete) {
                 return;
             }
+            // Thin extents allocated, then the write-intent bits of what the writes touch set,
+            // on the map as it is now (its version, which the I/O checks).
+            let version = seg
+                .iter()
+                .any(|r| !r.is_complete() && r.kind().is_write())
+                .then(|| {
+                    // Read first: a change after it, the allocation's own included, sends
+                    // the writes round again.
+                    let v = self.shared.map_version.load(Ordering::Acquire);
+                    self.allocate_for(seg);
+                    let chunks = self.dirty_chunks(seg);
+                    for (m, e) in self.pool.mark_dirty(&chunks) {
+                        self.pool
+                            .fail_member(m, &format!("write-intent bitmap: {e}"));
+                    }
+                    v
+                });
             let devs = self.pool.snapshot();
             if let SpaceHealth::Failed { reason } = self.health_of(&devs) {
                 fail_remaining(seg, &self.failed(reason));
                 return;
             }
             let mut heal = Vec::new();
-            let failures = self.run_once(seg, &devs, &mut heal);
+            let Some(failures) = self.run_once(seg, &devs, &mut heal, version) else {
+                // The map changed since (a discard gave an extent back, a rebuild switched
+                // one in): again, on the new map.
+                stale += 1;
+                if stale > 1000 {
+                    fail_remaining(
+                        seg,
+                        &self.failed("the extent map kept changing under the writes".into()),
+                    );
+                    return;
+                }
+                continue;
+            };
+            tries += 1;
             let mut seen = BTreeSet::new();
             for (m, e) in failures {
                 if seen.insert(m) {
@@ -720,19 +749,24 @@ impl Space {
     }
 
     /// One pass over the incomplete requests. Completes what succeeded; leaves incomplete what a
-    /// member failure touched; returns the failures.
+    /// member failure touched; returns the failures. `None`, with nothing done, if writes are
+    /// left and the extent map is no longer at `version`.
     fn run_once(
         &self,
         seg: &mut [Request<'_>],
         devs: &Devs,
         heal: &mut Vec<Heal>,
-    ) -> Vec<(usize, Error)> {
+        version: Option<u64>,
+    ) -> Option<Vec<(usize, Error)>> {
         let layout = self.shared.layout;
         let ext = self
             .shared
             .extents
             .read()
             .unwrap_or_else(|p| p.into_inner());
+        if version.is_some_and(|v| v != self.shared.map_version.load(Ordering::Acquire)) {
+            return None;
+        }
         self.shared.io_entered.fetch_add(1, Ordering::AcqRel);
         let rebuilding = self
             .shared
@@ -1029,7 +1063,7 @@ impl Space {
                 heal,
             );
         }
-        failures
+        Some(failures)
     }
 
     pub(crate) fn shard_slot(&self, row: u64, shard: usize) -> usize {
