@@ -820,3 +820,52 @@ fn a_pool_held_by_another_open_is_refused_with_the_member_named() {
     let dump = ok(&["disk", "read", &target, "--offset", "0", "--length", "16"]);
     assert!(dump.contains("3333") || dump.contains("33 33"), "{dump}");
 }
+
+#[test]
+fn a_space_grows_and_never_shrinks() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    small_pool(d, 3, "m", "mirror", 1);
+    let target = format!("pool:{d}/m");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--pattern",
+        "0x5a",
+        "--offset",
+        "0",
+        "--length",
+        "2M",
+    ]);
+    let info = json(&ok(&["space", "resize", d, "m", "--size", "5M", "--json"]));
+    assert_eq!(info["size"], 5 << 20, "{info}");
+    let info = json(&ok(&["disk", "info", &target, "--json"]));
+    assert_eq!(
+        info["capacity"].as_u64().or(info["virtual_size"].as_u64()),
+        Some(5 << 20),
+        "{info}"
+    );
+    // The old bytes stay, the new ones read as zeroes.
+    let old = ok(&[
+        "disk", "read", &target, "--offset", "2097136", "--length", "32",
+    ]);
+    assert!(
+        old.contains("5a5a 5a5a 5a5a 5a5a 5a5a 5a5a 5a5a 5a5a"),
+        "{old}"
+    );
+    assert!(
+        old.contains("0000 0000 0000 0000 0000 0000 0000 0000"),
+        "{old}"
+    );
+    // Smaller, or not a multiple of 4 KiB: refused in one line, nothing changed.
+    let e = fails(&["space", "resize", d, "m", "--size", "1M"]);
+    assert!(e.contains("never shrinks"), "{e}");
+    let e = fails(&["space", "resize", d, "m", "--size", "6000001"]);
+    assert!(e.contains("multiple of 4096"), "{e}");
+    let e = fails(&["space", "resize", d, "nope", "--size", "8M"]);
+    assert!(e.contains("no space named 'nope'"), "{e}");
+    let info = json(&ok(&["space", "info", d, "m", "--json"]));
+    assert_eq!(info["size"], 5 << 20, "{info}");
+}

@@ -79,7 +79,8 @@
 //!
 //! What does not exist yet: replaying the journal in memory for a read-only open (such an
 //! open refuses the spaces the waiting updates touch, see above); an incremental resync of a member that came back
-//! (it is rebuilt whole, through [`Pool::reuse_member`]); growing or shrinking a space; table-free
+//! (it is rebuilt whole, through [`Pool::reuse_member`]); shrinking a space (a space grows, online:
+//! [`Pool::resize_space`]); table-free
 //! GF(2^8) multiplication by arbitrary constants (decode still uses a product table per
 //! coefficient; P+Q encode runs on 64-bit lanes without tables); locking of pools opened with [`Pool::open`] on devices the caller
 //! opened (only [`Pool::open_dir`] and the `create_*` calls lock their files); a quorum of

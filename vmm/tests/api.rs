@@ -1,5 +1,5 @@
-//! The VMM's API socket, end to end: a host thread resizes a dynamic VHDX through
-//! `--api-socket` while the test guest waits for the capacity change; the guest sees the
+//! The VMM's API socket, end to end: a host thread resizes a dynamic VHDX, or a pool's space,
+//! through `--api-socket` while the test guest waits for the capacity change; the guest sees the
 //! configuration-change interrupt and the new capacity and writes the new area, which the host
 //! then reads with `vstor disk read`. Statistics, pause and resume go through the same socket.
 //!
@@ -161,9 +161,52 @@ fn a_resize_through_the_api_is_seen_by_the_guest() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.vhdx");
-    let sock = dir.path().join("api.sock");
     let disk_s = disk.to_str().unwrap();
     vstor(&["disk", "create", disk_s, "--size", &OLD_SIZE.to_string()]);
+    resize_while_the_guest_waits(dir.path(), disk_s);
+}
+
+#[test]
+fn a_pool_space_grows_through_the_api_and_the_guest_sees_it() {
+    if !kvm_or_skip("a_pool_space_grows_through_the_api_and_the_guest_sees_it") {
+        return;
+    }
+    // A thin 2-way mirror: the new bytes take slabs as the guest writes them.
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let pool_s = pool.to_str().unwrap();
+    vstor(&[
+        "pool",
+        "create",
+        pool_s,
+        "--disks",
+        "2",
+        "--disk-size",
+        "128M",
+        "--slab-size",
+        "4M",
+    ]);
+    vstor(&[
+        "space",
+        "create",
+        pool_s,
+        "data",
+        "--size",
+        &OLD_SIZE.to_string(),
+        "--resiliency",
+        "mirror",
+    ]);
+    let target = format!("pool:{pool_s}/data");
+    resize_while_the_guest_waits(dir.path(), &target);
+    let info = vstor(&["space", "info", pool_s, "data", "--json"]);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["size"], NEW_SIZE, "{info}");
+}
+
+/// Starts the test guest on `disk` (OLD_SIZE bytes), resizes the disk to NEW_SIZE through
+/// the API while the guest waits for the change, and checks what the guest saw and wrote.
+fn resize_while_the_guest_waits(dir: &Path, disk_s: &str) {
+    let sock = dir.join("api.sock");
     let mut vm = Running::start(&[
         "--disk",
         disk_s,
@@ -204,7 +247,7 @@ fn a_resize_through_the_api_is_seen_by_the_guest() {
     let info = vstor(&["disk", "info", disk_s]);
     println!("{info}");
     for (off, len) in [(OLD_SIZE, 64 << 10), (NEW_SIZE - 8192, 8192)] {
-        let o = dir.path().join("read.bin");
+        let o = dir.join("read.bin");
         let _ = std::fs::remove_file(&o);
         vstor(&[
             "disk",
