@@ -259,6 +259,15 @@ pub(crate) struct Meta {
 
 impl Meta {
     /// Slab references the metadata holds.
+    /// Whether a copy with `extra` more slab references (extents times width) still fits a
+    /// metadata slot (checked before anything that size is allocated).
+    pub fn room_for_refs(&self, extra: u64) -> bool {
+        extra
+            .checked_mul(REF as u64)
+            .and_then(|b| b.checked_add(self.blob_len()))
+            .is_some_and(|n| n <= self.slot_size)
+    }
+
     pub fn ref_count(&self) -> u64 {
         self.spaces
             .iter()

@@ -1159,6 +1159,13 @@ impl Pool {
             .into());
         }
         let count = layout.extents_for(spec.size);
+        if !meta.room_for_refs(count.saturating_mul(layout.width as u64)) {
+            return Err(SpacesError::PoolFull(format!(
+                "the pool metadata area ({} bytes) cannot describe {} more extents",
+                meta.slot_size, count
+            ))
+            .into());
+        }
         let mut space = SpaceMeta {
             id: Uuid::new_v4(),
             name: spec.name.clone(),
@@ -1488,9 +1495,18 @@ impl Inner {
             )));
         }
         let layout = meta.spaces[si].layout;
-        let count = layout.extents_for(new_size) as usize;
+        let have = meta.spaces[si].extents.len();
+        let count = layout.extents_for(new_size);
+        if !meta.room_for_refs((count - have as u64).saturating_mul(layout.width as u64)) {
+            return Err(SpacesError::PoolFull(format!(
+                "the pool metadata area ({} bytes) cannot describe {} more extents",
+                meta.slot_size,
+                count - have as u64
+            ))
+            .into());
+        }
+        let count = count as usize;
         let mut next = meta.clone();
-        let have = next.spaces[si].extents.len();
         next.spaces[si].extents.resize(count, None);
         next.spaces[si].size = new_size;
         let mut fresh = Vec::new();
@@ -1510,14 +1526,6 @@ impl Inner {
                 next.spaces[si].extents[e] = Some(slots);
             }
         }
-        if next.blob_len() > next.slot_size {
-            return Err(SpacesError::PoolFull(format!(
-                "the pool metadata area ({} bytes) cannot describe {} more extents",
-                next.slot_size,
-                count - have
-            ))
-            .into());
-        }
         self.zero_new(&next, fresh.iter())?;
         // An open space: its map grows (held for writing, so no I/O of it is in flight) before
         // its size does.
@@ -1532,7 +1540,6 @@ impl Inner {
             for (e, slots) in meta.spaces[si].extents.iter().enumerate().skip(have) {
                 map[e].clone_from(slots);
             }
-            sh.map_version.fetch_add(1, Ordering::AcqRel);
             sh.set_size(new_size);
         }
         drop(map);
@@ -1540,7 +1547,8 @@ impl Inner {
         let info = space_info(&meta.spaces[si], &usable(&self.members_read()));
         drop(meta);
         if let Some(sh) = shared {
-            sh.signal.publish(new_size);
+            // The size as it is now: a later grow may have published already.
+            sh.signal.publish(sh.size());
         }
         Ok(info)
     }
@@ -1551,7 +1559,12 @@ impl Inner {
     /// released. It leaves to the caller (who zeroes them) the extents of a fixed space, those
     /// not allocated, the one being rebuilt, and those with parity journal records left in the
     /// current generation (see [`Journal::forget_extents`](crate::journal::Journal)).
-    pub(crate) fn release(&self, space: &SpaceShared, extents: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn release(
+        &self,
+        space: &SpaceShared,
+        extents: &[u64],
+        end: u64,
+    ) -> Result<Vec<u64>> {
         if self.read_only || extents.is_empty() {
             return Ok(Vec::new());
         }
@@ -1614,7 +1627,11 @@ impl Inner {
             let Some(slot) = next.spaces[si].extents.get_mut(e as usize) else {
                 continue;
             };
+            // The discard covers `[.., end)`; an extent past it counted as covered because
+            // it was the space's last: not if the space grew since (a write may be there).
+            let reach = (e + 1) * space.layout.extent_bytes();
             if slot.is_none()
+                || (reach > end && end < space.size())
                 || rebuilding == Some(e)
                 || (space.layout.parities() > 0 && self.journal.extent_logged(space.id, e))
             {
@@ -1689,7 +1706,6 @@ impl Inner {
                 }
             }
         }
-        shared.map_version.fetch_add(1, Ordering::AcqRel);
         drop(map);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         Ok(())

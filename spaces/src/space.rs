@@ -55,9 +55,11 @@ pub(crate) struct SpaceShared {
     pub signal: Arc<vstor_core::CapacitySignal>,
     pub layout: Layout,
     pub extents: RwLock<Vec<Option<Vec<Slot>>>>,
-    /// Counts changes of the slabs of extents in `extents` (an allocation, a release, a
-    /// rebuild's switch, a resize), made with the map held for writing: a write runs only on
-    /// the map its write-intent bits were set from.
+    /// Counts changes of the slabs of allocated extents in `extents` (a release, a rebuild's
+    /// switch), made with the map held for writing: a write runs only on the map its
+    /// write-intent bits were set from. (An allocation only fills extents that were not
+    /// allocated, which a write allocates itself before it sets its bits, and a grow only adds
+    /// extents past what writes in flight reach: neither counts.)
     pub map_version: AtomicU64,
     pub deleted: AtomicBool,
     stripes: Vec<Mutex<()>>,
@@ -101,8 +103,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl SpaceShared {
-    /// How many batches have taken the extent map so far (read it while holding the map
-    /// exclusively, to hand to [`SpaceShared::let_waiting_io_in`]).
+    /// The size in bytes.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -112,6 +113,8 @@ impl SpaceShared {
         self.size.store(size, Ordering::Release);
     }
 
+    /// How many batches have taken the extent map so far (read it while holding the map
+    /// exclusively, to hand to [`SpaceShared::let_waiting_io_in`]).
     pub fn io_entered(&self) -> u64 {
         self.io_entered.load(Ordering::Acquire)
     }
@@ -646,7 +649,7 @@ impl Space {
                 .filter(|&e| map.get(e as usize).is_some_and(Option::is_some))
                 .collect()
         };
-        self.pool.release(&self.shared, &whole).map(drop)
+        self.pool.release(&self.shared, &whole, end).map(drop)
     }
 
     /// Writes zeroes over `[offset, offset + len)`, 1 MiB at a time, skipping extents that are

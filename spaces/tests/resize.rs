@@ -32,11 +32,15 @@ fn a_space_grows_online_with_its_data_kept_and_zeroes_after_it() {
             let new = 3 * eb + 8192;
             let devs = mem_disks(disks, 16 << 20);
             let pool = create(&devs);
-            // Slabs that held another space's data before: what grows onto them reads zeroes.
-            pool.create_space(&spec("junk", 4 * eb, res, Some(cols)))
+            // Every slab held another space's data before: what grows onto them reads zeroes.
+            pool.create_space(&spec("junk", 64 * eb, res, Some(cols)))
                 .unwrap();
             let junk = pool.open_space("junk").unwrap();
-            junk.write_at(0, &vec![0x5a; (4 * eb) as usize]).unwrap();
+            let mut filled = 0;
+            while junk.write_at(filled * eb, &vec![0x5a; eb as usize]).is_ok() {
+                filled += 1;
+            }
+            assert!(filled >= 4, "{label}: the pool took {filled} extents");
             drop(junk);
             pool.delete_space("junk").unwrap();
             let mut s = spec("s", old, res, Some(cols));
@@ -123,6 +127,19 @@ fn a_resize_that_cannot_be_done_changes_nothing() {
     assert!(e.to_string().contains("multiple of 4096"), "{e}");
     // More than the pool holds (a fixed space takes its slabs now).
     let e = pool.resize_space("f", 64 << 20).unwrap_err();
+    assert!(
+        matches!(spaces_error(&e), Some(SpacesError::PoolFull(_))),
+        "{e}"
+    );
+    // Far more than the metadata can describe: refused before anything that size exists.
+    let e = pool.resize_space("f", u64::MAX & !4095).unwrap_err();
+    assert!(
+        matches!(spaces_error(&e), Some(SpacesError::PoolFull(_))),
+        "{e}"
+    );
+    let e = pool
+        .create_space(&spec("huge", u64::MAX & !4095, Resiliency::Simple, Some(1)))
+        .unwrap_err();
     assert!(
         matches!(spaces_error(&e), Some(SpacesError::PoolFull(_))),
         "{e}"
