@@ -132,13 +132,13 @@ fn a_resize_that_cannot_be_done_changes_nothing() {
         "{e}"
     );
     // Far more than the metadata can describe: refused before anything that size exists.
-    let e = pool.resize_space("f", u64::MAX & !4095).unwrap_err();
+    let e = pool.resize_space("f", !4095u64).unwrap_err();
     assert!(
         matches!(spaces_error(&e), Some(SpacesError::PoolFull(_))),
         "{e}"
     );
     let e = pool
-        .create_space(&spec("huge", u64::MAX & !4095, Resiliency::Simple, Some(1)))
+        .create_space(&spec("huge", !4095u64, Resiliency::Simple, Some(1)))
         .unwrap_err();
     assert!(
         matches!(spaces_error(&e), Some(SpacesError::PoolFull(_))),
