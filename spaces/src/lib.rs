@@ -27,7 +27,11 @@
 //!   back: recorded in the metadata, read as zeroes, allocated afresh by a later write; a
 //!   parity space's journal starts a new generation first if it holds records of the extent's
 //!   rows, so that no replay can put them back; the rest of a discard, write-zeroes, and a
-//!   discard on a fixed space write zeroes). A [`Space`] is a [`BlockDevice`](vstor_core::BlockDevice): a batch in becomes one batch per member, run side by side
+//!   discard on a fixed space write zeroes; a write runs only on the extent map its
+//!   write-intent bits were set from, so a release or a rebuild's switch in between sends it
+//!   round again). A space grows online ([`Pool::resize_space`], or
+//!   [`BlockDevice::resize`](vstor_core::BlockDevice::resize) with its capacity signal, as the
+//!   reference VMM's API does); it never shrinks. A [`Space`] is a [`BlockDevice`](vstor_core::BlockDevice): a batch in becomes one batch per member, run side by side
 //!   ([`vstor_core::submit_group`]: the members that are files on one io_uring driven by the
 //!   submitting thread, each read checksummed as it completes while the rest are in flight; a
 //!   full-stripe parity write's parity is encoded and checksummed on a second thread while
