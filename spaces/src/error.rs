@@ -83,19 +83,6 @@ pub enum SpacesError {
     /// The pool was opened read-only.
     #[error("the pool is open read-only")]
     ReadOnly,
-    /// A read-only open found committed parity updates in the journal that an unclean
-    /// shutdown left unapplied, and some touch this space: a read-only open replays nothing,
-    /// so a row they touch could be rebuilt from stale parity (with a member missing). The
-    /// space is refused until a writable open replays them; nothing was written.
-    #[error("space '{space}': {batches} journaled parity updates from an unclean shutdown await replay ({total} in the pool), and a read-only open does not replay them, so reads could return stale data; open the pool writable once to replay them (the CLI's `vstor space scrub DIR` and `vstor space repair DIR` do), then read-only opens work")]
-    ReplayNeeded {
-        /// The space.
-        space: String,
-        /// Journaled batches (committed, not yet applied) that touch this space.
-        batches: u64,
-        /// Such batches in the whole pool.
-        total: u64,
-    },
 }
 
 impl From<SpacesError> for vstor_core::Error {

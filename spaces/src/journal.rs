@@ -39,11 +39,11 @@
 //!   generation is durable) and a new header (generation + 1) is written and flushed on every
 //!   member. Records of older generations are never replayed. A batch bigger than a journal is
 //!   cut into parts (a row range at most 256 KiB a part), each journaled and written in turn.
-//! - A read-only open replays nothing and writes nothing: committed batches are counted in the
-//!   pool's notes and [`JournalStats::pending_batches`], and a space any of them touches
-//!   refuses to open ([`SpacesError::ReplayNeeded`](crate::SpacesError::ReplayNeeded)), since
-//!   with a member missing its rows would be rebuilt from parity the batch had not yet made
-//!   right. Other spaces, and the pool's metadata, can be read. A writable open replays them.
+//! - A read-only open writes nothing, so it replays committed batches in memory: every member
+//!   is seen through an overlay (`overlay::RamOverlay`) that takes the replay's writes (data
+//!   and checksum pages) and lays them over what the member reads, so its rows read, and
+//!   rebuild with a member missing, as they will once applied. They are counted in the
+//!   pool's notes and [`JournalStats::pending_batches`]; a writable open applies them.
 //!
 //! On disk (little-endian), at `2 * slot_size` of every member:
 //! - a header page (4 KiB): magic `VSTJHDR1`, the generation (u64), the member's identity (16
@@ -99,9 +99,8 @@ pub struct JournalStats {
     pub replayed_batches: u64,
     /// Records (a shard range of a row) replayed at the open.
     pub replayed_records: u64,
-    /// A read-only open after an unclean shutdown: committed batches it found and left
-    /// unapplied (a writable open replays them). Spaces they touch refuse to open
-    /// ([`SpacesError::ReplayNeeded`](crate::SpacesError::ReplayNeeded)).
+    /// A read-only open after an unclean shutdown: committed batches it replayed in memory
+    /// only (nothing is written; a writable open applies them).
     pub pending_batches: u64,
 }
 
@@ -133,8 +132,8 @@ pub(crate) struct Journal {
     wraps: AtomicU64,
     replayed_batches: AtomicU64,
     replayed_records: AtomicU64,
-    /// A read-only open: committed batches left unapplied, by space they touch, and in all.
-    pending: Mutex<(BTreeMap<Uuid, u64>, u64)>,
+    /// A read-only open: committed batches replayed in memory only.
+    pending: AtomicU64,
 }
 
 /// Held from a batch's journal write until its in-place writes are done.
@@ -351,15 +350,8 @@ impl Journal {
             wraps: AtomicU64::new(0),
             replayed_batches: AtomicU64::new(0),
             replayed_records: AtomicU64::new(0),
-            pending: Mutex::new((BTreeMap::new(), 0)),
+            pending: AtomicU64::new(0),
         }
-    }
-
-    /// For a read-only open: the committed batches an unclean shutdown left unapplied that
-    /// touch space `id`, and such batches in the whole pool. (0, 0) after a writable open.
-    pub fn pending(&self, id: Uuid) -> (u64, u64) {
-        let p = lock(&self.pending);
-        (p.0.get(&id).copied().unwrap_or(0), p.1)
     }
 
     pub fn stats(&self) -> JournalStats {
@@ -369,7 +361,7 @@ impl Journal {
             wraps: self.wraps.load(Ordering::Acquire),
             replayed_batches: self.replayed_batches.load(Ordering::Acquire),
             replayed_records: self.replayed_records.load(Ordering::Acquire),
-            pending_batches: lock(&self.pending).1,
+            pending_batches: self.pending.load(Ordering::Acquire),
         }
     }
 
@@ -682,30 +674,36 @@ impl Inner {
         });
         let mut notes = Vec::new();
         if self.read_only {
-            if !batches.is_empty() {
-                let mut p = lock(&self.journal.pending);
-                for bs in batches.values() {
-                    let spaces: HashSet<Uuid> = bs
-                        .iter()
-                        .flat_map(|b| b.records.iter().map(|r| r.space))
-                        .collect();
-                    for s in spaces {
-                        *p.0.entry(s).or_default() += 1;
+            if batches.is_empty() {
+                return Ok(notes);
+            }
+            // Replayed in memory: every member is seen through an overlay that holds the
+            // replay's writes (data and checksum pages), so rows read and rebuild as they will
+            // once a writable open applies the batches; the members are not written.
+            {
+                let mut rt = self.members_write();
+                for m in rt.iter_mut() {
+                    if let Some(d) = m.device.take() {
+                        m.device = Some(Arc::new(crate::overlay::RamOverlay::new(d)));
                     }
                 }
-                p.1 = batches.len() as u64;
-                let names: Vec<&str> = meta
-                    .spaces
-                    .iter()
-                    .filter(|s| p.0.contains_key(&s.id))
-                    .map(|s| s.name.as_str())
-                    .collect();
-                notes.push(format!(
-                    "unclean shutdown: {} journaled parity updates await replay; a read-only open does not replay them, so the spaces they touch ({}) refuse to open until the pool is opened writable once (which replays them)",
-                    batches.len(),
-                    names.join(", ")
-                ));
             }
+            let devs = self.snapshot();
+            let mut records = 0u64;
+            for bs in batches.values() {
+                for b in bs {
+                    for r in &b.records {
+                        records += u64::from(self.replay_record(&meta, &devs, r)?);
+                    }
+                }
+            }
+            self.journal
+                .pending
+                .store(batches.len() as u64, Ordering::Release);
+            notes.push(format!(
+                "unclean shutdown: {} journaled parity updates ({records} records) replayed in memory only (a read-only open writes nothing); a writable open applies them",
+                batches.len()
+            ));
             return Ok(notes);
         }
         let mut records = 0u64;

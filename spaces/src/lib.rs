@@ -56,9 +56,8 @@
 //!   crash followed by the loss of a member (before any resync) never rebuilds data that was
 //!   not being written from a stale parity. Full-row writes skip it. The metadata format is
 //!   version 3; a version 2 pool opens without a journal (and says so) and stays version 2.
-//!   A read-only open replays nothing (it writes nothing): a space that committed updates
-//!   left unapplied touch refuses to open with [`SpacesError::ReplayNeeded`], which says how
-//!   many wait and that a writable open applies them.
+//!   A read-only open writes nothing: it replays them in memory (each member seen through an
+//!   overlay holding the replay's writes), and a writable open applies them.
 //! - Per-block CRC-32C ([`csum`]): every 512-byte block of every slab has a checksum in its
 //!   member's checksum area, written while the data is in flight (the write-intent bitmap
 //!   covers both; a resync after a crash settles blocks whose data and checksum did not both
@@ -81,8 +80,7 @@
 //!   slab; rebuild: 32 MiB, reading the next step's first chunk while its last is written,
 //!   and keeping it only if no write got in between), and let waiting I/O in between steps.
 //!
-//! What does not exist yet: replaying the journal in memory for a read-only open (such an
-//! open refuses the spaces the waiting updates touch, see above); an incremental resync of a member that came back
+//! What does not exist yet: an incremental resync of a member that came back
 //! (it is rebuilt whole, through [`Pool::reuse_member`]); shrinking a space (a space grows, online:
 //! [`Pool::resize_space`]); table-free
 //! GF(2^8) multiplication by arbitrary constants (decode still uses a product table per
@@ -131,6 +129,7 @@ mod error;
 pub mod format;
 pub mod journal;
 mod layout;
+mod overlay;
 mod pool;
 mod repair;
 mod space;

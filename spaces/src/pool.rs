@@ -1248,10 +1248,6 @@ impl Pool {
     }
 
     /// Opens the space `name` as a block device. Handles of one space share their state.
-    ///
-    /// On a pool opened read-only after an unclean shutdown, a parity space that committed
-    /// journal batches touch (not yet replayed: only a writable open replays) is refused with
-    /// [`SpacesError::ReplayNeeded`]: its rows could be rebuilt from stale parity.
     pub fn open_space(&self, name: &str) -> Result<Space> {
         let meta = lock(&self.inner.meta);
         let s = meta
@@ -1259,17 +1255,6 @@ impl Pool {
             .iter()
             .find(|s| s.name == name)
             .ok_or_else(|| SpacesError::NoSuchSpace(name.into()))?;
-        if self.inner.read_only {
-            let (batches, total) = self.inner.journal.pending(s.id);
-            if batches > 0 {
-                return Err(SpacesError::ReplayNeeded {
-                    space: name.into(),
-                    batches,
-                    total,
-                }
-                .into());
-            }
-        }
         let mut open = lock(&self.inner.open_spaces);
         let shared = match open.get(&s.id).and_then(Weak::upgrade) {
             Some(sh) => sh,
