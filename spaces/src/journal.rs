@@ -613,9 +613,34 @@ impl Journal {
     }
 }
 
+/// Where a record's shard lives now: its slot and the offset in the slab; `None` for a
+/// record that does not fit the space as it is now (a deleted space, a bad range).
+fn record_target(meta: &Meta, r: &Record) -> Option<(crate::format::Slot, u64)> {
+    let space = meta.spaces.iter().find(|s| s.id == r.space)?;
+    let l = &space.layout;
+    let n = r.data.len() as u64;
+    let slots = space.extents.get(r.extent as usize)?.as_ref()?;
+    if r.shard >= l.width
+        || r.row >= l.slab_size / l.interleave
+        || n == 0
+        || n % csum::BLOCK != 0
+        || r.lo % csum::BLOCK != 0
+        || r.lo.checked_add(n).is_none_or(|e| e > l.interleave)
+    {
+        return None;
+    }
+    let si = if r.shard < l.data_columns {
+        l.data_slot(r.row, r.shard, 0)
+    } else {
+        l.parity_slot(r.row, r.shard - l.data_columns)
+    };
+    Some((slots[si], l.slab_offset(r.row, r.lo)))
+}
+
 impl Inner {
     /// At an open, before the resync: reads every usable member's journal, replays the
-    /// committed batches (unless read-only) and starts a new generation. Returns notes.
+    /// committed batches (read-only: in memory, see the module documentation) and starts a
+    /// new generation (not read-only). Returns notes.
     pub(crate) fn recover_journal(&self) -> Result<Vec<String>> {
         let Some(off) = self.journal.offset else {
             return Ok(vec![
@@ -680,20 +705,47 @@ impl Inner {
             // Replayed in memory: every member is seen through an overlay that holds the
             // replay's writes (data and checksum pages), so rows read and rebuild as they will
             // once a writable open applies the batches; the members are not written.
+            let mut overlays = Vec::new();
             {
                 let mut rt = self.members_write();
-                for m in rt.iter_mut() {
-                    if let Some(d) = m.device.take() {
-                        m.device = Some(Arc::new(crate::overlay::RamOverlay::new(d)));
+                for (m, member) in rt.iter_mut().enumerate() {
+                    if let Some(d) = member.device.take() {
+                        let o = Arc::new(crate::overlay::RamOverlay::new(d.clone()));
+                        member.device = Some(o.clone());
+                        overlays.push((m, o, d));
                     }
                 }
             }
-            let devs = self.snapshot();
+            let mut devs = self.snapshot();
             let mut records = 0u64;
             for bs in batches.values() {
                 for b in bs {
                     for r in &b.records {
-                        records += u64::from(self.replay_record(&meta, &devs, r)?);
+                        match self.replay_record(&meta, &devs, r) {
+                            Ok(done) => records += u64::from(done),
+                            Err(e) => {
+                                // The member failed (in memory: a read-only open records
+                                // nothing); its shards are rebuilt from the others, which the
+                                // replay makes agree, as after any failure.
+                                let Some((s, _)) = record_target(&meta, r) else {
+                                    return Err(e);
+                                };
+                                self.fail_member(
+                                    s.member,
+                                    &format!("journal replay in memory: {e}"),
+                                );
+                                devs = self.snapshot();
+                            }
+                        }
+                    }
+                }
+            }
+            // Members the replay did not write are read directly again (on the shared ring).
+            {
+                let mut rt = self.members_write();
+                for (m, o, d) in overlays {
+                    if o.is_empty() && rt[m].device.is_some() {
+                        rt[m].device = Some(d);
                     }
                 }
             }
@@ -745,33 +797,12 @@ impl Inner {
     /// Writes one record where its shard lives now, with its block checksums. Records that do
     /// not fit the space as it is now (a deleted space, a bad range) are skipped: false.
     fn replay_record(&self, meta: &Meta, devs: &Devs, r: &Record) -> Result<bool> {
-        let Some(space) = meta.spaces.iter().find(|s| s.id == r.space) else {
+        let Some((s, in_slab)) = record_target(meta, r) else {
             return Ok(false);
         };
-        let l = &space.layout;
-        let n = r.data.len() as u64;
-        let Some(Some(slots)) = space.extents.get(r.extent as usize) else {
-            return Ok(false);
-        };
-        if r.shard >= l.width
-            || r.row >= l.slab_size / l.interleave
-            || n == 0
-            || n % csum::BLOCK != 0
-            || r.lo % csum::BLOCK != 0
-            || r.lo.checked_add(n).is_none_or(|e| e > l.interleave)
-        {
-            return Ok(false);
-        }
-        let si = if r.shard < l.data_columns {
-            l.data_slot(r.row, r.shard, 0)
-        } else {
-            l.parity_slot(r.row, r.shard - l.data_columns)
-        };
-        let s = slots[si];
         let Some(dev) = devs.get(s.member).and_then(Option::as_ref) else {
             return Ok(false);
         };
-        let in_slab = l.slab_offset(r.row, r.lo);
         dev.write_at(
             meta.data_start + u64::from(s.slab) * meta.slab_size + in_slab,
             &r.data,

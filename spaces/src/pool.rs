@@ -684,8 +684,9 @@ impl Pool {
     ///
     /// Members written apart are refused with [`SpacesError::SplitBrain`] unless
     /// [`OpenOptions::force_member`] names the side to keep (see the crate documentation).
-    /// Unless read-only, the parity journal is then replayed (see [`crate::journal`]) and the
-    /// chunks the write-intent bitmaps name are resynced, before the pool is handed out.
+    /// The parity journal is then replayed (see [`crate::journal`]; read-only: in memory) and,
+    /// unless read-only, the chunks the write-intent bitmaps name are resynced, before the
+    /// pool is handed out.
     pub fn open(disks: Vec<PoolDisk>, opts: &OpenOptions) -> Result<Pool> {
         let mut notes = Vec::new();
         let mut found: Vec<(PoolDisk, Meta, usize)> = Vec::new();

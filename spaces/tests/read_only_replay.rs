@@ -7,7 +7,8 @@
 mod common;
 
 use common::*;
-use vstor_core::{BlockDevice, Request};
+use std::sync::Arc;
+use vstor_core::{BlockDevice, FaultDevice, FaultRule, OpKind, Request};
 use vstor_spaces::Resiliency;
 
 const DISK: u64 = 8 << 20;
@@ -104,6 +105,33 @@ fn a_read_only_open_replays_journal_updates_in_memory() {
             drop(pool);
             let now: Vec<Vec<u8>> = devs.iter().map(|d| contents(&**d)).collect();
             assert!(now == cut, "cut at {k}: a read-only open wrote");
+        }
+        // A member whose checksum area cannot be read (the replay loads the checksum pages
+        // its records change): it is failed in memory, the open goes on, and its shards are
+        // rebuilt from the others, which the replay made agree.
+        for bad in 0..devs.len() {
+            let info = open(&devs, &[], true).info();
+            let m = &info.members[bad];
+            let csum_start = info.data_start + m.slabs * info.slab_size;
+            let faulty: Vec<Arc<dyn BlockDevice>> = devs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    if i != bad {
+                        return d.clone();
+                    }
+                    let f = FaultDevice::new(d.clone());
+                    f.add_rule(FaultRule::fail(OpKind::Read).in_range(csum_start..m.capacity));
+                    Arc::new(f) as Arc<dyn BlockDevice>
+                })
+                .collect();
+            let pool = open(&faulty, &[], true);
+            assert!(
+                read_all(&pool.open_space("p").unwrap()) == new,
+                "cut at {k}, member {bad} failing: {:?}",
+                pool.info().notes
+            );
+            assert!(read_all(&pool.open_space("m").unwrap()) == mirror);
         }
         // Writable with member 0 missing: the batch is replayed first, the data is right.
         let pool = open(&devs, &[0], false);
