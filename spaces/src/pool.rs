@@ -1564,12 +1564,7 @@ impl Inner {
             if s.provisioning != Provisioning::Thin {
                 return Ok(Vec::new());
             }
-            let rebuilding = space
-                .rebuilding
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .map(|r| r.0);
+            let rebuilding = space.rebuilding_extent();
             extents
                 .iter()
                 .copied()
@@ -1595,12 +1590,7 @@ impl Inner {
         // writing, so no I/O of the space is in flight).
         let mut meta = lock(&self.meta);
         let mut map = space.extents.write().unwrap_or_else(|p| p.into_inner());
-        let rebuilding = space
-            .rebuilding
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|r| r.0);
+        let rebuilding = space.rebuilding_extent();
         let Some(si) = meta.spaces.iter().position(|s| s.id == space.id) else {
             return Ok(Vec::new());
         };

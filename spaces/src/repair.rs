@@ -414,11 +414,12 @@ impl Pool {
             let mut r = lock(&inner.reserved);
             r.retain(|s| !new.iter().any(|(_, n)| n == s));
         };
-        *space
-            .shared
-            .rebuilding
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some((w.extent, new.clone()));
+        // Gives up the extent: writes no longer go to the new slabs, which are free again.
+        let abandon = || {
+            space.shared.set_rebuilding(None);
+            release();
+        };
+        space.shared.set_rebuilding(Some((w.extent, new.clone())));
         let chunk = CHUNK.max(layout.interleave).min(slab_size);
         let window = (chunk * WINDOW_CHUNKS).min(slab_size);
         let mut bytes = 0;
@@ -458,12 +459,7 @@ impl Pool {
                         .flat_map(|a| a.1.writes)
                         .map(|w| w.1),
                 );
-                *space
-                    .shared
-                    .rebuilding
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner()) = None;
-                release();
+                abandon();
                 return Ok(Some(0));
             }
             let devs = inner.snapshot();
@@ -578,12 +574,7 @@ impl Pool {
             });
         }
         if let Err(e) = result {
-            *space
-                .shared
-                .rebuilding
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = None;
-            release();
+            abandon();
             return Err(e);
         }
         // Switch: the new slabs replace the old in the metadata, then in the map.
@@ -598,12 +589,7 @@ impl Pool {
             // Given back by a discard (and maybe allocated again elsewhere) meanwhile.
             .filter(|t| **t == slots)
         else {
-            *space
-                .shared
-                .rebuilding
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = None;
-            release();
+            abandon();
             return Ok(Some(0));
         };
         for &(si, n) in &new {
@@ -624,11 +610,7 @@ impl Pool {
                 ext[w.extent as usize] = Some(switched);
                 space.shared.map_version.fetch_add(1, Ordering::AcqRel);
             }
-            *space
-                .shared
-                .rebuilding
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = None;
+            space.shared.set_rebuilding(None);
         }
         drop(meta);
         release();

@@ -103,6 +103,20 @@ impl Drop for Waiting<'_> {
 }
 
 impl SpaceShared {
+    /// The extent being rebuilt, if one is.
+    pub(crate) fn rebuilding_extent(&self) -> Option<u64> {
+        self.rebuilding
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|r| r.0)
+    }
+
+    /// Sets (or clears) the extent being rebuilt and the new slabs its writes also go to.
+    pub(crate) fn set_rebuilding(&self, r: Option<Rebuild>) {
+        *self.rebuilding.write().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
     /// The size in bytes.
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
