@@ -551,8 +551,8 @@ impl Space {
                 .iter()
                 .any(|r| !r.is_complete() && r.kind().is_write())
                 .then(|| {
-                    // Read first: a change after it, the allocation's own included, sends
-                    // the writes round again.
+                    // Read first: a release or a rebuild's switch after it sends the writes
+                    // round again.
                     let v = self.shared.map_version.load(Ordering::Acquire);
                     self.allocate_for(seg);
                     let chunks = self.dirty_chunks(seg);
