@@ -200,6 +200,7 @@ impl TargetSpec {
                         engine,
                         ring_entries: 0,
                         lock: false,
+                        share_rw: false,
                     },
                 )?;
                 let notes = dev
@@ -222,6 +223,7 @@ impl TargetSpec {
                         engine,
                         ring_entries: 0,
                         lock: false,
+                        share_rw: false,
                     },
                     ..Default::default()
                 };
@@ -240,6 +242,7 @@ impl TargetSpec {
                     ring_entries: 0,
                     // Pool::open_dir locks every member whatever this says.
                     lock: true,
+                    share_rw: false,
                 };
                 let pool = vstor_spaces::Pool::open_dir(
                     dir,

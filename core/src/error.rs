@@ -44,8 +44,75 @@ impl fmt::Display for OpKind {
     }
 }
 
+/// What sort of failure an [`Error`] is, for callers that must act on it (retry, report, map to
+/// a protocol status, pick an exit code) without knowing which layer failed. The detail stays in
+/// the error itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The operating system or the medium failed an I/O.
+    Io,
+    /// A request, argument or parameter that makes no sense.
+    InvalidInput,
+    /// A request past the end of the device.
+    OutOfRange,
+    /// A change refused because the device or image is read-only.
+    ReadOnly,
+    /// Something this implementation does not support (an operation, a feature of an image).
+    Unsupported,
+    /// Data read from a disk is malformed or fails its checksum.
+    Corrupt,
+    /// No space left (the device, the pool, the host file system).
+    NoSpace,
+    /// The file, image or pool is in use by another process (it holds the lock).
+    InUse,
+    /// The device or one it needs is not there or not usable now (powered off, a missing
+    /// member, a failed space, a parent not found).
+    Unavailable,
+    /// The operation was cancelled.
+    Cancelled,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::Io => "I/O error",
+            ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::OutOfRange => "out of range",
+            ErrorKind::ReadOnly => "read-only",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::NoSpace => "no space",
+            ErrorKind::InUse => "in use",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// An error of a layer above the core (VHDX, pools, QoS, ...), carried whole in
+/// [`Error::Layer`]: it says which [`ErrorKind`] it is, and callers reach the detail with
+/// `downcast_ref` on it.
+pub trait LayerError: std::error::Error + Send + Sync + 'static {
+    /// The kind of this error.
+    fn kind(&self) -> ErrorKind;
+}
+
+impl dyn LayerError {
+    /// The layer's own error type, if it is `T`.
+    pub fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        let e: &(dyn std::error::Error + 'static) = self;
+        e.downcast_ref()
+    }
+
+    /// Whether the layer's error is a `T`.
+    pub fn is<T: std::error::Error + 'static>(&self) -> bool {
+        self.downcast_ref::<T>().is_some()
+    }
+}
+
 /// Errors of the block layer. Crates above convert their own errors into [`Error::Layer`] or
-/// [`Error::Corrupt`].
+/// [`Error::Corrupt`]. [`Error::kind`] tells what sort of failure each is.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -124,12 +191,14 @@ pub enum Error {
     PoweredOff,
     /// A file opened with [`FileOptions::lock`](crate::FileOptions) is locked by another open
     /// (another process, or another open of the same file in this one).
-    #[error("{path} is in use: another process has it open{} (it holds an advisory lock); close that first", if *exclusive { ", and writing needs it alone" } else { " for writing" })]
+    #[error("{path} is in use{}: {} (it holds the image lock); close that first, or open with locking=off if you know it is safe", holder.as_ref().map(|h| format!(" by {h}")).unwrap_or_default(), if *exclusive { "writing needs it alone" } else { "it is open for writing" })]
     Locked {
         /// The file or device.
         path: String,
         /// Whether this open asked for an exclusive (writable) lock.
         exclusive: bool,
+        /// Who holds it (`name (pid N)`), where the OS tells.
+        holder: Option<String>,
     },
     /// The device ran out of space.
     #[error("no space left on the device")]
@@ -143,7 +212,7 @@ pub enum Error {
     NotCompleted,
     /// An error of a layer above the core (VHDX, pools, ...), kept whole.
     #[error(transparent)]
-    Layer(Arc<dyn std::error::Error + Send + Sync>),
+    Layer(Arc<dyn LayerError>),
 }
 
 /// A corrupt-structure error: `what` in `file` at `offset` is wrong because of `reason`. Every
@@ -176,12 +245,60 @@ impl Error {
         Self::io(context, io::Error::from_raw_os_error(errno))
     }
 
+    /// Carries a layer's own error.
+    pub fn layer(e: impl LayerError) -> Self {
+        Error::Layer(Arc::new(e))
+    }
+
+    /// What sort of failure this is. Every layer maps its own errors onto a kind; the detail
+    /// stays reachable through the error itself (its variants, or `downcast_ref` on
+    /// [`Error::Layer`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } => io_kind(source),
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::Unaligned { .. } | Error::InvalidArgument(_) => ErrorKind::InvalidInput,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Injected { .. } | Error::NotCompleted => ErrorKind::Io,
+            Error::PoweredOff => ErrorKind::Unavailable,
+            Error::Locked { .. } => ErrorKind::InUse,
+            Error::NoSpace => ErrorKind::NoSpace,
+            Error::Cancelled(_) => ErrorKind::Cancelled,
+            Error::Layer(e) => e.kind(),
+        }
+    }
+
     /// The OS error number behind this error, if there is one.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             Error::Io { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+/// The kind of an OS error: a full device or quota is [`ErrorKind::NoSpace`], a read-only file
+/// system [`ErrorKind::ReadOnly`], an interrupted call [`ErrorKind::Cancelled`]; the rest I/O.
+pub fn io_kind(e: &io::Error) -> ErrorKind {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ErrorKind::NoSpace,
+        Some(libc::EROFS) => ErrorKind::ReadOnly,
+        Some(libc::EBUSY | libc::ETXTBSY) => ErrorKind::InUse,
+        Some(libc::EINTR) => ErrorKind::Cancelled,
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => ErrorKind::Unavailable,
+        Some(libc::EINVAL) => ErrorKind::InvalidInput,
+        Some(libc::EOPNOTSUPP) => ErrorKind::Unsupported,
+        _ => match e.kind() {
+            io::ErrorKind::NotFound => ErrorKind::Unavailable,
+            io::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
+            io::ErrorKind::InvalidData => ErrorKind::Corrupt,
+            io::ErrorKind::Unsupported => ErrorKind::Unsupported,
+            io::ErrorKind::StorageFull => ErrorKind::NoSpace,
+            io::ErrorKind::Interrupted => ErrorKind::Cancelled,
+            _ => ErrorKind::Io,
+        },
     }
 }
 

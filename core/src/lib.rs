@@ -40,9 +40,9 @@ mod request;
 
 pub use buf::{is_aligned, AlignedBuf, DEFAULT_ALIGNMENT};
 pub use device::{BlockDevice, CapacitySignal, DeviceInfo, ListenerId, Supports};
-pub use error::{corrupt, Error, OpKind, Result};
+pub use error::{corrupt, io_kind, Error, ErrorKind, LayerError, OpKind, Result};
 pub use fault::{CutPolicy, FaultDevice, FaultRule};
-pub use file::{Engine, FileDevice, FileKind, FileOptions};
+pub use file::{Engine, FileDevice, FileKind, FileOptions, ImageLock, LockMode};
 pub use group::submit_group;
 pub use job::Job;
 pub use mem::MemoryDevice;

@@ -14,7 +14,9 @@ fn opts(read_only: bool, lock: bool) -> FileOptions {
 
 fn locked(r: Result<FileDevice, Error>) -> (String, bool) {
     match r {
-        Err(Error::Locked { path, exclusive }) => (path, exclusive),
+        Err(Error::Locked {
+            path, exclusive, ..
+        }) => (path, exclusive),
         Err(e) => panic!("expected Error::Locked, got {e}"),
         Ok(_) => panic!("expected Error::Locked, the open succeeded"),
     }
@@ -60,4 +62,116 @@ fn writers_exclude_everyone_readers_share() {
     let w = FileDevice::open(&p, &opts(false, true)).unwrap();
     w.read_at(0, &mut b).unwrap();
     assert_eq!(b, [7u8; 4096]);
+}
+
+#[test]
+fn a_writer_that_shares_lets_readers_in_but_no_second_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.raw");
+    let sharing = FileOptions {
+        share_rw: true,
+        ..opts(false, true)
+    };
+    let w = FileDevice::create(&p, 1 << 20, &sharing).unwrap();
+    w.write_at(0, &[3u8; 4096]).unwrap();
+    // Readers come in beside it and see its writes.
+    let r = FileDevice::open(&p, &opts(true, true)).unwrap();
+    let mut b = [0u8; 4096];
+    r.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [3u8; 4096]);
+    // A second writer is refused, whether it shares or not.
+    assert!(locked(FileDevice::open(&p, &opts(false, true))).1);
+    assert!(locked(FileDevice::open(&p, &sharing)).1);
+    drop(w);
+    // With a reader in, a sharing writer comes in, an exclusive one does not.
+    assert!(locked(FileDevice::open(&p, &opts(false, true))).1);
+    let w2 = FileDevice::open(&p, &sharing).unwrap();
+    drop((w2, r));
+}
+
+#[test]
+fn create_over_a_file_in_use_is_refused_before_anything_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.raw");
+    let w = FileDevice::create(&p, 1 << 20, &opts(false, true)).unwrap();
+    w.write_at(8192, &[9u8; 4096]).unwrap();
+    w.flush().unwrap();
+    let e = FileDevice::create(&p, 4096, &opts(false, true)).unwrap_err();
+    assert_eq!(e.kind(), vstor_core::ErrorKind::InUse, "{e}");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+    let mut b = [0u8; 4096];
+    w.read_at(8192, &mut b).unwrap();
+    assert_eq!(b, [9u8; 4096]);
+}
+
+/// Not a test of its own: the holder process of `a_killed_holder_frees_the_lock_at_once`. It
+/// runs only when that test starts this binary with VSTOR_LOCK_HOLDER set.
+#[test]
+fn lock_holder_process() {
+    let Ok(path) = std::env::var("VSTOR_LOCK_HOLDER") else {
+        return;
+    };
+    let dev = FileDevice::open(
+        &path,
+        &FileOptions {
+            engine: vstor_core::Engine::IoUring,
+            ..opts(false, true)
+        },
+    )
+    .unwrap();
+    std::fs::write(format!("{path}.ready"), b"1").unwrap();
+    // Keep requests in flight on io_uring until killed.
+    let buf = vec![0x5au8; 1 << 20];
+    let mut i = 0u64;
+    loop {
+        let mut reqs: Vec<_> = (0..16u64)
+            .map(|k| ((i + k) % 60) << 20)
+            .map(|off| vstor_core::Request::write(off, &buf))
+            .collect();
+        dev.submit(&mut reqs);
+        i += 16;
+    }
+}
+
+#[test]
+fn a_killed_holder_frees_the_lock_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("held.raw");
+    FileDevice::create(&p, 64 << 20, &opts(false, false)).unwrap();
+    let ready = dir.path().join("held.raw.ready");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["lock_holder_process", "--exact", "--nocapture"])
+        .env("VSTOR_LOCK_HOLDER", &p)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(t.elapsed().as_secs() < 60, "the holder never got ready");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Busy: refused, naming the holder's pid.
+    let e = FileDevice::open(&p, &opts(false, true)).unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(e.kind(), vstor_core::ErrorKind::InUse);
+    assert!(msg.contains(&format!("pid {}", child.id())), "{msg}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    child.kill().unwrap();
+    let killed = std::time::Instant::now();
+    child.wait().unwrap();
+    // The next open succeeds within a second of the kill, requests in flight or not.
+    loop {
+        match FileDevice::open(&p, &opts(false, true)) {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.kind(), vstor_core::ErrorKind::InUse, "{e}");
+                assert!(
+                    killed.elapsed().as_millis() < 1000,
+                    "still locked {} ms after the kill: {e}",
+                    killed.elapsed().as_millis()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
 }

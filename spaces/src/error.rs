@@ -43,6 +43,14 @@ pub enum SpacesError {
         /// Which pool it belongs to, or what else is wrong.
         reason: String,
     },
+    /// Reading a disk offered to a pool failed: the disk is named, the cause kept.
+    #[error("{disk}: {source}")]
+    Disk {
+        /// The disk (its path, for files).
+        disk: String,
+        /// What failed.
+        source: vstor_core::Error,
+    },
     /// No disk with valid pool metadata was found.
     #[error("no pool found: {0}")]
     NoPool(String),
@@ -83,6 +91,26 @@ pub enum SpacesError {
     /// The pool was opened read-only.
     #[error("the pool is open read-only")]
     ReadOnly,
+}
+
+impl vstor_core::LayerError for SpacesError {
+    fn kind(&self) -> vstor_core::ErrorKind {
+        use vstor_core::ErrorKind;
+        match self {
+            SpacesError::InvalidParameter(_)
+            | SpacesError::NoSuchSpace(_)
+            | SpacesError::SpaceExists(_)
+            | SpacesError::DiskTooSmall { .. }
+            | SpacesError::ForeignMember { .. } => ErrorKind::InvalidInput,
+            SpacesError::TooFewDisks { .. } | SpacesError::PoolFull(_) => ErrorKind::NoSpace,
+            SpacesError::NoPool(_) | SpacesError::SpaceFailed { .. } => ErrorKind::Unavailable,
+            SpacesError::ChecksumMismatch { .. } | SpacesError::SplitBrain { .. } => {
+                ErrorKind::Corrupt
+            }
+            SpacesError::ReadOnly => ErrorKind::ReadOnly,
+            SpacesError::Disk { source, .. } => source.kind(),
+        }
+    }
 }
 
 impl From<SpacesError> for vstor_core::Error {

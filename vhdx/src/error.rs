@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use vstor_core::ErrorKind;
 
 /// What can go wrong that is particular to VHDX.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -30,6 +31,20 @@ pub enum VhdxError {
         expected: String,
         /// The parent's DataWriteGuid.
         found: String,
+    },
+    /// The parent is in the middle of a merge of another disk into it (an interrupted
+    /// `vstor disk merge`): it holds part of that disk's data, so this child would not read as
+    /// it did. Only the merge's own disk may be opened over it until the merge finishes.
+    #[error("{child}: its parent {target} is in the middle of a merge of {top} into it and does not read as it did; {finish}")]
+    MergePending {
+        /// The child refused.
+        child: String,
+        /// The parent that receives the merge.
+        target: String,
+        /// The disk being merged (the merge's top).
+        top: String,
+        /// What to run to finish the merge.
+        finish: String,
     },
     /// The chain leads back to a disk already in it.
     #[error("differencing chain has a cycle: {0} appears twice")]
@@ -61,6 +76,22 @@ pub enum VhdxError {
     /// A parameter given to create or open makes no sense.
     #[error("{0}")]
     InvalidParameter(String),
+}
+
+impl vstor_core::LayerError for VhdxError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            VhdxError::ParentNotFound { .. } | VhdxError::MergePending { .. } => {
+                ErrorKind::Unavailable
+            }
+            VhdxError::LinkageMismatch { .. } | VhdxError::ChainCycle(_) => ErrorKind::Corrupt,
+            VhdxError::ChainTooDeep(_) | VhdxError::Unsupported { .. } => ErrorKind::Unsupported,
+            VhdxError::ReplayNeeded(_) => ErrorKind::ReadOnly,
+            VhdxError::BelowMinimum { .. } | VhdxError::InvalidParameter(_) => {
+                ErrorKind::InvalidInput
+            }
+        }
+    }
 }
 
 impl From<VhdxError> for vstor_core::Error {

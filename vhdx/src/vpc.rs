@@ -316,6 +316,20 @@ pub enum VpcError {
     ChainTooDeep(usize),
 }
 
+impl vstor_core::LayerError for VpcError {
+    fn kind(&self) -> vstor_core::ErrorKind {
+        use vstor_core::ErrorKind;
+        match self {
+            VpcError::NotVhd { .. } | VpcError::InvalidParameter(_) => ErrorKind::InvalidInput,
+            VpcError::Corrupt { .. } | VpcError::ParentMismatch { .. } | VpcError::ChainCycle(_) => {
+                ErrorKind::Corrupt
+            }
+            VpcError::Unsupported { .. } | VpcError::ChainTooDeep(_) => ErrorKind::Unsupported,
+            VpcError::ParentNotFound { .. } => ErrorKind::Unavailable,
+        }
+    }
+}
+
 impl From<VpcError> for Error {
     fn from(e: VpcError) -> Self {
         match e {

@@ -8,6 +8,7 @@
 //! whose addresses or lengths do not meet the direct-I/O alignment are bounced through an
 //! [`AlignedBuf`](crate::AlignedBuf), never refused.
 
+mod lock;
 mod sync;
 mod uring;
 
@@ -15,6 +16,7 @@ use crate::buf::{is_aligned, AlignedBuf};
 use crate::device::{BlockDevice, CapacitySignal, DeviceInfo, Supports};
 use crate::error::{Error, OpKind, Result};
 use crate::request::{Op, Request};
+pub use lock::{ImageLock, LockMode};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -70,11 +72,27 @@ pub struct FileOptions {
     pub engine: Engine,
     /// Entries per io_uring ring (0: 128). Bounds the requests one thread keeps in flight.
     pub ring_entries: u32,
-    /// Take an advisory lock (`flock`) on the file for as long as the device is open:
-    /// exclusive when writable, shared when read-only, without waiting. An open that finds a
-    /// conflicting lock (another process, or another open of the file in this one) fails with
-    /// [`Error::Locked`]. Only opens that ask for it take or respect the lock.
+    /// Take the image lock ([`ImageLock`]) on the file for as long as the device is open:
+    /// exclusive when writable, shared when read-only, without waiting for a live holder. An
+    /// open that finds a conflicting lock (another process, or another open of the file in this
+    /// one) fails with [`Error::Locked`]. Only opens that ask for it take or respect the lock.
+    /// The lock sits on a descriptor of its own, so it dies with the process.
     pub lock: bool,
+    /// With [`lock`](Self::lock) on a writable open: let read-only opens in beside this writer
+    /// (QEMU's `share-rw=on`); a second writer is still refused.
+    pub share_rw: bool,
+}
+
+impl FileOptions {
+    /// The lock this open takes, if any.
+    fn lock_mode(&self) -> Option<LockMode> {
+        match (self.lock, self.read_only, self.share_rw) {
+            (false, ..) => None,
+            (true, true, _) => Some(LockMode::Shared),
+            (true, false, true) => Some(LockMode::WriteSharing),
+            (true, false, false) => Some(LockMode::Exclusive),
+        }
+    }
 }
 
 /// What the file is.
@@ -137,20 +155,8 @@ pub struct FileDevice {
     // Held shared by I/O, exclusively by resize, so that no request races a size change.
     resize_lock: RwLock<()>,
     signal: Arc<CapacitySignal>,
-    /// Whether this open holds a flock ([`FileOptions::lock`]).
-    locked: bool,
-}
-
-impl Drop for FileDevice {
-    /// Releases the lock now: an io_uring ring with the file registered keeps the open file
-    /// description (and so its lock) alive until the kernel finishes tearing the ring down,
-    /// which it does in the background, so closing alone could leave the lock held a while.
-    fn drop(&mut self) {
-        if self.locked {
-            // SAFETY: flock on a descriptor this device still owns; it touches no memory.
-            unsafe { libc::flock(self.core.file.as_raw_fd(), libc::LOCK_UN) };
-        }
-    }
+    /// The image lock this open holds ([`FileOptions::lock`]), on a descriptor of its own.
+    _lock: Option<ImageLock>,
 }
 
 impl std::fmt::Debug for FileDevice {
@@ -205,40 +211,17 @@ fn blk_ioctl_u32(file: &File, req: libc::c_ulong) -> Option<u32> {
     (rc == 0 && v > 0).then_some(v as u32)
 }
 
-/// `flock(LOCK_EX or LOCK_SH | LOCK_NB)`: [`Error::Locked`] if a conflicting lock is held.
-fn lock_file(file: &File, path: &Path, exclusive: bool) -> Result<()> {
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    } | libc::LOCK_NB;
-    loop {
-        // SAFETY: flock on a descriptor `file` owns and keeps open; it touches no memory. The
-        // lock belongs to the open file description and goes with the last descriptor of it.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => {
-                return Err(Error::Locked {
-                    path: path.display().to_string(),
-                    exclusive,
-                })
-            }
-            _ => return Err(Error::io(format!("cannot lock {}", path.display()), e)),
-        }
-    }
-}
-
 const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKPBSZGET: libc::c_ulong = 0x127b;
 
 impl FileDevice {
     /// Opens a regular file or block device. See [`FileOptions`].
     pub fn open(path: impl AsRef<Path>, opts: &FileOptions) -> Result<Self> {
-        let path = path.as_ref();
+        Self::open_held(path.as_ref(), opts, None)
+    }
+
+    /// [`open`](Self::open), with the image lock already taken (by `create`) or not.
+    fn open_held(path: &Path, opts: &FileOptions, held: Option<ImageLock>) -> Result<Self> {
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(!opts.read_only);
@@ -311,6 +294,7 @@ impl FileDevice {
                         path.display()
                     ));
                     return Self::finish(
+                        held,
                         file,
                         path,
                         kind,
@@ -330,6 +314,7 @@ impl FileDevice {
             }
         }
         Self::finish(
+            held,
             file,
             path,
             kind,
@@ -344,7 +329,8 @@ impl FileDevice {
 
     #[allow(clippy::too_many_arguments)]
     fn finish(
-        mut file: File,
+        held: Option<ImageLock>,
+        file: File,
         path: &Path,
         kind: FileKind,
         opts: &FileOptions,
@@ -354,9 +340,15 @@ impl FileDevice {
         mem_align: u32,
         direct_fallback: Option<String>,
     ) -> Result<Self> {
-        if opts.lock {
-            lock_file(&file, path, !opts.read_only)?;
-        }
+        let mut file = file;
+        let lock = match held {
+            Some(l) => Some(l),
+            None => opts
+                .lock_mode()
+                .map(|mode| ImageLock::acquire(path, mode))
+                .transpose()?,
+        };
+
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
@@ -403,23 +395,34 @@ impl FileDevice {
             engine_fallback,
             resize_lock: RwLock::new(()),
             signal: Arc::new(CapacitySignal::new(capacity)),
-            locked: opts.lock,
+            _lock: lock,
         })
     }
 
     /// Creates (or truncates) a sparse regular file of `size` bytes and opens it.
     pub fn create(path: impl AsRef<Path>, size: u64, opts: &FileOptions) -> Result<Self> {
         let path = path.as_ref();
+        // Created without truncating, so that a file another open holds is refused by its lock
+        // before anything of it is cut away.
         let f = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
             .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        f.set_len(size)
-            .map_err(|e| Error::io(format!("cannot size {} to {size} bytes", path.display()), e))?;
+        let held = opts
+            .lock_mode()
+            .map(|mode| ImageLock::acquire(path, mode))
+            .transpose()?;
+        let sized = |len: u64| {
+            f.set_len(len).map_err(|e| {
+                Error::io(format!("cannot size {} to {len} bytes", path.display()), e)
+            })
+        };
+        sized(0)?;
+        sized(size)?;
         drop(f);
-        Self::open(path, opts)
+        Self::open_held(path, opts, held)
     }
 
     /// The engine in use (never [`Engine::Auto`]).
