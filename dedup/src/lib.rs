@@ -3,3 +3,4 @@
 //! **Status: not implemented yet.** This crate is a placeholder in the workspace layout; the
 //! crate exports no API yet.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]

@@ -121,6 +121,7 @@
 //! # Ok::<(), vstor_core::Error>(())
 //! ```
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod bitmap;
 mod code;

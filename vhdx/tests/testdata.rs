@@ -1,4 +1,4 @@
-//! The real-world images in ../shared/testdata/vhdx: their virtual contents match the MD5s and
+//! The real-world images in testdata/vhdx (at the repository root): their virtual contents match the MD5s and
 //! patterns that folder's README gives.
 
 mod common;

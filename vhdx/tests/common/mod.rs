@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The shared test data folder (../shared/testdata/vhdx relative to the repository root).
+/// The repository's test data folder (testdata/vhdx at the repository root; see its README for
+/// where each image comes from and what it holds).
 pub fn testdata(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/testdata/vhdx")
+        .join("../testdata/vhdx")
         .join(name)
 }
 
