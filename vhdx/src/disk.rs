@@ -440,6 +440,18 @@ fn write_header(file: &dyn BlockDevice, h: &mut Header, current_slot: usize) -> 
     Ok(slot)
 }
 
+/// What an open of a chain carries from the child down to its parents.
+#[derive(Default)]
+struct Walk {
+    /// The canonical paths of the disks opened so far (to find cycles).
+    seen: Vec<PathBuf>,
+    /// The page-83 identifiers of the disks from the top of the open down to the one being
+    /// attached to its parent (to tell a merge's own top from other children).
+    ids: Vec<Guid>,
+    /// The open is a merge's: a merge marker of an older vstor is passed.
+    merging: bool,
+}
+
 /// Interprets a locator path: Windows separators, an optional `\\?\` prefix.
 fn locator_path(s: &str) -> PathBuf {
     let s = s.strip_prefix("\\\\?\\").unwrap_or(s);
@@ -449,20 +461,29 @@ fn locator_path(s: &str) -> PathBuf {
 impl Vhdx {
     /// Opens the image at `path` and its whole parent chain.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Vhdx> {
-        let mut seen = Vec::new();
-        Self::open_chain(path.as_ref(), opts, &mut seen)
+        Self::open_chain(path.as_ref(), opts, &mut Walk::default())
     }
 
-    fn open_chain(path: &Path, opts: &OpenOptions, seen: &mut Vec<PathBuf>) -> Result<Vhdx> {
+    /// Opens the image at `path` and its chain for a merge of it: as [`Vhdx::open`], and a
+    /// merge marker of an older vstor (which does not say which disk it merges) is passed.
+    pub(crate) fn open_for_merge(path: &Path, opts: &OpenOptions) -> Result<Vhdx> {
+        let mut walk = Walk {
+            merging: true,
+            ..Default::default()
+        };
+        Self::open_chain(path, opts, &mut walk)
+    }
+
+    fn open_chain(path: &Path, opts: &OpenOptions, walk: &mut Walk) -> Result<Vhdx> {
         let canon = std::fs::canonicalize(path)
             .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        if seen.contains(&canon) {
+        if walk.seen.contains(&canon) {
             return Err(VhdxError::ChainCycle(canon).into());
         }
-        if seen.len() > opts.max_chain_depth {
+        if walk.seen.len() > opts.max_chain_depth {
             return Err(VhdxError::ChainTooDeep(opts.max_chain_depth).into());
         }
-        seen.push(canon.clone());
+        walk.seen.push(canon.clone());
         let mut fo = opts.file.clone();
         fo.read_only = opts.read_only;
         let file = FileDevice::open(path, &fo)?;
@@ -475,6 +496,8 @@ impl Vhdx {
         let file = Arc::new(file);
         let name = path.display().to_string();
         let loaded = load(file, &name, opts)?;
+        walk.ids.push(loaded.metadata.page83);
+        let depth = walk.ids.len();
         let parent = match &loaded.metadata.parent {
             None => None,
             Some(loc) => {
@@ -504,11 +527,12 @@ impl Vhdx {
                     ignore_linkage: false,
                     ..opts.clone()
                 };
-                let parent = Self::open_chain(&ppath, &popts, seen)?;
+                let parent = Self::open_chain(&ppath, &popts, walk)?;
                 Some(Arc::new(parent))
             }
         };
-        let mut v = Self::assemble(loaded, parent, opts.ignore_linkage)?;
+        walk.ids.truncate(depth);
+        let mut v = Self::assemble(loaded, parent, opts.ignore_linkage, walk)?;
         v.path = Some(path.to_path_buf());
         v.file_notes = file_notes;
         Ok(v)
@@ -522,7 +546,11 @@ impl Vhdx {
         let file = Arc::new(FileDevice::open(path, &fo)?);
         let name = path.display().to_string();
         let loaded = load(file, &name, opts)?;
-        let mut v = Self::assemble(loaded, Some(parent), opts.ignore_linkage)?;
+        let walk = Walk {
+            ids: vec![loaded.metadata.page83],
+            ..Default::default()
+        };
+        let mut v = Self::assemble(loaded, Some(parent), opts.ignore_linkage, &walk)?;
         v.path = Some(path.to_path_buf());
         Ok(v)
     }
@@ -535,10 +563,20 @@ impl Vhdx {
         parent: Option<Arc<Vhdx>>,
     ) -> Result<Vhdx> {
         let loaded = load(file, name, opts)?;
-        Self::assemble(loaded, parent, opts.ignore_linkage)
+        let walk = Walk {
+            ids: vec![loaded.metadata.page83],
+            ..Default::default()
+        };
+        Self::assemble(loaded, parent, opts.ignore_linkage, &walk)
     }
 
-    fn assemble(l: Loaded, parent: Option<Arc<Vhdx>>, ignore_linkage: bool) -> Result<Vhdx> {
+    /// Attaches `parent` to the loaded child `l`; `walk.ids` ends with the child's identifier.
+    fn assemble(
+        l: Loaded,
+        parent: Option<Arc<Vhdx>>,
+        ignore_linkage: bool,
+        walk: &Walk,
+    ) -> Result<Vhdx> {
         let g = l.metadata.geometry.clone();
         let parent = match (&l.metadata.parent, parent) {
             (None, _) => None,
@@ -556,13 +594,19 @@ impl Vhdx {
                     s.trim_matches(|c| c == '{' || c == '}')
                         .to_ascii_lowercase()
                 };
-                // A parent in the middle of a merge from its child keeps the DataWriteGuid it had
-                // before in a marker item: the child still reads as it did (the merge writes
-                // only what the child holds), so it stays openable until the merge finishes.
-                let merging = p
+                // A parent in the middle of a merge keeps the DataWriteGuid it had before in a
+                // marker item, with the merged disks: the merge's own top still reads as it did
+                // (the merge writes only what the merged disks hold), so it stays openable until
+                // the merge finishes. Every other child that links to the old DataWriteGuid (a
+                // sibling, a merged disk in the middle on its own) would read the merged data
+                // through the parent, and is refused.
+                let marker = p
                     .merge_marker()
-                    .is_some_and(|g| norm(want) == g.to_uuid().to_string());
-                if !ignore_linkage && !merging && norm(want) != have.to_uuid().to_string() {
+                    .filter(|m| norm(want) == m.linkage.to_uuid().to_string());
+                if let Some(m) = &marker {
+                    crate::lifecycle::admit(m, &l.name, &p.name, &walk.ids, walk.merging)?;
+                }
+                if !ignore_linkage && marker.is_none() && norm(want) != have.to_uuid().to_string() {
                     return Err(VhdxError::LinkageMismatch {
                         child: l.name.clone(),
                         parent: p.name.clone(),
@@ -668,6 +712,10 @@ impl Vhdx {
         let (g, locator) = match &opts.kind {
             DiskKind::Differencing { parent } => {
                 let p = Vhdx::open(parent, &OpenOptions::read_only())?;
+                // A parent in the middle of a merge holds part of the merged disk's data.
+                if let Some(m) = p.merge_marker() {
+                    crate::lifecycle::admit(&m, &path.display().to_string(), &p.name, &[], false)?;
+                }
                 let facts = p.parent_facts();
                 let g = create::plan(opts, Some(&facts))?;
                 let loc = create::locator_for(path, parent, facts.data_write_guid)?;
@@ -694,7 +742,11 @@ impl Vhdx {
             let _ = std::fs::remove_file(path);
             return Err(e);
         }
-        Vhdx::open(path, &OpenOptions::default())
+        // A child that cannot be opened (its parent not found through the locator written) is
+        // not left behind.
+        Vhdx::open(path, &OpenOptions::default()).inspect_err(|_| {
+            let _ = std::fs::remove_file(path);
+        })
     }
 
     /// Creates a new image on `file` (a disposable, resizable device); a differencing image

@@ -138,7 +138,8 @@ pub const PHYSICAL_SECTOR_SIZE: Guid = Guid::parse("CDA348C7-445D-4471-9CC9-E988
 /// Metadata item: parent locator.
 pub const PARENT_LOCATOR: Guid = Guid::parse("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C");
 /// vstor's own metadata item marking a disk that a merge is writing into; optional, so other
-/// implementations keep it and ignore it. Holds the disk's DataWriteGuid from before the merge.
+/// implementations keep it and ignore it. Holds the disk's DataWriteGuid from before the merge
+/// and the merged disks ([`crate::lifecycle::MergeMarker`]).
 pub const MERGE_MARKER: Guid = Guid::parse("5C6D2A0E-3B7F-4E8A-9D1C-0A7E5B3F9C21");
 /// The only parent locator type: a VHDX parent.
 pub const VHDX_PARENT_LOCATOR_TYPE: Guid = Guid::parse("B04AEFB7-D19E-4A81-B789-25B8E9445913");

@@ -677,3 +677,159 @@ fn a_power_cut_at_any_write_of_a_checkpoint_leaves_the_parent_whole() {
         }
     }
 }
+
+/// A merge cancelled after its first window of progress (so part of the data is in the target).
+fn interrupted_merge(child: &Path, into: Option<&Path>) {
+    let job = Job::new();
+    let j2 = job.clone();
+    let job = job.on_progress(move |_, _| j2.cancel());
+    match merge(child, into, &job) {
+        Err(Error::Cancelled(_)) => {}
+        other => panic!("expected a cancelled merge, got {other:?}"),
+    }
+}
+
+fn merge_pending(e: &Error) -> bool {
+    matches!(e, Error::Layer(inner) if matches!(inner.downcast_ref::<VhdxError>(), Some(VhdxError::MergePending { .. })))
+}
+
+#[test]
+fn an_interrupted_merge_refuses_the_siblings_until_it_finishes() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("base.vhdx");
+    let pv = sample(&p, 16 * MIB, MIB as u32);
+    let (a, b) = (d.path().join("a.avhdx"), d.path().join("b.avhdx"));
+    let va = Vhdx::create(&a, &CreateOptions::differencing(&p)).unwrap();
+    va.write_at(0, &vec![0xAA; 12 * MIB as usize]).unwrap();
+    va.close().unwrap();
+    drop(va);
+    let mut av = pv.clone();
+    av[..12 * MIB as usize].fill(0xAA);
+    let vb = Vhdx::create(&b, &CreateOptions::differencing(&p)).unwrap();
+    vb.write_at(13 * MIB, &[0xBB; 4096]).unwrap();
+    vb.close().unwrap();
+    drop(vb);
+    let mut bv = pv.clone();
+    bv[13 * MIB as usize..(13 * MIB + 4096) as usize].fill(0xBB);
+
+    interrupted_merge(&a, None);
+    // The base holds part of a's data now.
+    let e = Vhdx::open(&b, &OpenOptions::read_only()).unwrap_err();
+    assert!(merge_pending(&e), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("merge"), "{msg}");
+    assert!(
+        msg.contains(&format!("vstor disk merge {}", a.display())),
+        "{msg}"
+    );
+    // A new child of the half-merged base is refused too, and nothing is left of it.
+    let n = d.path().join("new.avhdx");
+    let e = Vhdx::create(&n, &CreateOptions::differencing(&p)).unwrap_err();
+    assert!(merge_pending(&e), "{e:?}");
+    assert!(!n.exists());
+    // The merged disk itself still reads as it did, and the merge runs again to its end.
+    let v = Vhdx::open(&a, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&v) == av);
+    drop(v);
+    let b_before = std::fs::read(&b).unwrap();
+    merge(&a, None, &Job::new()).unwrap();
+    assert!(!a.exists());
+    let v = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&v) == av);
+    assert!(v.merge_marker().is_none());
+    drop(v);
+    // The sibling no longer matches its changed parent: refused, and untouched.
+    let e = Vhdx::open(&b, &OpenOptions::read_only()).unwrap_err();
+    assert!(e.to_string().contains("has changed"), "{e}");
+    assert_eq!(std::fs::read(&b).unwrap(), b_before);
+    // Relinked by an operator who insists, it reads its own data over the merged base.
+    set_parent(&b, &p, true).unwrap();
+    let v = Vhdx::open(&b, &OpenOptions::read_only()).unwrap();
+    let mut want = av.clone();
+    want[13 * MIB as usize..(13 * MIB + 4096) as usize].fill(0xBB);
+    assert!(all_of(&v) == want);
+    let _ = bv;
+}
+
+#[test]
+fn a_merge_into_the_grandparent_refuses_the_middle_disk_on_its_own() {
+    use vstor_vhdx::lifecycle::merge_into;
+    let d = tempfile::tempdir().unwrap();
+    let (_, cv, gv) = three_levels(d.path());
+    let (p, c, g) = (
+        d.path().join("p.vhdx"),
+        d.path().join("c.avhdx"),
+        d.path().join("g.avhdx"),
+    );
+    // Interrupted while copying: the top reads as it did, the middle disk alone is refused.
+    interrupted_merge(&g, Some(&p));
+    let e = Vhdx::open(&c, &OpenOptions::read_only()).unwrap_err();
+    assert!(merge_pending(&e), "{e:?}");
+    assert!(
+        e.to_string().contains(&format!(
+            "vstor disk merge {} --into {}",
+            g.display(),
+            p.display()
+        )),
+        "{e}"
+    );
+    let v = Vhdx::open(&g, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&v) == gv);
+    drop(v);
+
+    // Everything copied, the marker still there, the top removed and the middle disk not (what
+    // a failed removal of the middle disk used to leave): the middle disk is refused, not read
+    // over its child's data.
+    let top = Vhdx::open(&g, &OpenOptions::read_only()).unwrap();
+    let target = Vhdx::open(&p, &OpenOptions::default()).unwrap();
+    merge_into(&top, 2, &target, &Job::new()).unwrap();
+    target.close().unwrap();
+    drop((top, target));
+    let g_bytes = std::fs::read(&g).unwrap();
+    std::fs::remove_file(&g).unwrap();
+    let e = Vhdx::open(&c, &OpenOptions::read_only()).unwrap_err();
+    assert!(merge_pending(&e), "{e:?}");
+    let _ = cv;
+
+    // The merge finishes from its top; a middle disk whose removal had failed would no longer
+    // match the merged ancestor.
+    std::fs::write(&g, &g_bytes).unwrap();
+    let c_bytes = std::fs::read(&c).unwrap();
+    let r = merge(&g, Some(&p), &Job::new()).unwrap();
+    assert_eq!(r.removed.len(), 2);
+    let v = Vhdx::open(&p, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&v) == gv);
+    assert!(v.merge_marker().is_none());
+    drop(v);
+    std::fs::write(&c, &c_bytes).unwrap();
+    let e = Vhdx::open(&c, &OpenOptions::read_only()).unwrap_err();
+    assert!(e.to_string().contains("has changed"), "{e}");
+}
+
+#[test]
+fn a_merge_marker_of_an_older_vstor_admits_only_the_merge() {
+    use vstor_vhdx::lifecycle::MergeMarker;
+    let d = tempfile::tempdir().unwrap();
+    let (pv, cv, gv) = three_levels(d.path());
+    let (c, g) = (d.path().join("c.avhdx"), d.path().join("g.avhdx"));
+    // An older vstor recorded only the old DataWriteGuid (16 bytes), then wrote part of g.
+    let target = Vhdx::open(&c, &OpenOptions::default()).unwrap();
+    let old = MergeMarker {
+        linkage: target.data_write_guid(),
+        merged: vec![],
+    };
+    target.set_merge_marker(Some(&old)).unwrap();
+    target.write_at(512, &[0x6A; 512]).unwrap();
+    target.close().unwrap();
+    drop(target);
+    // Which child it merged is not known: a plain open of any child is refused.
+    let e = Vhdx::open(&g, &OpenOptions::read_only()).unwrap_err();
+    assert!(merge_pending(&e), "{e:?}");
+    assert!(e.to_string().contains("vstor disk merge"), "{e}");
+    // The merge of it runs again and finishes.
+    merge(&g, None, &Job::new()).unwrap();
+    let v = Vhdx::open(&c, &OpenOptions::read_only()).unwrap();
+    assert!(all_of(&v) == gv);
+    assert!(v.merge_marker().is_none());
+    let _ = (pv, cv);
+}

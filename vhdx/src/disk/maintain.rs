@@ -6,6 +6,7 @@
 use super::resize::copy_range;
 use super::*;
 use crate::format::META_IS_REQUIRED;
+use crate::lifecycle::MergeMarker;
 use crate::log::max_pages_per_entry;
 use crate::meta::{MetaItem, ParentLocator};
 use vstor_core::Job;
@@ -277,29 +278,29 @@ impl Vhdx {
         Ok(())
     }
 
-    /// The DataWriteGuid this disk had when a merge into it began, while the merge runs (see
-    /// [`crate::lifecycle::merge`]).
-    pub fn merge_marker(&self) -> Option<Guid> {
+    /// The merge into this disk that has begun and not finished (see
+    /// [`crate::lifecycle::merge`] and [`MergeMarker`]).
+    pub fn merge_marker(&self) -> Option<MergeMarker> {
         self.table()
             .metadata
             .items
             .iter()
-            .find(|i| i.id == MERGE_MARKER && i.data.len() == 16)
-            .map(|i| Guid(i.data[..16].try_into().expect("16")))
+            .find(|i| i.id == MERGE_MARKER)
+            .and_then(|i| MergeMarker::from_bytes(&i.data))
     }
 
     /// Sets (or with `None` removes) the merge marker: an optional metadata item, which other
     /// readers keep and ignore. A metadata-only change: the DataWriteGuid stays.
-    pub fn set_merge_marker(&self, g: Option<Guid>) -> Result<()> {
+    pub fn set_merge_marker(&self, marker: Option<&MergeMarker>) -> Result<()> {
         self.rewrite_metadata("merge marker", |md| {
             md.items.retain(|i| i.id != MERGE_MARKER);
-            if let Some(g) = g {
+            if let Some(m) = marker {
                 md.items.push(MetaItem {
                     id: MERGE_MARKER,
                     offset: 0,
                     length: 0,
                     flags: 0,
-                    data: g.0.to_vec(),
+                    data: m.to_bytes(),
                 });
             }
             Ok(())
