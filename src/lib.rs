@@ -22,13 +22,18 @@
 
 pub mod bench;
 pub mod bytes;
+pub mod probe;
 pub mod size;
 pub mod target;
 
 pub use size::{format_size, parse_size};
-pub use target::{open_target, OpenedTarget, TargetKind, TargetOptions, TargetSpec};
+pub use target::{
+    open_target, FormatSource, OpenedTarget, QosHandle, QosLayer, StackContext, TargetKind,
+    TargetOptions, TargetSpec,
+};
 /// The core block layer (re-export of `vstor-core`).
 pub use vstor_core as core;
+pub use vstor_core::ErrorKind;
 /// Storage QoS (re-exported `vstor-qos`).
 pub use vstor_qos as qos;
 /// Storage pools and spaces (re-exported `vstor-spaces`).
@@ -42,6 +47,9 @@ pub enum Error {
     /// An error of the block layer.
     #[error(transparent)]
     Core(#[from] vstor_core::Error),
+    /// An error of the QoS layer (limits that do not fit together, an unknown policy).
+    #[error(transparent)]
+    Qos(#[from] vstor_qos::Error),
     /// A size string that does not parse.
     #[error("invalid size '{input}': {reason}")]
     Size {
@@ -79,4 +87,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Error {
+    /// What sort of failure this is (see [`ErrorKind`]); the detail stays in the error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Core(e) => e.kind(),
+            Error::Qos(_) | Error::Size { .. } | Error::Target { .. } => ErrorKind::InvalidInput,
+            Error::InvalidArgument(_) => ErrorKind::InvalidInput,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::NotClean(_) => ErrorKind::Corrupt,
+            Error::Failed(_) => ErrorKind::Io,
+            Error::Io { source, .. } => vstor_core::io_kind(source),
+        }
+    }
 }

@@ -1,27 +1,56 @@
-//! Target strings: one string names a stack, for the CLI, the VMM and the API alike.
+//! The stack builder: one string names a stack, for the CLI, the VMM, the daemon and the API
+//! alike. A target string parses into a [`TargetSpec`] (the base and the layers on it), and
+//! [`TargetSpec::open`] turns that into one `Arc<dyn BlockDevice>`. Nothing else in vstor
+//! builds stacks.
 //!
 //! ```text
-//! disk.raw, /dev/sdb, raw:PATH      a plain file or block device
-//! disk.vhdx, vhdx:PATH              a VHDX file with its parent chain
-//! pool:DIR/NAME                     a space of the pool whose member disks are in DIR
+//! BASE[,OPTION=VALUE...]
+//!
+//! BASE
+//!   PATH                 a file or block device; its content decides the format (below)
+//!   raw:PATH             a plain file or block device, whatever it holds
+//!   vhdx:PATH            a VHDX image with its parent chain
+//!   vhd:PATH             a legacy VHD (Virtual PC, qemu-img -f vpc), read-only
+//!   pool:DIR/NAME        the space NAME of the pool whose member disks are in DIR
+//!
+//! OPTION
+//!   readonly=on|off      open read-only (default: what the command needs)
+//!   direct=on|off        O_DIRECT; cache=none is direct=on, cache=writeback direct=off
+//!   engine=auto|io_uring|sync   the file I/O engine (aio= is accepted too)
+//!   locking=on|off       image locks (default on): a writer has its files alone, readers
+//!                        share; off is for people who know no one else writes
+//!   share-rw=on|off      a writer lets readers in beside it (never a second writer)
+//!   max-iops=N           QoS layer: cap in 8 KiB-normalized IOPS
+//!   min-iops=N           QoS layer: reservation in 8 KiB-normalized IOPS
 //! ```
 //!
-//! Options follow after commas as `key=value`, in the style of QEMU's `-drive`:
-//! `readonly=on|off`, `direct=on|off` (O_DIRECT; `cache=none` is the same as `direct=on`),
-//! `engine=auto|io_uring|sync` (`aio=` is accepted too). A comma inside a path is written `,,`.
+//! A comma inside a path is written `,,`.
+//!
+//! **Formats are told by content.** An explicit prefix (`raw:`, `vhdx:`, `vhd:`) is always
+//! honoured. A known extension (`.vhdx`, `.avhdx`, `.vhd`, `.avhd`, `.raw`) whose content
+//! disagrees is an error naming both. Any other name (`.img`, `.bin`, `.vpc`, none) takes the
+//! format its signature tells; qcow2, VMDK, VDI, QED and LUKS are refused by name. A raw disk
+//! that was not named `raw:` refuses writes that would give it another format's signature
+//! ([`ProbeGuard`](crate::probe::ProbeGuard)).
 
+use crate::probe::{self, Detected, ProbeGuard};
 use crate::Error;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vstor_core::{BlockDevice, Engine, FileDevice, FileOptions};
+use vstor_qos::{FlowId, Limits, PolicyId, PolicyKind, Qos, QosConfig, QosDevice};
 
-/// What a target string names.
+/// The base of a stack: what a target string names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetKind {
     /// A plain file or a block device.
     Raw(PathBuf),
     /// A VHDX file.
     Vhdx(PathBuf),
+    /// A legacy VHD file (read-only).
+    Vhd(PathBuf),
+    /// A file whose format its content will tell ([`TargetSpec::resolve`]).
+    Probe(PathBuf),
     /// A space of a pool: the directory of its member disks and the space's name.
     Pool {
         /// Directory of the member disks.
@@ -29,6 +58,17 @@ pub enum TargetKind {
         /// The space's name.
         name: String,
     },
+}
+
+/// How the format of a target was (or will be) decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatSource {
+    /// An explicit prefix (`raw:`, `vhdx:`, `vhd:`, `pool:`).
+    Prefix,
+    /// A known extension, checked against the content.
+    Extension,
+    /// The content's signature (no prefix, no known extension).
+    Content,
 }
 
 /// Options of a target. `None` means "not given" (the caller's default applies).
@@ -40,15 +80,56 @@ pub struct TargetOptions {
     pub direct: Option<bool>,
     /// The I/O engine of file backends.
     pub engine: Option<Engine>,
+    /// Take image locks (default on).
+    pub locking: Option<bool>,
+    /// A writer lets readers in beside it.
+    pub share_rw: Option<bool>,
 }
 
-/// A parsed target string.
+/// The QoS layer on top of a base.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QosLayer {
+    /// The flow's own limits (a dedicated policy), used when `policy` is None.
+    pub limits: Limits,
+    /// Join this existing policy of the context's scheduler instead (an aggregated group).
+    pub policy: Option<PolicyId>,
+    /// The flow's weight (0: the default).
+    pub weight: u64,
+    /// The flow's name in the statistics (default: the target string).
+    pub name: Option<String>,
+}
+
+/// A parsed target string: a base, its options, and the layers on top.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetSpec {
-    /// What it names.
+    /// The base.
     pub kind: TargetKind,
-    /// Its options.
+    /// How its format is decided.
+    pub source: FormatSource,
+    /// Options of the base.
     pub options: TargetOptions,
+    /// A QoS layer, if any.
+    pub qos: Option<QosLayer>,
+}
+
+/// What stacks opened together share: the QoS scheduler their QoS layers become flows of (one
+/// per host, as a hypervisor has). A fresh context makes its scheduler on first use.
+#[derive(Default, Clone)]
+pub struct StackContext {
+    /// The scheduler.
+    pub qos: Option<Arc<Qos>>,
+}
+
+/// The QoS layer of an opened stack: its scheduler, policy and flow (to change limits and read
+/// statistics at run time).
+#[derive(Clone)]
+pub struct QosHandle {
+    /// The scheduler.
+    pub qos: Arc<Qos>,
+    /// The policy the flow is under.
+    pub policy: PolicyId,
+    /// The flow.
+    pub flow: FlowId,
 }
 
 /// An opened target: the device and anything the user should be told about how it was opened.
@@ -57,6 +138,12 @@ pub struct OpenedTarget {
     pub device: Arc<dyn BlockDevice>,
     /// Notes such as "the file system refuses O_DIRECT; using buffered I/O".
     pub notes: Vec<String>,
+    /// The base's format.
+    pub format: Detected,
+    /// How the format was decided, in words ("by its content", ...).
+    pub format_decided: String,
+    /// The QoS layer, if the stack has one.
+    pub qos: Option<QosHandle>,
 }
 
 impl std::fmt::Debug for OpenedTarget {
@@ -64,6 +151,8 @@ impl std::fmt::Debug for OpenedTarget {
         f.debug_struct("OpenedTarget")
             .field("device", &self.device.describe())
             .field("notes", &self.notes)
+            .field("format", &self.format)
+            .field("format_decided", &self.format_decided)
             .finish()
     }
 }
@@ -102,6 +191,20 @@ fn target_err(input: &str, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The format a file name's extension claims, if it is one vstor knows.
+pub fn format_of_extension(path: &Path) -> Option<Detected> {
+    let ext = path.extension()?.to_string_lossy().to_ascii_lowercase();
+    match ext.as_str() {
+        "vhdx" | "avhdx" => Some(Detected::Vhdx),
+        "vhd" | "avhd" => Some(Detected::Vhd),
+        "raw" => Some(Detected::Raw),
+        _ => None,
+    }
+}
+
+const KNOWN_OPTIONS: &str =
+    "readonly, direct, cache, engine, locking, share-rw, max-iops, min-iops";
+
 impl std::str::FromStr for TargetSpec {
     type Err = Error;
 
@@ -111,33 +214,40 @@ impl std::str::FromStr for TargetSpec {
         if head.is_empty() {
             return Err(target_err(input, "no path"));
         }
-        let kind = if let Some(p) = head.strip_prefix("raw:") {
-            TargetKind::Raw(PathBuf::from(p))
+        let (kind, source) = if let Some(p) = head.strip_prefix("raw:") {
+            (TargetKind::Raw(PathBuf::from(p)), FormatSource::Prefix)
         } else if let Some(p) = head.strip_prefix("vhdx:") {
-            TargetKind::Vhdx(PathBuf::from(p))
+            (TargetKind::Vhdx(PathBuf::from(p)), FormatSource::Prefix)
+        } else if let Some(p) = head.strip_prefix("vhd:") {
+            (TargetKind::Vhd(PathBuf::from(p)), FormatSource::Prefix)
         } else if let Some(p) = head.strip_prefix("pool:") {
             let (dir, name) = p
                 .rsplit_once('/')
                 .filter(|(d, n)| !d.is_empty() && !n.is_empty())
                 .ok_or_else(|| target_err(input, "a pool target is pool:DIR/NAME"))?;
-            TargetKind::Pool {
-                dir: PathBuf::from(dir),
-                name: name.to_string(),
-            }
+            (
+                TargetKind::Pool {
+                    dir: PathBuf::from(dir),
+                    name: name.to_string(),
+                },
+                FormatSource::Prefix,
+            )
         } else {
             let path = PathBuf::from(&head);
-            let ext = path
-                .extension()
-                .map(|e| e.to_string_lossy().to_ascii_lowercase());
-            match ext.as_deref() {
-                Some("vhdx" | "avhdx") => TargetKind::Vhdx(path),
-                _ => TargetKind::Raw(path),
+            match format_of_extension(&path) {
+                Some(Detected::Vhdx) => (TargetKind::Vhdx(path), FormatSource::Extension),
+                Some(Detected::Vhd) => (TargetKind::Vhd(path), FormatSource::Extension),
+                Some(_) => (TargetKind::Raw(path), FormatSource::Extension),
+                None => (TargetKind::Probe(path), FormatSource::Content),
             }
         };
-        if matches!(&kind, TargetKind::Raw(p) | TargetKind::Vhdx(p) if p.as_os_str().is_empty()) {
+        if matches!(&kind, TargetKind::Raw(p) | TargetKind::Vhdx(p) | TargetKind::Vhd(p)
+            | TargetKind::Probe(p) if p.as_os_str().is_empty())
+        {
             return Err(target_err(input, "no path"));
         }
         let mut options = TargetOptions::default();
+        let mut qos: Option<QosLayer> = None;
         for part in parts {
             let (k, v) = part
                 .split_once('=')
@@ -163,15 +273,38 @@ impl std::str::FromStr for TargetSpec {
                             .map_err(|e: vstor_core::Error| target_err(input, e.to_string()))?,
                     )
                 }
+                "locking" | "file.locking" => options.locking = Some(on_off(input, k, v)?),
+                "share-rw" => options.share_rw = Some(on_off(input, k, v)?),
+                "max-iops" | "min-iops" => {
+                    let n: u64 = v.parse().map_err(|_| {
+                        target_err(input, format!("{k}={v}: expected a whole number of IOPS"))
+                    })?;
+                    let layer = qos.get_or_insert_with(QosLayer::default);
+                    if k == "max-iops" {
+                        layer.limits.max_iops = n;
+                    } else {
+                        layer.limits.min_iops = n;
+                    }
+                }
                 _ => {
                     return Err(target_err(
                         input,
-                        format!("unknown option '{k}' (known: readonly, direct, cache, engine)"),
+                        format!("unknown option '{k}' (known: {KNOWN_OPTIONS})"),
                     ))
                 }
             }
         }
-        Ok(TargetSpec { kind, options })
+        if let Some(l) = &qos {
+            l.limits
+                .validate()
+                .map_err(|e| target_err(input, e.to_string()))?;
+        }
+        Ok(TargetSpec {
+            kind,
+            source,
+            options,
+            qos,
+        })
     }
 }
 
@@ -179,71 +312,176 @@ impl TargetSpec {
     /// The file the target lives in (the member directory for a pool).
     pub fn path(&self) -> &Path {
         match &self.kind {
-            TargetKind::Raw(p) | TargetKind::Vhdx(p) => p,
+            TargetKind::Raw(p)
+            | TargetKind::Vhdx(p)
+            | TargetKind::Vhd(p)
+            | TargetKind::Probe(p) => p,
             TargetKind::Pool { dir, .. } => dir,
         }
     }
 
-    /// Opens the stack the target names. Options on the target win over `defaults`.
+    /// Decides the format from the content where the target leaves it open, and checks that a
+    /// known extension agrees with the content: the returned spec is never
+    /// [`TargetKind::Probe`]. Nothing is written. A file that does not exist keeps what its
+    /// name says (a probed one is raw), so that commands that create files can use this too.
+    pub fn resolve(&self) -> Result<TargetSpec, Error> {
+        let mut out = self.clone();
+        if self.source == FormatSource::Prefix {
+            return Ok(out);
+        }
+        let path = self.path();
+        if !path.exists() {
+            if let TargetKind::Probe(p) = &self.kind {
+                out.kind = TargetKind::Raw(p.clone());
+            }
+            return Ok(out);
+        }
+        let found = probe::probe(path)?;
+        if let Detected::Foreign(name) = found {
+            return Err(Error::Unsupported(format!(
+                "{} is a {name} image, which vstor does not open (convert it with qemu-img \
+                 convert -O vhdx, or name it raw:{} to treat its bytes as a raw disk)",
+                path.display(),
+                path.display()
+            )));
+        }
+        if self.source == FormatSource::Extension {
+            let named = format_of_extension(path).expect("an extension source has one");
+            if named != found {
+                return Err(Error::Unsupported(format!(
+                    "{} is named as {} (by its extension) but its content is {}{}; rename it, \
+                     or say which you mean with {}:{}",
+                    path.display(),
+                    named.name(),
+                    found.name(),
+                    match found {
+                        Detected::Raw => " (no signature of any image format)",
+                        _ => "",
+                    },
+                    prefix(found),
+                    path.display()
+                )));
+            }
+            return Ok(out);
+        }
+        out.kind = match found {
+            Detected::Vhdx => TargetKind::Vhdx(path.to_path_buf()),
+            Detected::Vhd => TargetKind::Vhd(path.to_path_buf()),
+            _ => TargetKind::Raw(path.to_path_buf()),
+        };
+        Ok(out)
+    }
+
+    /// How the format was decided, in words, for `disk info`.
+    pub fn format_decided(&self) -> &'static str {
+        match (self.source, &self.kind) {
+            (_, TargetKind::Pool { .. }) => "a pool space (pool: prefix)",
+            (FormatSource::Prefix, _) => "by the explicit prefix",
+            (FormatSource::Extension, _) => "by its extension, and its content agrees",
+            (FormatSource::Content, _) => "by its content (signature probe)",
+        }
+    }
+
+    /// Opens the stack the target names, on a scheduler of its own if it has a QoS layer.
+    /// Options on the target win over `defaults`.
     pub fn open(&self, defaults: &TargetOptions) -> Result<OpenedTarget, Error> {
-        let pick = |t: Option<bool>, d: Option<bool>| t.or(d).unwrap_or(false);
-        let read_only = pick(self.options.read_only, defaults.read_only);
-        let direct = pick(self.options.direct, defaults.direct);
-        let engine = self.options.engine.or(defaults.engine).unwrap_or_default();
+        self.open_in(defaults, &mut StackContext::default())
+    }
+
+    /// Opens the stack the target names; its QoS layer (if any) becomes a flow of the
+    /// context's scheduler, so that stacks opened in one context share it.
+    pub fn open_in(
+        &self,
+        defaults: &TargetOptions,
+        ctx: &mut StackContext,
+    ) -> Result<OpenedTarget, Error> {
+        let spec = self.resolve()?;
+        let mut opened = spec.open_base(defaults)?;
+        if let Some(layer) = &spec.qos {
+            let name = layer
+                .name
+                .clone()
+                .unwrap_or_else(|| spec.path().display().to_string());
+            let qos = ctx
+                .qos
+                .get_or_insert_with(|| Qos::new(QosConfig::default()))
+                .clone();
+            let policy = match layer.policy {
+                Some(p) => p,
+                None => qos.add_policy(&name, PolicyKind::Dedicated, layer.limits)?,
+            };
+            let flow = qos.add_flow(&name, Some(policy), layer.weight)?;
+            opened.device = Arc::new(QosDevice::new(qos.clone(), flow, opened.device)?);
+            opened.qos = Some(QosHandle { qos, policy, flow });
+        }
+        Ok(opened)
+    }
+
+    fn open_base(&self, defaults: &TargetOptions) -> Result<OpenedTarget, Error> {
+        let pick = |t: Option<bool>, d: Option<bool>, dflt: bool| t.or(d).unwrap_or(dflt);
+        let o = &self.options;
+        let read_only = pick(o.read_only, defaults.read_only, false);
+        let file = FileOptions {
+            read_only,
+            direct: pick(o.direct, defaults.direct, false),
+            engine: o.engine.or(defaults.engine).unwrap_or_default(),
+            ring_entries: 0,
+            lock: pick(o.locking, defaults.locking, true),
+            share_rw: pick(o.share_rw, defaults.share_rw, false),
+        };
+        let decided = self.format_decided().to_string();
+        let done = |device: Arc<dyn BlockDevice>, notes: Vec<String>, format: Detected| {
+            Ok(OpenedTarget {
+                device,
+                notes,
+                format,
+                format_decided: decided.clone(),
+                qos: None,
+            })
+        };
         match &self.kind {
             TargetKind::Raw(path) => {
-                let dev = FileDevice::open(
-                    path,
-                    &FileOptions {
-                        read_only,
-                        direct,
-                        engine,
-                        ring_entries: 0,
-                        lock: false,
-                        share_rw: false,
-                    },
-                )?;
+                let dev = FileDevice::open(path, &file)?;
                 let notes = dev
                     .direct_fallback()
                     .into_iter()
                     .chain(dev.engine_fallback())
                     .map(str::to_string)
                     .collect();
-                Ok(OpenedTarget {
-                    device: Arc::new(dev),
-                    notes,
-                })
+                let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+                let dev: Arc<dyn BlockDevice> = if self.source == FormatSource::Prefix {
+                    dev
+                } else {
+                    Arc::new(ProbeGuard::new(dev, path.display().to_string()))
+                };
+                done(dev, notes, Detected::Raw)
             }
             TargetKind::Vhdx(path) => {
                 let opts = vstor_vhdx::OpenOptions {
                     read_only,
-                    file: FileOptions {
-                        read_only,
-                        direct,
-                        engine,
-                        ring_entries: 0,
-                        lock: false,
-                        share_rw: false,
-                    },
+                    file,
                     ..Default::default()
                 };
                 let disk = vstor_vhdx::Vhdx::open(path, &opts)?;
                 let notes = disk.notes();
-                Ok(OpenedTarget {
-                    device: Arc::new(disk),
-                    notes,
-                })
+                done(Arc::new(disk), notes, Detected::Vhdx)
             }
+            TargetKind::Vhd(path) => {
+                let disk = vstor_vhdx::vpc::Vpc::open(path)?;
+                let mut notes = Vec::new();
+                if !read_only {
+                    notes.push(format!(
+                        "{} is a legacy VHD, which vstor opens read-only (convert it to VHDX \
+                         to write to it)",
+                        path.display()
+                    ));
+                }
+                done(Arc::new(disk), notes, Detected::Vhd)
+            }
+            TargetKind::Probe(_) => unreachable!("resolve() decides every probed format"),
             TargetKind::Pool { dir, name } => {
-                let file = FileOptions {
-                    read_only,
-                    direct,
-                    engine,
-                    ring_entries: 0,
-                    // Pool::open_dir locks every member whatever this says.
-                    lock: true,
-                    share_rw: false,
-                };
+                // Pool::open_dir locks every member whatever `locking` says.
+                let file = FileOptions { lock: true, ..file };
                 let pool = vstor_spaces::Pool::open_dir(
                     dir,
                     &vstor_spaces::OpenOptions {
@@ -253,12 +491,18 @@ impl TargetSpec {
                     &file,
                 )?;
                 let space = pool.open_space(name)?;
-                Ok(OpenedTarget {
-                    device: Arc::new(space),
-                    notes: pool.info().notes,
-                })
+                done(Arc::new(space), pool.info().notes, Detected::Raw)
             }
         }
+    }
+}
+
+/// The prefix that names a format explicitly.
+fn prefix(d: Detected) -> &'static str {
+    match d {
+        Detected::Vhdx => "vhdx",
+        Detected::Vhd => "vhd",
+        _ => "raw",
     }
 }
 
@@ -278,7 +522,13 @@ mod tests {
     #[test]
     fn kinds() {
         assert_eq!(parse("disk.raw").kind, TargetKind::Raw("disk.raw".into()));
-        assert_eq!(parse("/dev/sdb").kind, TargetKind::Raw("/dev/sdb".into()));
+        assert_eq!(parse("/dev/sdb").kind, TargetKind::Probe("/dev/sdb".into()));
+        assert_eq!(parse("d.img").kind, TargetKind::Probe("d.img".into()));
+        assert_eq!(parse("d.vpc").kind, TargetKind::Probe("d.vpc".into()));
+        assert_eq!(parse("d.vhd").kind, TargetKind::Vhd("d.vhd".into()));
+        assert_eq!(parse("vhd:d.img").kind, TargetKind::Vhd("d.img".into()));
+        assert_eq!(parse("d.raw").source, FormatSource::Extension);
+        assert_eq!(parse("raw:d.raw").source, FormatSource::Prefix);
         assert_eq!(parse("raw:x.vhdx").kind, TargetKind::Raw("x.vhdx".into()));
         assert_eq!(parse("a/b.VHDX").kind, TargetKind::Vhdx("a/b.VHDX".into()));
         assert_eq!(parse("vhdx:disk").kind, TargetKind::Vhdx("disk".into()));
@@ -303,6 +553,12 @@ mod tests {
             Some(Engine::IoUring)
         );
         assert_eq!(parse("a,,b.raw").kind, TargetKind::Raw("a,b.raw".into()));
+        let t = parse("d.raw,locking=off,share-rw=on,max-iops=500,min-iops=100");
+        assert_eq!(t.options.locking, Some(false));
+        assert_eq!(t.options.share_rw, Some(true));
+        let q = t.qos.unwrap();
+        assert_eq!((q.limits.max_iops, q.limits.min_iops), (500, 100));
+        assert!(parse("d.raw").qos.is_none());
     }
 
     #[test]
@@ -317,6 +573,10 @@ mod tests {
             "pool:nodir",
             "pool:/x/",
             "raw:",
+            "vhd:",
+            "d.raw,max-iops=lots",
+            "d.raw,max-iops=10,min-iops=20",
+            "d.raw,locking=maybe",
         ] {
             let e = bad.parse::<TargetSpec>().unwrap_err().to_string();
             assert!(

@@ -129,6 +129,7 @@ impl OpenArgs {
             read_only: Some(read_only),
             direct: Some(self.direct),
             engine: Some(self.engine.into()),
+            ..Default::default()
         };
         let opened = open_target(target, &defaults)?;
         for note in &opened.notes {
@@ -385,6 +386,7 @@ fn preallocate(file: &std::fs::File, size: u64) -> std::io::Result<()> {
 struct InfoReport {
     target: String,
     format: &'static str,
+    format_decided: String,
     description: String,
     virtual_size: u64,
     file_size: Option<u64>,
@@ -399,7 +401,7 @@ struct InfoReport {
 
 fn check(a: CheckArgs) -> Result<(), Error> {
     let spec: TargetSpec = a.path.to_string_lossy().parse()?;
-    if !matches!(spec.kind, TargetKind::Vhdx(_)) {
+    if !matches!(spec.resolve()?.kind, TargetKind::Vhdx(_)) {
         return Err(Error::Unsupported(format!(
             "{}: check verifies VHDX files (a raw file has no structure to check)",
             a.path.display()
@@ -412,9 +414,10 @@ fn check(a: CheckArgs) -> Result<(), Error> {
 }
 
 fn info(a: InfoArgs) -> Result<(), Error> {
-    let spec: TargetSpec = a.target.parse()?;
+    let parsed: TargetSpec = a.target.parse()?;
+    let spec = parsed.resolve()?;
     if let TargetKind::Vhdx(p) = &spec.kind {
-        return super::vhdx::info(p, &a.target, a.json);
+        return super::vhdx::info(p, &a.target, spec.format_decided(), a.json);
     }
     let opened = spec.open(&TargetOptions {
         read_only: Some(true),
@@ -426,7 +429,12 @@ fn info(a: InfoArgs) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
     let r = InfoReport {
         target: a.target.clone(),
-        format: "raw",
+        format: match opened.format {
+            vstor::probe::Detected::Vhd => "vhd",
+            _ if matches!(spec.kind, TargetKind::Pool { .. }) => "pool space",
+            _ => "raw",
+        },
+        format_decided: opened.format_decided.clone(),
         description: dev.describe(),
         virtual_size: i.capacity,
         file_size: meta.as_ref().map(|m| m.len()),
@@ -447,7 +455,7 @@ fn info(a: InfoArgs) -> Result<(), Error> {
         return Ok(());
     }
     println!("target:               {}", r.target);
-    println!("format:               {}", r.format);
+    println!("format:               {}, {}", r.format, r.format_decided);
     println!("device:               {}", r.description);
     println!(
         "virtual size:         {} ({} bytes)",

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use vstor::core::{FileDevice, FileOptions, Job};
+use vstor::core::{FileDevice, FileOptions, ImageLock, Job, LockMode};
 use vstor::vhdx::convert::{self, ConvertOptions, Fill, Format};
 use vstor::vhdx::lifecycle;
 use vstor::vhdx::vpc::{ChainPlace, Vpc};
@@ -165,14 +165,17 @@ fn print(json_out: bool, j: serde_json::Value, text: String) {
     }
 }
 
-fn open_rw(path: &Path) -> Result<Vhdx, Error> {
+fn open_rw(path: &Path) -> Result<(Vhdx, Vec<ImageLock>), Error> {
     vhdx_only(path)?;
-    Ok(Vhdx::open(path, &OpenOptions::default())?)
+    let locks = lock_chain(path, 1)?;
+    Ok((Vhdx::open(path, &OpenOptions::default())?, locks))
 }
 
+/// Refuses anything but a VHDX, told by content as every target is (`disk.img` holding a VHDX
+/// is one; `x.vhdx` holding raw bytes is refused by name).
 fn vhdx_only(path: &Path) -> Result<(), Error> {
     let spec: TargetSpec = path.to_string_lossy().parse()?;
-    if !matches!(spec.kind, TargetKind::Vhdx(_)) {
+    if !matches!(spec.resolve()?.kind, TargetKind::Vhdx(_)) {
         return Err(Error::Unsupported(format!(
             "{}: this command works on VHDX files",
             path.display()
@@ -181,8 +184,43 @@ fn vhdx_only(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// The image locks a lifecycle command on the VHDX at `path` holds while it runs: the first
+/// `writers` files of its chain (the image, then its parents, as far as the command writes)
+/// exclusively, the rest shared, as every other open of those files would take them. The
+/// commands' own opens take no locks of their own (they open some files twice).
+fn lock_chain(path: &Path, writers: usize) -> Result<Vec<ImageLock>, Error> {
+    let chain = chain_paths(path);
+    let mut locks = Vec::new();
+    for (i, p) in chain.iter().enumerate() {
+        let mode = if i < writers {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        };
+        locks.push(ImageLock::acquire(p, mode)?);
+    }
+    Ok(locks)
+}
+
+/// The files of the chain of `path`, the image first. Where the chain cannot be opened (the
+/// command will report why), the image alone.
+fn chain_paths(path: &Path) -> Vec<PathBuf> {
+    let Ok(v) = Vhdx::open(path, &OpenOptions::read_only()) else {
+        return vec![path.to_path_buf()];
+    };
+    let mut out = vec![path.to_path_buf()];
+    let mut cur = v.parent().cloned();
+    while let Some(p) = cur {
+        if let Some(pp) = p.path() {
+            out.push(pp.to_path_buf());
+        }
+        cur = p.parent().cloned();
+    }
+    out
+}
+
 pub fn resize(a: ResizeArgs) -> Result<(), Error> {
-    let v = open_rw(&a.path)?;
+    let (v, _locks) = open_rw(&a.path)?;
     let size = match a.size {
         Some(s) => s,
         None => v.minimum_size(),
@@ -209,7 +247,7 @@ pub fn resize(a: ResizeArgs) -> Result<(), Error> {
 }
 
 pub fn compact(a: CompactArgs) -> Result<(), Error> {
-    let v = open_rw(&a.path)?;
+    let (v, _locks) = open_rw(&a.path)?;
     let (job, pb) = job("compact");
     let r = v.compact_with(a.full, &job)?;
     v.close()?;
@@ -264,18 +302,23 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
         fixed: a.fixed,
         block_size,
     };
-    let ext = a
-        .src
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
+    // The source's format is told by its content, as for every target (a VHD made by
+    // `qemu-img create -f vpc x.vpc` is a VHD, not 8 MiB of raw bytes).
+    let src_spec: TargetSpec = a.src.to_string_lossy().parse()?;
+    let src_kind = src_spec.resolve()?.kind;
     let (job, pb) = job("convert");
     let t = Instant::now();
-    let r = if is_vhdx_name(&a.src) {
+    let r = if let TargetKind::Pool { .. } = src_kind {
+        return Err(Error::Unsupported(format!(
+            "{}: convert reads VHDX, VHD and raw files",
+            a.src.display()
+        )));
+    } else if let TargetKind::Vhdx(_) = src_kind {
+        let _locks = lock_chain(&a.src, 0)?;
         let v = Vhdx::open(&a.src, &OpenOptions::read_only())?;
         let map = |o: u64, l: u64| v.fills(o, l, None);
         convert::convert(&v, Some(&map), &a.dst, &opts, &job)?
-    } else if ext.as_deref() == Some("vhd") {
+    } else if let TargetKind::Vhd(_) = src_kind {
         let v = Vpc::open(&a.src)?;
         let map = |o: u64, l: u64| -> vstor::core::Result<Vec<(u64, Fill)>> {
             Ok(v.locate_chain(o, l)?
@@ -298,6 +341,7 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
             &a.src,
             &FileOptions {
                 read_only: true,
+                lock: true,
                 ..Default::default()
             },
         )?;
@@ -330,6 +374,20 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
 
 pub fn merge(a: MergeArgs) -> Result<(), Error> {
     vhdx_only(&a.child)?;
+    // The child and every disk up to the target are written (or removed); siblings that hold
+    // the target open (shared) keep the merge out.
+    let chain = chain_paths(&a.child);
+    let writers = match &a.into {
+        None => 2,
+        Some(into) => {
+            let want = std::fs::canonicalize(into).ok();
+            chain
+                .iter()
+                .position(|p| std::fs::canonicalize(p).ok() == want)
+                .map_or(chain.len(), |i| i + 1)
+        }
+    };
+    let _locks = lock_chain(&a.child, writers)?;
     let (job, pb) = job("merge");
     let t = Instant::now();
     let r = lifecycle::merge(&a.child, a.into.as_deref(), &job)?;
@@ -355,6 +413,7 @@ pub fn merge(a: MergeArgs) -> Result<(), Error> {
 
 pub fn checkpoint(a: CheckpointArgs) -> Result<(), Error> {
     vhdx_only(&a.path)?;
+    let _locks = lock_chain(&a.path, 1)?;
     let child = lifecycle::checkpoint(&a.path, a.child.as_deref())?;
     print(
         a.json,
@@ -370,6 +429,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<(), Error> {
 
 pub fn clone(a: CloneArgs) -> Result<(), Error> {
     vhdx_only(&a.src)?;
+    let _locks = lock_chain(&a.src, 0)?;
     let (job, pb) = job("clone");
     let r = lifecycle::clone(&a.src, &a.dst, &ConvertOptions::default(), &job)?;
     pb.finish_and_clear();
@@ -393,7 +453,9 @@ pub fn set(a: SetArgs) -> Result<(), Error> {
             "nothing to set: give --parent and/or --physical-sector-size".into(),
         ));
     }
+    let mut _locks = lock_chain(&a.path, 1)?;
     if let Some(p) = &a.parent {
+        _locks.push(ImageLock::acquire(p, LockMode::Shared)?);
         lifecycle::set_parent(&a.path, p, a.ignore_linkage)?;
         println!("{}: parent is now {}", a.path.display(), p.display());
     }
@@ -413,6 +475,7 @@ pub fn repair(path: &Path) -> Result<(), Error> {
         eprintln!("{}: clean; nothing to repair", path.display());
         return Ok(());
     }
+    let _locks = lock_chain(path, 1)?;
     let v = Vhdx::open(path, &OpenOptions::default())?;
     let (job, pb) = job("repair");
     let done = v.repair(&job)?;

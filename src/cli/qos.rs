@@ -10,7 +10,7 @@ use vstor::{Error, TargetOptions};
 use vstor_core::{AlignedBuf, BlockDevice, Engine, Request};
 use vstor_qos::{
     FlowReport, FlowStats, FlowStatus, LatencyHistogram, Limits, Normalization, PolicyId,
-    PolicyKind, Qos, QosConfig, QosDevice,
+    PolicyKind, Qos, QosConfig,
 };
 
 #[derive(Debug, Subcommand)]
@@ -356,11 +356,44 @@ fn run_cmd(a: RunArgs) -> Result<(), Error> {
         read_only: Some(a.rw == Rw::Randread),
         direct: Some(a.direct),
         engine: Some(engine),
+        ..Default::default()
     };
     let mut workers = Vec::new();
     let mut notes = Vec::new();
+    let mut opened_paths = std::collections::HashSet::new();
+    let mut ctx = vstor::StackContext {
+        qos: Some(qos.clone()),
+    };
     for (i, f) in flows.iter().enumerate() {
-        let opened = vstor::open_target(&f.target, &defaults)?;
+        let policy = match &f.group {
+            Some(g) => group_ids[g],
+            None => qos
+                .add_policy(&f.name, PolicyKind::Dedicated, f.limits)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        };
+        // The stack builder puts the QoS layer on, as a flow of this run's scheduler; with
+        // --bypass the flow only counts (it is added here and the stack has no QoS layer).
+        let mut spec: vstor::TargetSpec = f.target.parse()?;
+        if a.bypass {
+            qos.add_flow(&f.name, Some(policy), f.weight)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            spec.qos = None;
+        } else {
+            spec.qos = Some(vstor::QosLayer {
+                policy: Some(policy),
+                weight: f.weight,
+                name: Some(f.name.clone()),
+                ..Default::default()
+            });
+        }
+        // Two flows on one file are two opens of it in this process: the first holds the
+        // image lock for both.
+        let first_open = opened_paths.insert(spec.path().to_path_buf());
+        let defaults = TargetOptions {
+            locking: if first_open { None } else { Some(false) },
+            ..defaults.clone()
+        };
+        let opened = spec.open_in(&defaults, &mut ctx)?;
         notes.extend(opened.notes);
         let info = opened.device.info();
         if a.rw != Rw::Randread && info.read_only {
@@ -372,23 +405,7 @@ fn run_cmd(a: RunArgs) -> Result<(), Error> {
                 f.target, a.size, info.capacity, info.logical_sector_size
             ));
         }
-        let policy = match &f.group {
-            Some(g) => group_ids[g],
-            None => qos
-                .add_policy(&f.name, PolicyKind::Dedicated, f.limits)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
-        };
-        let flow = qos
-            .add_flow(&f.name, Some(policy), f.weight)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let dev: Arc<dyn BlockDevice> = if a.bypass {
-            opened.device
-        } else {
-            Arc::new(
-                QosDevice::new(qos.clone(), flow, opened.device)
-                    .map_err(|e| Error::InvalidArgument(e.to_string()))?,
-            )
-        };
+        let dev = opened.device;
         workers.push(Worker {
             dev,
             slots: info.capacity / a.size,

@@ -107,6 +107,8 @@ struct ChainLink {
 pub struct VhdxInfo {
     target: String,
     format: &'static str,
+    /// How the format was decided (prefix, extension checked against content, or content).
+    format_decided: &'static str,
     #[serde(rename = "type")]
     kind: String,
     virtual_size: u64,
@@ -131,7 +133,9 @@ pub struct VhdxInfo {
     notes: Vec<String>,
 }
 
-pub fn info(path: &Path, target: &str, json: bool) -> Result<(), Error> {
+pub fn info(path: &Path, target: &str, decided: &'static str, json: bool) -> Result<(), Error> {
+    // A shared image lock: a writer elsewhere changes what this would report.
+    let _lock = vstor::core::ImageLock::acquire(path, vstor::core::LockMode::Shared)?;
     let disk = Vhdx::open(path, &OpenOptions::read_only())?;
     let g = disk.geometry().clone();
     let h = disk.header();
@@ -172,6 +176,7 @@ pub fn info(path: &Path, target: &str, json: bool) -> Result<(), Error> {
     let r = VhdxInfo {
         target: target.to_string(),
         format: "vhdx",
+        format_decided: decided,
         kind: disk.kind().to_string(),
         virtual_size: g.virtual_size,
         file_size: disk.file_size(),
@@ -211,7 +216,10 @@ pub fn info(path: &Path, target: &str, json: bool) -> Result<(), Error> {
         return Ok(());
     }
     println!("target:               {}", r.target);
-    println!("format:               vhdx ({})", r.kind);
+    println!(
+        "format:               vhdx ({}), {}",
+        r.kind, r.format_decided
+    );
     println!(
         "virtual size:         {} ({} bytes)",
         format_size(r.virtual_size),
@@ -272,6 +280,7 @@ struct CheckJson<'a> {
 }
 
 pub fn check_cmd(path: &PathBuf, json: bool) -> Result<(), Error> {
+    let _lock = vstor::core::ImageLock::acquire(path, vstor::core::LockMode::Shared)?;
     let r: CheckReport = check::check(path)?;
     if json {
         let j = CheckJson {

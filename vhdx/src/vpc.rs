@@ -321,9 +321,9 @@ impl vstor_core::LayerError for VpcError {
         use vstor_core::ErrorKind;
         match self {
             VpcError::NotVhd { .. } | VpcError::InvalidParameter(_) => ErrorKind::InvalidInput,
-            VpcError::Corrupt { .. } | VpcError::ParentMismatch { .. } | VpcError::ChainCycle(_) => {
-                ErrorKind::Corrupt
-            }
+            VpcError::Corrupt { .. }
+            | VpcError::ParentMismatch { .. }
+            | VpcError::ChainCycle(_) => ErrorKind::Corrupt,
             VpcError::Unsupported { .. } | VpcError::ChainTooDeep(_) => ErrorKind::Unsupported,
             VpcError::ParentNotFound { .. } => ErrorKind::Unavailable,
         }
@@ -1129,10 +1129,13 @@ impl Vpc {
                 ),
             ));
         }
+        // Read-only, under a shared image lock: a writer elsewhere (through `raw:`, say) and
+        // this open exclude each other.
         let file = FileDevice::open(
             path,
             &FileOptions {
                 read_only: true,
+                lock: true,
                 ..Default::default()
             },
         )?;

@@ -21,7 +21,7 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
-use vstor::qos::{Limits, PolicyKind, Qos, QosConfig, QosDevice};
+use vstor::qos::Limits;
 
 /// The test guest's ELF image, built from vmm/guest by build.rs.
 pub static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vstor-test-guest.elf"));
@@ -332,37 +332,37 @@ impl Vm {
         let mut blocks = Vec::new();
         let mut qos_handles = Vec::new();
         // One scheduler for all the VM's disks with QoS, like a host's: each disk a flow with
-        // its own (dedicated) policy.
-        let mut scheduler: Option<Arc<Qos>> = None;
+        // its own (dedicated) policy. The stack builder puts the QoS layer on.
+        let mut ctx = vstor::StackContext::default();
         for (i, d) in config.disks.iter().enumerate() {
-            let opened = vstor::open_target(&d.target, &vstor::TargetOptions::default()).map_err(
-                |source| Error::Disk {
-                    target: d.target.clone(),
-                    source,
-                },
-            )?;
+            let disk_err = |source| Error::Disk {
+                target: d.target.clone(),
+                source,
+            };
+            let name = format!("vstor{i}");
+            let mut spec: vstor::TargetSpec = d.target.parse().map_err(disk_err)?;
+            if d.has_qos() {
+                spec.qos = Some(vstor::QosLayer {
+                    limits: Limits {
+                        max_iops: d.max_iops,
+                        min_iops: d.min_iops,
+                        ..Default::default()
+                    },
+                    name: Some(name.clone()),
+                    ..Default::default()
+                });
+            }
+            let opened = spec
+                .open_in(&vstor::TargetOptions::default(), &mut ctx)
+                .map_err(disk_err)?;
             notes.extend(opened.notes.iter().map(|n| format!("{}: {n}", d.target)));
             let read_only = opened.device.info().read_only;
-            let name = format!("vstor{i}");
-            let (device, handle): (Arc<dyn vstor_core::BlockDevice>, _) = if d.has_qos() {
-                let qos = scheduler
-                    .get_or_insert_with(|| Qos::new(QosConfig::default()))
-                    .clone();
-                let qos_err = |e: vstor::qos::Error| Error::Config(format!("{}: {e}", d.target));
-                let limits = Limits {
-                    max_iops: d.max_iops,
-                    min_iops: d.min_iops,
-                    ..Default::default()
-                };
-                let policy = qos
-                    .add_policy(&name, PolicyKind::Dedicated, limits)
-                    .map_err(qos_err)?;
-                let flow = qos.add_flow(&name, Some(policy), 0).map_err(qos_err)?;
-                let device = QosDevice::new(qos.clone(), flow, opened.device).map_err(qos_err)?;
-                (Arc::new(device), Some(DiskQos { qos, policy, flow }))
-            } else {
-                (opened.device, None)
-            };
+            let handle = opened.qos.map(|h| DiskQos {
+                qos: h.qos,
+                policy: h.policy,
+                flow: h.flow,
+            });
+            let device = opened.device;
             qos_handles.push(handle);
             blocks.push(Arc::new(Block::with_queues(
                 device, read_only, &name, d.queues,

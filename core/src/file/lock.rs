@@ -67,12 +67,7 @@ impl ImageLock {
             match try_lock(&file, mode) {
                 Ok(()) => return Ok(ImageLock { _file: file }),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EAGAIN | libc::EACCES)
-                    ) =>
-                {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
                     let holders = holders(&file);
                     if !holders.is_empty() || start.elapsed() >= GRACE {
                         return Err(Error::Locked {
@@ -121,8 +116,8 @@ fn set(file: &File, at: i64, kind: libc::c_int) -> std::io::Result<()> {
     fl.l_start = at;
     fl.l_len = 1;
     fl.l_pid = 0; // OFD locks require 0.
-    // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct we own for the duration of the call;
-    // the descriptor is valid as long as `file` lives.
+                  // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct we own for the duration of the call;
+                  // the descriptor is valid as long as `file` lives.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
     if rc == 0 {
         Ok(())

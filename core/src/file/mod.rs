@@ -415,9 +415,8 @@ impl FileDevice {
             .map(|mode| ImageLock::acquire(path, mode))
             .transpose()?;
         let sized = |len: u64| {
-            f.set_len(len).map_err(|e| {
-                Error::io(format!("cannot size {} to {len} bytes", path.display()), e)
-            })
+            f.set_len(len)
+                .map_err(|e| Error::io(format!("cannot size {} to {len} bytes", path.display()), e))
         };
         sized(0)?;
         sized(size)?;
