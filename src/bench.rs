@@ -7,7 +7,6 @@
 //! [`BlockDevice::submit`], so the io_uring engine has all of them in flight together.
 
 use crate::Error;
-use serde::Serialize;
 use std::time::Instant;
 use vstor_core::{AlignedBuf, BlockDevice, Request};
 
@@ -55,7 +54,8 @@ impl Default for BenchParams {
 }
 
 /// What a run measured.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "cli", derive(serde::Serialize))]
 pub struct BenchReport {
     /// `"read"` or `"write"`.
     pub rw: &'static str,
