@@ -296,3 +296,113 @@ fn the_demo_runs_every_step_and_everything_checks_clean() {
         "{out}"
     );
 }
+
+/// Waits for `child` to exit, at most `secs` seconds; kills it and fails the test if it has not.
+fn wait_within(child: &mut std::process::Child, secs: u64, what: &str) -> std::process::Output {
+    let t = std::time::Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {secs} s (hung)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut out = std::process::Output {
+        status: child.wait().unwrap(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    use std::io::Read;
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_end(&mut out.stderr).unwrap();
+    }
+    out
+}
+
+/// A raw file of `mib` MiB full of non-zero data.
+fn data_file(p: &std::path::Path, mib: usize) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(p).unwrap();
+    let chunk: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 251) as u8 + 1).collect();
+    for _ in 0..mib {
+        f.write_all(&chunk).unwrap();
+    }
+}
+
+#[test]
+fn convert_ends_with_an_error_and_no_output_when_the_destination_cannot_grow() {
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.raw");
+    data_file(&src, 160);
+    for dst in ["dst.vhdx", "dst.raw"] {
+        let dst = d.path().join(dst);
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vstor"));
+        cmd.args(["disk", "convert", s(&src), s(&dst)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: between fork and exec the closure calls only setrlimit and signal, which are
+        // async-signal-safe, on values it owns.
+        unsafe {
+            cmd.pre_exec(|| {
+                // A 64 MiB file-size limit (as `ulimit -f 65536`): writes past it fail with
+                // EFBIG, SIGXFSZ ignored as a shell that traps it does.
+                let lim = libc::rlimit {
+                    rlim_cur: 64 << 20,
+                    rlim_max: 64 << 20,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let out = wait_within(&mut child, 60, "convert past the file-size limit");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("error"), "{err}");
+        assert!(
+            !dst.exists(),
+            "the partial output {} is left",
+            dst.display()
+        );
+    }
+}
+
+#[test]
+fn ctrl_c_stops_a_convert_promptly_and_removes_its_output() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.raw");
+    data_file(&src, 1024);
+    let dst = d.path().join("dst.vhdx");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vstor"))
+        .args(["disk", "convert", s(&src), s(&dst)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the copy is under way (the output has grown).
+    let t = std::time::Instant::now();
+    while std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0) < 64 << 20 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the convert ended before it could be interrupted"
+        );
+        assert!(t.elapsed().as_secs() < 60, "the convert does not start");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill() on the id of a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let out = wait_within(&mut child, 20, "convert after SIGINT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(!dst.exists(), "the partial output is left");
+}

@@ -168,10 +168,20 @@ pub fn convert(
                 .create_new(true)
                 .open(dst)
                 .map_err(|e| Error::io(format!("cannot create {}", dst.display()), e))?;
-            f.set_len(size)
-                .map_err(|e| Error::io(format!("cannot size {}", dst.display()), e))?;
-            drop(f);
-            Arc::new(FileDevice::open(dst, &FileOptions::default())?)
+            let opened = f
+                .set_len(size)
+                .map_err(|e| Error::io(format!("cannot size {}", dst.display()), e))
+                .and_then(|()| {
+                    drop(f);
+                    FileDevice::open(dst, &FileOptions::default())
+                });
+            match opened {
+                Ok(d) => Arc::new(d),
+                Err(e) => {
+                    let _ = std::fs::remove_file(dst);
+                    return Err(e);
+                }
+            }
         }
     };
     let r = copy_all(src, map, &*out, true, job);
@@ -224,6 +234,10 @@ pub fn copy_range(
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Window>>(2);
     let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|sc| {
+        // The writer owns the receiving end: whatever way it returns (an error, a
+        // cancellation), the channel closes with it, so a reader blocked on a full channel
+        // wakes up and stops instead of waiting for good (the scope joins it).
+        let rx = rx;
         sc.spawn(move || {
             let read_one = |pos: u64| -> Result<Window> {
                 let len = window.min(size - pos);
@@ -271,6 +285,9 @@ pub fn copy_range(
                     return;
                 }
                 let w = read_one(pos);
+                if job.is_cancelled() {
+                    return;
+                }
                 let stop = w.is_err();
                 pos = w.as_ref().map(|w| w.end).unwrap_or(size);
                 if tx.send(w).is_err() || stop {

@@ -833,3 +833,81 @@ fn a_merge_marker_of_an_older_vstor_admits_only_the_merge() {
     assert!(v.merge_marker().is_none());
     let _ = (pv, cv);
 }
+
+/// Runs `f` on a thread of its own; the test fails if it has not returned within `secs`.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what}: still running after {secs} s (hung)"))
+}
+
+/// A source full of data, and a destination slower than it (so the reader runs ahead and
+/// fills the channel between them).
+fn fast_source_slow_destination() -> (Arc<dyn BlockDevice>, Arc<vstor_core::FaultDevice>) {
+    let src: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(96 * MIB).unwrap());
+    src.write_at(0, &vec![0x5A; 96 * MIB as usize]).unwrap();
+    let dst = Arc::new(vstor_core::FaultDevice::new(Arc::new(
+        MemoryDevice::new(96 * MIB).unwrap(),
+    )));
+    dst.set_latency(Some(std::time::Duration::from_millis(30)));
+    (src, dst)
+}
+
+#[test]
+fn a_copy_ends_with_an_error_after_a_destination_write_error() {
+    use vstor_core::{FaultRule, OpKind};
+    use vstor_vhdx::convert::copy_all;
+    let (src, dst) = fast_source_slow_destination();
+    dst.add_rule(FaultRule::fail(OpKind::Write).after(12));
+    let d2 = dst.clone();
+    let r = within(60, "copy after a write error", move || {
+        copy_all(&*src, None, &*d2, true, &Job::new())
+    });
+    let e = r.unwrap_err();
+    assert!(!matches!(e, Error::Cancelled(_)), "{e:?}");
+    assert!(dst.stats().writes >= 12);
+}
+
+#[test]
+fn a_cancelled_copy_ends_with_cancelled() {
+    use vstor_vhdx::convert::copy_all;
+    let (src, dst) = fast_source_slow_destination();
+    let job = Job::new();
+    let j2 = job.clone();
+    let job = job.on_progress(move |_, _| j2.cancel());
+    let r = within(60, "cancelled copy", move || {
+        copy_all(&*src, None, &*dst, true, &job)
+    });
+    assert!(matches!(r, Err(Error::Cancelled(_))), "{r:?}");
+}
+
+#[test]
+fn a_convert_that_fails_or_is_cancelled_removes_its_output() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, _) = fast_source_slow_destination();
+    // Cancelled after its first window: an error, and no output left.
+    for format in [Format::Vhdx, Format::Raw] {
+        let out = d.path().join(format!("out-{format:?}"));
+        let job = Job::new();
+        let j2 = job.clone();
+        let job = job.on_progress(move |_, _| j2.cancel());
+        let (s2, o2) = (src.clone(), out.clone());
+        let r = within(60, "cancelled convert", move || {
+            convert(
+                &*s2,
+                None,
+                &o2,
+                &ConvertOptions {
+                    format,
+                    ..Default::default()
+                },
+                &job,
+            )
+        });
+        assert!(matches!(r, Err(Error::Cancelled(_))), "{r:?}");
+        assert!(!out.exists(), "{format:?}: the partial output is left");
+    }
+}
