@@ -31,7 +31,18 @@ fn main() -> ExitCode {
             // One line: the cause, nothing else.
             let msg = e.to_string().replace('\n', "; ");
             eprintln!("vstor: error: {msg}");
-            ExitCode::FAILURE
+            exit_code(e.kind())
         }
+    }
+}
+
+/// The exit status for a failure of this kind: 75 (EX_TEMPFAIL) when the image is in use by
+/// another process, so that a supervisor can tell "try again later" from a real failure; 2 for
+/// input that makes no sense, as for usage errors; 1 for everything else.
+fn exit_code(kind: vstor::ErrorKind) -> ExitCode {
+    match kind {
+        vstor::ErrorKind::InUse => ExitCode::from(75),
+        vstor::ErrorKind::InvalidInput => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
     }
 }

@@ -251,4 +251,47 @@ mod tests {
         assert_eq!(detect(&v, &[]), Detected::Foreign("VDI"));
         assert_eq!(detect(b"vhdx", &[]), Detected::Raw, "a short file is raw");
     }
+
+    #[test]
+    fn the_guard_refuses_signatures_and_passes_the_rest() {
+        let mem: Arc<dyn BlockDevice> = Arc::new(vstor_core::MemoryDevice::new(1 << 20).unwrap());
+        let g = ProbeGuard::new(mem.clone(), "m");
+        let sector = |sig: &[u8]| {
+            let mut b = vec![0u8; 512];
+            b[..sig.len()].copy_from_slice(sig);
+            b
+        };
+        let e = g.write_at(0, &sector(b"vhdxfile")).unwrap_err();
+        assert_eq!(e.kind(), vstor_core::ErrorKind::Io);
+        assert!(e.to_string().contains("VHDX signature"), "{e}");
+        // In a vectored write whose pieces each look harmless.
+        let (a, b) = (sector(b"QFI"), sector(b"\xfb"));
+        let mut r = [Request::writev(0, [&a[..3], &b[..509]])];
+        g.submit(&mut r);
+        assert!(r[0].result().is_err());
+        // The VHD footer in the last sector.
+        assert!(g.write_at((1 << 20) - 512, &sector(b"conectix")).is_err());
+        // Zeroes never make one here; ordinary data passes.
+        g.write_zeroes(0, 4096).unwrap();
+        g.write_at(0, &sector(b"hello")).unwrap();
+        // A batch that mixes them keeps the good ones and refuses only the bad one.
+        let kdmv = sector(b"KDMV");
+        let mut batch = [
+            Request::write(4096, &[7u8; 512]),
+            Request::write(0, &kdmv),
+            Request::write(8192, &[8u8; 512]),
+        ];
+        g.submit(&mut batch);
+        assert!(batch[0].result().is_ok() && batch[2].result().is_ok());
+        assert!(batch[1].result().is_err());
+        let mut first = [0u8; 512];
+        mem.read_at(0, &mut first).unwrap();
+        assert_eq!(
+            first.to_vec(),
+            sector(b"hello"),
+            "a refused write reached the device"
+        );
+        mem.read_at(8192, &mut first).unwrap();
+        assert_eq!(first, [8u8; 512]);
+    }
 }

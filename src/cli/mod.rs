@@ -14,9 +14,21 @@ use vstor::Error;
 /// vstor: virtual disks, pools and QoS for VMMs, from the command line.
 #[derive(Debug, Parser)]
 #[command(name = "vstor", version, about, long_about = None, after_help = "\
-Targets name a stack: a VHDX file with its parent chain (disk.vhdx, vhdx:PATH), a raw file or
-block device (disk.raw, /dev/sdb, raw:PATH) or a space of a storage pool (pool:DIR/NAME), with
-options after commas: disk.vhdx,readonly=on,direct=on,engine=sync.
+Targets name a stack (the grammar: README.md, Targets; rustdoc of vstor::target):
+  PATH               a file or block device; its content decides the format
+  raw:PATH           a plain file or block device, whatever it holds
+  vhdx:PATH          a VHDX image with its parent chain (disk.vhdx, disk.avhdx by name)
+  vhd:PATH           a legacy VHD, read-only (disk.vhd by name)
+  pool:DIR/NAME      a space of the storage pool whose member disks are in DIR
+Options follow after commas: readonly=on, direct=on, engine=auto|io_uring|sync,
+locking=off, share-rw=on, max-iops=N, min-iops=N (QoS). A known extension whose content
+disagrees is refused naming both; qcow2, VMDK and VDI are refused by name.
+
+Image locks: a writer has its files alone, readers share (share-rw=on on a writer lets
+readers in); a file in use is refused at once with the holder named.
+
+Exit status: 0 done; 1 failed; 2 bad arguments or input; 75 the image is in use by another
+process (try again once it is closed).
 
 Examples:
   vstor demo
