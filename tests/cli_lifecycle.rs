@@ -406,3 +406,54 @@ fn ctrl_c_stops_a_convert_promptly_and_removes_its_output() {
     assert!(!out.status.success(), "{err}");
     assert!(!dst.exists(), "the partial output is left");
 }
+
+#[test]
+fn convert_keeps_the_tail_of_a_file_that_is_not_whole_sectors() {
+    let d = tempfile::tempdir().unwrap();
+    let odd = d.path().join("odd.raw");
+    let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8 + 1).collect();
+    std::fs::write(&odd, &bytes).unwrap();
+    let mut want = bytes.clone();
+    want.resize(1024, 0);
+    // raw -> raw: rounded up to the next sector, every byte kept (as qemu-img convert does).
+    let raw = d.path().join("out.raw");
+    let j = json(&ok(&["disk", "convert", s(&odd), s(&raw), "--json"]));
+    assert_eq!(j["size"], 1024, "{j}");
+    assert_eq!(std::fs::read(&raw).unwrap(), want);
+    let theirs = d.path().join("qemu.raw");
+    let q = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", s(&odd), s(&theirs)])
+        .status()
+        .unwrap();
+    assert!(q.success());
+    assert_eq!(
+        std::fs::read(&theirs).unwrap(),
+        want,
+        "qemu-img does the same"
+    );
+    // raw -> VHDX -> raw.
+    let vhdx = d.path().join("out.vhdx");
+    let t = ok(&["disk", "convert", s(&odd), s(&vhdx)]);
+    assert!(t.contains("1 KiB virtual"), "{t}");
+    let info = json(&ok(&["disk", "info", s(&vhdx), "--json"]));
+    assert_eq!(info["virtual_size"], 1024, "{info}");
+    let back = d.path().join("back.raw");
+    ok(&["disk", "convert", s(&vhdx), s(&back)]);
+    assert_eq!(std::fs::read(&back).unwrap(), want);
+    // info says what is past the device's end instead of a silently smaller size.
+    let info = json(&ok(&["disk", "info", s(&odd), "--json"]));
+    assert_eq!(info["file_size"], 1000, "{info}");
+    let note = info["note"].as_str().unwrap_or_else(|| panic!("{info}"));
+    assert!(
+        note.contains("1000 bytes") && note.contains("488"),
+        "{note}"
+    );
+    let text = ok(&["disk", "info", s(&odd)]);
+    assert!(
+        text.contains("note:") && text.contains("not served"),
+        "{text}"
+    );
+    // A file of whole sectors has no note.
+    let info = json(&ok(&["disk", "info", s(&raw), "--json"]));
+    assert!(info.get("note").is_none(), "{info}");
+}

@@ -397,6 +397,9 @@ struct InfoReport {
     discard: bool,
     write_zeroes: bool,
     resizable: bool,
+    /// What the figures above do not say (a file whose last bytes are past the device's end).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
 }
 
 fn check(a: CheckArgs) -> Result<(), Error> {
@@ -446,6 +449,21 @@ fn info(a: InfoArgs) -> Result<(), Error> {
         write_zeroes: i.supports.write_zeroes,
         // `info` opens read-only, which never resizes; a raw regular file can be resized.
         resizable: i.supports.resize || meta.is_some(),
+        note: meta
+            .as_ref()
+            .map(|m| m.len())
+            .filter(|&len| len > i.capacity && opened.format != vstor::probe::Detected::Vhd)
+            .map(|len| {
+                format!(
+                    "the file's size ({len} bytes) is not a whole number of {}-byte sectors: as a \
+                     device it ends at {} bytes and its last {} bytes are not served; `vstor disk \
+                     convert` keeps them (rounding up to {} bytes, as qemu-img does)",
+                    i.logical_sector_size,
+                    i.capacity,
+                    len - i.capacity,
+                    len.next_multiple_of(u64::from(i.logical_sector_size))
+                )
+            }),
     };
     if a.json {
         println!(
@@ -472,6 +490,9 @@ fn info(a: InfoArgs) -> Result<(), Error> {
         "supports:             discard={} write-zeroes={} resize={}",
         r.discard, r.write_zeroes, r.resizable
     );
+    if let Some(n) = &r.note {
+        println!("note:                 {n}");
+    }
     Ok(())
 }
 

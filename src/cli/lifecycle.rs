@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use vstor::core::{FileDevice, FileOptions, ImageLock, Job, LockMode};
+use vstor::core::{FileOptions, ImageLock, Job, LockMode};
 use vstor::vhdx::convert::{self, ConvertOptions, Fill, Format};
 use vstor::vhdx::lifecycle;
 use vstor::vhdx::vpc::{ChainPlace, Vpc};
@@ -337,22 +337,14 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
         };
         convert::convert(&v, Some(&map), &a.dst, &opts, &job)?
     } else {
-        let f = FileDevice::open(
-            &a.src,
-            &FileOptions {
-                read_only: true,
-                lock: true,
-                ..Default::default()
-            },
-        )?;
-        // Holes are not read (SEEK_DATA/SEEK_HOLE), as qemu-img does.
-        let map = |o: u64, l: u64| -> vstor::core::Result<Vec<(u64, Fill)>> {
-            Ok(f.data_ranges(o, l)?
-                .into_iter()
-                .map(|(n, d)| (n, if d { Fill::Data } else { Fill::Skip }))
-                .collect())
+        // Holes are not read, and a size that is not a whole number of sectors is rounded up
+        // keeping every byte, as qemu-img does.
+        let src_opts = FileOptions {
+            read_only: true,
+            lock: true,
+            ..Default::default()
         };
-        convert::convert(&f, Some(&map), &a.dst, &opts, &job)?
+        convert::convert_file(&a.src, &src_opts, &a.dst, &opts, &job)?
     };
     pb.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();

@@ -147,8 +147,72 @@ pub fn convert(
     opts: &ConvertOptions,
     job: &Job,
 ) -> Result<ConvertReport> {
+    convert_with_tail(src, map, &[], dst, opts, job)
+}
+
+/// Copies the raw file (or block device) at `src` into a new file at `dst`, as [`convert`]
+/// does; holes are not read (SEEK_DATA/SEEK_HOLE). A file whose size is not a whole number of
+/// sectors keeps every byte: the output is rounded up to the next sector and its last sector
+/// holds the file's tail followed by zeros (as `qemu-img convert` does). The source is opened
+/// read-only with `file` (its locking, engine).
+pub fn convert_file(
+    src: &Path,
+    file: &FileOptions,
+    dst: &Path,
+    opts: &ConvertOptions,
+    job: &Job,
+) -> Result<ConvertReport> {
+    let f = FileDevice::open(
+        src,
+        &FileOptions {
+            read_only: true,
+            ..file.clone()
+        },
+    )?;
+    let whole = f.capacity();
+    let meta = std::fs::metadata(src)
+        .map_err(|e| Error::io(format!("cannot open {}", src.display()), e))?;
+    let mut tail = Vec::new();
+    if meta.is_file() && meta.len() > whole {
+        use std::os::unix::fs::FileExt;
+        // Less than one sector: the device ends at the last whole one.
+        let n = (meta.len() - whole).min(u64::from(f.info().logical_sector_size) - 1);
+        tail = vec![0u8; n as usize];
+        std::fs::File::open(src)
+            .and_then(|h| h.read_exact_at(&mut tail, whole))
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot read the last {n} bytes of {}", src.display()),
+                    e,
+                )
+            })?;
+    }
+    let map = |o: u64, l: u64| -> Result<Vec<(u64, Fill)>> {
+        Ok(f.data_ranges(o, l)?
+            .into_iter()
+            .map(|(n, d)| (n, if d { Fill::Data } else { Fill::Skip }))
+            .collect())
+    };
+    convert_with_tail(&f, Some(&map), &tail, dst, opts, job)
+}
+
+/// [`convert`], and `tail` (shorter than a sector) goes after the end of `src`, in one more
+/// sector padded with zeros.
+fn convert_with_tail(
+    src: &dyn BlockDevice,
+    map: Option<AllocationMap<'_>>,
+    tail: &[u8],
+    dst: &Path,
+    opts: &ConvertOptions,
+    job: &Job,
+) -> Result<ConvertReport> {
     let info = src.info();
-    let size = info.capacity;
+    let sector = u64::from(info.logical_sector_size);
+    let size = if tail.is_empty() {
+        info.capacity
+    } else {
+        info.capacity + sector
+    };
     let out: Arc<dyn BlockDevice> = match opts.format {
         Format::Vhdx => {
             let mut c = if opts.fixed {
@@ -185,7 +249,17 @@ pub fn convert(
         }
     };
     let r = copy_all(src, map, &*out, true, job);
-    let r = r.and_then(|rep| {
+    let r = r.and_then(|mut rep| {
+        if !tail.is_empty() {
+            let mut last = vec![0u8; sector as usize];
+            last[..tail.len()].copy_from_slice(tail);
+            rep.read_bytes += tail.len() as u64;
+            if !is_zero(&last) {
+                out.write_at(info.capacity, &last)?;
+                rep.written_bytes += sector;
+            }
+            rep.size = size;
+        }
         out.flush()?;
         Ok(rep)
     });
