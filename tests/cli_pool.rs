@@ -464,8 +464,12 @@ fn repair_after_a_failure_and_retire_remove_a_disk() {
     let e = fails(&["pool", "remove-disk", d, "disk0.raw"]);
     assert!(e.contains("repair first"), "{e}");
     ok(&["space", "repair", d, "p"]);
-    ok(&["pool", "remove-disk", d, "disk0.raw"]);
-    std::fs::remove_file(dir.join("disk0.raw")).unwrap();
+    let out = ok(&["pool", "remove-disk", d, "disk0.raw"]);
+    assert!(out.contains("deleted"), "{out}");
+    assert!(
+        !dir.join("disk0.raw").exists(),
+        "remove-disk deletes the file"
+    );
     let pool = json(&ok(&["pool", "info", d, "--json"]));
     assert!(pool["notes"].as_array().unwrap().is_empty(), "{pool}");
     let dump = ok(&["disk", "read", &target, "--offset", "3M", "--length", "16"]);
@@ -882,4 +886,348 @@ fn a_space_grows_and_never_shrinks() {
     assert!(e.contains("no space named 'nope'"), "{e}");
     let info = json(&ok(&["space", "info", d, "m", "--json"]));
     assert_eq!(info["size"], 5 << 20, "{info}");
+}
+
+/// The names of the files in `dir`, sorted.
+fn dir_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn failed_commands_leave_no_file_and_stray_files_are_not_members() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    // A size no file can have: nothing is left, not even the directory.
+    let e = fails(&["pool", "create", d, "--disks", "3", "--disk-size", "8E"]);
+    assert!(e.contains("disk0.raw"), "{e}");
+    assert!(!dir.exists(), "left {:?}", dir_files(&dir));
+    small_pool(d, 3, "m", "mirror", 1);
+    let target = format!("pool:{d}/m");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--length",
+        "1M",
+        "--pattern",
+        "0x5a",
+    ]);
+    let e = fails(&["pool", "add-disk", d, "--disk-size", "8E"]);
+    assert!(e.contains("disk3.raw"), "{e}");
+    assert_eq!(dir_files(&dir), ["disk0.raw", "disk1.raw", "disk2.raw"]);
+    // Stray files: a README, an empty file (as a failed add-disk left before), a few KiB.
+    std::fs::write(dir.join("README"), "this pool holds the test VMs\n").unwrap();
+    std::fs::write(dir.join("disk3.raw"), b"").unwrap();
+    std::fs::write(dir.join("notes.txt"), vec![b'n'; 5000]).unwrap();
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert_eq!(info["members"].as_array().unwrap().len(), 3, "{info}");
+    let notes: Vec<&str> = info["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    for f in ["README", "disk3.raw", "notes.txt"] {
+        let want = format!("{}: no pool metadata; not a member", dir.join(f).display());
+        assert!(notes.contains(&want.as_str()), "{want} not in {notes:?}");
+    }
+    // Every command works around them, the writable ones too (scrub, repair: O_DIRECT).
+    let dump = ok(&["disk", "read", &target, "--offset", "4k", "--length", "16"]);
+    assert!(dump.contains("5a5a") || dump.contains("5a 5a"), "{dump}");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--length",
+        "4k",
+        "--pattern",
+        "0x11",
+    ]);
+    ok(&["space", "scrub", d]);
+    ok(&["space", "repair", d]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "n",
+        "--size",
+        "1M",
+        "--resiliency",
+        "simple",
+    ]);
+    let out = ok(&["pool", "add-disk", d, "--disk-size", "16M", "--json"]);
+    assert_eq!(json(&out)["members"].as_array().unwrap().len(), 4);
+    assert!(
+        dir.join("disk4.raw").exists(),
+        "disk3.raw is taken by the stray file"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("README")).unwrap(),
+        b"this pool holds the test VMs\n"
+    );
+    assert_eq!(std::fs::metadata(dir.join("disk3.raw")).unwrap().len(), 0);
+}
+
+#[test]
+fn a_removed_disk_is_deleted_and_a_copy_of_it_is_skipped() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    small_pool(d, 3, "m", "mirror", 1);
+    let target = format!("pool:{d}/m");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--length",
+        "2M",
+        "--pattern",
+        "0x42",
+    ]);
+    let help = ok(&["pool", "remove-disk", "--help"]);
+    assert!(help.contains("deleted"), "{help}");
+    ok(&["pool", "add-disk", d, "--disk-size", "16M"]);
+    ok(&["pool", "retire-disk", d, "disk0.raw"]);
+    ok(&["space", "repair", d]);
+    let kept = t.path().join("disk0.copy");
+    std::fs::copy(dir.join("disk0.raw"), &kept).unwrap();
+    let out = ok(&["pool", "remove-disk", d, "disk0.raw"]);
+    assert!(
+        out.contains(&format!("deleted {}", dir.join("disk0.raw").display())),
+        "{out}"
+    );
+    assert_eq!(dir_files(&dir), ["disk1.raw", "disk2.raw", "disk3.raw"]);
+    // pool info: the removed member is "removed", not "missing", and its slabs are not in
+    // the capacity (3 members of 16 MiB: 12 slabs of 1 MiB each after the metadata).
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    let members = info["members"].as_array().unwrap();
+    assert_eq!(members[0]["state"], "removed", "{info}");
+    assert!(members.iter().all(|m| m["state"] != "missing"), "{info}");
+    let live: u64 = members[1..]
+        .iter()
+        .map(|m| m["slabs"].as_u64().unwrap())
+        .sum();
+    assert_eq!(info["capacity"], live << 20, "{info}");
+    assert!(info["notes"].as_array().unwrap().is_empty(), "{info}");
+    let text = ok(&["pool", "info", d]);
+    assert!(
+        text.contains(&format!("capacity:    {} MiB in {live} slabs", live)),
+        "{text}"
+    );
+    assert!(!text.contains("missing"), "{text}");
+    // The removed member's file comes back into the directory: skipped, with a note.
+    let back = dir.join("disk0.raw");
+    std::fs::copy(&kept, &back).unwrap();
+    let before = std::fs::read(&back).unwrap();
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    let note = format!(
+        "{}: member 0 was removed from the pool (pool remove-disk); not a member",
+        back.display()
+    );
+    assert!(
+        info["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with(&note)),
+        "{info}"
+    );
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--length",
+        "64k",
+        "--pattern",
+        "0x43",
+    ]);
+    ok(&["space", "scrub", d]);
+    let dump = ok(&["disk", "read", &target, "--offset", "1M", "--length", "16"]);
+    assert!(dump.contains("4242") || dump.contains("42 42"), "{dump}");
+    assert!(
+        std::fs::read(&back).unwrap() == before,
+        "the removed file was written"
+    );
+}
+
+#[test]
+fn a_stray_disk_of_another_pool_is_named_not_a_member() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    small_pool(d, 3, "m", "mirror", 1);
+    // Another pool whose one disk has gone through more metadata updates.
+    let other = t.path().join("other");
+    let o = s(&other);
+    ok(&[
+        "pool",
+        "create",
+        o,
+        "--disks",
+        "1",
+        "--disk-size",
+        "16M",
+        "--slab-size",
+        "1M",
+    ]);
+    for i in 0..6 {
+        let n = format!("s{i}");
+        ok(&[
+            "space",
+            "create",
+            o,
+            &n,
+            "--size",
+            "1M",
+            "--resiliency",
+            "simple",
+        ]);
+        ok(&["space", "delete", o, &n]);
+    }
+    let seq = |dir: &str| json(&ok(&["pool", "info", dir, "--json"]))["sequence"].clone();
+    assert!(seq(o).as_u64() > seq(d).as_u64());
+    let other_id = json(&ok(&["pool", "info", o, "--json"]))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Named to sort before the members, and after them.
+    for name in ["a-copy.raw", "zz.raw"] {
+        let stray = dir.join(name);
+        std::fs::copy(other.join("disk0.raw"), &stray).unwrap();
+        for args in [&["pool", "info", d][..], &["space", "scrub", d][..]] {
+            let e = fails(args);
+            let want = format!(
+                "vstor: error: {}: belongs to pool {other_id}, not to pool",
+                stray.display()
+            );
+            assert!(e.starts_with(&want), "{e}");
+            assert!(e.contains("of the other 3 disks"), "{e}");
+        }
+        std::fs::remove_file(&stray).unwrap();
+    }
+    ok(&["pool", "info", d]);
+}
+
+#[test]
+fn scrub_fails_when_it_could_not_check_everything() {
+    let t = tempfile::tempdir().unwrap();
+    let help = ok(&["space", "scrub", "--help"]);
+    assert!(help.contains("Exit status"), "{help}");
+    // A mirror of one column, one extent on 2 of 3 disks: both copies go.
+    let dir = t.path().join("mirror");
+    let d = s(&dir);
+    small_pool(d, 3, "x", "simple", 1);
+    ok(&["space", "delete", d, "x"]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "1M",
+        "--resiliency",
+        "mirror",
+        "--provisioning",
+        "fixed",
+    ]);
+    ok(&[
+        "disk",
+        "write",
+        &format!("pool:{d}/m"),
+        "--length",
+        "1M",
+        "--pattern",
+        "0x61",
+    ]);
+    ok(&["space", "scrub", d]);
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    let holders: Vec<String> = info["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["slabs_used"].as_u64().unwrap() > 0)
+        .map(|m| m["disk"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(holders.len(), 2, "{info}");
+    for h in &holders {
+        std::fs::rename(h, format!("{h}.away")).unwrap();
+    }
+    std::fs::create_dir(t.path().join("away")).unwrap();
+    for h in &holders {
+        let p = std::path::Path::new(h);
+        std::fs::rename(
+            format!("{h}.away"),
+            t.path().join("away").join(p.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    let o = common::vstor(&["space", "scrub", d, "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a scrub that checked nothing succeeded"
+    );
+    let r = json(&String::from_utf8(o.stdout).unwrap());
+    assert!(r["unverifiable"].as_u64().unwrap() > 0, "{r}");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("could not be checked"), "{err}");
+    // A parity space that lost a disk: its parity cannot be checked.
+    let dir = t.path().join("parity");
+    let d = s(&dir);
+    small_pool(d, 3, "p", "parity", 3);
+    ok(&[
+        "disk",
+        "write",
+        &format!("pool:{d}/p"),
+        "--length",
+        "2M",
+        "--pattern",
+        "0x62",
+    ]);
+    ok(&["space", "scrub", d]);
+    std::fs::remove_file(dir.join("disk1.raw")).unwrap();
+    let e = fails(&["space", "scrub", d]);
+    assert!(e.contains("could not be checked"), "{e}");
+    let o = common::vstor(&["space", "scrub", d]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.contains("could not be checked"), "{out}");
+}
+
+#[test]
+fn a_member_file_is_not_written_behind_the_pools_back() {
+    use vstor::core::FileOptions;
+    use vstor::spaces::{OpenOptions, Pool};
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    small_pool(d, 2, "m", "mirror", 1);
+    let member = dir.join("disk0.raw");
+    let held = Pool::open_dir(&dir, &OpenOptions::default(), &FileOptions::default()).unwrap();
+    let before = std::fs::read(&member).unwrap();
+    for target in [s(&member).to_string(), format!("raw:{}", member.display())] {
+        let e = fails(&[
+            "disk",
+            "write",
+            &target,
+            "--offset",
+            "0",
+            "--length",
+            "4k",
+            "--pattern",
+            "0x99",
+        ]);
+        assert!(e.contains("disk0.raw") && e.contains("in use"), "{e}");
+    }
+    assert!(
+        std::fs::read(&member).unwrap() == before,
+        "the member was written"
+    );
+    drop(held);
 }

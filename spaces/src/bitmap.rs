@@ -48,7 +48,8 @@ type Devs = [Option<Arc<dyn BlockDevice>>];
 pub(crate) struct SyncOutcome {
     /// Copies, parity or checksums disagreed with the data and were rewritten.
     pub mismatched: bool,
-    /// A data column is lost, so the parity could not be checked.
+    /// A data column is lost: the parity could not be checked, or (mirror, simple) no copy
+    /// of the column was left to check.
     pub unverifiable: bool,
     /// Blocks whose checksum failed (not counted in a resync).
     pub bad_blocks: u64,
@@ -238,7 +239,7 @@ impl Inner {
             )?;
             if out.unverifiable {
                 notes.push(format!(
-                    "space '{}' extent {e} chunk {c} was being written at an unclean shutdown and a data column is lost: its parity could not be checked",
+                    "space '{}' extent {e} chunk {c} was being written at an unclean shutdown and a data column is lost: its copies or parity could not be checked",
                     space.name
                 ));
             }
@@ -421,6 +422,8 @@ pub(crate) fn sync_bufs(
                     .filter(|&si| bufs[si].is_some())
                     .collect();
                 if copies.is_empty() {
+                    // Every copy of the column is on a lost member: nothing could be checked.
+                    out.unverifiable = true;
                     continue;
                 }
                 for i in 0..nb {
@@ -598,7 +601,8 @@ pub struct ScrubReport {
     pub chunks: u64,
     /// Chunks whose copies or parity disagreed with the data, and were rewritten.
     pub repaired: u64,
-    /// Chunks of degraded parity extents whose parity could not be checked.
+    /// Chunks that could not be checked: of degraded parity extents (a data column lost, so
+    /// the parity cannot be checked), or of extents with a column on no usable member.
     pub unverifiable: u64,
     /// 512-byte blocks of members whose data did not match their checksum.
     pub checksum_errors: u64,

@@ -327,8 +327,22 @@ fn read_slot(
     Ok(Meta::parse(&blob, &disk.name, offset).ok())
 }
 
-/// The newest valid metadata copy on a disk, if it has one.
+/// The newest valid metadata copy on a disk, if it has one. A read that fails is an error
+/// naming the disk.
 pub(crate) fn read_best(disk: &PoolDisk) -> Result<Option<(Meta, usize)>> {
+    read_best_unnamed(disk).map_err(|e| on_disk(&disk.name, e))
+}
+
+/// `e`, which happened on the disk `name`, as an error naming it.
+pub(crate) fn on_disk(name: &str, e: Error) -> Error {
+    SpacesError::Disk {
+        disk: name.to_string(),
+        source: e,
+    }
+    .into()
+}
+
+fn read_best_unnamed(disk: &PoolDisk) -> Result<Option<(Meta, usize)>> {
     let a = read_slot(disk, 0, None)?;
     let b = match &a {
         Some((m, _)) => read_slot(disk, m.slot_size, Some(m.slot_size))?,
@@ -349,6 +363,26 @@ pub(crate) fn read_best(disk: &PoolDisk) -> Result<Option<(Meta, usize)>> {
     })
 }
 
+/// Creates the file `path` of `size` bytes (never over an existing file) and opens it with
+/// `file`; when either fails the file is removed again, so no empty or short file is left for
+/// a later open to trip over.
+fn create_member_file(path: &Path, size: u64, file: &FileOptions) -> Result<FileDevice> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+    let sized = f
+        .set_len(size)
+        .map_err(|e| Error::io(format!("cannot size {} to {size} bytes", path.display()), e));
+    drop(f);
+    let dev = sized.and_then(|()| FileDevice::open(path, file));
+    if dev.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    dev
+}
+
 /// Why an open found no pool: no metadata at all, or metadata of another format version.
 fn no_pool_reason(old: &[(String, u32)]) -> String {
     match old.first() {
@@ -360,6 +394,53 @@ fn no_pool_reason(old: &[(String, u32)]) -> String {
             crate::format::VERSION
         ),
     }
+}
+
+/// The pool the disks `found` (each with its newest metadata) belong to: the one most of them
+/// belong to. Disks of another pool are an error that names them (the stray ones, not the
+/// members); without a majority the error names every side.
+fn pool_of(found: &[(PoolDisk, Meta, usize)]) -> Result<Uuid> {
+    let mut groups: Vec<(Uuid, Vec<&str>)> = Vec::new();
+    for (d, m, _) in found {
+        match groups.iter_mut().find(|(id, _)| *id == m.pool_id) {
+            Some((_, names)) => names.push(&d.name),
+            None => groups.push((m.pool_id, vec![&d.name])),
+        }
+    }
+    groups.sort_by_key(|(_, names)| std::cmp::Reverse(names.len()));
+    let (id, members) = &groups[0];
+    let Some((_, second)) = groups.get(1) else {
+        return Ok(*id);
+    };
+    if second.len() == members.len() {
+        let sides: Vec<String> = groups
+            .iter()
+            .map(|(id, names)| format!("pool {id}: {}", names.join(", ")))
+            .collect();
+        return Err(SpacesError::NoPool(format!(
+            "the disks belong to different pools and no pool has most of them ({}); take the disks that are not this pool's out",
+            sides.join("; ")
+        ))
+        .into());
+    }
+    let stray: Vec<&str> = groups[1..]
+        .iter()
+        .flat_map(|(_, names)| names.iter().copied())
+        .collect();
+    let pools: Vec<String> = groups[1..].iter().map(|(id, _)| id.to_string()).collect();
+    let one = stray.len() == 1;
+    Err(SpacesError::ForeignMember {
+        disk: stray.join(", "),
+        reason: format!(
+            "{} to pool {}, not to pool {id} of the other {} disks ({}); take {} out",
+            if one { "belongs" } else { "belong" },
+            pools.join(" and "),
+            members.len(),
+            members.join(", "),
+            if one { "it" } else { "them" },
+        ),
+    }
+    .into())
 }
 
 /// Pairs of members (disk name, its newest metadata, its index in it) that were written apart,
@@ -695,17 +776,31 @@ impl Pool {
             match read_best(&d)? {
                 Some((m, i)) => found.push((d, m, i)),
                 None => {
-                    if let Some(v) = Meta::other_version(&read_exact(&*d.device, 0, 4096)?) {
-                        old_versions.push((d.name.clone(), v));
+                    // A disk smaller than a metadata header (an empty file, a README) holds
+                    // no pool metadata of any version.
+                    if d.device.capacity() >= 4096 {
+                        let head =
+                            read_exact(&*d.device, 0, 4096).map_err(|e| on_disk(&d.name, e))?;
+                        if let Some(v) = Meta::other_version(&head) {
+                            old_versions.push((d.name.clone(), v));
+                        }
                     }
                     notes.push(format!("{}: no pool metadata; not a member", d.name))
                 }
             }
         }
+        if found.is_empty() {
+            return Err(SpacesError::NoPool(no_pool_reason(&old_versions)).into());
+        }
+        // Which pool this is: the one most disks belong to, never the one with the highest
+        // sequence (a disk of another pool may be further along); a disk of another pool is
+        // refused by its own name, so that no good member is blamed.
+        let pool_id = pool_of(&found)?;
         let newest = found
             .iter()
+            .filter(|(_, m, _)| m.pool_id == pool_id)
             .max_by_key(|(_, m, _)| m.sequence)
-            .ok_or_else(|| SpacesError::NoPool(no_pool_reason(&old_versions)))?;
+            .expect("the pool has a disk");
         // The metadata quorum: every present member must agree with the metadata taken (hold
         // it, or an older copy of its history). Members written apart are refused, or, with
         // force_member, the named side is kept and the others are taken as failed.
@@ -787,17 +882,22 @@ impl Pool {
                 .into());
             }
             let id = m.members[i].id;
-            let Some(idx) = meta
-                .members
-                .iter()
-                .position(|x| x.id == id && x.state != MemberState::Removed)
-            else {
+            let Some(idx) = meta.members.iter().position(|x| x.id == id) else {
                 return Err(SpacesError::ForeignMember {
                     disk: d.name,
                     reason: format!("member {id} is no longer in pool {}", meta.pool_id),
                 }
                 .into());
             };
+            if meta.members[idx].state == MemberState::Removed {
+                // Its slabs were moved off before it was removed: nothing of the pool is on
+                // it, so it is skipped (and not kept open) rather than blocking the pool.
+                notes.push(format!(
+                    "{}: member {idx} was removed from the pool (pool remove-disk); not a member, it holds nothing of the pool and can be deleted",
+                    d.name
+                ));
+                continue;
+            }
             if let Some(other) = &rt[idx].name {
                 return Err(SpacesError::ForeignMember {
                     disk: d.name,
@@ -909,14 +1009,15 @@ impl Pool {
             }
             .into());
         }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let paths: Vec<PathBuf> = (0..count)
             .map(|i| dir.join(format!("disk{i}.raw")))
             .collect();
         if let Some(p) = paths.iter().find(|p| p.exists()) {
             return Err(invalid(format!("{} exists already", p.display())));
         }
+        let new_dir = !dir.exists();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let mut disks = Vec::new();
         let mut made = Vec::new();
         let file = &FileOptions {
@@ -925,18 +1026,105 @@ impl Pool {
         };
         let result = (|| {
             for p in &paths {
-                let dev = FileDevice::create(p, disk_size, file)?;
+                let dev = create_member_file(p, disk_size, file)?;
                 made.push(p.clone());
                 disks.push(PoolDisk::new(p.display().to_string(), Arc::new(dev)));
             }
             Pool::create(disks, opts)
         })();
         if result.is_err() {
+            // A failed create leaves nothing behind: no member file, no directory it made.
             for p in made {
                 let _ = std::fs::remove_file(p);
             }
+            if new_dir {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
         result
+    }
+
+    /// Adds a new member file of `disk_size` bytes to the pool, in `dir` under the first free
+    /// name `disk0.raw`, `disk1.raw`, ... (the pool's directory, as
+    /// [`open_dir`](Pool::open_dir) finds it), locked as `open_dir` locks members. Returns the
+    /// new member's index and the file. When it fails, the file is gone again.
+    pub fn add_disk_in_dir(
+        &self,
+        dir: &Path,
+        disk_size: u64,
+        file: &FileOptions,
+    ) -> Result<(usize, PathBuf)> {
+        if self.inner.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        if disk_size % 4096 != 0 {
+            return Err(invalid(format!(
+                "disk size {disk_size} is not a multiple of 4096"
+            )));
+        }
+        let path = (0..MAX_MEMBERS * 4)
+            .map(|i| dir.join(format!("disk{i}.raw")))
+            .find(|p| !p.exists())
+            .ok_or_else(|| invalid(format!("{} has no free disk name", dir.display())))?;
+        let file = &FileOptions {
+            lock: true,
+            ..file.clone()
+        };
+        let dev = create_member_file(&path, disk_size, file)?;
+        match self.add_disk(PoolDisk::new(path.display().to_string(), Arc::new(dev))) {
+            Ok(i) => Ok((i, path)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`remove_member`](Pool::remove_member) for a pool opened with
+    /// [`open_dir`](Pool::open_dir) from `dir`, which then takes the member's disk out of the
+    /// pool's directory, so no later open meets it: a member file in `dir` is deleted (it holds
+    /// nothing of the pool: a member with slabs is refused), a device listed in
+    /// `dir`/[`DEVICES_FILE`] is taken off the list (the device itself is left as it is).
+    /// Returns the disk taken out, if the member was present. A disk that cannot be taken out
+    /// (the member is removed in the metadata already) is an error naming it; a later open
+    /// skips it with a note.
+    pub fn remove_member_in_dir(&self, dir: &Path, index: usize) -> Result<Option<PathBuf>> {
+        let name = self
+            .inner
+            .members_read()
+            .get(index)
+            .and_then(|r| r.device.as_ref().and(r.name.clone()));
+        self.remove_member(index)?;
+        let Some(name) = name else {
+            return Ok(None);
+        };
+        let path = PathBuf::from(&name);
+        let list = dir.join(DEVICES_FILE);
+        let listed = std::fs::read_to_string(&list)
+            .ok()
+            .filter(|text| text.lines().any(|l| l.trim() == name.as_str()));
+        if let Some(text) = listed {
+            let rest: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && l.trim() != name.as_str())
+                .collect();
+            let tmp = dir.join(format!(".{DEVICES_FILE}.new"));
+            std::fs::write(&tmp, rest.join("\n") + "\n")
+                .and_then(|()| std::fs::rename(&tmp, &list))
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    on_disk(
+                        &name,
+                        Error::io(format!("take it off {}", list.display()), e),
+                    )
+                })?;
+        } else if path.parent() == Some(dir) {
+            std::fs::remove_file(&path)
+                .map_err(|e| on_disk(&name, Error::io("delete the removed member's file", e)))?;
+        } else {
+            return Ok(None);
+        }
+        Ok(Some(path))
     }
 
     /// Creates a pool on existing devices or files (`paths`), and records their paths in

@@ -4,11 +4,10 @@ use super::{progress_bar, size_arg};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use vstor::core::{FileDevice, FileOptions};
+use vstor::core::FileOptions;
 use vstor::spaces::{
-    CreateOptions, OpenOptions, Pool, PoolDisk, PoolInfo, Provisioning, Resiliency, SpaceHealth,
-    SpaceInfo, SpaceSpec,
+    CreateOptions, MemberInfo, MemberState, OpenOptions, Pool, PoolInfo, Provisioning, Resiliency,
+    SpaceHealth, SpaceInfo, SpaceSpec,
 };
 use vstor::{format_size, Error};
 
@@ -46,7 +45,15 @@ pub enum PoolCommand {
     )]
     ResetDisk(DiskRefArgs),
     /// Remove a disk that holds no slabs (retired and repaired, or failed and repaired).
-    #[command(after_help = "Example:\n  vstor pool remove-disk /srv/pool 2")]
+    /// Its file in DIR is deleted (it holds nothing of the pool any more); a device listed in
+    /// DIR/pool.devices is taken off that list and left as it is.
+    #[command(
+        after_help = "Example:\n  vstor pool retire-disk /srv/pool disk2.raw\n  \
+        vstor space repair /srv/pool\n  \
+        vstor pool remove-disk /srv/pool disk2.raw    # deletes /srv/pool/disk2.raw\n\
+        A disk that still holds slabs is refused (retire it and repair first). A file of a\n\
+        removed member that is still in DIR is skipped by every open with a note."
+    )]
     RemoveDisk(DiskRefArgs),
 }
 
@@ -92,7 +99,14 @@ pub enum SpaceCommand {
         Every 512-byte block has a CRC-32C, so a scrub knows which copy is right: a bad block\n\
         is rewritten from a copy or rebuilt from parity whose checksum matches; a block with\n\
         no good source is counted as lost. Where the data is good but a copy or the parity\n\
-        disagrees, the copy or parity is rewritten from the data."
+        disagrees, the copy or parity is rewritten from the data. Chunks that could not be\n\
+        checked are those of a column whose every copy is on a lost disk, or of a parity\n\
+        extent that lost a data column (its parity cannot be checked).\n\n\
+        Exit status: 0 when every allocated chunk was checked and no block is lost (what was\n\
+        repaired or healed is good now); 1 when blocks are lost or chunks could not be\n\
+        checked (the report is printed first, the cause on stderr), or when the scrub failed;\n\
+        2 for bad arguments or a pool that cannot be opened as given; 75 when the pool is in\n\
+        use by another process."
     )]
     Scrub(SpaceRepairArgs),
 }
@@ -275,23 +289,7 @@ pub fn run_pool(cmd: PoolCommand) -> Result<(), Error> {
         }
         PoolCommand::AddDisk(a) => {
             let pool = open(&a.dir, false)?;
-            let path = (0..)
-                .map(|i| a.dir.join(format!("disk{i}.raw")))
-                .find(|p| !p.exists())
-                .expect("a free name");
-            let dev = FileDevice::create(
-                &path,
-                a.disk_size,
-                &FileOptions {
-                    lock: true,
-                    ..FileOptions::default()
-                },
-            )?;
-            let added = pool.add_disk(PoolDisk::new(path.display().to_string(), Arc::new(dev)));
-            if let Err(e) = added {
-                let _ = std::fs::remove_file(&path);
-                return Err(e.into());
-            }
+            pool.add_disk_in_dir(&a.dir, a.disk_size, &FileOptions::default())?;
             print_pool(&pool.info(), a.json);
             Ok(())
         }
@@ -315,8 +313,17 @@ pub fn run_pool(cmd: PoolCommand) -> Result<(), Error> {
         PoolCommand::RemoveDisk(a) => {
             let pool = open(&a.dir, false)?;
             let i = member(&pool, &a.disk)?;
-            pool.remove_member(i)?;
-            println!("member {i} removed from the pool");
+            match pool.remove_member_in_dir(&a.dir, i)? {
+                Some(p) if p.parent() == Some(a.dir.as_path()) => {
+                    println!("member {i} removed from the pool; deleted {}", p.display())
+                }
+                Some(p) => println!(
+                    "member {i} removed from the pool; {} taken off {}",
+                    p.display(),
+                    a.dir.join(vstor::spaces::DEVICES_FILE).display()
+                ),
+                None => println!("member {i} removed from the pool"),
+            }
             Ok(())
         }
     }
@@ -513,7 +520,7 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
                 );
             } else {
                 println!(
-                    "checked {} chunks: {} repaired, {} could not be checked (degraded)",
+                    "checked {} chunks: {} repaired, {} could not be checked (lost disks)",
                     r.chunks, r.repaired, r.unverifiable
                 );
                 println!(
@@ -521,13 +528,25 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
                     r.checksum_errors, r.healed, r.lost
                 );
             }
+            // Monitoring relies on the status: anything lost or left unchecked is a failure.
+            let mut causes = Vec::new();
             if r.lost > 0 {
-                return Err(Error::Failed(format!(
+                causes.push(format!(
                     "{} blocks fail their checksum with no good copy or parity left",
                     r.lost
-                )));
+                ));
             }
-            Ok(())
+            if r.unverifiable > 0 {
+                causes.push(format!(
+                    "{} chunks could not be checked (their disks are lost; see pool info)",
+                    r.unverifiable
+                ));
+            }
+            if causes.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Failed(causes.join("; ")))
+            }
         }
         SpaceCommand::Delete(a) => {
             let pool = open(&a.dir, false)?;
@@ -620,6 +639,10 @@ struct PoolJson {
     format_version: u32,
     parity_journal: bool,
     slab_size: u64,
+    /// Bytes of the slabs of the members not removed.
+    capacity: u64,
+    /// Bytes of those slabs in use.
+    used: u64,
     members: Vec<MemberJson>,
     spaces: Vec<SpaceJson>,
     notes: Vec<String>,
@@ -658,9 +681,33 @@ fn space_json(s: &SpaceInfo) -> SpaceJson {
     }
 }
 
+/// What `pool info` calls a member's state: a member that is not present is `missing`,
+/// unless it was removed (then nothing of the pool is on it and nobody misses it).
+fn member_state(m: &MemberInfo) -> &'static str {
+    match (m.state, &m.disk) {
+        (MemberState::Removed, _) => "removed",
+        (_, None) => "missing",
+        (s, Some(_)) => s.name(),
+    }
+}
+
+/// Slabs of the pool's capacity, and those in use: removed members count for nothing.
+fn capacity_slabs(p: &PoolInfo) -> (u64, u64) {
+    let live = p.members.iter().filter(|m| m.state != MemberState::Removed);
+    let (mut total, mut used) = (0, 0);
+    for m in live {
+        total += m.slabs;
+        used += m.slabs_used;
+    }
+    (total, used)
+}
+
 fn print_pool(p: &PoolInfo, json: bool) {
     if json {
+        let (total, used) = capacity_slabs(p);
         let v = PoolJson {
+            capacity: total * p.slab_size,
+            used: used * p.slab_size,
             id: p.id.to_string(),
             sequence: p.sequence,
             format_version: p.format_version,
@@ -673,11 +720,7 @@ fn print_pool(p: &PoolInfo, json: bool) {
                     index: m.index,
                     id: m.id.to_string(),
                     disk: m.disk.clone(),
-                    state: if m.disk.is_none() {
-                        "missing"
-                    } else {
-                        m.state.name()
-                    },
+                    state: member_state(m),
                     usable: m.usable,
                     capacity: m.capacity,
                     slabs: m.slabs,
@@ -706,8 +749,7 @@ fn print_pool(p: &PoolInfo, json: bool) {
         }
     );
     println!("slab size:   {}", format_size(p.slab_size));
-    let total: u64 = p.members.iter().map(|m| m.slabs).sum();
-    let used: u64 = p.members.iter().map(|m| m.slabs_used).sum();
+    let (total, used) = capacity_slabs(p);
     println!(
         "capacity:    {} in {total} slabs, {} used",
         format_size(total * p.slab_size),
@@ -715,11 +757,7 @@ fn print_pool(p: &PoolInfo, json: bool) {
     );
     println!("members:");
     for m in &p.members {
-        let state = if m.disk.is_none() {
-            "missing"
-        } else {
-            m.state.name()
-        };
+        let state = member_state(m);
         println!(
             "  {:>2}  {:<8} {:>6}/{:<6} slabs  {}",
             m.index,
