@@ -11,7 +11,10 @@
 //!   Every member holds the whole pool metadata (identity, members, slab map, space
 //!   definitions) in two slots with sequence numbers and CRC-32C; opening picks the newest
 //!   valid copy, reports missing members and members with stale metadata, refreshes the
-//!   latter, and refuses members of another pool. See [`format`](mod@format) for the on-disk layout.
+//!   latter. Disks that hold no pool metadata (an empty file, a README) and disks of members
+//!   removed from the pool are skipped with a note; the pool is the one most of the disks
+//!   belong to, and disks of another pool are refused by their own names. Every error reading
+//!   a disk names it. See [`format`](mod@format) for the on-disk layout.
 //! - A metadata quorum: every member present at an open must agree with the metadata taken
 //!   (hold it or an older copy of its history). Members written apart (a split brain: each
 //!   took writes while the other was missing, so one's metadata records the other failed at a
@@ -43,9 +46,12 @@
 //!   nothing, and other spaces go on.
 //! - Repair ([`Pool::repair`]): rebuilds the slabs of lost or retired members onto healthy
 //!   ones, online (writes during the rebuild also reach the new slabs), an extent at a time
-//!   with one metadata update per extent, so an interrupted repair resumes; [`Pool::add_disk`],
-//!   [`Pool::retire_member`], [`Pool::remove_member`], and [`Pool::reuse_member`] to take a
-//!   failed disk that came back as a fresh member (its stale data is never read).
+//!   with one metadata update per extent, so an interrupted repair resumes; [`Pool::add_disk`]
+//!   ([`Pool::add_disk_in_dir`]: a new file, removed again if adding fails),
+//!   [`Pool::retire_member`], [`Pool::remove_member`] ([`Pool::remove_member_in_dir`] also
+//!   deletes the member's file, or takes its device off `pool.devices`), and
+//!   [`Pool::reuse_member`] to take a failed disk that came back as a fresh member (its stale
+//!   data is never read).
 //! - A write-intent bitmap on every member and resync of its dirty chunks when a pool is
 //!   opened after an unclean shutdown (mirror copies made equal, parity recomputed from the
 //!   data), so a parity update cut by a crash does not corrupt other data on a later rebuild.
