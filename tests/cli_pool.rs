@@ -1231,3 +1231,68 @@ fn a_member_file_is_not_written_behind_the_pools_back() {
     );
     drop(held);
 }
+
+#[test]
+fn a_removed_listed_device_is_taken_off_the_list_and_left_as_it_is() {
+    let t = tempfile::tempdir().unwrap();
+    let devs: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| {
+            let p = t.path().join(format!("d{i}.img"));
+            std::fs::File::create(&p)
+                .unwrap()
+                .set_len(16 << 20)
+                .unwrap();
+            p
+        })
+        .collect();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--device",
+        s(&devs[0]),
+        "--device",
+        s(&devs[1]),
+        "--device",
+        s(&devs[2]),
+        "--slab-size",
+        "1M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "2M",
+        "--resiliency",
+        "mirror",
+    ]);
+    let target = format!("pool:{d}/m");
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--length",
+        "2M",
+        "--pattern",
+        "0x44",
+    ]);
+    ok(&["pool", "add-disk", d, "--disk-size", "16M"]);
+    ok(&["pool", "retire-disk", d, "d1.img"]);
+    ok(&["space", "repair", d]);
+    let out = ok(&["pool", "remove-disk", d, "d1.img"]);
+    assert!(out.contains("taken off"), "{out}");
+    let list = std::fs::read_to_string(dir.join("pool.devices")).unwrap();
+    let gone = std::fs::canonicalize(&devs[1]).unwrap();
+    assert!(!list.lines().any(|l| l == s(&gone)), "still listed: {list}");
+    assert_eq!(list.lines().count(), 2, "{list}");
+    assert_eq!(std::fs::metadata(&devs[1]).unwrap().len(), 16 << 20);
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(info["notes"].as_array().unwrap().is_empty(), "{info}");
+    assert_eq!(info["members"][1]["state"], "removed", "{info}");
+    let dump = ok(&["disk", "read", &target, "--offset", "1M", "--length", "16"]);
+    assert!(dump.contains("4444") || dump.contains("44 44"), "{dump}");
+}
