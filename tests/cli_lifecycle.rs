@@ -457,3 +457,39 @@ fn convert_keeps_the_tail_of_a_file_that_is_not_whole_sectors() {
     let info = json(&ok(&["disk", "info", s(&raw), "--json"]));
     assert!(info.get("note").is_none(), "{info}");
 }
+
+#[test]
+fn a_parent_named_with_a_backslash_works_from_the_cli() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p\\q.vhdx");
+    let c = d.path().join("c.avhdx");
+    ok(&["disk", "create", s(&p), "--size", "16M"]);
+    ok(&[
+        "disk",
+        "write",
+        s(&p),
+        "--offset",
+        "1M",
+        "--length",
+        "4k",
+        "--pattern",
+        "0x71",
+    ]);
+    ok(&["disk", "create", s(&c), "--parent", s(&p)]);
+    ok(&[
+        "disk",
+        "write",
+        s(&c),
+        "--offset",
+        "0",
+        "--length",
+        "4k",
+        "--pattern",
+        "0x5c",
+    ]);
+    let dump = ok(&["disk", "read", s(&c), "--offset", "0", "--length", "16"]);
+    assert!(dump.contains("5c5c 5c5c"), "{dump}");
+    let dump = ok(&["disk", "read", s(&c), "--offset", "1M", "--length", "16"]);
+    assert!(dump.contains("7171 7171"), "{dump}");
+    ok(&["disk", "check", s(&c)]);
+}

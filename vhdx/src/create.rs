@@ -165,8 +165,14 @@ pub fn plan(opts: &CreateOptions, parent: Option<&ParentFacts>) -> Result<Geomet
     ))
 }
 
+/// The locator key vstor adds when the parent's path relative to the child has a backslash in
+/// a name: the path as it is on this system ('/' separators, every other byte kept), which the
+/// Windows forms (where '\\' separates) cannot say. Other implementations ignore the key.
+pub const POSIX_RELATIVE_PATH: &str = "vstor_posix_relative_path";
+
 /// The parent locator a new child records: the parent's DataWriteGuid and its path relative to
-/// the child's directory (Windows separators) and absolute.
+/// the child's directory (Windows separators) and absolute, and where a name holds a
+/// backslash, the relative path as it is here ([`POSIX_RELATIVE_PATH`]).
 pub fn locator_for(child: &Path, parent: &Path, linkage: Guid) -> Result<ParentLocator> {
     let abs_parent = std::path::absolute(parent)
         .map_err(|e| vstor_core::Error::io(format!("cannot resolve {}", parent.display()), e))?;
@@ -176,19 +182,21 @@ pub fn locator_for(child: &Path, parent: &Path, linkage: Guid) -> Result<ParentL
     let rel = relative(child_dir, &abs_parent);
     let win = |p: &str| p.replace('/', "\\");
     let abs = abs_parent.to_string_lossy().to_string();
-    Ok(ParentLocator {
-        entries: vec![
-            (
-                "parent_linkage".into(),
-                format!("{{{}}}", linkage.to_uuid()),
-            ),
-            ("relative_path".into(), win(&rel)),
-            (
-                "absolute_win32_path".into(),
-                format!("\\\\?\\{}", win(&abs)),
-            ),
-        ],
-    })
+    let mut entries = vec![
+        (
+            "parent_linkage".into(),
+            format!("{{{}}}", linkage.to_uuid()),
+        ),
+        ("relative_path".into(), win(&rel)),
+        (
+            "absolute_win32_path".into(),
+            format!("\\\\?\\{}", win(&abs)),
+        ),
+    ];
+    if rel.contains('\\') {
+        entries.push((POSIX_RELATIVE_PATH.into(), rel));
+    }
+    Ok(ParentLocator { entries })
 }
 
 fn relative(from_dir: &Path, to: &Path) -> String {

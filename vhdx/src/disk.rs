@@ -504,9 +504,19 @@ impl Vhdx {
                 let dir = canon.parent().unwrap_or(Path::new("/")).to_path_buf();
                 let mut tried = Vec::new();
                 let mut found = None;
-                for key in ["relative_path", "absolute_win32_path"] {
+                for key in [
+                    create::POSIX_RELATIVE_PATH,
+                    "relative_path",
+                    "absolute_win32_path",
+                ] {
                     if let Some(v) = loc.get(key) {
-                        let p = locator_path(v);
+                        // vstor's own key is a path of this system, taken as it is; the others
+                        // are Windows paths.
+                        let p = if key == create::POSIX_RELATIVE_PATH {
+                            PathBuf::from(v)
+                        } else {
+                            locator_path(v)
+                        };
                         let p = if p.is_absolute() { p } else { dir.join(p) };
                         let p: PathBuf = p
                             .components()

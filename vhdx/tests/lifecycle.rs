@@ -911,3 +911,78 @@ fn a_convert_that_fails_or_is_cancelled_removes_its_output() {
         assert!(!out.exists(), "{format:?}: the partial output is left");
     }
 }
+
+#[test]
+fn a_child_that_cannot_be_opened_is_not_left_behind() {
+    // A parent whose chain is as deep as an open accepts: a child of it would be one too deep.
+    // The parent opens, the child is written, its open fails, and no file is left. (A chain
+    // this deep is opened recursively: a debug build needs more than a test thread's stack.)
+    std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(too_deep_child)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+fn too_deep_child() {
+    let d = tempfile::tempdir().unwrap();
+    let mut prev = d.path().join("l0.vhdx");
+    Vhdx::create(
+        &prev,
+        &CreateOptions::dynamic(4 * MIB).block_size(MIB as u32),
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let depth = OpenOptions::default().max_chain_depth;
+    for i in 1..=depth {
+        let next = d.path().join(format!("l{i}.avhdx"));
+        Vhdx::create(&next, &CreateOptions::differencing(&prev))
+            .unwrap()
+            .close()
+            .unwrap();
+        prev = next;
+    }
+    let child = d.path().join("too-deep.avhdx");
+    let e = Vhdx::create(&child, &CreateOptions::differencing(&prev)).unwrap_err();
+    assert!(e.to_string().contains("deeper than"), "{e}");
+    assert!(!child.exists(), "a half-made child is left");
+}
+
+#[test]
+fn a_parent_with_a_backslash_in_its_name_is_found() {
+    let d = tempfile::tempdir().unwrap();
+    let sub = d.path().join("a\\b");
+    std::fs::create_dir(&sub).unwrap();
+    for (parent, child) in [
+        (d.path().join("p\\q.vhdx"), d.path().join("c.avhdx")),
+        (sub.join("p.vhdx"), d.path().join("c2.avhdx")),
+        (d.path().join("x\\y.vhdx"), sub.join("c3.avhdx")),
+    ] {
+        let want = sample(&parent, 16 * MIB, MIB as u32);
+        let c = Vhdx::create(&child, &CreateOptions::differencing(&parent)).unwrap();
+        c.write_at(0, &[0xC1; 4096]).unwrap();
+        c.close().unwrap();
+        drop(c);
+        let v = Vhdx::open(&child, &OpenOptions::read_only()).unwrap();
+        let mut want = want;
+        want[..4096].fill(0xC1);
+        assert!(all_of(&v) == want, "{}", child.display());
+        assert_eq!(
+            std::fs::canonicalize(v.parent().unwrap().path().unwrap()).unwrap(),
+            std::fs::canonicalize(&parent).unwrap()
+        );
+        // The Windows forms stay Windows paths.
+        let loc = v.metadata().parent.unwrap();
+        assert!(!loc.get("relative_path").unwrap().contains('/'));
+        drop(v);
+        clean(&child);
+    }
+    // A name without a backslash gets the standard keys only.
+    let p = d.path().join("plain.vhdx");
+    sample(&p, 16 * MIB, MIB as u32);
+    let c = Vhdx::create(d.path().join("pc.avhdx"), &CreateOptions::differencing(&p)).unwrap();
+    let loc = c.metadata().parent.unwrap();
+    assert_eq!(loc.entries.len(), 3, "{:?}", loc.entries);
+}
