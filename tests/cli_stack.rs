@@ -90,27 +90,27 @@ impl Holder {
     /// Starts the writer and returns once it has opened its target (and so holds its locks):
     /// the bench prints its banner after the open.
     fn start(target: &str) -> Holder {
+        Holder::spawn(target, true)
+    }
+
+    /// A long-running reader instead: 3000 reads of 4 KiB at [`A_OFF`] at 50 IOPS.
+    fn start_reader(target: &str) -> Holder {
+        Holder::spawn(target, false)
+    }
+
+    fn spawn(target: &str, write: bool) -> Holder {
         let dir = tempfile::tempdir().unwrap();
         let stderr = dir.path().join("stderr");
+        let target = format!("{target},max-iops=50");
+        let offset = A_OFF.to_string();
+        let mut args = vec![
+            "disk", "bench", &target, "-c", "3000", "-d", "1", "-S", "0", "-o", &offset,
+        ];
+        if write {
+            args.extend(["-w", "--pattern", "0x77", "--flush-interval", "1"]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_vstor"))
-            .args([
-                "disk",
-                "bench",
-                &format!("{target},max-iops=50"),
-                "-w",
-                "-c",
-                "3000",
-                "-d",
-                "1",
-                "-S",
-                "0",
-                "-o",
-                &A_OFF.to_string(),
-                "--pattern",
-                "0x77",
-                "--flush-interval",
-                "1",
-            ])
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -126,7 +126,11 @@ impl Holder {
             _dir: dir,
         };
         assert!(
-            banner.starts_with("Sending 3000 write requests"),
+            banner.starts_with(if write {
+                "Sending 3000 write requests"
+            } else {
+                "Sending 3000 read requests"
+            }),
             "the holder did not start: {banner:?} {}",
             std::fs::read_to_string(&h.stderr).unwrap_or_default()
         );
@@ -344,6 +348,109 @@ fn a_writer_on_a_child_holds_its_parent_shared() {
     let o = write_b(s(&base));
     assert!(o.status.success(), "{o:?}");
     assert_eq!(vstor_bytes(s(&base), B_OFF, B_LEN), ab());
+}
+
+/// The lifecycle commands take the same locks: with a writer on one child (its parent held
+/// shared), nothing that writes the parent or reads the busy child gets in, and nothing changes;
+/// a reader of the other child and a new child of the parent do.
+#[test]
+fn lifecycle_commands_honour_the_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let (base, c1, c2) = (p("base.vhdx"), p("c1.avhdx"), p("c2.avhdx"));
+    create(&base, "16M");
+    ok(&[
+        "disk",
+        "write",
+        s(&base),
+        "--length",
+        "4k",
+        "--offset",
+        "8M",
+        "-P",
+        "0x11",
+    ]);
+    ok(&["disk", "create", s(&c1), "--parent", s(&base)]);
+    ok(&[
+        "disk",
+        "write",
+        s(&c1),
+        "--length",
+        "4k",
+        "--offset",
+        "9M",
+        "-P",
+        "0x22",
+    ]);
+    ok(&["disk", "create", s(&c2), "--parent", s(&base)]);
+    let before = (hash(&base), hash(&c1));
+
+    let mut h = Holder::start(s(&c2));
+    h.wait_exclusive(s(&c2));
+    let o1 = p("o1.vhdx");
+    let o2 = p("o2.vhdx");
+    for (args, busy) in [
+        (vec!["merge", s(&c1)], &base),
+        (vec!["resize", s(&base), "--size", "32M"], &base),
+        (vec!["compact", s(&base)], &base),
+        (vec!["checkpoint", s(&base)], &base),
+        (vec!["resize", s(&c2), "--size", "32M"], &c2),
+        (vec!["convert", s(&c2), s(&o1)], &c2),
+        (vec!["clone", s(&c2), s(&o2)], &c2),
+        (vec!["check", s(&c2)], &c2),
+    ] {
+        let mut full = vec!["disk"];
+        full.extend(&args);
+        let o = common::vstor(&full);
+        let e = assert_in_use(&o, busy, h.pid());
+        assert_eq!(
+            (hash(&base), hash(&c1)),
+            before,
+            "{args:?} changed a file: {e}"
+        );
+    }
+    assert!(c1.exists(), "the refused merge deleted the child");
+    assert!(
+        !o1.exists() && !o2.exists(),
+        "a refused copy left its output"
+    );
+    // Readers of the idle child (and so of the shared parent) and a new child get in.
+    let o3 = p("o3.vhdx");
+    ok(&["disk", "convert", s(&c1), s(&o3)]);
+    assert_eq!(vstor_bytes(s(&o3), 8 << 20, 4096), vec![0x11; 4096]);
+    assert_eq!(vstor_bytes(s(&o3), 9 << 20, 4096), vec![0x22; 4096]);
+    ok(&["disk", "check", s(&c1)]);
+    ok(&["disk", "create", s(&p("c3.avhdx")), "--parent", s(&base)]);
+    assert_eq!((hash(&base), hash(&c1)), before);
+    h.still_running();
+    h.kill();
+    // With the writer gone the merge goes through.
+    ok(&["disk", "merge", s(&c1)]);
+    assert!(!c1.exists());
+    assert_eq!(vstor_bytes(s(&base), 9 << 20, 4096), vec![0x22; 4096]);
+}
+
+/// A legacy VHD is read under a shared lock: a raw: writer of the same file is refused while a
+/// reader has it, other readers are not.
+#[test]
+fn a_reader_of_a_legacy_vhd_holds_it_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = dir.path().join("v.vhd");
+    qemu_img(&["create", "-q", "-f", "vpc", s(&v), "8M"]);
+    let before = hash(&v);
+    let mut h = Holder::start_reader(s(&v));
+    let raw = format!("raw:{}", s(&v));
+    let o = common::vstor(&["disk", "write", &raw, "--length", "512", "-P", "1"]);
+    let e = assert_in_use(&o, &v, h.pid());
+    assert!(e.contains("writing needs it alone"), "{e}");
+    assert_eq!(hash(&v), before, "the refused write changed the VHD");
+    ok(&["disk", "info", s(&v)]);
+    ok(&["disk", "read", s(&v), "--length", "512"]);
+    ok(&["disk", "read", &raw, "--length", "512"]);
+    ok(&["disk", "convert", s(&v), s(&dir.path().join("out.vhdx"))]);
+    h.still_running();
+    h.kill();
+    assert_eq!(hash(&v), before);
 }
 
 // ---------------------------------------------------------------------------------------------
