@@ -17,7 +17,8 @@
 //!   out of `KVM_RUN` with a signal) and the disks' I/O threads before their next batch, and
 //!   lets them go on; pause answers once all vCPUs have stopped.
 //!
-//! Every answer has `"ok": true` or `"ok": false, "error": "..."`.
+//! Every answer has `"ok": true` or `"ok": false, "error": "..."`. A request line longer than
+//! [`MAX_REQUEST_LINE`] bytes is answered with an error and the connection is closed.
 //!
 //! [`Control`] is the part shared between the API threads and the vCPU threads: work that must
 //! touch the virtio transport (a configuration-change interrupt) is left for a vCPU thread,
@@ -443,12 +444,70 @@ pub fn serve(control: Arc<Control>, path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The longest request line the API reads (a request is a small JSON object); a longer one is
+/// answered with an error and the connection is closed, so a client cannot make the VMM hold
+/// more than this for it.
+pub const MAX_REQUEST_LINE: usize = 1 << 20;
+
+/// What the next request on a connection is.
+enum Next {
+    /// A line (without its newline).
+    Line(Vec<u8>),
+    /// More than the limit without a newline (what was read of it is dropped).
+    TooLong,
+    /// The client closed the connection.
+    End,
+}
+
+/// Reads one request line of at most `max` bytes, never holding more than that.
+fn next_request(r: &mut impl BufRead, max: usize) -> std::io::Result<Next> {
+    let mut line = Vec::new();
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(if line.is_empty() {
+                Next::End
+            } else {
+                Next::Line(line)
+            });
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > max {
+            let n = buf.len();
+            r.consume(n);
+            return Ok(Next::TooLong);
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take + usize::from(done));
+        if done {
+            return Ok(Next::Line(line));
+        }
+    }
+}
+
 fn connection(control: &Weak<Control>, stream: UnixStream) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
+    let mut input = BufReader::new(stream);
+    loop {
+        let line = match next_request(&mut input, MAX_REQUEST_LINE) {
+            Ok(Next::Line(l)) => l,
+            Ok(Next::End) | Err(_) => return,
+            Ok(Next::TooLong) => {
+                let answer = json!({ "ok": false, "error": format!(
+                    "the request is longer than {MAX_REQUEST_LINE} bytes without a newline; \
+                     closing the connection"
+                ) });
+                let _ = writeln!(out, "{answer}");
+                let _ = out.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+        };
+        let line = String::from_utf8_lossy(&line);
         if line.trim().is_empty() {
             continue;
         }
@@ -470,6 +529,74 @@ mod tests {
     fn control() -> Arc<Control> {
         let disk = Arc::new(MemoryDevice::new(1 << 20).unwrap());
         Control::new(vec![(Arc::new(Block::new(disk, false, "t")), None)])
+    }
+
+    #[test]
+    fn a_request_line_longer_than_the_limit_is_refused_and_the_connection_closed() {
+        use std::io::Read;
+        let c = control();
+        let (client, server) = UnixStream::pair().unwrap();
+        let weak = Arc::downgrade(&c);
+        let served = std::thread::spawn(move || connection(&weak, server));
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        // A request just under the limit is answered.
+        let mut w = client.try_clone().unwrap();
+        let mut big = "{\"op\":\"stats\"}".to_string();
+        big.push_str(&" ".repeat(MAX_REQUEST_LINE - big.len()));
+        writeln!(w, "{big}").unwrap();
+        let mut r = BufReader::new(client.try_clone().unwrap());
+        let mut answer = String::new();
+        r.read_line(&mut answer).unwrap();
+        assert!(answer.contains("\"ok\":true"), "{answer}");
+        // Then 4 MiB without a newline, and the client waits: an error, and the end.
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..64 {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut answer = String::new();
+        r.read_line(&mut answer)
+            .expect("an answer before the read timeout");
+        let a: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(
+            a["error"].as_str().unwrap().contains("longer than 1048576"),
+            "{a}"
+        );
+        // Closed: the end of the stream, or a reset (the server left the rest unread).
+        let mut rest = Vec::new();
+        match r.read_to_end(&mut rest) {
+            Ok(n) => assert_eq!(n, 0, "the connection is closed"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        writer.join().unwrap();
+        served.join().unwrap();
+    }
+
+    #[test]
+    fn request_lines_are_read_up_to_the_limit() {
+        let mut r = std::io::Cursor::new(b"abc\n\ndefgh\nxyz".to_vec());
+        let mut got = Vec::new();
+        loop {
+            match next_request(&mut r, 4).unwrap() {
+                Next::Line(l) => got.push(String::from_utf8(l).unwrap()),
+                Next::TooLong => {
+                    got.push("TOO LONG".into());
+                    break;
+                }
+                Next::End => break,
+            }
+        }
+        assert_eq!(got, ["abc", "", "TOO LONG"]);
+        let mut r = std::io::Cursor::new(b"abcd\nxyz".to_vec());
+        assert!(matches!(next_request(&mut r, 4).unwrap(), Next::Line(l) if l == b"abcd"));
+        assert!(matches!(next_request(&mut r, 4).unwrap(), Next::Line(l) if l == b"xyz"));
+        assert!(matches!(next_request(&mut r, 4).unwrap(), Next::End));
     }
 
     #[test]
