@@ -269,8 +269,14 @@ fn two_writers_on_a_raw_file_the_second_is_refused_and_nothing_is_written() {
         h.wait_written(|| file_bytes(&d, A_OFF, 4096));
 
         assert_in_use(&write_b(t), &d, h.pid());
-        // raw: names the same file and the same lock.
+        // raw: names the same file and the same lock, and so do other names of the file.
         assert_in_use(&write_b(&format!("raw:{t}")), &d, h.pid());
+        let hard = dir.path().join(format!("hard-{name}"));
+        let soft = dir.path().join(format!("soft-{name}"));
+        std::fs::hard_link(&d, &hard).unwrap();
+        std::os::unix::fs::symlink(&d, &soft).unwrap();
+        assert_in_use(&write_b(s(&hard)), &hard, h.pid());
+        assert_in_use(&write_b(s(&soft)), &soft, h.pid());
         assert_eq!(
             file_bytes(&d, B_OFF, B_LEN as usize),
             vec![0; B_LEN as usize]
@@ -998,6 +1004,41 @@ fn a_guest_cannot_give_a_raw_disk_another_formats_signature() {
             "1",
         ]);
         assert_eq!(hash(&d), now, "{name} changed");
+    }
+}
+
+/// The VHD footer that the probe looks for sits in the last 512 bytes of the *file*. A raw file
+/// whose length is not whole sectors is served as a device of whole sectors, so the file's last
+/// 512 bytes start inside the device's last sector: a write there must be checked against what
+/// the probe will read.
+#[test]
+fn a_guest_cannot_put_a_vhd_footer_at_the_end_of_a_file_that_is_not_whole_sectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cookie = dir.path().join("cookie.bin");
+    std::fs::write(&cookie, b"conectix").unwrap();
+    for name in ["u.img", "u.raw"] {
+        let d = dir.path().join(name);
+        let len = (1u64 << 20) + 100;
+        std::fs::write(&d, vec![0u8; len as usize]).unwrap();
+        let t = s(&d);
+        let info = ok(&["disk", "info", t]);
+        assert!(info.contains("format:               raw"), "{info}");
+        let before = hash(&d);
+        // The file's last 512 bytes start at len - 512, which the device serves (it ends at
+        // 1 MiB).
+        let at = (len - 512).to_string();
+        let o = common::vstor(&["disk", "write", t, "--offset", &at, "--input", s(&cookie)]);
+        let still = common::vstor(&["disk", "info", t]);
+        assert!(
+            !o.status.success() && hash(&d) == before,
+            "a write of \"conectix\" at {at} of {name} ({len} bytes) was let through; \
+             afterwards disk info says: {}{}",
+            String::from_utf8_lossy(&still.stdout),
+            String::from_utf8_lossy(&still.stderr)
+        );
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(names(&e, "VHD") && e.contains("os error"), "{e}");
+        assert!(still.status.success(), "{still:?}");
     }
 }
 
