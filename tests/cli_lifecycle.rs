@@ -275,7 +275,7 @@ fn a_legacy_vhd_converts_to_vhdx_and_raw_like_qemu_img() {
 #[test]
 fn the_demo_runs_every_step_and_everything_checks_clean() {
     let out = ok(&["demo"]);
-    for step in 1..=7 {
+    for step in 1..=10 {
         assert!(
             out.contains(&format!("\n{step}. ")) || out.starts_with(&format!("{step}. ")),
             "step {step} missing:\n{out}"
@@ -294,6 +294,31 @@ fn the_demo_runs_every_step_and_everything_checks_clean() {
     assert!(
         out.ends_with("Done; the temporary files are removed.\n"),
         "{out}"
+    );
+    // The pool: a member lost, the data still there, then repaired.
+    assert!(
+        out.contains("the mirror reads all its data, the parity space reads all its data"),
+        "{out}"
+    );
+    assert!(
+        out.contains("mirror healthy, parity healthy; data intact"),
+        "{out}"
+    );
+    // QoS: the capped run stays near its cap (burst allowance aside).
+    let line = out.lines().find(|l| l.starts_with("9. QoS")).unwrap();
+    let iops: Vec<f64> = line
+        .split_whitespace()
+        .zip(line.split_whitespace().skip(1))
+        .filter(|(_, unit)| *unit == "IOPS")
+        .map(|(n, _)| n.parse().unwrap())
+        .collect();
+    assert_eq!(iops.len(), 2, "{line}");
+    assert!(iops[1] <= 480.0, "the cap of 400 did not hold: {line}");
+    // The VMM: run where it can, or one line saying why not.
+    let vmm = out.lines().find(|l| l.starts_with("10. VMM")).unwrap();
+    assert!(
+        vmm.ends_with("PASS") || vmm.contains("skipped:") || vmm.contains("could not run here:"),
+        "{vmm}"
     );
 }
 
