@@ -886,6 +886,56 @@ fn probe_matrix_with_explicit_prefixes() {
     );
 }
 
+/// Runs vstor with `args` and returns its output, or None if it was still running after
+/// `limit` (then it is killed).
+fn vstor_within(args: &[&str], limit: Duration) -> Option<std::process::Output> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vstor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+/// Probing a FIFO (or anything that is neither a regular file nor a block device) must not
+/// block: it fails at once with one line, as `raw:FIFO` does.
+#[test]
+fn probing_a_fifo_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success());
+    let named = dir.path().join("pipe.vhdx");
+    std::os::unix::fs::symlink(&fifo, &named).unwrap();
+    let out = dir.path().join("out.vhdx");
+    let raw = format!("raw:{}", s(&fifo));
+    for args in [
+        vec!["disk", "info", &raw],
+        vec!["disk", "info", s(&fifo)],
+        vec!["disk", "read", s(&fifo), "--length", "512"],
+        vec!["disk", "info", s(&named)],
+        vec!["disk", "convert", s(&fifo), s(&out)],
+    ] {
+        let o = vstor_within(&args, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("vstor {args:?} hangs on a FIFO"));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}: {o:?}");
+        assert_eq!(e.lines().count(), 1, "{args:?}: {e}");
+    }
+    assert!(!out.exists());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. The probe guard.
 
