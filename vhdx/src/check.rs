@@ -111,7 +111,20 @@ pub fn check(path: impl AsRef<Path>) -> Result<CheckReport> {
             ..Default::default()
         },
     )?;
-    Ok(check_device(Arc::new(file), &path.display().to_string()))
+    let mut r = check_device(Arc::new(file), &path.display().to_string());
+    // A differencing disk whose parent is in the middle of a merge of another disk does not
+    // read as it did, though its own structures are sound: it cannot be opened until the merge
+    // finishes.
+    if r.errors.is_empty() {
+        if let Err(e) = crate::Vhdx::open(path, &crate::OpenOptions::read_only()) {
+            let pending = matches!(&e, vstor_core::Error::Layer(l)
+                if matches!(l.downcast_ref::<crate::VhdxError>(), Some(crate::VhdxError::MergePending { .. })));
+            if pending {
+                r.warn("parent", None, e.to_string());
+            }
+        }
+    }
+    Ok(r)
 }
 
 /// Checks an image on any device.

@@ -722,6 +722,13 @@ fn an_interrupted_merge_refuses_the_siblings_until_it_finishes() {
         msg.contains(&format!("vstor disk merge {}", a.display())),
         "{msg}"
     );
+    // Its check says so too (its own structures are sound).
+    let r = check(&b).unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert!(
+        r.warnings.iter().any(|w| w.message.contains("middle of a merge")),
+        "{r:?}"
+    );
     // A new child of the half-merged base is refused too, and nothing is left of it.
     let n = d.path().join("new.avhdx");
     let e = Vhdx::create(&n, &CreateOptions::differencing(&p)).unwrap_err();
