@@ -436,6 +436,28 @@ fn lifecycle_commands_honour_the_locks() {
     assert_eq!(vstor_bytes(s(&base), 9 << 20, 4096), vec![0x22; 4096]);
 }
 
+/// Making a differencing child reads its parent: like every read-only open it takes a shared
+/// lock, so a parent that a writer has open (and is changing under the new child) is refused,
+/// as `qemu-img create -b` refuses a backing file in use.
+#[test]
+fn a_child_of_a_parent_being_written_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.avhdx");
+    create(&base, "16M");
+    let mut h = Holder::start(s(&base));
+    h.wait_exclusive(s(&base));
+    let o = common::vstor(&["disk", "create", s(&child), "--parent", s(&base)]);
+    let made = child.exists();
+    let pid = h.pid();
+    h.still_running();
+    h.kill();
+    assert_in_use(&o, &base, pid);
+    assert!(!made, "a refused create left {}", child.display());
+    ok(&["disk", "create", s(&child), "--parent", s(&base)]);
+    assert_eq!(vstor_bytes(s(&child), A_OFF, 4096), vec![0x77; 4096]);
+}
+
 /// A legacy VHD is read under a shared lock: a raw: writer of the same file is refused while a
 /// reader has it, other readers are not.
 #[test]
