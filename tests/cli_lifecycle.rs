@@ -518,3 +518,88 @@ fn a_parent_named_with_a_backslash_works_from_the_cli() {
     assert!(dump.contains("7171 7171"), "{dump}");
     ok(&["disk", "check", s(&c)]);
 }
+
+#[test]
+fn ctrl_c_stops_a_merge_whose_siblings_are_refused_until_it_is_run_again() {
+    let d = tempfile::tempdir().unwrap();
+    let (base, a, b) = (
+        d.path().join("base.vhdx"),
+        d.path().join("a.avhdx"),
+        d.path().join("b.avhdx"),
+    );
+    ok(&[
+        "disk",
+        "create",
+        s(&base),
+        "--size",
+        "1G",
+        "--block-size",
+        "1M",
+    ]);
+    ok(&["disk", "create", s(&a), "--parent", s(&base)]);
+    ok(&["disk", "create", s(&b), "--parent", s(&base)]);
+    ok(&[
+        "disk",
+        "write",
+        s(&a),
+        "--offset",
+        "0",
+        "--length",
+        "256M",
+        "--pattern",
+        "0xaa",
+    ]);
+    let before = std::fs::metadata(&base).unwrap().len();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vstor"))
+        .args(["disk", "merge", s(&a)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the base has received some of a's data.
+    let t = std::time::Instant::now();
+    while std::fs::metadata(&base).unwrap().len() < before + (16 << 20) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the merge ended before it could be interrupted"
+        );
+        assert!(t.elapsed().as_secs() < 60, "the merge does not start");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill() on the id of a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let out = wait_within(&mut child, 20, "merge after SIGINT");
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The sibling is refused (it would read a's data through the base), and says what to run.
+    let e = fails(&["disk", "read", s(&b), "--offset", "0", "--length", "16"]);
+    assert!(
+        e.contains("middle of a merge") && e.contains(&format!("vstor disk merge {}", s(&a))),
+        "{e}"
+    );
+    let o = common::vstor(&["disk", "check", s(&b)]);
+    assert!(!o.status.success(), "check of the sibling says clean");
+    // The merged disk reads as it did; the merge runs again to its end.
+    let dump = ok(&["disk", "read", s(&a), "--offset", "0", "--length", "16"]);
+    assert!(dump.contains("aaaa aaaa"), "{dump}");
+    ok(&["disk", "merge", s(&a)]);
+    assert!(!a.exists());
+    let dump = ok(&[
+        "disk",
+        "read",
+        s(&base),
+        "--offset",
+        "255M",
+        "--length",
+        "16",
+    ]);
+    assert!(dump.contains("aaaa aaaa"), "{dump}");
+    // The sibling no longer matches its parent.
+    let e = fails(&["disk", "read", s(&b), "--offset", "0", "--length", "16"]);
+    assert!(e.contains("has changed"), "{e}");
+}
