@@ -32,7 +32,9 @@ pub struct MergeReport {
 /// merge's own top (or of a disk above it) reads the chain as it was: a child of the target is
 /// accepted over it only when the open's chain ends with exactly the merged disks, top first.
 /// Every other child (a sibling of the merged disk, a merged disk in the middle opened on its
-/// own) is refused with [`VhdxError::MergePending`], which says how to finish the merge.
+/// own) is refused with [`VhdxError::MergePending`], which says how to finish the merge. Disks
+/// are told apart by their page-83 identifier, which every create draws anew: a byte copy of
+/// the merged disk (made with `cp`) has the same one and is not told apart from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MergeMarker {
     /// The target's DataWriteGuid from before the merge: the parent linkage that the disk right
