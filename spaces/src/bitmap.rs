@@ -57,6 +57,38 @@ pub(crate) struct SyncOutcome {
     pub healed: u64,
     /// Of those, blocks no good source was left for.
     pub lost: u64,
+    /// Blocks whose copies (or parity row) pass their checksums but disagree, where nothing
+    /// told which is right (not in a resync): left as they are.
+    pub undecided: u64,
+}
+
+/// Of a parity row whose shards all pass their checksums but do not agree, the one shard
+/// whose replacement by what the others give makes the whole row agree (dual parity can tell
+/// one odd shard out; with single parity every shard would do, so none is named).
+fn odd_shard_out(shards: &[Vec<u8>], d: usize, bs: usize) -> Option<usize> {
+    let w = shards.len();
+    let mut found = None;
+    for j in 0..w {
+        let mut row: Vec<Option<Vec<u8>>> = shards.iter().cloned().map(Some).collect();
+        row[j] = None;
+        if !code::reconstruct(&mut row, d, bs) {
+            continue;
+        }
+        let row: Vec<Vec<u8>> = row.into_iter().map(|x| x.expect("rebuilt")).collect();
+        let refs: Vec<&[u8]> = row[..d].iter().map(|v| &v[..]).collect();
+        let mut parity = vec![vec![0u8; bs]; w - d];
+        {
+            let mut p: Vec<&mut [u8]> = parity.iter_mut().map(|v| &mut v[..]).collect();
+            code::encode(&refs, &mut p);
+        }
+        if parity.iter().zip(&row[d..]).all(|(a, b)| a == b) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(j);
+        }
+    }
+    found
 }
 
 /// Bytes of a member's bitmap that hold its slabs' bits, rounded up to 4 KiB.
@@ -428,7 +460,43 @@ pub(crate) fn sync_bufs(
                 }
                 for i in 0..nb {
                     let bad = copies.iter().filter(|&&si| !ok[si][i]).count() as u64;
-                    let src = match copies.iter().copied().find(|&si| ok[si][i]) {
+                    // Good copies that disagree (outside a resync): the copy most of them
+                    // hold, if most of the copies present hold it; else nothing is changed.
+                    let good: Vec<usize> = copies.iter().copied().filter(|&si| ok[si][i]).collect();
+                    let pick = if resync || good.len() < 2 {
+                        good.first().copied()
+                    } else {
+                        let first = blk(&bufs[good[0]], i);
+                        if good[1..].iter().all(|&si| {
+                            bufs[si].as_ref().expect("present")[i * bs..(i + 1) * bs] == first[..]
+                        }) {
+                            Some(good[0])
+                        } else {
+                            let mut best = None;
+                            for &g in &good {
+                                let v = blk(&bufs[g], i);
+                                let n = good
+                                    .iter()
+                                    .filter(|&&si| {
+                                        bufs[si].as_ref().expect("present")[i * bs..(i + 1) * bs]
+                                            == v[..]
+                                    })
+                                    .count();
+                                if 2 * n > copies.len() {
+                                    best = Some(g);
+                                    break;
+                                }
+                            }
+                            if best.is_none() {
+                                out.bad_blocks += bad;
+                                out.lost += bad;
+                                out.undecided += 1;
+                                continue;
+                            }
+                            best
+                        }
+                    };
+                    let src = match pick {
                         Some(g) => {
                             if !resync {
                                 out.bad_blocks += bad;
@@ -506,8 +574,17 @@ pub(crate) fn sync_bufs(
                                 // The data is what the row says: the checksum entry was damaged.
                                 want[si][i] = csum::block_crc(rec);
                                 crc_dirty[si] = true;
-                            } else {
+                            } else if resync {
+                                // After a crash the rest of the row may mix old and new
+                                // blocks: only what matches a checksum is taken.
                                 continue;
+                            } else {
+                                // Data and entry both gone (a wiped range): what the rest of
+                                // the row, which passes its checksums, gives is the block.
+                                mine.copy_from_slice(rec);
+                                want[si][i] = csum::block_crc(rec);
+                                data_dirty[si] = true;
+                                crc_dirty[si] = true;
                             }
                             ok[si][i] = true;
                             if !resync {
@@ -544,12 +621,60 @@ pub(crate) fn sync_bufs(
                     }
                     continue;
                 }
-                let data: Vec<Vec<u8>> = (0..d).map(|sh| blk(&bufs[slot_of(sh)], i)).collect();
-                let refs: Vec<&[u8]> = data.iter().map(|v| &v[..]).collect();
+                let mut data: Vec<Vec<u8>> = (0..d).map(|sh| blk(&bufs[slot_of(sh)], i)).collect();
                 let mut parity = vec![vec![0u8; bs]; w - d];
-                {
+                let encode = |data: &[Vec<u8>], parity: &mut [Vec<u8>]| {
+                    let refs: Vec<&[u8]> = data.iter().map(|v| &v[..]).collect();
                     let mut p: Vec<&mut [u8]> = parity.iter_mut().map(|v| &mut v[..]).collect();
                     code::encode(&refs, &mut p);
+                };
+                encode(&data, &mut parity);
+                // A parity that passes its checksum but disagrees with data that passes
+                // theirs (outside a resync): something in the row is older or misplaced
+                // and its checksum could not tell. Recomputing the parity from the data would
+                // spread a stale data block; dual parity names the odd shard out, else the
+                // row is left as it is and counted.
+                let verified_mismatch = (d..w).any(|sh| {
+                    let si = slot_of(sh);
+                    bufs[si]
+                        .as_ref()
+                        .is_some_and(|b| ok[si][i] && b[i * bs..(i + 1) * bs] != parity[sh - d][..])
+                });
+                if verified_mismatch && !resync {
+                    let all: Option<Vec<Vec<u8>>> = (0..w)
+                        .map(|sh| {
+                            let si = slot_of(sh);
+                            (bufs[si].is_some() && ok[si][i]).then(|| blk(&bufs[si], i))
+                        })
+                        .collect();
+                    match all.and_then(|all| odd_shard_out(&all, d, bs).map(|j| (all, j))) {
+                        Some((all, j)) if j < d => {
+                            // A data shard is the odd one out: rebuilt from the others.
+                            let mut row: Vec<Option<Vec<u8>>> = all.into_iter().map(Some).collect();
+                            row[j] = None;
+                            code::reconstruct(&mut row, d, bs);
+                            let rec = row[j].take().expect("rebuilt");
+                            let si = slot_of(j);
+                            bufs[si].as_mut().expect("present")[i * bs..(i + 1) * bs]
+                                .copy_from_slice(&rec);
+                            want[si][i] = csum::block_crc(&rec);
+                            data_dirty[si] = true;
+                            crc_dirty[si] = true;
+                            out.bad_blocks += 1;
+                            out.healed += 1;
+                            data[j] = rec;
+                            encode(&data, &mut parity);
+                        }
+                        Some(_) => {
+                            // A parity is the odd one out: recomputed below.
+                            out.bad_blocks += 1;
+                            out.healed += 1;
+                        }
+                        None => {
+                            out.undecided += 1;
+                            continue;
+                        }
+                    }
                 }
                 for (j, p) in parity.iter().enumerate() {
                     let si = slot_of(d + j);
@@ -610,6 +735,10 @@ pub struct ScrubReport {
     pub healed: u64,
     /// Of those, blocks with no good source left (reads of them fail).
     pub lost: u64,
+    /// Blocks whose copies, or whose parity row, pass their checksums but disagree, where
+    /// nothing told which is right (two mirror copies; single parity; dual parity with no
+    /// single odd shard out): left as they are, never settled by slot order.
+    pub undecided: u64,
 }
 
 impl crate::Pool {
@@ -617,9 +746,13 @@ impl crate::Pool {
     /// at a time with the space's I/O held off for that chunk, checks every 512-byte block of
     /// every slot against its checksum, and repairs: a bad mirror block is rewritten from a
     /// copy whose checksum matches, a bad parity-layout block is rebuilt from the rest of its
-    /// row, copies that differ are made equal to the first good one, and parity is recomputed
-    /// from the (verified) data where it differs. Blocks with no good source are counted as
-    /// lost and left alone. `progress` gets (chunks done, chunks to do).
+    /// row. Copies that pass their checksums but differ are made equal to the copy most of
+    /// the copies hold (a 3-way mirror), and a parity row whose shards pass their checksums
+    /// but disagree is settled only where dual parity names the one odd shard out (rebuilt
+    /// from the others); anything else is left as it is and counted
+    /// ([`ScrubReport::undecided`]), never decided by slot order. Parity is recomputed from
+    /// the (verified) data where its checksum failed. Blocks with no good source are counted
+    /// as lost and left alone. `progress` gets (chunks done, chunks to do).
     pub fn scrub(
         &self,
         name: Option<&str>,
@@ -692,6 +825,7 @@ impl crate::Pool {
                     report.checksum_errors += out.bad_blocks;
                     report.healed += out.healed;
                     report.lost += out.lost;
+                    report.undecided += out.undecided;
                     self.inner.count(&out);
                     progress(report.chunks, total);
                 }

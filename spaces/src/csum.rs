@@ -4,8 +4,18 @@
 //! - 512 bytes because that is the smallest I/O a space takes: a write never has to read
 //!   anything to compute its checksums (dm-integrity makes the same choice: 4 bytes per
 //!   512-byte sector, 0.78% of the disk).
-//! - A stored value is `crc32c(block) ^ crc32c(512 zero bytes)`, so a zeroed block has the
-//!   stored value 0 and zeroing a slab's checksum entries matches zeroing its data.
+//! - A stored value is `crc32c(block) ^ crc32c(512 zero bytes) ^ key`. In a pool of format
+//!   version 4 the key ([`entry_key`]) is a hash of the pool's and the member's identities
+//!   ([`member_seed`]; a member taken back with [`Pool::reuse_member`](crate::Pool::reuse_member)
+//!   gets a new identity, so its old entries are a generation behind) and of the entry's
+//!   position on the member (slab and block). So a member that lost its contents (data and
+//!   checksum area read as zeroes), or a block moved together with its entry to another
+//!   position or onto another member, fails verification instead of being served. "Never
+//!   written" is not a checksum value: a thin extent not allocated is recorded in the
+//!   metadata and reads as zeroes without a look at any member, and an extent's slabs get the
+//!   keyed entries of zero blocks when it is allocated. Before version 4 the key is 0 (a
+//!   zeroed block had the stored value 0: the old rule, with which those pools are still
+//!   read). [`Csums`] applies the key: its callers see `crc32c(block) ^ crc32c(zeroes)`.
 //! - A member's checksums describe that member's own slabs: every copy and every parity shard
 //!   carries its own, so each slot can be verified alone.
 //! - A write's data goes to the members first; while it is in flight the submitting thread
@@ -43,6 +53,36 @@ static ZERO: LazyLock<u32> = LazyLock::new(|| crc32c::crc32c(&[0u8; BLOCK as usi
 /// The stored checksum of one block of `BLOCK` bytes.
 pub fn block_crc(block: &[u8]) -> u32 {
     crc32c::crc32c(block) ^ *ZERO
+}
+
+/// The key seed of a member's checksum entries in a pool of format version 4: a hash of the
+/// pool's and the member's identities (never 0; 0 is the old rule's "no key").
+pub fn member_seed(pool: &uuid::Uuid, member: &uuid::Uuid) -> u64 {
+    let a = pool.as_u128();
+    let b = member.as_u128();
+    let mut h = mix64(a as u64 ^ 0x5653_5450_4f4f_4c34);
+    for w in [(a >> 64) as u64, b as u64, (b >> 64) as u64] {
+        h = mix64(h ^ w);
+    }
+    h | 1
+}
+
+/// The key of entry `index` (slab * blocks per slab + block: the entry's position on its
+/// member) of a member whose seed is `seed` (0: unkeyed, the key is 0).
+#[inline]
+pub fn entry_key(seed: u64, index: u64) -> u32 {
+    if seed == 0 {
+        return 0;
+    }
+    mix64(seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)) as u32
+}
+
+/// splitmix64's finalizer: every input bit moves every output bit.
+#[inline]
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Per byte of the CRC register, the register shifted past one `BLOCK` of zero bytes (the
@@ -213,8 +253,8 @@ pub fn area_start(data_start: u64, slab_size: u64, slabs: u32) -> u64 {
 /// The checksum pages of every member, cached, and the locks that order their writes.
 pub(crate) struct Csums {
     slab_size: u64,
-    /// Checksum area offset per member.
-    starts: RwLock<Vec<u64>>,
+    /// Checksum area offset and key seed ([`member_seed`]; 0: unkeyed) per member.
+    starts: RwLock<Vec<(u64, u64)>>,
     pages: Mutex<PageCache>,
     locks: Vec<Mutex<()>>,
 }
@@ -284,7 +324,8 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Csums {
-    pub fn new(slab_size: u64, starts: Vec<u64>) -> Self {
+    /// `starts`: per member, where its checksum area starts and its key seed (0: unkeyed).
+    pub fn new(slab_size: u64, starts: Vec<(u64, u64)>) -> Self {
         Csums {
             slab_size,
             starts: RwLock::new(starts),
@@ -333,14 +374,14 @@ impl Csums {
         }
     }
 
-    /// Records the checksum area of member `member` (a new one, or one taken back fresh):
-    /// its cached pages are dropped.
-    pub fn set_member(&self, member: usize, start: u64) {
+    /// Records the checksum area and key seed of member `member` (a new one, or one taken
+    /// back fresh): its cached pages are dropped.
+    pub fn set_member(&self, member: usize, start: u64, seed: u64) {
         let mut s = self.starts.write().unwrap_or_else(|p| p.into_inner());
         if s.len() <= member {
-            s.resize(member + 1, 0);
+            s.resize(member + 1, (0, 0));
         }
-        s[member] = start;
+        s[member] = (start, seed);
         let mut cache = guard(&self.pages);
         cache.map.retain(|k, _| k.0 != member);
         cache.drops += 1;
@@ -353,7 +394,12 @@ impl Csums {
 
     fn page_offset(&self, member: usize, page: u64) -> u64 {
         let s = self.starts.read().unwrap_or_else(|p| p.into_inner());
-        s.get(member).copied().unwrap_or(0) + page * PAGE
+        s.get(member).map_or(0, |x| x.0) + page * PAGE
+    }
+
+    fn seed(&self, member: usize) -> u64 {
+        let s = self.starts.read().unwrap_or_else(|p| p.into_inner());
+        s.get(member).map_or(0, |x| x.1)
     }
 
     /// The pages holding entries `[first, first + n)` of `member`.
@@ -471,6 +517,7 @@ impl Csums {
                 return self.read_uncached(dev, member, i0, n);
             }
         };
+        let seed = self.seed(member);
         let mut out = Vec::with_capacity(n as usize);
         for p in Self::pages_of(i0, n) {
             let page = pages.touch(&(member, p)).expect("checked under this lock");
@@ -478,10 +525,9 @@ impl Csums {
             let hi = (i0 + n).min((p + 1) * PER_PAGE);
             let src =
                 &page[((lo % PER_PAGE) * ENTRY) as usize..((hi - p * PER_PAGE) * ENTRY) as usize];
-            out.extend(
-                src.chunks_exact(ENTRY as usize)
-                    .map(|e| u32::from_le_bytes(e.try_into().expect("4 bytes"))),
-            );
+            out.extend(src.chunks_exact(ENTRY as usize).zip(lo..).map(|(e, i)| {
+                u32::from_le_bytes(e.try_into().expect("4 bytes")) ^ entry_key(seed, i)
+            }));
         }
         Ok(out)
     }
@@ -502,9 +548,11 @@ impl Csums {
         let mut buf = AlignedBuf::new(pages.count() * PAGE as usize);
         dev.read_at(self.page_offset(member, first), &mut buf)?;
         let at = ((i0 - first * PER_PAGE) * ENTRY) as usize;
+        let seed = self.seed(member);
         Ok(buf[at..at + (n * ENTRY) as usize]
             .chunks_exact(ENTRY as usize)
-            .map(|e| u32::from_le_bytes(e.try_into().expect("4 bytes")))
+            .zip(i0..)
+            .map(|(e, i)| u32::from_le_bytes(e.try_into().expect("4 bytes")) ^ entry_key(seed, i))
             .collect())
     }
 
@@ -554,17 +602,19 @@ impl Csums {
         }
         // The caller holds these pages' locks: no trim drops them once loaded.
         self.load(dev, member, pages.clone(), true)?;
+        let seed = self.seed(member);
         let mut cache = guard(&self.pages);
         for p in pages.clone() {
             let page = cache.touch(&(member, p)).expect("loaded, and locked");
             let lo = i0.max(p * PER_PAGE);
             let hi = end.min((p + 1) * PER_PAGE);
             let dst = &mut page[((lo % PER_PAGE) * ENTRY) as usize..];
-            for (d, v) in dst
+            for ((d, v), i) in dst
                 .chunks_exact_mut(ENTRY as usize)
                 .zip(&vals[(lo - i0) as usize..(hi - i0) as usize])
+                .zip(lo..)
             {
-                d.copy_from_slice(&v.to_le_bytes());
+                d.copy_from_slice(&(v ^ entry_key(seed, i)).to_le_bytes());
             }
         }
         let writes = pages
@@ -662,7 +712,7 @@ mod tests {
         // Two half-page updates joined cover the page whole: nothing is read from the device.
         let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20).unwrap());
         let counting = vstor_core::FaultDevice::new(dev.clone());
-        let c = Csums::new(1 << 20, vec![0]);
+        let c = Csums::new(1 << 20, vec![(0, 0)]);
         let w = c.set(&counting, 0, 2, out[0].2, &out[0].3).unwrap();
         assert_eq!(w.len(), 1);
         assert_eq!(counting.stats().reads, 0);
@@ -714,7 +764,7 @@ mod tests {
             gate: Mutex::new(Some((started_tx, go_rx))),
         });
         let dev: Arc<dyn BlockDevice> = slow.clone();
-        let c = Csums::new(64 << 10, vec![8192]);
+        let c = Csums::new(64 << 10, vec![(8192, 0)]);
         std::thread::scope(|sc| {
             // Reads entry 0 (stored 0 on the device), and is held with the old page.
             let reader = sc.spawn(|| c.get(&*dev, 0, 0, 0, 1).unwrap());
@@ -742,10 +792,10 @@ mod tests {
     #[test]
     fn set_then_get_round_trips_through_the_device() {
         let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20).unwrap());
-        let c = Csums::new(64 << 10, vec![8192]);
+        let c = Csums::new(64 << 10, vec![(8192, 0)]);
         c.store(&dev, 0, 3, 10, &[1, 2, 3]).unwrap();
         assert_eq!(c.get(&*dev, 0, 3, 9, 5).unwrap(), vec![0, 1, 2, 3, 0]);
-        let fresh = Csums::new(64 << 10, vec![8192]);
+        let fresh = Csums::new(64 << 10, vec![(8192, 0)]);
         assert_eq!(fresh.get(&*dev, 0, 3, 10, 3).unwrap(), vec![1, 2, 3]);
     }
 }

@@ -39,10 +39,18 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// The magic at the start of every metadata copy.
 pub const MAGIC: [u8; 8] = *b"VSTPOOL1";
-/// The format version of new pools: 3 since members carry a parity journal (version 2, made
-/// before it, still opens and stays version 2; version 1 had no block checksums and is
-/// refused with an error that says so).
-pub const VERSION: u32 = 3;
+/// The format version of new pools: 4 since block checksums are bound to their member and
+/// position and the metadata carries a write epoch (see [`MetaHeader::armed_epoch`]).
+/// Version 3 (members carry a parity journal, checksums by the old rule) and version 2 (made
+/// before the journal) still open, keep their version and the old checksum rule, and have no
+/// stale-member detection (the open says so; copying the spaces into a new pool upgrades).
+/// Version 1 had no block checksums and is refused with an error that says so.
+pub const VERSION: u32 = 4;
+/// The first format version whose block checksums are keyed by member and position and whose
+/// metadata carries a write epoch.
+pub const KEYED_VERSION: u32 = 4;
+/// [`MetaHeader::flags`] bit: the pool was closed cleanly after its last write epoch.
+pub const FLAG_CLEAN: u32 = 1;
 /// The oldest format version this vstor opens.
 pub const MIN_VERSION: u32 = 2;
 /// Bytes of each member's parity journal (format version 3).
@@ -78,7 +86,7 @@ pub struct MetaHeader {
     pub header_size: U32,
     /// CRC-32C of the whole copy (`blob_len` bytes) with this field zero.
     pub checksum: U32,
-    /// Reserved, zero.
+    /// Version 4: [`FLAG_CLEAN`] or nothing; before: zero.
     pub flags: U32,
     /// Sequence number: the copy with the highest valid one is current.
     pub sequence: U64,
@@ -102,8 +110,13 @@ pub struct MetaHeader {
     pub data_start: U64,
     /// Creation time, seconds since the Unix epoch.
     pub created: U64,
+    /// Version 4: the write epoch, the sequence of the last update that every usable member
+    /// was known to hold before data was written (or the pool was closed) after it. A
+    /// member whose own newest metadata is older than the epoch may have missed writes: it is
+    /// stale and never read (see [`Pool::open`](crate::Pool::open)). Before version 4: zero.
+    pub armed_epoch: U64,
     /// Reserved, zero.
-    pub reserved: [u8; 136],
+    pub reserved: [u8; 128],
 }
 
 /// One member of the pool.
@@ -245,10 +258,15 @@ pub(crate) struct SpaceMeta {
 /// The whole pool metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Meta {
-    /// The format version the pool was made with (2: no journal, 3: journal).
+    /// The format version the pool was made with (2: no journal, 3: journal, 4: keyed
+    /// checksums and write epochs).
     pub version: u32,
     pub pool_id: Uuid,
     pub sequence: u64,
+    /// The write epoch ([`MetaHeader::armed_epoch`]; 0 before version 4).
+    pub armed_epoch: u64,
+    /// Closed cleanly since the last write epoch ([`FLAG_CLEAN`]; false before version 4).
+    pub clean: bool,
     pub slab_size: u64,
     pub slot_size: u64,
     pub data_start: u64,
@@ -275,6 +293,16 @@ impl Meta {
             .sum()
     }
 
+    /// The key seed of `member`'s block checksums ([`crate::csum::member_seed`]; 0, the old
+    /// unkeyed rule, before format version 4).
+    pub fn csum_seed(&self, member: &MemberMeta) -> u64 {
+        if self.version >= KEYED_VERSION {
+            crate::csum::member_seed(&self.pool_id, &member.id)
+        } else {
+            0
+        }
+    }
+
     /// Where each member's parity journal starts, if the pool has one (format version 3).
     pub fn journal_offset(&self) -> Option<u64> {
         (self.version >= 3).then(|| 2 * self.slot_size)
@@ -299,7 +327,12 @@ impl Meta {
             version: self.version.into(),
             header_size: (HEADER as u32).into(),
             checksum: 0.into(),
-            flags: 0.into(),
+            flags: if self.version >= KEYED_VERSION && self.clean {
+                FLAG_CLEAN
+            } else {
+                0
+            }
+            .into(),
             sequence: self.sequence.into(),
             blob_len: self.blob_len().into(),
             pool_id: *self.pool_id.as_bytes(),
@@ -311,7 +344,13 @@ impl Meta {
             slot_size: self.slot_size.into(),
             data_start: self.data_start.into(),
             created: self.created.into(),
-            reserved: [0; 136],
+            armed_epoch: if self.version >= KEYED_VERSION {
+                self.armed_epoch
+            } else {
+                0
+            }
+            .into(),
+            reserved: [0; 128],
         };
         out.extend_from_slice(header.as_bytes());
         for m in &self.members {
@@ -401,7 +440,7 @@ impl Meta {
                 8,
                 "pool metadata version",
                 "version 1 (a pool made before block checksums) is not supported by this vstor, \
-                 which reads versions 2 and 3: copy the spaces' data out with the vstor that made it"
+                 which reads versions 2 to 4: copy the spaces' data out with the vstor that made it"
                     .into(),
             ));
         }
@@ -436,11 +475,30 @@ impl Meta {
                 format!("stored {:#010x}, computed {crc:#010x}", h.checksum.get()),
             ));
         }
-        if h.flags.get() != 0 || h.reserved.iter().any(|&b| b != 0) {
+        let flag_mask = if version >= KEYED_VERSION {
+            FLAG_CLEAN
+        } else {
+            0
+        };
+        if h.flags.get() & !flag_mask != 0
+            || h.reserved.iter().any(|&b| b != 0)
+            || (version < KEYED_VERSION && h.armed_epoch.get() != 0)
+        {
             return Err(bad(
                 20,
                 "pool metadata header",
                 "reserved fields are not zero".into(),
+            ));
+        }
+        if h.armed_epoch.get() > h.sequence.get() {
+            return Err(bad(
+                120,
+                "pool metadata write epoch",
+                format!(
+                    "{} is past the copy's sequence {}",
+                    h.armed_epoch.get(),
+                    h.sequence.get()
+                ),
             ));
         }
         let members = h.member_count.get() as usize;
@@ -486,6 +544,8 @@ impl Meta {
             version,
             pool_id: Uuid::from_bytes(h.pool_id),
             sequence: h.sequence.get(),
+            armed_epoch: h.armed_epoch.get(),
+            clean: h.flags.get() & FLAG_CLEAN != 0,
             slab_size,
             slot_size,
             data_start,
@@ -854,6 +914,8 @@ mod tests_support {
             version: VERSION,
             pool_id: Uuid::from_u128(7),
             sequence: 7,
+            armed_epoch: 5,
+            clean: true,
             slab_size: 1 << 20,
             slot_size: MIN_SLOT,
             data_start: Meta::data_start_for(VERSION, MIN_SLOT),

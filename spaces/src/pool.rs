@@ -235,6 +235,8 @@ pub(crate) struct Inner {
     pub epoch: AtomicU64,
     /// A member is missing but still recorded healthy: record it before the first write.
     pub missing_unrecorded: AtomicBool,
+    /// This open moved the write epoch on (see `Inner::arm`): a clean close moves it again.
+    pub armed: AtomicBool,
     pub notes: Mutex<Vec<String>>,
     /// Slabs a rebuild in progress has taken but not yet recorded.
     pub reserved: Mutex<Vec<Slot>>,
@@ -269,6 +271,10 @@ impl Drop for Inner {
         if devs.iter().flatten().all(|d| d.flush().is_ok()) {
             self.clear_bitmaps(true);
             self.journal.close(&devs);
+            if self.armed.load(Ordering::Acquire) {
+                // A member copied while the pool was open is older than this epoch.
+                let _ = self.arm(true);
+            }
         }
     }
 }
@@ -692,6 +698,9 @@ impl Pool {
             version: crate::format::VERSION,
             pool_id: Uuid::new_v4(),
             sequence: 1,
+            // Every member holds sequence 1 before any data is written.
+            armed_epoch: 1,
+            clean: false,
             slab_size: slab,
             slot_size,
             data_start,
@@ -724,14 +733,22 @@ impl Pool {
                 seen_sequence: Some(1),
             })
             .collect();
-        Ok(Pool::from_parts(meta, rt, false, Vec::new()))
+        let pool = Pool::from_parts(meta, rt, false, Vec::new());
+        // Every member holds the epoch (sequence 1): a clean close moves it on.
+        pool.inner.armed.store(true, Ordering::Release);
+        Ok(pool)
     }
 
     fn from_parts(meta: Meta, members: Vec<MemberRt>, read_only: bool, notes: Vec<String>) -> Pool {
         let starts = meta
             .members
             .iter()
-            .map(|m| crate::csum::area_start(meta.data_start, meta.slab_size, m.slab_count))
+            .map(|m| {
+                (
+                    crate::csum::area_start(meta.data_start, meta.slab_size, m.slab_count),
+                    meta.csum_seed(m),
+                )
+            })
             .collect();
         let csums = crate::csum::Csums::new(meta.slab_size, starts);
         let journal = crate::journal::Journal::new(&meta);
@@ -743,6 +760,7 @@ impl Pool {
                 read_only,
                 epoch: AtomicU64::new(0),
                 missing_unrecorded: AtomicBool::new(false),
+                armed: AtomicBool::new(false),
                 notes: Mutex::new(notes),
                 reserved: Mutex::new(Vec::new()),
                 bitmap: Mutex::new(Bitmaps::default()),
@@ -859,7 +877,7 @@ impl Pool {
                 (meta, diverged)
             }
         };
-        let meta = chosen;
+        let mut meta = chosen;
         let mut rt: Vec<MemberRt> = meta
             .members
             .iter()
@@ -923,8 +941,44 @@ impl Pool {
                 seen_sequence: Some(m.sequence),
             };
         }
-        let mut missing = false;
+        // A member whose newest metadata is older than the write epoch did not hold the
+        // metadata that every usable member held before data was last written: it missed
+        // writes (a disk pulled and put back, an old copy restored). Its data is never read;
+        // a writable open records it failed.
         let mut stale = false;
+        let mut behind_epoch = Vec::new();
+        for (i, r) in rt.iter_mut().enumerate() {
+            let m = &mut meta.members[i];
+            let (Some(n), Some(seen)) = (&r.name, r.seen_sequence) else {
+                continue;
+            };
+            if m.state == MemberState::Failed || seen >= meta.armed_epoch {
+                continue;
+            }
+            r.usable = false;
+            stale = true;
+            behind_epoch.push(i);
+            notes.push(format!(
+                "member {i} ({n}) is stale: its metadata is at sequence {seen}, but data was written after sequence {} that it did not get; it is not read{} (vstor pool reset-disk, then vstor space repair, rebuild it)",
+                meta.armed_epoch,
+                if opts.read_only {
+                    ""
+                } else {
+                    "; recorded failed"
+                }
+            ));
+            if !opts.read_only {
+                m.state = MemberState::Failed;
+                m.failed_seq = 0;
+            }
+        }
+        if meta.version < crate::format::KEYED_VERSION {
+            notes.push(format!(
+                "format version {}: a member that missed writes is not told apart from a current one, and block checksums are not bound to their position (a new pool has both; copy the spaces into one to upgrade)",
+                meta.version
+            ));
+        }
+        let mut missing = false;
         for (i, (m, r)) in meta.members.iter().zip(&rt).enumerate() {
             match (&r.name, m.state) {
                 (None, MemberState::Removed) => {}
@@ -933,6 +987,7 @@ impl Pool {
                     missing = true;
                     notes.push(format!("member {i} ({}) is missing", m.id));
                 }
+                (Some(_), _) if behind_epoch.contains(&i) => {}
                 (Some(n), MemberState::Failed) => notes.push(format!(
                     "member {i} ({n}) is stale: it failed or missed writes; repair rebuilds its data"
                 )),
@@ -968,6 +1023,11 @@ impl Pool {
                 dev.write_at(meta.slot_size, &blob)?;
                 dev.flush()?;
             }
+        }
+        // A new write epoch before anything is written (with a member missing, at the first
+        // write, once it is recorded failed: see `Inner::record_missing`).
+        if !opts.read_only && !missing {
+            pool.inner.arm(false)?;
         }
         // The journal first: replayed parity updates make their rows agree before the
         // bitmap resync looks at them.
@@ -1638,6 +1698,31 @@ impl Inner {
         self.persist(&mut next)?;
         *meta = next;
         self.missing_unrecorded.store(false, Ordering::Release);
+        drop(meta);
+        self.arm(false)
+    }
+
+    /// Moves the write epoch on (format version 4; nothing before): the metadata is written
+    /// to every usable member with the next sequence, then again with that sequence as the
+    /// epoch ([`Meta::armed_epoch`]). Every usable member holds the epoch's sequence before
+    /// anything is written after it (a member whose write fails is recorded failed), so a
+    /// member found older than the epoch later missed writes. Two updates, so a crash in the
+    /// first leaves the old epoch and makes no member stale. A writable open arms before
+    /// anything is written, and a clean close arms again (`clean`), so a copy of a member
+    /// taken while the pool was open is older than the epoch too.
+    pub(crate) fn arm(&self, clean: bool) -> Result<()> {
+        let mut meta = lock(&self.meta);
+        if self.read_only || meta.version < crate::format::KEYED_VERSION {
+            return Ok(());
+        }
+        let mut next = meta.clone();
+        next.clean = false;
+        self.persist(&mut next)?;
+        next.armed_epoch = next.sequence;
+        next.clean = clean;
+        self.persist(&mut next)?;
+        *meta = next;
+        self.armed.store(true, Ordering::Release);
         Ok(())
     }
 

@@ -119,6 +119,7 @@ impl Pool {
             self.inner.csums.set_member(
                 next.members.len() - 1,
                 crate::csum::area_start(next.data_start, next.slab_size, m.slab_count),
+                next.csum_seed(m),
             );
         }
         if let Err(e) = self.inner.persist(&mut next) {
@@ -195,6 +196,7 @@ impl Pool {
         self.inner.csums.set_member(
             next.members.len() - 1,
             crate::csum::area_start(next.data_start, next.slab_size, old.slab_count),
+            next.csum_seed(next.members.last().expect("pushed")),
         );
         if let Err(e) = self.inner.persist(&mut next) {
             let mut rt = self.inner.members_write();

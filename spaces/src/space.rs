@@ -1011,7 +1011,9 @@ impl Space {
         }
         // Verify what was read; a block whose checksum fails is healed and read again.
         for ((pi, at, len, s, in_slab, extent, (ri, _)), k) in checks.into_iter().zip(check_at) {
-            if retry[pi] || errors[pi].is_some() {
+            // Every piece of a request is checked, also after one failed: all its bad windows
+            // are healed in one round (a member that lost its contents has one in every piece).
+            if errors[pi].is_some() {
                 continue;
             }
             let Op::Read { bufs, .. } = &seg[pi].op else {
@@ -1897,15 +1899,19 @@ pub(crate) fn heal_window(
                     if csum::block_crc(rec) == want[si][b] {
                         mine.copy_from_slice(rec);
                         dirty[si] = true;
-                        fixed += 1;
                     } else if mine == &rec[..] {
                         // The data is what the row says: the checksum entry was damaged.
                         want[si][b] = csum::block_crc(rec);
                         sums_dirty[si] = true;
-                        fixed += 1;
                     } else {
-                        lost += 1;
+                        // Data and entry both gone (a wiped range): what the rest of the row,
+                        // which passes its checksums, gives is the block.
+                        mine.copy_from_slice(rec);
+                        want[si][b] = csum::block_crc(rec);
+                        dirty[si] = true;
+                        sums_dirty[si] = true;
                     }
+                    fixed += 1;
                 }
             }
         }

@@ -63,7 +63,7 @@ fn power_cuts_during_writes_leave_copies_and_parity_consistent() {
             let g = Group::new(&media, DISK, k);
             let pool = Pool::open(g.disks(), &OpenOptions::default()).unwrap();
             let space = pool.open_space("s").unwrap();
-            g.cut_at.store(k, Ordering::SeqCst);
+            g.cut_after(k);
             let w = writes();
             let mut batch: Vec<Request> = w.iter().map(|(at, d)| Request::write(*at, d)).collect();
             batch.push(Request::flush());
@@ -162,7 +162,7 @@ fn power_cuts_during_thin_allocation_and_space_creation() {
     for k in 1.. {
         let g = Group::new(&media, DISK, k);
         let pool = Pool::open(g.disks(), &OpenOptions::default()).unwrap();
-        g.cut_at.store(k, Ordering::SeqCst);
+        g.cut_after(k);
         let made = pool.create_space(&spec("m", SPACE, Resiliency::Mirror { copies: 2 }, Some(1)));
         let wrote = made.is_ok()
             && pool

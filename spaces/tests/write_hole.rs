@@ -336,8 +336,11 @@ fn a_format_version_2_pool_opens_without_a_journal_and_stays_version_2() {
         for slot in [0u64, 1 << 20] {
             let mut b = vec![0u8; 4096];
             d.read_at(slot, &mut b).unwrap();
-            assert_eq!(&b[8..12], &3u32.to_le_bytes());
+            assert_eq!(&b[8..12], &vstor_spaces::format::VERSION.to_le_bytes());
             b[8..12].copy_from_slice(&2u32.to_le_bytes());
+            // No write epoch and no flags before version 4.
+            b[20..24].fill(0);
+            b[120..128].fill(0);
             let ds = u64::from_le_bytes(b[104..112].try_into().unwrap());
             b[104..112].copy_from_slice(&(ds - (1 << 20)).to_le_bytes());
             vstor_spaces::format::reseal(&mut b);
