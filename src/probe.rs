@@ -78,6 +78,19 @@ pub fn detect(head: &[u8], tail: &[u8]) -> Detected {
 /// Reads the start and the end of the file or block device at `path` and tells its format.
 pub fn probe(path: &Path) -> Result<Detected> {
     let ctx = |what: &str| format!("cannot {what} {} to tell its format", path.display());
+    // Look before opening: opening a FIFO would wait for a writer.
+    let ft = std::fs::metadata(path)
+        .map_err(|e| Error::io(ctx("open"), e))?
+        .file_type();
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if !(ft.is_file() || ft.is_block_device()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )));
+        }
+    }
     let mut f = File::open(path).map_err(|e| Error::io(ctx("open"), e))?;
     let len = f
         .seek(SeekFrom::End(0))
@@ -99,6 +112,9 @@ pub fn probe(path: &Path) -> Result<Detected> {
 pub struct ProbeGuard {
     inner: Arc<dyn BlockDevice>,
     name: String,
+    /// The file's length when it is not the device's capacity (a file that is not whole
+    /// sectors): [`probe`] looks for the VHD footer in the file's last 512 bytes.
+    file_len: Option<u64>,
     /// Held across the check and the write of a guarded sector, so that two writers cannot
     /// assemble a signature between them.
     guarded: Mutex<()>,
@@ -110,16 +126,31 @@ impl ProbeGuard {
         ProbeGuard {
             inner,
             name: name.into(),
+            file_len: None,
             guarded: Mutex::new(()),
         }
     }
 
-    /// The ranges whose content decides the format: the first and the last sector.
+    /// The device is a file of `len` bytes, which may end past its capacity (a tail that is
+    /// not a whole sector): the footer window is the file's last 512 bytes.
+    pub fn with_file_len(mut self, len: u64) -> Self {
+        self.file_len = Some(len);
+        self
+    }
+
+    /// The ranges whose content decides the format: the first sector and the last 512 bytes
+    /// of the file (of the device when it is no file), as [`probe`] reads them.
     fn sectors(&self) -> [(u64, u64); 2] {
         let cap = self.inner.info().capacity;
+        // The file's own end while it has a tail shorter than a sector past the capacity; the
+        // device's once a resize has made the file whole sectors again.
+        let end = match self.file_len {
+            Some(len) if len > cap && len - cap < 512 => len,
+            _ => cap,
+        };
         [
             (0, HEAD as u64),
-            (cap.saturating_sub(TAIL as u64), TAIL as u64),
+            (end.saturating_sub(TAIL as u64), TAIL as u64),
         ]
     }
 
@@ -137,10 +168,25 @@ impl ProbeGuard {
     fn check(&self, req: &Request<'_>) -> Result<()> {
         let [(h, hl), (t, tl)] = self.sectors();
         let cap = self.inner.info().capacity;
-        let mut head = vec![0u8; hl.min(cap) as usize];
-        let mut tail = vec![0u8; tl.min(cap) as usize];
-        self.inner.read_at(h, &mut head)?;
-        self.inner.read_at(t, &mut tail)?;
+        // What the device serves of each window; bytes past its capacity cannot change and
+        // read as zeroes here (a file with such a tail was probed raw, so they hold no cookie).
+        let window = |at: u64, len: u64| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; len as usize];
+            let served = cap.saturating_sub(at).min(len);
+            let sector = u64::from(self.inner.info().logical_sector_size.max(1));
+            // Read whole sectors around the window and take what falls in it.
+            let start = at - at % sector;
+            let stop = (at + served).div_ceil(sector) * sector;
+            if served > 0 && stop <= cap {
+                let mut b = vec![0u8; (stop - start) as usize];
+                self.inner.read_at(start, &mut b)?;
+                let from = (at - start) as usize;
+                buf[..served as usize].copy_from_slice(&b[from..from + served as usize]);
+            }
+            Ok(buf)
+        };
+        let mut head = window(h, hl.min(cap))?;
+        let mut tail = window(t, tl)?;
         overlay(req, h, &mut head);
         overlay(req, t, &mut tail);
         match detect(&head, &tail) {

@@ -327,6 +327,30 @@ impl TargetSpec {
     pub fn resolve(&self) -> Result<TargetSpec, Error> {
         let mut out = self.clone();
         if self.source == FormatSource::Prefix {
+            // An explicit image format whose content is something else: say both (raw: and
+            // pool: take whatever is there).
+            let named = match &self.kind {
+                TargetKind::Vhdx(p) => Some((Detected::Vhdx, p)),
+                TargetKind::Vhd(p) => Some((Detected::Vhd, p)),
+                _ => None,
+            };
+            if let Some((named, path)) = named.filter(|(_, p)| p.exists()) {
+                let found = probe::probe(path)?;
+                if found != named {
+                    return Err(Error::Unsupported(format!(
+                        "{} was named {} (by the {}: prefix) but its content is {}{}",
+                        path.display(),
+                        named.name(),
+                        prefix(named),
+                        found.name(),
+                        match found {
+                            Detected::Raw => " (no signature of any image format)".to_string(),
+                            Detected::Foreign(_) => String::new(),
+                            other => format!("; open it as {}:{}", prefix(other), path.display()),
+                        }
+                    )));
+                }
+            }
             return Ok(out);
         }
         let path = self.path();
@@ -452,7 +476,11 @@ impl TargetSpec {
                 let dev: Arc<dyn BlockDevice> = if self.source == FormatSource::Prefix {
                     dev
                 } else {
-                    Arc::new(ProbeGuard::new(dev, path.display().to_string()))
+                    let mut guard = ProbeGuard::new(dev, path.display().to_string());
+                    if let Some(m) = std::fs::metadata(path).ok().filter(|m| m.is_file()) {
+                        guard = guard.with_file_len(m.len());
+                    }
+                    Arc::new(guard)
                 };
                 done(dev, notes, Detected::Raw)
             }

@@ -420,7 +420,8 @@ fn info(a: InfoArgs) -> Result<(), Error> {
     let parsed: TargetSpec = a.target.parse()?;
     let spec = parsed.resolve()?;
     if let TargetKind::Vhdx(p) = &spec.kind {
-        return super::vhdx::info(p, &a.target, spec.format_decided(), a.json);
+        let locking = spec.options.locking.unwrap_or(true);
+        return super::vhdx::info(p, &a.target, spec.format_decided(), locking, a.json);
     }
     let opened = spec.open(&TargetOptions {
         read_only: Some(true),

@@ -188,7 +188,7 @@ fn vhdx_only(path: &Path) -> Result<(), Error> {
 /// `writers` files of its chain (the image, then its parents, as far as the command writes)
 /// exclusively, the rest shared, as every other open of those files would take them. The
 /// commands' own opens take no locks of their own (they open some files twice).
-fn lock_chain(path: &Path, writers: usize) -> Result<Vec<ImageLock>, Error> {
+pub(super) fn lock_chain(path: &Path, writers: usize) -> Result<Vec<ImageLock>, Error> {
     let chain = chain_paths(path);
     let mut locks = Vec::new();
     for (i, p) in chain.iter().enumerate() {

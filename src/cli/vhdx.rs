@@ -56,6 +56,12 @@ pub fn create(r: CreateRequest<'_>) -> Result<(), Error> {
         physical_sector_size: r.physical,
         log_size: None,
     };
+    // The parent's chain is read to make the child: held shared meanwhile, so a writer of the
+    // parent keeps the create out.
+    let _locks = match r.parent {
+        Some(p) => super::lifecycle::lock_chain(p, 0)?,
+        None => Vec::new(),
+    };
     let disk = Vhdx::create(r.path, &opts)?;
     if r.preallocate {
         preallocate(&disk)?;
@@ -133,9 +139,18 @@ pub struct VhdxInfo {
     notes: Vec<String>,
 }
 
-pub fn info(path: &Path, target: &str, decided: &'static str, json: bool) -> Result<(), Error> {
-    // A shared image lock: a writer elsewhere changes what this would report.
-    let _lock = vstor::core::ImageLock::acquire(path, vstor::core::LockMode::Shared)?;
+pub fn info(
+    path: &Path,
+    target: &str,
+    decided: &'static str,
+    locking: bool,
+    json: bool,
+) -> Result<(), Error> {
+    // A shared image lock (unless the target says locking=off): a writer elsewhere changes
+    // what this would report.
+    let _lock = locking
+        .then(|| vstor::core::ImageLock::acquire(path, vstor::core::LockMode::Shared))
+        .transpose()?;
     let disk = Vhdx::open(path, &OpenOptions::read_only())?;
     let g = disk.geometry().clone();
     let h = disk.header();
