@@ -35,8 +35,14 @@ fn file_bytes(p: &Path, off: u64, len: usize) -> Vec<u8> {
 
 /// `len` bytes of a target at `off`, read through `vstor disk read --output`.
 fn vstor_bytes(target: &str, off: u64, len: u64) -> Vec<u8> {
+    try_vstor_bytes(target, off, len).unwrap_or_else(|e| panic!("disk read {target}: {e}"))
+}
+
+/// The same, or the error: a reader with locking=off beside a writer may meet the image in the
+/// middle of an update and is asked again.
+fn try_vstor_bytes(target: &str, off: u64, len: u64) -> Result<Vec<u8>, String> {
     let out = tempfile::NamedTempFile::new().unwrap();
-    ok(&[
+    let o = common::vstor(&[
         "disk",
         "read",
         target,
@@ -47,7 +53,38 @@ fn vstor_bytes(target: &str, off: u64, len: u64) -> Vec<u8> {
         "--output",
         s(out.path()),
     ]);
-    std::fs::read(out.path()).unwrap()
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    Ok(std::fs::read(out.path()).unwrap())
+}
+
+/// [`vstor_bytes`] for a reader beside a writer (locking=off or share-rw=on): tried up to 20
+/// times.
+fn bytes_beside_writer(target: &str, off: u64, len: u64) -> Vec<u8> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        match try_vstor_bytes(target, off, len) {
+            Ok(b) => return b,
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("disk read {target} beside a writer keeps failing: {last}")
+}
+
+/// Runs a reader beside a writer: asked again (up to 20 times) while it fails for any reason
+/// but the lock, as [`bytes_beside_writer`]. Returns the last output.
+fn beside_writer(args: &[&str]) -> std::process::Output {
+    let mut o = common::vstor(args);
+    for _ in 0..20 {
+        if o.status.success() || String::from_utf8_lossy(&o.stderr).contains("in use") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        o = common::vstor(args);
+    }
+    o
 }
 
 fn create(p: &Path, size: &str) {
@@ -170,9 +207,9 @@ impl Holder {
 
     /// Waits until the 0x77 the holder writes (and flushes) at [`A_OFF`] is visible through
     /// `read` (a lock-free reader), at most 30 s.
-    fn wait_written(&mut self, read: impl Fn() -> Vec<u8>) {
+    fn wait_written(&mut self, read: impl Fn() -> Result<Vec<u8>, String>) {
         let t = Instant::now();
-        while read() != vec![0x77; 4096] {
+        while read().ok() != Some(vec![0x77; 4096]) {
             self.still_running();
             assert!(
                 t.elapsed() < Duration::from_secs(30),
@@ -235,14 +272,14 @@ fn two_writers_on_a_dynamic_vhdx_the_second_is_refused_and_nothing_is_lost() {
     h.wait_exclusive(t);
     // The holder's flushed writes are there (seen by a reader that takes no lock).
     let lockless = format!("{t},locking=off");
-    h.wait_written(|| vstor_bytes(&lockless, A_OFF, 4096));
+    h.wait_written(|| try_vstor_bytes(&lockless, A_OFF, 4096));
 
     let e = assert_in_use(&write_b(t), &d, h.pid());
     assert!(e.contains("writing needs it alone"), "{e}");
     // Refused before anything was written: the region reads as it was, even to a reader that
     // takes no lock.
     assert_eq!(
-        vstor_bytes(&lockless, B_OFF, B_LEN),
+        bytes_beside_writer(&lockless, B_OFF, B_LEN),
         vec![0; B_LEN as usize]
     );
     h.kill();
@@ -266,7 +303,7 @@ fn two_writers_on_a_raw_file_the_second_is_refused_and_nothing_is_written() {
         let t = s(&d);
         let mut h = Holder::start(t);
         h.wait_exclusive(t);
-        h.wait_written(|| file_bytes(&d, A_OFF, 4096));
+        h.wait_written(|| Ok(file_bytes(&d, A_OFF, 4096)));
 
         assert_in_use(&write_b(t), &d, h.pid());
         // raw: names the same file and the same lock, and so do other names of the file.
@@ -524,13 +561,24 @@ fn share_rw_lets_readers_in_beside_a_writer_but_never_a_second_writer() {
         let t = s(&d);
         let mut h = Holder::start(&format!("{t},share-rw=on"));
         // Readers get in: wait until one sees the holder's flushed 0x77.
-        h.wait_written(|| vstor_bytes(t, A_OFF, 4096));
-        ok(&["disk", "info", t]);
-        ok(&["disk", "read", t, "--length", "512"]);
+        h.wait_written(|| try_vstor_bytes(t, A_OFF, 4096));
+        for args in [
+            vec!["disk", "info", t],
+            vec!["disk", "read", t, "--length", "512"],
+        ] {
+            let o = beside_writer(&args);
+            assert!(
+                o.status.success(),
+                "{args:?} beside a share-rw writer: {o:?}"
+            );
+        }
         // A second writer is refused, with or without share-rw of its own.
         assert_in_use(&write_b(t), &d, h.pid());
         assert_in_use(&write_b(&format!("{t},share-rw=on")), &d, h.pid());
-        assert_eq!(vstor_bytes(t, B_OFF, B_LEN), vec![0; B_LEN as usize]);
+        assert_eq!(
+            bytes_beside_writer(t, B_OFF, B_LEN),
+            vec![0; B_LEN as usize]
+        );
         h.still_running();
         h.kill();
         let o = write_b(t);
@@ -555,7 +603,7 @@ fn locking_off_lets_a_second_open_through() {
     let o = write_b(&off);
     assert!(o.status.success(), "{o:?}");
     assert_eq!(file_bytes(&d, B_OFF, B_LEN as usize), ab());
-    assert_eq!(vstor_bytes(&off, B_OFF, B_LEN), ab());
+    assert_eq!(bytes_beside_writer(&off, B_OFF, B_LEN), ab());
     ok(&["disk", "info", &off]);
     h.still_running();
     h.kill();
@@ -568,10 +616,10 @@ fn locking_off_lets_a_second_open_through() {
     let mut h = Holder::start(t);
     h.wait_exclusive(t);
     let off = format!("{t},locking=off");
-    h.wait_written(|| vstor_bytes(&off, A_OFF, 4096));
+    h.wait_written(|| try_vstor_bytes(&off, A_OFF, 4096));
     // `disk info` of a VHDX must honour locking=off too (its refusal even tells the user to
     // use it).
-    let o = common::vstor(&["disk", "info", &off]);
+    let o = beside_writer(&["disk", "info", &off]);
     assert!(
         o.status.success(),
         "disk info {off} is refused beside a writer: {}",
@@ -600,6 +648,22 @@ fn library_opens_report_their_error_kinds() {
         ..Default::default()
     };
 
+    // An open right after a drop: other tests of this binary spawn processes from other
+    // threads, and a child between its fork and its exec holds a copy of our lock descriptor
+    // (see a_reopen_is_not_refused_while_a_forked_child_has_not_exec_d). Until the library
+    // waits that out, such opens are retried here for up to 3 s.
+    let reopen = |target: &str, o: &TargetOptions| {
+        let t0 = Instant::now();
+        loop {
+            match open_target(target, o) {
+                Err(e) if e.kind() == ErrorKind::InUse && t0.elapsed() < Duration::from_secs(3) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                r => return r.unwrap(),
+            }
+        }
+    };
+
     // OFD locks: two opens in one process conflict as two processes would.
     let w = open_target(t, &rw).unwrap();
     assert_eq!(open_target(t, &rw).unwrap_err().kind(), ErrorKind::InUse);
@@ -607,11 +671,11 @@ fn library_opens_report_their_error_kinds() {
     let lockless = open_target(&format!("{t},locking=off"), &ro).unwrap();
     drop(lockless);
     drop(w);
-    let r1 = open_target(t, &ro).unwrap();
+    let r1 = reopen(t, &ro);
     let r2 = open_target(t, &ro).unwrap();
     assert_eq!(open_target(t, &rw).unwrap_err().kind(), ErrorKind::InUse);
     drop((r1, r2));
-    let w = open_target(&format!("{t},share-rw=on"), &rw).unwrap();
+    let w = reopen(&format!("{t},share-rw=on"), &rw);
     let r = open_target(t, &ro).unwrap();
     assert_eq!(
         open_target(&format!("{t},share-rw=on"), &rw)
@@ -624,14 +688,14 @@ fn library_opens_report_their_error_kinds() {
     // The probe guard refuses with an I/O error; raw: lets the same write through.
     let mut hdr = vec![0u8; 512];
     hdr[..8].copy_from_slice(b"vhdxfile");
-    let w = open_target(t, &rw).unwrap();
+    let w = reopen(t, &rw);
     assert_eq!(
         w.device.write_at(0, &hdr).unwrap_err().kind(),
         ErrorKind::Io
     );
     drop(w);
     assert_eq!(file_bytes(&d, 0, 512), vec![0; 512]);
-    let w = open_target(&format!("raw:{t}"), &rw).unwrap();
+    let w = reopen(&format!("raw:{t}"), &rw);
     w.device.write_at(0, &hdr).unwrap();
     drop(w);
     // Now a .raw that holds a VHDX signature: refused as unsupported, naming both.
@@ -643,6 +707,42 @@ fn library_opens_report_their_error_kinds() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&q), "8M"]);
     let e = open_target(s(&q), &ro).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+}
+
+/// A process that forks (a VMM or daemon starting a helper, or any `Command::spawn` on another
+/// thread) lends its child a copy of every descriptor until the child execs, the image lock's
+/// (close-on-exec) descriptor included, and so the lock's open file description outlives a
+/// drop for that moment. A reopen then must wait that out (as it waits for a killed holder),
+/// not fail at once naming the child. Here the child is made to wait 300 ms before it exits.
+#[test]
+fn a_reopen_is_not_refused_while_a_forked_child_has_not_exec_d() {
+    use vstor::{open_target, TargetOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.raw");
+    create(&d, "1M");
+    let w = open_target(s(&d), &TargetOptions::default()).unwrap();
+    // SAFETY: fork() in a test process with other threads: the child calls only
+    // async-signal-safe functions (nanosleep via usleep, _exit) before it exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: as above; the child never returns into the test harness.
+        unsafe {
+            libc::usleep(300_000);
+            libc::_exit(0);
+        }
+    }
+    drop(w);
+    let t = Instant::now();
+    let again = open_target(s(&d), &TargetOptions::default());
+    let waited = t.elapsed();
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let again = again.unwrap_or_else(|e| {
+        panic!("reopened after {waited:?} while a forked child (pid {pid}) had not exec'd: {e}")
+    });
+    drop(again);
 }
 
 // ---------------------------------------------------------------------------------------------
