@@ -86,6 +86,15 @@ impl ImageLock {
     }
 }
 
+impl Drop for ImageLock {
+    /// Unlocks before the descriptor closes: the lock belongs to the open file description,
+    /// which a process forked meanwhile (and not yet exec'd) still shares through its copy of
+    /// the descriptor; closing ours alone would leave the lock held until that copy goes.
+    fn drop(&mut self) {
+        let _ = set(&self._file, 0, libc::F_UNLCK, 2);
+    }
+}
+
 /// Sets the locks of `mode`, or undoes what it set and returns the error.
 fn try_lock(file: &File, mode: LockMode) -> std::io::Result<()> {
     let (readers, writer) = match mode {
@@ -95,26 +104,26 @@ fn try_lock(file: &File, mode: LockMode) -> std::io::Result<()> {
     };
     // The writer byte first: two writers meet there whatever else they share.
     if let Some(w) = writer {
-        set(file, 1, w)?;
+        set(file, 1, w, 1)?;
     }
-    if let Err(e) = set(file, 0, readers) {
+    if let Err(e) = set(file, 0, readers, 1) {
         if writer.is_some() {
             // Best effort: the descriptor is closed on error anyway, which drops the lock.
-            let _ = set(file, 1, libc::F_UNLCK);
+            let _ = set(file, 1, libc::F_UNLCK, 1);
         }
         return Err(e);
     }
     Ok(())
 }
 
-/// One OFD lock on byte `at`.
-fn set(file: &File, at: i64, kind: libc::c_int) -> std::io::Result<()> {
+/// One OFD lock (or unlock) on `len` bytes from `at`.
+fn set(file: &File, at: i64, kind: libc::c_int, len: i64) -> std::io::Result<()> {
     // SAFETY: an all-zero flock is a valid value of this plain C struct.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = at;
-    fl.l_len = 1;
+    fl.l_len = len;
     fl.l_pid = 0; // OFD locks require 0.
                   // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct we own for the duration of the call;
                   // the descriptor is valid as long as `file` lives.
