@@ -98,13 +98,16 @@ pub enum SpaceCommand {
         after_help = "Examples:\n  vstor space scrub /srv/pool\n  vstor space scrub /srv/pool data --json\n\
         Every 512-byte block has a CRC-32C, so a scrub knows which copy is right: a bad block\n\
         is rewritten from a copy or rebuilt from parity whose checksum matches; a block with\n\
-        no good source is counted as lost. Where the data is good but a copy or the parity\n\
-        disagrees, the copy or parity is rewritten from the data. Chunks that could not be\n\
+        no good source is counted as lost. Copies that pass their checksums but differ are\n\
+        made equal only where most copies agree (3-way mirror), and a parity row that passes\n\
+        its checksums but does not add up only where dual parity names the one odd shard out;\n\
+        the rest is reported as undecided and left as it is (never settled by slot order).\n\
+        A parity whose checksum failed is recomputed from the data. Chunks that could not be\n\
         checked are those of a column whose every copy is on a lost disk, or of a parity\n\
         extent that lost a data column (its parity cannot be checked).\n\n\
         Exit status: 0 when every allocated chunk was checked and no block is lost (what was\n\
-        repaired or healed is good now); 1 when blocks are lost or chunks could not be\n\
-        checked (the report is printed first, the cause on stderr), or when the scrub failed;\n\
+        repaired or healed is good now); 1 when blocks are lost or undecided or chunks could\n\
+        not be checked (the report is printed first, the cause on stderr), or when the scrub failed;\n\
         2 for bad arguments or a pool that cannot be opened as given; 75 when the pool is in\n\
         use by another process."
     )]
@@ -513,6 +516,7 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
                     "checksum_errors": r.checksum_errors,
                     "healed_blocks": r.healed,
                     "lost_blocks": r.lost,
+                    "undecided_blocks": r.undecided,
                 });
                 println!(
                     "{}",
@@ -527,6 +531,12 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
                     "block checksums: {} bad blocks of 512 bytes found, {} healed from a good copy or parity, {} lost",
                     r.checksum_errors, r.healed, r.lost
                 );
+                if r.undecided > 0 {
+                    println!(
+                        "undecided: {} blocks whose copies or parity pass their checksums but disagree, left as they are",
+                        r.undecided
+                    );
+                }
             }
             // Monitoring relies on the status: anything lost or left unchecked is a failure.
             let mut causes = Vec::new();
@@ -534,6 +544,12 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
                 causes.push(format!(
                     "{} blocks fail their checksum with no good copy or parity left",
                     r.lost
+                ));
+            }
+            if r.undecided > 0 {
+                causes.push(format!(
+                    "{} blocks have copies or parity that pass their checksums but disagree, and nothing told which is right",
+                    r.undecided
                 ));
             }
             if r.unverifiable > 0 {
