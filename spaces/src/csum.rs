@@ -15,7 +15,7 @@
 //!   metadata and reads as zeroes without a look at any member, and an extent's slabs get the
 //!   keyed entries of zero blocks when it is allocated. Before version 4 the key is 0 (a
 //!   zeroed block had the stored value 0: the old rule, with which those pools are still
-//!   read). [`Csums`] applies the key: its callers see `crc32c(block) ^ crc32c(zeroes)`.
+//!   read). The checksum cache applies the key: its callers see `crc32c(block) ^ crc32c(zeroes)`.
 //! - A member's checksums describe that member's own slabs: every copy and every parity shard
 //!   carries its own, so each slot can be verified alone.
 //! - A write's data goes to the members first; while it is in flight the submitting thread

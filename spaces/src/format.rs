@@ -17,6 +17,32 @@
 //! leaves the other slot intact, and every member holds the whole pool's metadata (losing any
 //! set of members that leaves one keeps it).
 //!
+//! Format version 4 (new pools) adds, with the same layout as version 3:
+//! - the write epoch ([`MetaHeader::armed_epoch`]) and the clean flag ([`FLAG_CLEAN`]). A
+//!   writable open (or, with a member missing, the first write, once the member is recorded
+//!   failed) and a clean close move the epoch on in two updates: the first writes sequence
+//!   `S` to every usable member, the second records `S` as the epoch. So every usable member
+//!   held `S` before anything was written after it, and a member whose newest metadata is
+//!   older than the epoch missed writes (a disk pulled and put back, an old copy of a member
+//!   restored, a SAN path that flapped): it is stale, never read, and a writable open records
+//!   it failed (`vstor pool reset-disk` and `vstor space repair` rebuild it whole: the
+//!   write-intent bitmap is cleared once writes land, so it cannot tell what the member
+//!   missed). This works for fixed spaces too, whose writes change no metadata, and for a
+//!   crash between a data write and the next metadata update (the epoch moved before the
+//!   write). A crash inside the first update leaves the old epoch (nobody is stale); inside
+//!   the second, every member holds `S`. What it does not see: a copy of a member taken
+//!   while the pool was open and put back after a crash (no clean close moved the epoch) is
+//!   as new as the others by its metadata.
+//! - block checksums keyed by the pool's and member's identities and the block's position
+//!   ([`crate::csum`]), so a zeroed member (data and checksum area) or a block moved with its
+//!   checksum entry fails verification.
+//!
+//! Versions 3 and 2 still open, are read and written with the old checksum rule (a zeroed
+//! block's entry is 0), keep their version and have no write epoch; the open says so in a
+//! note. A pool is upgraded by copying each space into a space of a new pool: `vstor disk
+//! read pool:OLD/NAME --length SIZE --output FILE`, then `vstor disk write pool:NEW/NAME
+//! --input FILE`.
+//!
 //! A metadata copy is, in order, little-endian:
 //! - a [`MetaHeader`] (256 bytes) with the magic, the sequence number, the pool and member
 //!   identities, the counts of what follows and a CRC-32C of the whole copy;

@@ -15,6 +15,12 @@
 //!   removed from the pool are skipped with a note; the pool is the one most of the disks
 //!   belong to, and disks of another pool are refused by their own names. Every error reading
 //!   a disk names it. See [`format`](mod@format) for the on-disk layout.
+//! - Stale members (format version 4): a write epoch in the metadata, moved on before
+//!   anything is written after a writable open and again at a clean close, so a member whose
+//!   newest metadata is older than the epoch (an old copy put back, a disk pulled and
+//!   returned) missed writes: it is never read, a writable open records it failed, and
+//!   [`Pool::reuse_member`] with [`Pool::repair`] rebuild it whole. Fixed spaces included;
+//!   see [`format`](mod@format) for what it does not see.
 //! - A metadata quorum: every member present at an open must agree with the metadata taken
 //!   (hold it or an older copy of its history). Members written apart (a split brain: each
 //!   took writes while the other was missing, so one's metadata records the other failed at a
@@ -61,11 +67,14 @@
 //!   after a crash the committed batches are replayed at the open before anything else, so a
 //!   crash followed by the loss of a member (before any resync) never rebuilds data that was
 //!   not being written from a stale parity. Full-row writes skip it. The metadata format is
-//!   version 3; a version 2 pool opens without a journal (and says so) and stays version 2.
+//!   version 4; a version 3 pool opens with the old checksum rule and no write epoch, a
+//!   version 2 pool also without a journal (each says so), and both keep their version.
 //!   A read-only open writes nothing: it replays them in memory (each member seen through an
 //!   overlay holding the replay's writes), and a writable open applies them.
 //! - Per-block CRC-32C ([`csum`]): every 512-byte block of every slab has a checksum in its
-//!   member's checksum area, written while the data is in flight (the write-intent bitmap
+//!   member's checksum area, keyed (format version 4) by the pool's and member's identities
+//!   and the block's position, so a zeroed member or a moved block fails it; written while
+//!   the data is in flight (the write-intent bitmap
 //!   covers both; a resync after a crash settles blocks whose data and checksum did not both
 //!   land). Every read is verified: a bad block is served from a copy whose checksum matches
 //!   or rebuilt from the rest of its parity row (dual parity: up to two bad or missing shards
@@ -78,8 +87,10 @@
 //!   bounded ([`Pool::set_checksum_cache_limit`], 64 MiB by default). A version 1
 //!   pool (no checksums) is refused with an error that says so.
 //! - [`Pool::scrub`]: checks every block of every allocated extent, online, heals bad blocks
-//!   from a good source, makes copies and parity agree with the (verified) data, and reports
-//!   chunks rewritten and blocks found bad, healed and lost ([`ScrubReport`]). A rebuild
+//!   from a good source, and reports chunks rewritten and blocks found bad, healed, lost and
+//!   undecided ([`ScrubReport`]). Copies or parity rows that pass their checksums but
+//!   disagree are settled only by what can tell them apart (most of three copies; dual
+//!   parity naming the one odd shard out), never by slot order; the rest is left and counted. A rebuild
 //!   heals its sources the same way before copying (each chunk read once; the verified
 //!   buffers are what it writes, with the sources' checksums, while the next chunk is read).
 //!   Rebuild and scrub hold the space's I/O off a step at a time (scrub: a sixteenth of a
@@ -87,7 +98,11 @@
 //!   and keeping it only if no write got in between), and let waiting I/O in between steps.
 //!
 //! What does not exist yet: an incremental resync of a member that came back
-//! (it is rebuilt whole, through [`Pool::reuse_member`]); shrinking a space (a space grows, online:
+//! (it is rebuilt whole, through [`Pool::reuse_member`]: the write-intent bitmap is cleared
+//! once writes land, so it cannot say what a stale member missed); a per-block write
+//! generation (a range of a member rolled back together with its checksum entries, the
+//! member's metadata left current, verifies; scrub then finds copies or parity that disagree
+//! and reports them undecided unless most copies or dual parity tell); shrinking a space (a space grows, online:
 //! [`Pool::resize_space`]); table-free
 //! GF(2^8) multiplication by arbitrary constants (decode still uses a product table per
 //! coefficient; P+Q encode runs on 64-bit lanes without tables); locking of pools opened with [`Pool::open`] on devices the caller
