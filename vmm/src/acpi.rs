@@ -73,7 +73,7 @@ pub fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>, Error> {
     let mut children = Vec::new();
     for (i, d) in devices.iter().enumerate() {
         let (Ok(base), Ok(size)) = (u32::try_from(d.base), u32::try_from(d.size)) else {
-            return Err(Error::Boot(format!(
+            return Err(Error::boot(format!(
                 "virtio-mmio window {:#x}+{:#x} is above 4 GiB",
                 d.base, d.size
             )));
@@ -197,7 +197,7 @@ pub fn build(vcpus: u32, devices: &[MmioDevice]) -> Result<Tables, Error> {
     let xsdt = bytes(&xsdt);
     let end = xsdt_addr + xsdt.len() as u64;
     if end > ACPI_END {
-        return Err(Error::Boot(format!(
+        return Err(Error::boot(format!(
             "the ACPI tables need {} bytes, more than the {} they have",
             end - ACPI_ADDR,
             ACPI_END - ACPI_ADDR
@@ -220,7 +220,7 @@ pub fn build(vcpus: u32, devices: &[MmioDevice]) -> Result<Tables, Error> {
 pub fn write(mem: &GuestMemoryMmap, tables: &Tables) -> Result<(), Error> {
     for (addr, blob) in &tables.blobs {
         mem.write_slice(blob, GuestAddress(*addr))
-            .map_err(|e| Error::Boot(format!("writing ACPI tables at {addr:#x}: {e}")))?;
+            .map_err(|e| Error::boot_from(format!("writing ACPI tables at {addr:#x}"), e))?;
     }
     Ok(())
 }

@@ -171,7 +171,7 @@ impl Control {
     /// records the thread.
     pub fn enter(&self) -> Result<(), crate::Error> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| crate::Error::Kvm(format!("installing the vCPU kick handler: {e}")))?;
+            .map_err(|e| crate::Error::kvm(format!("installing the vCPU kick handler: {e}")))?;
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         self.lock().vcpus.push(me);

@@ -67,7 +67,7 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
 
 fn write(mem: &GuestMemoryMmap, addr: u64, v: u64) -> Result<(), Error> {
     mem.write_obj(v, GuestAddress(addr))
-        .map_err(|e| Error::Boot(format!("writing boot structures at {addr:#x}: {e}")))
+        .map_err(|e| Error::boot_from(format!("writing boot structures at {addr:#x}"), e))
 }
 
 /// Writes the GDT, an empty IDT and page tables that identity-map the first 4 GiB with 2 MiB
@@ -93,7 +93,7 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap) -> Result<(), Error> {
 
 /// Puts `vcpu` in 64-bit long mode, at `entry` with `rsp` = `stack` and `rdi` = `arg`.
 pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, stack: u64, arg: u64) -> Result<(), Error> {
-    let kvm = |what: &str, e: kvm_ioctls::Error| Error::Kvm(format!("{what}: {e}"));
+    let kvm = |what: &str, e: kvm_ioctls::Error| Error::kvm(format!("{what}: {e}"));
     let mut sregs = vcpu.get_sregs().map_err(|e| kvm("KVM_GET_SREGS", e))?;
     let code = segment(GDT[1], CODE_SELECTOR);
     let data = segment(GDT[2], DATA_SELECTOR);

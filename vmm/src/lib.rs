@@ -68,18 +68,47 @@ pub mod vm;
 pub use linux::LinuxConfig;
 pub use vm::{kvm_usable, DiskConfig, Vm, VmConfig};
 
-/// Errors of the VMM.
+/// A lower error kept whole under a VMM error, so that callers reach it with `source()`.
+pub type Source = Box<dyn std::error::Error + Send + Sync>;
+
+fn with_source(what: &str, source: &Option<Source>) -> String {
+    match source {
+        Some(s) => format!("{what}: {s}"),
+        None => what.to_string(),
+    }
+}
+
+/// Errors of the VMM. Messages say what was being done; the lower error stays reachable through
+/// `std::error::Error::source`, and [`Error::kind`] sorts them as vstor's own errors are.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A KVM ioctl failed (or /dev/kvm is missing).
-    #[error("KVM: {0}")]
-    Kvm(String),
+    #[error("KVM: {}", with_source(what, source))]
+    Kvm {
+        /// What was being done.
+        what: String,
+        /// The ioctl's error.
+        #[source]
+        source: Option<Source>,
+    },
     /// Guest memory could not be set up.
-    #[error("guest memory: {0}")]
-    Memory(String),
+    #[error("guest memory: {}", with_source(what, source))]
+    Memory {
+        /// What was being done.
+        what: String,
+        /// The memory layer's error.
+        #[source]
+        source: Option<Source>,
+    },
     /// Loading the guest or writing its boot structures failed.
-    #[error("boot: {0}")]
-    Boot(String),
+    #[error("boot: {}", with_source(what, source))]
+    Boot {
+        /// What was being done.
+        what: String,
+        /// The lower error, if any.
+        #[source]
+        source: Option<Source>,
+    },
     /// A disk could not be opened.
     #[error("disk {target}: {source}")]
     Disk {
@@ -95,4 +124,88 @@ pub enum Error {
     /// The guest stopped without reporting a status.
     #[error("the guest failed: {0}")]
     Guest(String),
+}
+
+impl Error {
+    /// A KVM failure without a lower error.
+    pub fn kvm(what: impl Into<String>) -> Error {
+        Error::Kvm {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A boot failure without a lower error.
+    pub fn boot(what: impl Into<String>) -> Error {
+        Error::Boot {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// A boot failure caused by `source`.
+    pub fn boot_from(
+        what: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error::Boot {
+            what: what.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// A guest-memory failure caused by `source`.
+    pub fn memory(source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Memory {
+            what: "setting up guest memory".into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// What sort of failure this is, as vstor's errors say it.
+    pub fn kind(&self) -> vstor::ErrorKind {
+        match self {
+            Error::Kvm { .. } => vstor::ErrorKind::Unavailable,
+            Error::Memory { .. } => vstor::ErrorKind::NoSpace,
+            Error::Boot { .. } | Error::Config(_) => vstor::ErrorKind::InvalidInput,
+            Error::Disk { source, .. } => source.kind(),
+            Error::Guest(_) => vstor::ErrorKind::Io,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn errors_keep_their_sources_and_kinds() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOMEM);
+        let e = Error::boot_from("writing boot structures at 0x7000", io);
+        assert!(
+            e.to_string()
+                .starts_with("boot: writing boot structures at 0x7000: "),
+            "{e}"
+        );
+        let src = e.source().expect("the lower error is kept");
+        assert_eq!(
+            src.downcast_ref::<std::io::Error>()
+                .and_then(|e| e.raw_os_error()),
+            Some(libc::ENOMEM)
+        );
+        assert_eq!(e.kind(), vstor::ErrorKind::InvalidInput);
+        assert!(Error::kvm("KVM API version 11").source().is_none());
+        assert_eq!(Error::kvm("x").kind(), vstor::ErrorKind::Unavailable);
+        let disk = Error::Disk {
+            target: "d.raw".into(),
+            source: vstor::Error::Core(vstor::core::Error::Locked {
+                path: "d.raw".into(),
+                exclusive: true,
+                holder: None,
+            }),
+        };
+        assert_eq!(disk.kind(), vstor::ErrorKind::InUse);
+        assert!(disk.source().is_some());
+    }
 }

@@ -65,7 +65,7 @@ pub struct KernelImage {
 }
 
 fn boot_err(what: impl std::fmt::Display) -> Error {
-    Error::Boot(what.to_string())
+    Error::boot(what.to_string())
 }
 
 /// Loads a bzImage or an ELF vmlinux (told apart by the ELF magic) into `mem`.
@@ -253,10 +253,10 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), Error> {
     crate::boot::setup_long_mode(vcpu, entry, crate::layout::BOOT_STACK, 0)?;
     let mut regs = vcpu
         .get_regs()
-        .map_err(|e| Error::Kvm(format!("KVM_GET_REGS: {e}")))?;
+        .map_err(|e| Error::kvm(format!("KVM_GET_REGS: {e}")))?;
     regs.rsi = ZERO_PAGE_ADDR;
     vcpu.set_regs(&regs)
-        .map_err(|e| Error::Kvm(format!("KVM_SET_REGS: {e}")))
+        .map_err(|e| Error::kvm(format!("KVM_SET_REGS: {e}")))
 }
 
 #[cfg(test)]

@@ -142,7 +142,10 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 }
 
 fn kvm(what: &str) -> impl Fn(kvm_ioctls::Error) -> Error + '_ {
-    move |e| Error::Kvm(format!("{what}: {e}"))
+    move |e| Error::Kvm {
+        what: what.to_string(),
+        source: Some(Box::new(e)),
+    }
 }
 
 /// Configures vCPU `index` of `count`: CPUID from `supported` (when KVM gave it), the boot MSRs,
@@ -159,12 +162,12 @@ pub fn configure(
     if let Some(supported) = supported {
         let entries = cpuid_for(supported.as_slice(), index, count);
         let cpuid =
-            CpuId::from_entries(&entries).map_err(|e| Error::Kvm(format!("CPUID: {e:?}")))?;
+            CpuId::from_entries(&entries).map_err(|e| Error::kvm(format!("CPUID: {e:?}")))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     }
     let msrs = boot_msrs();
     let wanted = msrs.len();
-    let msrs = Msrs::from_entries(&msrs).map_err(|e| Error::Kvm(format!("MSRs: {e:?}")))?;
+    let msrs = Msrs::from_entries(&msrs).map_err(|e| Error::kvm(format!("MSRs: {e:?}")))?;
     let set = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if set != wanted && index == 0 {
         let refused = msrs.as_slice()[set].index;

@@ -115,7 +115,10 @@ pub struct VmConfig {
 const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"VSTORGST");
 
 fn kvm_err(what: &str) -> impl Fn(kvm_ioctls::Error) -> Error + '_ {
-    move |e| Error::Kvm(format!("{what}: {e}"))
+    move |e| Error::Kvm {
+        what: what.to_string(),
+        source: Some(Box::new(e)),
+    }
 }
 
 /// Checks that `/dev/kvm` can run a VM: it opens, speaks API version 12 and creates a VM with a
@@ -124,7 +127,7 @@ pub fn kvm_usable() -> Result<(), Error> {
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     let version = kvm.get_api_version();
     if version != 12 {
-        return Err(Error::Kvm(format!(
+        return Err(Error::kvm(format!(
             "KVM API version {version}, expected 12"
         )));
     }
@@ -177,7 +180,7 @@ impl Bus {
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => return Some(Err(Error::Kvm(format!("KVM_RUN (vCPU {index}): {e}")))),
+                Err(e) => return Some(Err(Error::kvm(format!("KVM_RUN (vCPU {index}): {e}")))),
             };
             self.control.count_exit();
             match exit {
@@ -372,11 +375,11 @@ impl Vm {
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
 
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.memory as usize)])
-            .map_err(|e| Error::Memory(e.to_string()))?;
+            .map_err(Error::memory)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
-                .map_err(|e| Error::Memory(e.to_string()))?;
+                .map_err(Error::memory)?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -405,7 +408,7 @@ impl Vm {
         };
 
         let serial_evt =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Kvm(format!("eventfd: {e}")))?;
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::kvm(format!("eventfd: {e}")))?;
         if irqchip.is_some() {
             vm.register_irqfd(&serial_evt, SERIAL_IRQ)
                 .map_err(kvm_err("KVM_IRQFD"))?;
@@ -424,7 +427,7 @@ impl Vm {
                 MMIO_IRQ + i as u32,
                 MMIO_BASE + i as u64 * MMIO_SIZE,
             )
-            .map_err(Error::Kvm)?;
+            .map_err(Error::kvm)?;
             if !io.in_kernel {
                 notes.push(format!(
                     "disk {i}: KVM_IOEVENTFD failed; queue notifications exit to the VMM"
@@ -518,10 +521,10 @@ impl Vm {
             &mut std::io::Cursor::new(TEST_GUEST),
             Some(GuestAddress(GUEST_IMAGE_ADDR)),
         )
-        .map_err(|e| Error::Boot(format!("loading the test guest: {e}")))?;
+        .map_err(|e| Error::boot_from(format!("loading the test guest"), e))?;
         if loaded.kernel_end > 0x100_0000 {
-            return Err(Error::Boot(
-                "the test guest's image reaches into its DMA window".into(),
+            return Err(Error::boot(
+                "the test guest's image reaches into its DMA window",
             ));
         }
         let mut info = Vec::with_capacity(96);
@@ -534,7 +537,7 @@ impl Vm {
         workload[..config.workload.len()].copy_from_slice(config.workload.as_bytes());
         info.extend_from_slice(&workload);
         mem.write_slice(&info, GuestAddress(BOOT_INFO_ADDR))
-            .map_err(|e| Error::Boot(format!("writing the boot information: {e}")))?;
+            .map_err(|e| Error::boot_from(format!("writing the boot information"), e))?;
         Ok(loaded.kernel_load.0)
     }
 
