@@ -521,7 +521,7 @@ impl Vm {
             &mut std::io::Cursor::new(TEST_GUEST),
             Some(GuestAddress(GUEST_IMAGE_ADDR)),
         )
-        .map_err(|e| Error::boot_from(format!("loading the test guest"), e))?;
+        .map_err(|e| Error::boot_from("loading the test guest", e))?;
         if loaded.kernel_end > 0x100_0000 {
             return Err(Error::boot(
                 "the test guest's image reaches into its DMA window",
@@ -537,7 +537,7 @@ impl Vm {
         workload[..config.workload.len()].copy_from_slice(config.workload.as_bytes());
         info.extend_from_slice(&workload);
         mem.write_slice(&info, GuestAddress(BOOT_INFO_ADDR))
-            .map_err(|e| Error::boot_from(format!("writing the boot information"), e))?;
+            .map_err(|e| Error::boot_from("writing the boot information", e))?;
         Ok(loaded.kernel_load.0)
     }
 
