@@ -660,16 +660,11 @@ pub(crate) fn sync_bufs(
                             want[si][i] = csum::block_crc(&rec);
                             data_dirty[si] = true;
                             crc_dirty[si] = true;
-                            out.bad_blocks += 1;
-                            out.healed += 1;
                             data[j] = rec;
                             encode(&data, &mut parity);
                         }
-                        Some(_) => {
-                            // A parity is the odd one out: recomputed below.
-                            out.bad_blocks += 1;
-                            out.healed += 1;
-                        }
+                        // A parity is the odd one out: recomputed below.
+                        Some(_) => {}
                         None => {
                             out.undecided += 1;
                             continue;
