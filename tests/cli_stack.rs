@@ -356,6 +356,8 @@ fn a_writer_on_a_child_holds_its_parent_shared() {
 
     let mut h = Holder::start(s(&c1));
     h.wait_exclusive(s(&c1));
+    let lockless = format!("{},locking=off", s(&c1));
+    h.wait_written(|| try_vstor_bytes(&lockless, A_OFF, 4096));
 
     // A writer on the parent is refused: the child's writer holds it shared.
     let e = assert_in_use(&write_b(s(&base)), &base, h.pid());
@@ -484,6 +486,8 @@ fn a_child_of_a_parent_being_written_is_refused() {
     create(&base, "16M");
     let mut h = Holder::start(s(&base));
     h.wait_exclusive(s(&base));
+    let lockless = format!("{},locking=off", s(&base));
+    h.wait_written(|| try_vstor_bytes(&lockless, A_OFF, 4096));
     let o = common::vstor(&["disk", "create", s(&child), "--parent", s(&base)]);
     let made = child.exists();
     let pid = h.pid();
@@ -531,6 +535,8 @@ fn a_reader_beside_a_writer_is_refused() {
         let before = hash(&d);
         let mut h = Holder::start(t);
         h.wait_exclusive(t);
+        let lockless = format!("{t},locking=off");
+        h.wait_written(|| try_vstor_bytes(&lockless, A_OFF, 4096));
         let o = common::vstor(&["disk", "read", t, "--length", "512"]);
         let e = assert_in_use(&o, &d, h.pid());
         assert!(e.contains("it is open for writing"), "{e}");
@@ -648,22 +654,6 @@ fn library_opens_report_their_error_kinds() {
         ..Default::default()
     };
 
-    // An open right after a drop: other tests of this binary spawn processes from other
-    // threads, and a child between its fork and its exec holds a copy of our lock descriptor
-    // (see a_reopen_is_not_refused_while_a_forked_child_has_not_exec_d). Until the library
-    // waits that out, such opens are retried here for up to 3 s.
-    let reopen = |target: &str, o: &TargetOptions| {
-        let t0 = Instant::now();
-        loop {
-            match open_target(target, o) {
-                Err(e) if e.kind() == ErrorKind::InUse && t0.elapsed() < Duration::from_secs(3) => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                r => return r.unwrap(),
-            }
-        }
-    };
-
     // OFD locks: two opens in one process conflict as two processes would.
     let w = open_target(t, &rw).unwrap();
     assert_eq!(open_target(t, &rw).unwrap_err().kind(), ErrorKind::InUse);
@@ -671,11 +661,11 @@ fn library_opens_report_their_error_kinds() {
     let lockless = open_target(&format!("{t},locking=off"), &ro).unwrap();
     drop(lockless);
     drop(w);
-    let r1 = reopen(t, &ro);
+    let r1 = open_target(t, &ro).unwrap();
     let r2 = open_target(t, &ro).unwrap();
     assert_eq!(open_target(t, &rw).unwrap_err().kind(), ErrorKind::InUse);
     drop((r1, r2));
-    let w = reopen(&format!("{t},share-rw=on"), &rw);
+    let w = open_target(&format!("{t},share-rw=on"), &rw).unwrap();
     let r = open_target(t, &ro).unwrap();
     assert_eq!(
         open_target(&format!("{t},share-rw=on"), &rw)
@@ -688,14 +678,14 @@ fn library_opens_report_their_error_kinds() {
     // The probe guard refuses with an I/O error; raw: lets the same write through.
     let mut hdr = vec![0u8; 512];
     hdr[..8].copy_from_slice(b"vhdxfile");
-    let w = reopen(t, &rw);
+    let w = open_target(t, &rw).unwrap();
     assert_eq!(
         w.device.write_at(0, &hdr).unwrap_err().kind(),
         ErrorKind::Io
     );
     drop(w);
     assert_eq!(file_bytes(&d, 0, 512), vec![0; 512]);
-    let w = reopen(&format!("raw:{t}"), &rw);
+    let w = open_target(&format!("raw:{t}"), &rw).unwrap();
     w.device.write_at(0, &hdr).unwrap();
     drop(w);
     // Now a .raw that holds a VHDX signature: refused as unsupported, naming both.
@@ -712,8 +702,9 @@ fn library_opens_report_their_error_kinds() {
 /// A process that forks (a VMM or daemon starting a helper, or any `Command::spawn` on another
 /// thread) lends its child a copy of every descriptor until the child execs, the image lock's
 /// (close-on-exec) descriptor included, and so the lock's open file description outlives a
-/// drop for that moment. A reopen then must wait that out (as it waits for a killed holder),
-/// not fail at once naming the child. Here the child is made to wait 300 ms before it exits.
+/// drop for that moment. A reopen right after the drop must still get in, not fail naming the
+/// child (it did, at once; also seen as rare failures of reopen-after-drop in this binary,
+/// whose other tests spawn processes). Here the child waits 300 ms before it exits.
 #[test]
 fn a_reopen_is_not_refused_while_a_forked_child_has_not_exec_d() {
     use vstor::{open_target, TargetOptions};
