@@ -726,7 +726,9 @@ fn an_interrupted_merge_refuses_the_siblings_until_it_finishes() {
     let r = check(&b).unwrap();
     assert!(r.errors.is_empty(), "{r:?}");
     assert!(
-        r.warnings.iter().any(|w| w.message.contains("middle of a merge")),
+        r.warnings
+            .iter()
+            .any(|w| w.message.contains("middle of a merge")),
         "{r:?}"
     );
     // A new child of the half-merged base is refused too, and nothing is left of it.
