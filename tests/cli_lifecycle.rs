@@ -359,15 +359,21 @@ fn data_file(p: &std::path::Path, mib: usize) {
 }
 
 #[test]
-fn convert_ends_with_an_error_and_no_output_when_the_destination_cannot_grow() {
+fn convert_and_clone_end_with_an_error_and_no_output_when_the_destination_cannot_grow() {
     use std::os::unix::process::CommandExt;
     let d = tempfile::tempdir().unwrap();
     let src = d.path().join("src.raw");
     data_file(&src, 160);
-    for dst in ["dst.vhdx", "dst.raw"] {
+    let vhdx = d.path().join("src.vhdx");
+    ok(&["disk", "convert", s(&src), s(&vhdx)]);
+    for (verb, from, dst) in [
+        ("convert", &src, "dst.vhdx"),
+        ("convert", &src, "dst.raw"),
+        ("clone", &vhdx, "clone.vhdx"),
+    ] {
         let dst = d.path().join(dst);
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vstor"));
-        cmd.args(["disk", "convert", s(&src), s(&dst)])
+        cmd.args(["disk", verb, s(from), s(&dst)])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
         // SAFETY: between fork and exec the closure calls only setrlimit and signal, which are
@@ -388,7 +394,7 @@ fn convert_ends_with_an_error_and_no_output_when_the_destination_cannot_grow() {
             });
         }
         let mut child = cmd.spawn().unwrap();
-        let out = wait_within(&mut child, 60, "convert past the file-size limit");
+        let out = wait_within(&mut child, 60, &format!("{verb} past the file-size limit"));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{err}");
         assert!(err.contains("error"), "{err}");
