@@ -529,3 +529,167 @@ fn a_tiny_vhdx_lookalike_is_refused_with_its_real_size() {
     assert!(err.contains(s(&f)), "{err}");
     assert!(err.contains("108 bytes"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// More from the operator's side.
+// ---------------------------------------------------------------------------------------------
+
+/// `disk info` of a differencing disk reads its whole chain, but locks only the image itself:
+/// while its parent is held for writing (here through `raw:`, as a careless operator would), it
+/// reports a parent that is changing under it, where `disk read` of the same child is refused.
+/// The chain's files are read, so they are held shared as every other open holds them.
+#[test]
+fn disk_info_of_a_child_holds_its_parent_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("p.vhdx");
+    let child = dir.path().join("c.avhdx");
+    ok(&[
+        "disk",
+        "create",
+        s(&parent),
+        "--size",
+        "64M",
+        "--fixed",
+        "--block-size",
+        "1M",
+    ]);
+    ok(&["disk", "create", s(&child), "--parent", s(&parent)]);
+    // A writer of the parent's bytes well inside its payload (so that the image stays sound).
+    let target = format!("raw:{}", s(&parent));
+    let mut h = {
+        let target = format!("{target},max-iops=50");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vstor"))
+            .args([
+                "disk", "bench", &target, "-c", "3000", "-d", "1", "-S", "0", "-o", "40M", "-w",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        stdout.read_line(&mut banner).unwrap();
+        assert!(banner.starts_with("Sending 3000"), "{banner:?}");
+        Holder {
+            child,
+            _stdout: stdout,
+        }
+    };
+    let read = common::vstor(&["disk", "read", s(&child), "--length", "512"]);
+    assert_in_use(&read, &parent, h.pid());
+    let info = common::vstor(&["disk", "info", s(&child)]);
+    h.still_running();
+    assert_in_use(&info, &parent, h.pid());
+}
+
+/// The refusal says "close that first, or open with locking=off if you know it is safe". That
+/// advice must be one the user can follow: `disk resize` (like compact, merge, checkpoint, set,
+/// check, clone, convert) takes a PATH, and `disk resize 'd.vhdx,locking=off'` fails with
+/// "cannot open d.vhdx,locking=off" (the pool case is the next test).
+#[test]
+fn an_in_use_refusal_advises_locking_off_only_where_it_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.vhdx");
+    ok(&["disk", "create", s(&d), "--size", "64M"]);
+    let h = Holder::start(s(&d), true);
+    let o = common::vstor(&["disk", "resize", s(&d), "--size", "128M"]);
+    assert_in_use(&o, &d, h.pid());
+    drop(h);
+    if String::from_utf8_lossy(&o.stderr).contains("locking=off") {
+        let with = format!("{},locking=off", s(&d));
+        ok(&["disk", "resize", &with, "--size", "128M"]);
+    }
+}
+
+/// The pool half of [`an_in_use_refusal_advises_locking_off_only_where_it_works`]: a pool
+/// target takes `locking=off` and ignores it (members are always locked); its refusal must not
+/// advise locking=off to the user who just gave it.
+#[test]
+fn a_pool_refusal_does_not_advise_the_locking_off_it_ignores() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    ok(&[
+        "pool",
+        "create",
+        s(&pool),
+        "--disks",
+        "3",
+        "--disk-size",
+        "512M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        s(&pool),
+        "data",
+        "--size",
+        "64M",
+        "--resiliency",
+        "mirror",
+    ]);
+    let space = format!("pool:{}/data", s(&pool));
+    let h = Holder::start(&space, true);
+    let with = format!("{space},locking=off");
+    let o = common::vstor(&[
+        "disk", "write", &with, "--offset", "8M", "--length", "4k", "-P", "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "written beside the pool's writer");
+    drop(h);
+    assert!(
+        !err.contains("open with locking=off"),
+        "the refusal of a target that says locking=off advises locking=off: {err}"
+    );
+}
+
+/// `pool create --device FILE` formats FILE as a pool member. It refuses a member of another
+/// pool (exit 2), but a file that holds a VHDX (which vstor itself tells by its content) is
+/// overwritten without a word: one careless command destroys a disk image.
+#[test]
+fn pool_create_refuses_a_device_that_holds_a_disk_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = dir.path().join("vm.vhdx");
+    ok(&["disk", "create", s(&v), "--size", "1G"]);
+    ok(&[
+        "disk",
+        "write",
+        s(&v),
+        "--offset",
+        "0",
+        "--length",
+        "1M",
+        "-P",
+        "7",
+    ]);
+    // Large enough for a member.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v)
+        .unwrap()
+        .set_len(600 << 20)
+        .unwrap();
+    let before = hash(&v);
+    let mut args = vec!["pool", "create"];
+    let pool = dir.path().join("pool");
+    args.push(s(&pool));
+    let others: Vec<PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("m{i}.raw")))
+        .collect();
+    for m in &others {
+        std::fs::File::create(m)
+            .unwrap()
+            .set_len(600 << 20)
+            .unwrap();
+    }
+    for m in std::iter::once(&v).chain(&others) {
+        args.extend(["--device", s(m)]);
+    }
+    let o = common::vstor(&args);
+    assert!(
+        !o.status.success(),
+        "a VHDX was made a pool member: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(hash(&v), before, "the VHDX was changed");
+}
