@@ -693,3 +693,27 @@ fn pool_create_refuses_a_device_that_holds_a_disk_image() {
     );
     assert_eq!(hash(&v), before, "the VHDX was changed");
 }
+
+/// The reverse of [`a_share_rw_writer_is_refused_on_a_parent_that_a_child_writer_holds`]: a
+/// writer holds a VHDX with `share-rw=on` (readers welcome), and `disk create c.avhdx --parent`
+/// of it gets in, as a reader would. But a parent is not read like a file a reader looks at: a
+/// child is a delta over the parent as it is now. The new child records the DataWriteGuid of
+/// the moment, the writer goes on writing (the guid moves once per session, so the linkage still
+/// matches) and the child's view of its disk changes under it. A parent being written, sharing
+/// or not, must not get a child.
+#[test]
+fn a_child_is_not_made_of_a_parent_that_a_share_rw_writer_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("p.vhdx");
+    let child = dir.path().join("c.avhdx");
+    ok(&["disk", "create", s(&parent), "--size", "64M"]);
+    let shared = format!("{},share-rw=on", s(&parent));
+    let mut h = Holder::start(&shared, true);
+    let o = common::vstor(&["disk", "create", s(&child), "--parent", s(&parent)]);
+    h.still_running();
+    assert_in_use(&o, &parent, h.pid());
+    assert!(
+        !child.exists(),
+        "a child was made of a parent being written"
+    );
+}
