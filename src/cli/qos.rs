@@ -387,8 +387,16 @@ fn run_cmd(a: RunArgs) -> Result<(), Error> {
             });
         }
         // Two flows on one file are two opens of it in this process: the first holds the
-        // image lock for both.
-        let first_open = opened_paths.insert(spec.path().to_path_buf());
+        // image lock for both. One file is known by its device and inode, whatever the
+        // spelling (d.raw, ./d.raw, a link): a path compared as text would make the second
+        // open conflict with the first.
+        let file_id = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(spec.path())
+                .map(|m| Ok((m.dev(), m.ino())))
+                .unwrap_or_else(|_| Err(spec.path().to_path_buf()))
+        };
+        let first_open = opened_paths.insert(file_id);
         let defaults = TargetOptions {
             locking: if first_open { None } else { Some(false) },
             ..defaults.clone()
