@@ -299,7 +299,7 @@ pub fn run(cmd: DiskCommand) -> Result<(), Error> {
 }
 
 fn create(a: CreateArgs) -> Result<(), Error> {
-    let spec: TargetSpec = a.path.to_string_lossy().parse()?;
+    let spec = super::lifecycle::path_spec(&a.path);
     if let TargetKind::Vhdx(_) = spec.kind {
         let sector =
             |s: &Option<String>| s.as_deref().map(|v| v.parse::<u32>().expect("512 or 4096"));
@@ -403,7 +403,7 @@ struct InfoReport {
 }
 
 fn check(a: CheckArgs) -> Result<(), Error> {
-    let spec: TargetSpec = a.path.to_string_lossy().parse()?;
+    let spec = super::lifecycle::path_spec(&a.path);
     if !matches!(spec.resolve()?.kind, TargetKind::Vhdx(_)) {
         return Err(Error::Unsupported(format!(
             "{}: check verifies VHDX files (a raw file has no structure to check)",

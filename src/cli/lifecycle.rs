@@ -8,11 +8,12 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use vstor::core::{FileOptions, ImageLock, Job, LockMode};
+use vstor::probe::Detected;
 use vstor::vhdx::convert::{self, ConvertOptions, Fill, Format};
 use vstor::vhdx::lifecycle;
 use vstor::vhdx::vpc::{ChainPlace, Vpc};
 use vstor::vhdx::{OpenOptions, Vhdx};
-use vstor::{format_size, Error, TargetKind, TargetSpec};
+use vstor::{format_size, Error, FormatSource, TargetKind, TargetSpec};
 
 use super::{progress_bar, size_arg};
 
@@ -171,10 +172,30 @@ fn open_rw(path: &Path) -> Result<(Vhdx, Vec<ImageLock>), Error> {
     Ok((Vhdx::open(path, &OpenOptions::default())?, locks))
 }
 
+/// The target a PATH argument names: the file itself, its format told as for every target (a
+/// known extension checked against the content, any other name by content), without the
+/// target grammar. A PATH is a file name, in which a comma or a `raw:` is part of the name
+/// (parsing it as a target string refused `my,disk.vhdx` and made `raw:q.vhdx` a raw file).
+pub(super) fn path_spec(path: &Path) -> TargetSpec {
+    let p = path.to_path_buf();
+    let (kind, source) = match vstor::target::format_of_extension(path) {
+        Some(Detected::Vhdx) => (TargetKind::Vhdx(p), FormatSource::Extension),
+        Some(Detected::Vhd) => (TargetKind::Vhd(p), FormatSource::Extension),
+        Some(_) => (TargetKind::Raw(p), FormatSource::Extension),
+        None => (TargetKind::Probe(p), FormatSource::Content),
+    };
+    TargetSpec {
+        kind,
+        source,
+        options: Default::default(),
+        qos: None,
+    }
+}
+
 /// Refuses anything but a VHDX, told by content as every target is (`disk.img` holding a VHDX
 /// is one; `x.vhdx` holding raw bytes is refused by name).
 fn vhdx_only(path: &Path) -> Result<(), Error> {
-    let spec: TargetSpec = path.to_string_lossy().parse()?;
+    let spec = path_spec(path);
     if !matches!(spec.resolve()?.kind, TargetKind::Vhdx(_)) {
         return Err(Error::Unsupported(format!(
             "{}: this command works on VHDX files",
@@ -304,7 +325,7 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
     };
     // The source's format is told by its content, as for every target (a VHD made by
     // `qemu-img create -f vpc x.vpc` is a VHD, not 8 MiB of raw bytes).
-    let src_spec: TargetSpec = a.src.to_string_lossy().parse()?;
+    let src_spec = path_spec(&a.src);
     let src_kind = src_spec.resolve()?.kind;
     let (job, pb) = job("convert");
     let t = Instant::now();
