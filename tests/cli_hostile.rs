@@ -717,3 +717,29 @@ fn a_child_is_not_made_of_a_parent_that_a_share_rw_writer_holds() {
         "a child was made of a parent being written"
     );
 }
+
+/// The case with the tool it names: QEMU (since 2.10) and vstor both lock images, but on
+/// different bytes (QEMU's OFD locks sit at 100 + permission and 200 + permission; vstor's at 0
+/// and 1), so neither sees the other. `qemu-img resize` (which QEMU keeps out of an image that
+/// a QEMU writer holds) resizes a raw file under a running vstor writer. vstor should take (or
+/// at least test) QEMU's lock bytes too.
+#[test]
+fn qemu_img_sees_a_vstor_writers_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.raw");
+    ok(&["disk", "create", s(&f), "--size", "16M"]);
+    let mut h = Holder::start(s(&f), true);
+    let q = Command::new("qemu-img")
+        .args(["resize", "-f", "raw", s(&f), "32M"])
+        .output()
+        .expect("qemu-img is installed by scripts/test (package qemu-utils)");
+    h.still_running();
+    let len = std::fs::metadata(&f).unwrap().len();
+    drop(h);
+    assert!(
+        !q.status.success(),
+        "qemu-img resized an image that a vstor writer holds: {}",
+        String::from_utf8_lossy(&q.stdout)
+    );
+    assert_eq!(len, 16 << 20);
+}
