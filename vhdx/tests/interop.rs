@@ -1213,3 +1213,39 @@ fn differencing_chain_across_sector_bitmap_chunks_read_by_libvhdi() {
         }
     }
 }
+
+/// A QEMU-made image of 100000K (its last 1 MiB block short, and short in the file), with data
+/// up to its last byte, grown to 200G and shrunk back to 100000K: the smallest size is the end
+/// of the data, not the end of its last block.
+#[test]
+fn qemu_image_of_100000k_grown_to_200g_shrinks_back_to_100000k() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("q.vhdx");
+    let size = 100_000 * 1024;
+    run(qemu_img()
+        .args(["create", "-f", "vhdx", "-o", "subformat=dynamic,block_size=1M"])
+        .arg(&img)
+        .arg("100000K"));
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x5a 0 64k".to_string(),
+            format!("write -P 0x6b {} 4096", size - 4096),
+        ],
+    );
+    let raw = dir.path().join("q.raw");
+    qemu_convert_to_raw(&img, &raw);
+    let v = Vhdx::open(&img, &OpenOptions::default()).unwrap();
+    assert_eq!(v.minimum_size(), size);
+    v.resize_with(200 << 30, &vstor_core::Job::new()).unwrap();
+    assert_eq!(v.minimum_size(), size, "growing adds no data");
+    v.resize_with(size, &vstor_core::Job::new())
+        .unwrap_or_else(|e| panic!("shrinking back to 100000K: {e}"));
+    assert_eq!(v.capacity(), size);
+    v.close().unwrap();
+    drop(v);
+    assert_eq!(qemu_virtual_size(&img), size);
+    qemu_check(&img);
+    qemu_compare(&img, &raw);
+    vstor_check(&img);
+}

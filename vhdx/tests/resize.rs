@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vstor_core::{BlockDevice, Error, FaultDevice, Job};
+use vstor_core::{BlockDevice, CutPolicy, Error, FaultDevice, FaultRule, Job, OpKind};
 use vstor_vhdx::check::{check, check_device};
 use vstor_vhdx::{CreateOptions, OpenOptions, Vhdx, VhdxError};
 
@@ -96,34 +96,36 @@ fn grow_and_shrink_keep_data_and_tell_holders() {
     v.write_at(150 * MIB, &pattern(4096, 3)).unwrap();
     v.flush().unwrap();
 
-    // Below the data: refused, naming the smallest size, nothing changed.
-    assert_eq!(v.minimum_size(), 151 * MIB);
+    // Below the data: refused, naming the smallest size (the end of the data, not of its
+    // block), nothing changed.
+    let min = 150 * MIB + 4096;
+    assert_eq!(v.minimum_size(), min);
     let before = file_bytes(&path);
     let e = v.resize_with(100 * MIB, &Job::new()).unwrap_err();
     let Error::Layer(inner) = &e else {
         panic!("{e}")
     };
     match inner.downcast_ref::<VhdxError>() {
-        Some(VhdxError::BelowMinimum { minimum, .. }) => assert_eq!(*minimum, 151 * MIB),
+        Some(VhdxError::BelowMinimum { minimum, .. }) => assert_eq!(*minimum, min),
         other => panic!("{other:?}"),
     }
-    assert!(e.to_string().contains(&(151 * MIB).to_string()), "{e}");
+    assert!(e.to_string().contains(&min.to_string()), "{e}");
     assert_eq!(v.capacity(), 200 * MIB);
     assert_eq!(file_bytes(&path), before);
 
     // Shrink to the minimum, then past the old data after a discard.
-    v.resize_with(151 * MIB, &Job::new()).unwrap();
+    v.resize_with(min, &Job::new()).unwrap();
     expect(&v, 150 * MIB, 4096, 3);
-    v.discard(150 * MIB, MIB).unwrap();
-    assert_eq!(v.minimum_size(), 6 * MIB);
+    v.discard(150 * MIB, 4096).unwrap();
+    assert_eq!(v.minimum_size(), 5 * MIB + 4096 + 8192);
     v.resize_with(v.minimum_size(), &Job::new()).unwrap();
-    assert_eq!(v.capacity(), 6 * MIB);
-    assert!(v.read_at(6 * MIB, &mut [0u8; 512]).is_err());
+    assert_eq!(v.capacity(), 5 * MIB + 12288);
+    assert!(v.read_at(5 * MIB + 12288, &mut [0u8; 512]).is_err());
     v.close().unwrap();
     drop(v);
 
     let v = Vhdx::open(&path, &OpenOptions::read_only()).unwrap();
-    assert_eq!(v.capacity(), 6 * MIB);
+    assert_eq!(v.capacity(), 5 * MIB + 12288);
     expect(&v, 0, MIB, 1);
     expect(&v, 5 * MIB + 4096, 8192, 2);
     drop(v);
@@ -352,9 +354,19 @@ fn crash_everywhere(bs: u64, new_size: u64) {
             fault.power_on();
             let what = format!("cut at write {n} of {total} ({policy:?}), resize {res:?}");
             let dev: Arc<dyn BlockDevice> = fault.clone();
+            // A read-only open replays the log in memory (info, read, check, convert do this)
+            // and sees the same disk as the writable open that replays it into the file.
+            let ro = Vhdx::open_on(dev.clone(), "crashed", &OpenOptions::read_only(), None)
+                .unwrap_or_else(|e| panic!("{what}: read-only: {e}"));
+            let ro_cap = ro.capacity();
+            for b in 0..6u64 {
+                expect(&ro, b * bs + 4096, 8192, 0x100 + b as u32);
+            }
+            drop(ro);
             let v = Vhdx::open_on(dev.clone(), "crashed", &OpenOptions::default(), None)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             let cap = v.capacity();
+            assert_eq!(cap, ro_cap, "{what}");
             assert!(cap == old || cap == new_size, "{what}: size {cap}");
             if res.is_ok() {
                 assert_eq!(cap, new_size, "{what}: a completed resize was lost");
@@ -404,6 +416,351 @@ fn a_short_last_block_gets_a_whole_block_when_the_disk_grows() {
     expect(&v, 39 * MIB, MIB, 0x51);
     expect(&v, 40 * MIB, MIB, 0);
     v.close().unwrap();
+    drop(v);
+    let c = check(&path).unwrap();
+    assert!(c.is_clean(), "{c:?}");
+    qemu_check(&path);
+    qemu_same(&path);
+}
+
+// ---- Differencing disks grown far past 1 TiB, failures and power cuts during such a resize.
+
+const TIB: u64 = 1 << 40;
+
+/// A parent in memory (64 MiB of 1 MiB blocks, tag 0x7000 + block in its first 16 blocks) and
+/// a differencing child on a fault device with 8 KiB of tag 0x100 + block in blocks 0..8.
+fn diff_setup() -> (Arc<FaultDevice>, Arc<Vhdx>, Vhdx) {
+    diff_child(diff_parent())
+}
+
+fn diff_parent() -> Arc<Vhdx> {
+    let pm: Arc<dyn BlockDevice> = Arc::new(vstor_core::MemoryDevice::new(4 * MIB).unwrap());
+    let p = Vhdx::create_on(
+        pm,
+        &CreateOptions::dynamic(64 * MIB).block_size(MIB as u32),
+        None,
+    )
+    .unwrap();
+    for b in 0..16u64 {
+        p.write_at(b * MIB, &pattern(MIB, 0x7000 + b as u32))
+            .unwrap();
+    }
+    p.close().unwrap();
+    Arc::new(p)
+}
+
+fn diff_child(p: Arc<Vhdx>) -> (Arc<FaultDevice>, Arc<Vhdx>, Vhdx) {
+    let fault = common::fault_device();
+    let c = Vhdx::create_on(
+        fault.clone(),
+        &CreateOptions::differencing("parent.vhdx").block_size(MIB as u32),
+        Some((p.clone(), Path::new("parent.vhdx"))),
+    )
+    .unwrap();
+    for b in 0..8u64 {
+        c.write_at(b * MIB + 4096, &pattern(8192, 0x100 + b as u32))
+            .unwrap();
+    }
+    c.flush().unwrap();
+    (fault, p, c)
+}
+
+fn reopen_diff(
+    fault: &Arc<FaultDevice>,
+    p: &Arc<Vhdx>,
+    read_only: bool,
+) -> vstor_core::Result<Vhdx> {
+    let dev: Arc<dyn BlockDevice> = fault.clone();
+    let opts = if read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::default()
+    };
+    Vhdx::open_on(dev, "child", &opts, Some(p.clone()))
+}
+
+/// What the child of [`diff_setup`] reads: its own tags in blocks 0..8, the parent elsewhere.
+fn expect_diff(v: &Vhdx, what: &str) {
+    for b in 0..8u64 {
+        let mut buf = vec![0u8; 3 * 4096];
+        v.read_at(b * MIB, &mut buf).unwrap();
+        let tags: Vec<Option<u32>> = buf.chunks_exact(4096).map(tag_of).collect();
+        assert_eq!(
+            tags,
+            [
+                Some(0x7000 + b as u32),
+                Some(0x100 + b as u32),
+                Some(0x100 + b as u32)
+            ],
+            "{what}: block {b}"
+        );
+    }
+    expect(v, 12 * MIB, MIB, 0x7000 + 12);
+}
+
+#[test]
+fn a_differencing_disk_with_1_mib_blocks_grows_to_8_tib_online_while_threads_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.avhdx");
+    let b = Vhdx::create(
+        &base,
+        &CreateOptions::dynamic(512 * MIB).block_size(MIB as u32),
+    )
+    .unwrap();
+    b.write_at(100 * MIB, &pattern(MIB, 0x55)).unwrap();
+    b.close().unwrap();
+    drop(b);
+    let c = Arc::new(Vhdx::create(&child, &CreateOptions::differencing(&base)).unwrap());
+    for blk in 0..64u64 {
+        c.write_at(blk * MIB, &pattern(MIB, 0x22)).unwrap();
+    }
+    c.flush().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each writer owns 16 MiB of the first 64 MiB and records the last tag of each 4 KiB it
+    // wrote; every write is flushed before it counts, as a guest's acknowledged writes.
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (c, stop) = (c.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(w + 40);
+                let mut last = std::collections::HashMap::new();
+                let mut tag = (w as u32 + 1) << 24;
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) || n < 200 {
+                    let slot = rng.u64(0..4096);
+                    tag += 1;
+                    let off = w * 16 * MIB + slot * 4096;
+                    c.write_at(off, &pattern(4096, tag)).unwrap();
+                    c.flush().unwrap();
+                    last.insert(off, tag);
+                    n += 1;
+                }
+                last
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let r = c.resize_with(8 * TIB, &Job::new()).unwrap();
+    assert_eq!(c.capacity(), 8 * TIB);
+    assert!(r.moved_blocks > 0, "{r:?}");
+    stop.store(true, Ordering::Relaxed);
+    let lasts: Vec<_> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+    c.write_at(8 * TIB - MIB, &pattern(MIB, 0x66)).unwrap();
+    c.close().unwrap();
+    drop(c);
+    let c = Vhdx::open(&child, &OpenOptions::read_only()).unwrap();
+    assert_eq!(c.capacity(), 8 * TIB);
+    for last in &lasts {
+        for (&off, &tag) in last {
+            expect(&c, off, 4096, tag);
+        }
+    }
+    expect(&c, 100 * MIB, MIB, 0x55);
+    expect(&c, 8 * TIB - MIB, MIB, 0x66);
+    expect(&c, 4 * TIB, MIB, 0);
+    drop(c);
+    let rep = check(&child).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+}
+
+#[test]
+fn a_resize_that_fails_at_any_write_loses_no_write_made_after_it() {
+    // 512 GiB: blocks move out of the BAT's way, new sector bitmap blocks, a new BAT tail.
+    const SIZE: u64 = 512 << 30;
+    // Count the writes and flushes of the resize when nothing fails.
+    let (fault, parent, c) = diff_setup();
+    let s0 = fault.stats();
+    let r = c.resize_with(SIZE, &Job::new()).unwrap();
+    assert!(r.moved_blocks > 0, "{r:?}");
+    let s1 = fault.stats();
+    let total = (s1.writes + s1.flushes) - (s0.writes + s0.flushes);
+    drop(c);
+    for k in 1..=total {
+        let (fault, p, c) = diff_child(parent.clone());
+        fault.add_rule(
+            FaultRule::fail(OpKind::Write)
+                .and(OpKind::WriteZeroes)
+                .and(OpKind::Flush)
+                .after(k - 1)
+                .times(1),
+        );
+        let res = c.resize_with(SIZE, &Job::new());
+        fault.clear_rules();
+        let what = format!("failure at request {k} of {total}, resize {res:?}");
+        let size = c.capacity();
+        // Later writes, each flushed: over the blocks a resize moves, and a new block.
+        let mut acked = Vec::new();
+        for b in (0..8u64).chain([20]) {
+            let tag = 0x900 + b as u32;
+            if c.write_at(b * MIB + 4096, &pattern(4096, tag)).is_ok() && c.flush().is_ok() {
+                acked.push((b, tag));
+            }
+        }
+        drop(c);
+        fault.power_cut(CutPolicy::DropAll).unwrap();
+        fault.power_on();
+        let v = reopen_diff(&fault, &p, false).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let cap = v.capacity();
+        assert!(cap == 64 * MIB || cap == SIZE, "{what}: size {cap}");
+        assert!(
+            cap == size || res.is_err(),
+            "{what}: size {cap}, was {size}"
+        );
+        for b in 0..8u64 {
+            let mut buf = vec![0u8; 4096];
+            v.read_at(b * MIB + 8192, &mut buf).unwrap();
+            assert_eq!(tag_of(&buf), Some(0x100 + b as u32), "{what}: block {b}");
+        }
+        for &(b, tag) in &acked {
+            expect(&v, b * MIB + 4096, 4096, tag);
+        }
+        v.close().unwrap();
+        drop(v);
+        let rep = check_device(fault.clone(), "child");
+        assert!(rep.errors.is_empty(), "{what}: {rep:?}");
+    }
+}
+
+#[test]
+fn a_power_cut_at_any_write_of_a_differencing_disk_grown_past_1_tib_leaves_the_old_or_the_new_disk()
+{
+    // 1.25 TiB of 1 MiB blocks: a 10 MiB BAT with 320 sector bitmap entries (the old code put
+    // them all in one log entry, and refused), blocks that move out of its way.
+    const SIZE: u64 = TIB + TIB / 4;
+    let (fault, parent, c) = diff_setup();
+    let w0 = fault.stats().writes;
+    c.resize_with(SIZE, &Job::new()).unwrap();
+    let total = fault.stats().writes - w0;
+    drop(c);
+    for n in 1..=total {
+        // One policy at each write, in turn (each cut costs a 10 MiB BAT in a debug build).
+        {
+            let policy = common::cut_policies(n)[(n % 3) as usize];
+            let (fault, p, c) = diff_child(parent.clone());
+            fault.arm_power_cut(n, policy);
+            let res = c.resize_with(SIZE, &Job::new());
+            drop(c);
+            fault.power_on();
+            let what = format!("cut at write {n} of {total} ({policy:?}), resize {res:?}");
+            // A read-only open replays the log in memory and sees the same disk.
+            let ro =
+                reopen_diff(&fault, &p, true).unwrap_or_else(|e| panic!("{what}: read-only: {e}"));
+            let ro_cap = ro.capacity();
+            expect_diff(&ro, &what);
+            drop(ro);
+            let v = reopen_diff(&fault, &p, false).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let cap = v.capacity();
+            assert_eq!(cap, ro_cap, "{what}");
+            assert!(cap == 64 * MIB || cap == SIZE, "{what}: size {cap}");
+            if res.is_ok() {
+                assert_eq!(cap, SIZE, "{what}: a completed resize was lost");
+            }
+            expect_diff(&v, &what);
+            if cap == SIZE {
+                expect(&v, SIZE - MIB, MIB, 0);
+                expect(&v, 40 * MIB, MIB, 0);
+            }
+            v.close().unwrap();
+            drop(v);
+            let rep = check_device(fault.clone(), "child");
+            assert!(rep.is_clean(), "{what}: {rep:?}");
+        }
+    }
+}
+
+#[test]
+fn the_space_a_differencing_disk_gains_by_growing_reads_as_zeros_not_as_its_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.avhdx");
+    let b = Vhdx::create(&base, &CreateOptions::dynamic(GIB).block_size(MIB as u32)).unwrap();
+    b.write_at(900 * MIB, &pattern(MIB, 0x77)).unwrap();
+    b.write_at(600 * MIB, &pattern(MIB, 0x78)).unwrap();
+    b.write_at(300 * MIB, &pattern(2 * MIB, 0x79)).unwrap();
+    b.write_at(800 * MIB, &pattern(MIB, 0x7A)).unwrap();
+    b.close().unwrap();
+    drop(b);
+    let c = Vhdx::create(&child, &CreateOptions::differencing(&base)).unwrap();
+    let zeros_at = |c: &Vhdx, off: u64, len: u64| {
+        let mut buf = vec![0xEEu8; len as usize];
+        c.read_at(off, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|&x| x == 0),
+            "{off}: the new space shows old data"
+        );
+    };
+    // The repro: cut to 512 MiB, grown back to 1 GiB.
+    c.resize_with(512 * MIB, &Job::new()).unwrap();
+    c.resize_with(GIB, &Job::new()).unwrap();
+    zeros_at(&c, 900 * MIB, MIB);
+    zeros_at(&c, 600 * MIB, MIB);
+    // The child's own blocks past the cut: one discarded, one that holds zeros over part of
+    // the parent's data (neither is data that stops a shrink).
+    c.write_at(700 * MIB, &pattern(MIB, 0x80)).unwrap();
+    c.write_at(800 * MIB + 4096, &[0u8; 4096]).unwrap();
+    c.write_at(100 * MIB, &pattern(4096, 0x82)).unwrap();
+    c.flush().unwrap();
+    c.discard(700 * MIB, MIB).unwrap();
+    assert_eq!(c.minimum_size(), 100 * MIB + 4096);
+    c.resize_with(512 * MIB, &Job::new()).unwrap();
+    c.resize_with(GIB, &Job::new()).unwrap();
+    zeros_at(&c, 900 * MIB, MIB);
+    zeros_at(&c, 600 * MIB, MIB);
+    zeros_at(&c, 700 * MIB, 2 * MIB);
+    zeros_at(&c, 800 * MIB, MIB);
+    expect(&c, 300 * MIB, 2 * MIB, 0x79);
+    expect(&c, 100 * MIB, 4096, 0x82);
+    // A cut inside the block at 300 MiB, where the parent has data.
+    c.resize_with(300 * MIB + 4096, &Job::new()).unwrap();
+    c.resize_with(GIB, &Job::new()).unwrap();
+    expect(&c, 300 * MIB, 4096, 0x79);
+    zeros_at(&c, 300 * MIB + 4096, 2 * MIB - 4096);
+    zeros_at(&c, 900 * MIB, MIB);
+    c.close().unwrap();
+    drop(c);
+    let c = Vhdx::open(&child, &OpenOptions::read_only()).unwrap();
+    expect(&c, 300 * MIB, 4096, 0x79);
+    zeros_at(&c, 300 * MIB + 4096, 2 * MIB - 4096);
+    zeros_at(&c, 900 * MIB, MIB);
+    zeros_at(&c, 600 * MIB, MIB);
+    drop(c);
+    let r = check(&child).unwrap();
+    assert!(r.is_clean(), "{r:?}");
+}
+
+#[test]
+fn the_space_a_disk_gains_by_growing_inside_its_last_block_reads_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let v = Vhdx::create(
+        &path,
+        &CreateOptions::dynamic(64 * MIB).block_size(MIB as u32),
+    )
+    .unwrap();
+    v.write_at(10 * MIB, &pattern(MIB, 0x31)).unwrap();
+    let md = v.metadata();
+    let item = md
+        .items
+        .iter()
+        .find(|i| i.id == vstor_vhdx::format::VIRTUAL_DISK_SIZE)
+        .unwrap();
+    let at = v.regions().metadata.offset + item.offset as u64;
+    v.close().unwrap();
+    drop(v);
+    // Another writer cut the disk inside block 10 and left the rest of the block as it was.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &(10 * MIB + 8192).to_le_bytes(), at).unwrap();
+    drop(f);
+    let v = Vhdx::open(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(v.capacity(), 10 * MIB + 8192);
+    v.resize_with(64 * MIB, &Job::new()).unwrap();
+    expect(&v, 10 * MIB, 8192, 0x31);
+    expect(&v, 10 * MIB + 8192, MIB - 8192, 0);
+    v.close().unwrap();
+    drop(v);
+    let v = Vhdx::open(&path, &OpenOptions::read_only()).unwrap();
+    expect(&v, 10 * MIB + 8192, MIB - 8192, 0);
     drop(v);
     let c = check(&path).unwrap();
     assert!(c.is_clean(), "{c:?}");
