@@ -651,6 +651,96 @@ fn an_old_copy_of_a_member_put_back_is_not_read_and_not_spread() {
     }
 }
 
+/// Issue 20 §2: a member truncated to 8 MiB and extended again (its data and its checksum
+/// area past 8 MiB read as zeroes) is caught, not served: the read returns the written bytes
+/// (from the other copies or parity) and scrub heals the member from them, losing nothing.
+#[test]
+fn a_member_that_reads_zeroes_past_8m_is_caught_not_served() {
+    for (res, extra) in [
+        ("mirror", vec![]),
+        ("parity", vec![]),
+        ("parity", vec!["--redundancy", "2"]),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("pool");
+        let d = s(&dir);
+        ok(&[
+            "pool",
+            "create",
+            d,
+            "--disks",
+            "4",
+            "--disk-size",
+            "40M",
+            "--slab-size",
+            "4M",
+        ]);
+        let mut args = vec![
+            "space",
+            "create",
+            d,
+            "m",
+            "--size",
+            "12M",
+            "--resiliency",
+            res,
+        ];
+        args.extend(extra.iter().copied());
+        ok(&args);
+        let target = format!("pool:{d}/m");
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..12 << 20)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8
+            })
+            .collect();
+        let input = t.path().join("b.ref");
+        std::fs::write(&input, &data).unwrap();
+        ok(&["disk", "write", &target, "--input", s(&input)]);
+        let member = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("disk0.raw"))
+            .unwrap();
+        member.set_len(8 << 20).unwrap();
+        member.set_len(40 << 20).unwrap();
+        drop(member);
+        let out_file = t.path().join("b.out");
+        ok(&[
+            "disk",
+            "read",
+            &target,
+            "--length",
+            "12M",
+            "--output",
+            s(&out_file),
+        ]);
+        assert!(
+            std::fs::read(&out_file).unwrap() == data,
+            "{res} {extra:?}: zeroes served"
+        );
+        let out = ok(&["space", "scrub", d]);
+        assert!(out.contains(" 0 lost"), "{res} {extra:?}: {out}");
+        // Healed: with another member gone, the data still reads right.
+        std::fs::remove_file(dir.join("disk1.raw")).unwrap();
+        ok(&[
+            "disk",
+            "read",
+            &target,
+            "--length",
+            "12M",
+            "--output",
+            s(&out_file),
+        ]);
+        assert!(
+            std::fs::read(&out_file).unwrap() == data,
+            "{res} {extra:?}: after scrub, without disk1"
+        );
+    }
+}
+
 #[test]
 fn a_pool_of_existing_devices_named_by_a_directory() {
     let t = tempfile::tempdir().unwrap();
