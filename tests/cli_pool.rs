@@ -65,7 +65,7 @@ fn create_a_pool_and_spaces_and_use_them_as_targets() {
     assert_eq!(info["slab_size"], 1 << 20);
     assert_eq!(
         (&info["format_version"], &info["parity_journal"]),
-        (&3.into(), &true.into())
+        (&4.into(), &true.into())
     );
     assert!(info["members"]
         .as_array()
