@@ -112,9 +112,10 @@ pub fn probe(path: &Path) -> Result<Detected> {
 pub struct ProbeGuard {
     inner: Arc<dyn BlockDevice>,
     name: String,
-    /// The file's length when it is not the device's capacity (a file that is not whole
-    /// sectors): [`probe`] looks for the VHD footer in the file's last 512 bytes.
-    file_len: Option<u64>,
+    /// The file behind the device, if it is a regular file: [`probe`] looks for the VHD footer
+    /// in the file's last 512 bytes, wherever the file ends now (its length may not be whole
+    /// sectors, and may change under the open).
+    file: Option<std::path::PathBuf>,
     /// Held across the check and the write of a guarded sector, so that two writers cannot
     /// assemble a signature between them.
     guarded: Mutex<()>,
@@ -126,32 +127,32 @@ impl ProbeGuard {
         ProbeGuard {
             inner,
             name: name.into(),
-            file_len: None,
+            file: None,
             guarded: Mutex::new(()),
         }
     }
 
-    /// The device is a file of `len` bytes, which may end past its capacity (a tail that is
-    /// not a whole sector): the footer window is the file's last 512 bytes.
-    pub fn with_file_len(mut self, len: u64) -> Self {
-        self.file_len = Some(len);
+    /// The device is the regular file at `path`: the footer window follows the file's end.
+    pub fn with_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.file = Some(path.into());
         self
     }
 
-    /// The ranges whose content decides the format: the first sector and the last 512 bytes
-    /// of the file (of the device when it is no file), as [`probe`] reads them.
-    fn sectors(&self) -> [(u64, u64); 2] {
+    /// The ranges whose content decides the format: the first sector, the device's last 512
+    /// bytes, and the file's last 512 bytes as the file is now (where [`probe`] reads them).
+    fn sectors(&self) -> Vec<(u64, u64)> {
         let cap = self.inner.info().capacity;
-        // The file's own end while it has a tail shorter than a sector past the capacity; the
-        // device's once a resize has made the file whole sectors again.
-        let end = match self.file_len {
-            Some(len) if len > cap && len - cap < 512 => len,
-            _ => cap,
-        };
-        [
+        let mut out = vec![
             (0, HEAD as u64),
-            (end.saturating_sub(TAIL as u64), TAIL as u64),
-        ]
+            (cap.saturating_sub(TAIL as u64), TAIL as u64),
+        ];
+        if let Some(len) = self.file.as_ref().and_then(|f| std::fs::metadata(f).ok()) {
+            let at = len.len().saturating_sub(TAIL as u64);
+            if at != out[1].0 {
+                out.push((at, TAIL as u64));
+            }
+        }
+        out
     }
 
     fn touches(&self, req: &Request<'_>) -> bool {
@@ -166,10 +167,11 @@ impl ProbeGuard {
 
     /// What the guarded sectors would hold after `req`; an error if that is another format.
     fn check(&self, req: &Request<'_>) -> Result<()> {
-        let [(h, hl), (t, tl)] = self.sectors();
+        let windows = self.sectors();
         let cap = self.inner.info().capacity;
-        // What the device serves of each window; bytes past its capacity cannot change and
-        // read as zeroes here (a file with such a tail was probed raw, so they hold no cookie).
+        // What the device serves of each window; bytes past its capacity cannot be written
+        // through it and read as zeroes here (a file with such a tail was probed raw, so they
+        // hold no cookie).
         let window = |at: u64, len: u64| -> Result<Vec<u8>> {
             let mut buf = vec![0u8; len as usize];
             let served = cap.saturating_sub(at).min(len);
@@ -183,13 +185,18 @@ impl ProbeGuard {
                 let from = (at - start) as usize;
                 buf[..served as usize].copy_from_slice(&b[from..from + served as usize]);
             }
+            overlay(req, at, &mut buf);
             Ok(buf)
         };
-        let mut head = window(h, hl.min(cap))?;
-        let mut tail = window(t, tl)?;
-        overlay(req, h, &mut head);
-        overlay(req, t, &mut tail);
-        match detect(&head, &tail) {
+        let (h, hl) = windows[0];
+        let head = window(h, hl.min(cap))?;
+        let mut found = detect(&head, &[]);
+        for &(t, tl) in &windows[1..] {
+            if found == Detected::Raw {
+                found = detect(&head, &window(t, tl)?);
+            }
+        }
+        match found {
             Detected::Raw => Ok(()),
             d => Err(Error::io(
                 format!(

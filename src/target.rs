@@ -452,6 +452,7 @@ impl TargetSpec {
             ring_entries: 0,
             lock: pick(o.locking, defaults.locking, true),
             share_rw: pick(o.share_rw, defaults.share_rw, false),
+            keep_writers_out: false,
         };
         let decided = self.format_decided().to_string();
         let done = |device: Arc<dyn BlockDevice>, notes: Vec<String>, format: Detected| {
@@ -477,8 +478,9 @@ impl TargetSpec {
                     dev
                 } else {
                     let mut guard = ProbeGuard::new(dev, path.display().to_string());
-                    if let Some(m) = std::fs::metadata(path).ok().filter(|m| m.is_file()) {
-                        guard = guard.with_file_len(m.len());
+                    if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+                        guard =
+                            guard.with_file(std::fs::canonicalize(path).unwrap_or(path.clone()));
                     }
                     Arc::new(guard)
                 };

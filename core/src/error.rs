@@ -191,7 +191,7 @@ pub enum Error {
     PoweredOff,
     /// A file opened with [`FileOptions::lock`](crate::FileOptions) is locked by another open
     /// (another process, or another open of the same file in this one).
-    #[error("{path} is in use{}: {} (it holds the image lock); close that first, or open with locking=off if you know it is safe", holder.as_ref().map(|h| format!(" by {h}")).unwrap_or_default(), if *exclusive { "writing needs it alone" } else { "it is open for writing" })]
+    #[error("{path} is in use{}: {} (it holds the image lock); close that first", holder.as_ref().map(|h| format!(" by {h}")).unwrap_or_default(), if *exclusive { "writing needs it alone" } else { "it is open for writing" })]
     Locked {
         /// The file or device.
         path: String,

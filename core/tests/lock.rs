@@ -83,10 +83,25 @@ fn a_writer_that_shares_lets_readers_in_but_no_second_writer() {
     assert!(locked(FileDevice::open(&p, &opts(false, true))).1);
     assert!(locked(FileDevice::open(&p, &sharing)).1);
     drop(w);
-    // With a reader in, a sharing writer comes in, an exclusive one does not.
+    // With a reader in (it opened expecting the file to stay as it is), no writer comes in,
+    // sharing or not.
     assert!(locked(FileDevice::open(&p, &opts(false, true))).1);
+    assert!(locked(FileDevice::open(&p, &sharing)).1);
+    drop(r);
     let w2 = FileDevice::open(&p, &sharing).unwrap();
-    drop((w2, r));
+    // A parent's open (keep_writers_out) is refused beside a writer that shares, and keeps
+    // every writer out.
+    let strict = FileOptions {
+        keep_writers_out: true,
+        ..opts(true, true)
+    };
+    assert!(!locked(FileDevice::open(&p, &strict)).1);
+    drop(w2);
+    let parent = FileDevice::open(&p, &strict).unwrap();
+    assert!(locked(FileDevice::open(&p, &sharing)).1);
+    assert!(locked(FileDevice::open(&p, &opts(false, true))).1);
+    // Readers of every kind share with it.
+    drop((FileDevice::open(&p, &opts(true, true)).unwrap(), parent));
 }
 
 #[test]
@@ -174,4 +189,40 @@ fn a_killed_holder_frees_the_lock_at_once() {
             }
         }
     }
+}
+
+/// vstor's locks are QEMU's bytes: a vstor writer keeps qemu-io out (as a writer and as a
+/// reader), and qemu-io gets in once the writer is gone.
+#[test]
+fn qemu_and_vstor_see_each_others_locks() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("q.raw");
+    FileDevice::create(&p, 1 << 20, &opts(false, false)).unwrap();
+    // A vstor writer: qemu-io cannot open the file, even read-only.
+    let w = FileDevice::open(&p, &opts(false, true)).unwrap();
+    for args in [
+        &["-f", "raw", "-c", "write 0 512"][..],
+        &["-r", "-f", "raw", "-c", "read 0 512"][..],
+    ] {
+        let o = Command::new("qemu-io")
+            .args(args)
+            .arg(&p)
+            .output()
+            .expect("qemu-io is installed by scripts/test (package qemu-utils)");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("lock"),
+            "qemu-io {args:?} beside a vstor writer: {o:?}"
+        );
+    }
+    drop(w);
+    // Once the vstor writer is gone, qemu-io writes.
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512"])
+        .arg(&p)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
 }

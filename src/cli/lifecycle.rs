@@ -213,14 +213,27 @@ pub(super) fn lock_chain(path: &Path, writers: usize) -> Result<Vec<ImageLock>, 
     let chain = chain_paths(path);
     let mut locks = Vec::new();
     for (i, p) in chain.iter().enumerate() {
+        // The files written alone; the parents of the first one read and kept unchanged; the
+        // image itself (when nothing is written) read as any reader reads it.
         let mode = if i < writers {
             LockMode::Exclusive
-        } else {
+        } else if i == 0 {
             LockMode::Shared
+        } else {
+            LockMode::SharedStrict
         };
         locks.push(ImageLock::acquire(p, mode)?);
     }
     Ok(locks)
+}
+
+/// The image locks of a disk about to become a parent (`disk create --parent`): the whole chain
+/// kept unchanged, so that no writer, even one that shares, changes what the child is made of.
+pub(super) fn lock_as_parent(path: &Path) -> Result<Vec<ImageLock>, Error> {
+    chain_paths(path)
+        .iter()
+        .map(|p| Ok(ImageLock::acquire(p, LockMode::SharedStrict)?))
+        .collect()
 }
 
 /// The files of the chain of `path`, the image first. Where the chain cannot be opened (the
@@ -468,7 +481,14 @@ pub fn set(a: SetArgs) -> Result<(), Error> {
     }
     let mut _locks = lock_chain(&a.path, 1)?;
     if let Some(p) = &a.parent {
-        _locks.push(ImageLock::acquire(p, LockMode::Shared)?);
+        // The new parent's chain is kept unchanged, except where it leads back to this disk
+        // (a cycle, which set_parent refuses as bad input, not as a file in use).
+        let me = std::fs::canonicalize(&a.path).ok();
+        for q in chain_paths(p) {
+            if std::fs::canonicalize(&q).ok() != me {
+                _locks.push(ImageLock::acquire(&q, LockMode::SharedStrict)?);
+            }
+        }
         lifecycle::set_parent(&a.path, p, a.ignore_linkage)?;
         println!("{}: parent is now {}", a.path.display(), p.display());
     }

@@ -59,7 +59,7 @@ pub fn create(r: CreateRequest<'_>) -> Result<(), Error> {
     // The parent's chain is read to make the child: held shared meanwhile, so a writer of the
     // parent keeps the create out.
     let _locks = match r.parent {
-        Some(p) => super::lifecycle::lock_chain(p, 0)?,
+        Some(p) => super::lifecycle::lock_as_parent(p)?,
         None => Vec::new(),
     };
     let disk = Vhdx::create(r.path, &opts)?;
@@ -146,10 +146,10 @@ pub fn info(
     locking: bool,
     json: bool,
 ) -> Result<(), Error> {
-    // A shared image lock (unless the target says locking=off): a writer elsewhere changes
-    // what this would report.
-    let _lock = locking
-        .then(|| vstor::core::ImageLock::acquire(path, vstor::core::LockMode::Shared))
+    // Shared image locks on the chain (unless the target says locking=off): a writer of the
+    // image or of any parent elsewhere changes what this would report.
+    let _locks = locking
+        .then(|| super::lifecycle::lock_chain(path, 0))
         .transpose()?;
     let disk = Vhdx::open(path, &OpenOptions::read_only())?;
     let g = disk.geometry().clone();
@@ -295,7 +295,8 @@ struct CheckJson<'a> {
 }
 
 pub fn check_cmd(path: &PathBuf, json: bool) -> Result<(), Error> {
-    let _lock = vstor::core::ImageLock::acquire(path, vstor::core::LockMode::Shared)?;
+    // The chain is read too (a parent in the middle of a merge is reported): held shared.
+    let _locks = super::lifecycle::lock_chain(path, 0)?;
     let r: CheckReport = check::check(path)?;
     if json {
         let j = CheckJson {

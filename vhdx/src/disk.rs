@@ -532,11 +532,14 @@ impl Vhdx {
                 let Some(ppath) = found else {
                     return Err(VhdxError::ParentNotFound { child: name, tried }.into());
                 };
-                let popts = OpenOptions {
+                // A parent must stay as it is while a child is open on it: its image lock (if
+                // the child's open takes locks) keeps every writer out, even one that shares.
+                let mut popts = OpenOptions {
                     read_only: true,
                     ignore_linkage: false,
                     ..opts.clone()
                 };
+                popts.file.keep_writers_out = true;
                 let parent = Self::open_chain(&ppath, &popts, walk)?;
                 Some(Arc::new(parent))
             }

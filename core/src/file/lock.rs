@@ -7,16 +7,26 @@
 //! the I/O descriptor lived on for minutes after a kill on a busy machine). OFD locks belong to
 //! the open file description, so two opens in one process conflict as two processes would.
 //!
-//! Two bytes of the file carry the locks (byte-range locks do not touch the data):
+//! The bytes are QEMU's (block/file-posix.c, since 2.10), so that vstor and QEMU see each other's
+//! locks: byte `100 + P` is held (shared) by an open that uses permission P, byte `200 + P` by
+//! one that does not let others use P, where P is 0 consistent read, 1 write, 2 write
+//! unchanged, 3 resize. An open sets its bytes, then checks that no other open holds a byte that
+//! rules it out: for a permission it uses, `200 + P`; for one it does not share, `100 + P`.
+//! Byte 300 is vstor's own: a plain reader holds it, and a writer that shares refuses to start
+//! beside one (the reader opened expecting the file to stay as it is). Byte-range locks do not
+//! touch the data.
 //!
-//! | open                          | byte 0 ("readers") | byte 1 ("writer") |
-//! | ----------------------------- | ------------------ | ----------------- |
-//! | read-only                     | shared             | -                 |
-//! | writable                      | exclusive          | exclusive         |
-//! | writable, sharing (`share_rw`) | shared             | exclusive         |
+//! | open (mode)                      | uses         | does not share      | also     |
+//! | -------------------------------- | ------------ | ------------------- | -------- |
+//! | reader ([`LockMode::Shared`])    | read         | -                   | holds 300 |
+//! | parent of a chain ([`LockMode::SharedStrict`]) | read | write, resize | -     |
+//! | writer ([`LockMode::Exclusive`]) | read, write, write unchanged, resize | read, write, resize | - |
+//! | writer that shares ([`LockMode::WriteSharing`]) | the same | write, resize | no reader at 300 |
 //!
-//! A writer shuts out everyone; a writer that shares lets readers in beside it but never a second
-//! writer; readers share with each other.
+//! So a writer has its file alone; a writer that shares lets readers in after it, never a
+//! second writer, and does not start beside readers; a parent of a differencing chain is never
+//! written while a child is open on it; a QEMU that writes an image keeps vstor's writers out
+//! and the other way round, and `qemu-img info` is refused beside a vstor writer.
 
 use crate::{Error, Result};
 use std::fs::{File, OpenOptions};
@@ -28,13 +38,57 @@ use std::time::{Duration, Instant};
 /// How an open wants to share its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {
-    /// A read-only open: readers share.
+    /// A read-only open: readers share, and a writer that shares may be there already.
     Shared,
+    /// A read-only open that needs the file unchanged for as long as it is open (the parents
+    /// of a differencing chain): refused beside any writer, and keeps every writer out.
+    SharedStrict,
     /// A writable open that lets readers in beside it (QEMU's `share-rw=on`), never a second
     /// writer.
     WriteSharing,
     /// A writable open that wants the file alone.
     Exclusive,
+}
+
+/// QEMU's permission bits, as lock byte offsets.
+const READ: i64 = 0;
+const WRITE: i64 = 1;
+const WRITE_UNCHANGED: i64 = 2;
+const RESIZE: i64 = 3;
+/// Byte `USE + P`: an open uses permission P.
+const USE: i64 = 100;
+/// Byte `UNSHARED + P`: an open does not let others use P.
+const UNSHARED: i64 = 200;
+/// vstor's own byte: a plain reader is here.
+const READER: i64 = 300;
+
+impl LockMode {
+    /// The bytes this mode holds, and the bytes no other open may hold.
+    fn bytes(self) -> (Vec<i64>, Vec<i64>) {
+        let uses: &[i64] = match self {
+            LockMode::Shared | LockMode::SharedStrict => &[READ],
+            LockMode::WriteSharing | LockMode::Exclusive => &[READ, WRITE, WRITE_UNCHANGED, RESIZE],
+        };
+        let unshared: &[i64] = match self {
+            LockMode::Shared => &[],
+            LockMode::SharedStrict | LockMode::WriteSharing => &[WRITE, RESIZE],
+            LockMode::Exclusive => &[READ, WRITE, RESIZE],
+        };
+        let mut hold: Vec<i64> = uses.iter().map(|p| USE + p).collect();
+        hold.extend(unshared.iter().map(|p| UNSHARED + p));
+        let mut free: Vec<i64> = uses.iter().map(|p| UNSHARED + p).collect();
+        free.extend(unshared.iter().map(|p| USE + p));
+        match self {
+            LockMode::Shared => hold.push(READER),
+            LockMode::WriteSharing => free.push(READER),
+            _ => {}
+        }
+        (hold, free)
+    }
+
+    fn writes(self) -> bool {
+        matches!(self, LockMode::WriteSharing | LockMode::Exclusive)
+    }
 }
 
 /// How long an open waits for a lock whose holder cannot be found among the live processes (a
@@ -55,7 +109,7 @@ impl ImageLock {
     pub fn acquire(path: &Path, mode: LockMode) -> Result<ImageLock> {
         // A descriptor of its own. A write lock needs a descriptor open for writing; O_RDONLY
         // is enough for read locks (and works on files this process may only read).
-        let writable = mode != LockMode::Shared;
+        let writable = mode.writes();
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -66,9 +120,9 @@ impl ImageLock {
         loop {
             match try_lock(&file, mode) {
                 Ok(()) => return Ok(ImageLock { _file: file }),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
-                    let holders = holders(&file);
+                Err(Refused::Os(e)) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(Refused::By(at)) => {
+                    let holders = holders(&file, at);
                     if !holders.is_empty() || start.elapsed() >= GRACE {
                         return Err(Error::Locked {
                             path: path.display().to_string(),
@@ -78,7 +132,7 @@ impl ImageLock {
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => {
+                Err(Refused::Os(e)) => {
                     return Err(Error::io(format!("cannot lock {}", path.display()), e));
                 }
             }
@@ -91,29 +145,51 @@ impl Drop for ImageLock {
     /// which a process forked meanwhile (and not yet exec'd) still shares through its copy of
     /// the descriptor; closing ours alone would leave the lock held until that copy goes.
     fn drop(&mut self) {
-        let _ = set(&self._file, 0, libc::F_UNLCK, 2);
+        // Length 0: from byte 0 to the end of the file and beyond, every byte this lock set.
+        let _ = set(&self._file, 0, libc::F_UNLCK, 0);
     }
 }
 
-/// Sets the locks of `mode`, or undoes what it set and returns the error.
-fn try_lock(file: &File, mode: LockMode) -> std::io::Result<()> {
-    let (readers, writer) = match mode {
-        LockMode::Shared => (libc::F_RDLCK, None),
-        LockMode::WriteSharing => (libc::F_RDLCK, Some(libc::F_WRLCK)),
-        LockMode::Exclusive => (libc::F_WRLCK, Some(libc::F_WRLCK)),
-    };
-    // The writer byte first: two writers meet there whatever else they share.
-    if let Some(w) = writer {
-        set(file, 1, w, 1)?;
+/// Sets the bytes of `mode` (shared locks), then checks that no other open holds a byte that
+/// rules this one out. EAGAIN when one does (the caller closes the descriptor, which drops what
+/// was set). Two opens that race both set before they check, so at least one sees the other.
+fn try_lock(file: &File, mode: LockMode) -> Result<(), Refused> {
+    let (hold, free) = mode.bytes();
+    for at in hold {
+        set(file, at, libc::F_RDLCK, 1).map_err(Refused::Os)?;
     }
-    if let Err(e) = set(file, 0, readers, 1) {
-        if writer.is_some() {
-            // Best effort: the descriptor is closed on error anyway, which drops the lock.
-            let _ = set(file, 1, libc::F_UNLCK, 1);
+    for at in free {
+        if held_by_another(file, at).map_err(Refused::Os)? {
+            let _ = set(file, 0, libc::F_UNLCK, 0);
+            return Err(Refused::By(at));
         }
-        return Err(e);
     }
     Ok(())
+}
+
+/// Why [`try_lock`] failed.
+enum Refused {
+    /// Another open holds this byte.
+    By(i64),
+    /// The OS failed the call.
+    Os(std::io::Error),
+}
+
+/// Whether an open file description other than `file`'s holds a lock on byte `at`.
+fn held_by_another(file: &File, at: i64) -> std::io::Result<bool> {
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = at;
+    fl.l_len = 1;
+    // SAFETY: fcntl(F_OFD_GETLK) reads and writes the flock struct we own for the duration of
+    // the call; the descriptor is valid as long as `file` lives.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
 /// One OFD lock (or unlock) on `len` bytes from `at`.
@@ -135,11 +211,11 @@ fn set(file: &File, at: i64, kind: libc::c_int, len: i64) -> std::io::Result<()>
     }
 }
 
-/// The processes (pid, name) that hold a lock on the file `file` is open on, as far as /proc
+/// The processes (pid, name) that hold a lock on byte `at` of the file `file` is open on, as far as /proc
 /// tells (OFD locks show no pid in /proc/locks, so each process's descriptors are looked at:
 /// /proc/PID/fdinfo lists the locks held through a descriptor). Only processes this user may
 /// inspect are found; at most a bounded number of descriptors is looked at.
-fn holders(file: &File) -> Vec<(u32, String)> {
+fn holders(file: &File, at: i64) -> Vec<(u32, String)> {
     let Ok(meta) = file.metadata() else {
         return Vec::new();
     };
@@ -178,9 +254,17 @@ fn holders(file: &File) -> Vec<(u32, String)> {
             let Ok(text) = std::fs::read_to_string(info) else {
                 continue;
             };
-            let holds = text
-                .lines()
-                .any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&key));
+            // "lock:\t1: OFDLCK ADVISORY READ -1 fe:00:1234 100 100": the file and the range.
+            let holds = text.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                l.starts_with("lock:")
+                    && l.contains("OFDLCK")
+                    && f.len() >= 3
+                    && f[f.len() - 3] == key
+                    && f[f.len() - 2].parse::<i64>().is_ok_and(|s| s <= at)
+                    && (f[f.len() - 1] == "EOF"
+                        || f[f.len() - 1].parse::<i64>().is_ok_and(|e| e >= at))
+            });
             if holds && !(pid == me && is_own(file, &fd.path())) && alive(pid) {
                 let name = std::fs::read_to_string(p.path().join("comm"))
                     .map(|s| s.trim().to_string())

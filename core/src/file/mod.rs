@@ -81,6 +81,10 @@ pub struct FileOptions {
     /// With [`lock`](Self::lock) on a writable open: let read-only opens in beside this writer
     /// (QEMU's `share-rw=on`); a second writer is still refused.
     pub share_rw: bool,
+    /// With [`lock`](Self::lock) on a read-only open that needs the file unchanged for as long
+    /// as it is open (the parents of a differencing chain): refused beside any writer, even
+    /// one that shares, and keeps every writer out ([`LockMode::SharedStrict`]).
+    pub keep_writers_out: bool,
 }
 
 impl FileOptions {
@@ -88,6 +92,7 @@ impl FileOptions {
     fn lock_mode(&self) -> Option<LockMode> {
         match (self.lock, self.read_only, self.share_rw) {
             (false, ..) => None,
+            (true, true, _) if self.keep_writers_out => Some(LockMode::SharedStrict),
             (true, true, _) => Some(LockMode::Shared),
             (true, false, true) => Some(LockMode::WriteSharing),
             (true, false, false) => Some(LockMode::Exclusive),
