@@ -236,6 +236,15 @@ pub(super) fn lock_as_parent(path: &Path) -> Result<Vec<ImageLock>, Error> {
         .collect()
 }
 
+/// Whether two paths name one file (hard links and symbolic links included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 /// The files of the chain of `path`, the image first. Where the chain cannot be opened (the
 /// command will report why), the image alone.
 fn chain_paths(path: &Path) -> Vec<PathBuf> {
@@ -483,11 +492,17 @@ pub fn set(a: SetArgs) -> Result<(), Error> {
     if let Some(p) = &a.parent {
         // The new parent's chain is kept unchanged, except where it leads back to this disk
         // (a cycle, which set_parent refuses as bad input, not as a file in use).
-        let me = std::fs::canonicalize(&a.path).ok();
-        for q in chain_paths(p) {
-            if std::fs::canonicalize(&q).ok() != me {
-                _locks.push(ImageLock::acquire(&q, LockMode::SharedStrict)?);
-            }
+        let chain = chain_paths(p);
+        if chain.iter().any(|q| same_file(q, &a.path)) {
+            return Err(Error::InvalidArgument(format!(
+                "{} cannot be a parent of {}: it is {} or has it as a parent (a cycle)",
+                p.display(),
+                a.path.display(),
+                a.path.display()
+            )));
+        }
+        for q in chain {
+            _locks.push(ImageLock::acquire(&q, LockMode::SharedStrict)?);
         }
         lifecycle::set_parent(&a.path, p, a.ignore_linkage)?;
         println!("{}: parent is now {}", a.path.display(), p.display());

@@ -28,14 +28,16 @@ pub struct Headers {
 /// Reads the file identifier and returns the creator string.
 pub fn read_identifier(file: &dyn BlockDevice, name: &str) -> Result<String> {
     if file.capacity() < 1024 * 1024 {
+        // The file's own length where there is a file (the device serves whole sectors only).
+        let len = file
+            .as_file()
+            .and_then(|f| std::fs::metadata(f.path()).ok())
+            .map_or(file.capacity(), |m| m.len());
         return Err(corrupt(
             name,
             0,
             "file",
-            format!(
-                "{} bytes is too small for a VHDX file (at least 1 MiB)",
-                file.capacity()
-            ),
+            format!("{len} bytes is too small for a VHDX file (at least 1 MiB)"),
         ));
     }
     let mut buf = vec![0u8; 4096];
