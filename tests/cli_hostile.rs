@@ -194,8 +194,9 @@ fn big_source(dir: &Path) -> PathBuf {
     src
 }
 
-/// Starts `vstor disk convert src dst` and SIGSTOPs it as soon as `dst` exists with something in
-/// it. Returns the stopped process.
+/// Starts `vstor disk convert src dst` and SIGSTOPs it once the copy is under way (more than
+/// 16 MiB of `dst` allocated: past what creating the output writes). Returns the stopped
+/// process.
 fn convert_stopped_midway(src: &Path, dst: &Path) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vstor"))
         .args(["disk", "convert", s(src), s(dst)])
@@ -205,13 +206,13 @@ fn convert_stopped_midway(src: &Path, dst: &Path) -> Child {
         .spawn()
         .expect("start vstor disk convert");
     let t = Instant::now();
-    while std::fs::metadata(dst).map_or(true, |m| m.len() == 0) {
+    use std::os::unix::fs::MetadataExt;
+    while std::fs::metadata(dst).map_or(true, |m| m.blocks() * 512 <= 16 << 20) {
         assert!(c.try_wait().unwrap().is_none(), "convert ended early");
         assert!(t.elapsed() < Duration::from_secs(30), "no output appeared");
         std::thread::yield_now();
     }
     signal(c.id(), "-STOP");
-    // Let the output get some data before it is looked at.
     assert!(
         c.try_wait().unwrap().is_none(),
         "convert finished before it could be stopped: the test is inconclusive"

@@ -9,7 +9,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use vstor_core::{BlockDevice, Error, FileDevice, FileOptions, Job, Request, Result};
+use vstor_core::{
+    BlockDevice, Error, FileDevice, FileOptions, ImageLock, Job, LockMode, Request, Result,
+};
 
 use crate::create::CreateOptions;
 use crate::disk::{Src, Vhdx};
@@ -248,6 +250,16 @@ fn convert_with_tail(
             }
         }
     };
+    // The output is this copy's alone while it is written: another process that opens it (a
+    // writer, or a reader of a half-made image) is refused as in use, as for every writer.
+    let lock = match ImageLock::acquire(dst, LockMode::Exclusive) {
+        Ok(l) => l,
+        Err(e) => {
+            drop(out);
+            let _ = std::fs::remove_file(dst);
+            return Err(e);
+        }
+    };
     let r = copy_all(src, map, &*out, true, job);
     let r = r.and_then(|mut rep| {
         if !tail.is_empty() {
@@ -267,6 +279,7 @@ fn convert_with_tail(
     if r.is_err() {
         let _ = std::fs::remove_file(dst);
     }
+    drop(lock);
     r
 }
 
