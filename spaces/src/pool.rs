@@ -972,6 +972,12 @@ impl Pool {
                 m.failed_seq = 0;
             }
         }
+        if meta.version >= crate::format::KEYED_VERSION && !meta.clean && meta.sequence > 1 {
+            notes.push(format!(
+                "the pool was not closed cleanly after the write epoch of sequence {} (a crash, or a process killed while it had the pool open)",
+                meta.armed_epoch
+            ));
+        }
         if meta.version < crate::format::KEYED_VERSION {
             notes.push(format!(
                 "format version {}: a member that missed writes is not told apart from a current one, and block checksums are not bound to their position (a new pool has both; copy the spaces into one to upgrade)",

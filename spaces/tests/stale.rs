@@ -577,3 +577,41 @@ fn a_rolled_back_block_is_settled_only_by_what_can_tell() {
         }
     }
 }
+
+/// The clean flag: a pool whose process went away without closing it says so at the next
+/// open; after a clean close it does not.
+#[test]
+fn an_unclean_close_is_noted_at_the_next_open() {
+    let devs = mem_disks(3, DISK);
+    let pool = create(&devs);
+    pool.create_space(&space_spec(
+        Resiliency::Mirror { copies: 2 },
+        1,
+        Provisioning::Thin,
+    ))
+    .unwrap();
+    pool.open_space("s")
+        .unwrap()
+        .write_at(0, &[5u8; 4096])
+        .unwrap();
+    drop(pool);
+    let unclean = |p: &Pool| {
+        p.info()
+            .notes
+            .iter()
+            .any(|n| n.contains("not closed cleanly"))
+    };
+    let pool = open(&devs, &[], false);
+    assert!(!unclean(&pool), "{:?}", pool.info().notes);
+    pool.open_space("s")
+        .unwrap()
+        .write_at(0, &[6u8; 4096])
+        .unwrap();
+    // The process goes away without closing the pool.
+    std::mem::forget(pool);
+    let pool = open(&devs, &[], true);
+    assert!(unclean(&pool), "{:?}", pool.info().notes);
+    let mut b = [0u8; 4096];
+    pool.open_space("s").unwrap().read_at(0, &mut b).unwrap();
+    assert_eq!(b, [6u8; 4096]);
+}
