@@ -1223,7 +1223,13 @@ fn qemu_image_of_100000k_grown_to_200g_shrinks_back_to_100000k() {
     let img = dir.path().join("q.vhdx");
     let size = 100_000 * 1024;
     run(qemu_img()
-        .args(["create", "-f", "vhdx", "-o", "subformat=dynamic,block_size=1M"])
+        .args([
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "subformat=dynamic,block_size=1M",
+        ])
         .arg(&img)
         .arg("100000K"));
     qemu_io(

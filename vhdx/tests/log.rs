@@ -71,7 +71,11 @@ fn a_log_of_huge_zero_descriptors_replays_in_memory_in_bounded_memory() {
         let act = act.unwrap();
         assert_eq!(act.entries[0].writes.len() as u64, n);
         let o = Overlay::new(dev.clone(), "evil", &act).unwrap();
-        assert!(o.memory_bytes() <= 5 * ll, "{n}: {} bytes", o.memory_bytes());
+        assert!(
+            o.memory_bytes() <= 5 * ll,
+            "{n}: {} bytes",
+            o.memory_bytes()
+        );
         let mut b = vec![0xFFu8; 4096];
         o.read_at(4 * MIB + (n - 1) * (1 << 30) + 255 * MIB, &mut b)
             .unwrap();

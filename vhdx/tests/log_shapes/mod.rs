@@ -181,7 +181,9 @@ pub fn from_input(inp: &mut Input<'_>) -> Vec<u8> {
                     .collect();
                 let tail = (inp.u16() as u64 % sectors) * LOG_SECTOR;
                 let e = entry(1000 + k, length, tail, &descs, 0, inp.u8() % 2 == 0);
-                let take = (LOG_SECTOR * step).min(length).min((sectors - k) * LOG_SECTOR);
+                let take = (LOG_SECTOR * step)
+                    .min(length)
+                    .min((sectors - k) * LOG_SECTOR);
                 let at = (k * LOG_SECTOR) as usize;
                 log[at..at + take as usize].copy_from_slice(&e[..take as usize]);
                 k += step;
@@ -267,7 +269,10 @@ pub fn check_log(log: &[u8]) -> (ScanWork, Option<u64>) {
         Err(_) => return (work, None),
     };
     let mem = o.memory_bytes();
-    assert!(mem <= 5 * len, "the replay holds {mem} bytes for a {len}-byte log");
+    assert!(
+        mem <= 5 * len,
+        "the replay holds {mem} bytes for a {len}-byte log"
+    );
     // The in-memory replay reads what a replay into a copy of the file writes (where the
     // zero ranges are small enough to write).
     let zeroed: u64 = active
@@ -289,7 +294,12 @@ pub fn check_log(log: &[u8]) -> (ScanWork, Option<u64>) {
                 LogWrite::Zero { offset, len } => (*offset, *len),
                 LogWrite::Data { offset, .. } => (*offset, LOG_SECTOR),
             };
-            probes.extend([off.saturating_sub(LOG_SECTOR), off, off + l.saturating_sub(LOG_SECTOR), off + l]);
+            probes.extend([
+                off.saturating_sub(LOG_SECTOR),
+                off,
+                off + l.saturating_sub(LOG_SECTOR),
+                off + l,
+            ]);
         }
         for p in probes {
             if p + 2 * LOG_SECTOR > o.capacity() {
