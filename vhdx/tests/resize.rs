@@ -767,3 +767,42 @@ fn the_space_a_disk_gains_by_growing_inside_its_last_block_reads_as_zeros() {
     qemu_check(&path);
     qemu_same(&path);
 }
+
+#[test]
+fn blocks_in_the_way_of_a_bat_growing_by_hundreds_of_mib_move_in_several_log_entries() {
+    // 240 blocks, each on its own BAT page, right after the BAT: growing to 32 TiB (a 256 MiB
+    // BAT) moves them all, more BAT pages than one entry of the 1 MiB log holds.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    let v = Vhdx::create(
+        &path,
+        &CreateOptions::dynamic(120 * GIB).block_size(MIB as u32),
+    )
+    .unwrap();
+    for k in 0..240u64 {
+        v.write_at(k * 512 * MIB + 4096, &pattern(4096, 0x4000 + k as u32))
+            .unwrap();
+    }
+    v.flush().unwrap();
+    // One entry holds the region tables (32 pages) and fewer than 240 BAT pages.
+    assert!(vstor_vhdx::log::max_pages_per_entry(MIB) < 32 + 240);
+    let r = v.resize_with(32 * TIB, &Job::new()).unwrap();
+    assert_eq!(r.moved_blocks, 240, "{r:?}");
+    assert!(!r.bat_relocated);
+    for k in 0..240u64 {
+        expect(&v, k * 512 * MIB + 4096, 4096, 0x4000 + k as u32);
+    }
+    v.write_at(32 * TIB - MIB, &pattern(MIB, 0x99)).unwrap();
+    v.close().unwrap();
+    drop(v);
+    let v = Vhdx::open(&path, &OpenOptions::read_only()).unwrap();
+    assert_eq!(v.capacity(), 32 * TIB);
+    assert_eq!(v.bat_region().1, 257 * MIB);
+    for k in 0..240u64 {
+        expect(&v, k * 512 * MIB + 4096, 4096, 0x4000 + k as u32);
+    }
+    expect(&v, 32 * TIB - MIB, MIB, 0x99);
+    drop(v);
+    let c = check(&path).unwrap();
+    assert!(c.is_clean(), "{c:?}");
+}
