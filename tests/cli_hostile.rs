@@ -744,3 +744,32 @@ fn qemu_img_sees_a_vstor_writers_lock() {
     );
     assert_eq!(len, 16 << 20);
 }
+
+/// The guard now finds the file's end by the path it was opened with (a stat of the path on
+/// every write). A file renamed while open (an operator moving a running guest's disk) no longer
+/// has that path: the guard then watches only the device's last 512 bytes, and on a file with a
+/// tail past the device (1 MiB + 100 bytes here) a guest's "conectix" 100 bytes into the last
+/// sector lands where probe() reads the footer. The guard should look at the open file itself
+/// (fstat of a descriptor it holds), not at whatever the path names now.
+#[test]
+fn the_probe_guard_follows_the_open_file_not_its_old_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("guest.img");
+    let moved = dir.path().join("moved.img");
+    let cap = 1u64 << 20;
+    std::fs::File::create(&f)
+        .unwrap()
+        .set_len(cap + 100)
+        .unwrap();
+    let opened = vstor::open_target(s(&f), &vstor::TargetOptions::default()).unwrap();
+    let dev: Arc<dyn BlockDevice> = opened.device;
+    std::fs::rename(&f, &moved).unwrap();
+    let r = dev.write_at(cap - 512, &sector_with(b"conectix", 100));
+    drop(dev);
+    assert_eq!(
+        vstor::probe::probe(&moved).unwrap(),
+        vstor::probe::Detected::Raw,
+        "the guest turned its raw disk into a VHD (the write returned {r:?})"
+    );
+    assert!(r.is_err(), "the write should have been refused");
+}
