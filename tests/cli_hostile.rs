@@ -773,3 +773,31 @@ fn the_probe_guard_follows_the_open_file_not_its_old_path() {
     );
     assert!(r.is_err(), "the write should have been refused");
 }
+
+/// A copy needs its source unchanged from its first read to its last, as `qemu-img convert`
+/// does (it is refused beside any writer of its source). `disk convert`, `disk clone` and
+/// `disk check` hold the image as a plain reader, which a writer with `share-rw=on` lets in:
+/// convert and clone then exit 0 with a copy of a disk that changed while it was read, and
+/// check calls the healthy image "not clean" (the writer's pending log, its growing file). They
+/// should hold the image as the parents of a chain are held (refused beside any writer).
+#[test]
+fn a_copy_or_check_is_refused_beside_a_writer_that_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d.vhdx");
+    ok(&["disk", "create", s(&d), "--size", "64M"]);
+    let shared = format!("{},share-rw=on", s(&d));
+    let mut h = Holder::start(&shared, true);
+    let out = dir.path().join("out.raw");
+    let copy = dir.path().join("copy.vhdx");
+    let convert = common::vstor(&["disk", "convert", s(&d), s(&out)]);
+    let clone = common::vstor(&["disk", "clone", s(&d), s(&copy)]);
+    let check = common::vstor(&["disk", "check", s(&d)]);
+    h.still_running();
+    let pid = h.pid();
+    drop(h);
+    assert_in_use(&convert, &d, pid);
+    assert!(!out.exists());
+    assert_in_use(&clone, &d, pid);
+    assert!(!copy.exists());
+    assert_in_use(&check, &d, pid);
+}
