@@ -115,7 +115,7 @@ pub struct ProbeGuard {
     /// The file behind the device, if it is a regular file: [`probe`] looks for the VHD footer
     /// in the file's last 512 bytes, wherever the file ends now (its length may not be whole
     /// sectors, and may change under the open).
-    file: Option<std::path::PathBuf>,
+    file: Option<File>,
     /// Held across the check and the write of a guarded sector, so that two writers cannot
     /// assemble a signature between them.
     guarded: Mutex<()>,
@@ -132,22 +132,32 @@ impl ProbeGuard {
         }
     }
 
-    /// The device is the regular file at `path`: the footer window follows the file's end.
-    pub fn with_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.file = Some(path.into());
+    /// The device is the regular file at `path`: the footer window follows the file's end. The
+    /// guard keeps a descriptor of its own on the file, so it follows the file it was opened
+    /// on, whatever is renamed or put at `path` later.
+    pub fn with_file(mut self, path: &Path) -> Self {
+        self.file = File::open(path).ok();
         self
+    }
+
+    /// The first and the last sector of the device: a write that touches neither cannot make a
+    /// signature (the file's last 512 bytes, where the footer is looked for, lie within the
+    /// device's last sector whenever the file ends within a sector of the device's end). This
+    /// is all a write costs when it touches neither: no system call.
+    fn guarded_sectors(&self) -> [(u64, u64); 2] {
+        let cap = self.inner.info().capacity;
+        [
+            (0, HEAD as u64),
+            (cap.saturating_sub(TAIL as u64), TAIL as u64),
+        ]
     }
 
     /// The ranges whose content decides the format: the first sector, the device's last 512
     /// bytes, and the file's last 512 bytes as the file is now (where [`probe`] reads them).
     fn sectors(&self) -> Vec<(u64, u64)> {
-        let cap = self.inner.info().capacity;
-        let mut out = vec![
-            (0, HEAD as u64),
-            (cap.saturating_sub(TAIL as u64), TAIL as u64),
-        ];
-        if let Some(len) = self.file.as_ref().and_then(|f| std::fs::metadata(f).ok()) {
-            let at = len.len().saturating_sub(TAIL as u64);
+        let mut out = self.guarded_sectors().to_vec();
+        if let Some(m) = self.file.as_ref().and_then(|f| f.metadata().ok()) {
+            let at = m.len().saturating_sub(TAIL as u64);
             if at != out[1].0 {
                 out.push((at, TAIL as u64));
             }
@@ -160,7 +170,7 @@ impl ProbeGuard {
             return false;
         }
         let (o, l) = (req.offset(), req.len());
-        self.sectors()
+        self.guarded_sectors()
             .iter()
             .any(|&(s, n)| o < s + n && s < o.saturating_add(l))
     }

@@ -479,8 +479,7 @@ impl TargetSpec {
                 } else {
                     let mut guard = ProbeGuard::new(dev, path.display().to_string());
                     if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
-                        guard =
-                            guard.with_file(std::fs::canonicalize(path).unwrap_or(path.clone()));
+                        guard = guard.with_file(path);
                     }
                     Arc::new(guard)
                 };

@@ -227,8 +227,9 @@ pub(super) fn lock_chain(path: &Path, writers: usize) -> Result<Vec<ImageLock>, 
     Ok(locks)
 }
 
-/// The image locks of a disk about to become a parent (`disk create --parent`): the whole chain
-/// kept unchanged, so that no writer, even one that shares, changes what the child is made of.
+/// The image locks of a disk read as a whole that must not change meanwhile (a disk about to
+/// become a parent, the source of a copy, a disk being checked): the whole chain kept
+/// unchanged, so that no writer, even one that shares, changes it under the command.
 pub(super) fn lock_as_parent(path: &Path) -> Result<Vec<ImageLock>, Error> {
     chain_paths(path)
         .iter()
@@ -347,22 +348,38 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
     };
     // The source's format is told by its content, as for every target (a VHD made by
     // `qemu-img create -f vpc x.vpc` is a VHD, not 8 MiB of raw bytes).
-    let src_spec = path_spec(&a.src);
+    // A source named with an explicit prefix (raw:, vhdx:, vhd:) where no file has that
+    // literal name takes the prefix's format: raw:PATH is the only way to convert a raw disk
+    // whose guest wrote another format's signature into it.
+    let src_spec = match a.src.to_str() {
+        Some(t)
+            if !a.src.exists() && ["raw:", "vhdx:", "vhd:"].iter().any(|p| t.starts_with(p)) =>
+        {
+            let spec: TargetSpec = t.parse()?;
+            TargetSpec {
+                options: Default::default(),
+                qos: None,
+                ..spec
+            }
+        }
+        _ => path_spec(&a.src),
+    };
     let src_kind = src_spec.resolve()?.kind;
+    let src = src_spec.path().to_path_buf();
     let (job, pb) = job("convert");
     let t = Instant::now();
     let r = if let TargetKind::Pool { .. } = src_kind {
         return Err(Error::Unsupported(format!(
             "{}: convert reads VHDX, VHD and raw files",
-            a.src.display()
+            src.display()
         )));
     } else if let TargetKind::Vhdx(_) = src_kind {
-        let _locks = lock_chain(&a.src, 0)?;
-        let v = Vhdx::open(&a.src, &OpenOptions::read_only())?;
+        let _locks = lock_as_parent(&src)?;
+        let v = Vhdx::open(&src, &OpenOptions::read_only())?;
         let map = |o: u64, l: u64| v.fills(o, l, None);
         convert::convert(&v, Some(&map), &a.dst, &opts, &job)?
     } else if let TargetKind::Vhd(_) = src_kind {
-        let v = Vpc::open(&a.src)?;
+        let v = Vpc::open(&src)?;
         let map = |o: u64, l: u64| -> vstor::core::Result<Vec<(u64, Fill)>> {
             Ok(v.locate_chain(o, l)?
                 .into_iter()
@@ -385,9 +402,11 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
         let src_opts = FileOptions {
             read_only: true,
             lock: true,
+            // A copy must not change under it: refused beside any writer, even one that shares.
+            keep_writers_out: true,
             ..Default::default()
         };
-        convert::convert_file(&a.src, &src_opts, &a.dst, &opts, &job)?
+        convert::convert_file(&src, &src_opts, &a.dst, &opts, &job)?
     };
     pb.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
@@ -464,7 +483,9 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<(), Error> {
 
 pub fn clone(a: CloneArgs) -> Result<(), Error> {
     vhdx_only(&a.src)?;
-    let _locks = lock_chain(&a.src, 0)?;
+    // A copy must not change under it: the chain kept unchanged, even against a writer that
+    // shares.
+    let _locks = lock_as_parent(&a.src)?;
     let (job, pb) = job("clone");
     let r = lifecycle::clone(&a.src, &a.dst, &ConvertOptions::default(), &job)?;
     pb.finish_and_clear();

@@ -296,7 +296,8 @@ struct CheckJson<'a> {
 
 pub fn check_cmd(path: &PathBuf, json: bool) -> Result<(), Error> {
     // The chain is read too (a parent in the middle of a merge is reported): held shared.
-    let _locks = super::lifecycle::lock_chain(path, 0)?;
+    // A check must see the image as it is, unchanged: no writer, even one that shares.
+    let _locks = super::lifecycle::lock_as_parent(path)?;
     let r: CheckReport = check::check(path)?;
     if json {
         let j = CheckJson {
