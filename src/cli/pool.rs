@@ -280,7 +280,25 @@ pub fn run_pool(cmd: PoolCommand) -> Result<(), Error> {
                 (Some(n), Some(size)) => {
                     Pool::create_in_dir(&a.dir, n, size, &opts, &FileOptions::default())?
                 }
-                _ => Pool::create_with_devices(&a.dir, &a.device, &opts, &FileOptions::default())?,
+                _ => {
+                    // A device that holds a disk image (told by its content, as every target
+                    // is) is somebody's disk: never formatted without a word.
+                    for d in &a.device {
+                        match vstor::probe::probe(d) {
+                            Ok(vstor::probe::Detected::Raw) | Err(_) => {}
+                            Ok(found) => {
+                                return Err(Error::InvalidArgument(format!(
+                                    "{} holds a {} image; a pool member is formatted, which \
+                                     would destroy it (wipe its first and last MiB first if \
+                                     that is what you want)",
+                                    d.display(),
+                                    found.name()
+                                )))
+                            }
+                        }
+                    }
+                    Pool::create_with_devices(&a.dir, &a.device, &opts, &FileOptions::default())?
+                }
             };
             print_pool(&pool.info(), a.json);
             Ok(())
