@@ -1011,7 +1011,8 @@ fn a_pool_held_by_another_open_is_refused_with_the_member_named() {
     ] {
         let e = fails(args);
         assert!(
-            e.contains("disk0.raw is in use") && e.contains("another process"),
+            e.contains("disk0.raw is in use by")
+                && e.contains(&format!("(pid {})", std::process::id())),
             "{args:?}: {e}"
         );
     }
