@@ -233,13 +233,8 @@ impl std::str::FromStr for TargetSpec {
                 FormatSource::Prefix,
             )
         } else {
-            let path = PathBuf::from(&head);
-            match format_of_extension(&path) {
-                Some(Detected::Vhdx) => (TargetKind::Vhdx(path), FormatSource::Extension),
-                Some(Detected::Vhd) => (TargetKind::Vhd(path), FormatSource::Extension),
-                Some(_) => (TargetKind::Raw(path), FormatSource::Extension),
-                None => (TargetKind::Probe(path), FormatSource::Content),
-            }
+            let spec = TargetSpec::for_path(Path::new(&head));
+            (spec.kind, spec.source)
         };
         if matches!(&kind, TargetKind::Raw(p) | TargetKind::Vhdx(p) | TargetKind::Vhd(p)
             | TargetKind::Probe(p) if p.as_os_str().is_empty())
@@ -309,6 +304,25 @@ impl std::str::FromStr for TargetSpec {
 }
 
 impl TargetSpec {
+    /// The target a bare file name names, without the target grammar (a comma or a `raw:` in
+    /// it is part of the name): its format by a known extension, checked against the content
+    /// by [`resolve`](Self::resolve), or by the content alone.
+    pub fn for_path(path: &Path) -> TargetSpec {
+        let p = path.to_path_buf();
+        let (kind, source) = match format_of_extension(path) {
+            Some(Detected::Vhdx) => (TargetKind::Vhdx(p), FormatSource::Extension),
+            Some(Detected::Vhd) => (TargetKind::Vhd(p), FormatSource::Extension),
+            Some(_) => (TargetKind::Raw(p), FormatSource::Extension),
+            None => (TargetKind::Probe(p), FormatSource::Content),
+        };
+        TargetSpec {
+            kind,
+            source,
+            options: TargetOptions::default(),
+            qos: None,
+        }
+    }
+
     /// The file the target lives in (the member directory for a pool).
     pub fn path(&self) -> &Path {
         match &self.kind {

@@ -8,12 +8,11 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use vstor::core::{FileOptions, ImageLock, Job, LockMode};
-use vstor::probe::Detected;
 use vstor::vhdx::convert::{self, ConvertOptions, Fill, Format};
 use vstor::vhdx::lifecycle;
 use vstor::vhdx::vpc::{ChainPlace, Vpc};
 use vstor::vhdx::{OpenOptions, Vhdx};
-use vstor::{format_size, Error, FormatSource, TargetKind, TargetSpec};
+use vstor::{format_size, Error, TargetKind, TargetSpec};
 
 use super::{progress_bar, size_arg};
 
@@ -177,19 +176,7 @@ fn open_rw(path: &Path) -> Result<(Vhdx, Vec<ImageLock>), Error> {
 /// target grammar. A PATH is a file name, in which a comma or a `raw:` is part of the name
 /// (parsing it as a target string refused `my,disk.vhdx` and made `raw:q.vhdx` a raw file).
 pub(super) fn path_spec(path: &Path) -> TargetSpec {
-    let p = path.to_path_buf();
-    let (kind, source) = match vstor::target::format_of_extension(path) {
-        Some(Detected::Vhdx) => (TargetKind::Vhdx(p), FormatSource::Extension),
-        Some(Detected::Vhd) => (TargetKind::Vhd(p), FormatSource::Extension),
-        Some(_) => (TargetKind::Raw(p), FormatSource::Extension),
-        None => (TargetKind::Probe(p), FormatSource::Content),
-    };
-    TargetSpec {
-        kind,
-        source,
-        options: Default::default(),
-        qos: None,
-    }
+    TargetSpec::for_path(path)
 }
 
 /// Refuses anything but a VHDX, told by content as every target is (`disk.img` holding a VHDX
