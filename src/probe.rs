@@ -289,6 +289,10 @@ impl BlockDevice for ProbeGuard {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<vstor_core::Extent>> {
+        self.inner.allocation(offset, len)
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,54 @@ pub struct Supports {
     pub resize: bool,
 }
 
+/// One piece of an allocation map ([`BlockDevice::allocation`]): `len` bytes with the same
+/// status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Where the data comes from: 0 when no layer of the stack holds it (a hole, a thin extent
+    /// not allocated, a block no image of a chain has), 1 when the top image (or the only file)
+    /// holds it, 2 its parent, and so on.
+    pub depth: u32,
+    /// The range is known to read as zeroes.
+    pub zero: bool,
+}
+
+impl Extent {
+    /// `len` bytes of data held at `depth`.
+    pub fn data(len: u64, depth: u32) -> Self {
+        Extent {
+            len,
+            depth,
+            zero: false,
+        }
+    }
+
+    /// `len` bytes that no layer holds: they read as zeroes.
+    pub fn hole(len: u64) -> Self {
+        Extent {
+            len,
+            depth: 0,
+            zero: true,
+        }
+    }
+}
+
+/// Appends `e` to `out`, merging it into the last extent when their status is the same.
+pub fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if e.len == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.depth == e.depth && last.zero == e.zero {
+            last.len += e.len;
+            return;
+        }
+    }
+    out.push(e);
+}
+
 /// A description of a device, as of the moment it was taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
@@ -135,6 +183,20 @@ pub trait BlockDevice: Send + Sync {
         "block device".to_string()
     }
 
+    /// The allocation status of `[offset, offset + len)`: consecutive extents that cover the
+    /// range exactly, in order (what NBD's `base:allocation` and `qemu:allocation-depth` and
+    /// `qemu-img map` report). A layer that knows nothing about allocation keeps the default,
+    /// which calls the whole range data at depth 1; a layer that only forwards I/O forwards
+    /// this too. The range must lie inside the capacity.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(self.capacity(), offset, len)?;
+        Ok(if len == 0 {
+            Vec::new()
+        } else {
+            vec![Extent::data(len, 1)]
+        })
+    }
+
     /// This device as a [`FileDevice`](crate::FileDevice), when it is one with nothing in
     /// between: lets [`submit_group`](crate::submit_group) keep several files' batches on one
     /// io_uring. A wrapper that only forwards (`Arc`, `Box`, `&`) forwards this too; a wrapper
@@ -175,6 +237,19 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// Refuses a range that does not lie inside `capacity` (for [`BlockDevice::allocation`]).
+pub fn check_range(capacity: u64, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > capacity) {
+        return Err(Error::OutOfRange {
+            op: OpKind::Read,
+            offset,
+            len,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
 fn run_one<D: BlockDevice + ?Sized>(dev: &D, req: Request<'_>) -> Result<()> {
     let mut batch = [req];
     dev.submit(&mut batch);
@@ -204,6 +279,9 @@ macro_rules! forward_block_device {
             }
             fn as_file(&self) -> Option<&crate::FileDevice> {
                 (**self).as_file()
+            }
+            fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+                (**self).allocation(offset, len)
             }
         }
     )*};

@@ -39,7 +39,9 @@ mod mem;
 mod request;
 
 pub use buf::{is_aligned, AlignedBuf, DEFAULT_ALIGNMENT};
-pub use device::{BlockDevice, CapacitySignal, DeviceInfo, ListenerId, Supports};
+pub use device::{
+    check_range, push_extent, BlockDevice, CapacitySignal, DeviceInfo, Extent, ListenerId, Supports,
+};
 pub use error::{corrupt, io_kind, Error, ErrorKind, LayerError, OpKind, Result};
 pub use fault::{CutPolicy, FaultDevice, FaultRule};
 pub use file::{Engine, FileDevice, FileKind, FileOptions, ImageLock, LockMode};

@@ -403,4 +403,9 @@ impl<D: BlockDevice> BlockDevice for QosDevice<D> {
     fn describe(&self) -> String {
         format!("qos flow '{}' over {}", self.name, self.inner.describe())
     }
+
+    /// Not I/O: not charged to the flow.
+    fn allocation(&self, offset: u64, len: u64) -> vstor_core::Result<Vec<vstor_core::Extent>> {
+        self.inner.allocation(offset, len)
+    }
 }

@@ -1776,6 +1776,36 @@ impl BlockDevice for Space {
         }
     }
 
+    /// Thin extents not allocated yet are holes; allocated ones are data.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<vstor_core::Extent>> {
+        use vstor_core::{push_extent, Extent};
+        vstor_core::check_range(self.shared.size(), offset, len)?;
+        let eb = self.shared.layout.extent_bytes();
+        let ext = self
+            .shared
+            .extents
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let n = (eb - pos % eb).min(end - pos);
+            let held = ext
+                .get((pos / eb) as usize)
+                .is_some_and(|slots| slots.is_some());
+            push_extent(
+                &mut out,
+                if held {
+                    Extent::data(n, 1)
+                } else {
+                    Extent::hole(n)
+                },
+            );
+            pos += n;
+        }
+        Ok(out)
+    }
+
     fn describe(&self) -> String {
         let l = &self.shared.layout;
         format!(

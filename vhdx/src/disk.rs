@@ -1712,6 +1712,39 @@ impl BlockDevice for Vhdx {
         Some(self.signal.clone())
     }
 
+    /// Blocks this file holds are depth 1, blocks it reads from its parent one deeper than the
+    /// parent says; blocks no image of the chain holds are holes. A block a differencing disk
+    /// marks zero (it hides its parent's data) is depth 1 and reads as zeroes.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<vstor_core::Extent>> {
+        use vstor_core::{push_extent, Extent};
+        let mut out = Vec::new();
+        let differencing = self.parent.is_some();
+        for (n, src) in self.locate(offset, len)? {
+            match src {
+                Src::File(_) => push_extent(&mut out, Extent::data(n, 1)),
+                Src::Zero if differencing => push_extent(
+                    &mut out,
+                    Extent {
+                        len: n,
+                        depth: 1,
+                        zero: true,
+                    },
+                ),
+                Src::Zero => push_extent(&mut out, Extent::hole(n)),
+                Src::Parent(at) => {
+                    let parent = self.parent.as_ref().ok_or_else(|| {
+                        vstor_core::Error::InvalidArgument("parent block without a parent".into())
+                    })?;
+                    for e in parent.allocation(at, n)? {
+                        let depth = if e.depth == 0 { 0 } else { e.depth + 1 };
+                        push_extent(&mut out, Extent { depth, ..e });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn describe(&self) -> String {
         let t = self.table();
         format!(

@@ -218,4 +218,9 @@ impl BlockDevice for LiveDisk {
     fn describe(&self) -> String {
         format!("live {}", self.current().describe())
     }
+
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<vstor_core::Extent>> {
+        let g = self.cur.read().unwrap_or_else(|p| p.into_inner());
+        g.allocation(offset, len)
+    }
 }

@@ -566,6 +566,21 @@ impl BlockDevice for FileDevice {
         Some(self)
     }
 
+    /// Holes of the file (SEEK_HOLE) are depth 0 and read as zeroes; the rest is data.
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<crate::Extent>> {
+        crate::check_range(self.capacity(), offset, len)?;
+        let mut out = Vec::new();
+        for (n, data) in self.data_ranges(offset, len)? {
+            let e = if data {
+                crate::Extent::data(n, 1)
+            } else {
+                crate::Extent::hole(n)
+            };
+            crate::push_extent(&mut out, e);
+        }
+        Ok(out)
+    }
+
     fn submit(&self, batch: &mut [Request<'_>]) {
         let _guard = self.resize_lock.read().unwrap_or_else(|p| p.into_inner());
         if self.validate(batch) == 0 {
