@@ -71,6 +71,8 @@ pub enum ErrorKind {
     Unavailable,
     /// The operation was cancelled.
     Cancelled,
+    /// A named thing (an export, a space, a method) does not exist.
+    NotFound,
 }
 
 impl fmt::Display for ErrorKind {
@@ -86,6 +88,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::InUse => "in use",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::NotFound => "not found",
         })
     }
 }

@@ -1,0 +1,4 @@
+//! The NBD transport: [`proto`] parses what clients send; the server turns it into batches on
+//! an export's stack.
+
+pub mod proto;
