@@ -78,6 +78,14 @@ pub enum Error {
     /// A request failed during a run.
     #[error("{0}")]
     Failed(String),
+    /// An error of a known kind reported by another component (the daemon's API).
+    #[error("{message}")]
+    Reported {
+        /// Its kind.
+        kind: ErrorKind,
+        /// The message.
+        message: String,
+    },
     /// An error of the local file system outside a device (input and output files).
     #[error("{context}: {source}")]
     Io {
@@ -99,6 +107,7 @@ impl Error {
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::NotClean(_) => ErrorKind::Corrupt,
             Error::Failed(_) => ErrorKind::Io,
+            Error::Reported { kind, .. } => *kind,
             Error::Io { source, .. } => vstor_core::io_kind(source),
         }
     }

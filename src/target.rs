@@ -118,6 +118,10 @@ pub struct TargetSpec {
 pub struct StackContext {
     /// The scheduler.
     pub qos: Option<Arc<Qos>>,
+    /// Open a writable VHDX as a [`LiveDisk`](vstor_vhdx::live::LiveDisk), which can be
+    /// checkpointed, merged back and cloned while in use (what a daemon serving it needs). It
+    /// opens the image with the default file options.
+    pub live_vhdx: bool,
 }
 
 /// The QoS layer of an opened stack: its scheduler, policy and flow (to change limits and read
@@ -144,6 +148,9 @@ pub struct OpenedTarget {
     pub format_decided: String,
     /// The QoS layer, if the stack has one.
     pub qos: Option<QosHandle>,
+    /// The live disk at the base, when the context asked for one and the base is a writable
+    /// VHDX.
+    pub live: Option<Arc<vstor_vhdx::live::LiveDisk>>,
 }
 
 impl std::fmt::Debug for OpenedTarget {
@@ -434,7 +441,27 @@ impl TargetSpec {
         ctx: &mut StackContext,
     ) -> Result<OpenedTarget, Error> {
         let spec = self.resolve()?;
-        let mut opened = spec.open_base(defaults)?;
+        let mut opened = match &spec.kind {
+            TargetKind::Vhdx(path)
+                if ctx.live_vhdx
+                    && !spec
+                        .options
+                        .read_only
+                        .or(defaults.read_only)
+                        .unwrap_or(false) =>
+            {
+                let live = Arc::new(vstor_vhdx::live::LiveDisk::open(path)?);
+                OpenedTarget {
+                    device: live.clone(),
+                    notes: live.current().notes(),
+                    format: Detected::Vhdx,
+                    format_decided: spec.format_decided().to_string(),
+                    qos: None,
+                    live: Some(live),
+                }
+            }
+            _ => spec.open_base(defaults)?,
+        };
         if let Some(layer) = &spec.qos {
             let name = layer
                 .name
@@ -476,6 +503,7 @@ impl TargetSpec {
                 format,
                 format_decided: decided.clone(),
                 qos: None,
+                live: None,
             })
         };
         match &self.kind {

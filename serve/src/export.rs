@@ -119,6 +119,9 @@ struct Counters {
     connections: AtomicU64,
 }
 
+/// A sample of the scheduler's counters and when it was taken.
+type Sample = Option<(Instant, FlowStats)>;
+
 /// A connection's way to be closed when its export goes away.
 type Closer = Box<dyn Fn() + Send + Sync>;
 
@@ -134,7 +137,7 @@ pub struct Export {
     notes: Vec<String>,
     counters: Counters,
     /// The scheduler's view of the flow at the last two samples (rates are taken between them).
-    samples: Mutex<(Option<(Instant, FlowStats)>, Option<(Instant, FlowStats)>)>,
+    samples: Mutex<(Sample, Sample)>,
     closers: Mutex<Vec<(u64, Closer)>>,
     next_conn: AtomicU64,
     removed: AtomicBool,

@@ -17,7 +17,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod control;
+pub mod daemon;
 pub mod export;
+pub mod metrics;
 pub mod nbd;
 pub mod registry;
 

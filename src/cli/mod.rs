@@ -6,6 +6,7 @@ mod hexdump;
 mod lifecycle;
 mod pool;
 mod qos;
+mod serve;
 mod vhdx;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,14 @@ enum Command {
     /// Spaces (virtual disks of a pool): create, list, show, resize, delete, repair, scrub.
     #[command(subcommand)]
     Space(pool::SpaceCommand),
+    /// The storage daemon: serve disks over NBD (and vhost-user-blk) with a control API.
+    Serve(serve::ServeArgs),
+    /// Exports of a running daemon: add, list, remove, statistics, QoS, resize, checkpoint.
+    #[command(subcommand)]
+    Export(serve::ExportCommand),
+    /// A running daemon: info, graceful shutdown.
+    #[command(subcommand)]
+    Server(serve::ServerCommand),
 }
 
 /// Runs a parsed command line.
@@ -73,6 +82,9 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Qos(c) => qos::run(c),
         Command::Pool(c) => pool::run_pool(c),
         Command::Space(c) => pool::run_space(c),
+        Command::Serve(a) => serve::run_serve(a),
+        Command::Export(c) => serve::run_export(c),
+        Command::Server(c) => serve::run_server(c),
     }
 }
 

@@ -363,6 +363,7 @@ fn run_cmd(a: RunArgs) -> Result<(), Error> {
     let mut opened_paths = std::collections::HashSet::new();
     let mut ctx = vstor::StackContext {
         qos: Some(qos.clone()),
+        ..Default::default()
     };
     for (i, f) in flows.iter().enumerate() {
         let policy = match &f.group {

@@ -2,3 +2,6 @@
 //! an export's stack.
 
 pub mod proto;
+pub mod server;
+
+pub use server::{Listener, NbdConfig, NbdServer};

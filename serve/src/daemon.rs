@@ -1,0 +1,352 @@
+//! The daemon process: its listeners, its exports at start, signals and graceful shutdown.
+//!
+//! A graceful shutdown (SIGTERM, SIGINT, or `server.shutdown` on the API) stops accepting,
+//! lets every request in flight finish and be answered, flushes every export, closes its files
+//! (releasing their image locks) and removes the sockets the daemon made.
+
+use crate::control::{Control, Host, API_VERSION};
+use crate::export::{Opener, ServeError};
+use crate::nbd::{Listener, NbdConfig, NbdServer};
+use crate::registry::Registry;
+use serde_json::{json, Value};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use vstor_core::ErrorKind;
+
+/// Where an NBD listener listens: `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    /// A Unix socket made at this path.
+    Unix(PathBuf),
+    /// A TCP address (`HOST:PORT`; `[::1]:PORT` for IPv6).
+    Tcp(String),
+}
+
+impl FromStr for NbdAddr {
+    type Err = ServeError;
+    fn from_str(s: &str) -> Result<Self, ServeError> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(ServeError::invalid("--nbd unix: needs a path"));
+            }
+            return Ok(NbdAddr::Unix(p.into()));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            if !a.contains(':') {
+                return Err(ServeError::invalid(format!(
+                    "--nbd tcp:{a}: give HOST:PORT (for example tcp:127.0.0.1:10809)"
+                )));
+            }
+            return Ok(NbdAddr::Tcp(a.to_string()));
+        }
+        Err(ServeError::invalid(format!(
+            "--nbd {s}: expected unix:PATH or tcp:HOST:PORT"
+        )))
+    }
+}
+
+/// An export given at start: `NAME=TARGET` (the target may carry `,readonly=on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportArg {
+    /// The name.
+    pub name: String,
+    /// The target string.
+    pub target: String,
+}
+
+impl FromStr for ExportArg {
+    type Err = ServeError;
+    fn from_str(s: &str) -> Result<Self, ServeError> {
+        let (name, target) = s
+            .split_once('=')
+            .ok_or_else(|| ServeError::invalid(format!("--export {s}: expected NAME=TARGET")))?;
+        crate::registry::check_name(name)?;
+        if target.is_empty() {
+            return Err(ServeError::invalid(format!(
+                "--export {s}: the target is empty"
+            )));
+        }
+        Ok(ExportArg {
+            name: name.to_string(),
+            target: target.to_string(),
+        })
+    }
+}
+
+/// What the daemon serves.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonConfig {
+    /// The control API socket.
+    pub control: Option<PathBuf>,
+    /// NBD listeners.
+    pub nbd: Vec<NbdAddr>,
+    /// Exports to add at start.
+    pub exports: Vec<ExportArg>,
+    /// The Prometheus endpoint (`HOST:PORT`).
+    pub metrics: Option<String>,
+    /// Allow NBD over TCP without TLS on an address that is not loopback.
+    pub insecure_tcp: bool,
+    /// The NBD server's settings.
+    pub nbd_config: NbdConfig,
+}
+
+/// Tells the daemon to shut down, from a signal, the API or the embedding program.
+#[derive(Default)]
+pub struct ShutdownSignal {
+    requested: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl ShutdownSignal {
+    /// Asks for a shutdown.
+    pub fn request(&self) {
+        *self.requested.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until a shutdown is asked for.
+    pub fn wait(&self) {
+        let mut r = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+        while !*r {
+            r = self.cv.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+struct HostImpl {
+    shutdown: Arc<ShutdownSignal>,
+    started: Instant,
+    nbd: Vec<String>,
+    metrics: Option<String>,
+}
+
+impl Host for HostImpl {
+    fn shutdown(&self) {
+        self.shutdown.request();
+    }
+    fn server_info(&self) -> Value {
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "api_version": API_VERSION,
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "nbd": self.nbd,
+            "metrics": self.metrics,
+        })
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    registry: Arc<Registry>,
+    nbd: Arc<NbdServer>,
+    stop: Arc<AtomicBool>,
+    shutdown: Arc<ShutdownSignal>,
+    /// Sockets made here (removed at shutdown).
+    made: Vec<PathBuf>,
+    /// Addresses to poke so accept loops see the stop.
+    pokes: Vec<NbdAddr>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_loopback(addr: &str) -> bool {
+    addr.to_socket_addrs()
+        .map(|mut a| a.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false)
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |e| {
+        let kind = if e.kind() == std::io::ErrorKind::AddrInUse {
+            ErrorKind::InUse
+        } else {
+            ErrorKind::Io
+        };
+        ServeError::new(kind, format!("{what}: {e}"))
+    }
+}
+
+impl Daemon {
+    /// Opens the exports and starts the listeners. Nothing is served if any of it fails.
+    pub fn start(config: DaemonConfig, opener: Arc<dyn Opener>) -> Result<Daemon, ServeError> {
+        let started = Instant::now();
+        let registry = Arc::new(Registry::new(opener));
+        for e in &config.exports {
+            registry.add(&e.name, &e.target, false)?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let shutdown = Arc::new(ShutdownSignal::default());
+        let nbd = NbdServer::new(registry.clone(), config.nbd_config.clone());
+        let mut made = Vec::new();
+        let mut pokes = Vec::new();
+        let mut names = Vec::new();
+        let mut listeners = Vec::new();
+        for a in &config.nbd {
+            match a {
+                NbdAddr::Unix(p) => {
+                    if p.exists() && UnixStream::connect(p).is_err() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    let l = UnixListener::bind(p)
+                        .map_err(io_err(format!("cannot listen on {}", p.display())))?;
+                    made.push(p.clone());
+                    listeners.push(Listener::Unix(l));
+                    names.push(format!("unix:{}", p.display()));
+                }
+                NbdAddr::Tcp(addr) => {
+                    if !config.insecure_tcp && !is_loopback(addr) {
+                        return Err(ServeError::invalid(format!(
+                            "--nbd tcp:{addr} is not a loopback address: NBD over TCP without \
+                             TLS would expose the disks to the network; add --insecure-tcp \
+                             if that is what you want"
+                        )));
+                    }
+                    let l = TcpListener::bind(addr)
+                        .map_err(io_err(format!("cannot listen on {addr}")))?;
+                    let local = l
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|_| addr.clone());
+                    pokes.push(NbdAddr::Tcp(local.clone()));
+                    listeners.push(Listener::Tcp(l));
+                    names.push(format!("tcp:{local}"));
+                }
+            }
+        }
+        for a in &config.nbd {
+            if let NbdAddr::Unix(p) = a {
+                pokes.push(NbdAddr::Unix(p.clone()));
+            }
+        }
+        for l in listeners {
+            nbd.listen(l)
+                .map_err(io_err("cannot start the NBD listener".into()))?;
+        }
+        let metrics = match &config.metrics {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .map_err(io_err(format!("cannot listen on {addr} for metrics")))?;
+                let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                crate::metrics::listen(registry.clone(), l, stop.clone())
+                    .map_err(io_err("cannot start the metrics endpoint".into()))?;
+                pokes.push(NbdAddr::Tcp(local.clone()));
+                Some(local)
+            }
+            None => None,
+        };
+        let host = Arc::new(HostImpl {
+            shutdown: shutdown.clone(),
+            started,
+            nbd: names,
+            metrics,
+        });
+        if let Some(path) = &config.control {
+            Control::new(registry.clone(), host)
+                .listen(path, stop.clone())
+                .map_err(io_err(format!(
+                    "cannot open the API socket {}",
+                    path.display()
+                )))?;
+            made.push(path.clone());
+            pokes.push(NbdAddr::Unix(path.clone()));
+        }
+        // Rates are taken between samples a second apart.
+        let (reg, st) = (registry.clone(), stop.clone());
+        let _ = std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || {
+                while !st.load(Ordering::Acquire) {
+                    reg.sample();
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+        Ok(Daemon {
+            registry,
+            nbd,
+            stop,
+            shutdown,
+            made,
+            pokes,
+        })
+    }
+
+    /// The registry (to add exports or start other transports on it).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The signal that ends [`wait`](Daemon::wait).
+    pub fn shutdown_signal(&self) -> Arc<ShutdownSignal> {
+        self.shutdown.clone()
+    }
+
+    /// A flag set when the daemon stops (for transports started beside it).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Makes SIGTERM and SIGINT ask for a graceful shutdown.
+    pub fn handle_signals(&self) -> Result<(), ServeError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+            .map_err(io_err("cannot install signal handlers".into()))?;
+        let sd = self.shutdown.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                    eprintln!("vstor serve: {name}: shutting down");
+                    sd.request();
+                }
+            })
+            .map_err(io_err("cannot start the signal thread".into()))?;
+        Ok(())
+    }
+
+    /// Waits until a shutdown is asked for.
+    pub fn wait(&self) {
+        self.shutdown.wait();
+    }
+
+    /// Shuts down gracefully (see the module documentation). Returns the exports that could
+    /// not be flushed or closed, with why.
+    pub fn shutdown(self) -> Vec<(String, ServeError)> {
+        self.stop.store(true, Ordering::Release);
+        self.nbd.stop();
+        for p in &self.pokes {
+            match p {
+                NbdAddr::Unix(path) => drop(UnixStream::connect(path)),
+                NbdAddr::Tcp(addr) => drop(TcpStream::connect(addr)),
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.nbd.connections() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut failed = Vec::new();
+        for name in self.registry.names() {
+            if let Err(e) = self
+                .registry
+                .remove_and_wait(&name, Duration::from_secs(30))
+            {
+                failed.push((name, e));
+            }
+        }
+        for p in &self.made {
+            let _ = std::fs::remove_file(p);
+        }
+        failed
+    }
+}

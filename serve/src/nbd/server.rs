@@ -1,0 +1,1070 @@
+//! The NBD server: listeners, the handshake, and transmission.
+//!
+//! **Threads and depth.** Each connection has a reader thread (the handshake, then it parses
+//! requests and reads write payloads) and a few worker threads. A worker takes every request
+//! waiting (up to [`BATCH`]) and submits them to the export's stack as one batch, so a client
+//! that keeps 32 requests in flight gives the file backend a batch of 32 for io_uring; while
+//! one worker waits for its batch, the next takes the requests that arrive meanwhile. Replies
+//! go out in completion order (the protocol allows any order), each batch's replies under one
+//! lock of the connection's socket and one write. Nothing on this path is shared between
+//! connections except the stack itself.
+//!
+//! **Ordering.** FLUSH is a barrier inside its batch: it starts after every earlier request of
+//! the batch completed and it flushes the whole stack, so every write whose reply was sent
+//! before the FLUSH arrived is durable when FLUSH is answered. A FUA write is answered after a
+//! flush that follows it in its batch. All connections to an export share one stack (one
+//! cache), so a FLUSH on one covers writes completed on every other: the server offers
+//! `CAN_MULTI_CONN`.
+//!
+//! **Bounds.** A request longer than [`MAX_PAYLOAD`] is refused (a write that long closes the
+//! connection after the error, since its payload is not read); each connection keeps at most
+//! [`MAX_IN_FLIGHT_BYTES`] of payload buffered; the handshake must finish within the
+//! configured time; connections beyond the configured maximum are closed at once.
+
+use super::proto::{self, cflag, chunk, cmd, err, info, opt, rep, tflag, MAX_OPTION, MAX_PAYLOAD};
+use crate::export::{Connection, Export};
+use crate::registry::Registry;
+use std::collections::VecDeque;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vstor_core::{BlockDevice, ErrorKind, Extent, OpKind, Request};
+
+/// The most requests a worker submits as one batch.
+pub const BATCH: usize = 64;
+/// The most payload bytes a connection keeps buffered (requests beyond wait to be read).
+pub const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
+/// Reads at least this long ask the stack for its allocation first, and send its holes as
+/// `OFFSET_HOLE` chunks without reading them.
+pub const HOLE_READ_MIN: u32 = 64 << 10;
+
+/// How the NBD server behaves.
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    /// Worker threads per connection.
+    pub workers: usize,
+    /// The most connections at once (beyond, new ones are closed at once).
+    pub max_connections: usize,
+    /// A client that has not finished the handshake in this time is disconnected.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            workers: 4,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connected socket of either family.
+pub enum Sock {
+    /// A Unix socket.
+    Unix(UnixStream),
+    /// A TCP socket.
+    Tcp(TcpStream),
+}
+
+impl Sock {
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+    /// Ends the reading side: the reader sees the end, the requests in flight finish and
+    /// are answered, then the connection closes.
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(Shutdown::Read),
+            Sock::Tcp(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+
+    fn shutdown_both(&self) {
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(Shutdown::Both),
+            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_read_timeout(t),
+            Sock::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(buf),
+            Sock::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(buf),
+            Sock::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The NBD server of a daemon: serves every export of the registry on its listeners.
+pub struct NbdServer {
+    registry: Arc<Registry>,
+    config: NbdConfig,
+    connections: AtomicUsize,
+    stopping: AtomicBool,
+    /// Every live connection's socket, to close them at shutdown.
+    socks: Mutex<Vec<(u64, Sock)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("connections", &self.connections.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A listening socket of either family.
+pub enum Listener {
+    /// A Unix socket.
+    Unix(UnixListener),
+    /// A TCP socket.
+    Tcp(TcpListener),
+}
+
+impl NbdServer {
+    /// A server of `registry`'s exports.
+    pub fn new(registry: Arc<Registry>, config: NbdConfig) -> Arc<Self> {
+        Arc::new(NbdServer {
+            registry,
+            config,
+            connections: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            socks: Mutex::new(Vec::new()),
+            next_id: Default::default(),
+        })
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Accepts connections on `listener` until [`stop`](NbdServer::stop), each on its own
+    /// threads.
+    pub fn listen(self: &Arc<Self>, listener: Listener) -> io::Result<JoinHandle<()>> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || loop {
+                let sock = match &listener {
+                    Listener::Unix(l) => l.accept().map(|(s, _)| Sock::Unix(s)),
+                    Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                        let _ = s.set_nodelay(true);
+                        Sock::Tcp(s)
+                    }),
+                };
+                if me.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                match sock {
+                    Ok(s) => me.spawn_connection(s),
+                    Err(e) => {
+                        // EMFILE and the like: wait a little rather than spin.
+                        eprintln!("vstor serve: nbd: accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })
+    }
+
+    /// Stops accepting (the accept threads end at their next connection) and closes every
+    /// connection; requests in flight finish first.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for (_, s) in self.socks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            s.shutdown();
+        }
+    }
+
+    fn spawn_connection(self: &Arc<Self>, sock: Sock) {
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            sock.shutdown_both();
+            return;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = sock.try_clone() {
+            self.socks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((id, c));
+        }
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                if let Err(e) = me.handle(sock) {
+                    if !matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::BrokenPipe
+                    ) {
+                        eprintln!("vstor serve: nbd: connection closed: {e}");
+                    }
+                }
+                me.socks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(i, _)| *i != id);
+                me.connections.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn handle(self: &Arc<Self>, sock: Sock) -> io::Result<()> {
+        sock.set_read_timeout(Some(self.config.handshake_timeout))?;
+        let mut w = BufWriter::with_capacity(64 << 10, sock.try_clone()?);
+        let mut r = BufReader::with_capacity(256 << 10, sock.try_clone()?);
+        let Some(session) = self.handshake(&mut r, &mut w)? else {
+            return Ok(());
+        };
+        sock.set_read_timeout(None)?;
+        let closer = sock.try_clone()?;
+        let Some(conn) = session.export.connect(move || closer.shutdown()) else {
+            return Ok(());
+        };
+        transmission(r, w, conn, session, self.config.workers.max(1))
+    }
+
+    /// The option haggling. Returns the session to serve, or None when the client ended it.
+    fn handshake(&self, r: &mut impl Read, w: &mut BufWriter<Sock>) -> io::Result<Option<Session>> {
+        w.write_all(&proto::NBDMAGIC.to_be_bytes())?;
+        w.write_all(&proto::IHAVEOPT.to_be_bytes())?;
+        w.write_all(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes())?;
+        w.flush()?;
+        let mut cf = [0u8; 4];
+        r.read_exact(&mut cf)?;
+        let client_flags = u32::from_be_bytes(cf);
+        if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unknown client flags",
+            ));
+        }
+        let no_zeroes = client_flags & proto::CLIENT_NO_ZEROES != 0;
+        let mut structured = false;
+        // Meta contexts selected, and the export they were selected for.
+        let mut meta: (String, Vec<u32>) = (String::new(), Vec::new());
+        loop {
+            let mut h = [0u8; 16];
+            r.read_exact(&mut h)?;
+            let (option, len) = proto::parse_option_header(&h)
+                .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m.0))?;
+            if len > MAX_OPTION {
+                // Answer without reading it, then end: the stream cannot be trusted.
+                reply(w, option, rep::ERR_TOO_BIG, b"option too long")?;
+                return Ok(None);
+            }
+            let mut data = vec![0u8; len as usize];
+            r.read_exact(&mut data)?;
+            match option {
+                opt::EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    // No error path in this option: an unknown name closes the connection.
+                    let Some(export) = self.lookup(&name) else {
+                        return Ok(None);
+                    };
+                    w.write_all(&export.device().capacity().to_be_bytes())?;
+                    w.write_all(&transmission_flags(&export).to_be_bytes())?;
+                    if !no_zeroes {
+                        w.write_all(&[0u8; 124])?;
+                    }
+                    w.flush()?;
+                    return Ok(Some(Session {
+                        export,
+                        structured,
+                        contexts: Vec::new(),
+                    }));
+                }
+                opt::ABORT => {
+                    let _ = reply(w, option, rep::ACK, &[]);
+                    return Ok(None);
+                }
+                opt::LIST => {
+                    if !data.is_empty() {
+                        reply(w, option, rep::ERR_INVALID, b"LIST takes no data")?;
+                        continue;
+                    }
+                    for name in self.registry.names() {
+                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        send_reply(w, option, rep::SERVER, &d)?;
+                    }
+                    reply(w, option, rep::ACK, &[])?;
+                }
+                opt::STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        reply(
+                            w,
+                            option,
+                            rep::ERR_INVALID,
+                            b"STRUCTURED_REPLY takes no data",
+                        )?;
+                    } else {
+                        structured = true;
+                        reply(w, option, rep::ACK, &[])?;
+                    }
+                }
+                opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                    let set = option == opt::SET_META_CONTEXT;
+                    let m = match proto::parse_meta(&data) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            reply(w, option, rep::ERR_INVALID, e.0.as_bytes())?;
+                            continue;
+                        }
+                    };
+                    if !structured {
+                        reply(
+                            w,
+                            option,
+                            rep::ERR_INVALID,
+                            b"meta contexts need structured replies first",
+                        )?;
+                        continue;
+                    }
+                    if self.lookup(&m.name).is_none() {
+                        reply(w, option, rep::ERR_UNKNOWN, b"no such export")?;
+                        continue;
+                    }
+                    let mut found: Vec<(&str, u32)> = Vec::new();
+                    if m.queries.is_empty() && !set {
+                        found.extend(proto::CONTEXTS);
+                    }
+                    for q in &m.queries {
+                        for c in proto::match_contexts(q, !set) {
+                            if !found.contains(&c) {
+                                found.push(c);
+                            }
+                        }
+                    }
+                    for (name, id) in &found {
+                        let mut d = id.to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        send_reply(w, option, rep::META_CONTEXT, &d)?;
+                    }
+                    if set {
+                        meta = (m.name.clone(), found.iter().map(|c| c.1).collect());
+                    }
+                    reply(w, option, rep::ACK, &[])?;
+                }
+                opt::INFO | opt::GO => {
+                    let req = match proto::parse_info(&data) {
+                        Ok(i) => i,
+                        Err(e) => {
+                            reply(w, option, rep::ERR_INVALID, e.0.as_bytes())?;
+                            continue;
+                        }
+                    };
+                    let Some(export) = self.lookup(&req.name) else {
+                        let msg = format!("no export named '{}'", req.name.escape_debug());
+                        reply(w, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
+                        continue;
+                    };
+                    send_info(w, option, &export, &req.requests)?;
+                    reply(w, option, rep::ACK, &[])?;
+                    if option == opt::GO {
+                        let contexts = if meta.0 == req.name {
+                            meta.1.clone()
+                        } else {
+                            Vec::new()
+                        };
+                        return Ok(Some(Session {
+                            export,
+                            structured,
+                            contexts,
+                        }));
+                    }
+                }
+                opt::STARTTLS => {
+                    reply(
+                        w,
+                        option,
+                        rep::ERR_POLICY,
+                        b"this listener does not offer TLS",
+                    )?;
+                }
+                _ => {
+                    reply(w, option, rep::ERR_UNSUP, b"option not supported")?;
+                }
+            }
+        }
+    }
+
+    /// An export by name; the empty name is the only export, when there is exactly one.
+    fn lookup(&self, name: &str) -> Option<Arc<Export>> {
+        if name.is_empty() {
+            let all = self.registry.exports();
+            return if all.len() == 1 {
+                all.into_iter().next()
+            } else {
+                None
+            };
+        }
+        self.registry.get(name).ok()
+    }
+}
+
+fn transmission_flags(e: &Export) -> u16 {
+    let mut f = tflag::HAS_FLAGS
+        | tflag::SEND_FLUSH
+        | tflag::SEND_FUA
+        | tflag::SEND_DF
+        | tflag::CAN_MULTI_CONN
+        | tflag::SEND_CACHE;
+    if e.read_only() {
+        f |= tflag::READ_ONLY;
+    } else {
+        f |= tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO;
+    }
+    f
+}
+
+fn send_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    w.write_all(&proto::option_reply(option, kind, data.len() as u32))?;
+    w.write_all(data)
+}
+
+/// Sends one option reply and flushes.
+fn reply(w: &mut BufWriter<Sock>, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    send_reply(w, option, kind, data)?;
+    w.flush()
+}
+
+fn send_info(w: &mut impl Write, option: u32, e: &Export, asked: &[u16]) -> io::Result<()> {
+    let i = e.device().info();
+    let mut d = info::EXPORT.to_be_bytes().to_vec();
+    d.extend_from_slice(&i.capacity.to_be_bytes());
+    d.extend_from_slice(&transmission_flags(e).to_be_bytes());
+    send_reply(w, option, rep::INFO, &d)?;
+    // Block sizes are always sent: the stack takes whole logical sectors only.
+    let mut d = info::BLOCK_SIZE.to_be_bytes().to_vec();
+    d.extend_from_slice(&i.logical_sector_size.to_be_bytes());
+    d.extend_from_slice(&i.physical_sector_size.max(4096).to_be_bytes());
+    d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+    send_reply(w, option, rep::INFO, &d)?;
+    if asked.contains(&info::NAME) {
+        let mut d = info::NAME.to_be_bytes().to_vec();
+        d.extend_from_slice(e.name().as_bytes());
+        send_reply(w, option, rep::INFO, &d)?;
+    }
+    if asked.contains(&info::DESCRIPTION) {
+        let mut d = info::DESCRIPTION.to_be_bytes().to_vec();
+        let desc = e.device().describe();
+        d.extend_from_slice(&desc.as_bytes()[..desc.len().min(4096)]);
+        send_reply(w, option, rep::INFO, &d)?;
+    }
+    Ok(())
+}
+
+/// What the handshake settled.
+struct Session {
+    export: Arc<Export>,
+    structured: bool,
+    contexts: Vec<u32>,
+}
+
+/// One request waiting for a worker.
+struct Job {
+    h: proto::RequestHeader,
+    /// The payload of a WRITE.
+    data: Vec<u8>,
+}
+
+/// The requests of a connection between its reader and its workers.
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+    room: Condvar,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    bytes: u64,
+    closed: bool,
+}
+
+impl Queue {
+    fn push(&self, job: Job) {
+        let n = job_bytes(&job.h);
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.bytes > 0 && s.bytes + n > MAX_IN_FLIGHT_BYTES {
+            s = self.room.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.bytes += n;
+        s.jobs.push_back(job);
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    /// Every job waiting, up to `BATCH`; empty once closed and drained.
+    fn take(&self) -> Vec<Job> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.jobs.is_empty() && !s.closed {
+            s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        let n = s.jobs.len().min(BATCH);
+        s.jobs.drain(..n).collect()
+    }
+
+    fn release(&self, jobs: &[Job]) {
+        let n: u64 = jobs.iter().map(|j| job_bytes(&j.h)).sum();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.bytes -= n;
+        drop(s);
+        self.room.notify_all();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// The buffer bytes a request holds while it waits and runs.
+fn job_bytes(h: &proto::RequestHeader) -> u64 {
+    match h.kind {
+        cmd::READ | cmd::WRITE => u64::from(h.len),
+        _ => 0,
+    }
+}
+
+/// Serves requests until the client disconnects or the export goes away.
+fn transmission(
+    mut r: BufReader<Sock>,
+    w: BufWriter<Sock>,
+    conn: Connection,
+    session: Session,
+    workers: usize,
+) -> io::Result<()> {
+    let export = conn.export().clone();
+    let queue = Arc::new(Queue {
+        state: Mutex::new(QueueState {
+            jobs: VecDeque::new(),
+            bytes: 0,
+            closed: false,
+        }),
+        ready: Condvar::new(),
+        room: Condvar::new(),
+    });
+    let shared = Arc::new(Worker {
+        export,
+        out: Mutex::new(w),
+        structured: session.structured,
+        contexts: session.contexts,
+    });
+    let mut threads = Vec::new();
+    for _ in 0..workers {
+        let (q, s) = (queue.clone(), shared.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("nbd-worker".into())
+                .stack_size(1 << 20)
+                .spawn(move || loop {
+                    let jobs = q.take();
+                    if jobs.is_empty() {
+                        return;
+                    }
+                    let ok = s.run(&jobs);
+                    q.release(&jobs);
+                    if ok.is_err() {
+                        // The client is gone: let the reader see it too.
+                        s.out
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_ref()
+                            .shutdown_both();
+                    }
+                })?,
+        );
+    }
+    let result = read_requests(&mut r, &queue, &shared);
+    queue.close();
+    for t in threads {
+        let _ = t.join();
+    }
+    drop(conn);
+    result
+}
+
+/// The reader: parses requests and hands them to the workers, until DISC or the end.
+fn read_requests(r: &mut BufReader<Sock>, queue: &Queue, s: &Worker) -> io::Result<()> {
+    loop {
+        let mut hb = [0u8; proto::REQUEST_HEADER];
+        match r.read_exact(&mut hb) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let h = proto::parse_request(&hb)
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m.0))?;
+        match h.kind {
+            cmd::DISC => return Ok(()),
+            cmd::WRITE => {
+                if h.len > MAX_PAYLOAD {
+                    // Its payload is not read: answer, then end the connection.
+                    s.send_error(h.cookie, err::EOVERFLOW, "write longer than 32 MiB")?;
+                    return Ok(());
+                }
+                let mut data = vec![0u8; h.len as usize];
+                r.read_exact(&mut data)?;
+                queue.push(Job { h, data });
+            }
+            _ => queue.push(Job {
+                h,
+                data: Vec::new(),
+            }),
+        }
+    }
+}
+
+/// What the workers of a connection share.
+struct Worker {
+    export: Arc<Export>,
+    out: Mutex<BufWriter<Sock>>,
+    structured: bool,
+    contexts: Vec<u32>,
+}
+
+/// The pieces of a read: (offset in the read, length, is a hole).
+type Pieces = Vec<(u64, u64, bool)>;
+
+/// The outcome of one job, ready to be sent.
+enum Outcome {
+    /// Success with no data.
+    Ok,
+    /// An error number and a message.
+    Err(u32, String),
+    /// A read: the data, and where holes are (offset in the buffer, length) when sent as
+    /// structured chunks.
+    Read(Vec<u8>, Pieces),
+    /// Block status chunks, one per context: (context id, descriptors).
+    Status(Vec<(u32, Vec<(u32, u32)>)>),
+}
+
+fn errno_of(e: &vstor_core::Error) -> u32 {
+    match e.kind() {
+        ErrorKind::ReadOnly => err::EPERM,
+        ErrorKind::NoSpace => err::ENOSPC,
+        ErrorKind::InvalidInput | ErrorKind::OutOfRange => err::EINVAL,
+        ErrorKind::Unsupported => err::ENOTSUP,
+        ErrorKind::Cancelled | ErrorKind::Unavailable => err::EIO,
+        _ => err::EIO,
+    }
+}
+
+/// The command flags each command may carry.
+fn allowed_flags(kind: u16) -> u16 {
+    match kind {
+        cmd::READ => cflag::DF,
+        cmd::WRITE => cflag::FUA,
+        cmd::FLUSH | cmd::CACHE => 0,
+        cmd::TRIM => cflag::FUA,
+        cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
+        cmd::BLOCK_STATUS => cflag::REQ_ONE,
+        _ => 0,
+    }
+}
+
+impl Worker {
+    fn send_error(&self, cookie: u64, errno: u32, msg: &str) -> io::Result<()> {
+        let mut w = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_outcome(&mut w, cookie, 0, Outcome::Err(errno, msg.to_string()))?;
+        w.flush()
+    }
+
+    /// Checks a request before it runs: a refusal names the NBD error.
+    fn check(&self, h: &proto::RequestHeader) -> Result<(), (u32, String)> {
+        let e = &self.export;
+        let info = e.device().info();
+        if !matches!(
+            h.kind,
+            cmd::READ
+                | cmd::WRITE
+                | cmd::FLUSH
+                | cmd::TRIM
+                | cmd::CACHE
+                | cmd::WRITE_ZEROES
+                | cmd::BLOCK_STATUS
+        ) {
+            return Err((err::EINVAL, format!("unknown command {}", h.kind)));
+        }
+        if h.flags & !allowed_flags(h.kind) != 0 {
+            return Err((
+                err::EINVAL,
+                format!("flags {:#x} not valid for command {}", h.flags, h.kind),
+            ));
+        }
+        let writes = matches!(h.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+        if writes && e.read_only() {
+            return Err((err::EPERM, "the export is read-only".into()));
+        }
+        if h.kind == cmd::FLUSH {
+            return Ok(());
+        }
+        if h.kind == cmd::BLOCK_STATUS && self.contexts.is_empty() {
+            return Err((err::EINVAL, "no meta context was selected".into()));
+        }
+        if h.kind == cmd::READ && h.len > MAX_PAYLOAD {
+            return Err((err::EOVERFLOW, "read longer than 32 MiB".into()));
+        }
+        if h.len == 0 {
+            return Err((err::EINVAL, "zero-length request".into()));
+        }
+        let end = h.offset.checked_add(u64::from(h.len));
+        if end.is_none_or(|end| end > info.capacity) {
+            let errno = if writes { err::ENOSPC } else { err::EINVAL };
+            return Err((errno, "request past the end of the export".into()));
+        }
+        let align = u64::from(info.logical_sector_size.max(1));
+        if h.kind != cmd::BLOCK_STATUS
+            && h.kind != cmd::CACHE
+            && (h.offset % align != 0 || u64::from(h.len) % align != 0)
+        {
+            return Err((
+                err::EINVAL,
+                format!("request not aligned to the {align}-byte block size"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a batch of jobs and sends their replies. An error means the client is gone.
+    fn run(&self, jobs: &[Job]) -> io::Result<()> {
+        let dev = self.export.device();
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(jobs.len());
+        // Reads: their buffers, and for long structured reads the holes they skip.
+        let mut read_bufs: Vec<(usize, Vec<u8>, Pieces)> = Vec::new();
+        let mut guards = Vec::with_capacity(jobs.len());
+        for (i, j) in jobs.iter().enumerate() {
+            let op = match j.h.kind {
+                cmd::READ => Some(OpKind::Read),
+                cmd::WRITE => Some(OpKind::Write),
+                cmd::FLUSH => Some(OpKind::Flush),
+                cmd::TRIM => Some(OpKind::Discard),
+                cmd::WRITE_ZEROES => Some(OpKind::WriteZeroes),
+                _ => None,
+            };
+            guards.push(op.map(|op| self.export.begin(op, u64::from(j.h.len))));
+            if let Err((errno, msg)) = self.check(&j.h) {
+                outcomes.push(Some(Outcome::Err(errno, msg)));
+                continue;
+            }
+            match j.h.kind {
+                cmd::READ => {
+                    let pieces = if self.structured && j.h.len >= HOLE_READ_MIN {
+                        match dev.allocation(j.h.offset, u64::from(j.h.len)) {
+                            Ok(ext) => pieces_of(&ext),
+                            Err(_) => vec![(0, u64::from(j.h.len), false)],
+                        }
+                    } else {
+                        vec![(0, u64::from(j.h.len), false)]
+                    };
+                    read_bufs.push((i, vec![0u8; j.h.len as usize], pieces));
+                    outcomes.push(None);
+                }
+                cmd::BLOCK_STATUS => outcomes.push(Some(self.block_status(&j.h))),
+                cmd::CACHE => outcomes.push(Some(Outcome::Ok)),
+                cmd::WRITE_ZEROES if j.h.flags & cflag::NO_HOLE != 0 => {
+                    // Allocated zeroes: written as data, which is never fast.
+                    if j.h.flags & cflag::FAST_ZERO != 0 {
+                        outcomes.push(Some(Outcome::Err(
+                            err::ENOTSUP,
+                            "allocated zeroes are not fast here".into(),
+                        )));
+                    } else {
+                        outcomes.push(Some(write_allocated_zeroes(
+                            dev.as_ref(),
+                            j.h.offset,
+                            u64::from(j.h.len),
+                            j.h.flags & cflag::FUA != 0,
+                        )));
+                    }
+                }
+                cmd::WRITE_ZEROES if !dev.info().supports.write_zeroes => {
+                    if j.h.flags & cflag::FAST_ZERO != 0 {
+                        outcomes.push(Some(Outcome::Err(
+                            err::ENOTSUP,
+                            "the export cannot write zeroes fast".into(),
+                        )));
+                    } else {
+                        outcomes.push(Some(write_allocated_zeroes(
+                            dev.as_ref(),
+                            j.h.offset,
+                            u64::from(j.h.len),
+                            j.h.flags & cflag::FUA != 0,
+                        )));
+                    }
+                }
+                cmd::TRIM if !dev.info().supports.discard => outcomes.push(Some(Outcome::Ok)),
+                _ => outcomes.push(None),
+            }
+        }
+        // The batch: every job without an outcome yet, then one flush for FUA writes.
+        {
+            let mut batch: Vec<Request<'_>> = Vec::with_capacity(jobs.len() + 1);
+            let mut owner: Vec<usize> = Vec::with_capacity(jobs.len() + 1);
+            let mut rb = read_bufs.iter_mut();
+            let mut fua = false;
+            for (i, j) in jobs.iter().enumerate() {
+                if outcomes[i].is_some() {
+                    continue;
+                }
+                match j.h.kind {
+                    cmd::READ => {
+                        let (_, buf, pieces) = rb.next().expect("one buffer per read");
+                        let mut rest: &mut [u8] = buf;
+                        let mut consumed = 0u64;
+                        for &(at, len, hole) in pieces.iter() {
+                            let (_, tail) =
+                                std::mem::take(&mut rest).split_at_mut((at - consumed) as usize);
+                            let (piece, tail) = tail.split_at_mut(len as usize);
+                            rest = tail;
+                            consumed = at + len;
+                            if !hole {
+                                batch.push(Request::read(j.h.offset + at, piece));
+                                owner.push(i);
+                            }
+                        }
+                    }
+                    cmd::WRITE => {
+                        batch.push(Request::write(j.h.offset, &j.data));
+                        owner.push(i);
+                        fua |= j.h.flags & cflag::FUA != 0;
+                    }
+                    cmd::FLUSH => {
+                        batch.push(Request::flush());
+                        owner.push(i);
+                    }
+                    cmd::TRIM => {
+                        batch.push(Request::discard(j.h.offset, u64::from(j.h.len)));
+                        owner.push(i);
+                        fua |= j.h.flags & cflag::FUA != 0;
+                    }
+                    _ => {
+                        batch.push(Request::write_zeroes(j.h.offset, u64::from(j.h.len)));
+                        owner.push(i);
+                        fua |= j.h.flags & cflag::FUA != 0;
+                    }
+                }
+            }
+            if fua {
+                batch.push(Request::flush());
+                owner.push(usize::MAX);
+            }
+            if !batch.is_empty() {
+                dev.submit(&mut batch);
+            }
+            let mut failed: Vec<Option<vstor_core::Error>> = vec![None; jobs.len()];
+            let mut fua_failed = None;
+            for (req, &i) in batch.iter().zip(&owner) {
+                if let Err(e) = req.result() {
+                    if i == usize::MAX {
+                        fua_failed = Some(e);
+                    } else if failed[i].is_none() {
+                        failed[i] = Some(e);
+                    }
+                }
+            }
+            drop(batch);
+            for (i, j) in jobs.iter().enumerate() {
+                if outcomes[i].is_some() || j.h.kind == cmd::READ {
+                    continue;
+                }
+                let is_fua = j.h.flags & cflag::FUA != 0;
+                outcomes[i] = Some(match (&failed[i], &fua_failed) {
+                    (Some(e), _) => Outcome::Err(errno_of(e), e.to_string()),
+                    (None, Some(e)) if is_fua => Outcome::Err(errno_of(e), e.to_string()),
+                    _ => Outcome::Ok,
+                });
+            }
+            for (i, buf, pieces) in read_bufs {
+                outcomes[i] = Some(match &failed[i] {
+                    Some(e) => Outcome::Err(errno_of(e), e.to_string()),
+                    None => Outcome::Read(buf, pieces),
+                });
+            }
+        }
+        let mut w = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        for ((j, o), g) in jobs.iter().zip(outcomes).zip(guards) {
+            let o = o.expect("every job has an outcome");
+            if let Some(g) = g {
+                g.done(!matches!(o, Outcome::Err(..)));
+            }
+            self.write_outcome(&mut w, j.h.cookie, j.h.offset, o)?;
+        }
+        w.flush()
+    }
+
+    fn block_status(&self, h: &proto::RequestHeader) -> Outcome {
+        let ext = match self.export.device().allocation(h.offset, u64::from(h.len)) {
+            Ok(e) => e,
+            Err(e) => return Outcome::Err(errno_of(&e), e.to_string()),
+        };
+        let one = h.flags & cflag::REQ_ONE != 0;
+        let mut chunks = Vec::new();
+        for &ctx in &self.contexts {
+            let mut d: Vec<(u32, u32)> = Vec::new();
+            for e in &ext {
+                let flags = if ctx == proto::CONTEXT_BASE_ALLOCATION {
+                    (if e.depth == 0 { proto::STATE_HOLE } else { 0 })
+                        | (if e.zero { proto::STATE_ZERO } else { 0 })
+                } else {
+                    e.depth
+                };
+                // Extents within one request are under 4 GiB; merge equal neighbours.
+                match d.last_mut() {
+                    Some(last) if last.1 == flags => last.0 += e.len as u32,
+                    _ => d.push((e.len as u32, flags)),
+                }
+            }
+            if one {
+                d.truncate(1);
+            }
+            chunks.push((ctx, d));
+        }
+        Outcome::Status(chunks)
+    }
+
+    /// Writes the reply to the request `cookie` (whose offset is `offset`).
+    fn write_outcome(
+        &self,
+        w: &mut BufWriter<Sock>,
+        cookie: u64,
+        offset: u64,
+        o: Outcome,
+    ) -> io::Result<()> {
+        if !self.structured {
+            return match o {
+                Outcome::Ok | Outcome::Status(_) => w.write_all(&proto::simple_reply(0, cookie)),
+                Outcome::Err(e, _) => w.write_all(&proto::simple_reply(e, cookie)),
+                Outcome::Read(buf, _) => {
+                    w.write_all(&proto::simple_reply(0, cookie))?;
+                    w.write_all(&buf)
+                }
+            };
+        }
+        let done = chunk::FLAG_DONE;
+        match o {
+            Outcome::Ok => w.write_all(&proto::chunk_header(done, chunk::NONE, cookie, 0)),
+            Outcome::Err(e, msg) => {
+                let msg = &msg.as_bytes()[..msg.len().min(1024)];
+                w.write_all(&proto::chunk_header(
+                    done,
+                    chunk::ERROR,
+                    cookie,
+                    6 + msg.len() as u32,
+                ))?;
+                w.write_all(&e.to_be_bytes())?;
+                w.write_all(&(msg.len() as u16).to_be_bytes())?;
+                w.write_all(msg)
+            }
+            Outcome::Read(buf, pieces) => {
+                let n = pieces.len();
+                for (k, (at, len, hole)) in pieces.into_iter().enumerate() {
+                    let flags = if k + 1 == n { done } else { 0 };
+                    if hole {
+                        w.write_all(&proto::chunk_header(flags, chunk::OFFSET_HOLE, cookie, 12))?;
+                        w.write_all(&(offset + at).to_be_bytes())?;
+                        w.write_all(&(len as u32).to_be_bytes())?;
+                    } else {
+                        w.write_all(&proto::chunk_header(
+                            flags,
+                            chunk::OFFSET_DATA,
+                            cookie,
+                            8 + len as u32,
+                        ))?;
+                        w.write_all(&(offset + at).to_be_bytes())?;
+                        w.write_all(&buf[at as usize..(at + len) as usize])?;
+                    }
+                }
+                Ok(())
+            }
+            Outcome::Status(chunks) => {
+                let n = chunks.len();
+                for (k, (ctx, d)) in chunks.into_iter().enumerate() {
+                    let flags = if k + 1 == n { done } else { 0 };
+                    w.write_all(&proto::chunk_header(
+                        flags,
+                        chunk::BLOCK_STATUS,
+                        cookie,
+                        4 + 8 * d.len() as u32,
+                    ))?;
+                    w.write_all(&ctx.to_be_bytes())?;
+                    for (len, f) in d {
+                        w.write_all(&len.to_be_bytes())?;
+                        w.write_all(&f.to_be_bytes())?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Splits a read into (offset in the read, length, is a hole) pieces from the allocation map.
+fn pieces_of(ext: &[Extent]) -> Vec<(u64, u64, bool)> {
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut at = 0;
+    for e in ext {
+        let hole = e.zero;
+        match out.last_mut() {
+            Some(last) if last.2 == hole => last.1 += e.len,
+            _ => out.push((at, e.len, hole)),
+        }
+        at += e.len;
+    }
+    out
+}
+
+/// WRITE_ZEROES with NO_HOLE (or on a stack without write-zeroes): zeroes written as data.
+fn write_allocated_zeroes(dev: &dyn BlockDevice, offset: u64, len: u64, fua: bool) -> Outcome {
+    let chunk = (1u64 << 20).min(len) as usize;
+    let zeros = vec![0u8; chunk];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(chunk as u64) as usize;
+        if let Err(e) = dev.write_at(offset + pos, &zeros[..n]) {
+            return Outcome::Err(errno_of(&e), e.to_string());
+        }
+        pos += n as u64;
+    }
+    if fua {
+        if let Err(e) = dev.flush() {
+            return Outcome::Err(errno_of(&e), e.to_string());
+        }
+    }
+    Outcome::Ok
+}
