@@ -120,7 +120,7 @@ pub struct StackContext {
     pub qos: Option<Arc<Qos>>,
     /// Open a writable VHDX as a [`LiveDisk`](vstor_vhdx::live::LiveDisk), which can be
     /// checkpointed, merged back and cloned while in use (what a daemon serving it needs). It
-    /// opens the image with the default file options.
+    /// honours the target's file options (direct, engine, locking, share-rw).
     pub live_vhdx: bool,
 }
 
@@ -450,7 +450,11 @@ impl TargetSpec {
                         .or(defaults.read_only)
                         .unwrap_or(false) =>
             {
-                let live = Arc::new(vstor_vhdx::live::LiveDisk::open(path)?);
+                let opts = vstor_vhdx::OpenOptions {
+                    file: spec.file_options(defaults, false),
+                    ..Default::default()
+                };
+                let live = Arc::new(vstor_vhdx::live::LiveDisk::open_with(path, &opts)?);
                 OpenedTarget {
                     device: live.clone(),
                     notes: live.current().notes(),
@@ -482,11 +486,12 @@ impl TargetSpec {
         Ok(opened)
     }
 
-    fn open_base(&self, defaults: &TargetOptions) -> Result<OpenedTarget, Error> {
+    /// The file options of the base: the target's own options, else `defaults`, else the
+    /// built-in defaults.
+    fn file_options(&self, defaults: &TargetOptions, read_only: bool) -> FileOptions {
         let pick = |t: Option<bool>, d: Option<bool>, dflt: bool| t.or(d).unwrap_or(dflt);
         let o = &self.options;
-        let read_only = pick(o.read_only, defaults.read_only, false);
-        let file = FileOptions {
+        FileOptions {
             read_only,
             direct: pick(o.direct, defaults.direct, false),
             engine: o.engine.or(defaults.engine).unwrap_or_default(),
@@ -494,7 +499,16 @@ impl TargetSpec {
             lock: pick(o.locking, defaults.locking, true),
             share_rw: pick(o.share_rw, defaults.share_rw, false),
             keep_writers_out: false,
-        };
+        }
+    }
+
+    fn open_base(&self, defaults: &TargetOptions) -> Result<OpenedTarget, Error> {
+        let read_only = self
+            .options
+            .read_only
+            .or(defaults.read_only)
+            .unwrap_or(false);
+        let file = self.file_options(defaults, read_only);
         let decided = self.format_decided().to_string();
         let done = |device: Arc<dyn BlockDevice>, notes: Vec<String>, format: Detected| {
             Ok(OpenedTarget {

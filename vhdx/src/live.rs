@@ -32,6 +32,8 @@ pub struct LiveDisk {
     dirty: Mutex<BTreeSet<u64>>,
     /// Serializes checkpoint and merge.
     ops: Mutex<()>,
+    /// How images are opened (the current one, a checkpoint's child, a merge's parent).
+    opts: OpenOptions,
 }
 
 impl std::fmt::Debug for LiveDisk {
@@ -45,7 +47,17 @@ impl std::fmt::Debug for LiveDisk {
 impl LiveDisk {
     /// Opens the image at `path` (writable, with its chain).
     pub fn open(path: impl AsRef<Path>) -> Result<LiveDisk> {
-        let v = Vhdx::open(path, &OpenOptions::default())?;
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// Opens the image at `path` with its chain, with `opts` (direct I/O, engine, locking) for
+    /// it and for the images later checkpoints and merges open. It is always writable.
+    pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<LiveDisk> {
+        let opts = OpenOptions {
+            read_only: false,
+            ..opts.clone()
+        };
+        let v = Vhdx::open(path, &opts)?;
         let cap = v.capacity();
         Ok(LiveDisk {
             cur: RwLock::new(Arc::new(v)),
@@ -53,6 +65,7 @@ impl LiveDisk {
             tracking: AtomicBool::new(false),
             dirty: Mutex::new(BTreeSet::new()),
             ops: Mutex::new(()),
+            opts,
         })
     }
 
@@ -75,7 +88,7 @@ impl LiveDisk {
         g.flush()?;
         g.close()?;
         let child = lifecycle::checkpoint(&path, child)?;
-        let v = Vhdx::open(&child, &OpenOptions::default())?;
+        let v = Vhdx::open(&child, &self.opts)?;
         let parent = v
             .parent()
             .cloned()
@@ -101,7 +114,7 @@ impl LiveDisk {
             .ok_or_else(|| invalid("the child has no path"))?
             .to_path_buf();
         let size = child.capacity();
-        let target = Vhdx::open(&parent_path, &OpenOptions::default())?;
+        let target = Vhdx::open(&parent_path, &self.opts)?;
         if target.capacity() < size {
             target.resize_with(size, &Job::new())?;
         }
