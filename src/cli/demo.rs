@@ -1,6 +1,8 @@
 //! `vstor demo`: a small stack on temporary files, showing what the project does so far.
 
 use clap::Args;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vstor::bench::{self, BenchParams};
 use vstor::core::fault::Fate;
@@ -159,7 +161,7 @@ pub fn run(a: DemoArgs) -> Result<(), Error> {
 }
 
 /// Step 5: a VHDX chain, and a power cut in the middle of VHDX metadata updates.
-fn vhdx_demo(dir: &std::path::Path) -> Result<(), Error> {
+fn vhdx_demo(dir: &Path) -> Result<(), Error> {
     use vstor::vhdx::{check, CreateOptions, OpenOptions, Src, Vhdx};
     let base_path = dir.join("base.vhdx");
     let child_path = dir.join("child.avhdx");
@@ -252,7 +254,7 @@ fn vhdx_demo(dir: &std::path::Path) -> Result<(), Error> {
 }
 
 /// Step 7: the lifecycle of a disk in use: online resize, checkpoint, merge back.
-fn lifecycle_demo(dir: &std::path::Path) -> Result<(), Error> {
+fn lifecycle_demo(dir: &Path) -> Result<(), Error> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use vstor::core::Job;
     use vstor::vhdx::live::LiveDisk;
@@ -352,7 +354,7 @@ fn holds(dev: &dyn BlockDevice, len: u64, byte: u8) -> Result<bool, Error> {
 
 /// Step 8: a pool of five member files with a mirrored and a parity space; one member lost,
 /// the data still there; a new member added and the spaces repaired onto it.
-fn pool_demo(dir: &std::path::Path) -> Result<(), Error> {
+fn pool_demo(dir: &Path) -> Result<(), Error> {
     use vstor::spaces::{
         CreateOptions, OpenOptions, Pool, Provisioning, Resiliency, SpaceHealth, SpaceSpec,
     };
@@ -451,7 +453,7 @@ fn pool_demo(dir: &std::path::Path) -> Result<(), Error> {
 
 /// Step 9: the same 4 KiB random reads on one raw disk, without and with a QoS layer that
 /// caps it at 400 IOPS (8 KiB-normalized: a 4 KiB read costs one unit).
-fn qos_demo(dir: &std::path::Path) -> Result<(), Error> {
+fn qos_demo(dir: &Path) -> Result<(), Error> {
     let path = dir.join("qos.raw");
     FileDevice::create(&path, 64 << 20, &FileOptions::default())?;
     let p = path.display();
@@ -477,18 +479,8 @@ fn qos_demo(dir: &std::path::Path) -> Result<(), Error> {
 }
 
 /// Step 10: the reference VMM's test guest on a VHDX, where this machine can run it.
-fn vmm_demo(dir: &std::path::Path) -> Result<(), Error> {
-    let vmm = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("vstor-vmm")))
-        .filter(|p| p.is_file());
-    let Some(vmm) = vmm else {
-        println!(
-            "10. VMM: skipped: vstor-vmm is not built beside this binary (cargo build --release \
-             -p vstor-vmm, then run the demo again)"
-        );
-        return Ok(());
-    };
+fn vmm_demo(dir: &Path) -> Result<(), Error> {
+    // First what no build can change: a machine without KVM is told so at once.
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -497,6 +489,16 @@ fn vmm_demo(dir: &std::path::Path) -> Result<(), Error> {
         println!("10. VMM: skipped: /dev/kvm cannot be opened ({e})");
         return Ok(());
     }
+    let exe = std::env::current_exe().map_err(super::io_err("cannot find this binary"))?;
+    // `cargo run` (and `cargo test`) set both at run time: then cargo can build the VMM.
+    let cargo = std::env::var_os("CARGO").zip(std::env::var_os("CARGO_MANIFEST_DIR"));
+    let vmm = match find_or_build_vmm(&exe, cargo) {
+        Ok(vmm) => vmm,
+        Err(why) => {
+            println!("10. VMM: skipped: {why}");
+            return Ok(());
+        }
+    };
     let disk = dir.join("guest.vhdx");
     vstor::vhdx::Vhdx::create(&disk, &vstor::vhdx::CreateOptions::dynamic(64 << 20))?.close()?;
     let t = std::time::Instant::now();
@@ -520,4 +522,161 @@ fn vmm_demo(dir: &std::path::Path) -> Result<(), Error> {
         println!("10. VMM: the test guest could not run here: {last}");
     }
     Ok(())
+}
+
+/// The `vstor-vmm` binary beside `exe`. When it is not there and the demo runs under cargo
+/// (`cargo`: the CARGO and CARGO_MANIFEST_DIR that cargo sets at run time), cargo builds it
+/// now, in the profile of the directory `exe` is in, so that it lands beside `exe`. `Err` is
+/// the one-line reason there is none.
+fn find_or_build_vmm(exe: &Path, cargo: Option<(OsString, OsString)>) -> Result<PathBuf, String> {
+    let dir = exe
+        .parent()
+        .ok_or_else(|| format!("{} has no directory", exe.display()))?;
+    let vmm = dir.join("vstor-vmm");
+    if vmm.is_file() {
+        return Ok(vmm);
+    }
+    let Some((cargo, manifest_dir)) = cargo else {
+        let how = "cargo build --release -p vstor-vmm, then run the demo again";
+        return Err(format!("vstor-vmm is not built beside this binary ({how})"));
+    };
+    // Cargo puts a profile's binaries in target/<dir>, where <dir> is "debug" for `dev`.
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(name) => name,
+        None => return Err(format!("{} is no profile's directory", dir.display())),
+    };
+    let profile_args: Vec<&str> = match profile {
+        "release" => vec!["--release"],
+        "dev" => vec![],
+        other => vec!["--profile", other],
+    };
+    let shown = ["cargo build"]
+        .into_iter()
+        .chain(profile_args.iter().copied())
+        .chain(["-p vstor-vmm"])
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!(
+        "   step 10 needs vstor-vmm, which is not built beside this binary: running `{shown}` \
+         (a few minutes the first time; cargo's progress is on stderr)"
+    );
+    let t = std::time::Instant::now();
+    let status = std::process::Command::new(&cargo)
+        .arg("build")
+        .args(&profile_args)
+        .args(["-p", "vstor-vmm", "--manifest-path"])
+        .arg(Path::new(&manifest_dir).join("Cargo.toml"))
+        .stdin(std::process::Stdio::null())
+        // This stdout is the demo's report; anything cargo prints goes with its progress.
+        .stdout(std::io::stderr())
+        .status()
+        .map_err(|e| format!("cannot run {} ({e})", Path::new(&cargo).display()))?;
+    let secs = t.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(format!("`{shown}` failed after {secs:.1} s ({status})"));
+    }
+    println!("   cargo built vstor-vmm in {secs:.1} s");
+    if vmm.is_file() {
+        Ok(vmm)
+    } else {
+        Err(format!(
+            "`{shown}` succeeded but left no vstor-vmm beside this binary in {}",
+            dir.display()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_or_build_vmm;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    /// Writes an executable shell script.
+    fn script(path: &Path, body: &str) {
+        std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    // One test, so that no other thread of this binary forks while a script is open for writing
+    // (the child would hold it, and running the script would fail with ETXTBSY).
+    #[test]
+    fn the_vmm_is_found_beside_the_binary_or_built_by_cargo_or_a_reason_is_given() {
+        let d = tempfile::tempdir().unwrap();
+        let release = d.path().join("target/release");
+        let debug = d.path().join("target/debug");
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::create_dir_all(&debug).unwrap();
+        let log = d.path().join("cargo.log");
+        // A cargo that notes its arguments and builds the VMM where a real one would.
+        let builds = d.path().join("cargo-builds");
+        script(
+            &builds,
+            &format!(
+                "echo \"$@\" >> {log}\nprof=debug\n[ \"$2\" = --release ] && prof=release\n\
+                 printf '#!/bin/sh\\n' > {t}/$prof/vstor-vmm\nchmod +x {t}/$prof/vstor-vmm",
+                log = log.display(),
+                t = d.path().join("target").display()
+            ),
+        );
+        let fails = d.path().join("cargo-fails");
+        script(
+            &fails,
+            &format!("echo \"$@\" >> {}\nexit 101", log.display()),
+        );
+        let idle = d.path().join("cargo-idle");
+        script(&idle, &format!("echo \"$@\" >> {}", log.display()));
+        let under = |cargo: &Path| Some((cargo.into(), "/src/vstor".into()));
+        let calls = || std::fs::read_to_string(&log).unwrap_or_default();
+
+        // Not built, not under cargo: the reason, and how to build it.
+        let exe = release.join("vstor");
+        let why = find_or_build_vmm(&exe, None).unwrap_err();
+        assert!(
+            why.starts_with("vstor-vmm is not built beside this binary (cargo build --release"),
+            "{why}"
+        );
+        // Under cargo: cargo builds it in this binary's profile, and it is used.
+        let vmm = find_or_build_vmm(&exe, under(&builds)).unwrap();
+        assert_eq!(vmm, release.join("vstor-vmm"));
+        assert_eq!(
+            calls(),
+            "build --release -p vstor-vmm --manifest-path /src/vstor/Cargo.toml\n"
+        );
+        // Once built, it is found without cargo.
+        assert_eq!(find_or_build_vmm(&exe, under(&fails)).unwrap(), vmm);
+        assert_eq!(calls().lines().count(), 1);
+        // A debug binary gets a debug build.
+        let vmm = find_or_build_vmm(&debug.join("vstor"), under(&builds)).unwrap();
+        assert_eq!(vmm, debug.join("vstor-vmm"));
+        assert_eq!(
+            calls().lines().last().unwrap(),
+            "build -p vstor-vmm --manifest-path /src/vstor/Cargo.toml"
+        );
+        // A custom profile is named.
+        let bench = d.path().join("target/bench");
+        std::fs::create_dir_all(&bench).unwrap();
+        let why = find_or_build_vmm(&bench.join("vstor"), under(&idle)).unwrap_err();
+        assert_eq!(
+            calls().lines().last().unwrap(),
+            "build --profile bench -p vstor-vmm --manifest-path /src/vstor/Cargo.toml"
+        );
+        // A build that leaves nothing beside the binary, one that fails, a cargo that cannot
+        // run: one line each.
+        assert!(
+            why.starts_with("`cargo build --profile bench -p vstor-vmm` succeeded but left no"),
+            "{why}"
+        );
+        std::fs::remove_file(release.join("vstor-vmm")).unwrap();
+        let why = find_or_build_vmm(&exe, under(&fails)).unwrap_err();
+        assert!(
+            why.starts_with("`cargo build --release -p vstor-vmm` failed after ")
+                && why.ends_with("(exit status: 101)"),
+            "{why}"
+        );
+        let why = find_or_build_vmm(&exe, under(&d.path().join("no-cargo"))).unwrap_err();
+        assert!(why.starts_with("cannot run "), "{why}");
+        assert!(why.lines().count() == 1 && !release.join("vstor-vmm").exists());
+    }
 }
