@@ -1717,9 +1717,15 @@ impl BlockDevice for Vhdx {
     /// marks zero (it hides its parent's data) is depth 1 and reads as zeroes.
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<vstor_core::Extent>> {
         use vstor_core::{push_extent, Extent};
+        vstor_core::check_range(self.capacity(), offset, len)?;
+        // `locate` maps whole sectors (a sector bitmap has no finer grain): map the sectors the
+        // range touches, then cut the answer to the range.
+        let ls = self.table().geo.logical_sector as u64;
+        let start = offset / ls * ls;
+        let end = ((offset + len).div_ceil(ls) * ls).min(self.capacity());
         let mut out = Vec::new();
         let differencing = self.parent.is_some();
-        for (n, src) in self.locate(offset, len)? {
+        for (n, src) in self.locate(start, end - start)? {
             match src {
                 Src::File(_) => push_extent(&mut out, Extent::data(n, 1)),
                 Src::Zero if differencing => push_extent(
@@ -1735,14 +1741,28 @@ impl BlockDevice for Vhdx {
                     let parent = self.parent.as_ref().ok_or_else(|| {
                         vstor_core::Error::InvalidArgument("parent block without a parent".into())
                     })?;
-                    for e in parent.allocation(at, n)? {
-                        let depth = if e.depth == 0 { 0 } else { e.depth + 1 };
-                        push_extent(&mut out, Extent { depth, ..e });
+                    // A child grown past its parent reads zeroes there: nobody holds it.
+                    let inside = parent.capacity().saturating_sub(at).min(n);
+                    if inside > 0 {
+                        for e in parent.allocation(at, inside)? {
+                            let depth = if e.depth == 0 { 0 } else { e.depth + 1 };
+                            push_extent(&mut out, Extent { depth, ..e });
+                        }
                     }
+                    push_extent(&mut out, Extent::hole(n - inside));
                 }
             }
         }
-        Ok(out)
+        let (mut skip, mut left) = (offset - start, len);
+        let mut cut = Vec::with_capacity(out.len());
+        for e in out {
+            let from = skip.min(e.len);
+            skip -= from;
+            let n = (e.len - from).min(left);
+            left -= n;
+            push_extent(&mut cut, Extent { len: n, ..e });
+        }
+        Ok(cut)
     }
 
     fn describe(&self) -> String {
