@@ -299,7 +299,7 @@ fn sector_with(sig: &[u8], at: usize) -> Vec<u8> {
 }
 
 /// A probed raw file of 1 MiB + 100 bytes (its last 100 bytes are past the device's end). The
-/// device is resized to the capacity it already has (the VMM's `{"op":"resize"}` does this on a
+/// device is resized to the capacity it already has (the VMM API's `disk.resize` does this on a
 /// guest's request): the file is cut to 1 MiB, whole sectors. The guard still computes the
 /// footer window from the length the file had at the open, 100 bytes too far, so a guest's
 /// "conectix" at the start of the last sector passes and the file then probes as a VHD.

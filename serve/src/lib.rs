@@ -20,6 +20,7 @@
 pub mod control;
 pub mod daemon;
 pub mod export;
+pub mod jsonrpc;
 pub mod metrics;
 pub mod nbd;
 pub mod registry;

@@ -1,24 +1,28 @@
 //! Run-time control of a VM: disk resize, pause and resume, per-disk statistics, over a Unix
 //! socket (`--api-socket PATH`) in the spirit of Firecracker's API.
 //!
-//! The protocol is one JSON object per line each way. Requests:
-//! - `{"op":"resize","disk":0,"size":N}`: resizes disk 0 to N bytes (the stack must support
+//! The protocol is JSON-RPC 2.0, one object per line each way, as the storage daemon's control
+//! API ([`vstor_serve::jsonrpc`]); `rpc.discover` returns the OpenRPC schema
+//! (vmm/schema/vstor-vmm.openrpc.json). Methods:
+//! - `disk.resize` `{"disk":0,"size":N}`: resizes disk 0 to N bytes (the stack must support
 //!   online resize, as VHDX does); the guest gets a configuration-change interrupt and reads the
 //!   new capacity.
-//! - `{"op":"set-qos","disk":0,"max-iops":N,"min-iops":M}`: changes the QoS limits of a disk
+//! - `disk.set-qos` `{"disk":0,"max_iops":N,"min_iops":M}`: changes the QoS limits of a disk
 //!   started with `max-iops=`/`min-iops=` (either may be left out; 0 removes a limit); requests
 //!   already waiting follow the new limits at once.
-//! - `{"op":"stats"}`: per-disk capacity, request counters (also `serves`: queue services, one
+//! - `vm.stats`: per-disk capacity, request counters (also `serves`: queue services, one
 //!   per notification acted on; `interrupts`: used-buffer interrupts raised; `queue_requests`:
 //!   requests per queue) and QoS flow counters; `vcpu_exits`: exits of the vCPUs to the VMM;
 //!   how many vCPU threads run the guest (`vcpus`) and how many of them wait out a pause
 //!   (`paused_vcpus`).
-//! - `{"op":"pause"}` / `{"op":"resume"}`: stops every vCPU at its next exit (each is kicked
+//! - `vm.pause` / `vm.resume`: stops every vCPU at its next exit (each is kicked
 //!   out of `KVM_RUN` with a signal) and the disks' I/O threads before their next batch, and
 //!   lets them go on; pause answers once all vCPUs have stopped.
 //!
-//! Every answer has `"ok": true` or `"ok": false, "error": "..."`. A request line longer than
-//! [`MAX_REQUEST_LINE`] bytes is answered with an error and the connection is closed.
+//! Errors are JSON-RPC errors with `data.kind` (`not-found` for a disk that does not exist,
+//! `unsupported` for QoS on a disk without it, the stack's own kind for a failed resize). A
+//! request line longer than [`MAX_REQUEST_LINE`] bytes is answered with an error and the
+//! connection is closed.
 //!
 //! [`Control`] is the part shared between the API threads and the vCPU threads: work that must
 //! touch the virtio transport (a configuration-change interrupt) is left for a vCPU thread,
@@ -27,13 +31,19 @@
 use crate::virtio::block::Block;
 use crate::virtio::io_thread::PauseGate;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use vstor::qos::{FlowId, PolicyId, Qos};
+use vstor_core::ErrorKind;
+use vstor_serve::jsonrpc::{self, opt_u64, u64_param, Failure};
+
+/// The OpenRPC schema of the VMM's API.
+pub const SCHEMA: &str = include_str!("../schema/vstor-vmm.openrpc.json");
+/// The longest request line the API reads (a request is a small JSON object).
+pub use jsonrpc::MAX_REQUEST_LINE;
 
 /// The storage QoS of a disk started with `max-iops=` or `min-iops=`.
 pub struct DiskQos {
@@ -263,9 +273,12 @@ impl Control {
     }
 
     /// Resizes disk `i` to `size` bytes and tells the guest.
-    pub fn resize(&self, i: usize, size: u64) -> Result<(), String> {
+    pub fn resize(&self, i: usize, size: u64) -> Result<(), Failure> {
         let d = self.disk(i)?;
-        d.block.disk().resize(size).map_err(|e| e.to_string())?;
+        d.block
+            .disk()
+            .resize(size)
+            .map_err(|e| Failure::failed(e.kind(), e.to_string()))?;
         if d.block.disk().capacity_signal().is_none() {
             // A stack that does not announce changes: tell the guest ourselves.
             self.capacity_changed(i, d.block.disk().info().capacity);
@@ -279,29 +292,38 @@ impl Control {
         i: usize,
         max_iops: Option<u64>,
         min_iops: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let d = self.disk(i)?;
         let q = d.qos.as_ref().ok_or_else(|| {
-            format!("disk {i} has no QoS (give it max-iops= or min-iops= on --disk)")
+            Failure::failed(
+                ErrorKind::Unsupported,
+                format!("disk {i} has no QoS (give it max-iops= or min-iops= on --disk)"),
+            )
         })?;
-        let mut limits = q.qos.limits(q.policy).map_err(|e| e.to_string())?;
+        let qos_err =
+            |e: vstor::qos::Error| Failure::failed(ErrorKind::InvalidInput, e.to_string());
+        let mut limits = q.qos.limits(q.policy).map_err(qos_err)?;
         limits.max_iops = max_iops.unwrap_or(limits.max_iops);
         limits.min_iops = min_iops.unwrap_or(limits.min_iops);
         if limits.max_iops != 0 && limits.min_iops > limits.max_iops {
-            return Err(format!(
-                "min-iops {} is above max-iops {}",
-                limits.min_iops, limits.max_iops
+            return Err(Failure::failed(
+                ErrorKind::InvalidInput,
+                format!(
+                    "min_iops {} is above max_iops {}",
+                    limits.min_iops, limits.max_iops
+                ),
             ));
         }
-        q.qos
-            .set_limits(q.policy, limits)
-            .map_err(|e| e.to_string())
+        q.qos.set_limits(q.policy, limits).map_err(qos_err)
     }
 
-    fn disk(&self, i: usize) -> Result<&DiskControl, String> {
-        self.disks
-            .get(i)
-            .ok_or_else(|| format!("there is no disk {i} ({} disks)", self.disks.len()))
+    fn disk(&self, i: usize) -> Result<&DiskControl, Failure> {
+        self.disks.get(i).ok_or_else(|| {
+            Failure::failed(
+                ErrorKind::NotFound,
+                format!("there is no disk {i} ({} disks)", self.disks.len()),
+            )
+        })
     }
 
     /// Per-disk statistics.
@@ -357,64 +379,41 @@ impl Control {
         })
     }
 
-    /// Answers one request line.
-    pub fn handle(&self, line: &str) -> Value {
-        match self.dispatch(line) {
-            Ok(Value::Null) => json!({ "ok": true }),
-            Ok(Value::Object(mut m)) => {
-                m.insert("ok".into(), Value::Bool(true));
-                Value::Object(m)
-            }
-            Ok(other) => json!({ "ok": true, "result": other }),
-            Err(e) => json!({ "ok": false, "error": e }),
-        }
+    /// Answers one request line (None for a notification).
+    pub fn handle(&self, line: &[u8]) -> Option<Value> {
+        jsonrpc::answer(line, |method, p| self.call(method, p))
     }
 
-    fn dispatch(&self, line: &str) -> Result<Value, String> {
-        let req: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-        let op = req
-            .get("op")
-            .and_then(Value::as_str)
-            .ok_or("the request has no \"op\"")?;
-        let uint = |name: &str| {
-            req.get(name)
-                .and_then(Value::as_u64)
-                .ok_or_else(|| format!("\"{op}\" needs \"{name}\" (a non-negative integer)"))
+    fn call(&self, method: &str, p: &Value) -> Result<Value, Failure> {
+        let disk = |p: &Value| {
+            usize::try_from(u64_param(p, "disk")?)
+                .map_err(|_| Failure::bad_params("parameter 'disk' is too large"))
         };
-        match op {
-            "resize" => {
-                let disk = usize::try_from(uint("disk")?).map_err(|e| e.to_string())?;
-                self.resize(disk, uint("size")?)?;
-                Ok(Value::Null)
+        match method {
+            "rpc.discover" => serde_json::from_str(SCHEMA)
+                .map_err(|e| Failure::failed(ErrorKind::Io, e.to_string())),
+            "disk.resize" => {
+                self.resize(disk(p)?, u64_param(p, "size")?)?;
+                Ok(json!({}))
             }
-            "set-qos" => {
-                let disk = usize::try_from(uint("disk")?).map_err(|e| e.to_string())?;
-                let opt = |name: &str| match req.get(name) {
-                    None => Ok(None),
-                    Some(v) => v
-                        .as_u64()
-                        .map(Some)
-                        .ok_or_else(|| format!("\"{name}\" must be a non-negative integer")),
-                };
-                let (max, min) = (opt("max-iops")?, opt("min-iops")?);
+            "disk.set-qos" => {
+                let (max, min) = (opt_u64(p, "max_iops")?, opt_u64(p, "min_iops")?);
                 if max.is_none() && min.is_none() {
-                    return Err("\"set-qos\" needs \"max-iops\" or \"min-iops\"".into());
+                    return Err(Failure::bad_params("give max_iops, min_iops or both"));
                 }
-                self.set_qos(disk, max, min)?;
-                Ok(Value::Null)
+                self.set_qos(disk(p)?, max, min)?;
+                Ok(json!({}))
             }
-            "stats" => Ok(self.stats()),
-            "pause" => {
+            "vm.stats" => Ok(self.stats()),
+            "vm.pause" => {
                 self.pause();
-                Ok(Value::Null)
+                Ok(json!({}))
             }
-            "resume" => {
+            "vm.resume" => {
                 self.resume();
-                Ok(Value::Null)
+                Ok(json!({}))
             }
-            _ => Err(format!(
-                "unknown op \"{op}\" (known: resize, set-qos, stats, pause, resume)"
-            )),
+            other => Err(Failure::no_method(other)),
         }
     }
 }
@@ -444,81 +443,13 @@ pub fn serve(control: Arc<Control>, path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The longest request line the API reads (a request is a small JSON object); a longer one is
-/// answered with an error and the connection is closed, so a client cannot make the VMM hold
-/// more than this for it.
-pub const MAX_REQUEST_LINE: usize = 1 << 20;
-
-/// What the next request on a connection is.
-enum Next {
-    /// A line (without its newline).
-    Line(Vec<u8>),
-    /// More than the limit without a newline (what was read of it is dropped).
-    TooLong,
-    /// The client closed the connection.
-    End,
-}
-
-/// Reads one request line of at most `max` bytes, never holding more than that.
-fn next_request(r: &mut impl BufRead, max: usize) -> std::io::Result<Next> {
-    let mut line = Vec::new();
-    loop {
-        let buf = r.fill_buf()?;
-        if buf.is_empty() {
-            return Ok(if line.is_empty() {
-                Next::End
-            } else {
-                Next::Line(line)
-            });
-        }
-        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (i, true),
-            None => (buf.len(), false),
-        };
-        if line.len() + take > max {
-            let n = buf.len();
-            r.consume(n);
-            return Ok(Next::TooLong);
-        }
-        line.extend_from_slice(&buf[..take]);
-        r.consume(take + usize::from(done));
-        if done {
-            return Ok(Next::Line(line));
-        }
-    }
-}
-
-fn connection(control: &Weak<Control>, stream: UnixStream) {
-    let Ok(mut out) = stream.try_clone() else {
-        return;
-    };
-    let mut input = BufReader::new(stream);
-    loop {
-        let line = match next_request(&mut input, MAX_REQUEST_LINE) {
-            Ok(Next::Line(l)) => l,
-            Ok(Next::End) | Err(_) => return,
-            Ok(Next::TooLong) => {
-                let answer = json!({ "ok": false, "error": format!(
-                    "the request is longer than {MAX_REQUEST_LINE} bytes without a newline; \
-                     closing the connection"
-                ) });
-                let _ = writeln!(out, "{answer}");
-                let _ = out.shutdown(std::net::Shutdown::Both);
-                return;
-            }
-        };
-        let line = String::from_utf8_lossy(&line);
-        if line.trim().is_empty() {
-            continue;
-        }
-        let answer = match control.upgrade() {
-            Some(control) => control.handle(&line),
-            None => json!({ "ok": false, "error": "the VM has ended" }),
-        };
-        if writeln!(out, "{answer}").is_err() {
-            return;
-        }
-    }
+fn connection(control: &Weak<Control>, stream: std::os::unix::net::UnixStream) {
+    jsonrpc::serve_connection(stream, MAX_REQUEST_LINE, |line| match control.upgrade() {
+        Some(control) => control.handle(line),
+        None => jsonrpc::answer(line, |_, _| {
+            Err(Failure::failed(ErrorKind::Unavailable, "the VM has ended"))
+        }),
+    });
 }
 
 #[cfg(test)]
@@ -531,9 +462,16 @@ mod tests {
         Control::new(vec![(Arc::new(Block::new(disk, false, "t")), None)])
     }
 
+    fn rpc(c: &Control, method: &str, params: &str) -> Value {
+        let line = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":{params}}}"#);
+        c.handle(line.as_bytes())
+            .expect("a request with an id is answered")
+    }
+
     #[test]
     fn a_request_line_longer_than_the_limit_is_refused_and_the_connection_closed() {
-        use std::io::Read;
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::os::unix::net::UnixStream;
         let c = control();
         let (client, server) = UnixStream::pair().unwrap();
         let weak = Arc::downgrade(&c);
@@ -543,13 +481,13 @@ mod tests {
             .unwrap();
         // A request just under the limit is answered.
         let mut w = client.try_clone().unwrap();
-        let mut big = "{\"op\":\"stats\"}".to_string();
+        let mut big = r#"{"jsonrpc":"2.0","id":1,"method":"vm.stats"}"#.to_string();
         big.push_str(&" ".repeat(MAX_REQUEST_LINE - big.len()));
         writeln!(w, "{big}").unwrap();
         let mut r = BufReader::new(client.try_clone().unwrap());
         let mut answer = String::new();
         r.read_line(&mut answer).unwrap();
-        assert!(answer.contains("\"ok\":true"), "{answer}");
+        assert!(answer.contains("\"result\""), "{answer}");
         // Then 4 MiB without a newline, and the client waits: an error, and the end.
         let writer = std::thread::spawn(move || {
             let chunk = vec![b'x'; 64 << 10];
@@ -563,9 +501,11 @@ mod tests {
         r.read_line(&mut answer)
             .expect("an answer before the read timeout");
         let a: Value = serde_json::from_str(&answer).unwrap();
-        assert_eq!(a["ok"], false, "{a}");
         assert!(
-            a["error"].as_str().unwrap().contains("longer than 1048576"),
+            a["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("longer than 1048576"),
             "{a}"
         );
         // Closed: the end of the stream, or a reset (the server left the rest unread).
@@ -579,58 +519,57 @@ mod tests {
     }
 
     #[test]
-    fn request_lines_are_read_up_to_the_limit() {
-        let mut r = std::io::Cursor::new(b"abc\n\ndefgh\nxyz".to_vec());
-        let mut got = Vec::new();
-        loop {
-            match next_request(&mut r, 4).unwrap() {
-                Next::Line(l) => got.push(String::from_utf8(l).unwrap()),
-                Next::TooLong => {
-                    got.push("TOO LONG".into());
-                    break;
-                }
-                Next::End => break,
-            }
-        }
-        assert_eq!(got, ["abc", "", "TOO LONG"]);
-        let mut r = std::io::Cursor::new(b"abcd\nxyz".to_vec());
-        assert!(matches!(next_request(&mut r, 4).unwrap(), Next::Line(l) if l == b"abcd"));
-        assert!(matches!(next_request(&mut r, 4).unwrap(), Next::Line(l) if l == b"xyz"));
-        assert!(matches!(next_request(&mut r, 4).unwrap(), Next::End));
-    }
-
-    #[test]
-    fn bad_requests_get_errors() {
+    fn bad_requests_get_errors_with_kinds() {
         let c = control();
-        for (line, want) in [
-            ("nonsense", "not JSON"),
-            ("{}", "no \"op\""),
-            ("{\"op\":\"fly\"}", "unknown op"),
-            ("{\"op\":\"resize\",\"disk\":0}", "needs \"size\""),
-            ("{\"op\":\"resize\",\"disk\":3,\"size\":4096}", "no disk 3"),
-            ("{\"op\":\"set-qos\",\"disk\":0}", "needs \"max-iops\""),
+        for (method, params, want, kind) in [
+            ("fly", "{}", "no method named 'fly'", "not-found"),
+            ("disk.resize", r#"{"disk":0}"#, "'size'", "invalid-input"),
             (
-                "{\"op\":\"set-qos\",\"disk\":0,\"max-iops\":5}",
+                "disk.resize",
+                r#"{"disk":3,"size":4096}"#,
+                "no disk 3",
+                "not-found",
+            ),
+            ("disk.set-qos", r#"{"disk":0}"#, "max_iops", "invalid-input"),
+            (
+                "disk.set-qos",
+                r#"{"disk":0,"max_iops":5}"#,
                 "has no QoS",
+                "unsupported",
+            ),
+            (
+                "disk.set-qos",
+                r#"{"disk":0,"max_iops":"x"}"#,
+                "whole number",
+                "invalid-input",
             ),
         ] {
-            let a = c.handle(line);
-            assert_eq!(a["ok"], false, "{line}: {a}");
-            assert!(a["error"].as_str().unwrap().contains(want), "{line}: {a}");
+            let a = rpc(&c, method, params);
+            let e = &a["error"];
+            assert!(
+                e["message"].as_str().unwrap().contains(want),
+                "{method}: {a}"
+            );
+            assert_eq!(e["data"]["kind"], kind, "{method}: {a}");
         }
+        let a = c.handle(b"nonsense").unwrap();
+        assert_eq!(a["error"]["code"], jsonrpc::code::PARSE_ERROR);
+        let a = c.handle(br#"{"op":"stats"}"#).unwrap();
+        assert_eq!(a["error"]["code"], jsonrpc::code::INVALID_REQUEST, "{a}");
     }
 
     #[test]
     fn stats_and_pause_without_a_vcpu() {
         let c = control();
-        let a = c.handle("{\"op\":\"stats\"}");
-        assert_eq!(a["ok"], true);
-        assert_eq!(a["disks"][0]["capacity"], 1 << 20);
-        assert_eq!(a["disks"][0]["reads"], 0);
+        let a = rpc(&c, "vm.stats", "{}");
+        assert_eq!(a["result"]["disks"][0]["capacity"], 1 << 20);
+        assert_eq!(a["result"]["disks"][0]["reads"], 0);
         // No vCPU runs: pause returns at once and resume clears it.
-        assert_eq!(c.handle("{\"op\":\"pause\"}")["ok"], true);
-        assert_eq!(c.handle("{\"op\":\"resume\"}")["ok"], true);
+        assert!(rpc(&c, "vm.pause", "{}")["result"].is_object());
+        assert!(rpc(&c, "vm.resume", "{}")["result"].is_object());
         assert!(!c.paused());
+        let schema = rpc(&c, "rpc.discover", "{}");
+        assert_eq!(schema["result"]["openrpc"], "1.2.6");
     }
 
     #[test]
@@ -651,16 +590,23 @@ mod tests {
             Some(DiskQos { qos, policy, flow }),
         )]);
         assert_eq!(c.stats()["disks"][0]["qos"]["max_iops"], 10);
-        let a = c.handle("{\"op\":\"set-qos\",\"disk\":0,\"max-iops\":500,\"min-iops\":20}");
-        assert_eq!(a["ok"], true, "{a}");
+        let a = rpc(
+            &c,
+            "disk.set-qos",
+            r#"{"disk":0,"max_iops":500,"min_iops":20}"#,
+        );
+        assert!(a["result"].is_object(), "{a}");
         let q = &c.stats()["disks"][0]["qos"];
         assert_eq!(
             (q["max_iops"].as_u64(), q["min_iops"].as_u64()),
             (Some(500), Some(20))
         );
-        let a = c.handle("{\"op\":\"set-qos\",\"disk\":0,\"min-iops\":900}");
+        let a = rpc(&c, "disk.set-qos", r#"{"disk":0,"min_iops":900}"#);
         assert!(
-            a["error"].as_str().unwrap().contains("above max-iops"),
+            a["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("above max_iops"),
             "{a}"
         );
     }

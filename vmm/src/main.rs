@@ -59,9 +59,9 @@ struct Cli {
     /// pci=off].
     #[arg(long, value_name = "CMDLINE", requires = "kernel")]
     cmdline: Option<String>,
-    /// Serve the API (one JSON object per line: {"op":"resize","disk":0,"size":N},
-    /// {"op":"set-qos","disk":0,"max-iops":N,"min-iops":M}, {"op":"stats"}, {"op":"pause"},
-    /// {"op":"resume"}) on a Unix socket at this path.
+    /// Serve the API on a Unix socket at this path: JSON-RPC 2.0, one object per line
+    /// (methods disk.resize {disk,size}, disk.set-qos {disk,max_iops,min_iops}, vm.stats,
+    /// vm.pause, vm.resume; rpc.discover returns the schema).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<std::path::PathBuf>,
     /// Print the API's statistics (requests, queue services, interrupts, vCPU exits) as one

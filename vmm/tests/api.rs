@@ -122,12 +122,29 @@ impl Api {
         }
     }
 
-    fn call(&mut self, request: &str) -> Value {
+    /// Calls a JSON-RPC method; returns its result with `"ok": true` added, or
+    /// `{"ok": false, "error": MESSAGE, "kind": KIND}`.
+    fn call(&mut self, method: &str, params: &str) -> Value {
+        let request =
+            format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":{params}}}"#);
         writeln!(self.out, "{request}").unwrap();
         let mut line = String::new();
         self.answers.read_line(&mut line).unwrap();
         println!("api: {request} -> {}", line.trim_end());
-        serde_json::from_str(&line).expect("the answer is JSON")
+        let a: Value = serde_json::from_str(&line).expect("the answer is JSON");
+        assert_eq!(a["jsonrpc"], "2.0", "{a}");
+        match a.get("result") {
+            Some(Value::Object(m)) => {
+                let mut m = m.clone();
+                m.insert("ok".into(), Value::Bool(true));
+                Value::Object(m)
+            }
+            _ => serde_json::json!({
+                "ok": false,
+                "error": a["error"]["message"],
+                "kind": a["error"]["data"]["kind"],
+            }),
+        }
     }
 }
 
@@ -220,17 +237,18 @@ fn resize_while_the_guest_waits(dir: &Path, disk_s: &str) {
     vm.wait_for("waiting for a capacity change");
     let mut api = Api::connect(&sock);
     // Errors are answers, not a dead VMM.
-    let bad = api.call(r#"{"op":"resize","disk":4,"size":1}"#);
+    let bad = api.call("disk.resize", r#"{"disk":4,"size":1}"#);
     assert_eq!(bad["ok"], false, "{bad}");
-    let stats = api.call(r#"{"op":"stats"}"#);
+    assert_eq!(bad["kind"], "not-found", "{bad}");
+    let stats = api.call("vm.stats", "{}");
     assert_eq!(stats["ok"], true, "{stats}");
     assert_eq!(stats["disks"][0]["capacity"], OLD_SIZE, "{stats}");
     // Pause: the vCPU stops while the guest polls; resume lets it go on.
-    let paused = api.call(r#"{"op":"pause"}"#);
+    let paused = api.call("vm.pause", "{}");
     assert_eq!(paused["ok"], true, "{paused}");
-    assert_eq!(api.call(r#"{"op":"stats"}"#)["paused"], true);
-    assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
-    let resized = api.call(&format!(r#"{{"op":"resize","disk":0,"size":{NEW_SIZE}}}"#));
+    assert_eq!(api.call("vm.stats", "{}")["paused"], true);
+    assert_eq!(api.call("vm.resume", "{}")["ok"], true);
+    let resized = api.call("disk.resize", &format!(r#"{{"disk":0,"size":{NEW_SIZE}}}"#));
     assert_eq!(resized["ok"], true, "{resized}");
     let (code, out) = vm.finish();
     assert_eq!(code, 0, "{out}");
@@ -316,17 +334,17 @@ fn set_qos_through_the_api_lifts_a_cap_at_run_time() {
     let started = Instant::now();
     let (vm, mut api) = capped_pattern_guest(dir.path());
     std::thread::sleep(Duration::from_millis(1500));
-    let before = api.call(r#"{"op":"stats"}"#);
+    let before = api.call("vm.stats", "{}");
     let qos = &before["disks"][0]["qos"];
     assert_eq!(qos["max_iops"], 1, "{before}");
     assert!(
         qos["units"].as_u64().unwrap() < PATTERN_UNITS,
         "the cap held the guest back: {before}"
     );
-    let set = api.call(r#"{"op":"set-qos","disk":0,"max-iops":100000}"#);
+    let set = api.call("disk.set-qos", r#"{"disk":0,"max_iops":100000}"#);
     assert_eq!(set["ok"], true, "{set}");
     assert_eq!(
-        api.call(r#"{"op":"stats"}"#)["disks"][0]["qos"]["max_iops"],
+        api.call("vm.stats", "{}")["disks"][0]["qos"]["max_iops"],
         100000
     );
     let (code, out) = vm.finish();
@@ -370,21 +388,21 @@ fn pause_stops_every_vcpu_and_resume_lets_them_go_on() {
     // Every vCPU has a thread in KVM_RUN: the test guest polls on the first, the others wait to
     // be started. (The other threads register right after they start: give them a moment.)
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stats = api.call(r#"{"op":"stats"}"#);
+    let mut stats = api.call("vm.stats", "{}");
     while stats["vcpus"] != vcpus && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        stats = api.call(r#"{"op":"stats"}"#);
+        stats = api.call("vm.stats", "{}");
     }
     assert_eq!(stats["vcpus"], vcpus, "{stats}");
     assert_eq!(stats["paused"], false, "{stats}");
     for _ in 0..3 {
-        assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
-        let paused = api.call(r#"{"op":"stats"}"#);
+        assert_eq!(api.call("vm.pause", "{}")["ok"], true);
+        let paused = api.call("vm.stats", "{}");
         assert_eq!(paused["paused"], true, "{paused}");
         assert_eq!(paused["paused_vcpus"], vcpus, "{paused}");
-        assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
+        assert_eq!(api.call("vm.resume", "{}")["ok"], true);
     }
-    let resized = api.call(&format!(r#"{{"op":"resize","disk":0,"size":{NEW_SIZE}}}"#));
+    let resized = api.call("disk.resize", &format!(r#"{{"disk":0,"size":{NEW_SIZE}}}"#));
     assert_eq!(resized["ok"], true, "{resized}");
     let (code, out) = vm.finish();
     assert_eq!(code, 0, "{out}");
@@ -402,24 +420,24 @@ fn a_disk_held_by_its_cap_does_not_hold_the_vcpu() {
     // Until the queue has served its first request (the guest under a software hypervisor can
     // take a second or more to issue it), then a moment for the cap to hold it.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while api.call(r#"{"op":"stats"}"#)["disks"][0]["serves"] == 0 && Instant::now() < deadline {
+    while api.call("vm.stats", "{}")["disks"][0]["serves"] == 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
     // The vCPU is not inside the request (the queue's I/O thread is), so it stops at once.
     let asked = Instant::now();
-    assert_eq!(api.call(r#"{"op":"pause"}"#)["ok"], true);
+    assert_eq!(api.call("vm.pause", "{}")["ok"], true);
     let took = asked.elapsed();
     println!("pause while the disk is held by its cap: {took:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
-    let stats = api.call(r#"{"op":"stats"}"#);
+    let stats = api.call("vm.stats", "{}");
     assert_eq!(stats["paused"], true, "{stats}");
     assert!(stats["vcpu_exits"].as_u64().unwrap() > 0, "{stats}");
     let d = &stats["disks"][0];
     assert!(d["serves"].as_u64().unwrap() >= 1, "{stats}");
     assert_eq!(d["queue_requests"].as_array().unwrap().len(), 1, "{stats}");
-    assert_eq!(api.call(r#"{"op":"resume"}"#)["ok"], true);
-    let set = api.call(r#"{"op":"set-qos","disk":0,"max-iops":100000}"#);
+    assert_eq!(api.call("vm.resume", "{}")["ok"], true);
+    let set = api.call("disk.set-qos", r#"{"disk":0,"max_iops":100000}"#);
     assert_eq!(set["ok"], true, "{set}");
     let (code, out) = vm.finish();
     assert_eq!(code, 0, "{out}");

@@ -82,7 +82,12 @@ fn the_cli_cannot_open_a_disk_the_vmm_serves() {
     assert_eq!(hash(&disk), before, "a refused open changed the image");
     // Let the guest finish: a resize through the API.
     let mut api = UnixStream::connect(&sock).unwrap();
-    writeln!(api, r#"{{"op":"resize","disk":0,"size":{}}}"#, 96 << 20).unwrap();
+    writeln!(
+        api,
+        r#"{{"jsonrpc":"2.0","id":1,"method":"disk.resize","params":{{"disk":0,"size":{}}}}}"#,
+        96 << 20
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success());
     // The VMM is gone: the CLI writes at once.
