@@ -6,7 +6,7 @@
 
 use crate::control::{Control, Host, API_VERSION};
 use crate::export::{Opener, ServeError};
-use crate::nbd::{Listener, NbdConfig, NbdServer};
+use crate::nbd::{Listener, NbdConfig, NbdServer, TlsCreds};
 use crate::registry::Registry;
 use serde_json::{json, Value};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -91,8 +91,24 @@ pub struct DaemonConfig {
     pub metrics: Option<String>,
     /// Allow NBD over TCP without TLS on an address that is not loopback.
     pub insecure_tcp: bool,
+    /// TLS for NBD: with it, every TCP listener is FORCEDTLS (and Unix ones with
+    /// [`TlsConfig::on_unix`]).
+    pub tls: Option<TlsConfig>,
     /// The NBD server's settings.
     pub nbd_config: NbdConfig,
+}
+
+/// TLS for the NBD listeners.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// The credentials directory: `ca-cert.pem`, `server-cert.pem`, `server-key.pem` (QEMU's
+    /// `tls-creds-x509` layout for `endpoint=server`).
+    pub creds_dir: PathBuf,
+    /// Clients must present a certificate signed by `ca-cert.pem` (QEMU's `verify-peer`).
+    pub verify_peer: bool,
+    /// Unix listeners require TLS too (by default they stay plain: the file permissions of
+    /// the socket and its directory guard them).
+    pub on_unix: bool,
 }
 
 /// Tells the daemon to shut down, from a signal, the API or the embedding program.
@@ -187,6 +203,13 @@ impl Daemon {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let shutdown = Arc::new(ShutdownSignal::default());
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(TlsCreds::load(&t.creds_dir, t.verify_peer)?)),
+            None => None,
+        };
+        let unix_tls = tls
+            .clone()
+            .filter(|_| config.tls.as_ref().is_some_and(|t| t.on_unix));
         let nbd = NbdServer::new(registry.clone(), config.nbd_config.clone());
         let mut made = Vec::new();
         let mut pokes = Vec::new();
@@ -201,15 +224,15 @@ impl Daemon {
                     let l = UnixListener::bind(p)
                         .map_err(io_err(format!("cannot listen on {}", p.display())))?;
                     made.push(p.clone());
-                    listeners.push(Listener::Unix(l));
+                    listeners.push((Listener::Unix(l), unix_tls.clone()));
                     names.push(format!("unix:{}", p.display()));
                 }
                 NbdAddr::Tcp(addr) => {
-                    if !config.insecure_tcp && !is_loopback(addr) {
+                    if tls.is_none() && !config.insecure_tcp && !is_loopback(addr) {
                         return Err(ServeError::invalid(format!(
                             "--nbd tcp:{addr} is not a loopback address: NBD over TCP without \
-                             TLS would expose the disks to the network; add --insecure-tcp \
-                             if that is what you want"
+                             TLS would expose the disks to the network; give --tls-creds DIR, \
+                             or add --insecure-tcp if that is what you want"
                         )));
                     }
                     let l = TcpListener::bind(addr)
@@ -219,7 +242,7 @@ impl Daemon {
                         .map(|a| a.to_string())
                         .unwrap_or_else(|_| addr.clone());
                     pokes.push(NbdAddr::Tcp(local.clone()));
-                    listeners.push(Listener::Tcp(l));
+                    listeners.push((Listener::Tcp(l), tls.clone()));
                     names.push(format!("tcp:{local}"));
                 }
             }
@@ -229,8 +252,8 @@ impl Daemon {
                 pokes.push(NbdAddr::Unix(p.clone()));
             }
         }
-        for l in listeners {
-            nbd.listen(l)
+        for (l, tls) in listeners {
+            nbd.listen(l, tls)
                 .map_err(io_err("cannot start the NBD listener".into()))?;
         }
         let metrics = match &config.metrics {

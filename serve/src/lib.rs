@@ -11,6 +11,17 @@
 //! - [`metrics`]: the Prometheus text endpoint;
 //! - [`daemon`]: the process: listeners, signals, graceful shutdown.
 //!
+//! **Listeners and TLS.** NBD listens on Unix sockets (`unix:PATH`) and on TCP
+//! (`tcp:HOST:PORT`). With TLS credentials ([`daemon::TlsConfig`]: a directory laid out as
+//! QEMU's `tls-creds-x509` for `endpoint=server`), every TCP listener is FORCEDTLS: a client
+//! must send `NBD_OPT_STARTTLS` before any other option and is told `NBD_REP_ERR_TLS_REQD`
+//! otherwise; optionally clients must present a certificate of the same CA (verify-peer).
+//! Unix listeners stay plain unless [`daemon::TlsConfig::on_unix`] is set: a local socket is
+//! guarded by the file permissions of the socket and its directory, and local VMMs then need
+//! no credentials. Without TLS, a TCP address that is not loopback is refused unless
+//! [`daemon::DaemonConfig::insecure_tcp`] allows it: plain NBD carries the disk in clear
+//! text. See [`nbd::tls`] for how a TLS session is carried.
+//!
 //! Why the stack builder is handed in rather than linked: the `vstor` command line (which
 //! holds the stack builder) links this crate to offer `vstor serve`, so this crate depends only
 //! on the crates below the builder (core, qos, vhdx) and takes an [`Opener`].

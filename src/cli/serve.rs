@@ -26,8 +26,22 @@ adds and removes exports, reports statistics and changes QoS while it runs:
 SIGTERM or SIGINT (or `vstor server shutdown`) shuts down gracefully: requests in flight are
 answered, every export is flushed and its files closed (their image locks released).
 
-NBD over TCP listens on the address given (127.0.0.1 is loopback only). A TCP address that is
-not loopback is refused without --insecure-tcp: NBD carries the disk in clear text.
+NBD over TCP listens on the address given (127.0.0.1 is loopback only). Without --tls-creds,
+a TCP address that is not loopback is refused unless --insecure-tcp is given: plain NBD
+carries the disk in clear text.
+
+TLS: --tls-creds DIR reads DIR/ca-cert.pem, DIR/server-cert.pem and
+DIR/server-key.pem (the layout of QEMU's tls-creds-x509 object, endpoint=server).
+Every TCP listener then requires TLS (FORCEDTLS: a client must send STARTTLS before
+any other option; one that does not is told that TLS is required). Unix listeners
+stay plain (guarded by the file permissions of the socket and its directory) unless
+--tls-unix is given. --tls-verify-peer also requires each client to present a
+certificate signed by ca-cert.pem (qemu's verify-peer=on). A QEMU client takes a
+directory with ca-cert.pem (and client-cert.pem, client-key.pem for verify-peer):
+  qemu-img info --object tls-creds-x509,id=tls0,dir=CLIENTDIR,endpoint=client \
+    --image-opts driver=nbd,host=HOST,port=PORT,export=NAME,tls-creds=tls0
+The server certificate must name the host that clients connect to (qemu checks it
+against host=..., or against tls-hostname=... on a Unix socket).
 
 Example:
   vstor serve --control /run/vstor.sock --nbd unix:/run/vstor-nbd.sock \\
@@ -48,6 +62,16 @@ pub struct ServeArgs {
     /// Allow NBD over TCP without TLS on an address that is not loopback.
     #[arg(long)]
     insecure_tcp: bool,
+    /// TLS for NBD: DIR holds ca-cert.pem, server-cert.pem, server-key.pem; TCP listeners
+    /// then require TLS.
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// Require a client certificate signed by DIR/ca-cert.pem (needs --tls-creds).
+    #[arg(long, requires = "tls_creds")]
+    tls_verify_peer: bool,
+    /// Require TLS on Unix NBD listeners too (needs --tls-creds).
+    #[arg(long, requires = "tls_creds")]
+    tls_unix: bool,
     /// Worker threads per NBD connection (each submits a batch of the requests waiting).
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -291,6 +315,11 @@ pub fn run_serve(a: ServeArgs) -> Result<(), Error> {
             .map_err(parse)?,
         metrics: a.metrics,
         insecure_tcp: a.insecure_tcp,
+        tls: a.tls_creds.map(|dir| vstor_serve::daemon::TlsConfig {
+            creds_dir: dir,
+            verify_peer: a.tls_verify_peer,
+            on_unix: a.tls_unix,
+        }),
         nbd_config: vstor_serve::nbd::NbdConfig {
             workers: a.workers.max(1),
             max_connections: a.max_connections.max(1),

@@ -3,5 +3,7 @@
 
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 pub use server::{Listener, NbdConfig, NbdServer};
+pub use tls::TlsCreds;

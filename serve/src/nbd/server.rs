@@ -22,11 +22,13 @@
 //! configured time; connections beyond the configured maximum are closed at once.
 
 use super::proto::{self, cflag, chunk, cmd, err, info, opt, rep, tflag, MAX_OPTION, MAX_PAYLOAD};
+use super::tls::{self, TlsCreds};
 use crate::export::{Connection, Export};
 use crate::registry::Registry;
 use std::collections::VecDeque;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -87,16 +89,37 @@ impl Sock {
         };
     }
 
-    fn shutdown_both(&self) {
+    pub(crate) fn shutdown_both(&self) {
         let _ = match self {
             Sock::Unix(s) => s.shutdown(Shutdown::Both),
             Sock::Tcp(s) => s.shutdown(Shutdown::Both),
         };
     }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Sock::Unix(s) => s.set_read_timeout(t),
             Sock::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_write_timeout(t),
+            Sock::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_nonblocking(on),
+            Sock::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+impl AsFd for Sock {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sock::Unix(s) => s.as_fd(),
+            Sock::Tcp(s) => s.as_fd(),
         }
     }
 }
@@ -168,8 +191,13 @@ impl NbdServer {
     }
 
     /// Accepts connections on `listener` until [`stop`](NbdServer::stop), each on its own
-    /// threads.
-    pub fn listen(self: &Arc<Self>, listener: Listener) -> io::Result<JoinHandle<()>> {
+    /// threads. With `tls`, the listener is FORCEDTLS: clients must start TLS (STARTTLS)
+    /// before any other option (see [`tls`](super::tls)).
+    pub fn listen(
+        self: &Arc<Self>,
+        listener: Listener,
+        tls: Option<Arc<TlsCreds>>,
+    ) -> io::Result<JoinHandle<()>> {
         let me = self.clone();
         std::thread::Builder::new()
             .name("nbd-accept".into())
@@ -185,7 +213,7 @@ impl NbdServer {
                     return;
                 }
                 match sock {
-                    Ok(s) => me.spawn_connection(s),
+                    Ok(s) => me.spawn_connection(s, tls.clone()),
                     Err(e) => {
                         // EMFILE and the like: wait a little rather than spin.
                         eprintln!("vstor serve: nbd: accept failed: {e}");
@@ -204,7 +232,7 @@ impl NbdServer {
         }
     }
 
-    fn spawn_connection(self: &Arc<Self>, sock: Sock) {
+    fn spawn_connection(self: &Arc<Self>, sock: Sock, tls: Option<Arc<TlsCreds>>) {
         if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             sock.shutdown_both();
@@ -222,7 +250,7 @@ impl NbdServer {
             .name("nbd-conn".into())
             .stack_size(256 << 10)
             .spawn(move || {
-                if let Err(e) = me.handle(sock) {
+                if let Err(e) = me.handle(sock, tls.as_deref()) {
                     if !matches!(
                         e.kind(),
                         io::ErrorKind::UnexpectedEof
@@ -243,13 +271,13 @@ impl NbdServer {
         }
     }
 
-    fn handle(self: &Arc<Self>, sock: Sock) -> io::Result<()> {
+    fn handle(self: &Arc<Self>, sock: Sock, tls: Option<&TlsCreds>) -> io::Result<()> {
         sock.set_read_timeout(Some(self.config.handshake_timeout))?;
-        let mut w = BufWriter::with_capacity(64 << 10, sock.try_clone()?);
-        let mut r = BufReader::with_capacity(256 << 10, sock.try_clone()?);
-        let Some(session) = self.handshake(&mut r, &mut w)? else {
+        let mut c = Conn::new(sock)?;
+        let Some(session) = self.handshake(&mut c, tls)? else {
             return Ok(());
         };
+        let Conn { sock, r, w } = c;
         sock.set_read_timeout(None)?;
         let closer = sock.try_clone()?;
         let Some(conn) = session.export.connect(move || closer.shutdown()) else {
@@ -259,7 +287,12 @@ impl NbdServer {
     }
 
     /// The option haggling. Returns the session to serve, or None when the client ended it.
-    fn handshake(&self, r: &mut impl Read, w: &mut BufWriter<Sock>) -> io::Result<Option<Session>> {
+    /// With `tls`, every option but STARTTLS and ABORT is refused until TLS is on; after
+    /// STARTTLS, `c` is the connection inside TLS.
+    fn handshake(&self, c: &mut Conn, tls: Option<&TlsCreds>) -> io::Result<Option<Session>> {
+        let mut tls_pending = tls.is_some();
+        let w = &mut c.w;
+        let r = &mut c.r;
         w.write_all(&proto::NBDMAGIC.to_be_bytes())?;
         w.write_all(&proto::IHAVEOPT.to_be_bytes())?;
         w.write_all(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes())?;
@@ -278,6 +311,7 @@ impl NbdServer {
         // Meta contexts selected, and the export they were selected for.
         let mut meta: (String, Vec<u32>) = (String::new(), Vec::new());
         loop {
+            let (r, w) = (&mut c.r, &mut c.w);
             let mut h = [0u8; 16];
             r.read_exact(&mut h)?;
             let (option, len) = proto::parse_option_header(&h)
@@ -289,6 +323,19 @@ impl NbdServer {
             }
             let mut data = vec![0u8; len as usize];
             r.read_exact(&mut data)?;
+            if tls_pending && !matches!(option, opt::STARTTLS | opt::ABORT) {
+                if option == opt::EXPORT_NAME {
+                    // No error reply to this option: the connection ends.
+                    return Ok(None);
+                }
+                reply(
+                    w,
+                    option,
+                    rep::ERR_TLS_REQD,
+                    b"TLS is required: start it first",
+                )?;
+                continue;
+            }
             match option {
                 opt::EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
@@ -408,14 +455,29 @@ impl NbdServer {
                         }));
                     }
                 }
-                opt::STARTTLS => {
-                    reply(
+                opt::STARTTLS => match tls {
+                    None => reply(
                         w,
                         option,
                         rep::ERR_POLICY,
                         b"this listener does not offer TLS",
-                    )?;
-                }
+                    )?,
+                    Some(_) if !data.is_empty() => {
+                        reply(w, option, rep::ERR_INVALID, b"STARTTLS takes no data")?
+                    }
+                    Some(_) if !tls_pending => {
+                        reply(w, option, rep::ERR_INVALID, b"TLS is already on")?
+                    }
+                    Some(creds) => {
+                        reply(w, option, rep::ACK, &[])?;
+                        let pre = r.buffer().to_vec();
+                        let sock = c.sock.try_clone()?;
+                        let inner = tls::start(creds, sock, &pre, self.config.handshake_timeout)?;
+                        inner.set_read_timeout(Some(self.config.handshake_timeout))?;
+                        *c = Conn::new(inner)?;
+                        tls_pending = false;
+                    }
+                },
                 _ => {
                     reply(w, option, rep::ERR_UNSUP, b"option not supported")?;
                 }
@@ -487,6 +549,23 @@ fn send_info(w: &mut impl Write, option: u32, e: &Export, asked: &[u16]) -> io::
         send_reply(w, option, rep::INFO, &d)?;
     }
     Ok(())
+}
+
+/// A connection's socket with its buffered reader and writer (each on a clone of it).
+struct Conn {
+    sock: Sock,
+    r: BufReader<Sock>,
+    w: BufWriter<Sock>,
+}
+
+impl Conn {
+    fn new(sock: Sock) -> io::Result<Conn> {
+        Ok(Conn {
+            w: BufWriter::with_capacity(64 << 10, sock.try_clone()?),
+            r: BufReader::with_capacity(256 << 10, sock.try_clone()?),
+            sock,
+        })
+    }
 }
 
 /// What the handshake settled.
