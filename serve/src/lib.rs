@@ -35,6 +35,8 @@ pub mod jsonrpc;
 pub mod metrics;
 pub mod nbd;
 pub mod registry;
+pub mod vhost_user;
+pub mod virtio_blk;
 
 pub use export::{Export, ExportInfo, Opened, Opener, QosControl};
 pub use registry::Registry;

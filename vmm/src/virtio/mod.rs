@@ -7,10 +7,7 @@ pub mod mmio;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-/// Virtio 1.x (feature bit 32), which every device here offers and requires.
-pub const F_VERSION_1: u64 = 1 << 32;
-/// `used_event`/`avail_event` notification suppression (feature bit 29).
-pub const F_EVENT_IDX: u64 = 1 << 29;
+pub use vstor_serve::virtio_blk::{F_EVENT_IDX, F_VERSION_1};
 
 /// What a virtio device model implements; the transport does the rest.
 ///
