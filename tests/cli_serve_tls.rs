@@ -442,6 +442,12 @@ fn qemu_reads_and_writes_through_tls_and_a_plain_client_is_told_tls_is_required(
         ],
     );
     assert!(e.contains("does not offer TLS"), "{e}");
+    // After all the refusals, a TLS client is served as before.
+    let info = success(
+        "qemu-img",
+        &["info", "--object", &obj, "--image-opts", &tls],
+    );
+    assert!(info.contains("virtual size: 64 MiB"), "{info}");
 
     let log = srv.stop_within(Duration::from_secs(10));
     assert!(log.contains("every export flushed and closed"), "{log}");
@@ -668,6 +674,27 @@ fn raw_client_before_tls(port: u16) {
     let mut rest = Vec::new();
     let n = c.read_to_end(&mut rest).unwrap();
     assert_eq!(n, 0, "EXPORT_NAME before TLS got an answer: {rest:?}");
+
+    // STARTTLS accepted, then no TLS but garbage: the connection is closed.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.read_exact(&mut greeting).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    opt(&mut c, OPT_STARTTLS, &[]);
+    assert_eq!(answer(&mut c), (OPT_STARTTLS, 1));
+    c.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5])
+        .unwrap();
+    c.write_all(b"not a TLS record at all").unwrap();
+    let mut rest = Vec::new();
+    // The server may answer with an alert before it closes; it must close.
+    if let Err(e) = c.read_to_end(&mut rest) {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "not closed: {e}"
+        );
+    }
+    assert!(rest.len() < 64, "{rest:?}");
 }
 
 #[test]

@@ -388,6 +388,10 @@ fn pump(conn: &mut ServerConnection, sock: &mut Sock, mut plain: UnixStream) -> 
             if plain_gone || to_plain_at == to_plain.len() {
                 to_plain.clear();
                 to_plain_at = 0;
+            } else if to_plain_at >= CHUNK {
+                // A steady stream may never drain it: drop what was delivered.
+                to_plain.drain(..to_plain_at);
+                to_plain_at = 0;
             }
         }
     }
