@@ -596,16 +596,26 @@ struct QueueState {
 }
 
 impl Queue {
-    fn push(&self, job: Job) {
-        let n = job_bytes(&job.h);
+    /// Queues `jobs` for the workers, waiting while the connection holds too many payload
+    /// bytes already.
+    fn push_all(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let n: u64 = jobs.iter().map(|j| job_bytes(&j.h)).sum();
+        let many = jobs.len() > BATCH;
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while s.bytes > 0 && s.bytes + n > MAX_IN_FLIGHT_BYTES {
             s = self.room.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.bytes += n;
-        s.jobs.push_back(job);
+        s.jobs.extend(jobs);
         drop(s);
-        self.ready.notify_one();
+        if many {
+            self.ready.notify_all();
+        } else {
+            self.ready.notify_one();
+        }
     }
 
     /// Every job waiting, up to `BATCH`; empty once closed and drained.
@@ -698,35 +708,66 @@ fn transmission(
     result
 }
 
-/// The reader: parses requests and hands them to the workers, until DISC or the end.
+/// Whether `buf` starts with a whole request (its header and, for a write, its payload).
+fn whole_request_in(buf: &[u8]) -> bool {
+    let Some(hb) = buf.get(..proto::REQUEST_HEADER) else {
+        return false;
+    };
+    let hb: &[u8; proto::REQUEST_HEADER] = hb.try_into().expect("header length");
+    match proto::parse_request(hb) {
+        Ok(h) if h.kind == cmd::WRITE => {
+            h.len > MAX_PAYLOAD || buf.len() >= proto::REQUEST_HEADER + h.len as usize
+        }
+        _ => true,
+    }
+}
+
+/// The reader: parses requests and hands them to the workers, until DISC or the end. Every
+/// request already received (whole in the read buffer) goes to the workers together, so one
+/// worker submits them as one batch: the client's queue depth reaches the stack.
 fn read_requests(r: &mut BufReader<Sock>, queue: &Queue, s: &Worker) -> io::Result<()> {
-    loop {
+    let mut group: Vec<Job> = Vec::new();
+    let result = loop {
+        if !group.is_empty() && (group.len() >= BATCH || !whole_request_in(r.buffer())) {
+            queue.push_all(std::mem::take(&mut group));
+        }
         let mut hb = [0u8; proto::REQUEST_HEADER];
         match r.read_exact(&mut hb) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e),
         }
-        let h = proto::parse_request(&hb)
-            .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m.0))?;
+        let h = match proto::parse_request(&hb) {
+            Ok(h) => h,
+            Err(m) => break Err(io::Error::new(io::ErrorKind::InvalidData, m.0)),
+        };
         match h.kind {
-            cmd::DISC => return Ok(()),
+            cmd::DISC => break Ok(()),
             cmd::WRITE => {
                 if h.len > MAX_PAYLOAD {
                     // Its payload is not read: answer, then end the connection.
+                    queue.push_all(std::mem::take(&mut group));
                     s.send_error(h.cookie, err::EOVERFLOW, "write longer than 32 MiB")?;
-                    return Ok(());
+                    break Ok(());
                 }
-                let mut data = vec![0u8; h.len as usize];
-                r.read_exact(&mut data)?;
-                queue.push(Job { h, data });
+                // Read without zero-filling first: the payload overwrites it all.
+                let mut data = Vec::with_capacity(h.len as usize);
+                (&mut *r).take(u64::from(h.len)).read_to_end(&mut data)?;
+                if data.len() != h.len as usize {
+                    // The client left in the middle of the payload: nothing of it is written.
+                    break Ok(());
+                }
+                group.push(Job { h, data });
             }
-            _ => queue.push(Job {
+            _ => group.push(Job {
                 h,
                 data: Vec::new(),
             }),
         }
-    }
+    };
+    // Requests received before the end are still served (DISC: "finish in flight, then close").
+    queue.push_all(group);
+    result
 }
 
 /// What the workers of a connection share.
