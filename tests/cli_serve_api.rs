@@ -1,0 +1,246 @@
+//! `vstor serve`'s control API and metrics from the outside: the schema it publishes, errors
+//! with kinds, statistics that count what a real client (qemu-io) did, a QoS cap set at run
+//! time that the client then measures, and the Prometheus endpoint.
+
+mod common;
+
+use common::{ok, s};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Daemon {
+    child: Child,
+    nbd: PathBuf,
+    control: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        let nbd = dir.join("nbd.sock");
+        let control = dir.join("control.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_vstor"))
+            .args(["serve", "--nbd", &format!("unix:{}", s(&nbd))])
+            .args(["--control", s(&control)])
+            .args(extra)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start vstor serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&control).is_err() {
+            assert!(Instant::now() < deadline, "vstor serve did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon {
+            child,
+            nbd,
+            control,
+        }
+    }
+
+    fn uri(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", s(&self.nbd))
+    }
+
+    fn rpc(&self, method: &str, params: Value) -> Value {
+        let mut c = UnixStream::connect(&self.control).unwrap();
+        let req = json!({"jsonrpc": "2.0", "id": 9, "method": method, "params": params});
+        writeln!(c, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(c).read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            (v["jsonrpc"].as_str(), v["id"].as_u64()),
+            (Some("2.0"), Some(9))
+        );
+        v
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c
+        .arg(uri)
+        .output()
+        .expect("qemu-io (Debian qemu-utils; ./scripts/test installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn the_api_publishes_its_schema_and_answers_errors_with_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.vhdx");
+    ok(&["disk", "create", s(&img), "--size", "16M"]);
+    let d = Daemon::start(dir.path(), &[]);
+    let mode = std::fs::metadata(&d.control).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+    // The schema names every method the daemon answers.
+    let schema = &d.rpc("rpc.discover", json!({}))["result"];
+    assert_eq!(schema["openrpc"], "1.2.6");
+    let methods: Vec<&str> = schema["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert!(methods.contains(&"server.shutdown"), "{methods:?}");
+    for m in methods.iter().filter(|m| **m != "server.shutdown") {
+        let v = d.rpc(m, json!({}));
+        assert_ne!(
+            v.pointer("/error/code").and_then(Value::as_i64),
+            Some(-32601),
+            "{m} is in the schema but not served: {v}"
+        );
+    }
+    for (method, params, kind) in [
+        ("export.remove", json!({"name": "nope"}), "not-found"),
+        ("export.add", json!({"name": "x"}), "invalid-input"),
+        (
+            "export.add",
+            json!({"name": "bad name!", "target": s(&img)}),
+            "invalid-input",
+        ),
+        (
+            "export.add",
+            json!({"name": "m", "target": "/does/not/exist.vhdx"}),
+            "unavailable",
+        ),
+        ("no.such.method", json!({}), "not-found"),
+    ] {
+        let v = d.rpc(method, params.clone());
+        assert_eq!(v["error"]["data"]["kind"], kind, "{method} {params}: {v}");
+    }
+    // Added at run time; a second writer on the same image is refused as in use.
+    let v = d.rpc("export.add", json!({"name": "a", "target": s(&img)}));
+    assert_eq!(v["result"]["name"], "a", "{v}");
+    let v = d.rpc("export.add", json!({"name": "a2", "target": s(&img)}));
+    assert_eq!(v["error"]["data"]["kind"], "in-use", "{v}");
+    // The CLI maps the kinds onto its exit status: 75 for in use.
+    let o = Command::new(env!("CARGO_BIN_EXE_vstor"))
+        .args(["export", "add", "a3", s(&img), "--server", s(&d.control)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_vstor"))
+        .args(["export", "remove", "nope", "--server", s(&d.control)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no export named 'nope'"),
+        "{err}"
+    );
+    // Removing closes and unlocks: the CLI may write the image afterwards.
+    let v = d.rpc("export.remove", json!({"name": "a"}));
+    assert!(v["result"].is_object(), "{v}");
+    ok(&[
+        "disk",
+        "write",
+        s(&img),
+        "--offset",
+        "0",
+        "--length",
+        "4k",
+        "--pattern",
+        "0x11",
+    ]);
+}
+
+#[test]
+fn stats_count_a_real_clients_requests_and_a_cap_set_at_run_time_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("d.raw");
+    std::fs::write(&raw, vec![0u8; 8 << 20]).unwrap();
+    let d = Daemon::start(dir.path(), &["--export", &format!("d0={}", s(&raw))]);
+    qemu_io(
+        &d.uri("d0"),
+        &["write -P 0x22 0 64k", "read -P 0x22 0 64k", "flush"],
+    );
+    let st = &d.rpc("export.stats", json!({"name": "d0"}))["result"];
+    assert!(st["writes"].as_u64().unwrap() >= 1, "{st}");
+    assert!(st["reads"].as_u64().unwrap() >= 1, "{st}");
+    assert!(st["bytes_written"].as_u64().unwrap() >= 65536, "{st}");
+    assert!(st["flushes"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["errors"], 0, "{st}");
+    // A cap of 50 normalized IOPS: 40 reads of 4 KiB (one unit each) after the first burst
+    // take most of a second; without a cap they take milliseconds.
+    let v = d.rpc("export.set-qos", json!({"name": "d0", "max_iops": 50}));
+    assert_eq!(v["result"]["max_iops"], 50, "{v}");
+    let t = Instant::now();
+    let cmds: Vec<String> = (0..120).map(|i| format!("read {} 4k", i * 4096)).collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&d.uri("d0"), &cmds);
+    let capped = t.elapsed();
+    assert!(
+        capped >= Duration::from_millis(1200),
+        "120 requests under a 50 IOPS cap took {capped:?}"
+    );
+    d.rpc("export.set-qos", json!({"name": "d0", "max_iops": 0}));
+    let t = Instant::now();
+    qemu_io(&d.uri("d0"), &cmds);
+    assert!(t.elapsed() < capped, "lifting the cap did not speed it up");
+}
+
+#[test]
+fn metrics_are_served_in_the_prometheus_text_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("d.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        dir.path(),
+        &["--export", &format!("m0={}", s(&raw)), "--metrics", &addr],
+    );
+    qemu_io(&d.uri("m0"), &["write -P 1 0 4k"]);
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    assert!(
+        body.contains("# TYPE vstor_export_writes_total counter"),
+        "{body}"
+    );
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("vstor_export_writes_total{export=\"m0\"}"))
+        .unwrap_or_else(|| panic!("{body}"));
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 1.0, "{line}");
+    assert!(
+        body.contains("vstor_export_size_bytes{export=\"m0\"} 1048576"),
+        "{body}"
+    );
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.write_all(b"GET /other HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 404"), "{body}");
+}
