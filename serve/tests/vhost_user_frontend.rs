@@ -253,10 +253,10 @@ impl Frontend {
         match r {
             Ok(0) => true,
             Ok(_) => panic!("a message where none was due"),
-            Err(e) => match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => false,
-                _ => true,
-            },
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
         }
     }
 
