@@ -1696,6 +1696,72 @@ fn qemu_img_bench_at_depth_32() {
     );
 }
 
+/// SIGTERM with 32 requests in flight (`qemu-img bench -w -d 32`): the daemon answers or
+/// refuses what it has, flushes and exits 0; the image is clean and every 4 KiB write is in it
+/// whole or not at all.
+#[test]
+fn sigterm_with_32_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.vhdx");
+    let t = s(&disk).to_string();
+    const SIZE: u64 = 64 * MIB;
+    vhdx(&disk, SIZE);
+    let d = Daemon::start(dir.path(), false, &[&format!("d0={t}")]);
+    let bench = Command::new("qemu-img")
+        .args([
+            "bench",
+            "-f",
+            "raw",
+            "-w",
+            "-c",
+            &(SIZE / 4096).to_string(),
+            "-d",
+            "32",
+            "-s",
+            "4k",
+            "-S",
+            "4k",
+            "--pattern=0x6b",
+            &d.uri("d0"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-img is installed by ./scripts/test (package qemu-utils)");
+    // Signal once the writes are under way (the daemon has counted some).
+    let t0 = Instant::now();
+    while d.stats("d0")["writes"].as_u64().unwrap() < 500 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the bench does not write"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d.terminate();
+    let o = bench.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && text.contains("Failed request"),
+        "the bench was cut short: {text}"
+    );
+    check_clean(&disk);
+    let img = read_target(dir.path(), &t, 0, SIZE);
+    let (full, empty) = (vec![0x6bu8; 4096], vec![0u8; 4096]);
+    let mut written = 0;
+    for (i, c) in img.chunks(4096).enumerate() {
+        if c == &full[..] {
+            written += 1;
+        } else {
+            assert!(c == &empty[..], "4 KiB write {i} is torn");
+        }
+    }
+    assert!(
+        (500..SIZE / 4096).contains(&written),
+        "{written} writes in the image"
+    );
+}
+
 /// A mirrored pool space served over NBD: its thin allocation shows in the map, qemu-io's
 /// writes are in the space afterwards, and qemu-img's copy of it compares equal.
 #[test]
