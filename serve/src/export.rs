@@ -372,6 +372,12 @@ impl Export {
         InFlight { export: self }
     }
 
+    /// Counts a request refused before it ran (malformed, out of range, read-only): an error,
+    /// and not traffic.
+    pub fn refused(&self) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// What `export.list` shows.
     pub fn info(&self) -> ExportInfo {
         let i = self.device.info();

@@ -33,7 +33,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vstor_core::{BlockDevice, ErrorKind, Extent, OpKind, Request};
 
 /// The most requests a worker submits as one batch.
@@ -151,8 +151,10 @@ pub struct NbdServer {
     config: NbdConfig,
     connections: AtomicUsize,
     stopping: AtomicBool,
-    /// Every live connection's socket, to close them at shutdown.
-    socks: Mutex<Vec<(u64, Sock)>>,
+    /// Every live connection's socket, to close them at shutdown, and the time by which its
+    /// handshake must be done (None once it is): the reaper closes a connection past it, however
+    /// slowly the client trickles bytes.
+    socks: Mutex<Vec<(u64, Sock, Option<Instant>)>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -175,14 +177,57 @@ pub enum Listener {
 impl NbdServer {
     /// A server of `registry`'s exports.
     pub fn new(registry: Arc<Registry>, config: NbdConfig) -> Arc<Self> {
-        Arc::new(NbdServer {
+        let me = Arc::new(NbdServer {
             registry,
             config,
             connections: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             socks: Mutex::new(Vec::new()),
             next_id: Default::default(),
-        })
+        });
+        let weak = Arc::downgrade(&me);
+        let tick = (me.config.handshake_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let _ = std::thread::Builder::new()
+            .name("nbd-reaper".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                let Some(me) = weak.upgrade() else { return };
+                if me.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                me.reap(Instant::now());
+            });
+        me
+    }
+
+    /// Closes the connections whose handshake is past its deadline.
+    fn reap(&self, now: Instant) {
+        for (_, s, deadline) in self
+            .socks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            if deadline.is_some_and(|d| d <= now) {
+                s.shutdown_both();
+                *deadline = None;
+            }
+        }
+    }
+
+    /// The handshake of connection `id` is done: no deadline any more.
+    fn handshake_done(&self, id: u64) {
+        for (i, _, deadline) in self
+            .socks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            if *i == id {
+                *deadline = None;
+            }
+        }
     }
 
     /// Connections open now.
@@ -227,7 +272,7 @@ impl NbdServer {
     /// connection; requests in flight finish first.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        for (_, s) in self.socks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (_, s, _) in self.socks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             s.shutdown();
         }
     }
@@ -240,17 +285,18 @@ impl NbdServer {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(c) = sock.try_clone() {
-            self.socks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((id, c));
+            self.socks.lock().unwrap_or_else(|p| p.into_inner()).push((
+                id,
+                c,
+                Some(Instant::now() + self.config.handshake_timeout),
+            ));
         }
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
             .stack_size(256 << 10)
             .spawn(move || {
-                if let Err(e) = me.handle(sock, tls.as_deref()) {
+                if let Err(e) = me.handle(sock, tls.as_deref(), id) {
                     if !matches!(
                         e.kind(),
                         io::ErrorKind::UnexpectedEof
@@ -263,7 +309,7 @@ impl NbdServer {
                 me.socks
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .retain(|(i, _)| *i != id);
+                    .retain(|(i, _, _)| *i != id);
                 me.connections.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {
@@ -271,13 +317,23 @@ impl NbdServer {
         }
     }
 
-    fn handle(self: &Arc<Self>, sock: Sock, tls: Option<&TlsCreds>) -> io::Result<()> {
+    fn handle(self: &Arc<Self>, sock: Sock, tls: Option<&TlsCreds>, id: u64) -> io::Result<()> {
         sock.set_read_timeout(Some(self.config.handshake_timeout))?;
         let mut c = Conn::new(sock)?;
         let Some(session) = self.handshake(&mut c, tls)? else {
             return Ok(());
         };
+        self.handshake_done(id);
         let Conn { sock, r, w } = c;
+        // What the client sent after GO is already in the handshake's buffer: read it first.
+        let pending = io::Cursor::new(r.buffer().to_vec());
+        let r = BufReader::with_capacity(
+            256 << 10,
+            Rd {
+                pending,
+                sock: r.into_inner(),
+            },
+        );
         sock.set_read_timeout(None)?;
         let closer = sock.try_clone()?;
         let Some(conn) = session.export.connect(move || closer.shutdown()) else {
@@ -562,9 +618,26 @@ impl Conn {
     fn new(sock: Sock) -> io::Result<Conn> {
         Ok(Conn {
             w: BufWriter::with_capacity(64 << 10, sock.try_clone()?),
-            r: BufReader::with_capacity(256 << 10, sock.try_clone()?),
+            // Small while haggling: a connection that never gets past the handshake pins
+            // little memory. Transmission reads through a larger buffer ([`Rd`]).
+            r: BufReader::with_capacity(4 << 10, sock.try_clone()?),
             sock,
         })
+    }
+}
+
+/// The reading side in transmission: bytes read ahead during the handshake, then the socket.
+struct Rd {
+    pending: io::Cursor<Vec<u8>>,
+    sock: Sock,
+}
+
+impl Read for Rd {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if (self.pending.position() as usize) < self.pending.get_ref().len() {
+            return self.pending.read(buf);
+        }
+        self.sock.read(buf)
     }
 }
 
@@ -652,7 +725,7 @@ fn job_bytes(h: &proto::RequestHeader) -> u64 {
 
 /// Serves requests until the client disconnects or the export goes away.
 fn transmission(
-    mut r: BufReader<Sock>,
+    mut r: BufReader<Rd>,
     w: BufWriter<Sock>,
     conn: Connection,
     session: Session,
@@ -725,7 +798,7 @@ fn whole_request_in(buf: &[u8]) -> bool {
 /// The reader: parses requests and hands them to the workers, until DISC or the end. Every
 /// request already received (whole in the read buffer) goes to the workers together, so one
 /// worker submits them as one batch: the client's queue depth reaches the stack.
-fn read_requests(r: &mut BufReader<Sock>, queue: &Queue, s: &Worker) -> io::Result<()> {
+fn read_requests(r: &mut BufReader<Rd>, queue: &Queue, s: &Worker) -> io::Result<()> {
     let mut group: Vec<Job> = Vec::new();
     let result = loop {
         if !group.is_empty() && (group.len() >= BATCH || !whole_request_in(r.buffer())) {
@@ -897,14 +970,19 @@ impl Worker {
                 cmd::WRITE_ZEROES => Some(OpKind::WriteZeroes),
                 _ => None,
             };
-            guards.push(op.map(|op| self.export.begin(op, u64::from(j.h.len))));
             if let Err((errno, msg)) = self.check(&j.h) {
+                // Refused before it ran: an error, not traffic.
+                self.export.refused();
+                guards.push(None);
                 outcomes.push(Some(Outcome::Err(errno, msg)));
                 continue;
             }
+            guards.push(op.map(|op| self.export.begin(op, u64::from(j.h.len))));
             match j.h.kind {
                 cmd::READ => {
-                    let pieces = if self.structured && j.h.len >= HOLE_READ_MIN {
+                    // DF asks for one chunk: no holes split out.
+                    let df = j.h.flags & cflag::DF != 0;
+                    let pieces = if self.structured && !df && j.h.len >= HOLE_READ_MIN {
                         match dev.allocation(j.h.offset, u64::from(j.h.len)) {
                             Ok(ext) => pieces_of(&ext),
                             Err(_) => vec![(0, u64::from(j.h.len), false)],
