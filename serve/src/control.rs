@@ -80,6 +80,16 @@ fn str_param<'a>(p: &'a Value, key: &str) -> Result<&'a str, Failure> {
         .ok_or_else(|| bad_params(format!("parameter '{key}' (a string) is required")))
 }
 
+fn opt_str<'a>(p: &'a Value, key: &str) -> Result<Option<&'a str>, Failure> {
+    match p.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| bad_params(format!("parameter '{key}' must be a string"))),
+    }
+}
+
 fn opt_u64(p: &Value, key: &str) -> Result<Option<u64>, Failure> {
     match p.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -249,7 +259,7 @@ impl Control {
                 reg.remove_and_wait(name, std::time::Duration::from_secs(30))?;
                 Ok(json!({}))
             }
-            "export.stats" => match p.get("name").and_then(Value::as_str) {
+            "export.stats" => match opt_str(p, "name")? {
                 Some(name) => Ok(to_value(reg.get(name)?.stats())),
                 None => Ok(to_value(
                     reg.exports().iter().map(|e| e.stats()).collect::<Vec<_>>(),
@@ -273,7 +283,7 @@ impl Control {
             }
             "export.checkpoint" => {
                 let e = reg.get(str_param(p, "name")?)?;
-                let child = p.get("child").and_then(Value::as_str).map(Path::new);
+                let child = opt_str(p, "child")?.map(Path::new);
                 Ok(json!({"child": e.checkpoint(child)?}))
             }
             "export.merge" => {
