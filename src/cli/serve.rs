@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vstor::target::{StackContext, TargetOptions, TargetSpec};
 use vstor::Error;
-use vstor_serve::control::Client;
 use vstor_serve::daemon::{Daemon, DaemonConfig, ExportArg, NbdAddr};
 use vstor_serve::export::ServeError;
+use vstor_serve::jsonrpc::Client;
 use vstor_serve::{Opened, Opener, QosControl};
 
 /// Serve disks to VMMs and tools over NBD (and vhost-user-blk), with a control API.
@@ -252,7 +252,7 @@ impl Opener for StackOpener {
     }
 }
 
-fn api_err(e: vstor_serve::control::CallError) -> Error {
+fn api_err(e: vstor_serve::jsonrpc::CallError) -> Error {
     let kind = match e.kind.as_str() {
         "invalid-input" => vstor::ErrorKind::InvalidInput,
         "out-of-range" => vstor::ErrorKind::OutOfRange,
