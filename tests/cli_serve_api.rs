@@ -244,3 +244,44 @@ fn metrics_are_served_in_the_prometheus_text_format() {
     c.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.0 404"), "{body}");
 }
+
+#[test]
+fn vhost_user_blk_sockets_are_served_for_exports_and_bad_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("d.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let vsock = dir.path().join("vu.sock");
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--export",
+            &format!("v0={}", s(&raw)),
+            "--vhost-user-blk",
+            &format!("v0={},queues=2", s(&vsock)),
+        ],
+    );
+    let info = &d.rpc("server.info", json!({}))["result"];
+    assert_eq!(
+        info["vhost_user_blk"][0],
+        format!("v0={}", s(&vsock)),
+        "{info}"
+    );
+    // A frontend can connect; the vhost-user protocol itself is tested in serve/tests.
+    UnixStream::connect(&vsock).expect("the vhost-user-blk socket accepts a frontend");
+    drop(d);
+    for (arg, want) in [
+        ("nope=/tmp/x.sock", "no --export named 'nope'"),
+        ("v0=", "the socket path is empty"),
+        ("v0=/tmp/x.sock,queues=0", "queues must be"),
+        ("v0=/tmp/x.sock,speed=9", "unknown option"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_vstor"))
+            .args(["serve", "--export", &format!("v0={}", s(&raw))])
+            .args(["--vhost-user-blk", arg])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{arg}: {err}");
+        assert!(err.contains(want), "{arg}: {err}");
+    }
+}

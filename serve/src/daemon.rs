@@ -78,6 +78,58 @@ impl FromStr for ExportArg {
     }
 }
 
+/// A vhost-user-blk socket for an export: `NAME=SOCKET[,queues=N]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostArg {
+    /// The export it serves.
+    pub name: String,
+    /// The Unix socket the VMM connects to.
+    pub socket: PathBuf,
+    /// Virtqueues offered (one worker each).
+    pub queues: usize,
+}
+
+impl FromStr for VhostArg {
+    type Err = ServeError;
+    fn from_str(s: &str) -> Result<Self, ServeError> {
+        let bad = |why: &str| {
+            ServeError::invalid(format!(
+                "--vhost-user-blk {s}: {why} (expected NAME=SOCKET[,queues=N])"
+            ))
+        };
+        let (name, rest) = s.split_once('=').ok_or_else(|| bad("no '='"))?;
+        crate::registry::check_name(name)?;
+        let mut parts = rest.split(',');
+        let socket = parts.next().unwrap_or_default();
+        if socket.is_empty() {
+            return Err(bad("the socket path is empty"));
+        }
+        let mut queues = 1;
+        for p in parts {
+            match p.split_once('=') {
+                Some(("queues", n)) => {
+                    queues = n
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=crate::virtio_blk::MAX_QUEUES).contains(q))
+                        .ok_or_else(|| {
+                            bad(&format!(
+                                "queues must be 1 to {}",
+                                crate::virtio_blk::MAX_QUEUES
+                            ))
+                        })?;
+                }
+                _ => return Err(bad(&format!("unknown option '{p}'"))),
+            }
+        }
+        Ok(VhostArg {
+            name: name.to_string(),
+            socket: socket.into(),
+            queues,
+        })
+    }
+}
+
 /// What the daemon serves.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonConfig {
@@ -87,6 +139,8 @@ pub struct DaemonConfig {
     pub nbd: Vec<NbdAddr>,
     /// Exports to add at start.
     pub exports: Vec<ExportArg>,
+    /// vhost-user-blk sockets for exports.
+    pub vhost_user_blk: Vec<VhostArg>,
     /// The Prometheus endpoint (`HOST:PORT`).
     pub metrics: Option<String>,
     /// Allow NBD over TCP without TLS on an address that is not loopback.
@@ -138,6 +192,7 @@ struct HostImpl {
     shutdown: Arc<ShutdownSignal>,
     started: Instant,
     nbd: Vec<String>,
+    vhost: Vec<String>,
     metrics: Option<String>,
 }
 
@@ -151,6 +206,7 @@ impl Host for HostImpl {
             "api_version": API_VERSION,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "nbd": self.nbd,
+            "vhost_user_blk": self.vhost,
             "metrics": self.metrics,
         })
     }
@@ -268,10 +324,25 @@ impl Daemon {
             }
             None => None,
         };
+        let mut vhost = Vec::new();
+        for v in &config.vhost_user_blk {
+            let export = registry.get(&v.name).map_err(|_| {
+                ServeError::invalid(format!(
+                    "--vhost-user-blk {}: no --export named '{}'",
+                    v.socket.display(),
+                    v.name
+                ))
+            })?;
+            crate::vhost_user::serve(export, &v.socket, v.queues, stop.clone()).map_err(io_err(
+                format!("cannot serve vhost-user-blk on {}", v.socket.display()),
+            ))?;
+            vhost.push(format!("{}={}", v.name, v.socket.display()));
+        }
         let host = Arc::new(HostImpl {
             shutdown: shutdown.clone(),
             started,
             nbd: names,
+            vhost,
             metrics,
         });
         if let Some(path) = &config.control {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use vstor::target::{StackContext, TargetOptions, TargetSpec};
 use vstor::Error;
-use vstor_serve::daemon::{Daemon, DaemonConfig, ExportArg, NbdAddr};
+use vstor_serve::daemon::{Daemon, DaemonConfig, ExportArg, NbdAddr, VhostArg};
 use vstor_serve::export::ServeError;
 use vstor_serve::jsonrpc::Client;
 use vstor_serve::{Opened, Opener, QosControl};
@@ -43,6 +43,14 @@ directory with ca-cert.pem (and client-cert.pem, client-key.pem for verify-peer)
 The server certificate must name the host that clients connect to (qemu checks it
 against host=..., or against tls-hostname=... on a Unix socket).
 
+A VMM attaches an export over vhost-user-blk (its guest memory must be shared):
+  vstor serve --export vm1=/srv/vm1.vhdx --vhost-user-blk vm1=/run/vm1.sock,queues=2
+  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \\
+      -numa node,memdev=mem -chardev socket,id=c0,path=/run/vm1.sock \\
+      -device vhost-user-blk-pci,chardev=c0,num-queues=2
+An online resize (vstor export resize) reaches the guest as a configuration change; a
+restarted daemon serves again the requests the old one left in flight (INFLIGHT_SHMFD).
+
 Example:
   vstor serve --control /run/vstor.sock --nbd unix:/run/vstor-nbd.sock \\
       --export d0=/srv/d0.vhdx --export base=/srv/base.vhdx,readonly=on")]
@@ -56,6 +64,11 @@ pub struct ServeArgs {
     /// An export: NAME=TARGET (any target; add ,readonly=on to refuse writes). Repeatable.
     #[arg(long, value_name = "NAME=TARGET")]
     export: Vec<String>,
+    /// Serve an export to a VMM over vhost-user-blk: NAME=SOCKET[,queues=N] (QEMU's
+    /// vhost-user-blk-pci with shared guest memory, cloud-hypervisor's vhost_user disks).
+    /// Repeatable.
+    #[arg(long, value_name = "NAME=SOCKET[,queues=N]")]
+    vhost_user_blk: Vec<String>,
     /// Serve Prometheus metrics on HOST:PORT (GET /metrics).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -294,9 +307,11 @@ fn print_json(v: &Value) {
 /// Runs `vstor serve` until SIGTERM, SIGINT or `server.shutdown`.
 pub fn run_serve(a: ServeArgs) -> Result<(), Error> {
     let parse = |e: ServeError| Error::InvalidArgument(e.message);
-    if a.nbd.is_empty() && a.control.is_none() {
+    if a.nbd.is_empty() && a.control.is_none() && a.vhost_user_blk.is_empty() {
         return Err(Error::InvalidArgument(
-            "give at least one --nbd listener or a --control socket (see --help)".into(),
+            "give at least one --nbd listener, --vhost-user-blk socket or a --control socket \
+             (see --help)"
+                .into(),
         ));
     }
     let config = DaemonConfig {
@@ -311,6 +326,12 @@ pub fn run_serve(a: ServeArgs) -> Result<(), Error> {
             .export
             .iter()
             .map(|s| s.parse::<ExportArg>())
+            .collect::<Result<_, _>>()
+            .map_err(parse)?,
+        vhost_user_blk: a
+            .vhost_user_blk
+            .iter()
+            .map(|s| s.parse::<VhostArg>())
             .collect::<Result<_, _>>()
             .map_err(parse)?,
         metrics: a.metrics,
