@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vstor_core::{BlockDevice, ErrorKind, OpKind, Request};
+use vstor_core::{AlignedBuf, BlockDevice, ErrorKind, OpKind, Request};
 
 /// How long a connection being closed (shutdown, export removed) has to take the replies of
 /// the requests in flight before its socket is closed both ways: a client that reads no
@@ -779,20 +779,23 @@ fn transmission(
             std::thread::Builder::new()
                 .name("nbd-worker".into())
                 .stack_size(1 << 20)
-                .spawn(move || loop {
-                    let jobs = q.take();
-                    if jobs.is_empty() {
-                        return;
-                    }
-                    let ok = s.run(&jobs);
-                    q.release(&jobs);
-                    if ok.is_err() {
-                        // The client is gone: let the reader see it too.
-                        s.out
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_ref()
-                            .shutdown_both();
+                .spawn(move || {
+                    let mut pool = Vec::new();
+                    loop {
+                        let jobs = q.take();
+                        if jobs.is_empty() {
+                            return;
+                        }
+                        let ok = s.run(&jobs, &mut pool);
+                        q.release(&jobs);
+                        if ok.is_err() {
+                            // The client is gone: let the reader see it too.
+                            s.out
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_ref()
+                                .shutdown_both();
+                        }
                     }
                 })?,
         );
@@ -876,6 +879,41 @@ struct Worker {
     contexts: Vec<u32>,
 }
 
+/// A read's buffer: page-aligned (O_DIRECT reads land in it without a bounce copy), taken from
+/// and given back to its worker's pool, so a stream of reads does not map and fault fresh
+/// pages each time.
+struct ReadBuf {
+    buf: AlignedBuf,
+    len: usize,
+}
+
+impl ReadBuf {
+    /// The most buffers a worker keeps.
+    const POOL: usize = 16;
+
+    fn take(pool: &mut Vec<AlignedBuf>, len: usize) -> ReadBuf {
+        let buf = match pool.iter().position(|b| b.len() >= len) {
+            Some(i) => pool.swap_remove(i),
+            None => AlignedBuf::new(len.next_multiple_of(4096).max(4096)),
+        };
+        ReadBuf { buf, len }
+    }
+
+    fn give_back(self, pool: &mut Vec<AlignedBuf>) {
+        if pool.len() < Self::POOL {
+            pool.push(self.buf);
+        }
+    }
+
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
 /// The pieces of a read: (offset in the read, length, is a hole).
 type Pieces = Vec<(u64, u64, bool)>;
 
@@ -887,7 +925,7 @@ enum Outcome {
     Err(u32, String),
     /// A read: the data, and where holes are (offset in the buffer, length) when sent as
     /// structured chunks.
-    Read(Vec<u8>, Pieces),
+    Read(ReadBuf, Pieces),
     /// Block status chunks, one per context: (context id, descriptors).
     Status(Vec<(u32, Vec<(u32, u32)>)>),
 }
@@ -919,7 +957,7 @@ fn allowed_flags(kind: u16) -> u16 {
 impl Worker {
     fn send_error(&self, cookie: u64, errno: u32, msg: &str) -> io::Result<()> {
         let mut w = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_outcome(&mut w, cookie, 0, Outcome::Err(errno, msg.to_string()))?;
+        self.write_outcome(&mut w, cookie, 0, &Outcome::Err(errno, msg.to_string()))?;
         w.flush()
     }
 
@@ -980,11 +1018,11 @@ impl Worker {
     }
 
     /// Runs a batch of jobs and sends their replies. An error means the client is gone.
-    fn run(&self, jobs: &[Job]) -> io::Result<()> {
+    fn run(&self, jobs: &[Job], pool: &mut Vec<AlignedBuf>) -> io::Result<()> {
         let dev = self.export.device();
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(jobs.len());
         // Reads: their buffers, and for long structured reads the holes they skip.
-        let mut read_bufs: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut read_bufs: Vec<(usize, ReadBuf)> = Vec::new();
         let mut guards = Vec::with_capacity(jobs.len());
         for (i, j) in jobs.iter().enumerate() {
             let op = match j.h.kind {
@@ -1005,7 +1043,7 @@ impl Worker {
             guards.push(op.map(|op| self.export.begin(op, u64::from(j.h.len))));
             match j.h.kind {
                 cmd::READ => {
-                    read_bufs.push((i, vec![0u8; j.h.len as usize]));
+                    read_bufs.push((i, ReadBuf::take(pool, j.h.len as usize)));
                     outcomes.push(None);
                 }
                 cmd::BLOCK_STATUS => outcomes.push(Some(self.block_status(&j.h))),
@@ -1058,7 +1096,7 @@ impl Worker {
                 match j.h.kind {
                     cmd::READ => {
                         let (_, buf) = rb.next().expect("one buffer per read");
-                        batch.push(Request::read(j.h.offset, buf));
+                        batch.push(Request::read(j.h.offset, buf.as_mut()));
                         owner.push(i);
                     }
                     cmd::WRITE => {
@@ -1116,15 +1154,15 @@ impl Worker {
                 // DF asks for one chunk: no holes split out.
                 let split = self.structured
                     && jobs[i].h.flags & cflag::DF == 0
-                    && buf.len() >= HOLE_READ_MIN as usize;
+                    && buf.len >= HOLE_READ_MIN as usize;
                 outcomes[i] = Some(match &failed[i] {
                     Some(e) => Outcome::Err(errno_of(e), e.to_string()),
                     None if split => {
-                        let pieces = zero_runs(&buf);
+                        let pieces = zero_runs(buf.as_ref());
                         Outcome::Read(buf, pieces)
                     }
                     None => {
-                        let n = buf.len() as u64;
+                        let n = buf.len as u64;
                         Outcome::Read(buf, vec![(0, n, false)])
                     }
                 });
@@ -1136,7 +1174,10 @@ impl Worker {
             if let Some(g) = g {
                 g.done(!matches!(o, Outcome::Err(..)));
             }
-            self.write_outcome(&mut w, j.h.cookie, j.h.offset, o)?;
+            self.write_outcome(&mut w, j.h.cookie, j.h.offset, &o)?;
+            if let Outcome::Read(buf, _) = o {
+                buf.give_back(pool);
+            }
         }
         w.flush()
     }
@@ -1177,15 +1218,15 @@ impl Worker {
         w: &mut BufWriter<Sock>,
         cookie: u64,
         offset: u64,
-        o: Outcome,
+        o: &Outcome,
     ) -> io::Result<()> {
         if !self.structured {
             return match o {
                 Outcome::Ok | Outcome::Status(_) => w.write_all(&proto::simple_reply(0, cookie)),
-                Outcome::Err(e, _) => w.write_all(&proto::simple_reply(e, cookie)),
+                Outcome::Err(e, _) => w.write_all(&proto::simple_reply(*e, cookie)),
                 Outcome::Read(buf, _) => {
                     w.write_all(&proto::simple_reply(0, cookie))?;
-                    w.write_all(&buf)
+                    w.write_all(buf.as_ref())
                 }
             };
         }
@@ -1206,7 +1247,7 @@ impl Worker {
             }
             Outcome::Read(buf, pieces) => {
                 let n = pieces.len();
-                for (k, (at, len, hole)) in pieces.into_iter().enumerate() {
+                for (k, &(at, len, hole)) in pieces.iter().enumerate() {
                     let flags = if k + 1 == n { done } else { 0 };
                     if hole {
                         w.write_all(&proto::chunk_header(flags, chunk::OFFSET_HOLE, cookie, 12))?;
@@ -1220,14 +1261,14 @@ impl Worker {
                             8 + len as u32,
                         ))?;
                         w.write_all(&(offset + at).to_be_bytes())?;
-                        w.write_all(&buf[at as usize..(at + len) as usize])?;
+                        w.write_all(&buf.as_ref()[at as usize..(at + len) as usize])?;
                     }
                 }
                 Ok(())
             }
             Outcome::Status(chunks) => {
                 let n = chunks.len();
-                for (k, (ctx, d)) in chunks.into_iter().enumerate() {
+                for (k, (ctx, d)) in chunks.iter().enumerate() {
                     let flags = if k + 1 == n { done } else { 0 };
                     w.write_all(&proto::chunk_header(
                         flags,
