@@ -620,6 +620,7 @@ impl Session {
         let shared = self.shared.clone();
         let event_idx = self.acked & F_EVENT_IDX != 0;
         let inflight = self.inflight.clone();
+        let name = self.export.name().to_string();
         let r = self.vring(index)?;
         let running = r.worker.take().and_then(Worker::stop).or(r.parked.take());
         let (queue, tracker): QueueState = match running {
@@ -660,6 +661,14 @@ impl Session {
                     Some(region) if (index as u16) < region.num_queues() => {
                         let (t, next_avail) =
                             QueueInflight::start(region, index as u16, r.num, used_idx)?;
+                        if t.pending_resubmits() > 0 {
+                            eprintln!(
+                                "vstor serve: vhost-user-blk {}: queue {index}: serving again {} \
+                                 requests an earlier backend left in flight",
+                                name,
+                                t.pending_resubmits()
+                            );
+                        }
                         q.set_next_avail(next_avail);
                         Box::new(t)
                     }
@@ -735,7 +744,14 @@ struct WorkerCtx {
 
 impl WorkerCtx {
     /// Serves the ring whenever it is kicked (or woken), until stopped; returns the queue.
+    ///
+    /// The driver is interrupted once when the ring first runs, whatever EVENT_IDX says: a
+    /// backend that died between returning chains and interrupting the driver left it waiting
+    /// for an interrupt that, by `used_event`, was due already and so would never come again
+    /// (found by the restart test: the guest hung). A spurious interrupt costs the driver one
+    /// look at the used ring.
     fn run(self, (mut queue, mut tracker): QueueState) -> QueueState {
+        let mut first = true;
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return (queue, tracker);
@@ -755,11 +771,12 @@ impl WorkerCtx {
                         &mem,
                         &mut *tracker,
                     );
-                    if interrupt {
+                    if interrupt || first {
                         if let Some(call) =
                             self.call.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
                         {
                             signal(call);
+                            first = false;
                         }
                     }
                 }
