@@ -285,3 +285,130 @@ fn vhost_user_blk_sockets_are_served_for_exports_and_bad_ones_refused() {
         assert!(err.contains(want), "{arg}: {err}");
     }
 }
+
+fn qemu_img(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (Debian qemu-utils; ./scripts/test installs it)")
+}
+
+#[test]
+fn a_served_vhdx_is_checkpointed_merged_and_cloned_while_a_client_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("live.vhdx");
+    ok(&["disk", "create", s(&img), "--size", "32M"]);
+    let d = Daemon::start(dir.path(), &["--export", &format!("l0={}", s(&img))]);
+    qemu_io(&d.uri("l0"), &["write -P 0x0a 0 1M", "flush"]);
+    // Checkpoint: the image freezes, a child takes the writes.
+    let child = dir.path().join("live-cp.avhdx");
+    let v = d.rpc(
+        "export.checkpoint",
+        json!({"name": "l0", "child": s(&child)}),
+    );
+    assert_eq!(v["result"]["child"], s(&child), "{v}");
+    qemu_io(
+        &d.uri("l0"),
+        &["write -P 0x0b 0 64k", "write -P 0x0c 4M 1M", "flush"],
+    );
+    // The frozen parent still holds what was there at the checkpoint (a reader may open it:
+    // the daemon holds it read-only, shared).
+    let parent = ok(&["disk", "read", s(&img), "--offset", "0", "--length", "16"]);
+    assert!(parent.contains("0a0a 0a0a"), "{parent}");
+    let cur = ok(&[
+        "disk",
+        "read",
+        &format!("vhdx:{}", s(&img)),
+        "--offset",
+        "4M",
+        "--length",
+        "16",
+    ]);
+    assert!(
+        cur.contains("0000 0000"),
+        "the parent changed after the checkpoint: {cur}"
+    );
+    // Nobody else writes the frozen parent or the child that takes the writes.
+    for f in [&img, &child] {
+        let o = Command::new(env!("CARGO_BIN_EXE_vstor"))
+            .args([
+                "disk",
+                "write",
+                s(f),
+                "--offset",
+                "0",
+                "--length",
+                "4k",
+                "-P",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(75),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // A second checkpoint stacks another child; merging twice brings both back.
+    let v = d.rpc("export.checkpoint", json!({"name": "l0"}));
+    let second = v["result"]["child"].as_str().unwrap().to_string();
+    qemu_io(&d.uri("l0"), &["write -P 0x0d 8M 64k", "flush"]);
+    let v = d.rpc("export.merge", json!({"name": "l0"}));
+    assert_eq!(v["result"]["into"], s(&child), "{v}");
+    assert!(
+        !Path::new(&second).exists(),
+        "the merged child was not removed"
+    );
+    let v = d.rpc("export.merge", json!({"name": "l0"}));
+    assert_eq!(v["result"]["into"], s(&img), "{v}");
+    assert!(!child.exists());
+    let v = d.rpc("export.merge", json!({"name": "l0"}));
+    assert_eq!(v["error"]["data"]["kind"], "invalid-input", "{v}");
+    // A live clone while a client writes elsewhere: the clone equals the export at a moment
+    // before the clone returned; with the writer stopped, equal to the export.
+    let clone = dir.path().join("clone.vhdx");
+    let v = d.rpc("export.clone", json!({"name": "l0", "dest": s(&clone)}));
+    assert!(v["result"]["bytes"].as_u64().is_some(), "{v}");
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "vhdx",
+        "-F",
+        "raw",
+        s(&clone),
+        &d.uri("l0"),
+    ]);
+    assert!(
+        cmp.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+    // A clone onto an existing file is refused and the file left alone.
+    let v = d.rpc("export.clone", json!({"name": "l0", "dest": s(&clone)}));
+    assert!(v["error"].is_object(), "{v}");
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "vhdx",
+        "-F",
+        "raw",
+        s(&clone),
+        &d.uri("l0"),
+    ]);
+    assert!(
+        cmp.status.success(),
+        "the refused clone changed {}",
+        s(&clone)
+    );
+    // After a graceful stop every write is in the one image left.
+    drop(d);
+    let all = ok(&["disk", "read", s(&img), "--offset", "4M", "--length", "16"]);
+    assert!(all.contains("0c0c 0c0c"), "{all}");
+    let all = ok(&["disk", "read", s(&img), "--offset", "8M", "--length", "16"]);
+    assert!(all.contains("0d0d 0d0d"), "{all}");
+    let report = ok(&["disk", "check", s(&img)]);
+    assert!(report.contains("No errors were found"), "{report}");
+}

@@ -8,13 +8,23 @@
 //! while writes continue (the ranges they touch are recorded), then, with I/O paused, copies
 //! what changed meanwhile and switches to the parent: the writes made during the merge are in
 //! the result.
+//!
+//! **Image locks.** When the options ask for locks, the live disk holds them itself, one per
+//! file of its chain, and changes them in place as the chain changes: the image that takes
+//! writes is held as a writer, its parents as parents (no writer anywhere else). A checkpoint
+//! turns the frozen image's lock into a parent's lock without ever letting it go; a merge turns
+//! the parent's into a writer's while it copies, and drops the merged child's. (The images
+//! themselves are opened without locks of their own: in one process, a writer's lock and a
+//! parent's lock on the same file would refuse each other.)
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use vstor_core::{BlockDevice, CapacitySignal, DeviceInfo, Job, Op, Request, Result};
+use vstor_core::{
+    BlockDevice, CapacitySignal, DeviceInfo, ImageLock, Job, LockMode, Op, Request, Result,
+};
 
 use crate::convert::{copy_range, ConvertOptions, ConvertReport};
 use crate::disk::{OpenOptions, Vhdx};
@@ -32,8 +42,13 @@ pub struct LiveDisk {
     dirty: Mutex<BTreeSet<u64>>,
     /// Serializes checkpoint and merge.
     ops: Mutex<()>,
-    /// How images are opened (the current one, a checkpoint's child, a merge's parent).
+    /// How images are opened (the current one, a checkpoint's child, a merge's parent),
+    /// without locks of their own.
     opts: OpenOptions,
+    /// The image locks of the chain, by path, when locking was asked for (None: no locks).
+    locks: Option<Mutex<BTreeMap<PathBuf, ImageLock>>>,
+    /// The mode of the lock of the image that takes writes.
+    writer_mode: LockMode,
 }
 
 impl std::fmt::Debug for LiveDisk {
@@ -53,11 +68,35 @@ impl LiveDisk {
     /// Opens the image at `path` with its chain, with `opts` (direct I/O, engine, locking) for
     /// it and for the images later checkpoints and merges open. It is always writable.
     pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<LiveDisk> {
-        let opts = OpenOptions {
+        let path = path.as_ref();
+        let writer_mode = if opts.file.share_rw {
+            LockMode::WriteSharing
+        } else {
+            LockMode::Exclusive
+        };
+        let mut opts = OpenOptions {
             read_only: false,
             ..opts.clone()
         };
+        let locking = std::mem::take(&mut opts.file.lock);
+        // The writer's lock before the open, which may replay the image's log.
+        let mut locks = BTreeMap::new();
+        if locking {
+            locks.insert(path.to_path_buf(), ImageLock::acquire(path, writer_mode)?);
+        }
         let v = Vhdx::open(path, &opts)?;
+        if locking {
+            let mut p = v.parent().cloned();
+            while let Some(parent) = p {
+                if let Some(pp) = parent.path() {
+                    locks.insert(
+                        pp.to_path_buf(),
+                        ImageLock::acquire(pp, LockMode::SharedStrict)?,
+                    );
+                }
+                p = parent.parent().cloned();
+            }
+        }
         let cap = v.capacity();
         Ok(LiveDisk {
             cur: RwLock::new(Arc::new(v)),
@@ -66,7 +105,31 @@ impl LiveDisk {
             dirty: Mutex::new(BTreeSet::new()),
             ops: Mutex::new(()),
             opts,
+            locks: locking.then(|| Mutex::new(locks)),
+            writer_mode,
         })
+    }
+
+    /// Changes the lock on `path` to `mode` (taking it if the disk holds none there yet).
+    fn relock(&self, path: &Path, mode: LockMode) -> Result<()> {
+        let Some(locks) = &self.locks else {
+            return Ok(());
+        };
+        let mut l = locks.lock().unwrap_or_else(|p| p.into_inner());
+        match l.get_mut(path) {
+            Some(lock) => lock.convert(path, mode),
+            None => {
+                l.insert(path.to_path_buf(), ImageLock::acquire(path, mode)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// Lets the lock on `path` go.
+    fn unlock(&self, path: &Path) {
+        if let Some(locks) = &self.locks {
+            locks.lock().unwrap_or_else(|p| p.into_inner()).remove(path);
+        }
     }
 
     /// The image that takes writes now.
@@ -87,8 +150,21 @@ impl LiveDisk {
             .to_path_buf();
         g.flush()?;
         g.close()?;
-        let child = lifecycle::checkpoint(&path, child)?;
-        let v = Vhdx::open(&child, &self.opts)?;
+        // The frozen image becomes a parent: its lock keeps every writer out from now on.
+        self.relock(&path, LockMode::SharedStrict)?;
+        let made = lifecycle::checkpoint(&path, child).and_then(|child| {
+            self.relock(&child, self.writer_mode)?;
+            Vhdx::open(&child, &self.opts).map(|v| (child, v))
+        });
+        let (child, v) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                // The image goes on taking writes: its writer's lock back (nobody else can have
+                // taken one meanwhile; a parent's lock keeps writers out).
+                let _ = self.relock(&path, self.writer_mode);
+                return Err(e);
+            }
+        };
         let parent = v
             .parent()
             .cloned()
@@ -114,47 +190,54 @@ impl LiveDisk {
             .ok_or_else(|| invalid("the child has no path"))?
             .to_path_buf();
         let size = child.capacity();
-        let target = Vhdx::open(&parent_path, &self.opts)?;
-        if target.capacity() < size {
-            target.resize_with(size, &Job::new())?;
-        }
-        {
-            // Tracking starts with I/O held for a moment: a batch that looked at the flag before
-            // it was set (and so records nothing) has completed before the copy starts, so the
-            // copy sees its data. Without this, such a write could land behind the copy and be
-            // lost at the switch.
-            let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
-            self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            self.tracking.store(true, Ordering::SeqCst);
-        }
-        let copy = |c: &Vhdx, from: u64, len: u64, job: &Job| -> Result<u64> {
-            let map = |off: u64, l: u64| c.fills(off, l, Some(1));
-            Ok(copy_range(c, Some(&map), &target, false, from..from + len, job)?.written_bytes)
-        };
-        let first = copy(&child, 0, size, job);
-        let first = match first {
+        // The parent takes the merge's writes: a writer's lock for it (the child keeps its own).
+        self.relock(&parent_path, self.writer_mode)?;
+        let merged = (|| -> Result<u64> {
+            let target = Vhdx::open(&parent_path, &self.opts)?;
+            if target.capacity() < size {
+                target.resize_with(size, &Job::new())?;
+            }
+            {
+                // Tracking starts with I/O held for a moment: a batch that looked at the flag
+                // before it was set (and so records nothing) has completed before the copy
+                // starts, so the copy sees its data. Without this, such a write could land
+                // behind the copy and be lost at the switch.
+                let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
+                self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                self.tracking.store(true, Ordering::SeqCst);
+            }
+            let copy = |c: &Vhdx, from: u64, len: u64, job: &Job| -> Result<u64> {
+                let map = |off: u64, l: u64| c.fills(off, l, Some(1));
+                Ok(copy_range(c, Some(&map), &target, false, from..from + len, job)?.written_bytes)
+            };
+            let first = copy(&child, 0, size, job)?;
+            // I/O paused: what changed during the copy, then the switch.
+            let mut g = self.cur.write().unwrap_or_else(|p| p.into_inner());
+            self.tracking.store(false, Ordering::SeqCst);
+            let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+            let mut again = 0;
+            for gr in dirty {
+                let from = gr * GRANULE;
+                let len = GRANULE.min(size.saturating_sub(from));
+                if len > 0 {
+                    again += copy(&child, from, len, &Job::new())?;
+                }
+            }
+            target.flush()?;
+            *g = Arc::new(target);
+            Ok(first + again)
+        })();
+        let copied = match merged {
             Ok(n) => n,
             Err(e) => {
+                // The child goes on taking writes; the parent is a parent again.
                 self.tracking.store(false, Ordering::SeqCst);
+                let _ = self.relock(&parent_path, LockMode::SharedStrict);
                 return Err(e);
             }
         };
-        // I/O paused: what changed during the copy, then the switch.
-        let mut g = self.cur.write().unwrap_or_else(|p| p.into_inner());
-        self.tracking.store(false, Ordering::SeqCst);
-        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut again = 0;
-        for gr in dirty {
-            let from = gr * GRANULE;
-            let len = GRANULE.min(size.saturating_sub(from));
-            if len > 0 {
-                again += copy(&child, from, len, &Job::new())?;
-            }
-        }
-        target.flush()?;
         drop(child);
-        *g = Arc::new(target);
-        drop(g);
+        self.unlock(&child_path);
         std::fs::remove_file(&child_path).map_err(|e| {
             vstor_core::Error::io(
                 format!("merged, but cannot remove {}", child_path.display()),
@@ -164,7 +247,7 @@ impl LiveDisk {
         Ok(MergeReport {
             into: parent_path,
             removed: vec![child_path],
-            copied_bytes: first + again,
+            copied_bytes: copied,
             size,
         })
     }

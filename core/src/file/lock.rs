@@ -99,6 +99,7 @@ const GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub struct ImageLock {
     _file: File,
+    mode: LockMode,
 }
 
 impl ImageLock {
@@ -119,7 +120,7 @@ impl ImageLock {
         let start = Instant::now();
         loop {
             match try_lock(&file, mode) {
-                Ok(()) => return Ok(ImageLock { _file: file }),
+                Ok(()) => return Ok(ImageLock { _file: file, mode }),
                 Err(Refused::Os(e)) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(Refused::By(at)) => {
                     let holders = holders(&file, at);
@@ -137,6 +138,62 @@ impl ImageLock {
                 }
             }
         }
+    }
+}
+
+impl ImageLock {
+    /// The mode held.
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+
+    /// Changes the mode in place, on the same open file description, so that the file is never
+    /// unlocked meanwhile: the new mode's bytes are set first, then checked against the other
+    /// opens, then the old mode's other bytes are let go. A downgrade (writer to reader) always
+    /// succeeds; an upgrade fails with [`Error::Locked`] like [`acquire`](Self::acquire) would,
+    /// and leaves the old mode held. `path` names the file in that error.
+    pub fn convert(&mut self, path: &Path, mode: LockMode) -> Result<()> {
+        let (old_hold, _) = self.mode.bytes();
+        let (new_hold, new_free) = mode.bytes();
+        let added: Vec<i64> = new_hold
+            .iter()
+            .copied()
+            .filter(|b| !old_hold.contains(b))
+            .collect();
+        let undo = |file: &File| {
+            for &at in &added {
+                let _ = set(file, at, libc::F_UNLCK, 1);
+            }
+        };
+        for &at in &added {
+            if let Err(e) = set(&self._file, at, libc::F_RDLCK, 1) {
+                undo(&self._file);
+                return Err(Error::io(format!("cannot lock {}", path.display()), e));
+            }
+        }
+        for &at in &new_free {
+            match held_by_another(&self._file, at) {
+                Ok(false) => {}
+                Ok(true) => {
+                    undo(&self._file);
+                    return Err(Error::Locked {
+                        path: path.display().to_string(),
+                        exclusive: mode.writes(),
+                        holder: describe(&holders(&self._file, at)),
+                    });
+                }
+                Err(e) => {
+                    undo(&self._file);
+                    return Err(Error::io(format!("cannot lock {}", path.display()), e));
+                }
+            }
+        }
+        for at in old_hold.into_iter().filter(|b| !new_hold.contains(b)) {
+            set(&self._file, at, libc::F_UNLCK, 1)
+                .map_err(|e| Error::io(format!("cannot unlock {}", path.display()), e))?;
+        }
+        self.mode = mode;
+        Ok(())
     }
 }
 
