@@ -206,3 +206,56 @@ say "read past the old end"
         assert!(got == want, "the write from cpu {cpu} in the image");
     }
 }
+
+/// A differencing child of a dynamic VHDX: the guest reads the parent's data through the child
+/// and writes its patterns into the child; the host finds them in the child, the parent's data
+/// beneath them, and the parent unchanged.
+#[test]
+fn guest_on_a_differencing_child_reads_its_parent_and_writes_the_child() {
+    let test = "guest_on_a_differencing_child_reads_its_parent_and_writes_the_child";
+    let Some(g) = guest(test) else { return };
+    let parent_data = |at: u64| -> Vec<u8> {
+        format!("vstor-parent-{at:04}\n")
+            .into_bytes()
+            .into_iter()
+            .cycle()
+            .take(MIB as usize)
+            .collect()
+    };
+    let b = Backend::differencing(1, |p| {
+        for at in [10, 100] {
+            p.write_at(at * MIB, &parent_data(at)).unwrap();
+        }
+    });
+    let offsets = [100, 200];
+    let mut script = String::from(
+        "dd if=/dev/vda of=/tmp/parent bs=65536 skip=160 count=16 iflag=direct 2>/dev/null \\
+         || fail \"reading the parent's data\"\n\
+         say \"parent $(md5sum </tmp/parent | cut -d' ' -f1)\"\n",
+    );
+    script.push_str(&pattern_script(&offsets));
+    let vm = Vm::boot(&g, b.dir.path(), &b.socket, 1, 1, false, &script);
+    let lines = vm.finish();
+    let want = format!("parent {}", md5_hex(&parent_data(10)));
+    assert!(lines.contains(&want), "{want} not in {lines:?}");
+    for at in offsets {
+        let want = format!("pattern {at} {}", md5_hex(&pattern(at)));
+        assert!(lines.contains(&want), "{want} not in {lines:?}");
+    }
+    let (image, dir) = b.close();
+    let child = open_ro(&image);
+    let mut got = vec![0u8; MIB as usize];
+    for at in offsets {
+        child.read_at(at * MIB, &mut got).unwrap();
+        assert!(got == pattern(at), "the pattern at {at} MiB in the child");
+    }
+    child.read_at(10 * MIB, &mut got).unwrap();
+    assert!(
+        got == parent_data(10),
+        "the parent's data through the child"
+    );
+    drop(child);
+    let parent = open_ro(&dir.path().join("parent.vhdx"));
+    parent.read_at(100 * MIB, &mut got).unwrap();
+    assert!(got == parent_data(100), "the parent is unchanged");
+}

@@ -166,10 +166,29 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// A fresh dynamic VHDX of [`DISK`] bytes, served with `queues` queues.
     pub fn new(queues: usize) -> Backend {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.vhdx");
         drop(Vhdx::create(&image, &CreateOptions::dynamic(DISK)).unwrap());
+        Self::serving(dir, image, queues)
+    }
+
+    /// A differencing child of a dynamic VHDX (`parent.vhdx` beside it, into which `prepare`
+    /// writes first), served with `queues` queues.
+    pub fn differencing(queues: usize, prepare: impl FnOnce(&Vhdx)) -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("parent.vhdx");
+        let p = Vhdx::create(&parent, &CreateOptions::dynamic(DISK)).unwrap();
+        prepare(&p);
+        p.flush().unwrap();
+        drop(p);
+        let image = dir.path().join("child.avhdx");
+        drop(Vhdx::create(&image, &CreateOptions::differencing(&parent)).unwrap());
+        Self::serving(dir, image, queues)
+    }
+
+    fn serving(dir: tempfile::TempDir, image: PathBuf, queues: usize) -> Backend {
         let registry = Registry::new(Arc::new(VhdxOpener));
         let export = registry
             .add("disk", image.to_str().unwrap(), false)
