@@ -19,7 +19,6 @@ use crate::registry::Registry;
 use serde_json::{json, Value};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -63,17 +62,7 @@ impl Control {
         path: &Path,
         stop: Arc<AtomicBool>,
     ) -> io::Result<JoinHandle<()>> {
-        if path.exists() {
-            // A socket left by a daemon that died: reuse the name only if nobody answers.
-            if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a running daemon", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        let l = UnixListener::bind(path)?;
+        let l = crate::sockpath::bind_unix(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let me = self.clone();
         std::thread::Builder::new()

@@ -10,7 +10,7 @@ use crate::nbd::{Listener, NbdConfig, NbdServer, TlsCreds};
 use crate::registry::Registry;
 use serde_json::{json, Value};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,8 +197,19 @@ struct HostImpl {
 }
 
 impl Host for HostImpl {
+    /// The shutdown begins a moment after the call, so that its answer reaches the caller
+    /// before the process ends.
     fn shutdown(&self) {
-        self.shutdown.request();
+        let sd = self.shutdown.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                sd.request();
+            });
+        if spawned.is_err() {
+            self.shutdown.request();
+        }
     }
     fn server_info(&self) -> Value {
         json!({
@@ -274,10 +285,7 @@ impl Daemon {
         for a in &config.nbd {
             match a {
                 NbdAddr::Unix(p) => {
-                    if p.exists() && UnixStream::connect(p).is_err() {
-                        let _ = std::fs::remove_file(p);
-                    }
-                    let l = UnixListener::bind(p)
+                    let l = crate::sockpath::bind_unix(p)
                         .map_err(io_err(format!("cannot listen on {}", p.display())))?;
                     made.push(p.clone());
                     listeners.push((Listener::Unix(l), unix_tls.clone()));
@@ -424,6 +432,10 @@ impl Daemon {
                 NbdAddr::Unix(path) => drop(UnixStream::connect(path)),
                 NbdAddr::Tcp(addr) => drop(TcpStream::connect(addr)),
             }
+        }
+        // Requests held back by a QoS cap are let go: a shutdown does not wait out the cap.
+        for e in self.registry.exports() {
+            let _ = e.set_qos(Some(0), Some(0));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.nbd.connections() > 0 && Instant::now() < deadline {

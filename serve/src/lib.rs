@@ -35,6 +35,7 @@ pub mod jsonrpc;
 pub mod metrics;
 pub mod nbd;
 pub mod registry;
+pub mod sockpath;
 pub mod vhost_user;
 pub mod virtio_blk;
 

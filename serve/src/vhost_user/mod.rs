@@ -55,7 +55,6 @@ pub mod memory;
 pub mod wire;
 
 use std::io;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,18 +80,9 @@ pub fn serve(
             format!("{queues} queues (1 to {MAX_QUEUES})"),
         ));
     }
-    // A socket file left by an earlier backend is replaced; anything else is not touched.
-    match std::fs::symlink_metadata(socket) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(socket)?,
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", socket.display()),
-            ))
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(socket)?;
+    // A socket file left by an earlier backend is replaced; a live one or anything else is not
+    // touched.
+    let listener = crate::sockpath::bind_unix(socket)?;
     listener.set_nonblocking(true)?;
     let path = socket.to_path_buf();
     std::thread::Builder::new()
