@@ -107,6 +107,8 @@ impl Registry {
         timeout: std::time::Duration,
     ) -> Result<(), ServeError> {
         let e = self.remove(name)?;
+        // Requests its clients left waiting behind a QoS cap need not wait it out.
+        let _ = e.set_qos(Some(0), Some(0));
         let flushed = e.device().flush();
         let deadline = std::time::Instant::now() + timeout;
         while Arc::strong_count(&e) > 1 && std::time::Instant::now() < deadline {

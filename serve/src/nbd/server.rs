@@ -43,6 +43,8 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// The most requests a worker submits as one batch.
 pub const BATCH: usize = 64;
+/// The most buffer bytes one batch takes (a single larger request still goes alone).
+pub const BATCH_BYTES: u64 = 16 << 20;
 /// The most payload bytes a connection keeps buffered (requests beyond wait to be read).
 pub const MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
 /// In a structured reply to a READ (without DF), every run of at least this many zero bytes
@@ -691,28 +693,39 @@ struct QueueState {
     jobs: VecDeque<Job>,
     bytes: u64,
     closed: bool,
+    /// The client is gone: what is queued is dropped, nothing more is queued.
+    abandoned: bool,
 }
 
 impl Queue {
     /// Queues `jobs` for the workers, waiting while the connection holds too many payload
     /// bytes already.
     fn push_all(&self, jobs: Vec<Job>) {
-        if jobs.is_empty() {
-            return;
-        }
-        let n: u64 = jobs.iter().map(|j| job_bytes(&j.h)).sum();
-        let many = jobs.len() > BATCH;
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while s.bytes > 0 && s.bytes + n > MAX_IN_FLIGHT_BYTES {
-            s = self.room.wait(s).unwrap_or_else(|p| p.into_inner());
+        let mut queued = 0usize;
+        for job in jobs {
+            let n = job_bytes(&job.h);
+            // One request at a time within the budget (a request alone always fits), waking
+            // the workers for what is queued before waiting for room.
+            while !s.abandoned && s.bytes > 0 && s.bytes + n > MAX_IN_FLIGHT_BYTES {
+                if queued > 0 {
+                    queued = 0;
+                    self.ready.notify_all();
+                }
+                s = self.room.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            if s.abandoned {
+                return;
+            }
+            s.bytes += n;
+            s.jobs.push_back(job);
+            queued += 1;
         }
-        s.bytes += n;
-        s.jobs.extend(jobs);
         drop(s);
-        if many {
-            self.ready.notify_all();
-        } else {
-            self.ready.notify_one();
+        match queued {
+            0 => {}
+            n if n > BATCH => self.ready.notify_all(),
+            _ => self.ready.notify_one(),
         }
     }
 
@@ -722,7 +735,17 @@ impl Queue {
         while s.jobs.is_empty() && !s.closed {
             s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
         }
-        let n = s.jobs.len().min(BATCH);
+        // Up to BATCH requests and BATCH_BYTES of buffers (at least one request).
+        let mut n = 0;
+        let mut bytes = 0;
+        for j in s.jobs.iter().take(BATCH) {
+            let b = job_bytes(&j.h);
+            if n > 0 && bytes + b > BATCH_BYTES {
+                break;
+            }
+            n += 1;
+            bytes += b;
+        }
         s.jobs.drain(..n).collect()
     }
 
@@ -737,6 +760,21 @@ impl Queue {
     fn close(&self) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
         self.ready.notify_all();
+    }
+
+    /// The client is gone (it closed without NBD_CMD_DISC, or its replies cannot be sent): the
+    /// requests still queued are dropped rather than run for nobody, and the reader stops
+    /// waiting for room. Batches already running finish.
+    fn abandon(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let dropped: u64 = s.jobs.iter().map(|j| job_bytes(&j.h)).sum();
+        s.jobs.clear();
+        s.bytes -= dropped;
+        s.abandoned = true;
+        s.closed = true;
+        drop(s);
+        self.ready.notify_all();
+        self.room.notify_all();
     }
 }
 
@@ -762,6 +800,7 @@ fn transmission(
             jobs: VecDeque::new(),
             bytes: 0,
             closed: false,
+            abandoned: false,
         }),
         ready: Condvar::new(),
         room: Condvar::new(),
@@ -789,7 +828,9 @@ fn transmission(
                         let ok = s.run(&jobs, &mut pool);
                         q.release(&jobs);
                         if ok.is_err() {
-                            // The client is gone: let the reader see it too.
+                            // The client is gone: drop what it queued, and let the reader
+                            // see it too.
+                            q.abandon();
                             s.out
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -829,7 +870,10 @@ fn whole_request_in(buf: &[u8]) -> bool {
 fn read_requests(r: &mut BufReader<Rd>, queue: &Queue, s: &Worker) -> io::Result<()> {
     let mut group: Vec<Job> = Vec::new();
     let result = loop {
-        if !group.is_empty() && (group.len() >= BATCH || !whole_request_in(r.buffer())) {
+        let group_bytes: u64 = group.iter().map(|j| job_bytes(&j.h)).sum();
+        if !group.is_empty()
+            && (group.len() >= BATCH || group_bytes >= BATCH_BYTES || !whole_request_in(r.buffer()))
+        {
             queue.push_all(std::mem::take(&mut group));
         }
         let mut hb = [0u8; proto::REQUEST_HEADER];
@@ -866,7 +910,10 @@ fn read_requests(r: &mut BufReader<Rd>, queue: &Queue, s: &Worker) -> io::Result
             }),
         }
     };
-    // Requests received before the end are still served (DISC: "finish in flight, then close").
+    // What was received before the end is still served: after DISC, or the daemon closing the
+    // connection (shutdown, export removed), or a client that only half-closed and still reads.
+    // A client that is gone altogether makes the first reply fail, and the workers then drop
+    // the rest (Queue::abandon).
     queue.push_all(group);
     result
 }
