@@ -149,7 +149,21 @@ pub fn convert(
     opts: &ConvertOptions,
     job: &Job,
 ) -> Result<ConvertReport> {
-    convert_with_tail(src, map, &[], dst, opts, job)
+    convert_with_tail(src, map, &[], dst, opts, job, &|_| Ok(0))
+}
+
+/// [`convert`], then `finish` on the new image before it is flushed and closed (a live clone
+/// copies there, with I/O paused, what changed during the copy). `finish` returns the bytes it
+/// wrote.
+pub fn convert_finishing(
+    src: &dyn BlockDevice,
+    map: Option<AllocationMap<'_>>,
+    dst: &Path,
+    opts: &ConvertOptions,
+    job: &Job,
+    finish: &dyn Fn(&dyn BlockDevice) -> Result<u64>,
+) -> Result<ConvertReport> {
+    convert_with_tail(src, map, &[], dst, opts, job, finish)
 }
 
 /// Copies the raw file (or block device) at `src` into a new file at `dst`, as [`convert`]
@@ -195,7 +209,7 @@ pub fn convert_file(
             .map(|(n, d)| (n, if d { Fill::Data } else { Fill::Skip }))
             .collect())
     };
-    convert_with_tail(&f, Some(&map), &tail, dst, opts, job)
+    convert_with_tail(&f, Some(&map), &tail, dst, opts, job, &|_| Ok(0))
 }
 
 /// [`convert`], and `tail` (shorter than a sector) goes after the end of `src`, in one more
@@ -207,6 +221,7 @@ fn convert_with_tail(
     dst: &Path,
     opts: &ConvertOptions,
     job: &Job,
+    finish: &dyn Fn(&dyn BlockDevice) -> Result<u64>,
 ) -> Result<ConvertReport> {
     let info = src.info();
     let sector = u64::from(info.logical_sector_size);
@@ -272,6 +287,7 @@ fn convert_with_tail(
             }
             rep.size = size;
         }
+        rep.written_bytes += finish(&*out)?;
         out.flush()?;
         Ok(rep)
     });

@@ -31,6 +31,12 @@ use crate::disk::{OpenOptions, Vhdx};
 use crate::error::invalid;
 use crate::lifecycle::{self, MergeReport};
 
+/// The key of a file's lock: its canonical path, so that `disk.vhdx`, `./disk.vhdx` and the
+/// absolute path a child's parent locator gives are one file.
+fn lock_key(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// The granule of the changes recorded during an online merge.
 const GRANULE: u64 = 1 << 20;
 
@@ -82,7 +88,7 @@ impl LiveDisk {
         // The writer's lock before the open, which may replay the image's log.
         let mut locks = BTreeMap::new();
         if locking {
-            locks.insert(path.to_path_buf(), ImageLock::acquire(path, writer_mode)?);
+            locks.insert(lock_key(path), ImageLock::acquire(path, writer_mode)?);
         }
         let v = Vhdx::open(path, &opts)?;
         if locking {
@@ -90,7 +96,7 @@ impl LiveDisk {
             while let Some(parent) = p {
                 if let Some(pp) = parent.path() {
                     locks.insert(
-                        pp.to_path_buf(),
+                        lock_key(pp),
                         ImageLock::acquire(pp, LockMode::SharedStrict)?,
                     );
                 }
@@ -116,10 +122,10 @@ impl LiveDisk {
             return Ok(());
         };
         let mut l = locks.lock().unwrap_or_else(|p| p.into_inner());
-        match l.get_mut(path) {
+        match l.get_mut(&lock_key(path)) {
             Some(lock) => lock.convert(path, mode),
             None => {
-                l.insert(path.to_path_buf(), ImageLock::acquire(path, mode)?);
+                l.insert(lock_key(path), ImageLock::acquire(path, mode)?);
                 Ok(())
             }
         }
@@ -128,7 +134,10 @@ impl LiveDisk {
     /// Lets the lock on `path` go.
     fn unlock(&self, path: &Path) {
         if let Some(locks) = &self.locks {
-            locks.lock().unwrap_or_else(|p| p.into_inner()).remove(path);
+            locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&lock_key(path));
         }
     }
 
@@ -253,21 +262,62 @@ impl LiveDisk {
     }
 
     /// A live clone: a consistent point-in-time copy of the disk at `dst` while it stays in
-    /// use. A checkpoint freezes the disk, the frozen chain is copied (flattened) into `dst`,
-    /// and the checkpoint is merged back online.
+    /// use. The disk is copied while writes go on (the ranges they touch are recorded), then,
+    /// with I/O paused, what changed meanwhile is copied again: the clone is the disk as it was
+    /// at that moment. The disk itself is never changed in shape (no checkpoint), so a crash
+    /// during a clone leaves it as it was; the copy is made under a temporary name beside `dst`
+    /// and given its name only when complete. An existing `dst` is refused.
     pub fn clone_to(&self, dst: &Path, opts: &ConvertOptions, job: &Job) -> Result<ConvertReport> {
-        let (_child, frozen) = self.checkpoint(None)?;
-        let src = frozen
-            .path()
-            .ok_or_else(|| invalid("the frozen image has no path"))?
-            .to_path_buf();
-        drop(frozen);
-        let copied = lifecycle::clone(&src, dst, opts, job);
-        // Merge back even when the copy failed: the disk must not stay checkpointed.
-        let merged = self.merge_checkpoint(&Job::new());
-        let r = copied?;
-        merged?;
-        Ok(r)
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if std::fs::symlink_metadata(dst).is_ok() {
+            return Err(invalid(format!("{} already exists", dst.display())));
+        }
+        let name = dst
+            .file_name()
+            .ok_or_else(|| invalid(format!("{} names no file", dst.display())))?;
+        let tmp = dst.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+        let _ = std::fs::remove_file(&tmp);
+        let cur = self.current();
+        {
+            // As for a merge: batches that did not see the flag have completed first.
+            let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
+            self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.tracking.store(true, Ordering::SeqCst);
+        }
+        let map = |off: u64, len: u64| cur.fills(off, len, None);
+        let finish = |out: &dyn BlockDevice| -> Result<u64> {
+            // I/O paused: what changed during the copy.
+            let _g = self.cur.write().unwrap_or_else(|p| p.into_inner());
+            self.tracking.store(false, Ordering::SeqCst);
+            let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+            let size = cur.capacity().min(out.capacity());
+            let mut n = 0;
+            for gr in dirty {
+                let from = gr * GRANULE;
+                let len = GRANULE.min(size.saturating_sub(from));
+                if len > 0 {
+                    n += copy_range(&*cur, Some(&map), out, false, from..from + len, &Job::new())?
+                        .written_bytes;
+                }
+            }
+            Ok(n)
+        };
+        let r = crate::convert::convert_finishing(&*cur, Some(&map), &tmp, opts, job, &finish);
+        self.tracking.store(false, Ordering::SeqCst);
+        let r = r.and_then(|rep| {
+            // Named only when complete, and never over a file that appeared meanwhile.
+            std::fs::hard_link(&tmp, dst).map_err(|e| {
+                vstor_core::Error::io(format!("cannot name the clone {}", dst.display()), e)
+            })?;
+            Ok(rep)
+        });
+        let _ = std::fs::remove_file(&tmp);
+        if let Some(dir) = dst.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        r
     }
 
     fn record(&self, batch: &[Request<'_>]) {
