@@ -285,6 +285,46 @@ fn api_err(e: vstor_serve::jsonrpc::CallError) -> Error {
     }
 }
 
+/// A target string with its path made absolute: the daemon runs in its own working directory,
+/// so a relative path must mean what it means here, where the operator typed it.
+fn absolute_target(t: &str) -> String {
+    let b = t.as_bytes();
+    let mut end = t.len();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b',' {
+            if b.get(i + 1) == Some(&b',') {
+                i += 2;
+                continue;
+            }
+            end = i;
+            break;
+        }
+        i += 1;
+    }
+    let (base, rest) = t.split_at(end);
+    let (prefix, path) = match base.split_once(':') {
+        Some((p, path)) if ["raw", "vhdx", "vhd", "pool"].contains(&p) => (&base[..=p.len()], path),
+        _ => ("", base),
+    };
+    let path = path.replace(",,", ",");
+    match std::path::absolute(&path) {
+        Ok(abs) if !path.is_empty() && Path::new(&path).is_relative() => format!(
+            "{prefix}{}{rest}",
+            abs.display().to_string().replace(',', ",,")
+        ),
+        _ => t.to_string(),
+    }
+}
+
+/// A path argument made absolute (see [`absolute_target`]).
+fn absolute(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
 fn call(c: &Common, method: &str, params: Value) -> Result<Value, Error> {
     let mut client = Client::connect(&c.server).map_err(|e| Error::Reported {
         kind: vstor::ErrorKind::Unavailable,
@@ -469,7 +509,7 @@ pub fn run_export(cmd: ExportCommand) -> Result<(), Error> {
             call(
                 &a.c,
                 "export.add",
-                json!({"name": a.name, "target": a.target, "readonly": a.readonly}),
+                json!({"name": a.name, "target": absolute_target(&a.target), "readonly": a.readonly}),
             )?,
         ),
         ExportCommand::Remove(a) => (&a.c, call(&a.c, "export.remove", json!({"name": a.name}))?),
@@ -505,7 +545,7 @@ pub fn run_export(cmd: ExportCommand) -> Result<(), Error> {
             call(
                 &a.c,
                 "export.checkpoint",
-                json!({"name": a.name, "child": a.child.as_deref().map(Path::display).map(|d| d.to_string())}),
+                json!({"name": a.name, "child": a.child.as_deref().map(absolute)}),
             )?,
         ),
         ExportCommand::Merge(a) => (&a.c, call(&a.c, "export.merge", json!({"name": a.name}))?),
@@ -514,7 +554,7 @@ pub fn run_export(cmd: ExportCommand) -> Result<(), Error> {
             call(
                 &a.c,
                 "export.clone",
-                json!({"name": a.name, "dest": a.dest.display().to_string()}),
+                json!({"name": a.name, "dest": absolute(&a.dest)}),
             )?,
         ),
     };
@@ -576,4 +616,32 @@ pub fn run_server(cmd: ServerCommand) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::absolute_target;
+
+    #[test]
+    fn relative_target_paths_become_absolute_and_the_rest_is_kept() {
+        let cwd = std::env::current_dir().unwrap().display().to_string();
+        assert_eq!(absolute_target("d.vhdx"), format!("{cwd}/d.vhdx"));
+        assert_eq!(
+            absolute_target("raw:x/d.img,readonly=on"),
+            format!("raw:{cwd}/x/d.img,readonly=on")
+        );
+        assert_eq!(
+            absolute_target("pool:p/s,max-iops=5"),
+            format!("pool:{cwd}/p/s,max-iops=5")
+        );
+        assert_eq!(
+            absolute_target("a,,b.raw,direct=on"),
+            format!("{cwd}/a,,b.raw,direct=on")
+        );
+        assert_eq!(
+            absolute_target("/abs/d.vhdx,readonly=on"),
+            "/abs/d.vhdx,readonly=on"
+        );
+        assert_eq!(absolute_target("vhdx:/abs/d"), "vhdx:/abs/d");
+    }
 }
