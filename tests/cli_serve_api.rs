@@ -41,6 +41,14 @@ impl Daemon {
         }
     }
 
+    /// A graceful stop through the API; waits for the process to end.
+    fn stop(mut self) {
+        let v = self.rpc("server.shutdown", json!({}));
+        assert!(v["result"].is_object(), "{v}");
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "vstor serve ended with {st}");
+    }
+
     fn uri(&self, name: &str) -> String {
         format!("nbd+unix:///{name}?socket={}", s(&self.nbd))
     }
@@ -404,7 +412,7 @@ fn a_served_vhdx_is_checkpointed_merged_and_cloned_while_a_client_writes() {
         s(&clone)
     );
     // After a graceful stop every write is in the one image left.
-    drop(d);
+    d.stop();
     let all = ok(&["disk", "read", s(&img), "--offset", "4M", "--length", "16"]);
     assert!(all.contains("0c0c 0c0c"), "{all}");
     let all = ok(&["disk", "read", s(&img), "--offset", "8M", "--length", "16"]);
