@@ -1095,36 +1095,21 @@ impl Worker {
                 }
                 cmd::BLOCK_STATUS => outcomes.push(Some(self.block_status(&j.h))),
                 cmd::CACHE => outcomes.push(Some(Outcome::Ok)),
-                cmd::WRITE_ZEROES if j.h.flags & cflag::NO_HOLE != 0 => {
-                    // Allocated zeroes: written as data, which is never fast.
-                    if j.h.flags & cflag::FAST_ZERO != 0 {
-                        outcomes.push(Some(Outcome::Err(
-                            err::ENOTSUP,
-                            "allocated zeroes are not fast here".into(),
-                        )));
+                // Allocated zeroes (NO_HOLE), or a stack without write-zeroes: zeroes written
+                // as data, which is never fast.
+                cmd::WRITE_ZEROES
+                    if j.h.flags & cflag::NO_HOLE != 0 || !dev.info().supports.write_zeroes =>
+                {
+                    outcomes.push(Some(if j.h.flags & cflag::FAST_ZERO != 0 {
+                        Outcome::Err(err::ENOTSUP, "these zeroes cannot be written fast".into())
                     } else {
-                        outcomes.push(Some(write_allocated_zeroes(
+                        write_allocated_zeroes(
                             dev.as_ref(),
                             j.h.offset,
                             u64::from(j.h.len),
                             j.h.flags & cflag::FUA != 0,
-                        )));
-                    }
-                }
-                cmd::WRITE_ZEROES if !dev.info().supports.write_zeroes => {
-                    if j.h.flags & cflag::FAST_ZERO != 0 {
-                        outcomes.push(Some(Outcome::Err(
-                            err::ENOTSUP,
-                            "the export cannot write zeroes fast".into(),
-                        )));
-                    } else {
-                        outcomes.push(Some(write_allocated_zeroes(
-                            dev.as_ref(),
-                            j.h.offset,
-                            u64::from(j.h.len),
-                            j.h.flags & cflag::FUA != 0,
-                        )));
-                    }
+                        )
+                    }));
                 }
                 cmd::TRIM if !dev.info().supports.discard => outcomes.push(Some(Outcome::Ok)),
                 _ => outcomes.push(None),
