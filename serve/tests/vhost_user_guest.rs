@@ -4,7 +4,8 @@
 //! and boots Debian's cloud kernel with a busybox initramfs (scripts/make-vhost-guest builds
 //! both and unpacks QEMU, cached under the target dir). Each test appends its own `/test.sh` to
 //! the initramfs and reads the guest's verdicts from its serial console; the host then checks
-//! the image itself.
+//! the image itself. The disks are dynamic VHDXs, a differencing child, and a mirrored pool
+//! space (`pool:DIR/NAME`); one export has a QoS cap the guest times.
 //!
 //! Without QEMU (no apt-get, no package lists) the tests print `SKIPPED` and why.
 
@@ -12,9 +13,12 @@ mod vhost_user_common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use vhost_user_common::{guest, Backend, Vm, MIB};
-use vstor_core::BlockDevice;
-use vstor_vhdx::{OpenOptions, Vhdx};
+use std::sync::Arc;
+use std::time::Instant;
+use vhost_user_common::{guest, Backend, PoolOpener, QosOpener, VhdxOpener, Vm, DISK, MIB};
+use vstor_core::{BlockDevice, FileOptions};
+use vstor_spaces::{Pool, Provisioning, Resiliency, SpaceHealth, SpaceSpec};
+use vstor_vhdx::{CreateOptions, OpenOptions, Vhdx};
 
 /// The pattern the guest writes at `MiB` offset `at` (1 MiB of it).
 fn pattern(at: u64) -> Vec<u8> {
@@ -258,4 +262,226 @@ fn guest_on_a_differencing_child_reads_its_parent_and_writes_the_child() {
     let parent = open_ro(&dir.path().join("parent.vhdx"));
     parent.read_at(100 * MIB, &mut got).unwrap();
     assert!(got == parent_data(100), "the parent is unchanged");
+}
+
+/// A two-way mirrored space of a two-disk pool, served as `pool:DIR/NAME`: the guest writes its
+/// patterns with O_DIRECT and reads them back; after it powers off the host reads them through
+/// the space, a scrub of the space finds every copy matching its checksum and its twin, and
+/// with either member failed the patterns still read from the other copy.
+#[test]
+fn guest_on_a_mirrored_pool_space() {
+    let test = "guest_on_a_mirrored_pool_space";
+    let Some(g) = guest(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pool_dir = dir.path().join("pool");
+    let file = FileOptions {
+        lock: true,
+        ..Default::default()
+    };
+    {
+        // Sparse members: room for the whole space, its checksums and the metadata.
+        let pool = Pool::create_in_dir(
+            &pool_dir,
+            2,
+            DISK + 64 * MIB,
+            &vstor_spaces::CreateOptions {
+                slab_size: 16 * MIB,
+            },
+            &file,
+        )
+        .unwrap();
+        pool.create_space(&SpaceSpec {
+            name: "vm".into(),
+            size: DISK,
+            resiliency: Resiliency::Mirror { copies: 2 },
+            columns: None,
+            interleave: None,
+            provisioning: Provisioning::Thin,
+        })
+        .unwrap();
+    }
+    let target = format!("pool:{}/vm", pool_dir.display());
+    let b = Backend::with_opener(dir, Arc::new(PoolOpener), &target, pool_dir, 1);
+    assert_eq!(b.export.info().format, "pool space");
+    let offsets = [0, 17, 100, 255];
+    let script = pattern_script(&offsets);
+    let vm = Vm::boot(&g, b.dir.path(), &b.socket, 1, 1, false, &script);
+    let lines = vm.finish();
+    for at in offsets {
+        let want = format!("pattern {at} {}", md5_hex(&pattern(at)));
+        assert!(lines.contains(&want), "{want} not in {lines:?}");
+    }
+    let stats = b.export.stats();
+    println!(
+        "export stats: {} reads, {} writes, {} flushes, {} errors",
+        stats.reads, stats.writes, stats.flushes, stats.errors
+    );
+    assert_eq!(stats.errors, 0);
+    let (pool_dir, _dir) = b.close();
+
+    // The host: the patterns through the space, and a scrub that finds nothing to mend.
+    let pool = Pool::open_dir(&pool_dir, &Default::default(), &file).unwrap();
+    let space = pool.open_space("vm").unwrap();
+    assert_eq!(space.health(), SpaceHealth::Healthy);
+    let mut got = vec![0u8; MIB as usize];
+    for at in offsets {
+        space.read_at(at * MIB, &mut got).unwrap();
+        assert!(got == pattern(at), "the pattern at {at} MiB in the space");
+    }
+    let report = pool.scrub(Some("vm"), &mut |_, _| {}).unwrap();
+    println!("scrub: {report:?}");
+    // Four 1 MiB patterns in 16 MiB slabs: slabs 0, 1, 6 and 15 were written (the guest's
+    // partition scan only reads), each in 16 chunks.
+    assert_eq!(report.chunks, 4 * 16, "{report:?}");
+    assert_eq!(
+        report,
+        vstor_spaces::ScrubReport {
+            chunks: report.chunks,
+            ..Default::default()
+        },
+        "a clean scrub"
+    );
+    drop(space);
+    drop(pool);
+
+    // Each member alone holds every pattern: both copies were written.
+    for failed in 0..2 {
+        let scratch = tempfile::tempdir().unwrap();
+        let copy = scratch.path().join("pool");
+        std::fs::create_dir(&copy).unwrap();
+        for m in std::fs::read_dir(&pool_dir).unwrap() {
+            let m = m.unwrap().path();
+            let to = copy.join(m.file_name().unwrap());
+            let o = Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&m)
+                .arg(&to)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "cp: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let pool = Pool::open_dir(&copy, &Default::default(), &file).unwrap();
+        pool.fail_member(failed).unwrap();
+        let space = pool.open_space("vm").unwrap();
+        assert!(
+            matches!(space.health(), SpaceHealth::Degraded { .. }),
+            "{:?}",
+            space.health()
+        );
+        for at in offsets {
+            space.read_at(at * MIB, &mut got).unwrap();
+            assert!(
+                got == pattern(at),
+                "the pattern at {at} MiB with member {failed} failed"
+            );
+        }
+    }
+}
+
+/// The milliseconds in a guest verdict `"{prefix} {ms} ms"`.
+fn millis(line: &str, prefix: &str) -> u64 {
+    line.strip_prefix(prefix)
+        .and_then(|r| r.trim().strip_suffix(" ms"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("not '{prefix} N ms': {line}"))
+}
+
+/// A QoS cap that the guest measures: with the export's flow capped at 50 normalized IOPS the
+/// guest's 200 O_DIRECT 4 KiB reads (one 8 KiB unit each) take at least (200 - burst) / 50
+/// seconds by its own clock; with the cap lifted (`set_qos(Some(0), None)`) while it runs, the
+/// same reads take a fraction of that.
+#[test]
+fn qos_cap_measured_by_the_guest() {
+    const CAP: u64 = 50;
+    const N: u64 = 200;
+    let test = "qos_cap_measured_by_the_guest";
+    let Some(g) = guest(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.vhdx");
+    drop(Vhdx::create(&image, &CreateOptions::dynamic(DISK)).unwrap());
+    let target = image.to_str().unwrap().to_string();
+    let b = Backend::with_opener(dir, Arc::new(QosOpener::new(VhdxOpener)), &target, image, 1);
+    b.export.set_qos(Some(CAP), None).unwrap();
+    assert_eq!(b.export.stats().max_iops, CAP);
+    // The marker that tells the guest the cap is gone (it cannot see the limits).
+    let marker: Vec<u8> = b"vstor-uncapped\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096)
+        .collect();
+    // The guest's clock: /proc/uptime in hundredths of a second (busybox's date has no %N).
+    let script = format!(
+        r#"
+cs() {{ cut -d' ' -f1 /proc/uptime | tr -d .; }}
+reads() {{
+  a=$(cs)
+  dd if=/dev/vda of=/dev/null bs=4096 count={N} iflag=direct 2>/dev/null || fail "reading"
+  b=$(cs)
+  say "$1 $(((b - a) * 10)) ms"
+}}
+reads capped
+say "lift the cap"
+i=0
+while [ "$(dd if=/dev/vda bs=4096 skip=4096 count=1 iflag=direct 2>/dev/null | head -c 14)" != vstor-uncapped ]; do
+  i=$((i + 1))
+  [ "$i" -gt 300 ] && fail "no marker after 30 s"
+  sleep 0.1
+done
+reads uncapped
+"#
+    );
+    let mut vm = Vm::boot(&g, b.dir.path(), &b.socket, 1, 1, false, &script);
+    vm.expect("vda sectors");
+    // The scheduler's counters around the capped run (the daemon samples every second).
+    b.export.sample();
+    let host_start = Instant::now();
+    let capped = millis(&vm.expect("capped "), "capped");
+    let host_capped = host_start.elapsed();
+    b.export.sample();
+    let held = b.export.stats();
+    vm.expect("lift the cap");
+    b.export.set_qos(Some(0), None).unwrap();
+    assert_eq!(b.export.stats().max_iops, 0);
+    b.export.device().write_at(16 * MIB, &marker).unwrap();
+    let uncapped = millis(&vm.expect("uncapped "), "uncapped");
+    vm.finish();
+    let burst = vstor_qos::Limits::max(CAP).effective_burst();
+    let floor_ms = (N - burst) * 1000 / CAP;
+    println!(
+        "guest: {N} reads of 4 KiB capped at {CAP} IOPS (burst {burst}): {capped} ms by the \
+         guest's clock ({:.0} IOPS; floor {floor_ms} ms), {} ms seen by the host between the \
+         boot line and the verdict; uncapped: {uncapped} ms ({:.0} IOPS); the export's \
+         flow over those {:.2} s: {:.1} normalized IOPS",
+        N as f64 * 1000.0 / capped as f64,
+        host_capped.as_millis(),
+        N as f64 * 1000.0 / uncapped.max(1) as f64,
+        held.interval_s,
+        held.normalized_iops,
+    );
+    // The host's view of the same: over any window the flow gets at most its burst and the
+    // cap's worth (one more for a request admitted as the window opened).
+    assert!(
+        held.normalized_iops <= CAP as f64 + (burst + 1) as f64 / held.interval_s,
+        "{:.1} normalized IOPS over {:.2} s under a cap of {CAP}",
+        held.normalized_iops,
+        held.interval_s
+    );
+    // /proc/uptime has 10 ms steps: the measured span may be up to 10 ms short of the real one.
+    assert!(
+        capped + 10 >= floor_ms,
+        "{N} reads in {capped} ms under a cap of {CAP} IOPS (floor {floor_ms} ms)"
+    );
+    assert!(
+        uncapped * 4 <= capped,
+        "uncapped {uncapped} ms is not much faster than capped {capped} ms"
+    );
+    let st = b.export.stats();
+    assert_eq!(st.errors, 0);
+    assert!(st.reads >= 2 * N, "{} reads", st.reads);
+    drop(b.close());
 }

@@ -1,5 +1,6 @@
 //! What the vhost-user-blk tests with a real VMM share: QEMU and the guest
-//! (scripts/make-vhost-guest), the guest's console protocol, a VHDX served in-process.
+//! (scripts/make-vhost-guest), the guest's console protocol, a VHDX or a pool space served
+//! in-process, with or without a QoS flow.
 
 #![allow(dead_code)]
 
@@ -12,8 +13,9 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vstor_core::{BlockDevice, FileOptions};
+use vstor_qos::{Limits, PolicyKind, Qos, QosConfig, QosDevice};
 use vstor_serve::export::ServeError;
-use vstor_serve::{Export, Opened, Opener, Registry};
+use vstor_serve::{Export, Opened, Opener, QosControl, Registry};
 use vstor_vhdx::{CreateOptions, OpenOptions, Vhdx};
 
 pub const MIB: u64 = 1 << 20;
@@ -44,6 +46,77 @@ impl Opener for VhdxOpener {
             notes: Vec::new(),
             format: "vhdx".into(),
         })
+    }
+}
+
+/// Opens `pool:DIR/NAME` as the space NAME of the pool whose members are in DIR, as the
+/// `vstor` stack builder does (src/target.rs): `Pool::open_dir` (which locks every member),
+/// then `open_space`.
+pub struct PoolOpener;
+
+impl Opener for PoolOpener {
+    fn open(&self, _name: &str, target: &str, read_only: bool) -> Result<Opened, ServeError> {
+        let rest = target
+            .strip_prefix("pool:")
+            .ok_or_else(|| ServeError::invalid(format!("{target} is not pool:DIR/NAME")))?;
+        let (dir, space) = rest
+            .rsplit_once('/')
+            .ok_or_else(|| ServeError::invalid(format!("{target} is not pool:DIR/NAME")))?;
+        let pool = vstor_spaces::Pool::open_dir(
+            Path::new(dir),
+            &vstor_spaces::OpenOptions {
+                read_only,
+                ..Default::default()
+            },
+            &FileOptions {
+                lock: true,
+                ..Default::default()
+            },
+        )?;
+        let device: Arc<dyn BlockDevice> = Arc::new(pool.open_space(space)?);
+        Ok(Opened {
+            device,
+            live: None,
+            qos: None,
+            notes: pool.info().notes,
+            format: "pool space".into(),
+        })
+    }
+}
+
+/// Puts every export `inner` opens on a QoS flow of one scheduler, as the daemon's stack
+/// builder does (src/cli/serve.rs): a dedicated policy with no limits until
+/// [`Export::set_qos`] sets some.
+pub struct QosOpener<O> {
+    pub inner: O,
+    pub qos: Arc<Qos>,
+}
+
+impl<O: Opener> QosOpener<O> {
+    pub fn new(inner: O) -> Self {
+        QosOpener {
+            inner,
+            qos: Qos::new(QosConfig::default()),
+        }
+    }
+}
+
+impl<O: Opener> Opener for QosOpener<O> {
+    fn open(&self, name: &str, target: &str, read_only: bool) -> Result<Opened, ServeError> {
+        let qos_err = |e: vstor_qos::Error| ServeError::invalid(e.to_string());
+        let mut o = self.inner.open(name, target, read_only)?;
+        let policy = self
+            .qos
+            .add_policy(name, PolicyKind::Dedicated, Limits::default())
+            .map_err(qos_err)?;
+        let flow = self.qos.add_flow(name, Some(policy), 0).map_err(qos_err)?;
+        o.device = Arc::new(QosDevice::new(self.qos.clone(), flow, o.device).map_err(qos_err)?);
+        o.qos = Some(QosControl {
+            qos: self.qos.clone(),
+            policy,
+            flow,
+        });
+        Ok(o)
     }
 }
 
@@ -189,10 +262,21 @@ impl Backend {
     }
 
     fn serving(dir: tempfile::TempDir, image: PathBuf, queues: usize) -> Backend {
-        let registry = Registry::new(Arc::new(VhdxOpener));
-        let export = registry
-            .add("disk", image.to_str().unwrap(), false)
-            .unwrap();
+        let target = image.to_str().unwrap().to_string();
+        Self::with_opener(dir, Arc::new(VhdxOpener), &target, image, queues)
+    }
+
+    /// `target` opened by `opener` as the export `disk`, served with `queues` queues from a
+    /// socket in `dir`; `image` is what [`close`](Backend::close) hands back.
+    pub fn with_opener(
+        dir: tempfile::TempDir,
+        opener: Arc<dyn Opener>,
+        target: &str,
+        image: PathBuf,
+        queues: usize,
+    ) -> Backend {
+        let registry = Registry::new(opener);
+        let export = registry.add("disk", target, false).unwrap();
         let socket = dir.path().join("vu.sock");
         let stop = Arc::new(AtomicBool::new(false));
         let thread =
