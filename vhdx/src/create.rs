@@ -312,6 +312,10 @@ pub fn write_new(
     let mut bat_bytes = vec![0u8; l.bat.length as usize];
     bat_bytes[..bat.len() * 8].copy_from_slice(bat.as_bytes());
     file.write_at(l.bat.offset, &bat_bytes)?;
+    // The log region gets its space now: a log write is what commits every later metadata
+    // change, and one that first needs new space on a full file system fails the flush that
+    // was to make the data written before it durable (a hole there did that).
+    preallocate(file, l.log.offset, l.log.length)?;
     file.flush()
 }
 
@@ -343,4 +347,21 @@ mod tests {
         assert!(plan(&CreateOptions::dynamic(MAX_VIRTUAL_SIZE + 512), None).is_err());
         assert!(plan(&CreateOptions::dynamic(MAX_VIRTUAL_SIZE), None).is_ok());
     }
+}
+
+/// Gives `[offset, offset + len)` of `file` its space: write-zeroes, which allocates on file
+/// systems that have FALLOC_FL_ZERO_RANGE and writes zeroes on the others, or zeroes written as
+/// data where the device has no write-zeroes.
+fn preallocate(file: &dyn BlockDevice, offset: u64, len: u64) -> Result<()> {
+    if file.info().supports.write_zeroes {
+        return file.write_zeroes(offset, len);
+    }
+    let chunk = vec![0u8; len.min(MIB) as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(chunk.len() as u64) as usize;
+        file.write_at(offset + pos, &chunk[..n])?;
+        pos += n as u64;
+    }
+    Ok(())
 }
