@@ -319,6 +319,23 @@ pub fn write_new(
     file.flush()
 }
 
+/// Gives `[offset, offset + len)` of `file` its space: write-zeroes, which allocates on file
+/// systems that have FALLOC_FL_ZERO_RANGE and writes zeroes on the others, or zeroes written as
+/// data where the device has no write-zeroes.
+fn preallocate(file: &dyn BlockDevice, offset: u64, len: u64) -> Result<()> {
+    if file.info().supports.write_zeroes {
+        return file.write_zeroes(offset, len);
+    }
+    let chunk = vec![0u8; len.min(MIB) as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(chunk.len() as u64) as usize;
+        file.write_at(offset + pos, &chunk[..n])?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,21 +364,4 @@ mod tests {
         assert!(plan(&CreateOptions::dynamic(MAX_VIRTUAL_SIZE + 512), None).is_err());
         assert!(plan(&CreateOptions::dynamic(MAX_VIRTUAL_SIZE), None).is_ok());
     }
-}
-
-/// Gives `[offset, offset + len)` of `file` its space: write-zeroes, which allocates on file
-/// systems that have FALLOC_FL_ZERO_RANGE and writes zeroes on the others, or zeroes written as
-/// data where the device has no write-zeroes.
-fn preallocate(file: &dyn BlockDevice, offset: u64, len: u64) -> Result<()> {
-    if file.info().supports.write_zeroes {
-        return file.write_zeroes(offset, len);
-    }
-    let chunk = vec![0u8; len.min(MIB) as usize];
-    let mut pos = 0;
-    while pos < len {
-        let n = (len - pos).min(chunk.len() as u64) as usize;
-        file.write_at(offset + pos, &chunk[..n])?;
-        pos += n as u64;
-    }
-    Ok(())
 }
