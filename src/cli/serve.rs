@@ -459,6 +459,8 @@ fn show_list(v: &Value) {
 
 fn show_stats(s: &Value) {
     let f = |k: &str| s.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    // Counters and limits are whole numbers: printed as such, never through f64.
+    let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
     let lat = |k: &str, p: &str| {
         s.pointer(&format!("/{k}/{p}"))
             .and_then(Value::as_f64)
@@ -470,19 +472,19 @@ fn show_stats(s: &Value) {
     );
     println!(
         "  requests: {} reads, {} writes, {} flushes, {} discards, {} write-zeroes, {} errors",
-        f("reads"),
-        f("writes"),
-        f("flushes"),
-        f("discards"),
-        f("write_zeroes"),
-        f("errors")
+        n("reads"),
+        n("writes"),
+        n("flushes"),
+        n("discards"),
+        n("write_zeroes"),
+        n("errors")
     );
     println!(
         "  bytes: {} read, {} written; {} in flight, {} client(s)",
-        f("bytes_read"),
-        f("bytes_written"),
-        f("in_flight"),
-        f("connections")
+        n("bytes_read"),
+        n("bytes_written"),
+        n("in_flight"),
+        n("connections")
     );
     println!(
         "  last {:.1} s: {:.0} IOPS, {:.0} normalized IOPS (8 KiB), {:.1} MiB/s, latency p50 {:.0} us p99 {:.0} us",
@@ -495,8 +497,8 @@ fn show_stats(s: &Value) {
     );
     println!(
         "  QoS: max {} min {} (normalized IOPS, 0: none)",
-        f("max_iops"),
-        f("min_iops")
+        n("max_iops"),
+        n("min_iops")
     );
 }
 
