@@ -32,29 +32,37 @@ impl ServeError {
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidInput, message)
     }
-
-    /// The error's kind as the control API spells it (`in-use`, `not-found`, ...).
-    pub fn kind_name(&self) -> &'static str {
-        kind_name(self.kind)
-    }
 }
 
-/// The control API's spelling of an error kind.
+/// The control API's spellings of the error kinds.
+const KIND_NAMES: [(ErrorKind, &str); 11] = [
+    (ErrorKind::Io, "io"),
+    (ErrorKind::InvalidInput, "invalid-input"),
+    (ErrorKind::OutOfRange, "out-of-range"),
+    (ErrorKind::ReadOnly, "read-only"),
+    (ErrorKind::Unsupported, "unsupported"),
+    (ErrorKind::Corrupt, "corrupt"),
+    (ErrorKind::NoSpace, "no-space"),
+    (ErrorKind::InUse, "in-use"),
+    (ErrorKind::Unavailable, "unavailable"),
+    (ErrorKind::Cancelled, "cancelled"),
+    (ErrorKind::NotFound, "not-found"),
+];
+
+/// The control API's spelling of an error kind (`io` for a kind it does not know).
 pub fn kind_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Io => "io",
-        ErrorKind::InvalidInput => "invalid-input",
-        ErrorKind::OutOfRange => "out-of-range",
-        ErrorKind::ReadOnly => "read-only",
-        ErrorKind::Unsupported => "unsupported",
-        ErrorKind::Corrupt => "corrupt",
-        ErrorKind::NoSpace => "no-space",
-        ErrorKind::InUse => "in-use",
-        ErrorKind::Unavailable => "unavailable",
-        ErrorKind::Cancelled => "cancelled",
-        ErrorKind::NotFound => "not-found",
-        _ => "io",
-    }
+    KIND_NAMES
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or("io", |(_, n)| n)
+}
+
+/// The error kind the control API spells `name` (`Io` for a name it does not know).
+pub fn kind_of_name(name: &str) -> ErrorKind {
+    KIND_NAMES
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map_or(ErrorKind::Io, |(k, _)| *k)
 }
 
 impl fmt::Display for ServeError {
@@ -536,4 +544,18 @@ impl Export {
 
 fn qos_err(e: vstor_qos::Error) -> ServeError {
     ServeError::invalid(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_round_trip() {
+        for (k, n) in KIND_NAMES {
+            assert_eq!(kind_name(k), n);
+            assert_eq!(kind_of_name(n), k);
+        }
+        assert_eq!(kind_of_name("no-such-kind"), ErrorKind::Io);
+    }
 }

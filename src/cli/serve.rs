@@ -266,19 +266,7 @@ impl Opener for StackOpener {
 }
 
 fn api_err(e: vstor_serve::jsonrpc::CallError) -> Error {
-    let kind = match e.kind.as_str() {
-        "invalid-input" => vstor::ErrorKind::InvalidInput,
-        "out-of-range" => vstor::ErrorKind::OutOfRange,
-        "read-only" => vstor::ErrorKind::ReadOnly,
-        "unsupported" => vstor::ErrorKind::Unsupported,
-        "corrupt" => vstor::ErrorKind::Corrupt,
-        "no-space" => vstor::ErrorKind::NoSpace,
-        "in-use" => vstor::ErrorKind::InUse,
-        "unavailable" => vstor::ErrorKind::Unavailable,
-        "cancelled" => vstor::ErrorKind::Cancelled,
-        "not-found" => vstor::ErrorKind::NotFound,
-        _ => vstor::ErrorKind::Io,
-    };
+    let kind = vstor_serve::export::kind_of_name(&e.kind);
     Error::Reported {
         kind,
         message: e.message,
