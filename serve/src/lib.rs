@@ -34,6 +34,7 @@ pub mod export;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod nbd;
+pub mod scsi;
 pub mod registry;
 pub mod sockpath;
 pub mod vhost_user;

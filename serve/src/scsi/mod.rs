@@ -1,0 +1,1245 @@
+//! The SCSI target core: one export as a SAN array's logical unit (SPC-4 primary commands,
+//! SBC-3/4 block commands) with SPC-4 persistent reservations.
+//!
+//! A transport (iSCSI, in `crate::iscsi`) turns its PDUs into calls of [`Lun::execute`] with the
+//! I_T nexus the command came on ([`Nexus`]), the CDB and the Data-Out bytes, and sends back
+//! the [`ScsiResponse`]: status, fixed-format sense data, Data-In (already cut to the CDB's
+//! allocation length). [`Lun::data_dir`] tells it, from the CDB alone, which way data moves and
+//! how much Data-Out to collect before executing.
+//!
+//! **Interface additions** beyond the agreed API (serve/src/scsi_api.md of issue 19):
+//! - [`Lun::data_dir_of`]: the same as [`Lun::data_dir`] with this LUN's logical block size
+//!   (`data_dir` takes 512-byte blocks: a WRITE's Data-Out length is its block count times the
+//!   block size, which a CDB alone does not say);
+//! - [`sense::TASK_ABORTED`]: the status of a command that a PREEMPT AND ABORT of another nexus
+//!   aborted while it waited to run; the transport sends no response for it (TAS=0).
+//!
+//! **Unit attentions.** The first command of every new I_T nexus finds POWER ON, RESET OR BUS
+//! DEVICE RESET OCCURRED; capacity changes, and the reservation changes SPC-4 names, queue
+//! theirs. INQUIRY, REPORT LUNS and REQUEST SENSE never report one (REQUEST SENSE returns and
+//! clears it as its sense data); any other command reports and clears the oldest one.
+
+pub mod sense;
+
+use crate::export::{Export, ServeError};
+use sense::{asc, key, CHECK_CONDITION, GOOD};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use vstor_core::{BlockDevice, ErrorKind, ListenerId, OpKind};
+
+/// An I_T nexus. `initiator` is the initiator port's TransportID name
+/// (iSCSI: "<initiator iqn>,i,0x<ISID as 12 hex digits>"), `target` the target port's name
+/// ("<target iqn>,t,0x<TPGT as 4 hex digits>").
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Nexus {
+    /// The initiator port's name.
+    pub initiator: String,
+    /// The target port's name.
+    pub target: String,
+}
+
+/// What a command moves, decided from its CDB alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataDir {
+    /// No data.
+    None,
+    /// Data-In (the response's `data`).
+    In,
+    /// Data-Out of this many bytes.
+    Out(u32),
+}
+
+/// The outcome of one command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScsiResponse {
+    /// GOOD 0x00, CHECK CONDITION 0x02, BUSY 0x08, RESERVATION CONFLICT 0x18, TASK ABORTED 0x40.
+    pub status: u8,
+    /// Fixed-format sense data (0x70...), empty unless CHECK CONDITION (or GOOD from REQUEST
+    /// SENSE, whose sense data is its Data-In).
+    pub sense: Vec<u8>,
+    /// Data-In, already cut to the CDB's allocation length.
+    pub data: Vec<u8>,
+}
+
+impl ScsiResponse {
+    /// GOOD with `data`.
+    pub fn good(data: Vec<u8>) -> Self {
+        ScsiResponse {
+            status: GOOD,
+            sense: Vec::new(),
+            data,
+        }
+    }
+
+    /// CHECK CONDITION with `sense`.
+    pub fn check(sense: Vec<u8>) -> Self {
+        ScsiResponse {
+            status: CHECK_CONDITION,
+            sense,
+            data: Vec::new(),
+        }
+    }
+
+    /// CHECK CONDITION with `key` and `code`.
+    pub fn sense(key: u8, code: (u8, u8)) -> Self {
+        Self::check(sense::fixed(key, code))
+    }
+
+    /// RESERVATION CONFLICT.
+    pub fn conflict() -> Self {
+        ScsiResponse {
+            status: sense::RESERVATION_CONFLICT,
+            sense: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+
+    /// The sense key, ASC and ASCQ of a CHECK CONDITION (None otherwise).
+    pub fn sense_code(&self) -> Option<(u8, u8, u8)> {
+        (self.sense.len() >= 14).then(|| (self.sense[2] & 0x0f, self.sense[12], self.sense[13]))
+    }
+}
+
+/// ILLEGAL REQUEST, INVALID FIELD IN CDB, pointing at byte `byte`.
+fn invalid_cdb(byte: u16) -> ScsiResponse {
+    ScsiResponse::check(sense::with_field_pointer(
+        key::ILLEGAL_REQUEST,
+        asc::INVALID_FIELD_IN_CDB,
+        true,
+        byte,
+        None,
+    ))
+}
+
+/// ILLEGAL REQUEST, INVALID FIELD IN PARAMETER LIST, pointing at byte `byte`.
+fn invalid_param(byte: u16) -> ScsiResponse {
+    ScsiResponse::check(sense::with_field_pointer(
+        key::ILLEGAL_REQUEST,
+        asc::INVALID_FIELD_IN_PARAMETER_LIST,
+        false,
+        byte,
+        None,
+    ))
+}
+
+fn invalid_opcode() -> ScsiResponse {
+    ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::INVALID_OPCODE)
+}
+
+fn lba_out_of_range() -> ScsiResponse {
+    ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::LBA_OUT_OF_RANGE)
+}
+
+fn write_protected() -> ScsiResponse {
+    ScsiResponse::sense(key::DATA_PROTECT, asc::WRITE_PROTECTED)
+}
+
+/// The sense for an error of the stack during a read (`write` false) or a write.
+fn stack_error(e: &vstor_core::Error, write: bool) -> ScsiResponse {
+    match e.kind() {
+        ErrorKind::ReadOnly => write_protected(),
+        ErrorKind::NoSpace => ScsiResponse::sense(key::DATA_PROTECT, asc::SPACE_ALLOCATION_FAILED),
+        ErrorKind::OutOfRange => lba_out_of_range(),
+        ErrorKind::Unavailable => ScsiResponse::sense(key::NOT_READY, asc::NOT_READY),
+        ErrorKind::Cancelled => ScsiResponse::sense(key::ABORTED_COMMAND, asc::NONE),
+        ErrorKind::InvalidInput | ErrorKind::Unsupported => {
+            ScsiResponse::sense(key::HARDWARE_ERROR, asc::INTERNAL_TARGET_FAILURE)
+        }
+        _ if write => ScsiResponse::sense(key::MEDIUM_ERROR, asc::WRITE_ERROR),
+        _ => ScsiResponse::sense(key::MEDIUM_ERROR, asc::READ_ERROR),
+    }
+}
+
+/// How a LUN describes itself.
+#[derive(Clone, Debug)]
+pub struct LunConfig {
+    /// VPD 0x80 unit serial number (printable ASCII).
+    pub serial: String,
+    /// VPD 0x83 NAA identifier (8 bytes: NAA 5, IEEE registered; a value whose top nibble is
+    /// not a valid 8-byte NAA type gets NAA 5).
+    pub naa: u64,
+    /// Where reservations persist (None: in memory only).
+    pub pr_state: Option<std::path::PathBuf>,
+    /// T10 vendor identification (8 characters, padded or cut).
+    pub vendor: String,
+    /// Product identification (16 characters, padded or cut).
+    pub product: String,
+}
+
+/// Operation codes.
+pub mod op {
+    /// TEST UNIT READY.
+    pub const TEST_UNIT_READY: u8 = 0x00;
+    /// REQUEST SENSE.
+    pub const REQUEST_SENSE: u8 = 0x03;
+    /// READ (6).
+    pub const READ_6: u8 = 0x08;
+    /// WRITE (6).
+    pub const WRITE_6: u8 = 0x0a;
+    /// INQUIRY.
+    pub const INQUIRY: u8 = 0x12;
+    /// MODE SENSE (6).
+    pub const MODE_SENSE_6: u8 = 0x1a;
+    /// READ CAPACITY (10).
+    pub const READ_CAPACITY_10: u8 = 0x25;
+    /// READ (10).
+    pub const READ_10: u8 = 0x28;
+    /// WRITE (10).
+    pub const WRITE_10: u8 = 0x2a;
+    /// SYNCHRONIZE CACHE (10).
+    pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    /// WRITE SAME (10).
+    pub const WRITE_SAME_10: u8 = 0x41;
+    /// UNMAP.
+    pub const UNMAP: u8 = 0x42;
+    /// MODE SENSE (10).
+    pub const MODE_SENSE_10: u8 = 0x5a;
+    /// PERSISTENT RESERVE IN.
+    pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
+    /// PERSISTENT RESERVE OUT.
+    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
+    /// READ (16).
+    pub const READ_16: u8 = 0x88;
+    /// COMPARE AND WRITE.
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
+    /// WRITE (16).
+    pub const WRITE_16: u8 = 0x8a;
+    /// SYNCHRONIZE CACHE (16).
+    pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
+    /// WRITE SAME (16).
+    pub const WRITE_SAME_16: u8 = 0x93;
+    /// SERVICE ACTION IN (16): READ CAPACITY (16) 0x10, GET LBA STATUS 0x12.
+    pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
+    /// REPORT LUNS.
+    pub const REPORT_LUNS: u8 = 0xa0;
+    /// READ (12).
+    pub const READ_12: u8 = 0xa8;
+    /// WRITE (12).
+    pub const WRITE_12: u8 = 0xaa;
+}
+
+/// SERVICE ACTION IN (16) service actions.
+const SA_READ_CAPACITY_16: u8 = 0x10;
+const SA_GET_LBA_STATUS: u8 = 0x12;
+
+/// The most bytes one READ or WRITE moves (VPD 0xB0 MAXIMUM TRANSFER LENGTH).
+pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
+/// The most blocks one COMPARE AND WRITE compares (VPD 0xB0).
+pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 128;
+/// The most blocks one UNMAP descriptor, or one WRITE SAME, covers.
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 30;
+/// The most descriptors one UNMAP carries.
+pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
+/// The largest chunk a WRITE SAME writes at once (a repeated block pattern).
+const WRITE_SAME_CHUNK: usize = 1 << 20;
+
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+fn be32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+fn be64(b: &[u8], i: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[i..i + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// The CDB length an operation code's group implies (None: vendor specific or variable).
+fn cdb_len(opcode: u8) -> Option<usize> {
+    match opcode >> 5 {
+        0 => Some(6),
+        1 | 2 => Some(10),
+        4 => Some(16),
+        5 => Some(12),
+        _ => None,
+    }
+}
+
+/// A unit attention condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ua {
+    PowerOnReset,
+    CapacityChanged,
+}
+
+impl Ua {
+    fn code(self) -> (u8, u8) {
+        match self {
+            Ua::PowerOnReset => asc::POWER_ON_RESET,
+            Ua::CapacityChanged => asc::CAPACITY_CHANGED,
+        }
+    }
+}
+
+/// What the LUN keeps per I_T nexus.
+#[derive(Default)]
+struct NexusState {
+    ua: VecDeque<Ua>,
+}
+
+impl NexusState {
+    fn push(&mut self, ua: Ua) {
+        if self.ua.contains(&Ua::PowerOnReset) || self.ua.contains(&ua) {
+            return; // a reset already covers every other change
+        }
+        if ua == Ua::PowerOnReset {
+            self.ua.clear();
+        }
+        self.ua.push_back(ua);
+    }
+}
+
+/// One logical unit: an export served as a SCSI block device.
+pub struct Lun {
+    export: Arc<Export>,
+    config: LunConfig,
+    nexuses: Mutex<HashMap<Nexus, NexusState>>,
+    /// Writes hold it shared, COMPARE AND WRITE exclusively: its read, compare and write are
+    /// atomic against every other write of this LUN.
+    write_order: RwLock<()>,
+    /// The capacity listener on the stack's capacity signal, if it has one.
+    listener: Mutex<Option<ListenerId>>,
+    last_capacity: AtomicU64,
+}
+
+impl std::fmt::Debug for Lun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lun")
+            .field("export", &self.export.name())
+            .field("serial", &self.config.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Lun {
+    fn drop(&mut self) {
+        let id = self
+            .listener
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (Some(id), Some(sig)) = (id, self.export.device().capacity_signal()) {
+            sig.unsubscribe(id);
+        }
+    }
+}
+
+/// Whether a command is refused by a read-only export: the ones that change the medium.
+fn is_medium_write(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        op::WRITE_6
+            | op::WRITE_10
+            | op::WRITE_12
+            | op::WRITE_16
+            | op::WRITE_SAME_10
+            | op::WRITE_SAME_16
+            | op::UNMAP
+            | op::COMPARE_AND_WRITE
+    )
+}
+
+impl Lun {
+    /// A logical unit serving `export`.
+    pub fn new(export: Arc<Export>, config: LunConfig) -> Result<Arc<Lun>, ServeError> {
+        let capacity = export.device().capacity();
+        let lun = Arc::new(Lun {
+            export,
+            config,
+            nexuses: Mutex::new(HashMap::new()),
+            write_order: RwLock::new(()),
+            listener: Mutex::new(None),
+            last_capacity: AtomicU64::new(capacity),
+        });
+        if let Some(sig) = lun.export.device().capacity_signal() {
+            let weak: Weak<Lun> = Arc::downgrade(&lun);
+            let id = sig.subscribe(move |_| {
+                if let Some(l) = weak.upgrade() {
+                    l.capacity_changed();
+                }
+            });
+            *lun.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+        }
+        Ok(lun)
+    }
+
+    /// The export this LUN serves.
+    pub fn export(&self) -> &Arc<Export> {
+        &self.export
+    }
+
+    fn device(&self) -> &Arc<dyn BlockDevice> {
+        self.export.device()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.device().info().logical_sector_size.max(1)
+    }
+
+    /// Direction and Data-Out length of a CDB, for 512-byte logical blocks; Err(a CHECK
+    /// CONDITION response) when malformed or unsupported. See [`Lun::data_dir_of`].
+    pub fn data_dir(cdb: &[u8]) -> Result<DataDir, ScsiResponse> {
+        data_dir_bs(cdb, 512)
+    }
+
+    /// Direction and Data-Out length of a CDB for this LUN's logical block size.
+    pub fn data_dir_of(&self, cdb: &[u8]) -> Result<DataDir, ScsiResponse> {
+        data_dir_bs(cdb, self.block_size())
+    }
+
+    /// The transport calls this when the export's size changed (a capacity-changed UA for
+    /// all). The LUN also listens to the stack's capacity signal itself; a change reported
+    /// twice queues one unit attention.
+    pub fn capacity_changed(&self) {
+        self.last_capacity
+            .store(self.device().capacity(), Ordering::Relaxed);
+        let mut n = self.nexuses.lock().unwrap_or_else(|p| p.into_inner());
+        for s in n.values_mut() {
+            s.push(Ua::CapacityChanged);
+        }
+    }
+
+    /// A session/connection ended (registrations stay, as SPC-4 says). The nexus's pending
+    /// unit attentions go; its next command, on a new login, finds a reset.
+    pub fn nexus_lost(&self, nexus: &Nexus) {
+        self.nexuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(nexus);
+    }
+
+    /// Takes the unit attention `nexus` must be told about for a command with `opcode`, if
+    /// any (a new nexus starts with a reset).
+    fn take_ua(&self, nexus: &Nexus, opcode: u8) -> Option<Ua> {
+        let mut n = self.nexuses.lock().unwrap_or_else(|p| p.into_inner());
+        let s = match n.get_mut(nexus) {
+            Some(s) => s,
+            None => {
+                let mut s = NexusState::default();
+                s.push(Ua::PowerOnReset);
+                n.entry(nexus.clone()).or_insert(s)
+            }
+        };
+        if s.ua.is_empty() || matches!(opcode, op::INQUIRY | op::REPORT_LUNS) {
+            return None;
+        }
+        s.ua.pop_front()
+    }
+
+    /// Runs one command to completion (blocking; call it from a worker thread).
+    pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        let Some(&opcode) = cdb.first() else {
+            return invalid_opcode();
+        };
+        if let Some(len) = cdb_len(opcode) {
+            if cdb.len() < len {
+                return invalid_cdb(0);
+            }
+            // NACA is not supported (and LINK is obsolete).
+            if cdb[len - 1] & 0x05 != 0 {
+                return invalid_cdb(len as u16 - 1);
+            }
+        } else {
+            return invalid_opcode();
+        }
+        if let Some(ua) = self.take_ua(nexus, opcode) {
+            let s = sense::fixed(key::UNIT_ATTENTION, ua.code());
+            if opcode == op::REQUEST_SENSE {
+                let alloc = usize::from(cdb[4]);
+                let mut d = s;
+                d.truncate(alloc);
+                return ScsiResponse::good(d);
+            }
+            return ScsiResponse::check(s);
+        }
+        self.dispatch(nexus, opcode, cdb, data_out)
+    }
+
+    fn dispatch(&self, nexus: &Nexus, opcode: u8, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        if is_medium_write(opcode) && self.export.read_only() {
+            self.export.refused();
+            return write_protected();
+        }
+        match opcode {
+            op::TEST_UNIT_READY => ScsiResponse::good(Vec::new()),
+            op::REQUEST_SENSE => self.request_sense(cdb),
+            op::INQUIRY => self.inquiry(nexus, cdb),
+            op::REPORT_LUNS => report_luns(cdb),
+            op::READ_CAPACITY_10 => self.read_capacity_10(cdb),
+            op::SERVICE_ACTION_IN_16 => match cdb[1] & 0x1f {
+                SA_READ_CAPACITY_16 => self.read_capacity_16(cdb),
+                SA_GET_LBA_STATUS => self.get_lba_status(cdb),
+                _ => invalid_cdb(1),
+            },
+            op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => self.read(cdb),
+            op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => self.write(cdb, data_out),
+            op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => self.synchronize_cache(cdb),
+            op::MODE_SENSE_6 | op::MODE_SENSE_10 => self.mode_sense(cdb),
+            op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(cdb, data_out),
+            op::UNMAP => self.unmap(cdb, data_out),
+            op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out),
+            _ => invalid_opcode(),
+        }
+    }
+
+    fn request_sense(&self, cdb: &[u8]) -> ScsiResponse {
+        let mut s = sense::fixed(key::NO_SENSE, asc::NONE);
+        s.truncate(usize::from(cdb[4]));
+        ScsiResponse::good(s)
+    }
+
+    /// Capacity in logical blocks, and the block size.
+    fn geometry(&self) -> (u64, u32) {
+        let info = self.device().info();
+        let bs = info.logical_sector_size.max(1);
+        (info.capacity / u64::from(bs), bs)
+    }
+
+    fn read_capacity_10(&self, cdb: &[u8]) -> ScsiResponse {
+        // PMI is obsolete; a non-zero LBA without it is an error.
+        if cdb[8] & 1 == 0 && be32(cdb, 2) != 0 {
+            return invalid_cdb(2);
+        }
+        let (blocks, bs) = self.geometry();
+        let last = blocks.saturating_sub(1).min(u64::from(u32::MAX)) as u32;
+        let mut d = Vec::with_capacity(8);
+        d.extend_from_slice(&last.to_be_bytes());
+        d.extend_from_slice(&bs.to_be_bytes());
+        ScsiResponse::good(d)
+    }
+
+    /// Whether unmapping is on offer: the stack discards (a thin stack), or at least writes
+    /// zeroes that unmap where they can.
+    fn thin(&self) -> bool {
+        self.device().info().supports.discard
+    }
+
+    /// Whether unmapped blocks read as zeroes.
+    fn lbprz(&self) -> bool {
+        let i = self.device().info();
+        i.supports.discard && i.discard_zeroes
+    }
+
+    fn read_capacity_16(&self, cdb: &[u8]) -> ScsiResponse {
+        let alloc = be32(cdb, 10) as usize;
+        let info = self.device().info();
+        let (blocks, bs) = self.geometry();
+        let mut d = vec![0u8; 32];
+        d[0..8].copy_from_slice(&blocks.saturating_sub(1).to_be_bytes());
+        d[8..12].copy_from_slice(&bs.to_be_bytes());
+        // Logical blocks per physical block exponent.
+        let per = (info.physical_sector_size / bs).max(1);
+        d[13] = per.trailing_zeros() as u8 & 0x0f;
+        if self.thin() {
+            d[14] |= 0x80; // LBPME
+            if self.lbprz() {
+                d[14] |= 0x40; // LBPRZ
+            }
+        }
+        d.truncate(alloc);
+        ScsiResponse::good(d)
+    }
+
+    /// Checks `lba + blocks` against the capacity.
+    fn check_range(&self, lba: u64, blocks: u64) -> Result<(u64, u32), ScsiResponse> {
+        let (cap, bs) = self.geometry();
+        if lba.checked_add(blocks).is_none_or(|end| end > cap) {
+            self.export.refused();
+            return Err(lba_out_of_range());
+        }
+        Ok((cap, bs))
+    }
+
+    fn read(&self, cdb: &[u8]) -> ScsiResponse {
+        let rw = match parse_rw(cdb) {
+            Ok(rw) => rw,
+            Err(r) => return r,
+        };
+        let (_, bs) = match self.check_range(rw.lba, u64::from(rw.blocks)) {
+            Ok(g) => g,
+            Err(r) => return r,
+        };
+        if rw.blocks == 0 {
+            return ScsiResponse::good(Vec::new());
+        }
+        let Some(len) = rw
+            .blocks
+            .checked_mul(bs)
+            .filter(|&l| l <= MAX_TRANSFER_BYTES)
+        else {
+            return invalid_cdb(if cdb[0] == op::READ_6 { 4 } else { 7 });
+        };
+        let mut data = vec![0u8; len as usize];
+        let g = self.export.begin(OpKind::Read, u64::from(len));
+        let r = self.device().read_at(rw.lba * u64::from(bs), &mut data);
+        g.done(r.is_ok());
+        match r {
+            Ok(()) => ScsiResponse::good(data),
+            Err(e) => stack_error(&e, false),
+        }
+    }
+
+    fn write(&self, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        let rw = match parse_rw(cdb) {
+            Ok(rw) => rw,
+            Err(r) => return r,
+        };
+        let (_, bs) = match self.check_range(rw.lba, u64::from(rw.blocks)) {
+            Ok(g) => g,
+            Err(r) => return r,
+        };
+        if rw.blocks == 0 {
+            return ScsiResponse::good(Vec::new());
+        }
+        let Some(len) = rw
+            .blocks
+            .checked_mul(bs)
+            .filter(|&l| l <= MAX_TRANSFER_BYTES)
+        else {
+            return invalid_cdb(if cdb[0] == op::WRITE_6 { 4 } else { 7 });
+        };
+        if data_out.len() != len as usize {
+            self.export.refused();
+            return ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::PARAMETER_LIST_LENGTH);
+        }
+        let _order = self.write_order.read().unwrap_or_else(|p| p.into_inner());
+        self.write_blocks(rw.lba * u64::from(bs), data_out, rw.fua)
+    }
+
+    /// Writes `data` at byte `offset`, then flushes if `fua`.
+    fn write_blocks(&self, offset: u64, data: &[u8], fua: bool) -> ScsiResponse {
+        let g = self.export.begin(OpKind::Write, data.len() as u64);
+        let mut r = self.device().write_at(offset, data);
+        if r.is_ok() && fua {
+            r = self.device().flush();
+        }
+        g.done(r.is_ok());
+        match r {
+            Ok(()) => ScsiResponse::good(Vec::new()),
+            Err(e) => stack_error(&e, true),
+        }
+    }
+
+    fn synchronize_cache(&self, cdb: &[u8]) -> ScsiResponse {
+        let (lba, blocks) = if cdb[0] == op::SYNCHRONIZE_CACHE_10 {
+            (u64::from(be32(cdb, 2)), u64::from(be16(cdb, 7)))
+        } else {
+            (be64(cdb, 2), u64::from(be32(cdb, 10)))
+        };
+        if let Err(r) = self.check_range(lba, blocks) {
+            return r;
+        }
+        let g = self.export.begin(OpKind::Flush, 0);
+        let r = self.device().flush();
+        g.done(r.is_ok());
+        match r {
+            Ok(()) => ScsiResponse::good(Vec::new()),
+            Err(e) => stack_error(&e, true),
+        }
+    }
+
+    fn inquiry(&self, nexus: &Nexus, cdb: &[u8]) -> ScsiResponse {
+        let evpd = cdb[1] & 1 != 0;
+        if cdb[1] & 0xfe != 0 {
+            return invalid_cdb(1); // CMDDT (obsolete) or reserved bits
+        }
+        let alloc = usize::from(be16(cdb, 3));
+        let page = cdb[2];
+        let mut d = if !evpd {
+            if page != 0 {
+                return invalid_cdb(2);
+            }
+            self.standard_inquiry()
+        } else {
+            match self.vpd(page, nexus) {
+                Some(d) => d,
+                None => return invalid_cdb(2),
+            }
+        };
+        d.truncate(alloc);
+        ScsiResponse::good(d)
+    }
+
+    fn standard_inquiry(&self) -> Vec<u8> {
+        let mut d = vec![0u8; 66];
+        d[0] = 0x00; // peripheral qualifier 0, direct access block device
+        d[2] = 0x06; // SPC-4
+        d[3] = 0x12; // HISUP, response data format 2
+        d[4] = (d.len() - 5) as u8;
+        d[7] = 0x02; // CMDQUE
+        put_ascii(&mut d[8..16], &self.config.vendor);
+        put_ascii(&mut d[16..32], &self.config.product);
+        put_ascii(&mut d[32..36], env!("CARGO_PKG_VERSION"));
+        // Version descriptors: SAM-5, SPC-4, SBC-3, iSCSI.
+        for (i, v) in [0x00a0u16, 0x0460, 0x04c0, 0x0960].iter().enumerate() {
+            d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
+        }
+        d
+    }
+
+    /// The VPD pages this LUN offers, in ascending order.
+    const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
+
+    fn vpd(&self, page: u8, nexus: &Nexus) -> Option<Vec<u8>> {
+        let body: Vec<u8> = match page {
+            0x00 => Self::VPD_PAGES.to_vec(),
+            0x80 => {
+                let mut s: Vec<u8> = self
+                    .config
+                    .serial
+                    .bytes()
+                    .map(|b| if (0x20..0x7f).contains(&b) { b } else { b'_' })
+                    .collect();
+                s.truncate(252);
+                s
+            }
+            0x83 => self.device_identification(nexus),
+            0xb0 => self.block_limits(),
+            0xb1 => {
+                let mut b = vec![0u8; 0x3c];
+                b[0..2].copy_from_slice(&1u16.to_be_bytes()); // non-rotating medium
+                b
+            }
+            0xb2 => {
+                let mut b = vec![0u8; 4];
+                if self.thin() {
+                    b[1] = 0x80 | 0x40 | 0x20; // LBPU, LBPWS, LBPWS10
+                    if self.lbprz() {
+                        b[1] |= 0x04; // LBPRZ
+                    }
+                    b[2] = 0x02; // thin provisioned
+                }
+                b
+            }
+            _ => return None,
+        };
+        let mut d = vec![0u8, page];
+        d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        d.extend_from_slice(&body);
+        Some(d)
+    }
+
+    fn device_identification(&self, nexus: &Nexus) -> Vec<u8> {
+        let mut out = Vec::new();
+        // NAA (IEEE registered, 8 bytes), associated with the logical unit: binary.
+        let mut naa = self.config.naa;
+        if !matches!(naa >> 60, 2 | 3 | 5) {
+            naa = (naa & 0x0fff_ffff_ffff_ffff) | (5 << 60);
+        }
+        out.extend_from_slice(&[0x01, 0x03, 0x00, 0x08]);
+        out.extend_from_slice(&naa.to_be_bytes());
+        // T10 vendor ID: vendor identification and the serial, ASCII.
+        let mut t10 = vec![b' '; 8];
+        put_ascii(&mut t10, &self.config.vendor);
+        t10.extend(
+            self.config
+                .serial
+                .bytes()
+                .filter(|b| (0x21..0x7f).contains(b))
+                .take(200),
+        );
+        out.extend_from_slice(&[0x02, 0x01, 0x00, t10.len() as u8]);
+        out.extend_from_slice(&t10);
+        // Relative target port 1, associated with the target port (iSCSI, PIV).
+        out.extend_from_slice(&[0x51, 0x94, 0x00, 0x04, 0, 0, 0, 1]);
+        // The target port's SCSI name string (UTF-8, NUL-terminated, padded to 4 bytes).
+        if !nexus.target.is_empty() {
+            let mut name: Vec<u8> = nexus.target.bytes().take(250).collect();
+            name.push(0);
+            while name.len() % 4 != 0 {
+                name.push(0);
+            }
+            out.extend_from_slice(&[0x53, 0x98, 0x00, name.len() as u8]);
+            out.extend_from_slice(&name);
+        }
+        out
+    }
+
+    fn block_limits(&self) -> Vec<u8> {
+        let info = self.device().info();
+        let bs = info.logical_sector_size.max(1);
+        let mut b = vec![0u8; 0x3c];
+        b[0] = 0x01; // WSNZ: a WRITE SAME of zero blocks is refused
+        b[1] = MAX_COMPARE_AND_WRITE_BLOCKS;
+        let gran = (info.physical_sector_size / bs).max(1) as u16;
+        b[2..4].copy_from_slice(&gran.to_be_bytes());
+        b[4..8].copy_from_slice(&(MAX_TRANSFER_BYTES / bs).to_be_bytes());
+        b[8..12].copy_from_slice(&((1u32 << 20) / bs).to_be_bytes());
+        if self.thin() {
+            b[16..20].copy_from_slice(&MAX_UNMAP_BLOCKS.to_be_bytes());
+            b[20..24].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
+            b[24..28].copy_from_slice(&u32::from(gran).to_be_bytes());
+        }
+        b[32..40].copy_from_slice(&u64::from(MAX_UNMAP_BLOCKS).to_be_bytes());
+        b
+    }
+
+    fn mode_sense(&self, cdb: &[u8]) -> ScsiResponse {
+        let ten = cdb[0] == op::MODE_SENSE_10;
+        let dbd = cdb[1] & 0x08 != 0;
+        let llbaa = ten && cdb[1] & 0x10 != 0;
+        let pc = cdb[2] >> 6;
+        let page = cdb[2] & 0x3f;
+        let subpage = cdb[3];
+        let alloc = if ten {
+            usize::from(be16(cdb, 7))
+        } else {
+            usize::from(cdb[4])
+        };
+        if pc == 3 {
+            return ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::SAVING_PARAMETERS_NOT_SUPPORTED);
+        }
+        let changeable = pc == 1;
+        let mut pages = Vec::new();
+        let all = page == 0x3f;
+        if all && subpage != 0 && subpage != 0xff {
+            return invalid_cdb(3);
+        }
+        if !all && subpage != 0 {
+            return invalid_cdb(3);
+        }
+        if all || page == 0x08 {
+            pages.extend_from_slice(&self.caching_page(changeable));
+        }
+        if all || page == 0x0a {
+            pages.extend_from_slice(&self.control_page(changeable));
+        }
+        if all || page == 0x1c {
+            pages.extend_from_slice(&informational_exceptions_page(changeable));
+        }
+        if pages.is_empty() {
+            return invalid_cdb(2);
+        }
+        let (blocks, bs) = self.geometry();
+        let desc: Vec<u8> = if dbd {
+            Vec::new()
+        } else if llbaa {
+            let mut d = vec![0u8; 16];
+            d[0..8].copy_from_slice(&blocks.to_be_bytes());
+            d[12..16].copy_from_slice(&bs.to_be_bytes());
+            d
+        } else {
+            let mut d = vec![0u8; 8];
+            d[0..4].copy_from_slice(&(blocks.min(0xffff_ffff) as u32).to_be_bytes());
+            d[5..8].copy_from_slice(&bs.to_be_bytes()[1..4]);
+            d
+        };
+        let mut dsp = 0x10; // DPOFUA
+        if self.export.read_only() {
+            dsp |= 0x80; // WP
+        }
+        let mut d = if ten {
+            let mut h = vec![0u8; 8];
+            h[3] = dsp;
+            if llbaa && !dbd {
+                h[4] = 0x01; // LONGLBA
+            }
+            h[6..8].copy_from_slice(&(desc.len() as u16).to_be_bytes());
+            h
+        } else {
+            vec![0, 0, dsp, desc.len() as u8]
+        };
+        d.extend_from_slice(&desc);
+        d.extend_from_slice(&pages);
+        if ten {
+            let n = (d.len() - 2) as u16;
+            d[0..2].copy_from_slice(&n.to_be_bytes());
+        } else {
+            d[0] = (d.len() - 1).min(255) as u8;
+        }
+        d.truncate(alloc);
+        ScsiResponse::good(d)
+    }
+
+    fn caching_page(&self, changeable: bool) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x08;
+        p[1] = 0x12;
+        if !changeable && self.device().info().supports.flush {
+            p[2] = 0x04; // WCE: the stack has a volatile cache; SYNCHRONIZE CACHE flushes it
+        }
+        p
+    }
+
+    fn control_page(&self, changeable: bool) -> Vec<u8> {
+        let mut p = vec![0u8; 12];
+        p[0] = 0x0a;
+        p[1] = 0x0a;
+        if !changeable {
+            p[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
+            if self.export.read_only() {
+                p[4] = 0x08; // SWP
+            }
+            p[8..10].copy_from_slice(&0xffffu16.to_be_bytes()); // busy timeout: unlimited
+        }
+        p
+    }
+
+    fn get_lba_status(&self, cdb: &[u8]) -> ScsiResponse {
+        let lba = be64(cdb, 2);
+        let alloc = be32(cdb, 10) as usize;
+        let (cap, bs) = self.geometry();
+        if lba >= cap {
+            return lba_out_of_range();
+        }
+        // Report at most as many descriptors as the allocation length holds, over at most
+        // 1 GiB of the device.
+        let want = alloc.saturating_sub(8) / 16;
+        let span = (cap - lba).min((1u64 << 30) / u64::from(bs)).max(1);
+        let off = lba * u64::from(bs);
+        let extents = match self.device().allocation(off, span * u64::from(bs)) {
+            Ok(e) => e,
+            Err(e) => return stack_error(&e, false),
+        };
+        let mut descs = Vec::new();
+        let mut at = lba;
+        for e in extents {
+            let n = e.len / u64::from(bs);
+            if n == 0 {
+                continue;
+            }
+            let status = u8::from(e.depth == 0);
+            let mut left = n;
+            while left > 0 {
+                let chunk = left.min(u64::from(u32::MAX));
+                descs.push((at, chunk as u32, status));
+                at += chunk;
+                left -= chunk;
+            }
+        }
+        // Neighbouring descriptors of the same status are one.
+        let mut merged: Vec<(u64, u32, u8)> = Vec::new();
+        for d in descs {
+            match merged.last_mut() {
+                Some(l) if l.2 == d.2 && l.0 + u64::from(l.1) == d.0 => {
+                    if let Some(s) = l.1.checked_add(d.1) {
+                        l.1 = s;
+                        continue;
+                    }
+                    merged.push(d);
+                }
+                _ => merged.push(d),
+            }
+        }
+        merged.truncate(want.max(1));
+        let mut d = vec![0u8; 8];
+        for (l, n, s) in &merged {
+            d.extend_from_slice(&l.to_be_bytes());
+            d.extend_from_slice(&n.to_be_bytes());
+            d.extend_from_slice(&[*s, 0, 0, 0]);
+        }
+        let plen = (d.len() - 4) as u32;
+        d[0..4].copy_from_slice(&plen.to_be_bytes());
+        d.truncate(alloc);
+        ScsiResponse::good(d)
+    }
+
+    fn unmap(&self, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        if cdb[1] & 0x01 != 0 {
+            return invalid_cdb(1); // ANCHOR: no anchored state
+        }
+        let plen = usize::from(be16(cdb, 7));
+        if plen == 0 {
+            return ScsiResponse::good(Vec::new());
+        }
+        if plen < 8 || data_out.len() < plen {
+            return ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::PARAMETER_LIST_LENGTH);
+        }
+        let p = &data_out[..plen];
+        let bdl = usize::from(be16(p, 2));
+        if bdl % 16 != 0 || 8 + bdl > plen {
+            return ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::PARAMETER_LIST_LENGTH);
+        }
+        if bdl / 16 > MAX_UNMAP_DESCRIPTORS as usize {
+            return invalid_param(2);
+        }
+        let (cap, bs) = self.geometry();
+        let mut ranges = Vec::new();
+        for (i, d) in p[8..8 + bdl].chunks_exact(16).enumerate() {
+            let lba = be64(d, 0);
+            let n = be32(d, 8);
+            if lba.checked_add(u64::from(n)).is_none_or(|e| e > cap) {
+                self.export.refused();
+                return lba_out_of_range();
+            }
+            if n > MAX_UNMAP_BLOCKS {
+                return invalid_param(8 + 16 * i as u16 + 8);
+            }
+            if n > 0 {
+                ranges.push((lba * u64::from(bs), u64::from(n) * u64::from(bs)));
+            }
+        }
+        let _order = self.write_order.read().unwrap_or_else(|p| p.into_inner());
+        for (off, len) in ranges {
+            if let Err(r) = self.deallocate(off, len) {
+                return r;
+            }
+        }
+        ScsiResponse::good(Vec::new())
+    }
+
+    /// Unmaps `[off, off + len)`: discard where the stack discards (and a discarded range reads
+    /// back as zeroes, as LBPRZ promises), write-zeroes otherwise.
+    fn deallocate(&self, off: u64, len: u64) -> Result<(), ScsiResponse> {
+        let info = self.device().info();
+        let r = if info.supports.discard && info.discard_zeroes {
+            let g = self.export.begin(OpKind::Discard, len);
+            let r = self.device().discard(off, len);
+            g.done(r.is_ok());
+            r
+        } else {
+            let g = self.export.begin(OpKind::WriteZeroes, len);
+            let r = self.zero(off, len);
+            g.done(r.is_ok());
+            r
+        };
+        r.map_err(|e| stack_error(&e, true))
+    }
+
+    /// Write-zeroes where the stack has it, zeroes written elsewhere.
+    fn zero(&self, off: u64, len: u64) -> vstor_core::Result<()> {
+        if self.device().info().supports.write_zeroes {
+            return self.device().write_zeroes(off, len);
+        }
+        let chunk = vec![0u8; WRITE_SAME_CHUNK.min(len as usize)];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(chunk.len() as u64) as usize;
+            self.device().write_at(off + at, &chunk[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn write_same(&self, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        let sixteen = cdb[0] == op::WRITE_SAME_16;
+        if cdb[1] & 0xe0 != 0 {
+            return invalid_cdb(1); // WRPROTECT: no protection information
+        }
+        if cdb[1] & 0x10 != 0 {
+            return invalid_cdb(1); // ANCHOR
+        }
+        let unmap = cdb[1] & 0x08 != 0;
+        let ndob = sixteen && cdb[1] & 0x01 != 0;
+        let (lba, blocks) = if sixteen {
+            (be64(cdb, 2), u64::from(be32(cdb, 10)))
+        } else {
+            (u64::from(be32(cdb, 2)), u64::from(be16(cdb, 7)))
+        };
+        if blocks == 0 {
+            return invalid_cdb(if sixteen { 10 } else { 7 }); // WSNZ
+        }
+        let (_, bs) = match self.check_range(lba, blocks) {
+            Ok(g) => g,
+            Err(r) => return r,
+        };
+        if blocks > u64::from(MAX_UNMAP_BLOCKS) {
+            return invalid_cdb(if sixteen { 10 } else { 7 });
+        }
+        if unmap && !self.thin() {
+            return invalid_cdb(1);
+        }
+        let block: Vec<u8> = if ndob {
+            vec![0u8; bs as usize]
+        } else {
+            if data_out.len() != bs as usize {
+                return ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::PARAMETER_LIST_LENGTH);
+            }
+            data_out.to_vec()
+        };
+        let off = lba * u64::from(bs);
+        let len = blocks * u64::from(bs);
+        let _order = self.write_order.read().unwrap_or_else(|p| p.into_inner());
+        let zeroes = block.iter().all(|&b| b == 0);
+        if zeroes {
+            if unmap {
+                return match self.deallocate(off, len) {
+                    Ok(()) => ScsiResponse::good(Vec::new()),
+                    Err(r) => r,
+                };
+            }
+            let g = self.export.begin(OpKind::WriteZeroes, len);
+            let r = self.zero(off, len);
+            g.done(r.is_ok());
+            return match r {
+                Ok(()) => ScsiResponse::good(Vec::new()),
+                Err(e) => stack_error(&e, true),
+            };
+        }
+        let per = (WRITE_SAME_CHUNK / bs as usize).max(1);
+        let n = (blocks as usize).min(per);
+        let chunk: Vec<u8> = block.repeat(n);
+        let mut at = 0u64;
+        while at < len {
+            let k = (len - at).min(chunk.len() as u64) as usize;
+            let r = self.write_blocks(off + at, &chunk[..k], false);
+            if r.status != GOOD {
+                return r;
+            }
+            at += k as u64;
+        }
+        ScsiResponse::good(Vec::new())
+    }
+
+    fn compare_and_write(&self, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        if cdb[1] & 0xe0 != 0 {
+            return invalid_cdb(1); // WRPROTECT
+        }
+        let fua = cdb[1] & 0x08 != 0;
+        let lba = be64(cdb, 2);
+        let blocks = cdb[13];
+        let (_, bs) = match self.check_range(lba, u64::from(blocks)) {
+            Ok(g) => g,
+            Err(r) => return r,
+        };
+        if blocks == 0 {
+            return ScsiResponse::good(Vec::new());
+        }
+        if blocks > MAX_COMPARE_AND_WRITE_BLOCKS {
+            return invalid_cdb(13);
+        }
+        let len = usize::from(blocks) * bs as usize;
+        if data_out.len() != 2 * len {
+            return invalid_cdb(13);
+        }
+        let (verify, new) = data_out.split_at(len);
+        let off = lba * u64::from(bs);
+        let _order = self.write_order.write().unwrap_or_else(|p| p.into_inner());
+        let mut cur = vec![0u8; len];
+        let g = self.export.begin(OpKind::Read, len as u64);
+        let r = self.device().read_at(off, &mut cur);
+        g.done(r.is_ok());
+        if let Err(e) = r {
+            return stack_error(&e, false);
+        }
+        if let Some(i) = cur.iter().zip(verify).position(|(a, b)| a != b) {
+            return ScsiResponse::check(sense::with_information(
+                key::MISCOMPARE,
+                asc::MISCOMPARE_VERIFY,
+                i as u32,
+            ));
+        }
+        self.write_blocks(off, new, fua)
+    }
+}
+
+fn informational_exceptions_page(_changeable: bool) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p[0] = 0x1c;
+    p[1] = 0x0a;
+    p
+}
+
+/// Copies `s` into `dst` as printable ASCII, padded with spaces.
+fn put_ascii(dst: &mut [u8], s: &str) {
+    dst.fill(b' ');
+    for (d, b) in dst.iter_mut().zip(s.bytes()) {
+        *d = if (0x20..0x7f).contains(&b) { b } else { b' ' };
+    }
+}
+
+fn report_luns(cdb: &[u8]) -> ScsiResponse {
+    let select = cdb[2];
+    let alloc = be32(cdb, 6) as usize;
+    if alloc < 16 {
+        return invalid_cdb(6);
+    }
+    let luns: &[u64] = match select {
+        0x00 | 0x02 => &[0],
+        0x01 | 0x10 | 0x12 => &[],
+        0x11 => &[0],
+        _ => return invalid_cdb(2),
+    };
+    let mut d = vec![0u8; 8];
+    d[0..4].copy_from_slice(&((luns.len() * 8) as u32).to_be_bytes());
+    for l in luns {
+        d.extend_from_slice(&l.to_be_bytes());
+    }
+    d.truncate(alloc);
+    ScsiResponse::good(d)
+}
+
+/// A READ or WRITE CDB.
+struct Rw {
+    lba: u64,
+    blocks: u32,
+    fua: bool,
+}
+
+fn parse_rw(cdb: &[u8]) -> Result<Rw, ScsiResponse> {
+    let op = cdb[0];
+    if op == op::READ_6 || op == op::WRITE_6 {
+        let lba = u64::from(u32::from_be_bytes([0, cdb[1] & 0x1f, cdb[2], cdb[3]]));
+        let blocks = if cdb[4] == 0 { 256 } else { u32::from(cdb[4]) };
+        return Ok(Rw {
+            lba,
+            blocks,
+            fua: false,
+        });
+    }
+    if cdb[1] & 0xe0 != 0 {
+        return Err(invalid_cdb(1)); // RDPROTECT/WRPROTECT: no protection information
+    }
+    let fua = cdb[1] & 0x08 != 0;
+    let (lba, blocks) = match op {
+        op::READ_10 | op::WRITE_10 => (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7))),
+        op::READ_12 | op::WRITE_12 => (u64::from(be32(cdb, 2)), be32(cdb, 6)),
+        _ => (be64(cdb, 2), be32(cdb, 10)),
+    };
+    Ok(Rw { lba, blocks, fua })
+}
+
+/// [`Lun::data_dir`] for logical blocks of `bs` bytes.
+fn data_dir_bs(cdb: &[u8], bs: u32) -> Result<DataDir, ScsiResponse> {
+    let Some(&opcode) = cdb.first() else {
+        return Err(invalid_opcode());
+    };
+    let Some(len) = cdb_len(opcode) else {
+        return Err(invalid_opcode());
+    };
+    if cdb.len() < len {
+        return Err(invalid_cdb(0));
+    }
+    let out = |bytes: u64| -> Result<DataDir, ScsiResponse> {
+        u32::try_from(bytes)
+            .map(DataDir::Out)
+            .map_err(|_| invalid_cdb(0))
+    };
+    let bs = u64::from(bs);
+    Ok(match opcode {
+        op::TEST_UNIT_READY | op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => DataDir::None,
+        op::REQUEST_SENSE
+        | op::INQUIRY
+        | op::MODE_SENSE_6
+        | op::MODE_SENSE_10
+        | op::READ_CAPACITY_10
+        | op::READ_6
+        | op::READ_10
+        | op::READ_12
+        | op::READ_16
+        | op::SERVICE_ACTION_IN_16
+        | op::REPORT_LUNS
+        | op::PERSISTENT_RESERVE_IN => DataDir::In,
+        op::WRITE_6 => out(if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) } * bs)?,
+        op::WRITE_10 => out(u64::from(be16(cdb, 7)) * bs)?,
+        op::WRITE_12 => out(u64::from(be32(cdb, 6)) * bs)?,
+        op::WRITE_16 => out(u64::from(be32(cdb, 10)) * bs)?,
+        op::WRITE_SAME_10 => out(bs)?,
+        op::WRITE_SAME_16 => {
+            if cdb[1] & 0x01 != 0 {
+                DataDir::None
+            } else {
+                out(bs)?
+            }
+        }
+        op::COMPARE_AND_WRITE => out(2 * u64::from(cdb[13]) * bs)?,
+        op::UNMAP => out(u64::from(be16(cdb, 7)))?,
+        op::PERSISTENT_RESERVE_OUT => out(u64::from(be32(cdb, 5)))?,
+        _ => return Err(invalid_opcode()),
+    })
+}
+
+#[cfg(test)]
+mod tests;
