@@ -19,14 +19,19 @@
 //! theirs. INQUIRY, REPORT LUNS and REQUEST SENSE never report one (REQUEST SENSE returns and
 //! clears it as its sense data); any other command reports and clears the oldest one.
 
+mod pr;
 pub mod sense;
+mod store;
 
 use crate::export::{Export, ServeError};
 use sense::{asc, key, CHECK_CONDITION, GOOD};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use vstor_core::{BlockDevice, ErrorKind, ListenerId, OpKind};
+use vstor_core::{BlockDevice, ErrorKind, FileDevice, FileOptions, ListenerId, OpKind};
+
+/// Bytes a device given to [`Lun::with_pr_device`] needs.
+pub const PR_STORE_BYTES: u64 = store::STORE_BYTES;
 
 /// An I_T nexus. `initiator` is the initiator port's TransportID name
 /// (iSCSI: "<initiator iqn>,i,0x<ISID as 12 hex digits>"), `target` the target port's name
@@ -259,9 +264,12 @@ fn cdb_len(opcode: u8) -> Option<usize> {
 
 /// A unit attention condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ua {
+pub(crate) enum Ua {
     PowerOnReset,
     CapacityChanged,
+    ReservationsPreempted,
+    ReservationsReleased,
+    RegistrationsPreempted,
 }
 
 impl Ua {
@@ -269,6 +277,9 @@ impl Ua {
         match self {
             Ua::PowerOnReset => asc::POWER_ON_RESET,
             Ua::CapacityChanged => asc::CAPACITY_CHANGED,
+            Ua::ReservationsPreempted => asc::RESERVATIONS_PREEMPTED,
+            Ua::ReservationsReleased => asc::RESERVATIONS_RELEASED,
+            Ua::RegistrationsPreempted => asc::REGISTRATIONS_PREEMPTED,
         }
     }
 }
@@ -302,7 +313,26 @@ pub struct Lun {
     /// The capacity listener on the stack's capacity signal, if it has one.
     listener: Mutex<Option<ListenerId>>,
     last_capacity: AtomicU64,
+    /// The reservation state. Every command that reads or writes the medium holds it shared
+    /// from its access check through its I/O; PERSISTENT RESERVE OUT holds it exclusively, so
+    /// when a PREEMPT (AND ABORT) completes no command of the preempted nexus that passed its
+    /// check before is still running.
+    pr: RwLock<pr::PrState>,
+    /// Where the reservation state is written (None: memory only). Used under `pr`'s write lock.
+    store: Mutex<Option<store::Store>>,
+    /// Counts PREEMPT AND ABORTs; a command that sees it change while it waits for `pr` looks
+    /// in `aborted` for its nexus.
+    abort_epoch: AtomicU64,
+    aborted: Mutex<VecDeque<(u64, Nexus)>>,
+    abort_hook: Mutex<Option<AbortHook>>,
 }
+
+/// What [`Lun::set_abort_hook`] takes: aborts the queued tasks of the nexuses given.
+pub type AbortFn = dyn Fn(&[Nexus]) + Send + Sync;
+type AbortHook = Arc<AbortFn>;
+
+/// How many aborted nexuses the LUN remembers for commands that were waiting.
+const ABORTED_KEPT: usize = 256;
 
 impl std::fmt::Debug for Lun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -342,8 +372,59 @@ fn is_medium_write(opcode: u8) -> bool {
 }
 
 impl Lun {
-    /// A logical unit serving `export`.
+    /// A logical unit serving `export`. With `config.pr_state`, the reservation state lives
+    /// in that file (created when missing, locked while the LUN lives) and is read back.
     pub fn new(export: Arc<Export>, config: LunConfig) -> Result<Arc<Lun>, ServeError> {
+        let dev: Option<Arc<dyn BlockDevice>> = match &config.pr_state {
+            None => None,
+            Some(path) => {
+                let opts = FileOptions {
+                    lock: true,
+                    ..Default::default()
+                };
+                let f = if path.exists() {
+                    FileDevice::open(path, &opts)?
+                } else {
+                    FileDevice::create(path, store::STORE_BYTES, &opts)?
+                };
+                Some(Arc::new(f))
+            }
+        };
+        Self::build(export, config, dev)
+    }
+
+    /// A logical unit whose reservation state lives on `pr_device` (at least
+    /// [`PR_STORE_BYTES`]), whatever `config.pr_state` says: a device of the stack's own, or a
+    /// fault device in tests.
+    pub fn with_pr_device(
+        export: Arc<Export>,
+        config: LunConfig,
+        pr_device: Arc<dyn BlockDevice>,
+    ) -> Result<Arc<Lun>, ServeError> {
+        Self::build(export, config, Some(pr_device))
+    }
+
+    fn build(
+        export: Arc<Export>,
+        config: LunConfig,
+        dev: Option<Arc<dyn BlockDevice>>,
+    ) -> Result<Arc<Lun>, ServeError> {
+        let (store, state) = match dev {
+            None => (None, pr::PrState::default()),
+            Some(dev) => {
+                let (store, payload) = store::Store::open(dev)?;
+                let state = match payload {
+                    None => pr::PrState::default(),
+                    Some(p) => pr::PrState::decode(&p).ok_or_else(|| {
+                        ServeError::new(
+                            ErrorKind::Corrupt,
+                            "the persistent reservation state is malformed",
+                        )
+                    })?,
+                };
+                (Some(store), state)
+            }
+        };
         let capacity = export.device().capacity();
         let lun = Arc::new(Lun {
             export,
@@ -352,6 +433,11 @@ impl Lun {
             write_order: RwLock::new(()),
             listener: Mutex::new(None),
             last_capacity: AtomicU64::new(capacity),
+            pr: RwLock::new(state),
+            store: Mutex::new(store),
+            abort_epoch: AtomicU64::new(0),
+            aborted: Mutex::new(VecDeque::new()),
+            abort_hook: Mutex::new(None),
         });
         if let Some(sig) = lun.export.device().capacity_signal() {
             let weak: Weak<Lun> = Arc::downgrade(&lun);
@@ -401,6 +487,16 @@ impl Lun {
         }
     }
 
+    /// The transport registers how to abort every queued task of the given nexuses (PREEMPT
+    /// AND ABORT): called before the PREEMPT AND ABORT completes, with the reservation state
+    /// locked (the hook must not call back into this LUN, nor wait for commands inside
+    /// [`Lun::execute`]); aborted tasks get no response (TAS=0). Commands of the victims
+    /// already inside `execute` are finished before the PREEMPT AND ABORT completes (those
+    /// that passed their checks) or return [`sense::TASK_ABORTED`] (those still waiting).
+    pub fn set_abort_hook(&self, hook: Box<AbortFn>) {
+        *self.abort_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(hook));
+    }
+
     /// A session/connection ended (registrations stay, as SPC-4 says). The nexus's pending
     /// unit attentions go; its next command, on a new login, finds a reset.
     pub fn nexus_lost(&self, nexus: &Nexus) {
@@ -430,6 +526,7 @@ impl Lun {
 
     /// Runs one command to completion (blocking; call it from a worker thread).
     pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        let epoch = self.abort_epoch.load(Ordering::Acquire);
         let Some(&opcode) = cdb.first() else {
             return invalid_opcode();
         };
@@ -454,7 +551,122 @@ impl Lun {
             }
             return ScsiResponse::check(s);
         }
-        self.dispatch(nexus, opcode, cdb, data_out)
+        let access = access_of(opcode, cdb);
+        if access == pr::Access::Always {
+            return self.dispatch(nexus, opcode, cdb, data_out);
+        }
+        let state = self.pr.read().unwrap_or_else(|p| p.into_inner());
+        if self.abort_epoch.load(Ordering::Acquire) != epoch && self.was_aborted(nexus, epoch) {
+            return ScsiResponse {
+                status: sense::TASK_ABORTED,
+                sense: Vec::new(),
+                data: Vec::new(),
+            };
+        }
+        if !state.allows(nexus, access) {
+            return ScsiResponse::conflict();
+        }
+        let r = self.dispatch(nexus, opcode, cdb, data_out);
+        drop(state);
+        r
+    }
+
+    /// Whether a PREEMPT AND ABORT after `epoch` aborted `nexus`'s tasks.
+    fn was_aborted(&self, nexus: &Nexus, epoch: u64) -> bool {
+        self.aborted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(e, n)| *e > epoch && n == nexus)
+    }
+
+    /// The I_T nexuses the LUN knows (those that sent a command and are not lost).
+    fn known_nexuses(&self) -> Vec<Nexus> {
+        self.nexuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn persistent_reserve_in(&self, cdb: &[u8]) -> ScsiResponse {
+        let alloc = usize::from(be16(cdb, 7));
+        let state = self.pr.read().unwrap_or_else(|p| p.into_inner());
+        match state.pr_in(cdb) {
+            Ok(mut d) => {
+                d.truncate(alloc);
+                ScsiResponse::good(d)
+            }
+            Err(r) => r,
+        }
+    }
+
+    fn persistent_reserve_out(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        let mut state = self.pr.write().unwrap_or_else(|p| p.into_inner());
+        let ports = self.known_nexuses();
+        let mut next = state.clone();
+        let fx = match next.pr_out(nexus, cdb, data_out, &ports) {
+            Ok(fx) => fx,
+            Err(r) => return r,
+        };
+        if fx.changed {
+            let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(store) = store.as_mut() {
+                if let Err(e) = store.save(&next.encode()) {
+                    return stack_error(&e, true);
+                }
+            }
+        }
+        *state = next;
+        if !fx.ua.is_empty() {
+            let mut n = self.nexuses.lock().unwrap_or_else(|p| p.into_inner());
+            for (port, ua) in &fx.ua {
+                for (k, s) in n.iter_mut() {
+                    if k != nexus && port.matches(k) {
+                        s.push(*ua);
+                    }
+                }
+            }
+        }
+        if !fx.aborted.is_empty() {
+            let mut victims: Vec<Nexus> = ports
+                .into_iter()
+                .filter(|k| k != nexus && fx.aborted.iter().any(|p| p.matches(k)))
+                .collect();
+            for p in &fx.aborted {
+                if let Some(t) = &p.target {
+                    let n = Nexus {
+                        initiator: p.initiator.clone(),
+                        target: t.clone(),
+                    };
+                    if !victims.contains(&n) && &n != nexus {
+                        victims.push(n);
+                    }
+                }
+            }
+            let epoch = self.abort_epoch.load(Ordering::Acquire) + 1;
+            {
+                let mut a = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
+                for v in &victims {
+                    a.push_back((epoch, v.clone()));
+                }
+                while a.len() > ABORTED_KEPT {
+                    a.pop_front();
+                }
+            }
+            self.abort_epoch.store(epoch, Ordering::Release);
+            let hook = self
+                .abort_hook
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(hook) = hook {
+                hook(&victims);
+            }
+        }
+        drop(state);
+        ScsiResponse::good(Vec::new())
     }
 
     fn dispatch(&self, nexus: &Nexus, opcode: u8, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
@@ -480,6 +692,8 @@ impl Lun {
             op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(cdb, data_out),
             op::UNMAP => self.unmap(cdb, data_out),
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out),
+            op::PERSISTENT_RESERVE_IN => self.persistent_reserve_in(cdb),
+            op::PERSISTENT_RESERVE_OUT => self.persistent_reserve_out(nexus, cdb, data_out),
             _ => invalid_opcode(),
         }
     }
@@ -1159,6 +1373,31 @@ fn report_luns(cdb: &[u8]) -> ScsiResponse {
     }
     d.truncate(alloc);
     ScsiResponse::good(d)
+}
+
+/// How the reservation treats a command (see [`pr::Access`]).
+fn access_of(opcode: u8, cdb: &[u8]) -> pr::Access {
+    match opcode {
+        op::SERVICE_ACTION_IN_16 if cdb[1] & 0x1f == SA_READ_CAPACITY_16 => pr::Access::Always,
+        op::SERVICE_ACTION_IN_16
+        | op::READ_6
+        | op::READ_10
+        | op::READ_12
+        | op::READ_16
+        | op::MODE_SENSE_6
+        | op::MODE_SENSE_10 => pr::Access::Read,
+        op::WRITE_6
+        | op::WRITE_10
+        | op::WRITE_12
+        | op::WRITE_16
+        | op::WRITE_SAME_10
+        | op::WRITE_SAME_16
+        | op::UNMAP
+        | op::COMPARE_AND_WRITE
+        | op::SYNCHRONIZE_CACHE_10
+        | op::SYNCHRONIZE_CACHE_16 => pr::Access::Write,
+        _ => pr::Access::Always,
+    }
 }
 
 /// A READ or WRITE CDB.
