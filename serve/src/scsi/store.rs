@@ -142,7 +142,10 @@ mod tests {
         assert_eq!(p.as_deref(), Some(&b"two"[..]));
         s.save(b"three").unwrap();
         // A torn newest record: the one before it is read.
-        dev.write_at(SLOT_BYTES + 8, &[0xff; 1]).unwrap();
+        let mut sector = vec![0u8; 512];
+        dev.read_at(SLOT_BYTES, &mut sector).unwrap();
+        sector[30] ^= 0xff;
+        dev.write_at(SLOT_BYTES, &sector).unwrap();
         let (_, p) = Store::open(dev).unwrap();
         assert_eq!(p.as_deref(), Some(&b"two"[..]));
     }
