@@ -144,7 +144,7 @@ mod tests {
         // A torn newest record: the one before it is read.
         let mut sector = vec![0u8; 512];
         dev.read_at(SLOT_BYTES, &mut sector).unwrap();
-        sector[30] ^= 0xff;
+        sector[25] ^= 0xff;
         dev.write_at(SLOT_BYTES, &sector).unwrap();
         let (_, p) = Store::open(dev).unwrap();
         assert_eq!(p.as_deref(), Some(&b"two"[..]));
