@@ -375,6 +375,10 @@ impl TargetSpec {
             return Ok(out);
         }
         let path = self.path();
+        if vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, path) {
+            // An optimized (dedup) file: open_base tells the format of the bytes it stands for.
+            return Ok(out);
+        }
         if !path.exists() {
             if let TargetKind::Probe(p) = &self.kind {
                 out.kind = TargetKind::Raw(p.clone());
@@ -444,6 +448,7 @@ impl TargetSpec {
         let mut opened = match &spec.kind {
             TargetKind::Vhdx(path)
                 if ctx.live_vhdx
+                    && !vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, path)
                     && !spec
                         .options
                         .read_only
@@ -520,6 +525,9 @@ impl TargetSpec {
                 live: None,
             })
         };
+        if let Some(opened) = self.open_stub(read_only, &file)? {
+            return Ok(opened);
+        }
         match &self.kind {
             TargetKind::Raw(path) => {
                 let dev = FileDevice::open(path, &file)?;
@@ -578,6 +586,75 @@ impl TargetSpec {
                 let space = pool.open_space(name)?;
                 done(Arc::new(space), pool.info().notes, Detected::Raw)
             }
+        }
+    }
+}
+
+impl TargetSpec {
+    /// An optimized (dedup) file: the stub's byte device (chunks from the library's store and
+    /// the writes made since), with the VHDX layer on it when its content is a VHDX. `None`
+    /// when the target is not a stub.
+    fn open_stub(
+        &self,
+        read_only: bool,
+        file: &FileOptions,
+    ) -> Result<Option<OpenedTarget>, Error> {
+        let path = match &self.kind {
+            TargetKind::Raw(p) | TargetKind::Vhdx(p) | TargetKind::Probe(p) => p,
+            _ => return Ok(None),
+        };
+        if !vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, path) {
+            return Ok(None);
+        }
+        let dev = vstor_dedup::StubDevice::open(path, read_only, file.lock)
+            .map_err(vstor_core::Error::from)?;
+        let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+        let cap = dev.capacity();
+        let mut head = vec![0u8; (probe::HEAD as u64).min(cap) as usize];
+        let mut tail = vec![0u8; (probe::TAIL as u64).min(cap) as usize];
+        dev.read_at(0, &mut head)?;
+        dev.read_at(cap - tail.len() as u64, &mut tail)?;
+        let found = probe::detect(&head, &tail);
+        let named = match (&self.kind, self.source) {
+            (TargetKind::Vhdx(_), _) => Some(Detected::Vhdx),
+            (TargetKind::Raw(_), FormatSource::Prefix) => None,
+            (TargetKind::Raw(_), _) => Some(Detected::Raw),
+            _ => None,
+        };
+        if let Some(n) = named.filter(|n| *n != found) {
+            return Err(Error::Unsupported(format!(
+                "{} (an optimized dedup file) is named as {} but its content is {}",
+                path.display(),
+                n.name(),
+                found.name()
+            )));
+        }
+        let decided = format!("{}; an optimized (dedup) file", self.format_decided());
+        let opened = |device: Arc<dyn BlockDevice>, format| OpenedTarget {
+            device,
+            notes: vec![],
+            format,
+            format_decided: decided.clone(),
+            qos: None,
+            live: None,
+        };
+        match found {
+            Detected::Vhdx if !matches!(self.kind, TargetKind::Raw(_)) => {
+                let opts = vstor_vhdx::OpenOptions {
+                    read_only,
+                    file: file.clone(),
+                    ..Default::default()
+                };
+                let disk =
+                    vstor_vhdx::Vhdx::open_on(dev, &path.display().to_string(), &opts, None)?;
+                Ok(Some(opened(Arc::new(disk), Detected::Vhdx)))
+            }
+            Detected::Vhd | Detected::Foreign(_) => Err(Error::Unsupported(format!(
+                "{} is an optimized (dedup) {} image, which vstor opens only as VHDX or raw",
+                path.display(),
+                found.name()
+            ))),
+            _ => Ok(Some(opened(dev, Detected::Raw))),
         }
     }
 }

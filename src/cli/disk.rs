@@ -419,9 +419,13 @@ fn check(a: CheckArgs) -> Result<(), Error> {
 fn info(a: InfoArgs) -> Result<(), Error> {
     let parsed: TargetSpec = a.target.parse()?;
     let spec = parsed.resolve()?;
+    // An optimized (dedup) file shows its stack (the VHDX layer on the stub's bytes) below.
+    let stub = vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, spec.path());
     if let TargetKind::Vhdx(p) = &spec.kind {
-        let locking = spec.options.locking.unwrap_or(true);
-        return super::vhdx::info(p, &a.target, spec.format_decided(), locking, a.json);
+        if !stub {
+            let locking = spec.options.locking.unwrap_or(true);
+            return super::vhdx::info(p, &a.target, spec.format_decided(), locking, a.json);
+        }
     }
     let opened = spec.open(&TargetOptions {
         read_only: Some(true),
@@ -435,6 +439,7 @@ fn info(a: InfoArgs) -> Result<(), Error> {
         target: a.target.clone(),
         format: match opened.format {
             vstor::probe::Detected::Vhd => "vhd",
+            vstor::probe::Detected::Vhdx => "vhdx",
             _ if matches!(spec.kind, TargetKind::Pool { .. }) => "pool space",
             _ => "raw",
         },

@@ -1,5 +1,6 @@
 //! Argument definitions and dispatch.
 
+mod dedup;
 mod demo;
 mod disk;
 mod hexdump;
@@ -58,6 +59,9 @@ enum Command {
     /// Storage QoS: IOPS limits and reservations per virtual disk, flow statistics.
     #[command(subcommand)]
     Qos(qos::QosCommand),
+    /// Data deduplication of image libraries: enable, optimize, status, gc, scrub, unoptimize.
+    #[command(subcommand)]
+    Dedup(dedup::DedupCommand),
     /// Storage pools: create a pool of disks, show it, add, retire, reset and remove disks.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
@@ -80,6 +84,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Demo(a) => demo::run(a),
         Command::Disk(c) => disk::run(c),
         Command::Qos(c) => qos::run(c),
+        Command::Dedup(c) => dedup::run(c),
         Command::Pool(c) => pool::run_pool(c),
         Command::Space(c) => pool::run_space(c),
         Command::Serve(a) => serve::run_serve(a),
