@@ -521,6 +521,20 @@ fn a_disk_that_came_back_is_reset_and_rebuilt() {
         "--pattern",
         "0x44",
     ]);
+    // An old copy of disk2 is kept; the pool is written while disk2 is away; the old copy
+    // comes back (older than the metadata disk2 was failed at: it cannot be caught up).
+    std::fs::copy(dir.join("disk2.raw"), t.path().join("old.raw")).unwrap();
+    ok(&[
+        "disk",
+        "write",
+        &target,
+        "--offset",
+        "1M",
+        "--length",
+        "4k",
+        "--pattern",
+        "0x44",
+    ]);
     std::fs::rename(dir.join("disk2.raw"), t.path().join("away.raw")).unwrap();
     ok(&[
         "disk",
@@ -533,9 +547,11 @@ fn a_disk_that_came_back_is_reset_and_rebuilt() {
         "--pattern",
         "0x55",
     ]);
-    std::fs::rename(t.path().join("away.raw"), dir.join("disk2.raw")).unwrap();
-    let e = fails(&["space", "repair", d]);
+    std::fs::rename(t.path().join("old.raw"), dir.join("disk2.raw")).unwrap();
+    // Without taking the disk back, there is nowhere to rebuild to.
+    let e = fails(&["space", "repair", d, "--keep-failed"]);
     assert!(e.contains("does not use yet"), "{e}");
+    // By hand, as before `space repair` took disks back by itself.
     let out = ok(&["pool", "reset-disk", d, "disk2.raw"]);
     assert!(out.contains("member 2 is back as member 3"), "{out}");
     ok(&["space", "repair", d]);
@@ -850,18 +866,41 @@ fn a_split_brain_is_refused_until_a_side_is_chosen() {
         e.contains("split brain") && e.contains("disk0.raw") && e.contains("disk1.raw"),
         "{e}"
     );
-    // The choice is recorded even though the repair has no other disk to rebuild onto.
-    let e = fails(&["space", "repair", d, "--force-member", "disk0.raw"]);
+    // With --keep-failed the choice is recorded even though the repair has no other disk
+    // to rebuild onto.
+    let e = fails(&[
+        "space",
+        "repair",
+        d,
+        "--force-member",
+        "disk0.raw",
+        "--keep-failed",
+    ]);
     assert!(e.contains("needs 3 disks"), "{e}");
     let info = json(&ok(&["pool", "info", d, "--json"]));
     assert_eq!(info["members"][1]["state"], "failed", "{info}");
     assert_eq!(info["members"][0]["state"], "healthy", "{info}");
-    // The other side comes back as a fresh member.
-    ok(&["pool", "reset-disk", d, "disk1.raw"]);
-    ok(&["space", "repair", d]);
-    ok(&["pool", "remove-disk", d, "1"]);
+    // A plain repair takes the other side's disk back as a fresh member and rebuilds it
+    // from the kept side.
+    let o = common::vstor(&["space", "repair", d]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("taken back as member 2"),
+        "{err}"
+    );
     let info = json(&ok(&["pool", "info", d, "--json"]));
     assert_eq!(info["spaces"][0]["health"], "healthy", "{info}");
+    assert_eq!(info["members"][1]["state"], "removed", "{info}");
+    // The kept side's data (0x12, written while disk1 was away), on both disks.
+    for away in ["disk0.raw", "disk1.raw"] {
+        std::fs::rename(dir.join(away), t.path().join("x.raw")).unwrap();
+        let dump = ok(&["disk", "read", &target, "--offset", "0", "--length", "16"]);
+        std::fs::rename(t.path().join("x.raw"), dir.join(away)).unwrap();
+        assert!(
+            dump.contains("1212") || dump.contains("12 12"),
+            "{away}: {dump}"
+        );
+    }
 }
 
 /// The member files of `dir`, disk0.raw to disk{n-1}.raw.
@@ -1489,4 +1528,141 @@ fn a_removed_listed_device_is_taken_off_the_list_and_left_as_it_is() {
     assert_eq!(info["members"][1]["state"], "removed", "{info}");
     let dump = ok(&["disk", "read", &target, "--offset", "1M", "--length", "16"]);
     assert!(dump.contains("4444") || dump.contains("44 44"), "{dump}");
+}
+
+/// Reads `len` bytes of `target` at `offset` into memory (through a file).
+fn read_bytes(target: &str, offset: &str, len: &str, tmp: &std::path::Path) -> Vec<u8> {
+    let out = tmp.join("read.bin");
+    ok(&[
+        "disk",
+        "read",
+        target,
+        "--offset",
+        offset,
+        "--length",
+        len,
+        "--output",
+        s(&out),
+    ]);
+    std::fs::read(&out).unwrap()
+}
+
+/// With each member file taken away in turn, the space reads `want` (so every member holds
+/// its copies of it).
+fn every_member_holds(dir: &std::path::Path, n: usize, target: &str, want: &[u8]) {
+    let tmp = dir.parent().unwrap();
+    for i in 0..n {
+        let f = dir.join(format!("disk{i}.raw"));
+        let away = tmp.join("away.raw");
+        std::fs::rename(&f, &away).unwrap();
+        let got = read_bytes(target, "0", &want.len().to_string(), tmp);
+        std::fs::rename(&away, &f).unwrap();
+        assert!(got == want, "wrong data without disk{i}.raw");
+    }
+}
+
+/// Issue 20 §1, what to build: a disk that was missing while the pool was written and comes
+/// back is caught up by the next writable open, from the write-intent bitmaps (only what was
+/// written since), with no command; an old copy of a disk put back is taken back and rebuilt
+/// whole by `space repair` alone (no `pool reset-disk`), its stale contents never read.
+#[test]
+fn a_disk_back_from_missing_writes_is_caught_up_and_an_old_copy_is_rebuilt_by_repair() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("pool");
+    let d = s(&dir);
+    ok(&[
+        "pool",
+        "create",
+        d,
+        "--disks",
+        "4",
+        "--disk-size",
+        "40M",
+        "--slab-size",
+        "4M",
+    ]);
+    ok(&[
+        "space",
+        "create",
+        d,
+        "m",
+        "--size",
+        "16M",
+        "--resiliency",
+        "mirror",
+    ]);
+    let target = format!("pool:{d}/m");
+    let write = |off: &str, len: &str, pattern: &str| {
+        ok(&[
+            "disk",
+            "write",
+            &target,
+            "--offset",
+            off,
+            "--length",
+            len,
+            "--pattern",
+            pattern,
+        ])
+    };
+    write("0", "16M", "0xaa");
+    let mut want = vec![0xaau8; 16 << 20];
+
+    // Missing while written, then back: caught up by the next writable open.
+    let disk0 = dir.join("disk0.raw");
+    std::fs::rename(&disk0, t.path().join("gone.raw")).unwrap();
+    write("0", "1M", "0xbb");
+    want[..1 << 20].fill(0xbb);
+    std::fs::rename(t.path().join("gone.raw"), &disk0).unwrap();
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(
+        info["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("catches it up")),
+        "{info}"
+    );
+    let o = common::vstor(&["space", "repair", d, "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let r = json(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(r["slabs"], 0, "caught up, nothing to rebuild: {r} {err}");
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(
+        info["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["state"] == "healthy"),
+        "{info}"
+    );
+    every_member_holds(&dir, 4, &target, &want);
+
+    // An old copy put back: `space repair` takes it back and rebuilds it.
+    let old = t.path().join("d0.old");
+    std::fs::copy(&disk0, &old).unwrap();
+    write("4M", "2M", "0xcc");
+    want[4 << 20..6 << 20].fill(0xcc);
+    std::fs::copy(&old, &disk0).unwrap();
+    let o = common::vstor(&["space", "repair", d, "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let r = json(&String::from_utf8_lossy(&o.stdout));
+    assert!(err.contains("taken back as member"), "{err}");
+    assert!(r["slabs"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["taken_back"][0]["member"], 0, "{r}");
+    assert_eq!(r["taken_back"][0]["record_removed"], true, "{r}");
+    let info = json(&ok(&["pool", "info", d, "--json"]));
+    assert!(
+        info["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["state"] == "healthy" || m["state"] == "removed"),
+        "{info}"
+    );
+    every_member_holds(&dir, 4, &target, &want);
+    let scrub = ok(&["space", "scrub", d]);
+    assert!(scrub.contains(" 0 lost"), "{scrub}");
 }

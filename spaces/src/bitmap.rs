@@ -21,7 +21,7 @@
 
 use crate::code;
 use crate::csum::{self, Csums, BLOCK};
-use crate::format::{Slot, BITMAP_SIZE, CHUNKS_PER_SLAB};
+use crate::format::{MemberState, Slot, BITMAP_SIZE, CHUNKS_PER_SLAB};
 use crate::layout::{Layout, Resiliency};
 use crate::pool::{lock, Inner};
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,6 +60,32 @@ pub(crate) struct SyncOutcome {
     /// Blocks whose copies (or parity row) pass their checksums but disagree, where nothing
     /// told which is right (not in a resync): left as they are.
     pub undecided: u64,
+}
+
+/// What [`sync_chunk`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncMode {
+    /// A scrub or a rebuild: a block that fails its checksum is damage.
+    Check,
+    /// After an unclean shutdown, over chunks the write-intent bitmap names: a block may fail
+    /// its checksum because its write and its checksum's did not both land.
+    Resync,
+    /// Catching up the member (by index) that missed the writes to the chunk: its contents
+    /// are never a source; everything else is as in a resync.
+    CatchUp(usize),
+}
+
+impl SyncMode {
+    fn resync(self) -> bool {
+        self != SyncMode::Check
+    }
+
+    fn behind(self) -> Option<usize> {
+        match self {
+            SyncMode::CatchUp(m) => Some(m),
+            _ => None,
+        }
+    }
 }
 
 /// Of a parity row whose shards all pass their checksums but do not agree, the one shard
@@ -168,6 +194,9 @@ impl Inner {
     /// and has flushed the members). With `force` false, only if the last bit was set at least
     /// [`CLEAR_DELAY`] ago.
     pub fn clear_bitmaps(&self, force: bool) {
+        if self.keeps_bits() {
+            return;
+        }
         let base = self.bitmap_offset();
         let mut bm = lock(&self.bitmap);
         if !bm.any || (!force && bm.last_mark.is_some_and(|t| t.elapsed() < CLEAR_DELAY)) {
@@ -199,9 +228,28 @@ impl Inner {
         bm.any = !all;
     }
 
+    /// Whether the bits must stay (format version 4): a member is behind (missing, or failed
+    /// while it was getting every write) and may come back to be caught up, so the bitmaps
+    /// must go on naming every chunk written since. A member failed with nothing known of
+    /// what it holds (`current_through` 0) is rebuilt whole and keeps nothing.
+    pub(crate) fn keeps_bits(&self) -> bool {
+        let meta = lock(&self.meta);
+        if meta.version < crate::format::KEYED_VERSION {
+            return false;
+        }
+        let rt = self.members_read();
+        meta.members.iter().zip(rt.iter()).any(|(m, r)| {
+            !r.usable
+                && m.state != MemberState::Removed
+                && (m.state != MemberState::Failed || m.current_through != 0)
+        })
+    }
+
     /// At open: reads every present member's bitmap and (unless read-only) resyncs the chunks
-    /// it names, then clears the bitmaps. Returns the number of chunks resynced and notes.
-    pub fn resync_at_open(&self) -> Result<(u64, Vec<String>)> {
+    /// it names, then clears the bitmaps (unless they are kept: [`Inner::keeps_bits`]). After
+    /// a clean close (`clean`) the bits left are kept ones and nothing is resynced. Returns
+    /// the number of chunks resynced and notes.
+    pub fn resync_at_open(&self, clean: bool) -> Result<(u64, Vec<String>)> {
         let meta = lock(&self.meta).clone();
         let base = meta.data_start - BITMAP_SIZE;
         let devs = self.snapshot();
@@ -229,7 +277,7 @@ impl Inner {
             bm.bits[m] = v;
         }
         drop(bm);
-        if dirty.is_empty() {
+        if dirty.is_empty() || clean {
             return Ok((0, Vec::new()));
         }
         if self.read_only {
@@ -267,7 +315,7 @@ impl Inner {
                 &devs,
                 (meta.data_start, meta.slab_size),
                 (c * chunk, (c + 1) * chunk),
-                true,
+                SyncMode::Resync,
             )?;
             if out.unverifiable {
                 notes.push(format!(
@@ -292,6 +340,141 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// At a writable open, after the resync: brings back member `x`, present again, that
+    /// missed the writes after the sequence it holds (`current_through`), with the bits kept
+    /// since ([`Inner::keeps_bits`]). Every chunk of an extent with a slot on `x` that a bit
+    /// names (on any member, `x`'s own included) is copied or rebuilt onto `x` from the other
+    /// slots, `x`'s own contents never a source ([`SyncMode::CatchUp`]); then its bitmap and
+    /// journal start afresh and the metadata records it healthy (and it gets that metadata).
+    /// A crash on the way leaves it failed with the same sequence: the next open starts over.
+    /// Returns the note for the open: what was done, or why the member stays failed (a
+    /// `vstor space repair` then rebuilds it whole).
+    pub(crate) fn catch_up(&self, x: usize) -> String {
+        let name = self.members_read()[x].name.clone().unwrap_or_default();
+        match self.try_catch_up(x) {
+            Ok(Ok((chunks, bytes))) => format!(
+                "member {x} ({name}) was behind: caught up from the write-intent bitmaps ({chunks} chunks, {} MiB), and is healthy again",
+                bytes >> 20
+            ),
+            Ok(Err(why)) => format!(
+                "member {x} ({name}) was behind and cannot be caught up ({why}); it is not read (vstor space repair takes the disk back and rebuilds it)"
+            ),
+            Err(e) => format!(
+                "member {x} ({name}) was behind; catching it up failed ({e}); it is not read (vstor space repair takes the disk back and rebuilds it)"
+            ),
+        }
+    }
+
+    fn try_catch_up(&self, x: usize) -> Result<std::result::Result<(u64, u64), String>> {
+        let meta = lock(&self.meta).clone();
+        let dev = self.members_read()[x]
+            .device
+            .clone()
+            .ok_or_else(|| crate::error::invalid("the member's disk is not present"))?;
+        let base = meta.data_start - BITMAP_SIZE;
+        // The kept bits of the usable members (read at open), and the member's own.
+        let mut dirty: BTreeSet<(usize, u32, u64)> = BTreeSet::new();
+        let mut own = vec![0u8; bitmap_bytes(meta.members[x].slab_count)];
+        dev.read_at(base, &mut own)?;
+        {
+            let bm = lock(&self.bitmap);
+            let mut add = |m: usize, v: &[u8]| {
+                for (i, &b) in v.iter().enumerate() {
+                    for k in 0..8 {
+                        if b & (1 << k) != 0 {
+                            let bit = i as u64 * 8 + k;
+                            dirty.insert((
+                                m,
+                                (bit / CHUNKS_PER_SLAB) as u32,
+                                bit % CHUNKS_PER_SLAB,
+                            ));
+                        }
+                    }
+                }
+            };
+            for (m, v) in bm.bits.iter().enumerate() {
+                if m != x {
+                    add(m, v);
+                }
+            }
+            add(x, &own);
+        }
+        let mut owner: BTreeMap<(usize, u32), (usize, usize)> = BTreeMap::new();
+        for (si, sp) in meta.spaces.iter().enumerate() {
+            for (e, slots) in sp.extents.iter().enumerate() {
+                let Some(slots) = slots else { continue };
+                if slots.iter().any(|s| s.member == x) {
+                    for s in slots {
+                        owner.insert((s.member, s.slab), (si, e));
+                    }
+                }
+            }
+        }
+        let work: BTreeSet<(usize, usize, u64)> = dirty
+            .iter()
+            .filter_map(|&(m, slab, c)| owner.get(&(m, slab)).map(|&(s, e)| (s, e, c)))
+            .collect();
+        let mut devs = self.snapshot();
+        devs[x] = Some(dev.clone());
+        let chunk = meta.slab_size / CHUNKS_PER_SLAB;
+        for &(s, e, c) in &work {
+            let space = &meta.spaces[s];
+            let slots = space.extents[e].as_ref().expect("allocated");
+            let out = sync_chunk(
+                &self.csums,
+                &space.layout,
+                slots,
+                &devs,
+                (meta.data_start, meta.slab_size),
+                (c * chunk, (c + 1) * chunk),
+                SyncMode::CatchUp(x),
+            )?;
+            if out.unverifiable {
+                return Ok(Err(format!(
+                    "space '{}' extent {e} chunk {c} has no good source besides it",
+                    space.name
+                )));
+            }
+        }
+        for d in devs.iter().flatten() {
+            d.flush()?;
+        }
+        // Its bitmap and journal start afresh: what they named is settled.
+        crate::pool::zero_range(&*dev, base, BITMAP_SIZE)?;
+        self.journal.init_member(&*dev, x, meta.members[x].id)?;
+        {
+            let mut bm = lock(&self.bitmap);
+            if let Some(v) = bm.bits.get_mut(x) {
+                v.iter_mut().for_each(|b| *b = 0);
+            }
+        }
+        let mut cur = lock(&self.meta);
+        let mut next = cur.clone();
+        let m = &mut next.members[x];
+        m.state = MemberState::Healthy;
+        m.failed_seq = 0;
+        m.current_through = 0;
+        m.returned_seq = cur.sequence;
+        self.members_write()[x].usable = true;
+        if let Err(e) = self.persist(&mut next) {
+            self.members_write()[x].usable = false;
+            return Err(e);
+        }
+        let back = next.members[x].state == MemberState::Healthy;
+        *cur = next;
+        drop(cur);
+        if !back {
+            return Ok(Err("writing the pool metadata to it failed".into()));
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.resynced.fetch_add(work.len() as u64, Ordering::AcqRel);
+        // The bits kept for it can go now (unless another member is still behind).
+        self.clear_bitmaps(true);
+        Ok(Ok((work.len() as u64, work.len() as u64 * chunk)))
+    }
+}
+
 /// Makes the copies (mirror) or the parity (parity) of slab bytes `[a, b)` of an extent agree
 /// with the data, using the block checksums to tell good from bad: every block of every usable
 /// slot is checked; a mirror block is taken from a copy whose checksum matches; a parity
@@ -310,7 +493,7 @@ pub(crate) fn sync_chunk(
     devs: &Devs,
     geo: (u64, u64),
     range: (u64, u64),
-    resync: bool,
+    mode: SyncMode,
 ) -> Result<SyncOutcome> {
     let (mut bufs, got) = read_slots(slots, devs, geo, range, &mut Vec::new())?;
     Ok(sync_bufs(
@@ -320,7 +503,7 @@ pub(crate) fn sync_chunk(
         devs,
         geo,
         range,
-        resync,
+        mode,
         (&mut bufs, &got),
     )?
     .0)
@@ -408,9 +591,11 @@ pub(crate) fn sync_bufs(
     devs: &Devs,
     (data_start, slab_size): (u64, u64),
     (a, b): (u64, u64),
-    resync: bool,
+    mode: SyncMode,
     (bufs, got): (&mut [Option<AlignedBuf>], &[Vec<u32>]),
 ) -> Result<(SyncOutcome, Vec<Vec<u32>>, Vec<Vec<bool>>)> {
+    let resync = mode.resync();
+    let behind = |si: usize| mode.behind() == Some(slots[si].member);
     let at = |s: Slot| data_start + u64::from(s.slab) * slab_size + a;
     let dev = |si: usize| devs[slots[si].member].as_ref();
     let len = (b - a) as usize;
@@ -438,6 +623,10 @@ pub(crate) fn sync_bufs(
             } else {
                 ok[si].extend(csum::crcs(data).iter().zip(blocks).map(|(g, w)| g == w));
             }
+        }
+        if behind(si) {
+            // Whatever it holds may be older than its checksums can tell.
+            ok[si].iter_mut().for_each(|b| *b = false);
         }
     }
     let mut data_dirty = vec![false; w];
@@ -505,7 +694,11 @@ pub(crate) fn sync_bufs(
                             g
                         }
                         None if resync => {
-                            let g = copies[0];
+                            let Some(g) = copies.iter().copied().find(|&si| !behind(si)) else {
+                                // The member being caught up holds the only copy present.
+                                out.unverifiable = true;
+                                continue;
+                            };
                             want[g][i] = csum::block_crc(&blk(&bufs[g], i));
                             crc_dirty[g] = true;
                             g
@@ -574,9 +767,11 @@ pub(crate) fn sync_bufs(
                                 // The data is what the row says: the checksum entry was damaged.
                                 want[si][i] = csum::block_crc(rec);
                                 crc_dirty[si] = true;
-                            } else if resync {
+                            } else if resync && !behind(si) {
                                 // After a crash the rest of the row may mix old and new
-                                // blocks: only what matches a checksum is taken.
+                                // blocks: only what matches a checksum is taken (a member
+                                // being caught up takes what the row gives: the row was
+                                // resynced before, and its own block is not a source).
                                 continue;
                             } else {
                                 // Data and entry both gone (a wiped range): what the rest of
@@ -598,7 +793,11 @@ pub(crate) fn sync_bufs(
                 for sh in 0..d {
                     let si = slot_of(sh);
                     if bufs[si].is_some() && !ok[si][i] {
-                        if resync {
+                        if behind(si) {
+                            // Nothing rebuilt the member's block: it cannot be caught up.
+                            out.unverifiable = true;
+                            skip = true;
+                        } else if resync {
                             want[si][i] = csum::block_crc(&blk(&bufs[si], i));
                             ok[si][i] = true;
                             crc_dirty[si] = true;
@@ -809,7 +1008,7 @@ impl crate::Pool {
                         &devs,
                         geo,
                         (c * chunk, (c + 1) * chunk),
-                        false,
+                        SyncMode::Check,
                     )?;
                     let entered = space.shared.io_entered();
                     drop(ext);

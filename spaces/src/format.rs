@@ -25,14 +25,21 @@
 //!   held `S` before anything was written after it, and a member whose newest metadata is
 //!   older than the epoch missed writes (a disk pulled and put back, an old copy of a member
 //!   restored, a SAN path that flapped): it is stale, never read, and a writable open records
-//!   it failed (`vstor pool reset-disk` and `vstor space repair` rebuild it whole: the
-//!   write-intent bitmap is cleared once writes land, so it cannot tell what the member
-//!   missed). This works for fixed spaces too, whose writes change no metadata, and for a
+//!   it failed (`vstor space repair` takes the disk back and rebuilds it whole). This works for fixed spaces too, whose writes change no metadata, and for a
 //!   crash between a data write and the next metadata update (the epoch moved before the
 //!   write). A crash inside the first update leaves the old epoch (nobody is stale); inside
 //!   the second, every member holds `S`. What it does not see: a copy of a member taken
 //!   while the pool was open and put back after a crash (no clean close moved the epoch) is
 //!   as new as the others by its metadata.
+//! - catch-up of a member that was missing or failed while the pool was written (as Linux md
+//!   re-adds a member with a write-intent bitmap): while any member is behind, the write-intent
+//!   bits are kept instead of cleared, so the bitmaps name every chunk written since; the
+//!   member's record says through which metadata sequence it got every write
+//!   ([`MemberRecord::current_through`]). When it comes back holding exactly that sequence, a
+//!   writable open copies or rebuilds only the chunks the bits name onto it (its own contents
+//!   never a source) and takes it back. A member holding another sequence (an old copy put
+//!   back) is rebuilt whole. A pool written this way (a member behind) is refused by a
+//!   binary from before catch-up (its member record has a field that binary calls reserved).
 //! - block checksums keyed by the pool's and member's identities and the block's position
 //!   ([`crate::csum`]), so a zeroed member (data and checksum area) or a block moved with its
 //!   checksum entry fails verification.
@@ -163,8 +170,20 @@ pub struct MemberRecord {
     /// that failed it (a split brain; see [`Pool::open`](crate::Pool::open)). Always 0 in
     /// version 2.
     pub failed_seq: U64,
+    /// Format version 4: the metadata sequence through which a failed (or missing) member
+    /// got every write, when every write since is named by the other members' write-intent
+    /// bitmaps (they keep their bits while a member is behind); 0 when that is not known. A
+    /// member that comes back holding exactly this sequence is caught up from the bitmaps
+    /// instead of being rebuilt whole (see [`Pool::open`](crate::Pool::open)).
+    pub current_through: U64,
+    /// Format version 4: the sequence every usable member held when this member, failed,
+    /// was caught up and taken back (0: never). The update that takes it back may reach it
+    /// and not the others (a torn update): they then record it failed while it went on as
+    /// healthy, which is a split brain unless it went on from their own sequence, through a
+    /// take-back that started after it was failed.
+    pub returned_seq: U64,
     /// Reserved, zero.
-    pub reserved: [u8; 24],
+    pub reserved: [u8; 8],
 }
 
 /// One space of the pool.
@@ -260,6 +279,10 @@ pub(crate) struct MemberMeta {
     pub state: MemberState,
     /// The sequence of the update that recorded it failed (0: none known).
     pub failed_seq: u64,
+    /// See [`MemberRecord::current_through`] (0: not known; a rebuild is needed).
+    pub current_through: u64,
+    /// See [`MemberRecord::returned_seq`] (0: never taken back).
+    pub returned_seq: u64,
 }
 
 /// A slot of an allocated extent.
@@ -386,7 +409,19 @@ impl Meta {
                 slab_count: m.slab_count.into(),
                 state: m.state.code().into(),
                 failed_seq: if self.version >= 3 { m.failed_seq } else { 0 }.into(),
-                reserved: [0; 24],
+                current_through: if self.version >= KEYED_VERSION {
+                    m.current_through
+                } else {
+                    0
+                }
+                .into(),
+                returned_seq: if self.version >= KEYED_VERSION {
+                    m.returned_seq
+                } else {
+                    0
+                }
+                .into(),
+                reserved: [0; 8],
             };
             out.extend_from_slice(r.as_bytes());
         }
@@ -589,7 +624,11 @@ impl Meta {
                 3 => MemberState::Removed,
                 s => return Err(bad(at + 28, "member state", format!("member {i}: {s}"))),
             };
-            if r.reserved.iter().any(|&b| b != 0) || (version < 3 && r.failed_seq.get() != 0) {
+            if r.reserved.iter().any(|&b| b != 0)
+                || (version < 3 && r.failed_seq.get() != 0)
+                || (version < KEYED_VERSION
+                    && (r.current_through.get() != 0 || r.returned_seq.get() != 0))
+            {
                 return Err(bad(
                     at + 32,
                     "member record",
@@ -627,6 +666,8 @@ impl Meta {
                 slab_count,
                 state,
                 failed_seq: r.failed_seq.get(),
+                current_through: r.current_through.get(),
+                returned_seq: r.returned_seq.get(),
             });
             at += MEMBER;
         }
@@ -953,6 +994,8 @@ mod tests_support {
                     slab_count: 11,
                     state: MemberState::Healthy,
                     failed_seq: 0,
+                    current_through: 0,
+                    returned_seq: 0,
                 })
                 .collect(),
             spaces: vec![SpaceMeta {

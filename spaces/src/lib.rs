@@ -19,8 +19,16 @@
 //!   anything is written after a writable open and again at a clean close, so a member whose
 //!   newest metadata is older than the epoch (an old copy put back, a disk pulled and
 //!   returned) missed writes: it is never read, a writable open records it failed, and
-//!   [`Pool::reuse_member`] with [`Pool::repair`] rebuild it whole. Fixed spaces included;
-//!   see [`format`](mod@format) for what it does not see.
+//!   [`Pool::take_back_present`] (or [`Pool::reuse_member`]) with [`Pool::repair`] rebuild
+//!   it whole (CLI: `space repair` alone). Fixed spaces included; see [`format`](mod@format)
+//!   for what it does not see.
+//! - Catch-up of a member that was missing or failed while the pool was written (format
+//!   version 4), as Linux md re-adds a member with a write-intent bitmap: while a member is
+//!   behind, the write-intent bits are kept, and its record says through which metadata
+//!   sequence it got every write; when it comes back holding exactly that sequence, the next
+//!   writable open copies or rebuilds onto it only the chunks the bits name (its own contents
+//!   never a source) and takes it back healthy. Anything else (an old copy put back) is
+//!   rebuilt whole.
 //! - A metadata quorum: every member present at an open must agree with the metadata taken
 //!   (hold it or an older copy of its history). Members written apart (a split brain: each
 //!   took writes while the other was missing, so one's metadata records the other failed at a
@@ -97,9 +105,9 @@
 //!   slab; rebuild: 32 MiB, reading the next step's first chunk while its last is written,
 //!   and keeping it only if no write got in between), and let waiting I/O in between steps.
 //!
-//! What does not exist yet: an incremental resync of a member that came back
-//! (it is rebuilt whole, through [`Pool::reuse_member`]: the write-intent bitmap is cleared
-//! once writes land, so it cannot say what a stale member missed); a per-block write
+//! What does not exist yet: an incremental resync of an old copy of a member put back (it
+//! is rebuilt whole: the bits were cleared while the member was getting the writes, so they
+//! cannot say what the copy lacks); a per-block write
 //! generation (a range of a member rolled back together with its checksum entries, the
 //! member's metadata left current, verifies; scrub then finds copies or parity that disagree
 //! and reports them undecided unless most copies or dual parity tell); shrinking a space (a space grows, online:

@@ -259,6 +259,8 @@ pub(crate) struct Inner {
     pub healed_windows: Mutex<HashMap<(usize, u32, u64), Vec<u8>>>,
     /// The parity journal.
     pub journal: crate::journal::Journal,
+    /// The metadata sequence the pool was opened with.
+    pub opened_at: u64,
 }
 
 impl Drop for Inner {
@@ -466,10 +468,15 @@ fn divergence(views: &[(&str, &Meta, usize)]) -> Vec<String> {
             };
             let r = &am.members[rec];
             let b_self = &bm.members[*bi];
+            // Taken back (caught up) after it was failed, from this very metadata or a
+            // later one: the update that took it back reached it and not `a`.
+            let taken_back =
+                b_self.returned_seq >= r.failed_seq && am.sequence >= b_self.returned_seq;
             if r.state == MemberState::Failed
                 && r.failed_seq > 0
                 && bm.sequence >= r.failed_seq
                 && b_self.state != MemberState::Failed
+                && !taken_back
             {
                 out.push(format!(
                     "{an} (member {ai}, metadata sequence {}) records member {rec} failed at sequence {}, but {bn} (member {bi}) went on to sequence {} as a healthy member",
@@ -692,6 +699,8 @@ impl Pool {
                 slab_count: slabs.min(MAX_SLABS) as u32,
                 state: MemberState::Healthy,
                 failed_seq: 0,
+                current_through: 0,
+                returned_seq: 0,
             });
         }
         let meta = Meta {
@@ -752,6 +761,7 @@ impl Pool {
             .collect();
         let csums = crate::csum::Csums::new(meta.slab_size, starts);
         let journal = crate::journal::Journal::new(&meta);
+        let opened_at = meta.sequence;
         Pool {
             inner: Arc::new(Inner {
                 meta: Mutex::new(meta),
@@ -772,6 +782,7 @@ impl Pool {
                 unrecoverable: AtomicU64::new(0),
                 healed_windows: Mutex::new(HashMap::new()),
                 journal,
+                opened_at,
             }),
         }
     }
@@ -959,7 +970,7 @@ impl Pool {
             stale = true;
             behind_epoch.push(i);
             notes.push(format!(
-                "member {i} ({n}) is stale: its metadata is at sequence {seen}, but data was written after sequence {} that it did not get; it is not read{} (vstor pool reset-disk, then vstor space repair, rebuild it)",
+                "member {i} ({n}) is stale: its metadata is at sequence {seen}, but data was written after sequence {} that it did not get; it is not read{} (vstor space repair takes the disk back and rebuilds it)",
                 meta.armed_epoch,
                 if opts.read_only {
                     ""
@@ -985,6 +996,7 @@ impl Pool {
             ));
         }
         let mut missing = false;
+        let mut catch_up = Vec::new();
         for (i, (m, r)) in meta.members.iter().zip(&rt).enumerate() {
             match (&r.name, m.state) {
                 (None, MemberState::Removed) => {}
@@ -994,8 +1006,22 @@ impl Pool {
                     notes.push(format!("member {i} ({}) is missing", m.id));
                 }
                 (Some(_), _) if behind_epoch.contains(&i) => {}
+                (Some(n), MemberState::Failed)
+                    if meta.version >= crate::format::KEYED_VERSION
+                        && m.current_through != 0
+                        && r.seen_sequence == Some(m.current_through) =>
+                {
+                    if opts.read_only {
+                        notes.push(format!(
+                            "member {i} ({n}) missed the writes after sequence {}: it is not read; a writable open catches it up from the write-intent bitmaps",
+                            m.current_through
+                        ));
+                    } else {
+                        catch_up.push(i);
+                    }
+                }
                 (Some(n), MemberState::Failed) => notes.push(format!(
-                    "member {i} ({n}) is stale: it failed or missed writes; repair rebuilds its data"
+                    "member {i} ({n}) is stale: it failed or missed writes; it is not read (vstor space repair takes the disk back and rebuilds it)"
                 )),
                 (Some(n), _) if r.seen_sequence < Some(meta.sequence) => {
                     stale = true;
@@ -1009,6 +1035,9 @@ impl Pool {
                 _ => {}
             }
         }
+        // After a clean close the bits left are those kept for a member that is behind: no
+        // write was in flight, so there is nothing to resync.
+        let was_clean = meta.version >= crate::format::KEYED_VERSION && meta.clean;
         let pool = Pool::from_parts(meta, rt, opts.read_only, notes);
         pool.inner
             .missing_unrecorded
@@ -1039,8 +1068,12 @@ impl Pool {
         // bitmap resync looks at them.
         let journal_notes = pool.inner.recover_journal()?;
         lock(&pool.inner.notes).extend(journal_notes);
-        let (_, resync_notes) = pool.inner.resync_at_open()?;
+        let (_, resync_notes) = pool.inner.resync_at_open(was_clean)?;
         lock(&pool.inner.notes).extend(resync_notes);
+        for i in catch_up {
+            let note = pool.inner.catch_up(i);
+            lock(&pool.inner.notes).push(note);
+        }
         Ok(pool)
     }
 
@@ -1557,6 +1590,20 @@ fn space_info(s: &SpaceMeta, usable: &[bool]) -> SpaceInfo {
     }
 }
 
+/// A member that was getting every write stops getting them (it failed, or is missing at the
+/// first write): from now on the write-intent bits are kept (`Inner::keeps_bits`), so if it
+/// comes back holding the metadata it last got (`seen`), it is caught up from the bitmaps
+/// (format version 4).
+fn behind(meta: &mut Meta, index: usize, seen: Option<u64>) {
+    let m = &mut meta.members[index];
+    if meta.version >= crate::format::KEYED_VERSION
+        && m.state != MemberState::Failed
+        && m.current_through == 0
+    {
+        m.current_through = seen.unwrap_or(0);
+    }
+}
+
 impl Inner {
     pub fn members_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<MemberRt>> {
         self.members.read().unwrap_or_else(|p| p.into_inner())
@@ -1656,6 +1703,7 @@ impl Inner {
             let mut notes = lock(&self.notes);
             for (i, e) in failed {
                 rt[i].usable = false;
+                behind(meta, i, rt[i].seen_sequence);
                 meta.members[i].state = MemberState::Failed;
                 notes.push(format!("member {i} failed writing pool metadata: {e}"));
             }
@@ -1670,6 +1718,9 @@ impl Inner {
             let mut rt = self.members_write();
             if !rt[index].usable && meta.members[index].state == MemberState::Failed {
                 return;
+            }
+            if rt[index].usable {
+                behind(&mut meta, index, rt[index].seen_sequence);
             }
             rt[index].usable = false;
         }
@@ -1695,9 +1746,14 @@ impl Inner {
         let mut next = meta.clone();
         {
             let rt = self.members_read();
-            for (m, r) in next.members.iter_mut().zip(rt.iter()) {
-                if r.device.is_none() && m.state != MemberState::Removed {
-                    m.state = MemberState::Failed;
+            for (i, r) in rt.iter().enumerate() {
+                let state = next.members[i].state;
+                if r.device.is_none() && state != MemberState::Removed {
+                    // Recorded healthy in the metadata the pool opened with, so it held every
+                    // write through that sequence (if it holds that sequence when it comes
+                    // back; any other is an older copy, rebuilt whole).
+                    behind(&mut next, i, Some(self.opened_at));
+                    next.members[i].state = MemberState::Failed;
                 }
             }
         }

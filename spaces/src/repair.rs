@@ -97,6 +97,8 @@ impl Pool {
             slab_count: slabs.min(crate::format::MAX_SLABS) as u32,
             state: MemberState::Healthy,
             failed_seq: 0,
+            current_through: 0,
+            returned_seq: 0,
         });
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
@@ -164,6 +166,8 @@ impl Pool {
             return Err(invalid(format!("a pool has at most {MAX_MEMBERS} members")));
         }
         let mut next = meta.clone();
+        // Its disk is taken: nothing will come back to be caught up.
+        next.members[index].current_through = 0;
         let old = &meta.members[index];
         next.members.push(MemberMeta {
             id: Uuid::new_v4(),
@@ -171,6 +175,8 @@ impl Pool {
             slab_count: old.slab_count,
             state: MemberState::Healthy,
             failed_seq: 0,
+            current_through: 0,
+            returned_seq: 0,
         });
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
@@ -208,6 +214,48 @@ impl Pool {
         *meta = next;
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
         Ok(meta.members.len() - 1)
+    }
+
+    /// Takes back, as fresh members ([`reuse_member`](Pool::reuse_member)), the failed
+    /// members whose disks are present: disks that missed writes and came back (an old copy put
+    /// back, a member the open could not catch up) or that failed and still answer. A
+    /// [`repair`](Pool::repair) then rebuilds onto them, and
+    /// [`forget_taken_back`](Pool::forget_taken_back) drops the old records. Returns, per
+    /// such member, its index and the new index or why it could not be taken back (its
+    /// disk refused the writes: it stays failed).
+    pub fn take_back_present(&self) -> Result<Vec<(usize, std::result::Result<usize, String>)>> {
+        if self.inner.read_only {
+            return Err(SpacesError::ReadOnly.into());
+        }
+        let failed: Vec<usize> = {
+            let meta = lock(&self.inner.meta);
+            let rt = self.inner.members_read();
+            meta.members
+                .iter()
+                .enumerate()
+                .filter(|(i, m)| m.state == MemberState::Failed && rt[*i].device.is_some())
+                .map(|(i, _)| i)
+                .collect()
+        };
+        Ok(failed
+            .into_iter()
+            .map(|i| (i, self.reuse_member(i).map_err(|e| e.to_string())))
+            .collect())
+    }
+
+    /// After a repair: removes the records of members taken back by
+    /// [`take_back_present`](Pool::take_back_present) that hold no slab any more (their
+    /// disks live on as the new members). Returns the indexes removed.
+    pub fn forget_taken_back(&self, old: &[usize]) -> Result<Vec<usize>> {
+        let info = self.info();
+        let mut done = Vec::new();
+        for &i in old {
+            if info.members.get(i).is_some_and(|m| m.slabs_used == 0) {
+                self.remove_member(i)?;
+                done.push(i);
+            }
+        }
+        Ok(done)
     }
 
     /// Retires a member: no new slabs go to it; [`repair`](Pool::repair) moves its slabs off.
@@ -653,7 +701,7 @@ fn prepare_chunk(
         devs,
         geo,
         (a, b),
-        false,
+        crate::bitmap::SyncMode::Check,
         (&mut bufs, &got),
     )?;
     inner.count(&out);

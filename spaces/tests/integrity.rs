@@ -139,13 +139,14 @@ fn degraded_writes_are_kept_and_the_stale_member_is_not_trusted() {
             model[at..at + new.len()].copy_from_slice(&new);
             assert!(read_all(&space).unwrap() == model, "{label} without {gone}");
             drop((space, p));
-            // It comes back: its metadata says it failed, so its stale data is not used.
+            // It comes back: its metadata says it failed, so its stale data is not used (a
+            // writable open would catch it up: tests/catch_up.rs).
             let p = open(&devs, &[], true);
             let info = p.info();
             assert_eq!(info.members[gone].state, MemberState::Failed, "{label}");
             assert!(!info.members[gone].usable);
             assert!(
-                info.notes.iter().any(|n| n.contains("stale")),
+                info.notes.iter().any(|n| n.contains("missed the writes")),
                 "{label}: {:?}",
                 info.notes
             );
@@ -191,13 +192,46 @@ fn io_errors_fail_the_member_and_the_data_stays_readable() {
         model[64 << 10..(64 << 10) + new.len()].copy_from_slice(&new);
         assert!(read_all(&space).unwrap() == model, "{label}");
         drop((space, pool));
+        // The errors stop (a path that flapped): the next writable open catches the member
+        // up from the write-intent bitmaps, and it holds the writes it missed.
         faults[1].clear_rules();
         let p = open(&devs, &[], false);
-        assert_eq!(p.info().members[1].state, MemberState::Failed, "{label}");
+        assert_eq!(p.info().members[1].state, MemberState::Healthy, "{label}");
         assert!(
             read_all(&p.open_space("s").unwrap()).unwrap() == model,
             "{label}"
         );
+        drop(p);
+        for other in (0..n).filter(|&m| m != 1) {
+            let p = open(&devs, &[other], true);
+            assert!(
+                read_all(&p.open_space("s").unwrap()).unwrap() == model,
+                "{label}: without member {other}"
+            );
+        }
+        // Errors that go on: the catch-up fails and the member stays failed, unread.
+        let p = open(&devs, &[], false);
+        let s = p.open_space("s").unwrap();
+        faults[1].add_rule(FaultRule::fail(OpKind::Write).and(OpKind::Flush));
+        let newer = pattern(6, 64 << 10);
+        s.write_at(0, &newer).unwrap();
+        s.flush().unwrap();
+        model[..newer.len()].copy_from_slice(&newer);
+        drop((s, p));
+        let p = open(&devs, &[], false);
+        let info = p.info();
+        assert_eq!(info.members[1].state, MemberState::Failed, "{label}");
+        assert!(
+            info.notes.iter().any(|n| n.contains("cannot be caught up")
+                || n.contains("catching it up failed")),
+            "{label}: {:?}",
+            info.notes
+        );
+        assert!(
+            read_all(&p.open_space("s").unwrap()).unwrap() == model,
+            "{label}"
+        );
+        faults[1].clear_rules();
     }
 }
 

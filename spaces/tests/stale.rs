@@ -181,15 +181,24 @@ fn members_that_missed_nothing_are_not_stale() {
     );
     assert!(read_all(&pool.open_space("s").unwrap()) == model);
     drop(pool);
-    // With member 2 missing and a write: it is recorded failed before the write.
+    // With member 2 missing and a write: it is recorded failed before the write, not read
+    // when it is back, and caught up by a writable open (tests/catch_up.rs).
     let pool = open(&devs, &[2], false);
     pool.open_space("s")
         .unwrap()
         .write_at(0, &[1u8; 4096])
         .unwrap();
     drop(pool);
-    let pool = open(&devs, &[], false);
+    let pool = open(&devs, &[], true);
     assert!(!pool.info().members[2].usable);
+    drop(pool);
+    let pool = open(&devs, &[], false);
+    assert!(
+        pool.info().members[2].usable
+            && pool.info().notes.iter().any(|n| n.contains("caught up")),
+        "{:?}",
+        pool.info().notes
+    );
 }
 
 /// A crash in the middle of moving the write epoch on (the first of its two updates reached

@@ -89,9 +89,16 @@ pub enum SpaceCommand {
     /// Rebuild the copies and parity that lost or retired disks held onto healthy disks
     /// (Repair-VirtualDisk); all spaces unless NAME is given.
     #[command(
-        after_help = "Examples:\n  vstor space repair /srv/pool\n  vstor space repair /srv/pool data --json"
+        after_help = "Examples:\n  vstor space repair /srv/pool\n  vstor space repair /srv/pool data --json\n\n\
+        A failed disk that is present again (pulled and put back, an old copy restored, or one\n\
+        the open could not catch up) is taken back as a fresh member first, so the rebuild goes\n\
+        onto it (its old contents are never read), and its old record is dropped afterwards\n\
+        (--keep-failed leaves it failed). A disk that was missing or failed while the pool was\n\
+        written and comes back holding the metadata it last got needs no repair: the next\n\
+        writable open catches it up from the write-intent bitmaps (only the chunks written\n\
+        since)."
     )]
-    Repair(SpaceRepairArgs),
+    Repair(RepairArgs),
     /// Check every allocated slab and make copies and parity agree with the data; reports
     /// what it found and rewrote.
     #[command(
@@ -148,6 +155,18 @@ pub struct SpaceRepairArgs {
     /// from it are taken as failed (`pool reset-disk` and `space repair` bring them back).
     #[arg(long, value_name = "DISK")]
     force_member: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    #[command(flatten)]
+    common: SpaceRepairArgs,
+    /// Do not take back failed disks that are present (by default a disk that missed writes
+    /// and came back, or that failed and still answers, is taken back as a fresh member and
+    /// rebuilt onto; its old contents are never read); rebuild onto the other disks only. Use
+    /// it for a disk that failed with I/O errors.
+    #[arg(long)]
+    keep_failed: bool,
 }
 
 #[derive(Debug, Args)]
@@ -452,14 +471,42 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
             print_space(&pool.space_info(&a.name)?, a.json);
             Ok(())
         }
-        SpaceCommand::Repair(a) => {
+        SpaceCommand::Repair(r) => {
+            let a = &r.common;
             let pool = open_direct(&a.dir, a.force_member.clone())?;
+            let taken = if r.keep_failed {
+                Vec::new()
+            } else {
+                pool.take_back_present()?
+            };
+            let names: Vec<String> = pool
+                .info()
+                .members
+                .iter()
+                .map(|m| m.disk.clone().unwrap_or_default())
+                .collect();
+            let mut back = Vec::new();
+            for (old, r) in &taken {
+                match r {
+                    Ok(new) => {
+                        back.push(*old);
+                        eprintln!(
+                            "member {old} ({}) failed or missed writes and is present: taken back as member {new}, rebuilt below",
+                            names.get(*new).map_or("", String::as_str)
+                        );
+                    }
+                    Err(e) => {
+                        eprintln!("member {old} stays failed: it could not be taken back: {e}")
+                    }
+                }
+            }
             let pb = progress_bar(0, "repair");
             let report = pool.repair(a.name.as_deref(), &mut |done, total| {
                 pb.set_length(total);
                 pb.set_position(done);
             })?;
             pb.finish_and_clear();
+            let forgotten = pool.forget_taken_back(&back)?;
             let health: Vec<(String, &'static str)> = pool
                 .spaces()
                 .iter()
@@ -473,8 +520,16 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
                     bytes: u64,
                     unrecoverable: &'a [String],
                     health: Vec<serde_json::Value>,
+                    taken_back: Vec<serde_json::Value>,
                 }
                 let r = R {
+                    taken_back: taken
+                        .iter()
+                        .map(|(old, r)| match r {
+                            Ok(new) => serde_json::json!({"member": old, "new_member": new, "record_removed": forgotten.contains(old)}),
+                            Err(e) => serde_json::json!({"member": old, "error": e}),
+                        })
+                        .collect(),
                     extents: report.extents,
                     slabs: report.slabs,
                     bytes: report.bytes,
