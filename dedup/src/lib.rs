@@ -38,6 +38,8 @@ pub mod chunk;
 pub mod device;
 mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod library;
 pub mod store;
 pub mod stub;
