@@ -232,8 +232,17 @@ const SA_GET_LBA_STATUS: u8 = 0x12;
 pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
 /// The most blocks one COMPARE AND WRITE compares (VPD 0xB0).
 pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 128;
-/// The most blocks one UNMAP descriptor, or one WRITE SAME, covers.
-pub const MAX_UNMAP_BLOCKS: u32 = 1 << 30;
+/// The most blocks one UNMAP descriptor covers (VPD 0xB0 MAXIMUM UNMAP LBA COUNT).
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
+/// The most blocks one WRITE SAME covers (VPD 0xB0 MAXIMUM WRITE SAME LENGTH).
+pub const MAX_WRITE_SAME_BLOCKS: u32 = 1 << 20;
+/// The fewest blocks the transfer limit allows, whatever the block size.
+const MIN_TRANSFER_BLOCKS: u32 = 65536;
+
+/// The most blocks one READ or WRITE moves with `bs`-byte blocks.
+fn max_transfer_blocks(bs: u32) -> u32 {
+    (MAX_TRANSFER_BYTES / bs.max(1)).max(MIN_TRANSFER_BLOCKS)
+}
 /// The most descriptors one UNMAP carries.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// The largest chunk a WRITE SAME writes at once (a repeated block pattern).
@@ -524,7 +533,10 @@ impl Lun {
         s.ua.pop_front()
     }
 
-    /// Runs one command to completion (blocking; call it from a worker thread).
+    /// Runs one command to completion (blocking; call it from a worker thread). `data_out` is
+    /// all the Data-Out the initiator sent (its expected data transfer length), not cut to
+    /// what [`Lun::data_dir_of`] said: a WRITE, WRITE SAME or COMPARE AND WRITE whose Data-Out
+    /// is not the length its CDB implies gets CHECK CONDITION, as SBC asks.
     pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
         let epoch = self.abort_epoch.load(Ordering::Acquire);
         let Some(&opcode) = cdb.first() else {
@@ -738,14 +750,13 @@ impl Lun {
 
     fn read_capacity_16(&self, cdb: &[u8]) -> ScsiResponse {
         let alloc = be32(cdb, 10) as usize;
-        let info = self.device().info();
         let (blocks, bs) = self.geometry();
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&blocks.saturating_sub(1).to_be_bytes());
         d[8..12].copy_from_slice(&bs.to_be_bytes());
-        // Logical blocks per physical block exponent.
-        let per = (info.physical_sector_size / bs).max(1);
-        d[13] = per.trailing_zeros() as u8 & 0x0f;
+        // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT stays 0 (not reported): the stack takes
+        // every logical block on its own, and UNMAP and GET LBA STATUS work per logical block.
+        // VPD 0xB0's OPTIMAL TRANSFER LENGTH GRANULARITY carries the physical block size.
         if self.thin() {
             d[14] |= 0x80; // LBPME
             if self.lbprz() {
@@ -778,13 +789,10 @@ impl Lun {
         if rw.blocks == 0 {
             return ScsiResponse::good(Vec::new());
         }
-        let Some(len) = rw
-            .blocks
-            .checked_mul(bs)
-            .filter(|&l| l <= MAX_TRANSFER_BYTES)
-        else {
+        if rw.blocks > max_transfer_blocks(bs) {
             return invalid_cdb(if cdb[0] == op::READ_6 { 4 } else { 7 });
-        };
+        }
+        let len = rw.blocks * bs;
         let mut data = vec![0u8; len as usize];
         let g = self.export.begin(OpKind::Read, u64::from(len));
         let r = self.device().read_at(rw.lba * u64::from(bs), &mut data);
@@ -807,13 +815,10 @@ impl Lun {
         if rw.blocks == 0 {
             return ScsiResponse::good(Vec::new());
         }
-        let Some(len) = rw
-            .blocks
-            .checked_mul(bs)
-            .filter(|&l| l <= MAX_TRANSFER_BYTES)
-        else {
+        if rw.blocks > max_transfer_blocks(bs) {
             return invalid_cdb(if cdb[0] == op::WRITE_6 { 4 } else { 7 });
-        };
+        }
+        let len = rw.blocks * bs;
         if data_out.len() != len as usize {
             self.export.refused();
             return ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::PARAMETER_LIST_LENGTH);
@@ -979,14 +984,13 @@ impl Lun {
         b[1] = MAX_COMPARE_AND_WRITE_BLOCKS;
         let gran = (info.physical_sector_size / bs).max(1) as u16;
         b[2..4].copy_from_slice(&gran.to_be_bytes());
-        b[4..8].copy_from_slice(&(MAX_TRANSFER_BYTES / bs).to_be_bytes());
+        b[4..8].copy_from_slice(&max_transfer_blocks(bs).to_be_bytes());
         b[8..12].copy_from_slice(&((1u32 << 20) / bs).to_be_bytes());
         if self.thin() {
             b[16..20].copy_from_slice(&MAX_UNMAP_BLOCKS.to_be_bytes());
             b[20..24].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
-            b[24..28].copy_from_slice(&u32::from(gran).to_be_bytes());
         }
-        b[32..40].copy_from_slice(&u64::from(MAX_UNMAP_BLOCKS).to_be_bytes());
+        b[32..40].copy_from_slice(&u64::from(MAX_WRITE_SAME_BLOCKS).to_be_bytes());
         b
     }
 
@@ -1151,6 +1155,10 @@ impl Lun {
     }
 
     fn unmap(&self, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        if !self.thin() {
+            // VPD 0xB2 says LBPU=0: there is no UNMAP.
+            return invalid_opcode();
+        }
         if cdb[1] & 0x01 != 0 {
             return invalid_cdb(1); // ANCHOR: no anchored state
         }
@@ -1249,7 +1257,7 @@ impl Lun {
             Ok(g) => g,
             Err(r) => return r,
         };
-        if blocks > u64::from(MAX_UNMAP_BLOCKS) {
+        if blocks > u64::from(MAX_WRITE_SAME_BLOCKS) {
             return invalid_cdb(if sixteen { 10 } else { 7 });
         }
         if unmap && !self.thin() {
