@@ -1143,7 +1143,11 @@ impl Writer<'_> {
         if let Some((cid, _, len)) = &self.open[k] {
             if *len + rec.len() as u64 > self.store.cfg.seal_size && *len > CONTAINER_HEADER as u64
             {
-                self.touched.entry(*cid).or_default().sealed = true;
+                // The entry may have gone with the last commit: it gets its length again.
+                let e = self.touched.entry(*cid).or_default();
+                e.len = *len;
+                e.hotspot = hotspot;
+                e.sealed = true;
                 self.open[k] = None;
             }
         }
