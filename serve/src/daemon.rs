@@ -6,6 +6,7 @@
 
 use crate::control::{Control, Host, API_VERSION};
 use crate::export::{Opener, ServeError};
+use crate::iscsi::{IscsiConfig, IscsiServer};
 use crate::nbd::{Listener, NbdConfig, NbdServer, TlsCreds};
 use crate::registry::Registry;
 use serde_json::{json, Value};
@@ -50,13 +51,16 @@ impl FromStr for NbdAddr {
     }
 }
 
-/// An export given at start: `NAME=TARGET` (the target may carry `,readonly=on`).
+/// An export given at start: `NAME=TARGET` (the target may carry `,readonly=on`, and the
+/// iSCSI options `,shared=on`, `,iqn=NAME`, `,initiators=NAME+NAME`: see [`crate::iscsi`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportArg {
     /// The name.
     pub name: String,
-    /// The target string.
+    /// The target string (without the iSCSI options).
     pub target: String,
+    /// Its iSCSI options.
+    pub iscsi: crate::iscsi::TargetOpts,
 }
 
 impl FromStr for ExportArg {
@@ -71,9 +75,12 @@ impl FromStr for ExportArg {
                 "--export {s}: the target is empty"
             )));
         }
+        let (iscsi, target) = crate::iscsi::TargetOpts::split_from(target)
+            .map_err(|e| ServeError::invalid(format!("--export {s}: {e}")))?;
         Ok(ExportArg {
             name: name.to_string(),
-            target: target.to_string(),
+            target,
+            iscsi,
         })
     }
 }
@@ -150,6 +157,10 @@ pub struct DaemonConfig {
     pub tls: Option<TlsConfig>,
     /// The NBD server's settings.
     pub nbd_config: NbdConfig,
+    /// iSCSI portals (`HOST:PORT`; `[::1]:PORT` for IPv6).
+    pub iscsi: Vec<String>,
+    /// The iSCSI target's settings.
+    pub iscsi_config: IscsiConfig,
 }
 
 /// TLS for the NBD listeners.
@@ -193,6 +204,7 @@ struct HostImpl {
     started: Instant,
     nbd: Vec<String>,
     vhost: Vec<String>,
+    iscsi: Vec<String>,
     metrics: Option<String>,
 }
 
@@ -218,6 +230,7 @@ impl Host for HostImpl {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "nbd": self.nbd,
             "vhost_user_blk": self.vhost,
+            "iscsi": self.iscsi,
             "metrics": self.metrics,
         })
     }
@@ -227,6 +240,7 @@ impl Host for HostImpl {
 pub struct Daemon {
     registry: Arc<Registry>,
     nbd: Arc<NbdServer>,
+    iscsi: Option<Arc<IscsiServer>>,
     stop: Arc<AtomicBool>,
     shutdown: Arc<ShutdownSignal>,
     /// Sockets made here (removed at shutdown).
@@ -320,6 +334,40 @@ impl Daemon {
             nbd.listen(l, tls)
                 .map_err(io_err("cannot start the NBD listener".into()))?;
         }
+        let mut iscsi_names = Vec::new();
+        let iscsi = if config.iscsi.is_empty() {
+            None
+        } else {
+            let server = IscsiServer::new(registry.clone(), config.iscsi_config.clone());
+            for e in &config.exports {
+                server.set_target_opts(&e.name, e.iscsi.clone());
+            }
+            let mut ls = Vec::new();
+            for addr in &config.iscsi {
+                if !config.insecure_tcp && !is_loopback(addr) {
+                    return Err(ServeError::invalid(format!(
+                        "--iscsi {addr} is not a loopback address: iSCSI carries the disks in \
+                         clear text (CHAP authenticates, it does not encrypt); add \
+                         --insecure-tcp if that is what you want"
+                    )));
+                }
+                let l = TcpListener::bind(addr)
+                    .map_err(io_err(format!("cannot listen on {addr} for iSCSI")))?;
+                let local = l
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| addr.clone());
+                pokes.push(NbdAddr::Tcp(local.clone()));
+                iscsi_names.push(local);
+                ls.push(l);
+            }
+            for l in ls {
+                server
+                    .listen(l)
+                    .map_err(io_err("cannot start the iSCSI listener".into()))?;
+            }
+            Some(server)
+        };
         let metrics = match &config.metrics {
             Some(addr) => {
                 let l = TcpListener::bind(addr)
@@ -351,6 +399,7 @@ impl Daemon {
             started,
             nbd: names,
             vhost,
+            iscsi: iscsi_names,
             metrics,
         });
         if let Some(path) = &config.control {
@@ -376,11 +425,17 @@ impl Daemon {
         Ok(Daemon {
             registry,
             nbd,
+            iscsi,
             stop,
             shutdown,
             made,
             pokes,
         })
+    }
+
+    /// The iSCSI server, when the daemon has portals.
+    pub fn iscsi(&self) -> Option<&Arc<IscsiServer>> {
+        self.iscsi.as_ref()
     }
 
     /// The registry (to add exports or start other transports on it).
@@ -427,6 +482,9 @@ impl Daemon {
     pub fn shutdown(self) -> Vec<(String, ServeError)> {
         self.stop.store(true, Ordering::Release);
         self.nbd.stop();
+        if let Some(i) = &self.iscsi {
+            i.stop();
+        }
         for p in &self.pokes {
             match p {
                 NbdAddr::Unix(path) => drop(UnixStream::connect(path)),
@@ -438,7 +496,8 @@ impl Daemon {
             let _ = e.set_qos(Some(0), Some(0));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.nbd.connections() > 0 && Instant::now() < deadline {
+        let iscsi_conns = || self.iscsi.as_ref().map_or(0, |i| i.connections());
+        while (self.nbd.connections() > 0 || iscsi_conns() > 0) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         let mut failed = Vec::new();

@@ -31,6 +31,7 @@
 pub mod control;
 pub mod daemon;
 pub mod export;
+pub mod iscsi;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod nbd;

@@ -12,7 +12,7 @@ use vstor_serve::export::ServeError;
 use vstor_serve::jsonrpc::Client;
 use vstor_serve::{Opened, Opener, QosControl};
 
-/// Serve disks to VMMs and tools over NBD (and vhost-user-blk), with a control API.
+/// Serve disks to VMMs and tools over NBD, iSCSI and vhost-user-blk, with a control API.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Every --export is served under its name on every --nbd listener. Clients connect with
@@ -51,6 +51,25 @@ A VMM attaches an export over vhost-user-blk (its guest memory must be shared):
 An online resize (vstor export resize) reaches the guest as a configuration change; a
 restarted daemon serves again the requests the old one left in flight (INFLIGHT_SHMFD).
 
+iSCSI (--iscsi HOST:PORT, repeatable; 3260 is iSCSI's port): every export is a target
+named iqn.2026-12.io.vstor:NAME (NAME in lower case, '_' as '-') with LUN 0, backed by a
+SCSI block device with SCSI-3 persistent reservations. Export options for iSCSI:
+  ,iqn=IQN               another target name
+  ,shared=on             admit several initiators at once (a guest cluster's shared disk,
+                         arbitrated with persistent reservations); without it one initiator
+                         name at a time may log in (another gets 'service unavailable')
+  ,initiators=IQN1+IQN2  only these initiator names may log in (and see it in discovery)
+  vstor serve --iscsi 127.0.0.1:3260 \\
+      --export quorum=/srv/q.vhdx,shared=on,initiators=iqn.2026-01.node:a+iqn.2026-01.node:b
+  iscsi-ls iscsi://127.0.0.1:3260       qemu-img info iscsi://127.0.0.1:3260/IQN/0
+Reservations persist in a file beside the disk: its first file with .vstor-pr appended
+(/srv/q.vhdx.vstor-pr). Like NBD, an iSCSI portal that is not loopback is refused unless
+--insecure-tcp is given (iSCSI carries the disk in clear text). --iscsi-chap FILE makes every
+login (discovery too) use CHAP with MD5; FILE has one entry a line ('#' comments):
+  initiator NAME SECRET   a CHAP name and secret initiators may answer with (repeatable)
+  target NAME SECRET      what the target answers an initiator that asks for mutual CHAP
+Secrets have at least 12 bytes (0x... for hexadecimal); keep the file mode 0600.
+
 Example:
   vstor serve --control /run/vstor.sock --nbd unix:/run/vstor-nbd.sock \\
       --export d0=/srv/d0.vhdx --export base=/srv/base.vhdx,readonly=on")]
@@ -61,7 +80,8 @@ pub struct ServeArgs {
     /// An NBD listener: unix:PATH or tcp:HOST:PORT (repeatable).
     #[arg(long, value_name = "ADDR")]
     nbd: Vec<String>,
-    /// An export: NAME=TARGET (any target; add ,readonly=on to refuse writes). Repeatable.
+    /// An export: NAME=TARGET (any target; add ,readonly=on to refuse writes; for iSCSI
+    /// ,shared=on ,iqn=IQN ,initiators=IQN1+IQN2). Repeatable.
     #[arg(long, value_name = "NAME=TARGET")]
     export: Vec<String>,
     /// Serve an export to a VMM over vhost-user-blk: NAME=SOCKET[,queues=N] (QEMU's
@@ -69,10 +89,16 @@ pub struct ServeArgs {
     /// Repeatable.
     #[arg(long, value_name = "NAME=SOCKET[,queues=N]")]
     vhost_user_blk: Vec<String>,
+    /// An iSCSI portal: HOST:PORT (repeatable). Every export is a target with LUN 0.
+    #[arg(long, value_name = "HOST:PORT")]
+    iscsi: Vec<String>,
+    /// CHAP credentials for iSCSI logins (see below for the file's format).
+    #[arg(long, value_name = "FILE")]
+    iscsi_chap: Option<PathBuf>,
     /// Serve Prometheus metrics on HOST:PORT (GET /metrics).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
-    /// Allow NBD over TCP without TLS on an address that is not loopback.
+    /// Allow NBD over TCP without TLS, and iSCSI, on an address that is not loopback.
     #[arg(long)]
     insecure_tcp: bool,
     /// TLS for NBD: DIR holds ca-cert.pem, server-cert.pem, server-key.pem; TCP listeners
@@ -335,13 +361,20 @@ fn print_json(v: &Value) {
 /// Runs `vstor serve` until SIGTERM, SIGINT or `server.shutdown`.
 pub fn run_serve(a: ServeArgs) -> Result<(), Error> {
     let parse = |e: ServeError| Error::InvalidArgument(e.message);
-    if a.nbd.is_empty() && a.control.is_none() && a.vhost_user_blk.is_empty() {
+    if a.nbd.is_empty() && a.control.is_none() && a.vhost_user_blk.is_empty() && a.iscsi.is_empty()
+    {
         return Err(Error::InvalidArgument(
-            "give at least one --nbd listener, --vhost-user-blk socket or a --control socket \
-             (see --help)"
+            "give at least one --nbd listener, --iscsi portal, --vhost-user-blk socket or a \
+             --control socket (see --help)"
                 .into(),
         ));
     }
+    let chap = match &a.iscsi_chap {
+        Some(p) => {
+            Some(vstor_serve::iscsi::chap::ChapConfig::load(p).map_err(Error::InvalidArgument)?)
+        }
+        None => None,
+    };
     let config = DaemonConfig {
         control: a.control,
         nbd: a
@@ -372,6 +405,11 @@ pub fn run_serve(a: ServeArgs) -> Result<(), Error> {
         nbd_config: vstor_serve::nbd::NbdConfig {
             workers: a.workers.max(1),
             max_connections: a.max_connections.max(1),
+            ..Default::default()
+        },
+        iscsi: a.iscsi,
+        iscsi_config: vstor_serve::iscsi::IscsiConfig {
+            chap,
             ..Default::default()
         },
     };
