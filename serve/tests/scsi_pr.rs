@@ -472,3 +472,52 @@ fn state_survives_a_restart() {
         RESERVATION_CONFLICT
     );
 }
+
+/// A command of the victim that arrives while the PREEMPT AND ABORT holds the reservation
+/// state (here: while its state write is slow) is aborted: TASK ABORTED, which the transport
+/// does not answer (TAS=0), and its data never lands. Another nexus's command waits and runs.
+#[test]
+fn a_victim_command_waiting_on_the_preempt_is_aborted() {
+    use std::time::Duration;
+    use vstor_core::FaultDevice;
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20).unwrap());
+    let pr_dev = Arc::new(FaultDevice::new(Arc::new(
+        MemoryDevice::new(vstor_serve::scsi::PR_STORE_BYTES).unwrap(),
+    )));
+    let l = Lun::with_pr_device(export_on(mem.clone(), false), config(), pr_dev.clone()).unwrap();
+    let (a, b, c) = (nexus("a"), nexus("b"), nexus("c"));
+    for n in [&a, &b, &c] {
+        clear_ua(&l, n);
+    }
+    assert_eq!(register_and_ignore(&l, &a, K1).status, GOOD);
+    assert_eq!(register_and_ignore(&l, &b, K2).status, GOOD);
+    assert_eq!(reserve(&l, &a, K1, WE_RO).status, GOOD);
+    // Every request to the state device now takes 150 ms: the preempt holds the state for
+    // about 300 ms (a write and a flush).
+    pr_dev.set_latency(Some(Duration::from_millis(150)));
+    let spawn = |n: vstor_serve::scsi::Nexus, cdb: Vec<u8>| {
+        let l = l.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            let data = if cdb[0] == 0x2a {
+                vec![0xaa; 512]
+            } else {
+                Vec::new()
+            };
+            l.execute(&n, &cdb, &data).status
+        })
+    };
+    let victim = spawn(a.clone(), write10(7, 1));
+    let bystander = spawn(c.clone(), read10(7, 1));
+    assert_eq!(preempt(&l, &b, K1, K2, WE, true).status, GOOD);
+    assert_eq!(victim.join().unwrap(), 0x40, "TASK ABORTED");
+    // c reads under B's Write Exclusive, after the preempt.
+    assert_eq!(bystander.join().unwrap(), GOOD);
+    assert_eq!(read_reservation(&l, &b), Some((K2, WE)));
+    let mut block = vec![0u8; 512];
+    mem.read_at(7 * 512, &mut block).unwrap();
+    assert_eq!(block, vec![0; 512]);
+    pr_dev.set_latency(None);
+    // The victim's next command hears why.
+    assert_eq!(clear_ua(&l, &a), vec![(0x2a, 0x05)]);
+}

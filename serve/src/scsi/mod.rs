@@ -14,6 +14,24 @@
 //! - [`sense::TASK_ABORTED`]: the status of a command that a PREEMPT AND ABORT of another nexus
 //!   aborted while it waited to run; the transport sends no response for it (TAS=0).
 //!
+//! **Persistent reservations** (SPC-4 5.13): registrations per I_T nexus (or
+//! per initiator port on all target ports, ALL_TG_PT), the six reservation types enforced on
+//! every command of every nexus (reads are allowed under the write-exclusive types, TEST UNIT
+//! READY, INQUIRY, REPORT LUNS, REQUEST SENSE, READ CAPACITY and PERSISTENT RESERVE IN/OUT
+//! under all; SYNCHRONIZE CACHE counts as a write, MODE SENSE as a read). SPEC_I_PT is
+//! refused (REPORT CAPABILITIES says SIP_C=0); REPLACE LOST RESERVATION is not offered. The
+//! state is written (two CRC-32C slots, alternately, flushed) before the PERSISTENT RESERVE
+//! OUT that changed it completes, whatever APTPL says: a daemon restart is not a power loss of
+//! the unit, so registrations and the reservation survive it; APTPL is kept and reported
+//! (PTPL_A). A write that fails fails the command and leaves the state as it was.
+//!
+//! **Fencing.** Commands that touch the medium hold the reservation state shared from their
+//! access check through their I/O; PERSISTENT RESERVE OUT holds it exclusively. A PREEMPT AND
+//! ABORT therefore completes only after the victim's commands that passed their check have
+//! finished; the victim's commands that were waiting return [`sense::TASK_ABORTED`]; queued
+//! ones the transport drops through its abort hook ([`Lun::set_abort_hook`]); later ones meet
+//! the new reservation. No write of a fenced nexus lands after the preempt completes.
+//!
 //! **Unit attentions.** The first command of every new I_T nexus finds POWER ON, RESET OR BUS
 //! DEVICE RESET OCCURRED; capacity changes, and the reservation changes SPC-4 names, queue
 //! theirs. INQUIRY, REPORT LUNS and REQUEST SENSE never report one (REQUEST SENSE returns and
