@@ -810,6 +810,11 @@ impl Store {
                 sparse.push(*id);
             }
         }
+        // Empty containers go before any compaction: its writer would fill an unsealed one.
+        for id in empty {
+            rep.bytes_freed += self.delete_container(id)?;
+            rep.containers_deleted += 1;
+        }
         if !sparse.is_empty() {
             let mut w = self.writer()?;
             let mut moved = Vec::new();
@@ -845,10 +850,6 @@ impl Store {
             }
             db!(self, tx.commit())?;
             rep.containers_retired = sparse.len() as u64;
-        }
-        for id in empty {
-            rep.bytes_freed += self.delete_container(id)?;
-            rep.containers_deleted += 1;
         }
         rep.strays_deleted = self.delete_strays()?;
         Ok(rep)
