@@ -146,6 +146,19 @@ impl Control {
                 let dest = str_param(p, "dest")?;
                 Ok(json!({"dest": dest, "bytes": e.clone_to(Path::new(dest))?}))
             }
+            "export.move" => {
+                let e = reg.get(str_param(p, "name")?)?;
+                let dest = str_param(p, "dest")?;
+                let keep = opt_bool(p, "keep_source")?.unwrap_or(false);
+                let r = e.move_to(Path::new(dest), keep)?;
+                Ok(json!({
+                    "from": r.from.display().to_string(),
+                    "dest": r.to.display().to_string(),
+                    "bytes": r.copied_bytes,
+                    "paused_ms": r.paused.as_secs_f64() * 1000.0,
+                    "deleted": r.deleted.map(|p| p.display().to_string()),
+                }))
+            }
             _ => Err(Failure::no_method(method)),
         }
     }

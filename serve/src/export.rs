@@ -136,7 +136,8 @@ type Closer = Box<dyn Fn() + Send + Sync>;
 /// One export (see the module documentation).
 pub struct Export {
     name: String,
-    target: String,
+    /// The target string (a live move changes it to the new file).
+    target: Mutex<String>,
     read_only: bool,
     device: Arc<dyn BlockDevice>,
     live: Option<Arc<LiveDisk>>,
@@ -157,7 +158,7 @@ impl fmt::Debug for Export {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Export")
             .field("name", &self.name)
-            .field("target", &self.target)
+            .field("target", &self.target())
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
@@ -298,7 +299,7 @@ impl Export {
     pub fn new(name: &str, target: &str, read_only: bool, opened: Opened) -> Self {
         Export {
             name: name.to_string(),
-            target: target.to_string(),
+            target: Mutex::new(target.to_string()),
             read_only: read_only || opened.device.info().read_only,
             device: opened.device,
             live: opened.live,
@@ -391,7 +392,7 @@ impl Export {
         let i = self.device.info();
         ExportInfo {
             name: self.name.clone(),
-            target: self.target.clone(),
+            target: self.target(),
             format: self.format.clone(),
             describe: self.device.describe(),
             size: i.capacity,
@@ -529,6 +530,31 @@ impl Export {
         let _g = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let r = self.live("a merge")?.merge_checkpoint(&Job::new())?;
         Ok(r.into.display().to_string())
+    }
+
+    /// Moves the disk to a new VHDX at `dst` while it is served (storage live migration:
+    /// see [`LiveDisk::move_to`]); clients go on without a reconnect. The export's target
+    /// becomes `dst`. The source's top image is deleted after the switch unless `keep_source`.
+    pub fn move_to(
+        &self,
+        dst: &std::path::Path,
+        keep_source: bool,
+    ) -> Result<vstor_vhdx::live::MoveReport, ServeError> {
+        let _g = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let opts = vstor_vhdx::convert::ConvertOptions::default();
+        let r = self
+            .live("a move")?
+            .move_to(dst, &opts, keep_source, &Job::new())?;
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = dst.display().to_string();
+        Ok(r)
+    }
+
+    /// The target string the export serves (the file it moved to, after a move).
+    pub fn target(&self) -> String {
+        self.target
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Copies a consistent point-in-time image of the disk to `dst` while it stays in use.

@@ -143,6 +143,17 @@ pub enum ExportCommand {
     Merge(NameArgs),
     /// Copy a point-in-time image of a served VHDX while it stays in use.
     Clone(CloneArgs),
+    /// Move a served VHDX to a new file while it stays in use (storage live migration).
+    #[command(
+        after_help = "Example:\n  vstor export move vm1 /fast/vm1.vhdx --server /run/vstor.sock\n\n\
+        The disk (its whole chain, flattened) is copied while clients keep writing; what they\n\
+        write meanwhile is copied again, in passes, and a last time with I/O paused, and the\n\
+        export switches to the new file (clients do not reconnect). Until the switch the old\n\
+        file is the disk: a failure or a crash before it leaves everything as it was. After\n\
+        it the old top image is deleted (--keep-source keeps it; parents of a chain are never\n\
+        touched). Restart the daemon with the new path: the export serves DEST from now on."
+    )]
+    Move(MoveArgs),
 }
 
 /// The daemon itself.
@@ -250,6 +261,20 @@ pub struct CloneArgs {
     name: String,
     /// Where to write the copy (a new VHDX).
     dest: PathBuf,
+    #[command(flatten)]
+    c: Common,
+}
+
+/// `export move`.
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    /// The export's name.
+    name: String,
+    /// The new file (a VHDX that must not exist yet; its directory must).
+    dest: PathBuf,
+    /// Keep the old top image after the switch (default: deleted).
+    #[arg(long)]
+    keep_source: bool,
     #[command(flatten)]
     c: Common,
 }
@@ -585,6 +610,14 @@ pub fn run_export(cmd: ExportCommand) -> Result<(), Error> {
                 json!({"name": a.name, "dest": absolute(&a.dest)}),
             )?,
         ),
+        ExportCommand::Move(a) => (
+            &a.c,
+            call(
+                &a.c,
+                "export.move",
+                json!({"name": a.name, "dest": absolute(&a.dest), "keep_source": a.keep_source}),
+            )?,
+        ),
     };
     if c.json {
         print_json(&v);
@@ -623,6 +656,18 @@ pub fn run_export(cmd: ExportCommand) -> Result<(), Error> {
             a.dest.display(),
             v.get("bytes").cloned().unwrap_or(Value::Null)
         ),
+        ExportCommand::Move(a) => {
+            println!(
+                "export '{}': moved to {} ({} bytes written; I/O paused {:.1} ms)",
+                a.name,
+                a.dest.display(),
+                v.get("bytes").cloned().unwrap_or(Value::Null),
+                v.get("paused_ms").and_then(Value::as_f64).unwrap_or(0.0)
+            );
+            if let Some(d) = v.get("deleted").and_then(Value::as_str) {
+                println!("deleted {d}");
+            }
+        }
     }
     Ok(())
 }

@@ -40,6 +40,30 @@ fn lock_key(path: &Path) -> PathBuf {
 /// The granule of the changes recorded during an online merge.
 const GRANULE: u64 = 1 << 20;
 
+/// What [`LiveDisk::move_to`] did.
+#[derive(Debug, Clone)]
+pub struct MoveReport {
+    /// The image that took writes before the move.
+    pub from: PathBuf,
+    /// The image that takes them now.
+    pub to: PathBuf,
+    /// Bytes written to the new image.
+    pub copied_bytes: u64,
+    /// How long I/O was held for the last pass and the switch.
+    pub paused: std::time::Duration,
+    /// The source image deleted after the switch (`None`: kept, as asked).
+    pub deleted: Option<PathBuf>,
+}
+
+/// Makes a new or removed name in the directory of `path` durable (best effort).
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
 /// A VHDX in use that can be checkpointed and merged online (see the module documentation).
 pub struct LiveDisk {
     cur: RwLock<Arc<Vhdx>>,
@@ -312,12 +336,191 @@ impl LiveDisk {
             Ok(rep)
         });
         let _ = std::fs::remove_file(&tmp);
-        if let Some(dir) = dst.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        sync_dir(dst);
         r
+    }
+
+    /// A storage live migration (Hyper-V's Move-VMStorage, QEMU's mirror and pivot): copies
+    /// the disk (its whole chain, flattened) to a new VHDX at `dst` while it stays in use, then
+    /// switches to it and deletes the image that took writes (unless `keep_source`; the
+    /// chain's parents are never touched: other disks may share them).
+    ///
+    /// - The copy runs while writes go on; the ranges they touch are recorded and copied
+    ///   again, in passes while writes still go on until what is left is small, and a last
+    ///   time with I/O paused. With I/O still paused the copy is completed, named `dst` (made
+    ///   under a temporary name beside it, as a clone is), opened and locked, and becomes the
+    ///   image that takes writes; then I/O resumes on it. The report says how long I/O was
+    ///   paused.
+    /// - Until the copy is complete and durable the source is the disk: an error or a crash
+    ///   before leaves the disk as it was (and no file at `dst`). Then, with I/O paused, the
+    ///   source's top image leaves its name (`.NAME.moved` beside it) before `dst` takes the
+    ///   writes, so no crash leaves a stale image under the name the disk was opened by; it
+    ///   is deleted after the switch. With `keep_source` it keeps its name: a copy of the disk
+    ///   as it was at the switch.
+    /// - An existing `dst` is refused; so is a resize during the move (run it again).
+    pub fn move_to(
+        &self,
+        dst: &Path,
+        opts: &ConvertOptions,
+        keep_source: bool,
+        job: &Job,
+    ) -> Result<MoveReport> {
+        let _op = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        if std::fs::symlink_metadata(dst).is_ok() {
+            return Err(invalid(format!("{} already exists", dst.display())));
+        }
+        let name = dst
+            .file_name()
+            .ok_or_else(|| invalid(format!("{} names no file", dst.display())))?;
+        let tmp = dst.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+        let _ = std::fs::remove_file(&tmp);
+        let cur = self.current();
+        let src_path = cur
+            .path()
+            .ok_or_else(|| invalid("a move needs an image opened from a path"))?
+            .to_path_buf();
+        if lock_key(&src_path) == lock_key(dst) {
+            return Err(invalid(format!("{} is the disk itself", dst.display())));
+        }
+        let size = cur.capacity();
+        let aside = (!keep_source).then(|| {
+            src_path.with_file_name(format!(
+                ".{}.moved",
+                src_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ))
+        });
+        {
+            // As for a merge: batches that did not see the flag have completed first.
+            let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
+            self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.tracking.store(true, Ordering::SeqCst);
+        }
+        let map = |off: u64, len: u64| cur.fills(off, len, None);
+        let take_dirty =
+            || std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let copy_dirty = |out: &dyn BlockDevice, dirty: BTreeSet<u64>| -> Result<u64> {
+            let mut n = 0;
+            for gr in dirty {
+                let from = gr * GRANULE;
+                let len = GRANULE.min(size.saturating_sub(from));
+                if len > 0 {
+                    n += copy_range(&*cur, Some(&map), out, false, from..from + len, &Job::new())?
+                        .written_bytes;
+                }
+            }
+            Ok(n)
+        };
+        // The guard of the pause, from the last pass to the switch.
+        let held = std::cell::RefCell::new(None);
+        let paused_at = std::cell::Cell::new(None);
+        let finish = |out: &dyn BlockDevice| -> Result<u64> {
+            let mut n = 0;
+            // Passes while writes go on, until what is left is small (or the writes keep
+            // up: the pause then takes the rest).
+            for _ in 0..8 {
+                let dirty = take_dirty();
+                if dirty.len() <= 8 {
+                    self.dirty
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(dirty);
+                    break;
+                }
+                n += copy_dirty(out, dirty)?;
+            }
+            let g = self.cur.write().unwrap_or_else(|p| p.into_inner());
+            paused_at.set(Some(std::time::Instant::now()));
+            self.tracking.store(false, Ordering::SeqCst);
+            if g.capacity() != size {
+                return Err(invalid(
+                    "the disk was resized during the move; nothing was moved (run it again)",
+                ));
+            }
+            n += copy_dirty(out, take_dirty())?;
+            *held.borrow_mut() = Some(g);
+            Ok(n)
+        };
+        let r = crate::convert::convert_finishing(&*cur, Some(&map), &tmp, opts, job, &finish);
+        self.tracking.store(false, Ordering::SeqCst);
+        let mut g = held.borrow_mut().take();
+        let switched = r.and_then(|rep| {
+            let g = g
+                .as_mut()
+                .ok_or_else(|| invalid("the move's copy ended without its last pass"))?;
+            std::fs::hard_link(&tmp, dst).map_err(|e| {
+                vstor_core::Error::io(format!("cannot name the copy {}", dst.display()), e)
+            })?;
+            let _ = std::fs::remove_file(&tmp);
+            sync_dir(dst);
+            // The source leaves its name before the copy takes the writes, so that no crash
+            // from here on leaves a stale image under the name the disk was opened by (it
+            // is deleted once the switch is done).
+            if let Some(aside) = &aside {
+                std::fs::rename(&src_path, aside).map_err(|e| {
+                    vstor_core::Error::io(format!("cannot move {} aside", src_path.display()), e)
+                })?;
+                sync_dir(&src_path);
+            }
+            let opened = self
+                .relock(dst, self.writer_mode)
+                .and_then(|()| Vhdx::open(dst, &self.opts));
+            match opened {
+                Ok(v) => {
+                    **g = Arc::new(v);
+                    Ok(rep)
+                }
+                Err(e) => {
+                    // The source stays the disk: it gets its name back and the copy goes.
+                    if let Some(aside) = &aside {
+                        let _ = std::fs::rename(aside, &src_path);
+                        sync_dir(&src_path);
+                    }
+                    self.unlock(dst);
+                    let _ = std::fs::remove_file(dst);
+                    Err(e)
+                }
+            }
+        });
+        let _ = std::fs::remove_file(&tmp);
+        let paused = paused_at.get().map(|t| t.elapsed());
+        drop(g);
+        let rep = switched?;
+        // The old chain's locks go (the new image holds its own); then its top image.
+        if let Some(locks) = &self.locks {
+            let keep = lock_key(dst);
+            locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|k, _| *k == keep);
+        }
+        drop(cur);
+        let deleted = match &aside {
+            None => None,
+            Some(aside) => {
+                std::fs::remove_file(aside).map_err(|e| {
+                    vstor_core::Error::io(
+                        format!(
+                            "moved to {}, but cannot remove the old image (now {})",
+                            dst.display(),
+                            aside.display()
+                        ),
+                        e,
+                    )
+                })?;
+                sync_dir(aside);
+                Some(src_path.clone())
+            }
+        };
+        Ok(MoveReport {
+            from: src_path,
+            to: dst.to_path_buf(),
+            copied_bytes: rep.written_bytes,
+            paused: paused.unwrap_or_default(),
+            deleted,
+        })
     }
 
     fn record(&self, batch: &[Request<'_>]) {

@@ -145,3 +145,72 @@ fn a_live_clone_is_a_consistent_copy_while_threads_write() {
     assert!(check(&p).unwrap().is_clean());
     assert!(check(&copy).unwrap().is_clean());
 }
+
+/// A storage live migration while threads write: the disk moves to a new file, every write
+/// (before, during and after the move) is in it, the old image is deleted (the chain's parent
+/// is kept), and the new file is a clean, standalone VHDX.
+#[test]
+fn a_live_move_switches_to_the_copy_while_threads_write() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("vm.vhdx");
+    Vhdx::create(&p, &CreateOptions::dynamic(16 * MIB).block_size(MIB as u32))
+        .unwrap()
+        .close()
+        .unwrap();
+    let disk = Arc::new(LiveDisk::open(&p).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let hs = writers(&disk, &stop);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // A checkpoint first: the move flattens the chain and leaves the parent alone.
+    let (child, frozen) = disk.checkpoint(None).unwrap();
+    drop(frozen);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let to = d.path().join("moved").join("vm2.vhdx");
+    // Into a directory that does not exist: refused, nothing changes.
+    let e = disk
+        .move_to(&to, &Default::default(), false, &Job::new())
+        .unwrap_err();
+    assert!(e.to_string().contains("vm2.vhdx"), "{e}");
+    assert_eq!(disk.current().path(), Some(child.as_path()));
+    std::fs::create_dir(d.path().join("moved")).unwrap();
+    // Onto an existing file: refused, the file untouched.
+    std::fs::write(&to, b"keep me").unwrap();
+    assert!(disk
+        .move_to(&to, &Default::default(), false, &Job::new())
+        .is_err());
+    assert_eq!(std::fs::read(&to).unwrap(), b"keep me");
+    std::fs::remove_file(&to).unwrap();
+
+    let r = disk
+        .move_to(&to, &Default::default(), false, &Job::new())
+        .unwrap();
+    assert_eq!(
+        (r.from.as_path(), r.to.as_path()),
+        (child.as_path(), to.as_path())
+    );
+    assert_eq!(r.deleted.as_deref(), Some(child.as_path()));
+    assert!(
+        !child.exists() && p.exists(),
+        "the top image goes, its parent stays"
+    );
+    assert_eq!(disk.current().path(), Some(to.as_path()));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let lasts: Vec<Vec<u32>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    disk.flush().unwrap();
+    for (w, last) in lasts.iter().enumerate() {
+        for (s, &t) in last.iter().enumerate() {
+            assert_eq!(slot_tag(&*disk, w as u64 * 4 * MIB + s as u64 * SLOT), t);
+        }
+    }
+    drop(disk);
+    assert!(check(&to).unwrap().is_clean());
+    let v = Vhdx::open(&to, &OpenOptions::read_only()).unwrap();
+    assert!(v.parent().is_none(), "the moved disk stands alone");
+    for (w, last) in lasts.iter().enumerate() {
+        for (s, &t) in last.iter().enumerate() {
+            assert_eq!(slot_tag(&v, w as u64 * 4 * MIB + s as u64 * SLOT), t);
+        }
+    }
+    assert!(!d.path().join("moved").join(".vm2.vhdx.partial").exists());
+}
