@@ -180,7 +180,8 @@ impl TargetOpts {
 }
 
 /// Where the reservations of an export opened from `target` persist: its first file with
-/// `.vstor-pr` appended.
+/// `.vstor-pr` appended. None when the target names no file here (a target of another kind,
+/// or a file that does not exist): its reservations are kept in memory only.
 pub fn pr_state_path(target: &str) -> Option<PathBuf> {
     let mut end = target.len();
     let b = target.as_bytes();
@@ -197,16 +198,22 @@ pub fn pr_state_path(target: &str) -> Option<PathBuf> {
         i += 1;
     }
     let base = &target[..end];
-    let path = match base.split_once(':') {
-        Some((p, path)) if ["raw", "vhdx", "vhd", "pool"].contains(&p) => path,
-        _ => base,
+    let (pool, path) = match base.split_once(':') {
+        Some(("pool", path)) => (true, path),
+        Some((p, path)) if ["raw", "vhdx", "vhd"].contains(&p) => (false, path),
+        Some(_) if !base.starts_with('/') => return None,
+        _ => (false, base),
     };
     let path = path.replace(",,", ",");
-    if path.is_empty() {
-        return None;
-    }
     let path = path.trim_end_matches('/');
-    Some(PathBuf::from(format!("{path}.vstor-pr")))
+    let p = std::path::Path::new(path);
+    // A pool space is DIR/NAME: the pool's directory exists, the space is no file.
+    let exists = if pool {
+        p.parent().is_some_and(|d| d.is_dir())
+    } else {
+        p.is_file()
+    };
+    exists.then(|| PathBuf::from(format!("{path}.vstor-pr")))
 }
 
 #[cfg(test)]
@@ -231,18 +238,27 @@ mod tests {
 
     #[test]
     fn pr_state_beside_the_first_file() {
+        let dir = std::env::temp_dir().join(format!("vstor-pr-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.join("a,b.img");
+        std::fs::write(&d, b"").unwrap();
+        let ds = d.display().to_string();
         assert_eq!(
-            pr_state_path("raw:/srv/d.img,readonly=on"),
-            Some(PathBuf::from("/srv/d.img.vstor-pr"))
+            pr_state_path(&format!("raw:{ds},readonly=on")),
+            Some(PathBuf::from(format!("{ds}.vstor-pr")))
         );
         assert_eq!(
-            pr_state_path("/srv/a,,b.vhdx"),
-            Some(PathBuf::from("/srv/a,b.vhdx.vstor-pr"))
+            pr_state_path(&ds.replace(',', ",,")),
+            Some(PathBuf::from(format!("{ds}.vstor-pr")))
         );
+        let space = dir.join("space1").display().to_string();
         assert_eq!(
-            pr_state_path("pool:/p/space1"),
-            Some(PathBuf::from("/p/space1.vstor-pr"))
+            pr_state_path(&format!("pool:{space}")),
+            Some(PathBuf::from(format!("{space}.vstor-pr")))
         );
+        assert_eq!(pr_state_path("mem:1048576"), None);
+        assert_eq!(pr_state_path("/no/such/file.img"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(default_iqn("Disk0"), "iqn.2026-12.io.vstor:disk0");
     }
 }

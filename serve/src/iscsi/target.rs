@@ -295,6 +295,11 @@ impl IscsiServer {
             .unwrap_or_else(|| super::default_iqn(name))
     }
 
+    /// The addresses the portals listen on.
+    pub fn portals(&self) -> Vec<SocketAddr> {
+        lock(&self.portals).clone()
+    }
+
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Acquire)
@@ -598,6 +603,16 @@ struct Login {
 struct Refusal(u16, String);
 
 impl IscsiServer {
+    /// A TSIH for a discovery session (never 0; discovery sessions are not listed).
+    fn discovery_tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+
     fn chap(&self) -> Option<&ChapConfig> {
         self.config.chap.as_ref()
     }
@@ -649,9 +664,12 @@ impl IscsiServer {
                         h.0[1] = (h.0[1] & !0x03) | (p.bhs.flags() & 0x03);
                     }
                     if let Some(s) = &done {
-                        if let LoginKind::Normal(sess) = &s.kind {
-                            h.set_u16(14, sess.tsih);
-                        }
+                        let tsih = match &s.kind {
+                            LoginKind::Normal(sess) => sess.tsih,
+                            // A discovery session has an identifying handle too.
+                            LoginKind::Discovery => self.discovery_tsih(),
+                        };
+                        h.set_u16(14, tsih);
                     }
                     h.set_u32(24, st.stat_sn);
                     h.set_u32(28, st.cmd_sn);
