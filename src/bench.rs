@@ -11,7 +11,7 @@ use std::time::Instant;
 use vstor_core::{AlignedBuf, BlockDevice, Request};
 
 /// What to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BenchParams {
     /// Number of requests.
     pub count: u64,
@@ -31,6 +31,9 @@ pub struct BenchParams {
     pub random: bool,
     /// Seed of the random offsets.
     pub seed: u64,
+    /// With `random`: offsets drawn from a zipf distribution of this exponent (fio's
+    /// `random_distribution=zipf:THETA`) over the request-size slots, instead of uniformly.
+    pub zipf: Option<f64>,
     /// Flush after every this many requests (0: never), as qemu-img bench's `--flush-interval`.
     pub flush_interval: u64,
 }
@@ -48,6 +51,7 @@ impl Default for BenchParams {
             pattern: 0,
             random: false,
             seed: 1,
+            zipf: None,
             flush_interval: 0,
         }
     }
@@ -96,7 +100,9 @@ impl BenchParams {
             self.size,
             self.depth,
             self.offset,
-            if self.random {
+            if let (true, Some(t)) = (self.random, self.zipf) {
+                format!("zipf:{t} offsets aligned to {}", self.size)
+            } else if self.random {
                 format!("random offsets aligned to {}", self.size)
             } else {
                 format!("step size {}", self.step())
@@ -177,6 +183,7 @@ pub fn run(
         .collect();
     let slots = (capacity - size) / size + 1;
     let mut rng = fastrand::Rng::with_seed(p.seed);
+    let zipf = p.zipf.filter(|_| p.random).map(|t| Zipf::new(slots, t));
     let mut next = p.offset;
     let mut offsets = Vec::with_capacity(p.depth);
     let mut done = 0u64;
@@ -185,7 +192,9 @@ pub fn run(
         let n = (p.count - done).min(p.depth as u64) as usize;
         offsets.clear();
         for _ in 0..n {
-            if p.random {
+            if let Some(z) = &zipf {
+                offsets.push(z.slot(z.rank(&mut rng)) * size);
+            } else if p.random {
                 offsets.push(rng.u64(0..slots) * size);
             } else {
                 offsets.push(next);
@@ -240,10 +249,145 @@ pub fn run(
     })
 }
 
+/// A zipf distribution over `n` slots as fio draws it (`random_distribution=zipf:THETA`): rank
+/// 0 is the most popular, rank `k` is drawn with a probability proportional to
+/// `1 / (k + 1)^theta`, by the closed-form generator of Gray et al. ("Quickly generating
+/// billion-record synthetic databases", the one YCSB and fio use; its normalizing sum runs over
+/// at most 10 million ranks, as fio's does). Ranks are scattered over the slots by a fixed
+/// permutation, so the hot slots are not all at the start of the device.
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    n: u64,
+    theta: f64,
+    zetan: f64,
+    alpha: f64,
+    eta: f64,
+    /// The permutation `rank -> (rank * mul + add) % n` (`mul` coprime to `n`).
+    mul: u64,
+    add: u64,
+}
+
+impl Zipf {
+    /// The distribution over `n` slots (at least 1) with exponent `theta` (> 0, not 1: as
+    /// fio, which refuses 1.0).
+    pub fn new(n: u64, theta: f64) -> Zipf {
+        let n = n.max(1);
+        let items = n.min(10_000_000);
+        let zeta = |m: u64| (1..=m).map(|i| 1.0 / (i as f64).powf(theta)).sum::<f64>();
+        let zetan = zeta(items);
+        let zeta2 = zeta(2.min(items));
+        let alpha = 1.0 / (1.0 - theta);
+        let eta = (1.0 - (2.0 / n as f64).powf(1.0 - theta)) / (1.0 - zeta2 / zetan);
+        let mut mul = 0x9e37_79b9_7f4a_7c15 % n;
+        while n > 1 && gcd(mul, n) != 1 {
+            mul += 1;
+        }
+        Zipf {
+            n,
+            theta,
+            zetan,
+            alpha,
+            eta,
+            mul: mul.max(1),
+            add: 0x2545_f491_4f6c_dd1d % n,
+        }
+    }
+
+    /// A rank (0: the most popular).
+    pub fn rank(&self, rng: &mut fastrand::Rng) -> u64 {
+        let u = rng.f64();
+        let uz = u * self.zetan;
+        let v = if uz < 1.0 {
+            1
+        } else if uz < 1.0 + 0.5f64.powf(self.theta) {
+            2
+        } else {
+            1 + (self.n as f64 * (self.eta * u - self.eta + 1.0).powf(self.alpha)) as u64
+        };
+        (v.max(1) - 1).min(self.n - 1)
+    }
+
+    /// The slot of a rank.
+    pub fn slot(&self, rank: u64) -> u64 {
+        ((u128::from(rank) * u128::from(self.mul) + u128::from(self.add)) % u128::from(self.n))
+            as u64
+    }
+
+    /// The share of draws that fall on the `k` most popular ranks (what an ideal cache of `k`
+    /// slots would serve): `zeta(k) / zeta(n)`.
+    pub fn top_share(&self, k: u64) -> f64 {
+        let k = k.min(self.n).min(10_000_000);
+        (1..=k)
+            .map(|i| 1.0 / (i as f64).powf(self.theta))
+            .sum::<f64>()
+            / self.zetan
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vstor_core::MemoryDevice;
+
+    /// The generator draws what the distribution says: the share of draws on the most popular
+    /// ranks matches `zeta(k) / zeta(n)` (fio's t/fio-genzipf figures), ranks are spread over
+    /// the slots by a permutation, and a zipf bench run stays inside the device.
+    #[test]
+    fn zipf_draws_match_the_distribution_and_scatter_over_the_slots() {
+        for (n, theta) in [(1u64 << 18, 1.2), (100_000, 0.8), (1 << 22, 1.2)] {
+            let z = Zipf::new(n, theta);
+            let mut rng = fastrand::Rng::with_seed(7);
+            let draws = 400_000;
+            for k in [1, n / 100, n / 10] {
+                let hits = (0..draws).filter(|_| z.rank(&mut rng) < k).count();
+                let got = hits as f64 / draws as f64;
+                let want = z.top_share(k);
+                assert!(
+                    (got - want).abs() < 0.02,
+                    "n {n} theta {theta} top {k}: drew {got:.4}, zipf says {want:.4}"
+                );
+            }
+            let mut seen = vec![false; n.min(1 << 16) as usize];
+            let small = Zipf::new(seen.len() as u64, theta);
+            for r in 0..seen.len() as u64 {
+                let s = small.slot(r) as usize;
+                assert!(!seen[s], "slot {s} twice");
+                seen[s] = true;
+            }
+        }
+        // theta 1.2 over 2^18 slots: the hottest 1% takes most of the draws.
+        assert!(Zipf::new(1 << 18, 1.2).top_share((1 << 18) / 100) > 0.6);
+        // A bench run stays inside the device and is skewed: 500 zipf draws over 256 slots
+        // touch far fewer blocks than 500 uniform ones.
+        let touched = |zipf: Option<f64>| {
+            let dev = MemoryDevice::new(1 << 20).unwrap();
+            let p = BenchParams {
+                count: 500,
+                depth: 8,
+                random: true,
+                zipf,
+                write: true,
+                pattern: 3,
+                ..Default::default()
+            };
+            if zipf.is_some() {
+                assert!(p.banner().contains("zipf:1.2"));
+            }
+            run(&dev, &p, &mut |_| {}).unwrap();
+            let mut all = vec![0u8; 1 << 20];
+            dev.read_at(0, &mut all).unwrap();
+            all.chunks(4096).filter(|c| c[0] == 3).count()
+        };
+        let (z, u) = (touched(Some(1.2)), touched(None));
+        assert!(z > 10 && (z as f64) < 0.7 * u as f64, "zipf {z}, uniform {u}");
+    }
 
     #[test]
     fn writes_land_where_qemu_would_put_them() {

@@ -22,6 +22,8 @@
 //!   share-rw=on|off      a writer lets readers in beside it (never a second writer)
 //!   max-iops=N           QoS layer: cap in 8 KiB-normalized IOPS
 //!   min-iops=N           QoS layer: reservation in 8 KiB-normalized IOPS
+//!   model=hdd|none       serve a raw base with the timing of a 7,200 rpm disk (seek by
+//!                        distance, rotation, 180 MB/s, one head: vstor_core::hdd)
 //! ```
 //!
 //! A comma inside a path is written `,,`.
@@ -84,6 +86,8 @@ pub struct TargetOptions {
     pub locking: Option<bool>,
     /// A writer lets readers in beside it.
     pub share_rw: Option<bool>,
+    /// Serve the base file with the timing of a rotating disk (`model=hdd`; raw bases).
+    pub hdd: bool,
 }
 
 /// The QoS layer on top of a base.
@@ -210,7 +214,7 @@ pub fn format_of_extension(path: &Path) -> Option<Detected> {
 }
 
 const KNOWN_OPTIONS: &str =
-    "readonly, direct, cache, engine, locking, share-rw, max-iops, min-iops";
+    "readonly, direct, cache, engine, locking, share-rw, max-iops, min-iops, model";
 
 impl std::str::FromStr for TargetSpec {
     type Err = Error;
@@ -277,6 +281,16 @@ impl std::str::FromStr for TargetSpec {
                 }
                 "locking" | "file.locking" => options.locking = Some(on_off(input, k, v)?),
                 "share-rw" => options.share_rw = Some(on_off(input, k, v)?),
+                "model" => match v {
+                    "hdd" => options.hdd = true,
+                    "none" => options.hdd = false,
+                    _ => {
+                        return Err(target_err(
+                            input,
+                            format!("model={v}: expected hdd or none"),
+                        ))
+                    }
+                },
                 "max-iops" | "min-iops" => {
                     let n: u64 = v.parse().map_err(|_| {
                         target_err(input, format!("{k}={v}: expected a whole number of IOPS"))
@@ -300,6 +314,13 @@ impl std::str::FromStr for TargetSpec {
             l.limits
                 .validate()
                 .map_err(|e| target_err(input, e.to_string()))?;
+        }
+        if options.hdd && !matches!(kind, TargetKind::Raw(_)) {
+            return Err(target_err(
+                input,
+                "model=hdd applies to a raw base here (raw:PATH,model=hdd); a pool's members \
+                 do not take a model yet",
+            ));
         }
         Ok(TargetSpec {
             kind,
@@ -538,6 +559,14 @@ impl TargetSpec {
                     .map(str::to_string)
                     .collect();
                 let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+                let dev: Arc<dyn BlockDevice> = if self.options.hdd {
+                    Arc::new(vstor_core::HddDevice::new(
+                        dev,
+                        vstor_core::HddModel::default(),
+                    ))
+                } else {
+                    dev
+                };
                 let dev: Arc<dyn BlockDevice> = if self.source == FormatSource::Prefix {
                     dev
                 } else {

@@ -34,6 +34,7 @@ mod error;
 pub mod fault;
 mod file;
 mod group;
+pub mod hdd;
 mod job;
 mod mem;
 mod request;
@@ -44,6 +45,7 @@ pub use device::{
 };
 pub use error::{corrupt, io_kind, Error, ErrorKind, LayerError, OpKind, Result};
 pub use fault::{CutPolicy, FaultDevice, FaultRule};
+pub use hdd::{HddDevice, HddModel};
 pub use file::{Engine, FileDevice, FileKind, FileOptions, ImageLock, LockMode};
 pub use group::submit_group;
 pub use job::Job;

@@ -273,6 +273,11 @@ pub struct BenchArgs {
     /// Seed of --random.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// With --random: how offsets are drawn, as fio's random_distribution: random (uniform,
+    /// the default) or zipf:THETA (the most popular slots get most requests; THETA > 0, not 1;
+    /// 1.2 is a common skew).
+    #[arg(long, value_name = "DIST", value_parser = distribution_arg)]
+    distribution: Option<Distribution>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -737,6 +742,11 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
         direct,
         engine: a.open.engine,
     };
+    if a.distribution.is_some() && !a.random {
+        return Err(Error::InvalidArgument(
+            "--distribution draws random offsets: give --random too".into(),
+        ));
+    }
     let opened = open.open(&a.target, !a.write)?;
     let dev = opened.device.as_ref();
     let p = BenchParams {
@@ -749,6 +759,7 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
         pattern: a.pattern,
         random: a.random,
         seed: a.seed,
+        zipf: a.distribution.and_then(|d| d.0),
         flush_interval: a.flush_interval,
     };
     if !a.json {
@@ -770,4 +781,24 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
         );
     }
     Ok(())
+}
+
+/// A `--distribution`: uniform (`None`) or zipf with this exponent.
+#[derive(Debug, Clone, Copy)]
+pub struct Distribution(Option<f64>);
+
+/// `--distribution`: `random` (uniform) or `zipf:THETA`.
+fn distribution_arg(s: &str) -> Result<Distribution, String> {
+    if s == "random" || s == "uniform" {
+        return Ok(Distribution(None));
+    }
+    let t = s
+        .strip_prefix("zipf:")
+        .ok_or_else(|| format!("'{s}': expected random or zipf:THETA"))?;
+    match t.parse::<f64>() {
+        Ok(t) if t > 0.0 && t.is_finite() && (t - 1.0).abs() > 1e-9 => Ok(Distribution(Some(t))),
+        _ => Err(format!(
+            "zipf:{t}: THETA must be a number above 0 and not 1 (as fio)"
+        )),
+    }
 }
