@@ -222,8 +222,9 @@ fn io_errors_fail_the_member_and_the_data_stays_readable() {
         let info = p.info();
         assert_eq!(info.members[1].state, MemberState::Failed, "{label}");
         assert!(
-            info.notes.iter().any(|n| n.contains("cannot be caught up")
-                || n.contains("catching it up failed")),
+            info.notes
+                .iter()
+                .any(|n| n.contains("cannot be caught up") || n.contains("catching it up failed")),
             "{label}: {:?}",
             info.notes
         );

@@ -194,8 +194,7 @@ fn members_that_missed_nothing_are_not_stale() {
     drop(pool);
     let pool = open(&devs, &[], false);
     assert!(
-        pool.info().members[2].usable
-            && pool.info().notes.iter().any(|n| n.contains("caught up")),
+        pool.info().members[2].usable && pool.info().notes.iter().any(|n| n.contains("caught up")),
         "{:?}",
         pool.info().notes
     );
