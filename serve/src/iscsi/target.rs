@@ -270,11 +270,10 @@ impl IscsiServer {
             .name("iscsi-reaper".into())
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(50));
+                // It runs until the server is dropped: during a shutdown it lets go of the LUNs
+                // of the exports being removed, which the daemon waits for.
                 let Some(me) = weak.upgrade() else { return };
                 me.reap(Instant::now());
-                if me.stopping.load(Ordering::Acquire) {
-                    return;
-                }
             });
         me
     }
