@@ -55,6 +55,27 @@ pub struct MoveReport {
     pub deleted: Option<PathBuf>,
 }
 
+/// Copies the `GRANULE`s numbered `dirty` (below `size`) of `src`, as `map` says, into `dst`;
+/// returns the bytes written.
+fn copy_granules(
+    src: &dyn BlockDevice,
+    map: crate::convert::AllocationMap<'_>,
+    dst: &dyn BlockDevice,
+    size: u64,
+    dirty: BTreeSet<u64>,
+) -> Result<u64> {
+    let mut n = 0;
+    for gr in dirty {
+        let from = gr * GRANULE;
+        let len = GRANULE.min(size.saturating_sub(from));
+        if len > 0 {
+            n += copy_range(src, Some(map), dst, false, from..from + len, &Job::new())?
+                .written_bytes;
+        }
+    }
+    Ok(n)
+}
+
 /// Makes a new or removed name in the directory of `path` durable (best effort).
 fn sync_dir(path: &Path) {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -230,32 +251,15 @@ impl LiveDisk {
             if target.capacity() < size {
                 target.resize_with(size, &Job::new())?;
             }
-            {
-                // Tracking starts with I/O held for a moment: a batch that looked at the flag
-                // before it was set (and so records nothing) has completed before the copy
-                // starts, so the copy sees its data. Without this, such a write could land
-                // behind the copy and be lost at the switch.
-                let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
-                self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
-                self.tracking.store(true, Ordering::SeqCst);
-            }
-            let copy = |c: &Vhdx, from: u64, len: u64, job: &Job| -> Result<u64> {
-                let map = |off: u64, l: u64| c.fills(off, l, Some(1));
-                Ok(copy_range(c, Some(&map), &target, false, from..from + len, job)?.written_bytes)
-            };
-            let first = copy(&child, 0, size, job)?;
+            self.start_tracking();
+            // The child's own blocks only (its parent is the target).
+            let map = |off: u64, l: u64| child.fills(off, l, Some(1));
+            let first =
+                copy_range(&*child, Some(&map), &target, false, 0..size, job)?.written_bytes;
             // I/O paused: what changed during the copy, then the switch.
             let mut g = self.cur.write().unwrap_or_else(|p| p.into_inner());
             self.tracking.store(false, Ordering::SeqCst);
-            let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
-            let mut again = 0;
-            for gr in dirty {
-                let from = gr * GRANULE;
-                let len = GRANULE.min(size.saturating_sub(from));
-                if len > 0 {
-                    again += copy(&child, from, len, &Job::new())?;
-                }
-            }
+            let again = copy_granules(&*child, &map, &target, size, self.take_dirty())?;
             target.flush()?;
             *g = Arc::new(target);
             Ok(first + again)
@@ -302,29 +306,14 @@ impl LiveDisk {
         let tmp = dst.with_file_name(format!(".{}.partial", name.to_string_lossy()));
         let _ = std::fs::remove_file(&tmp);
         let cur = self.current();
-        {
-            // As for a merge: batches that did not see the flag have completed first.
-            let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
-            self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            self.tracking.store(true, Ordering::SeqCst);
-        }
+        self.start_tracking();
         let map = |off: u64, len: u64| cur.fills(off, len, None);
         let finish = |out: &dyn BlockDevice| -> Result<u64> {
             // I/O paused: what changed during the copy.
             let _g = self.cur.write().unwrap_or_else(|p| p.into_inner());
             self.tracking.store(false, Ordering::SeqCst);
-            let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
             let size = cur.capacity().min(out.capacity());
-            let mut n = 0;
-            for gr in dirty {
-                let from = gr * GRANULE;
-                let len = GRANULE.min(size.saturating_sub(from));
-                if len > 0 {
-                    n += copy_range(&*cur, Some(&map), out, false, from..from + len, &Job::new())?
-                        .written_bytes;
-                }
-            }
-            Ok(n)
+            copy_granules(&*cur, &map, out, size, self.take_dirty())
         };
         let r = crate::convert::convert_finishing(&*cur, Some(&map), &tmp, opts, job, &finish);
         self.tracking.store(false, Ordering::SeqCst);
@@ -392,26 +381,10 @@ impl LiveDisk {
                     .unwrap_or_default()
             ))
         });
-        {
-            // As for a merge: batches that did not see the flag have completed first.
-            let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
-            self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            self.tracking.store(true, Ordering::SeqCst);
-        }
+        self.start_tracking();
         let map = |off: u64, len: u64| cur.fills(off, len, None);
-        let take_dirty =
-            || std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         let copy_dirty = |out: &dyn BlockDevice, dirty: BTreeSet<u64>| -> Result<u64> {
-            let mut n = 0;
-            for gr in dirty {
-                let from = gr * GRANULE;
-                let len = GRANULE.min(size.saturating_sub(from));
-                if len > 0 {
-                    n += copy_range(&*cur, Some(&map), out, false, from..from + len, &Job::new())?
-                        .written_bytes;
-                }
-            }
-            Ok(n)
+            copy_granules(&*cur, &map, out, size, dirty)
         };
         // The guard of the pause, from the last pass to the switch.
         let held = std::cell::RefCell::new(None);
@@ -421,7 +394,7 @@ impl LiveDisk {
             // Passes while writes go on, until what is left is small (or the writes keep
             // up: the pause then takes the rest).
             for _ in 0..8 {
-                let dirty = take_dirty();
+                let dirty = self.take_dirty();
                 if dirty.len() <= 8 {
                     self.dirty
                         .lock()
@@ -439,7 +412,7 @@ impl LiveDisk {
                     "the disk was resized during the move; nothing was moved (run it again)",
                 ));
             }
-            n += copy_dirty(out, take_dirty())?;
+            n += copy_dirty(out, self.take_dirty())?;
             *held.borrow_mut() = Some(g);
             Ok(n)
         };
@@ -521,6 +494,21 @@ impl LiveDisk {
             paused: paused.unwrap_or_default(),
             deleted,
         })
+    }
+
+    /// Starts recording the ranges writes touch, with I/O held for a moment: a batch that
+    /// looked at the flag before it was set (and so records nothing) has completed before the
+    /// caller's copy starts, so the copy sees its data. Without this, such a write could land
+    /// behind the copy and be lost.
+    fn start_tracking(&self) {
+        let _held = self.cur.write().unwrap_or_else(|p| p.into_inner());
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.tracking.store(true, Ordering::SeqCst);
+    }
+
+    /// The granules written since the last call (tracking goes on).
+    fn take_dirty(&self) -> BTreeSet<u64> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn record(&self, batch: &[Request<'_>]) {
