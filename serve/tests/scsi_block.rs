@@ -481,3 +481,44 @@ fn block_limits_page() {
     assert_eq!(b0[4] & 1, 1, "WSNZ");
     assert!(be32(8) >= 65536, "MAXIMUM TRANSFER LENGTH");
 }
+
+#[test]
+fn verify_and_write_and_verify() {
+    let (l, a) = setup();
+    let data: Vec<u8> = (0..2048u32).map(|i| (i % 251) as u8).collect();
+    // WRITE AND VERIFY (10) writes.
+    let mut c = write10(4, 4);
+    c[0] = 0x2e;
+    assert_eq!(l.execute(&a, &c, &data).status, GOOD);
+    assert_eq!(l.execute(&a, &read10(4, 4), &[]).data, data);
+    // VERIFY (10) with BYTCHK=1: equal data is GOOD, one flipped byte a MISCOMPARE at its
+    // offset; BYTCHK=0 reads only.
+    let mut v = read10(4, 4);
+    v[0] = 0x2f;
+    v[1] = 0x02;
+    assert_eq!(Lun::data_dir(&v), Ok(vstor_serve::scsi::DataDir::Out(2048)));
+    assert_eq!(l.execute(&a, &v, &data).status, GOOD);
+    let mut bad = data.clone();
+    bad[1500] ^= b'X';
+    let r = l.execute(&a, &v, &bad);
+    assert_eq!(code(&r), (0x0e, 0x1d, 0));
+    assert_eq!(u32::from_be_bytes(r.sense[3..7].try_into().unwrap()), 1500);
+    v[1] = 0;
+    assert_eq!(l.execute(&a, &v, &[]).status, GOOD);
+    // VERIFY (16) BYTCHK=3: every block against one.
+    assert_eq!(l.execute(&a, &write16(20, 3), &[5; 1536]).status, GOOD);
+    let mut v16 = read16(20, 3);
+    v16[0] = 0x8f;
+    v16[1] = 0x06;
+    assert_eq!(l.execute(&a, &v16, &[5; 512]).status, GOOD);
+    assert_eq!(code(&l.execute(&a, &v16, &[6; 512])).0, 0x0e);
+    // Bounds and protection fields.
+    let mut c = read10(0, 0);
+    c[0] = 0x2f;
+    c[2..6].copy_from_slice(&(BLOCKS as u32 + 1).to_be_bytes());
+    assert_eq!(code(&l.execute(&a, &c, &[])), LBA_OOB);
+    let mut c = read10(0, 1);
+    c[0] = 0x2f;
+    c[1] = 0x20;
+    assert_eq!(code(&l.execute(&a, &c, &[])), INVALID_FIELD_CDB);
+}

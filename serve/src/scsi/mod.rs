@@ -238,6 +238,18 @@ pub mod op {
     pub const REPORT_LUNS: u8 = 0xa0;
     /// READ (12).
     pub const READ_12: u8 = 0xa8;
+    /// WRITE AND VERIFY (10).
+    pub const WRITE_AND_VERIFY_10: u8 = 0x2e;
+    /// VERIFY (10).
+    pub const VERIFY_10: u8 = 0x2f;
+    /// WRITE AND VERIFY (16).
+    pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
+    /// VERIFY (16).
+    pub const VERIFY_16: u8 = 0x8f;
+    /// WRITE AND VERIFY (12).
+    pub const WRITE_AND_VERIFY_12: u8 = 0xae;
+    /// VERIFY (12).
+    pub const VERIFY_12: u8 = 0xaf;
     /// WRITE (12).
     pub const WRITE_12: u8 = 0xaa;
 }
@@ -395,6 +407,9 @@ fn is_medium_write(opcode: u8) -> bool {
             | op::WRITE_SAME_16
             | op::UNMAP
             | op::COMPARE_AND_WRITE
+            | op::WRITE_AND_VERIFY_10
+            | op::WRITE_AND_VERIFY_12
+            | op::WRITE_AND_VERIFY_16
     )
 }
 
@@ -554,7 +569,10 @@ impl Lun {
     /// Runs one command to completion (blocking; call it from a worker thread). `data_out` is
     /// all the Data-Out the initiator sent (its expected data transfer length), not cut to
     /// what [`Lun::data_dir_of`] said: a WRITE, WRITE SAME or COMPARE AND WRITE whose Data-Out
-    /// is not the length its CDB implies gets CHECK CONDITION, as SBC asks.
+    /// is not the length its CDB implies gets CHECK CONDITION, as SBC asks. (A COMPARE AND
+    /// WRITE of zero blocks is no error, so one whose initiator sends Data-Out anyway, as
+    /// libiscsi does when it asks for 256 blocks, which the one-byte field cannot hold, must
+    /// reach this with that Data-Out, or be refused by the transport.)
     pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
         let epoch = self.abort_epoch.load(Ordering::Acquire);
         let Some(&opcode) = cdb.first() else {
@@ -717,6 +735,10 @@ impl Lun {
             },
             op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => self.read(cdb),
             op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => self.write(cdb, data_out),
+            op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
+                self.write_and_verify(cdb, data_out)
+            }
+            op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => self.verify(cdb, data_out),
             op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => self.synchronize_cache(cdb),
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => self.mode_sense(cdb),
             op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(cdb, data_out),
@@ -856,6 +878,71 @@ impl Lun {
         match r {
             Ok(()) => ScsiResponse::good(Vec::new()),
             Err(e) => stack_error(&e, true),
+        }
+    }
+
+    /// WRITE AND VERIFY: the write, made durable (the stack's own checks are the verify).
+    fn write_and_verify(&self, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        if (cdb[1] >> 1) & 3 > 1 {
+            return invalid_cdb(1);
+        }
+        let mut c = cdb.to_vec();
+        c[1] |= 0x08; // as FUA
+        self.write(&c, data_out)
+    }
+
+    /// VERIFY: reads the blocks (BYTCHK 0), or compares them with the Data-Out (BYTCHK 1),
+    /// or each of them with one block of Data-Out (BYTCHK 3).
+    fn verify(&self, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
+        let rw = match parse_rw(cdb) {
+            Ok(rw) => rw,
+            Err(r) => return r,
+        };
+        let bytchk = (cdb[1] >> 1) & 3;
+        if bytchk == 2 {
+            return invalid_cdb(1);
+        }
+        let (_, bs) = match self.check_range(rw.lba, u64::from(rw.blocks)) {
+            Ok(g) => g,
+            Err(r) => return r,
+        };
+        if rw.blocks == 0 {
+            return ScsiResponse::good(Vec::new());
+        }
+        if rw.blocks > max_transfer_blocks(bs) {
+            return invalid_cdb(if cdb[0] == op::VERIFY_10 { 7 } else { 6 });
+        }
+        let len = (rw.blocks * bs) as usize;
+        let want = match bytchk {
+            0 => 0,
+            1 => len,
+            _ => bs as usize,
+        };
+        if data_out.len() != want {
+            return ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::PARAMETER_LIST_LENGTH);
+        }
+        let mut cur = vec![0u8; len];
+        let g = self.export.begin(OpKind::Read, len as u64);
+        let r = self.device().read_at(rw.lba * u64::from(bs), &mut cur);
+        g.done(r.is_ok());
+        if let Err(e) = r {
+            return stack_error(&e, false);
+        }
+        let differs = match bytchk {
+            0 => None,
+            1 => cur.iter().zip(data_out).position(|(a, b)| a != b),
+            _ => cur
+                .iter()
+                .enumerate()
+                .position(|(i, b)| *b != data_out[i % bs as usize]),
+        };
+        match differs {
+            Some(i) => ScsiResponse::check(sense::with_information(
+                key::MISCOMPARE,
+                asc::MISCOMPARE_VERIFY,
+                i as u32,
+            )),
+            None => ScsiResponse::good(Vec::new()),
         }
     }
 
@@ -1411,7 +1498,10 @@ fn access_of(opcode: u8, cdb: &[u8]) -> pr::Access {
         | op::READ_12
         | op::READ_16
         | op::MODE_SENSE_6
-        | op::MODE_SENSE_10 => pr::Access::Read,
+        | op::MODE_SENSE_10
+        | op::VERIFY_10
+        | op::VERIFY_12
+        | op::VERIFY_16 => pr::Access::Read,
         op::WRITE_6
         | op::WRITE_10
         | op::WRITE_12
@@ -1420,6 +1510,9 @@ fn access_of(opcode: u8, cdb: &[u8]) -> pr::Access {
         | op::WRITE_SAME_16
         | op::UNMAP
         | op::COMPARE_AND_WRITE
+        | op::WRITE_AND_VERIFY_10
+        | op::WRITE_AND_VERIFY_12
+        | op::WRITE_AND_VERIFY_16
         | op::SYNCHRONIZE_CACHE_10
         | op::SYNCHRONIZE_CACHE_16 => pr::Access::Write,
         _ => pr::Access::Always,
@@ -1448,9 +1541,9 @@ fn parse_rw(cdb: &[u8]) -> Result<Rw, ScsiResponse> {
         return Err(invalid_cdb(1)); // RDPROTECT/WRPROTECT: no protection information
     }
     let fua = cdb[1] & 0x08 != 0;
-    let (lba, blocks) = match op {
-        op::READ_10 | op::WRITE_10 => (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7))),
-        op::READ_12 | op::WRITE_12 => (u64::from(be32(cdb, 2)), be32(cdb, 6)),
+    let (lba, blocks) = match cdb_len(op) {
+        Some(10) => (u64::from(be32(cdb, 2)), u32::from(be16(cdb, 7))),
+        Some(12) => (u64::from(be32(cdb, 2)), be32(cdb, 6)),
         _ => (be64(cdb, 2), be32(cdb, 10)),
     };
     Ok(Rw { lba, blocks, fua })
@@ -1491,6 +1584,19 @@ fn data_dir_bs(cdb: &[u8], bs: u32) -> Result<DataDir, ScsiResponse> {
         op::WRITE_10 => out(u64::from(be16(cdb, 7)) * bs)?,
         op::WRITE_12 => out(u64::from(be32(cdb, 6)) * bs)?,
         op::WRITE_16 => out(u64::from(be32(cdb, 10)) * bs)?,
+        op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
+            let blocks = parse_rw(cdb).map_or(0, |rw| rw.blocks);
+            out(u64::from(blocks) * bs)?
+        }
+        op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => {
+            let blocks = parse_rw(cdb).map_or(0, |rw| rw.blocks);
+            match (cdb[1] >> 1) & 3 {
+                0 => DataDir::None,
+                1 => out(u64::from(blocks) * bs)?,
+                3 => out(bs)?,
+                _ => return Err(invalid_cdb(1)),
+            }
+        }
         op::WRITE_SAME_10 => out(bs)?,
         op::WRITE_SAME_16 => {
             if cdb[1] & 0x01 != 0 {
