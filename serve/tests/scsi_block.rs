@@ -522,3 +522,77 @@ fn verify_and_write_and_verify() {
     c[1] = 0x20;
     assert_eq!(code(&l.execute(&a, &c, &[])), INVALID_FIELD_CDB);
 }
+
+fn rsoc(rctd: bool, option: u8, opcode: u8, sa: u16) -> Vec<u8> {
+    let mut c = vec![
+        0xa3,
+        0x0c,
+        option | if rctd { 0x80 } else { 0 },
+        opcode,
+        0,
+        0,
+        0,
+        0,
+        0xff,
+        0xff,
+        0,
+        0,
+    ];
+    c[4..6].copy_from_slice(&sa.to_be_bytes());
+    c
+}
+
+/// REPORT SUPPORTED OPERATION CODES as libiscsi's ReportSupportedOpcodes suite checks it.
+#[test]
+fn report_supported_operation_codes() {
+    let (l, a) = setup();
+    for rctd in [false, true] {
+        let r = l.execute(&a, &rsoc(rctd, 0, 0, 0), &[]);
+        assert_eq!(r.status, GOOD);
+        let d = r.data;
+        let len = u32::from_be_bytes(d[0..4].try_into().unwrap()) as usize;
+        assert_eq!(d.len(), 4 + len);
+        let step = if rctd { 20 } else { 8 };
+        let mut seen = 0;
+        for desc in d[4..].chunks_exact(step) {
+            seen += 1;
+            let (opcode, sa, servactv) = (
+                desc[0],
+                u16::from_be_bytes([desc[2], desc[3]]),
+                desc[5] & 1 != 0,
+            );
+            assert_eq!(desc[5] & 2 != 0, rctd, "CTDP");
+            if rctd {
+                assert_eq!(u16::from_be_bytes([desc[8], desc[9]]), 0x0a);
+            }
+            assert!(servactv || sa == 0);
+            // One command: with the wrong option, INVALID FIELD IN CDB; with the right one its
+            // usage data, which starts with the operation code.
+            let (right, wrong) = if servactv { (2, 1) } else { (1, 2) };
+            assert_eq!(
+                code(&l.execute(&a, &rsoc(false, wrong, opcode, sa), &[])),
+                INVALID_FIELD_CDB
+            );
+            let one = l.execute(&a, &rsoc(false, right, opcode, sa), &[]).data;
+            assert_eq!(one[1] & 7, 3, "supported");
+            let n = usize::from(u16::from_be_bytes([one[2], one[3]]));
+            assert_eq!(n, usize::from(u16::from_be_bytes([desc[6], desc[7]])));
+            assert_eq!(one[4], opcode);
+            // Every command it lists runs (does not answer INVALID COMMAND OPERATION CODE).
+            let mut cdb = vec![0u8; n];
+            cdb[0] = opcode;
+            if servactv && opcode != 0x5f && opcode != 0x5e {
+                cdb[1] = sa as u8;
+            }
+            let r = l.execute(&a, &cdb, &[]);
+            assert_ne!(r.sense_code(), Some((5, 0x20, 0)), "{opcode:#x}");
+        }
+        assert!(seen > 30);
+    }
+    // READ (10) and WRITE (10) say DPO and FUA, as MODE SENSE's DPOFUA does.
+    let one = l.execute(&a, &rsoc(false, 1, 0x28, 0), &[]).data;
+    assert_eq!(one[5] & 0x18, 0x18);
+    // An operation code it does not support.
+    let one = l.execute(&a, &rsoc(false, 1, 0xc5, 0), &[]).data;
+    assert_eq!(one[1] & 7, 1);
+}

@@ -236,6 +236,8 @@ pub mod op {
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     /// REPORT LUNS.
     pub const REPORT_LUNS: u8 = 0xa0;
+    /// MAINTENANCE IN: REPORT SUPPORTED OPERATION CODES 0x0C.
+    pub const MAINTENANCE_IN: u8 = 0xa3;
     /// READ (12).
     pub const READ_12: u8 = 0xa8;
     /// WRITE AND VERIFY (10).
@@ -745,6 +747,10 @@ impl Lun {
             op::UNMAP => self.unmap(cdb, data_out),
             op::COMPARE_AND_WRITE => self.compare_and_write(cdb, data_out),
             op::PERSISTENT_RESERVE_IN => self.persistent_reserve_in(cdb),
+            op::MAINTENANCE_IN if cdb[1] & 0x1f == SA_REPORT_SUPPORTED_OPCODES => {
+                report_supported_opcodes(cdb)
+            }
+            op::MAINTENANCE_IN => invalid_cdb(1),
             op::PERSISTENT_RESERVE_OUT => self.persistent_reserve_out(nexus, cdb, data_out),
             _ => invalid_opcode(),
         }
@@ -1519,6 +1525,261 @@ fn access_of(opcode: u8, cdb: &[u8]) -> pr::Access {
     }
 }
 
+/// MAINTENANCE IN service action REPORT SUPPORTED OPERATION CODES.
+const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
+
+/// Every command this LUN runs: operation code, service action (None: the operation code has
+/// none), and its CDB usage data (the CDB's bits the LUN looks at; byte 0 the operation code).
+const SUPPORTED: &[(u8, Option<u16>, &[u8])] = &[
+    (op::TEST_UNIT_READY, None, &[0x00, 0, 0, 0, 0, 0]),
+    (op::REQUEST_SENSE, None, &[0x03, 0x01, 0, 0, 0xff, 0]),
+    (op::READ_6, None, &[0x08, 0x1f, 0xff, 0xff, 0xff, 0]),
+    (op::WRITE_6, None, &[0x0a, 0x1f, 0xff, 0xff, 0xff, 0]),
+    (op::INQUIRY, None, &[0x12, 0x01, 0xff, 0xff, 0xff, 0]),
+    (op::MODE_SENSE_6, None, &[0x1a, 0x08, 0xff, 0xff, 0xff, 0]),
+    (
+        op::READ_CAPACITY_10,
+        None,
+        &[0x25, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x01, 0],
+    ),
+    (
+        op::READ_10,
+        None,
+        &[0x28, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::WRITE_10,
+        None,
+        &[0x2a, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::WRITE_AND_VERIFY_10,
+        None,
+        &[0x2e, 0x12, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::VERIFY_10,
+        None,
+        &[0x2f, 0x16, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::SYNCHRONIZE_CACHE_10,
+        None,
+        &[0x35, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::WRITE_SAME_10,
+        None,
+        &[0x41, 0x08, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (op::UNMAP, None, &[0x42, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0]),
+    (
+        op::MODE_SENSE_10,
+        None,
+        &[0x5a, 0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_IN,
+        Some(0),
+        &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_IN,
+        Some(1),
+        &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_IN,
+        Some(2),
+        &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_IN,
+        Some(3),
+        &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_OUT,
+        Some(0),
+        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_OUT,
+        Some(1),
+        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_OUT,
+        Some(2),
+        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_OUT,
+        Some(3),
+        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_OUT,
+        Some(4),
+        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_OUT,
+        Some(5),
+        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_OUT,
+        Some(6),
+        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0],
+    ),
+    (
+        op::PERSISTENT_RESERVE_OUT,
+        Some(7),
+        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0],
+    ),
+    (op::READ_16, None, &RW16_USAGE[0]),
+    (
+        op::COMPARE_AND_WRITE,
+        None,
+        &[
+            0x89, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0, 0,
+        ],
+    ),
+    (op::WRITE_16, None, &RW16_USAGE[1]),
+    (op::WRITE_AND_VERIFY_16, None, &RW16_USAGE[2]),
+    (op::VERIFY_16, None, &RW16_USAGE[3]),
+    (op::SYNCHRONIZE_CACHE_16, None, &RW16_USAGE[4]),
+    (op::WRITE_SAME_16, None, &RW16_USAGE[5]),
+    (
+        op::SERVICE_ACTION_IN_16,
+        Some(SA_READ_CAPACITY_16 as u16),
+        &RW16_USAGE[6],
+    ),
+    (
+        op::SERVICE_ACTION_IN_16,
+        Some(SA_GET_LBA_STATUS as u16),
+        &RW16_USAGE[7],
+    ),
+    (
+        op::REPORT_LUNS,
+        None,
+        &[0xa0, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0],
+    ),
+    (
+        op::MAINTENANCE_IN,
+        Some(SA_REPORT_SUPPORTED_OPCODES as u16),
+        &[
+            0xa3, 0x1f, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0,
+        ],
+    ),
+    (op::READ_12, None, &RW12_USAGE[0]),
+    (op::WRITE_12, None, &RW12_USAGE[1]),
+    (op::WRITE_AND_VERIFY_12, None, &RW12_USAGE[2]),
+    (op::VERIFY_12, None, &RW12_USAGE[3]),
+];
+
+/// CDB usage data of the 16-byte commands with an LBA and a length.
+const RW16_USAGE: [[u8; 16]; 8] = {
+    let flags = [
+        (0x88, 0x18),
+        (0x8a, 0x18),
+        (0x8e, 0x12),
+        (0x8f, 0x16),
+        (0x91, 0x02),
+        (0x93, 0x09),
+        (0x9e, 0x1f),
+        (0x9e, 0x1f),
+    ];
+    let mut t = [[0u8; 16]; 8];
+    let mut i = 0;
+    while i < 8 {
+        t[i][0] = flags[i].0;
+        t[i][1] = flags[i].1;
+        let mut j = 2;
+        while j < 14 {
+            t[i][j] = 0xff;
+            j += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// CDB usage data of the 12-byte commands with an LBA and a length.
+const RW12_USAGE: [[u8; 12]; 4] = {
+    let flags = [(0xa8, 0x18), (0xaa, 0x18), (0xae, 0x12), (0xaf, 0x16)];
+    let mut t = [[0u8; 12]; 4];
+    let mut i = 0;
+    while i < 4 {
+        t[i][0] = flags[i].0;
+        t[i][1] = flags[i].1;
+        let mut j = 2;
+        while j < 10 {
+            t[i][j] = 0xff;
+            j += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// The command timeouts descriptor (RCTD): no timeouts are reported.
+const TIMEOUTS: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+fn report_supported_opcodes(cdb: &[u8]) -> ScsiResponse {
+    let rctd = cdb[2] & 0x80 != 0;
+    let option = cdb[2] & 0x07;
+    let opcode = cdb[3];
+    let sa = be16(cdb, 4);
+    let alloc = be32(cdb, 6) as usize;
+    let mut d = Vec::new();
+    match option {
+        0 => {
+            d.extend_from_slice(&[0; 4]);
+            for (o, s, usage) in SUPPORTED {
+                d.push(*o);
+                d.push(0);
+                d.extend_from_slice(&s.unwrap_or(0).to_be_bytes());
+                d.push(0);
+                d.push(if rctd { 0x02 } else { 0 } | u8::from(s.is_some()));
+                d.extend_from_slice(&(usage.len() as u16).to_be_bytes());
+                if rctd {
+                    d.extend_from_slice(&TIMEOUTS);
+                }
+            }
+            let n = (d.len() - 4) as u32;
+            d[0..4].copy_from_slice(&n.to_be_bytes());
+        }
+        1 | 2 => {
+            let has_sa = SUPPORTED
+                .iter()
+                .any(|(o, s, _)| *o == opcode && s.is_some());
+            if (option == 1) == has_sa {
+                return invalid_cdb(if option == 1 { 3 } else { 4 });
+            }
+            let found = SUPPORTED
+                .iter()
+                .find(|(o, s, _)| *o == opcode && (option == 1 || *s == Some(sa)));
+            match found {
+                Some((_, _, usage)) => {
+                    d.push(0);
+                    d.push(if rctd { 0x80 } else { 0 } | 0x03);
+                    d.extend_from_slice(&(usage.len() as u16).to_be_bytes());
+                    d.extend_from_slice(usage);
+                    if rctd {
+                        d.extend_from_slice(&TIMEOUTS);
+                    }
+                }
+                None => d.extend_from_slice(&[0, 0x01, 0, 0]),
+            }
+        }
+        _ => return invalid_cdb(2),
+    }
+    d.truncate(alloc);
+    ScsiResponse::good(d)
+}
+
 /// A READ or WRITE CDB.
 struct Rw {
     lba: u64,
@@ -1579,7 +1840,8 @@ fn data_dir_bs(cdb: &[u8], bs: u32) -> Result<DataDir, ScsiResponse> {
         | op::READ_16
         | op::SERVICE_ACTION_IN_16
         | op::REPORT_LUNS
-        | op::PERSISTENT_RESERVE_IN => DataDir::In,
+        | op::PERSISTENT_RESERVE_IN
+        | op::MAINTENANCE_IN => DataDir::In,
         op::WRITE_6 => out(if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) } * bs)?,
         op::WRITE_10 => out(u64::from(be16(cdb, 7)) * bs)?,
         op::WRITE_12 => out(u64::from(be32(cdb, 6)) * bs)?,
