@@ -596,3 +596,21 @@ fn report_supported_operation_codes() {
     let one = l.execute(&a, &rsoc(false, 1, 0xc5, 0), &[]).data;
     assert_eq!(one[1] & 7, 1);
 }
+
+#[test]
+fn pre_fetch() {
+    let (l, a) = setup();
+    let mut c = read10(0, 8);
+    c[0] = 0x34;
+    c[1] = 0x02; // IMMED
+    c[6] = 3; // group
+    assert_eq!(l.execute(&a, &c, &[]).status, GOOD);
+    let mut c = read10(BLOCKS as u32 + 1, 0);
+    c[0] = 0x34;
+    assert_eq!(code(&l.execute(&a, &c, &[])), LBA_OOB);
+    let mut c = read16(BLOCKS - 4, 4);
+    c[0] = 0x90;
+    assert_eq!(l.execute(&a, &c, &[]).status, GOOD);
+    c[2..10].copy_from_slice(&u64::MAX.to_be_bytes());
+    assert_eq!(code(&l.execute(&a, &c, &[])), LBA_OOB);
+}

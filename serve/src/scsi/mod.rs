@@ -210,8 +210,12 @@ pub mod op {
     pub const READ_10: u8 = 0x28;
     /// WRITE (10).
     pub const WRITE_10: u8 = 0x2a;
+    /// PRE-FETCH (10).
+    pub const PRE_FETCH_10: u8 = 0x34;
     /// SYNCHRONIZE CACHE (10).
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    /// PRE-FETCH (16).
+    pub const PRE_FETCH_16: u8 = 0x90;
     /// WRITE SAME (10).
     pub const WRITE_SAME_10: u8 = 0x41;
     /// UNMAP.
@@ -741,6 +745,17 @@ impl Lun {
                 self.write_and_verify(cdb, data_out)
             }
             op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => self.verify(cdb, data_out),
+            op::PRE_FETCH_10 | op::PRE_FETCH_16 => {
+                // No cache of its own to load: GOOD ("not all of it fits"), after the range.
+                let rw = match parse_rw(cdb) {
+                    Ok(rw) => rw,
+                    Err(r) => return r,
+                };
+                match self.check_range(rw.lba, u64::from(rw.blocks)) {
+                    Ok(_) => ScsiResponse::good(Vec::new()),
+                    Err(r) => r,
+                }
+            }
             op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => self.synchronize_cache(cdb),
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => self.mode_sense(cdb),
             op::WRITE_SAME_10 | op::WRITE_SAME_16 => self.write_same(cdb, data_out),
@@ -1507,7 +1522,9 @@ fn access_of(opcode: u8, cdb: &[u8]) -> pr::Access {
         | op::MODE_SENSE_10
         | op::VERIFY_10
         | op::VERIFY_12
-        | op::VERIFY_16 => pr::Access::Read,
+        | op::VERIFY_16
+        | op::PRE_FETCH_10
+        | op::PRE_FETCH_16 => pr::Access::Read,
         op::WRITE_6
         | op::WRITE_10
         | op::WRITE_12
@@ -1566,6 +1583,19 @@ const SUPPORTED: &[(u8, Option<u16>, &[u8])] = &[
         op::SYNCHRONIZE_CACHE_10,
         None,
         &[0x35, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        op::PRE_FETCH_10,
+        None,
+        &[0x34, 0x02, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0],
+    ),
+    (
+        op::PRE_FETCH_16,
+        None,
+        &[
+            0x90, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x1f, 0,
+        ],
     ),
     (
         op::WRITE_SAME_10,
@@ -1828,7 +1858,11 @@ fn data_dir_bs(cdb: &[u8], bs: u32) -> Result<DataDir, ScsiResponse> {
     };
     let bs = u64::from(bs);
     Ok(match opcode {
-        op::TEST_UNIT_READY | op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => DataDir::None,
+        op::TEST_UNIT_READY
+        | op::SYNCHRONIZE_CACHE_10
+        | op::SYNCHRONIZE_CACHE_16
+        | op::PRE_FETCH_10
+        | op::PRE_FETCH_16 => DataDir::None,
         op::REQUEST_SENSE
         | op::INQUIRY
         | op::MODE_SENSE_6
