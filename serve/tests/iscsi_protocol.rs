@@ -635,3 +635,34 @@ fn task_management_and_resize() {
     f.daemon.as_ref().unwrap().registry().remove("d0").unwrap();
     assert!(a.closed());
 }
+
+/// Not a test: scripts/bench-iscsi's helper. With `VSTOR_ISCSI_PR=reserve`, an initiator of
+/// its own registers (APTPL) and takes a Write Exclusive – Registrants Only reservation on the
+/// LUN of `VSTOR_ISCSI_PORTAL` and `VSTOR_ISCSI_TARGET`, and logs out (the reservation stays);
+/// with `clear`, it clears every registration and the reservation.
+#[test]
+#[ignore = "a helper that scripts/bench-iscsi runs"]
+fn bench_pr_helper() {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set"));
+    let addr: SocketAddr = var("VSTOR_ISCSI_PORTAL").parse().unwrap();
+    let target = var("VSTOR_ISCSI_TARGET");
+    let mut o = LoginOpts::new("iqn.2026-12.io.vstor.bench:holder", Some(&target));
+    o.isid = [0x80, 0, 0, 0, 0x0b, 0x01];
+    let mut i = Initiator::login(addr, &o).unwrap().expect("login");
+    i.clear_ua().unwrap();
+    let key = 0xbe4c_0001;
+    match var("VSTOR_ISCSI_PR").as_str() {
+        "reserve" => {
+            good(&i.prout(pr::REGISTER_AND_IGNORE, 0, 0, key, true).unwrap());
+            good(&i.prout(pr::RESERVE, pr::WE_RO, key, 0, false).unwrap());
+            assert_eq!(i.read_reservation().unwrap(), Some((key, pr::WE_RO)));
+        }
+        "clear" => {
+            good(&i.prout(pr::REGISTER_AND_IGNORE, 0, 0, key, false).unwrap());
+            good(&i.prout(pr::CLEAR, 0, key, 0, false).unwrap());
+            assert_eq!(i.read_reservation().unwrap(), None);
+        }
+        other => panic!("VSTOR_ISCSI_PR={other}: reserve or clear"),
+    }
+    i.logout().unwrap();
+}
