@@ -521,3 +521,20 @@ fn a_victim_command_waiting_on_the_preempt_is_aborted() {
     // The victim's next command hears why.
     assert_eq!(clear_ua(&l, &a), vec![(0x2a, 0x05)]);
 }
+
+/// A LOGICAL UNIT RESET: every nexus hears it once; reservations and registrations stay.
+#[test]
+fn lun_reset_keeps_reservations() {
+    let (l, a, b) = two();
+    assert_eq!(register_and_ignore(&l, &a, K1).status, GOOD);
+    assert_eq!(reserve(&l, &a, K1, EA).status, GOOD);
+    l.reset();
+    l.reset();
+    assert_eq!(clear_ua(&l, &a), vec![(0x29, 0x03)]);
+    assert_eq!(clear_ua(&l, &b), vec![(0x29, 0x03)]);
+    assert_eq!(read_reservation(&l, &b), Some((K1, EA)));
+    assert_eq!(
+        l.execute(&b, &read10(0, 1), &[]).status,
+        RESERVATION_CONFLICT
+    );
+}

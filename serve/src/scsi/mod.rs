@@ -11,6 +11,8 @@
 //! - [`Lun::data_dir_of`]: the same as [`Lun::data_dir`] with this LUN's logical block size
 //!   (`data_dir` takes 512-byte blocks: a WRITE's Data-Out length is its block count times the
 //!   block size, which a CDB alone does not say);
+//! - [`Lun::reset`]: the transport reports a LOGICAL UNIT RESET (or target reset) task
+//!   management function, for the reset unit attention every nexus must see;
 //! - [`sense::TASK_ABORTED`]: the status of a command that a PREEMPT AND ABORT of another nexus
 //!   aborted while it waited to run; the transport sends no response for it (TAS=0).
 //!
@@ -311,6 +313,7 @@ fn cdb_len(opcode: u8) -> Option<usize> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Ua {
     PowerOnReset,
+    LunReset,
     CapacityChanged,
     ReservationsPreempted,
     ReservationsReleased,
@@ -321,6 +324,7 @@ impl Ua {
     fn code(self) -> (u8, u8) {
         match self {
             Ua::PowerOnReset => asc::POWER_ON_RESET,
+            Ua::LunReset => asc::BUS_DEVICE_RESET,
             Ua::CapacityChanged => asc::CAPACITY_CHANGED,
             Ua::ReservationsPreempted => asc::RESERVATIONS_PREEMPTED,
             Ua::ReservationsReleased => asc::RESERVATIONS_RELEASED,
@@ -337,10 +341,11 @@ struct NexusState {
 
 impl NexusState {
     fn push(&mut self, ua: Ua) {
-        if self.ua.contains(&Ua::PowerOnReset) || self.ua.contains(&ua) {
+        let reset = |u: &Ua| matches!(u, Ua::PowerOnReset | Ua::LunReset);
+        if self.ua.iter().any(reset) || self.ua.contains(&ua) {
             return; // a reset already covers every other change
         }
-        if ua == Ua::PowerOnReset {
+        if reset(&ua) {
             self.ua.clear();
         }
         self.ua.push_back(ua);
@@ -532,6 +537,16 @@ impl Lun {
         let mut n = self.nexuses.lock().unwrap_or_else(|p| p.into_inner());
         for s in n.values_mut() {
             s.push(Ua::CapacityChanged);
+        }
+    }
+
+    /// A LOGICAL UNIT RESET (or a target reset) happened: every I_T nexus gets BUS DEVICE
+    /// RESET FUNCTION OCCURRED. Aborting the tasks is the transport's part; reservations and
+    /// registrations stay (SPC-4: they are persistent).
+    pub fn reset(&self) {
+        let mut n = self.nexuses.lock().unwrap_or_else(|p| p.into_inner());
+        for s in n.values_mut() {
+            s.push(Ua::LunReset);
         }
     }
 

@@ -64,6 +64,8 @@ pub mod asc {
     pub const SPACE_ALLOCATION_FAILED: (u8, u8) = (0x27, 0x07);
     /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
     pub const POWER_ON_RESET: (u8, u8) = (0x29, 0x00);
+    /// BUS DEVICE RESET FUNCTION OCCURRED (a logical unit reset).
+    pub const BUS_DEVICE_RESET: (u8, u8) = (0x29, 0x03);
     /// RESERVATIONS PREEMPTED.
     pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x03);
     /// RESERVATIONS RELEASED.
