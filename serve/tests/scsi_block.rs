@@ -396,6 +396,13 @@ fn read_only_export_refuses_every_medium_write() {
     assert_eq!(code(&l.execute(&a, &c, &p)), protect);
     assert_eq!(code(&l.execute(&a, &caw(0, 1), &[0; 1024])), protect);
     assert_eq!(l.execute(&a, &read10(0, 1), &[]).status, GOOD);
+    // The transport learns it before collecting any Data-Out.
+    let r = l.data_dir_of(&write_same16(0, 1, true)).unwrap_err();
+    assert_eq!(code(&r), protect);
+    assert_eq!(
+        l.data_dir_of(&read10(0, 1)),
+        Ok(vstor_serve::scsi::DataDir::In)
+    );
 }
 
 #[test]

@@ -523,9 +523,16 @@ impl Lun {
         data_dir_bs(cdb, 512)
     }
 
-    /// Direction and Data-Out length of a CDB for this LUN's logical block size.
+    /// Direction and Data-Out length of a CDB for this LUN's logical block size. On a
+    /// read-only export a command that would change the medium is refused here already (DATA
+    /// PROTECT, WRITE PROTECTED), so a transport need not collect its Data-Out, and a
+    /// malformed transfer does not hide the write protection.
     pub fn data_dir_of(&self, cdb: &[u8]) -> Result<DataDir, ScsiResponse> {
-        data_dir_bs(cdb, self.block_size())
+        let dir = data_dir_bs(cdb, self.block_size())?;
+        if cdb.first().is_some_and(|&o| is_medium_write(o)) && self.export.read_only() {
+            return Err(write_protected());
+        }
+        Ok(dir)
     }
 
     /// The transport calls this when the export's size changed (a capacity-changed UA for
