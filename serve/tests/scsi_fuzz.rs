@@ -1,5 +1,5 @@
 //! Replays the `scsi_cdb` fuzz target's logic (serve/tests/scsi_fuzz_logic) on fixed inputs,
-//! on the regressions in fuzz/regressions/scsi_cdb/ where there are any, and on 500 seeded
+//! on the regressions in fuzz/regressions/scsi_cdb/ where there are any, and on 3000 seeded
 //! random ones.
 
 mod scsi_fuzz_logic;
@@ -51,7 +51,7 @@ fn regressions() {
 #[test]
 fn seeded_random_inputs() {
     let mut state = 0x5c51_cdb0_u64;
-    for _ in 0..500 {
+    for _ in 0..3000 {
         let len = (splitmix(&mut state) % 4096) as usize;
         let mut data = Vec::with_capacity(len);
         while data.len() < len {
