@@ -362,7 +362,6 @@ pub struct Lun {
     write_order: RwLock<()>,
     /// The capacity listener on the stack's capacity signal, if it has one.
     listener: Mutex<Option<ListenerId>>,
-    last_capacity: AtomicU64,
     /// The reservation state. Every command that reads or writes the medium holds it shared
     /// from its access check through its I/O; PERSISTENT RESERVE OUT holds it exclusively, so
     /// when a PREEMPT (AND ABORT) completes no command of the preempted nexus that passed its
@@ -478,14 +477,12 @@ impl Lun {
                 (Some(store), state)
             }
         };
-        let capacity = export.device().capacity();
         let lun = Arc::new(Lun {
             export,
             config,
             nexuses: Mutex::new(HashMap::new()),
             write_order: RwLock::new(()),
             listener: Mutex::new(None),
-            last_capacity: AtomicU64::new(capacity),
             pr: RwLock::new(state),
             store: Mutex::new(store),
             abort_epoch: AtomicU64::new(0),
@@ -539,8 +536,6 @@ impl Lun {
     /// all). The LUN also listens to the stack's capacity signal itself; a change reported
     /// twice queues one unit attention.
     pub fn capacity_changed(&self) {
-        self.last_capacity
-            .store(self.device().capacity(), Ordering::Relaxed);
         let mut n = self.nexuses.lock().unwrap_or_else(|p| p.into_inner());
         for s in n.values_mut() {
             s.push(Ua::CapacityChanged);
