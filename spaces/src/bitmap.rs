@@ -454,7 +454,9 @@ impl Inner {
         let m = &mut next.members[x];
         m.state = MemberState::Healthy;
         m.failed_seq = 0;
-        m.current_through = 0;
+        // `current_through` stays until the member holds this update (the next update
+        // clears it: `Inner::persist`): an update that reached the others and not the member
+        // leaves it as it was, to be caught up again, not found stale.
         m.returned_seq = cur.sequence;
         self.members_write()[x].usable = true;
         if let Err(e) = self.persist(&mut next) {
@@ -462,6 +464,10 @@ impl Inner {
             return Err(e);
         }
         let back = next.members[x].state == MemberState::Healthy;
+        if back {
+            // Every member holds the take-back now: this clears `current_through`.
+            self.persist(&mut next)?;
+        }
         *cur = next;
         drop(cur);
         if !back {
@@ -740,6 +746,32 @@ pub(crate) fn sync_bufs(
                         layout.parity_slot(row, shard - d)
                     }
                 };
+                // A member being caught up: its shard of the row (data or parity) is what the
+                // good shards of the others give, whichever others are absent (another member
+                // still behind, say) as long as `d` good ones are left.
+                if let Some(xs) = (0..w).find(|&sh| behind(slot_of(sh))) {
+                    let si = slot_of(xs);
+                    if bufs[si].is_none() {
+                        continue;
+                    }
+                    let mut shards: Vec<Option<Vec<u8>>> = (0..w)
+                        .map(|sh| {
+                            let s2 = slot_of(sh);
+                            (sh != xs && bufs[s2].is_some() && ok[s2][i]).then(|| blk(&bufs[s2], i))
+                        })
+                        .collect();
+                    if !code::reconstruct(&mut shards, d, bs) {
+                        out.unverifiable = true;
+                        continue;
+                    }
+                    let rec = shards[xs].take().expect("rebuilt");
+                    bufs[si].as_mut().expect("present")[i * bs..(i + 1) * bs].copy_from_slice(&rec);
+                    want[si][i] = csum::block_crc(&rec);
+                    ok[si][i] = true;
+                    data_dirty[si] = true;
+                    crc_dirty[si] = true;
+                    continue;
+                }
                 let bad: Vec<usize> = (0..w)
                     .filter(|&sh| bufs[slot_of(sh)].is_some() && !ok[slot_of(sh)][i])
                     .collect();

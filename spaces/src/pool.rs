@@ -472,11 +472,19 @@ fn divergence(views: &[(&str, &Meta, usize)]) -> Vec<String> {
             // later one: the update that took it back reached it and not `a`.
             let taken_back =
                 b_self.returned_seq >= r.failed_seq && am.sequence >= b_self.returned_seq;
+            // `b`'s side recorded `a` failed after `a`'s newest metadata: `a` stopped while
+            // `b`'s side went on, so `a`'s view is an older part of `b`'s history (a member
+            // that missed updates), not a side of its own.
+            let a_id = am.members[*ai].id;
+            let a_behind = bm.members.iter().any(|m| {
+                m.id == a_id && m.state == MemberState::Failed && m.failed_seq > am.sequence
+            });
             if r.state == MemberState::Failed
                 && r.failed_seq > 0
                 && bm.sequence >= r.failed_seq
                 && b_self.state != MemberState::Failed
                 && !taken_back
+                && !a_behind
             {
                 out.push(format!(
                     "{an} (member {ai}, metadata sequence {}) records member {rec} failed at sequence {}, but {bn} (member {bi}) went on to sequence {} as a healthy member",
@@ -963,6 +971,16 @@ impl Pool {
             let (Some(n), Some(seen)) = (&r.name, r.seen_sequence) else {
                 continue;
             };
+            if meta.version >= crate::format::KEYED_VERSION
+                && m.current_through != 0
+                && seen == m.current_through
+            {
+                // Still what it was when it went away (for a member recorded healthy: a
+                // take-back that reached the others and not it): not read, and caught up
+                // below.
+                r.usable = false;
+                continue;
+            }
             if m.state == MemberState::Failed || seen >= meta.armed_epoch {
                 continue;
             }
@@ -1006,7 +1024,7 @@ impl Pool {
                     notes.push(format!("member {i} ({}) is missing", m.id));
                 }
                 (Some(_), _) if behind_epoch.contains(&i) => {}
-                (Some(n), MemberState::Failed)
+                (Some(n), _)
                     if meta.version >= crate::format::KEYED_VERSION
                         && m.current_through != 0
                         && r.seen_sequence == Some(m.current_through) =>
@@ -1678,9 +1696,20 @@ impl Inner {
                 )
                 .into());
             }
-            for m in meta.members.iter_mut() {
-                if m.state == MemberState::Failed && m.failed_seq == 0 {
-                    m.failed_seq = meta.sequence;
+            {
+                let rt = self.members_read();
+                for (i, m) in meta.members.iter_mut().enumerate() {
+                    if m.state == MemberState::Failed && m.failed_seq == 0 {
+                        m.failed_seq = meta.sequence;
+                    }
+                    // A member taken back (caught up) that holds the update before this one
+                    // no longer needs what it was current through.
+                    if m.state != MemberState::Failed
+                        && m.current_through != 0
+                        && rt.get(i).and_then(|r| r.seen_sequence) == Some(meta.sequence - 1)
+                    {
+                        m.current_through = 0;
+                    }
                 }
             }
             let offset = (meta.sequence % 2) * meta.slot_size;

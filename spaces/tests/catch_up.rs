@@ -16,19 +16,6 @@ use vstor_spaces::{MemberState, OpenOptions, Pool, Provisioning, Resiliency, Spa
 const DISK: u64 = 24 << 20;
 const SPACE: u64 = 6 << 20;
 
-fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; space.capacity() as usize];
-    space.read_at(0, &mut b).unwrap();
-    b
-}
-
-fn redundant() -> Vec<(&'static str, Resiliency, usize, usize)> {
-    layouts()
-        .into_iter()
-        .filter(|l| l.1.tolerates() > 0)
-        .collect()
-}
-
 fn space_spec(res: Resiliency, cols: usize, provisioning: Provisioning) -> SpaceSpec {
     SpaceSpec {
         provisioning,

@@ -13,12 +13,6 @@ use vstor_spaces::{csum, IntegrityStats, Pool, Resiliency, SpacesError};
 const SPACE: u64 = 4 << 20;
 const DISK: u64 = 24 << 20;
 
-fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; space.capacity() as usize];
-    space.read_at(0, &mut b).unwrap();
-    b
-}
-
 /// The (member, member offset) of the first copy's data and, where there is one, of the
 /// first parity, of the byte at `at` of the space.
 fn places(space: &vstor_spaces::Space, at: u64) -> Vec<(usize, u64)> {

@@ -19,12 +19,6 @@ use vstor_spaces::{
 const DISK: u64 = 10 << 20;
 const SPACE: u64 = 2 << 20;
 
-fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; space.capacity() as usize];
-    space.read_at(0, &mut b).unwrap();
-    b
-}
-
 /// A pool with one space of `res`, written whole and flushed; returns the media and the data.
 fn golden(res: Resiliency, cols: usize, n: usize) -> (Vec<Vec<u8>>, Vec<u8>) {
     let devs = mem_disks(n, DISK);

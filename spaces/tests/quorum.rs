@@ -11,12 +11,6 @@ use vstor_spaces::{MemberState, OpenOptions, Pool, Resiliency, SpaceHealth, Spac
 const DISK: u64 = 16 << 20;
 const SPACE: u64 = 2 << 20;
 
-fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; space.capacity() as usize];
-    space.read_at(0, &mut b).unwrap();
-    b
-}
-
 fn split_brain(e: &vstor_core::Error) -> Option<String> {
     match e {
         vstor_core::Error::Layer(l) => match l.downcast_ref::<SpacesError>() {

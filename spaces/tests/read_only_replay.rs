@@ -14,12 +14,6 @@ use vstor_spaces::Resiliency;
 const DISK: u64 = 8 << 20;
 const SPACE: u64 = 2 << 20;
 
-fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; space.capacity() as usize];
-    space.read_at(0, &mut b).unwrap();
-    b
-}
-
 #[test]
 fn a_read_only_open_replays_journal_updates_in_memory() {
     // A parity space written whole and a mirror space, flushed and closed cleanly.

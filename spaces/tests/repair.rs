@@ -21,12 +21,6 @@ fn fill(space: &dyn BlockDevice, seed: u64) -> Vec<u8> {
     data
 }
 
-fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; space.capacity() as usize];
-    space.read_at(0, &mut b).unwrap();
-    b
-}
-
 fn fresh() -> Arc<dyn BlockDevice> {
     Arc::new(MemoryDevice::new(DISK).unwrap())
 }

@@ -13,20 +13,6 @@ use vstor_spaces::{csum, OpenOptions, Pool, Provisioning, Resiliency, SpaceSpec,
 const DISK: u64 = 24 << 20;
 const SPACE: u64 = 6 << 20;
 
-fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; space.capacity() as usize];
-    space.read_at(0, &mut b).unwrap();
-    b
-}
-
-/// The redundant layouts: (label, resiliency, columns, disks).
-fn redundant() -> Vec<(&'static str, Resiliency, usize, usize)> {
-    layouts()
-        .into_iter()
-        .filter(|l| l.1.tolerates() > 0)
-        .collect()
-}
-
 fn space_spec(res: Resiliency, cols: usize, provisioning: Provisioning) -> SpaceSpec {
     SpaceSpec {
         provisioning,

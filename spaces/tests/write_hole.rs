@@ -76,12 +76,6 @@ fn after(old: &[u8], steps: &[Vec<(u64, Vec<u8>)>], n: usize) -> Vec<u8> {
     v
 }
 
-fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
-    let mut b = vec![0u8; space.capacity() as usize];
-    space.read_at(0, &mut b).unwrap();
-    b
-}
-
 /// Every set of `k` members of `n`.
 fn subsets(n: usize, k: usize) -> Vec<Vec<usize>> {
     if k == 0 {

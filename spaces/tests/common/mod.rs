@@ -190,3 +190,18 @@ impl Group {
             .store(self.writes.load(Ordering::SeqCst) + k, Ordering::SeqCst);
     }
 }
+
+/// Every byte of a space (or any device).
+pub fn read_all(space: &dyn BlockDevice) -> Vec<u8> {
+    let mut b = vec![0u8; space.capacity() as usize];
+    space.read_at(0, &mut b).unwrap();
+    b
+}
+
+/// The layouts that tolerate a lost member: (label, resiliency, columns, disks).
+pub fn redundant() -> Vec<(&'static str, Resiliency, usize, usize)> {
+    layouts()
+        .into_iter()
+        .filter(|l| l.1.tolerates() > 0)
+        .collect()
+}
