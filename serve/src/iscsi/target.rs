@@ -82,7 +82,10 @@ struct Session {
     nexus: Nexus,
     sock: TcpStream,
     tasks: Mutex<Tasks>,
+    /// Waiters for a change of `tasks` (task management, logout, the reader's budget).
     cv: Condvar,
+    /// Workers wait here for commands.
+    ready: Condvar,
 }
 
 /// A command ready to run.
@@ -1021,6 +1024,7 @@ impl IscsiServer {
             sock,
             tasks: Mutex::new(Tasks::default()),
             cv: Condvar::new(),
+            ready: Condvar::new(),
         });
         sessions.push(s.clone());
         Ok(s)
@@ -1100,6 +1104,7 @@ impl IscsiServer {
             t.r2t_wait.clear();
         }
         s.cv.notify_all();
+        s.ready.notify_all();
         for t in threads {
             let _ = t.join();
         }
@@ -1579,7 +1584,7 @@ impl IscsiServer {
         t.queued_bytes += n;
         t.queue.push_back(task);
         drop(t);
-        s.cv.notify_all();
+        s.ready.notify_one();
         Ok(())
     }
 
@@ -1673,38 +1678,67 @@ impl IscsiServer {
     }
 }
 
+/// The most commands a worker takes at once (it runs them one after the other and sends their
+/// responses with one write).
+const WORKER_BATCH: usize = 4;
+
 /// A worker: runs the session's commands and answers them.
 fn worker(conn: &Conn, s: &Session) {
     loop {
-        let task = {
+        let tasks: Vec<Task> = {
             let mut t = lock(&s.tasks);
             loop {
-                if let Some(task) = t.queue.pop_front() {
-                    t.running.insert(task.itt, false);
-                    break task;
+                if !t.queue.is_empty() {
+                    let n = t.queue.len().min(WORKER_BATCH);
+                    let batch: Vec<Task> = t.queue.drain(..n).collect();
+                    for task in &batch {
+                        t.running.insert(task.itt, false);
+                    }
+                    if !t.queue.is_empty() {
+                        s.ready.notify_one();
+                    }
+                    break batch;
                 }
                 if t.closed {
                     return;
                 }
-                t = s.cv.wait(t).unwrap_or_else(|p| p.into_inner());
+                t = s.ready.wait(t).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let resp = if task.lun == 0 {
-            s.lun
-                .execute(&s.nexus, &task.cdb, &task.data[..task.use_len])
-        } else {
-            other_lun(s, &task.cdb)
-        };
-        let aborted = {
+        let done: Vec<(Task, ScsiResponse)> = tasks
+            .into_iter()
+            .map(|task| {
+                let resp = if task.lun == 0 {
+                    s.lun
+                        .execute(&s.nexus, &task.cdb, &task.data[..task.use_len])
+                } else {
+                    other_lun(s, &task.cdb)
+                };
+                (task, resp)
+            })
+            .collect();
+        let keep: Vec<bool> = {
             let mut t = lock(&s.tasks);
-            t.queued_bytes = t.queued_bytes.saturating_sub(task.data.len() as u64);
-            t.running.remove(&task.itt).unwrap_or(true)
+            done.iter()
+                .map(|(task, resp)| {
+                    t.queued_bytes = t.queued_bytes.saturating_sub(task.data.len() as u64);
+                    let aborted = t.running.remove(&task.itt).unwrap_or(true);
+                    !aborted && resp.status != sense::TASK_ABORTED
+                })
+                .collect()
         };
         s.cv.notify_all();
-        if aborted || resp.status == sense::TASK_ABORTED {
-            continue;
+        let lens: Vec<[u8; 2]> = done
+            .iter()
+            .map(|(_, r)| (r.sense.len() as u16).to_be_bytes())
+            .collect();
+        let mut pdus = Vec::new();
+        for (i, (task, resp)) in done.iter().enumerate() {
+            if keep[i] {
+                response_pdus(&conn.params, task, resp, &lens[i], 0, &mut pdus);
+            }
         }
-        if send_response(conn, &task, resp, 0).is_err() {
+        if !pdus.is_empty() && send_all(conn, &pdus).is_err() {
             // The initiator is gone: what it queued is dropped.
             let mut t = lock(&s.tasks);
             t.queue.clear();
@@ -1734,6 +1768,33 @@ fn other_lun(s: &Session, cdb: &[u8]) -> ScsiResponse {
 /// Sends a command's Data-In and status: the status in the last Data-In PDU when it is GOOD,
 /// a SCSI Response otherwise (with the sense data). `r2ts` counts the R2Ts sent for it.
 fn send_response(conn: &Conn, task: &Task, resp: ScsiResponse, r2ts: u32) -> io::Result<()> {
+    let sense_len = (resp.sense.len() as u16).to_be_bytes();
+    let mut pdus = Vec::new();
+    response_pdus(&conn.params, task, &resp, &sense_len, r2ts, &mut pdus);
+    send_all(conn, &pdus)
+}
+
+/// A response's PDUs, ready for [`Conn::send`].
+type Pdus<'a> = Vec<(Bhs, Vec<&'a [u8]>, bool)>;
+
+fn send_all(conn: &Conn, pdus: &Pdus<'_>) -> io::Result<()> {
+    let refs: Vec<(Bhs, &[&[u8]], bool)> = pdus
+        .iter()
+        .map(|(h, d, s)| (*h, d.as_slice(), *s))
+        .collect();
+    conn.send(&refs)
+}
+
+/// Appends a command's Data-In and status PDUs to `pdus` (see [`send_response`]);
+/// `sense_len` is the sense data's length as the SCSI Response carries it.
+fn response_pdus<'a>(
+    params: &Params,
+    task: &Task,
+    resp: &'a ScsiResponse,
+    sense_len: &'a [u8; 2],
+    r2ts: u32,
+    pdus: &mut Pdus<'a>,
+) {
     let edtl = task.edtl as usize;
     let write = task.write;
     let moved = if write { task.want } else { resp.data.len() };
@@ -1747,10 +1808,9 @@ fn send_response(conn: &Conn, task: &Task, resp: ScsiResponse, r2ts: u32) -> io:
     } else {
         &resp.data[..resp.data.len().min(edtl)]
     };
-    let send_max = conn.params.send_max.max(512) as usize;
-    let burst = conn.params.max_burst.max(512) as usize;
+    let send_max = params.send_max.max(512) as usize;
+    let burst = params.max_burst.max(512) as usize;
     let collapse = resp.status == sense::GOOD && !data.is_empty();
-    let mut pdus: Vec<(Bhs, Vec<&[u8]>, bool)> = Vec::new();
     let mut off = 0usize;
     let mut in_burst = 0usize;
     let mut datasn = 0u32;
@@ -1779,7 +1839,6 @@ fn send_response(conn: &Conn, task: &Task, resp: ScsiResponse, r2ts: u32) -> io:
         datasn += 1;
         off += n;
     }
-    let sense_data;
     if !collapse {
         let mut h = Bhs::new(op::SCSI_RESP);
         h.0[1] = 0x80 | resid_flag;
@@ -1788,18 +1847,11 @@ fn send_response(conn: &Conn, task: &Task, resp: ScsiResponse, r2ts: u32) -> io:
         h.set_u32(16, task.itt);
         h.set_u32(36, datasn + r2ts);
         h.set_u32(44, residual as u32);
-        sense_data = if resp.status != sense::GOOD && !resp.sense.is_empty() {
-            let mut v = (resp.sense.len() as u16).to_be_bytes().to_vec();
-            v.extend_from_slice(&resp.sense);
-            v
+        let sense_data: Vec<&[u8]> = if resp.status != sense::GOOD && !resp.sense.is_empty() {
+            vec![sense_len, &resp.sense]
         } else {
             Vec::new()
         };
-        pdus.push((h, vec![&sense_data], true));
+        pdus.push((h, sense_data, true));
     }
-    let refs: Vec<(Bhs, &[&[u8]], bool)> = pdus
-        .iter()
-        .map(|(h, d, s)| (*h, d.as_slice(), *s))
-        .collect();
-    conn.send(&refs)
 }
