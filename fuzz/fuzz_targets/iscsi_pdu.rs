@@ -13,8 +13,20 @@ use vstor_serve::scsi::Lun;
 fuzz_target!(|data: &[u8]| {
     for (d, max) in [
         (Digests::default(), 65_536u32),
-        (Digests { header: true, data: true }, 262_144),
-        (Digests { header: true, data: false }, 8_192),
+        (
+            Digests {
+                header: true,
+                data: true,
+            },
+            262_144,
+        ),
+        (
+            Digests {
+                header: true,
+                data: false,
+            },
+            8_192,
+        ),
     ] {
         if let Ok(Some((p, used))) = pdu::parse_pdu(data, d, max) {
             assert!(used <= data.len());
