@@ -247,6 +247,11 @@ fn compare_and_write() {
         LBA_OOB
     );
     assert_eq!(l.execute(&a, &caw(0, 0), &[]).status, GOOD);
+    // 256 blocks do not fit the one-byte field: 0 with Data-Out is refused.
+    assert_eq!(
+        code(&l.execute(&a, &caw(0, 0), &vec![0; 256 * 1024])),
+        INVALID_FIELD_CDB
+    );
 }
 
 /// COMPARE AND WRITE is atomic: threads that increment a counter block with it (read, then

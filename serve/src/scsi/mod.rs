@@ -1460,6 +1460,11 @@ impl Lun {
             Err(r) => return r,
         };
         if blocks == 0 {
+            // No error, unless Data-Out came anyway: a count the one-byte field could not
+            // hold (256 blocks read as 0).
+            if !data_out.is_empty() {
+                return invalid_cdb(13);
+            }
             return ScsiResponse::good(Vec::new());
         }
         if blocks > MAX_COMPARE_AND_WRITE_BLOCKS {
