@@ -612,7 +612,11 @@ fn task_management_and_resize() {
     assert_eq!(a2.read10(0, 8).unwrap().data, vec![0; 4096]);
     // LOGICAL UNIT RESET; a function not supported; a LUN that does not exist.
     assert_eq!(tmf(&mut a, 5, 0, NO_TAG), 0);
-    assert_eq!(tmf(&mut a, 6, 0, NO_TAG), 5);
+    let r = a.cmd(&[0; 6], &[], 0).unwrap();
+    assert_eq!(r.sense_code(), Some((6, 0x29, 0x03)), "reset UA: {r:?}");
+    assert_eq!(tmf(&mut a, 6, 0, NO_TAG), 0);
+    a.clear_ua().unwrap();
+    assert_eq!(tmf(&mut a, 3, 0, NO_TAG), 5);
     assert_eq!(tmf(&mut a, 5, 0x0001_0000_0000_0000, NO_TAG), 2);
     // LUN 1 does not exist: INQUIRY says so, other commands fail.
     let mut h = a.command_header(&[0x12, 0, 0, 0, 36, 0], 0, 36);

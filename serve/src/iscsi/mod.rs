@@ -30,9 +30,11 @@
 //! R2T-solicited Data-Out, one R2T outstanding per command; Data-In in PDUs of the initiator's
 //! MaxRecvDataSegmentLength, bursts of MaxBurstLength, with the status in the last Data-In
 //! PDU when it is GOOD (phase collapse). NOP-Out pings are answered; Text requests answer
-//! `SendTargets`; task management: ABORT TASK, ABORT TASK SET, CLEAR TASK SET and LOGICAL UNIT
-//! RESET abort the tasks they name (no response is sent for an aborted task); other functions
-//! answer "function not supported" (or "task reassignment not supported"). Logout waits for
+//! `SendTargets`; task management: ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT
+//! RESET and TARGET WARM/COLD RESET abort the tasks they name (no response is sent for an
+//! aborted task); the resets give every nexus a reset unit attention (reservations stay) and a
+//! cold reset closes the target's connections; CLEAR ACA answers "function not supported",
+//! TASK REASSIGN "task reassignment not supported". Logout waits for
 //! the session's commands to be answered.
 //!
 //! **Errors.** A header digest error, or a data segment longer than this target's

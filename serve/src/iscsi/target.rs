@@ -1329,6 +1329,7 @@ impl IscsiServer {
 
     fn tmf(&self, conn: &Conn, s: &Arc<Session>, h: &Bhs) -> io::Result<()> {
         let func = h.flags() & 0x7f;
+        let mut cold = false;
         let lun_ok = h.lun() == 0;
         let response: u8 = match func {
             // ABORT TASK
@@ -1361,7 +1362,8 @@ impl IscsiServer {
             }
             // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET
             2 | 4 | 5 if !lun_ok => 2,
-            2 | 4 | 5 => {
+            // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET, TARGET WARM/COLD RESET
+            2 | 4 | 5 | 6 | 7 => {
                 let victims = if func == 2 {
                     vec![s.clone()]
                 } else {
@@ -1374,19 +1376,36 @@ impl IscsiServer {
                 for v in &victims {
                     v.wait_idle();
                 }
+                if func >= 5 {
+                    // One LUN per target: a target reset is a reset of this LUN. Every
+                    // nexus is told (BUS DEVICE RESET FUNCTION OCCURRED); reservations stay.
+                    s.lun.reset();
+                }
+                if func == 7 {
+                    // A cold reset also ends every connection to the target, this one after
+                    // its response (RFC 7143 §11.5.1).
+                    for v in victims.iter().filter(|v| !Arc::ptr_eq(v, s)) {
+                        close_gracefully(&v.sock);
+                    }
+                    cold = true;
+                }
                 0
             }
             // TASK REASSIGN: not at error recovery level 0.
             8 => 4,
-            // CLEAR ACA, TARGET WARM/COLD RESET
-            3 | 6 | 7 => 5,
+            // CLEAR ACA: no ACA here (NACA is refused).
+            3 => 5,
             _ => 255,
         };
         let mut rh = Bhs::new(op::TMF_RESP);
         rh.0[1] = 0x80;
         rh.0[2] = response;
         rh.set_u32(16, h.itt());
-        conn.send(&[(rh, &[], true)])
+        conn.send(&[(rh, &[], true)])?;
+        if cold {
+            close_gracefully(&s.sock);
+        }
+        Ok(())
     }
 
     fn scsi_command(&self, conn: &Conn, s: &Arc<Session>, p: Pdu) -> io::Result<()> {
