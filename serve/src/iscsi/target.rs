@@ -1468,17 +1468,16 @@ impl IscsiServer {
         let have = if wbit { edtl } else { 0 };
         let mut cdb = cdb.clone();
         let mut use_len = need;
-        if have != need && need > 0 {
+        // COMPARE AND WRITE is all or nothing: the LUN gets all the Data-Out sent and refuses
+        // a length its CDB does not ask for (a 256-block CDB wraps to 0 blocks).
+        let compare_and_write = cdb[0] == crate::scsi::op::COMPARE_AND_WRITE;
+        if compare_and_write {
+            use_len = have;
+        } else if have != need && need > 0 {
             // The initiator sends another amount than the CDB asks for (RFC 7143 §11.4.5.2):
             // a write moves what both allow, in whole blocks, and the residual says the rest.
             let bs = s.export.device().info().logical_sector_size.max(1);
             let opcode = cdb[0];
-            if opcode == crate::scsi::op::COMPARE_AND_WRITE {
-                return refuse(
-                    sense_response(key::ILLEGAL_REQUEST, asc::INVALID_FIELD_IN_CDB),
-                    need as usize,
-                );
-            }
             if have > need {
                 // Underflow: the CDB's amount is used, the rest dropped.
             } else if let Some(tl) = transfer_length_field(opcode) {
