@@ -2,8 +2,9 @@
 //! issue 19 across a `kill -9` of the daemon:
 //!
 //! 1. libiscsi's conformance suite, `iscsi-test-cu --dataloss -i IQN1 -I IQN2 -t SCSI.*` (and
-//!    the transport's own `iSCSI.*`), on a raw file and on a VHDX: every test must pass (the
-//!    counts are printed);
+//!    the transport's own `iSCSI.*`, and `SCSI.MultipathIO.*` again with the URL twice, which
+//!    it skips with one), on a raw file and on a VHDX: every test must pass (the counts are
+//!    printed);
 //! 2. real clients: `iscsi-ls`, `iscsi-inq`, `iscsi-readcapacity16`, `qemu-img
 //!    info|convert|compare` and `qemu-io` over `iscsi://127.0.0.1:PORT/IQN/0`, with the data
 //!    checked on the file itself;
@@ -197,12 +198,14 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs `iscsi-test-cu` for `suites`; returns (tests, passed, failed, skipped, output).
-fn conformance(url: &str, suites: &str) -> (u32, u32, u32, u32, String) {
-    let o = tool(
-        "iscsi-test-cu",
-        &["--dataloss", "-i", IQN1, "-I", IQN2, "-t", suites, url],
-    );
+/// Runs `iscsi-test-cu` for `suites` (with the URL given twice, for the multipath suite: two
+/// sessions to one LUN); returns (tests, passed, failed, skipped, output).
+fn conformance(url: &str, suites: &str, twice: bool) -> (u32, u32, u32, u32, String) {
+    let mut args = vec!["--dataloss", "-i", IQN1, "-I", IQN2, "-t", suites, url];
+    if twice {
+        args.push(url);
+    }
+    let o = tool("iscsi-test-cu", &args);
     let out = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -259,8 +262,12 @@ fn libiscsi_conformance_on_raw_and_vhdx() {
     ] {
         let d = Daemon::start(dir.path(), &[format!("d0={target},shared=on")]);
         let url = d.url("iqn.2026-12.io.vstor:d0");
-        for suites in ["SCSI.*", "iSCSI.*"] {
-            let (tests, passed, failed, skipped, out) = conformance(&url, suites);
+        for (suites, twice) in [
+            ("SCSI.*", false),
+            ("iSCSI.*", false),
+            ("SCSI.MultipathIO.*", true),
+        ] {
+            let (tests, passed, failed, skipped, out) = conformance(&url, suites, twice);
             eprintln!(
                 "{what} {suites}: {tests} tests, {passed} passed ({skipped} of them skipped \
                  by the suite), {failed} failed"
