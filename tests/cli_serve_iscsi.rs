@@ -443,3 +443,211 @@ fn fence_scenario_survives_kill_9() {
     assert!(file[4096..8192].iter().all(|x| *x == 0xbc));
     d.shutdown();
 }
+
+/// The tag of a 64 KiB slot written by the load test: its first 4 bytes, which every 4 bytes
+/// of the slot repeat (None: a slot that is not one whole write).
+fn slot_tag(b: &[u8]) -> Option<u32> {
+    let t = u32::from_le_bytes(b[..4].try_into().unwrap());
+    b.chunks(4).all(|c| c == t.to_le_bytes()).then_some(t)
+}
+
+const SLOT: usize = 64 << 10;
+const SLOTS: u32 = 48;
+
+/// What a load writer ends with: the last tag of each slot, and the unit attentions it saw
+/// (sense key, ASC, ASCQ).
+type WriterEnd = (Vec<u32>, Vec<(u8, u8, u8)>);
+
+/// A writer of its own region (`base` LBA, 512-byte blocks) of a shared LUN: 64 KiB writes
+/// of increasing tags to random slots until `stop`, retried past unit attentions (counted).
+/// Returns the last tag of each slot and the unit attentions seen.
+fn load_writer(
+    addr: SocketAddr,
+    initiator: &'static str,
+    isid: u8,
+    base: u32,
+    seed: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<WriterEnd> {
+    std::thread::spawn(move || {
+        let mut o = LoginOpts::new(initiator, Some("iqn.2026-12.io.vstor:sh"));
+        o.isid = [0x80, 0, 0, 0, 0, isid];
+        let mut i = Initiator::login(addr, &o).unwrap().expect("login");
+        let mut last = vec![0u32; SLOTS as usize];
+        let mut uas = Vec::new();
+        let mut x = seed;
+        let mut tag = seed << 20;
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) || n < 20 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let s = x % SLOTS;
+            tag += 1;
+            let data: Vec<u8> = tag.to_le_bytes().repeat(SLOT / 4);
+            loop {
+                let cdb =
+                    iscsi_common::write10_cdb(base + s * (SLOT as u32 / 512), (SLOT / 512) as u16);
+                let r = i.cmd(&cdb, &data, 0).unwrap();
+                if r.status == GOOD {
+                    break;
+                }
+                let code = r.sense_code();
+                assert!(
+                    r.status == iscsi_common::CHECK_CONDITION && code.is_some_and(|c| c.0 == 6),
+                    "{initiator}: write refused: {r:?}"
+                );
+                uas.push(code.unwrap());
+            }
+            last[s as usize] = tag;
+            n += 1;
+        }
+        i.logout().unwrap();
+        (last, uas)
+    })
+}
+
+/// Issue 19, beyond 2012 R2: with two initiators logged in to a shared VHDX and writing known
+/// patterns, the daemon's API resizes it (they get a capacity-changed unit attention and see
+/// the new size), takes a host-level consistent backup (a live clone, and a checkpoint read
+/// while they write, merged back), and moves it to another file; every pattern is verified
+/// afterwards, the backup is a clean image of whole writes, and the reservation state moves
+/// with the disk (a restart on the new path still has the registration).
+#[test]
+fn resize_backup_and_move_while_two_initiators_write() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sh.vhdx");
+    ok(&["disk", "create", s(&img), "--size", "64M"]);
+    let d = Daemon::start(dir.path(), &[format!("sh={},shared=on", s(&img))]);
+    let addr = d.portal();
+    // A registration that must follow the disk.
+    let mut o = LoginOpts::new(IQN1, Some("iqn.2026-12.io.vstor:sh"));
+    o.isid = [0x80, 0, 0, 0, 0, 9];
+    let mut reg = Initiator::login(addr, &o).unwrap().expect("login");
+    reg.clear_ua().unwrap();
+    let key = 0x5eed_u64;
+    let r = reg.prout(pr::REGISTER_AND_IGNORE, 0, 0, key, true).unwrap();
+    assert_eq!(r.status, GOOD, "{r:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let a = load_writer(addr, IQN1, 1, 0, 1, stop.clone());
+    let b = load_writer(addr, IQN2, 2, 16 << 11, 2, stop.clone());
+    let api = |args: &[&str]| {
+        let mut v = vec!["export"];
+        v.extend_from_slice(args);
+        v.extend(["--server", &d.control]);
+        ok(&v)
+    };
+    let pause = || std::thread::sleep(Duration::from_millis(300));
+    pause();
+    api(&["resize", "sh", "96M"]);
+    pause();
+    let backup = dir.path().join("backup.vhdx");
+    api(&["clone", "sh", s(&backup)]);
+    pause();
+    let cp = dir.path().join("sh-cp.avhdx");
+    api(&["checkpoint", "sh", "--child", s(&cp)]);
+    pause();
+    // The frozen parent, read while they write: a consistent image of whole writes.
+    let frozen = dir.path().join("frozen.raw");
+    ok(&[
+        "disk",
+        "read",
+        s(&img),
+        "--length",
+        "24M",
+        "--output",
+        s(&frozen),
+    ]);
+    api(&["merge", "sh"]);
+    pause();
+    let moved = dir.path().join("moved.vhdx");
+    let out = api(&["move", "sh", s(&moved)]);
+    assert!(out.contains("moved to"), "{out}");
+    pause();
+    stop.store(true, Ordering::Relaxed);
+    let (la, ua_a) = a.join().unwrap();
+    let (lb, ua_b) = b.join().unwrap();
+    // Both saw the new capacity announced.
+    for (who, uas) in [("A", &ua_a), ("B", &ua_b)] {
+        assert!(
+            uas.contains(&(6, 0x2a, 0x09)),
+            "{who} saw no CAPACITY DATA HAS CHANGED: {uas:?}"
+        );
+    }
+    // Every pattern, read back through iSCSI after all of it.
+    let mut o = LoginOpts::new(IQN2, Some("iqn.2026-12.io.vstor:sh"));
+    o.isid = [0x80, 0, 0, 0, 0, 7];
+    let mut rd = Initiator::login(addr, &o).unwrap().expect("login");
+    rd.clear_ua().unwrap();
+    let r = rd
+        .cmd(
+            &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+            &[],
+            32,
+        )
+        .unwrap();
+    let last_lba = u64::from_be_bytes(r.data[..8].try_into().unwrap());
+    assert_eq!(
+        (last_lba + 1) * 512,
+        96 << 20,
+        "the initiators see the new size"
+    );
+    for (base, last) in [(0u32, &la), (16 << 11, &lb)] {
+        for (sl, &t) in last.iter().enumerate() {
+            let r = rd
+                .read10(base + sl as u32 * (SLOT as u32 / 512), (SLOT / 512) as u16)
+                .unwrap();
+            assert_eq!(r.status, GOOD);
+            assert_eq!(slot_tag(&r.data), Some(t), "slot {sl} at LBA {base}");
+        }
+    }
+    // The backups hold whole writes, none newer than the end.
+    let frozen = std::fs::read(&frozen).unwrap();
+    for (base, last) in [(0usize, &la), (8 << 20, &lb)] {
+        for (sl, &t) in last.iter().enumerate() {
+            let at = base + sl * SLOT;
+            let got = slot_tag(&frozen[at..at + SLOT]).expect("a whole write in the checkpoint");
+            assert!(got <= t, "the checkpoint holds a tag from after the end");
+        }
+    }
+    let o = common::vstor(&["disk", "check", s(&backup)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bk = dir.path().join("backup.raw");
+    ok(&[
+        "disk",
+        "read",
+        s(&backup),
+        "--length",
+        "24M",
+        "--output",
+        s(&bk),
+    ]);
+    let bk = std::fs::read(&bk).unwrap();
+    for (base, last) in [(0usize, &la), (8 << 20, &lb)] {
+        for (sl, &t) in last.iter().enumerate() {
+            let at = base + sl * SLOT;
+            let got = slot_tag(&bk[at..at + SLOT]).expect("a whole write in the clone");
+            assert!(got <= t);
+        }
+    }
+    assert!(
+        !img.exists() && !cp.exists(),
+        "the old image and the merged child are gone"
+    );
+    assert!(
+        Path::new(&format!("{}.vstor-pr", s(&moved))).exists()
+            && !Path::new(&format!("{}.vstor-pr", s(&img))).exists(),
+        "the reservation state did not follow the disk"
+    );
+    drop((rd, reg));
+    d.shutdown();
+    // Served again from the new file: the registration is there.
+    let d = Daemon::start(dir.path(), &[format!("sh={},shared=on", s(&moved))]);
+    let mut o = LoginOpts::new(IQN2, Some("iqn.2026-12.io.vstor:sh"));
+    o.isid = [0x80, 0, 0, 0, 0, 3];
+    let mut i = Initiator::login(d.portal(), &o).unwrap().expect("login");
+    i.clear_ua().unwrap();
+    assert_eq!(i.read_keys().unwrap().1, vec![key]);
+    d.shutdown();
+}

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -110,6 +111,50 @@ pub struct Opened {
 pub trait Opener: Send + Sync {
     /// Opens `target` for the export `name` (the name of its QoS flow), read-only or writable.
     fn open(&self, name: &str, target: &str, read_only: bool) -> Result<Opened, ServeError>;
+}
+
+/// The suffix of the file beside the disk where an export's SCSI reservations persist (its
+/// iSCSI logical unit's state: see [`crate::scsi`]).
+pub const PR_STATE_SUFFIX: &str = ".vstor-pr";
+
+/// The files an export keeps beside its disk, by suffix: a live move takes them along.
+pub const SIDECARS: &[&str] = &[PR_STATE_SUFFIX];
+
+/// The file of state `suffix` that an export opened from `target` keeps beside its disk: the
+/// target's first file (a pool space: `DIR/NAME`) with `suffix` appended. None when the target
+/// names no file here (a target of another kind, or a file that does not exist).
+pub fn sidecar_path(target: &str, suffix: &str) -> Option<PathBuf> {
+    let mut end = target.len();
+    let b = target.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b',' {
+            if b.get(i + 1) == Some(&b',') {
+                i += 2;
+                continue;
+            }
+            end = i;
+            break;
+        }
+        i += 1;
+    }
+    let base = &target[..end];
+    let (pool, path) = match base.split_once(':') {
+        Some(("pool", path)) => (true, path),
+        Some((p, path)) if ["raw", "vhdx", "vhd"].contains(&p) => (false, path),
+        Some(_) if !base.starts_with('/') => return None,
+        _ => (false, base),
+    };
+    let path = path.replace(",,", ",");
+    let path = path.trim_end_matches('/');
+    let p = std::path::Path::new(path);
+    // A pool space is DIR/NAME: the pool's directory exists, the space is no file.
+    let exists = if pool {
+        p.parent().is_some_and(|d| d.is_dir())
+    } else {
+        p.is_file()
+    };
+    exists.then(|| PathBuf::from(format!("{path}{suffix}")))
 }
 
 /// Transport-level counters of an export (what its clients asked for).
@@ -541,11 +586,67 @@ impl Export {
         keep_source: bool,
     ) -> Result<vstor_vhdx::live::MoveReport, ServeError> {
         let _g = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.live("a move")?;
+        // The state files beside the disk go with it. A logical unit holds its file open, so
+        // each gets the new name as a second link before the move (whichever name the disk
+        // has after a crash, its state is beside it, and the unit goes on writing the one
+        // file) and loses the old one after it: a destination on another file system is
+        // refused before anything is copied.
+        let sidecars: Vec<(PathBuf, PathBuf)> = SIDECARS
+            .iter()
+            .filter_map(|suffix| {
+                sidecar_path(&self.target(), suffix)
+                    .filter(|p| p.is_file())
+                    .map(|p| (p, PathBuf::from(format!("{}{suffix}", dst.display()))))
+            })
+            .collect();
+        if let Some((old, _)) = sidecars.first() {
+            use std::os::unix::fs::MetadataExt;
+            let dev = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+            let dst_dir = dst
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            if dev(old) != dev(dst_dir) {
+                return Err(ServeError::invalid(format!(
+                    "{} is on another file system than {}, which holds the export's \
+                     reservations and is held open: move it within the file system",
+                    dst.display(),
+                    old.display()
+                )));
+            }
+        }
+        let mut linked = Vec::new();
+        for (old, new) in &sidecars {
+            if let Err(e) = std::fs::hard_link(old, new) {
+                linked.iter().for_each(|n| {
+                    let _ = std::fs::remove_file(n);
+                });
+                return Err(ServeError::new(
+                    ErrorKind::Io,
+                    format!(
+                        "cannot give {} the name {}: {e}; nothing was moved",
+                        old.display(),
+                        new.display()
+                    ),
+                ));
+            }
+            linked.push(new.clone());
+        }
         let opts = vstor_vhdx::convert::ConvertOptions::default();
-        let r = self
-            .live("a move")?
-            .move_to(dst, &opts, keep_source, &Job::new())?;
+        let r = match live.move_to(dst, &opts, keep_source, &Job::new()) {
+            Ok(r) => r,
+            Err(e) => {
+                linked.iter().for_each(|n| {
+                    let _ = std::fs::remove_file(n);
+                });
+                return Err(e.into());
+            }
+        };
         *self.target.lock().unwrap_or_else(|p| p.into_inner()) = dst.display().to_string();
+        for (old, _) in &sidecars {
+            let _ = std::fs::remove_file(old);
+        }
         Ok(r)
     }
 

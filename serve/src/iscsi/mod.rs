@@ -182,40 +182,12 @@ impl TargetOpts {
 }
 
 /// Where the reservations of an export opened from `target` persist: its first file with
-/// `.vstor-pr` appended. None when the target names no file here (a target of another kind,
-/// or a file that does not exist): its reservations are kept in memory only.
+/// [`PR_STATE_SUFFIX`](crate::export::PR_STATE_SUFFIX) appended (see
+/// [`sidecar_path`](crate::export::sidecar_path)). None when the target names no file here (a
+/// target of another kind, or a file that does not exist): its reservations are kept in
+/// memory only.
 pub fn pr_state_path(target: &str) -> Option<PathBuf> {
-    let mut end = target.len();
-    let b = target.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b',' {
-            if b.get(i + 1) == Some(&b',') {
-                i += 2;
-                continue;
-            }
-            end = i;
-            break;
-        }
-        i += 1;
-    }
-    let base = &target[..end];
-    let (pool, path) = match base.split_once(':') {
-        Some(("pool", path)) => (true, path),
-        Some((p, path)) if ["raw", "vhdx", "vhd"].contains(&p) => (false, path),
-        Some(_) if !base.starts_with('/') => return None,
-        _ => (false, base),
-    };
-    let path = path.replace(",,", ",");
-    let path = path.trim_end_matches('/');
-    let p = std::path::Path::new(path);
-    // A pool space is DIR/NAME: the pool's directory exists, the space is no file.
-    let exists = if pool {
-        p.parent().is_some_and(|d| d.is_dir())
-    } else {
-        p.is_file()
-    };
-    exists.then(|| PathBuf::from(format!("{path}.vstor-pr")))
+    crate::export::sidecar_path(target, crate::export::PR_STATE_SUFFIX)
 }
 
 #[cfg(test)]
@@ -246,7 +218,7 @@ mod tests {
         std::fs::write(&d, b"").unwrap();
         let ds = d.display().to_string();
         assert_eq!(
-            pr_state_path(&format!("raw:{ds},readonly=on")),
+            pr_state_path(&format!("raw:{},readonly=on", ds.replace(',', ",,"))),
             Some(PathBuf::from(format!("{ds}.vstor-pr")))
         );
         assert_eq!(
