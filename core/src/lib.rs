@@ -45,9 +45,9 @@ pub use device::{
 };
 pub use error::{corrupt, io_kind, Error, ErrorKind, LayerError, OpKind, Result};
 pub use fault::{CutPolicy, FaultDevice, FaultRule};
-pub use hdd::{HddDevice, HddModel};
 pub use file::{Engine, FileDevice, FileKind, FileOptions, ImageLock, LockMode};
 pub use group::submit_group;
+pub use hdd::{HddDevice, HddModel};
 pub use job::Job;
 pub use mem::MemoryDevice;
 pub use request::{
