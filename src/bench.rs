@@ -386,7 +386,10 @@ mod tests {
             all.chunks(4096).filter(|c| c[0] == 3).count()
         };
         let (z, u) = (touched(Some(1.2)), touched(None));
-        assert!(z > 10 && (z as f64) < 0.7 * u as f64, "zipf {z}, uniform {u}");
+        assert!(
+            z > 10 && (z as f64) < 0.7 * u as f64,
+            "zipf {z}, uniform {u}"
+        );
     }
 
     #[test]
