@@ -260,17 +260,7 @@ impl Inner {
             let Some(dev) = &devs[m] else { continue };
             let mut v = vec![0u8; bitmap_bytes(mm.slab_count)];
             dev.read_at(base, &mut v)?;
-            for (i, &b) in v.iter().enumerate() {
-                for k in 0..8 {
-                    if b & (1 << k) != 0 {
-                        let bit = i as u64 * 8 + k;
-                        let slab = bit / CHUNKS_PER_SLAB;
-                        if slab < u64::from(mm.slab_count) {
-                            dirty.insert((m, slab as u32, bit % CHUNKS_PER_SLAB));
-                        }
-                    }
-                }
-            }
+            add_bits(&mut dirty, m, &v, mm.slab_count);
             if v.iter().any(|&b| b != 0) {
                 bm.any = true;
             }
@@ -289,19 +279,7 @@ impl Inner {
                 )],
             ));
         }
-        // Which extent chunk each dirty (member, slab, chunk) belongs to.
-        let mut owner: BTreeMap<(usize, u32), (usize, usize)> = BTreeMap::new();
-        for (si, s) in meta.spaces.iter().enumerate() {
-            for (e, slots) in s.extents.iter().enumerate() {
-                for sl in slots.iter().flatten() {
-                    owner.insert((sl.member, sl.slab), (si, e));
-                }
-            }
-        }
-        let work: BTreeSet<(usize, usize, u64)> = dirty
-            .iter()
-            .filter_map(|&(m, slab, c)| owner.get(&(m, slab)).map(|&(s, e)| (s, e, c)))
-            .collect();
+        let work = extent_chunks(&meta, &dirty, |_| true);
         let chunk = meta.slab_size / CHUNKS_PER_SLAB;
         let mut notes = Vec::new();
         let mut done = 0;
@@ -338,6 +316,44 @@ impl Inner {
         );
         Ok((done, notes))
     }
+}
+
+/// Adds the (member, slab, chunk) of every bit set in member `m`'s bitmap `v` (of a member
+/// with `slab_count` slabs) to `dirty`.
+fn add_bits(dirty: &mut BTreeSet<(usize, u32, u64)>, m: usize, v: &[u8], slab_count: u32) {
+    for (i, &b) in v.iter().enumerate().filter(|(_, &b)| b != 0) {
+        for k in (0..8).filter(|k| b & (1 << k) != 0) {
+            let bit = i as u64 * 8 + k;
+            let slab = bit / CHUNKS_PER_SLAB;
+            if slab < u64::from(slab_count) {
+                dirty.insert((m, slab as u32, bit % CHUNKS_PER_SLAB));
+            }
+        }
+    }
+}
+
+/// The extent chunks (space, extent, chunk) that dirty (member, slab, chunk) bits name, of the
+/// extents `keep` takes.
+fn extent_chunks(
+    meta: &crate::format::Meta,
+    dirty: &BTreeSet<(usize, u32, u64)>,
+    keep: impl Fn(&[Slot]) -> bool,
+) -> BTreeSet<(usize, usize, u64)> {
+    let mut owner: BTreeMap<(usize, u32), (usize, usize)> = BTreeMap::new();
+    for (si, sp) in meta.spaces.iter().enumerate() {
+        for (e, slots) in sp.extents.iter().enumerate() {
+            let Some(slots) = slots.as_ref().filter(|s| keep(s)) else {
+                continue;
+            };
+            for s in slots {
+                owner.insert((s.member, s.slab), (si, e));
+            }
+        }
+    }
+    dirty
+        .iter()
+        .filter_map(|&(m, slab, c)| owner.get(&(m, slab)).map(|&(s, e)| (s, e, c)))
+        .collect()
 }
 
 impl Inner {
@@ -379,42 +395,14 @@ impl Inner {
         dev.read_at(base, &mut own)?;
         {
             let bm = lock(&self.bitmap);
-            let mut add = |m: usize, v: &[u8]| {
-                for (i, &b) in v.iter().enumerate() {
-                    for k in 0..8 {
-                        if b & (1 << k) != 0 {
-                            let bit = i as u64 * 8 + k;
-                            dirty.insert((
-                                m,
-                                (bit / CHUNKS_PER_SLAB) as u32,
-                                bit % CHUNKS_PER_SLAB,
-                            ));
-                        }
-                    }
-                }
-            };
             for (m, v) in bm.bits.iter().enumerate() {
                 if m != x {
-                    add(m, v);
+                    add_bits(&mut dirty, m, v, meta.members[m].slab_count);
                 }
             }
-            add(x, &own);
+            add_bits(&mut dirty, x, &own, meta.members[x].slab_count);
         }
-        let mut owner: BTreeMap<(usize, u32), (usize, usize)> = BTreeMap::new();
-        for (si, sp) in meta.spaces.iter().enumerate() {
-            for (e, slots) in sp.extents.iter().enumerate() {
-                let Some(slots) = slots else { continue };
-                if slots.iter().any(|s| s.member == x) {
-                    for s in slots {
-                        owner.insert((s.member, s.slab), (si, e));
-                    }
-                }
-            }
-        }
-        let work: BTreeSet<(usize, usize, u64)> = dirty
-            .iter()
-            .filter_map(|&(m, slab, c)| owner.get(&(m, slab)).map(|&(s, e)| (s, e, c)))
-            .collect();
+        let work = extent_chunks(&meta, &dirty, |slots| slots.iter().any(|s| s.member == x));
         let mut devs = self.snapshot();
         devs[x] = Some(dev.clone());
         let chunk = meta.slab_size / CHUNKS_PER_SLAB;
