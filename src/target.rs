@@ -396,7 +396,7 @@ impl TargetSpec {
             return Ok(out);
         }
         let path = self.path();
-        if vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, path) {
+        if is_stub_file(path) {
             // An optimized (dedup) file: open_base tells the format of the bytes it stands for.
             return Ok(out);
         }
@@ -469,7 +469,7 @@ impl TargetSpec {
         let mut opened = match &spec.kind {
             TargetKind::Vhdx(path)
                 if ctx.live_vhdx
-                    && !vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, path)
+                    && !is_stub_file(path)
                     && !spec
                         .options
                         .read_only
@@ -632,7 +632,7 @@ impl TargetSpec {
             TargetKind::Raw(p) | TargetKind::Vhdx(p) | TargetKind::Probe(p) => p,
             _ => return Ok(None),
         };
-        if !vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, path) {
+        if !is_stub_file(path) {
             return Ok(None);
         }
         let dev = vstor_dedup::StubDevice::open(path, read_only, file.lock)
@@ -700,6 +700,15 @@ fn prefix(d: Detected) -> &'static str {
 /// Parses and opens a target string.
 pub fn open_target(target: &str, defaults: &TargetOptions) -> Result<OpenedTarget, Error> {
     target.parse::<TargetSpec>()?.open(defaults)
+}
+
+
+/// Whether `path` is an optimized (dedup) file: a regular file that starts with a stub's
+/// signature. Only a regular file is looked into: reading a FIFO or a device to look would
+/// block or consume what it holds.
+pub fn is_stub_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        && vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, path)
 }
 
 #[cfg(test)]

@@ -425,7 +425,7 @@ fn info(a: InfoArgs) -> Result<(), Error> {
     let parsed: TargetSpec = a.target.parse()?;
     let spec = parsed.resolve()?;
     // An optimized (dedup) file shows its stack (the VHDX layer on the stub's bytes) below.
-    let stub = vstor_dedup::stub::file_is_stub(&vstor_dedup::vfs::RealFs, spec.path());
+    let stub = vstor::target::is_stub_file(spec.path());
     if let TargetKind::Vhdx(p) = &spec.kind {
         if !stub {
             let locking = spec.options.locking.unwrap_or(true);

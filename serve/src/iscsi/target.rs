@@ -1229,6 +1229,13 @@ impl IscsiServer {
             while !t.queue.is_empty() || !t.running.is_empty() {
                 t = s.cv.wait(t).unwrap_or_else(|p| p.into_inner());
             }
+            drop(t);
+            if response == 0 {
+                // The session ends before the initiator hears so (one connection per
+                // session): a login that follows the logout response finds it gone (an
+                // unshared export then admits another initiator at once).
+                self.end_session(s);
+            }
         }
         let mut rh = Bhs::new(op::LOGOUT_RESP);
         rh.0[1] = 0x80;
