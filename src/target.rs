@@ -702,7 +702,6 @@ pub fn open_target(target: &str, defaults: &TargetOptions) -> Result<OpenedTarge
     target.parse::<TargetSpec>()?.open(defaults)
 }
 
-
 /// Whether `path` is an optimized (dedup) file: a regular file that starts with a stub's
 /// signature. Only a regular file is looked into: reading a FIFO or a device to look would
 /// block or consume what it holds.
