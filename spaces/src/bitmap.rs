@@ -280,21 +280,11 @@ impl Inner {
             ));
         }
         let work = extent_chunks(&meta, &dirty, |_| true);
-        let chunk = meta.slab_size / CHUNKS_PER_SLAB;
         let mut notes = Vec::new();
         let mut done = 0;
         for &(s, e, c) in &work {
             let space = &meta.spaces[s];
-            let slots = space.extents[e].as_ref().expect("allocated");
-            let out = sync_chunk(
-                &self.csums,
-                &space.layout,
-                slots,
-                &devs,
-                (meta.data_start, meta.slab_size),
-                (c * chunk, (c + 1) * chunk),
-                SyncMode::Resync,
-            )?;
+            let out = sync_extent_chunk(&self.csums, &meta, &devs, (s, e, c), SyncMode::Resync)?;
             if out.unverifiable {
                 notes.push(format!(
                     "space '{}' extent {e} chunk {c} was being written at an unclean shutdown and a data column is lost: its copies or parity could not be checked",
@@ -356,6 +346,27 @@ fn extent_chunks(
         .collect()
 }
 
+/// [`sync_chunk`] of chunk `c` of extent `e` of space `s` (an entry of [`extent_chunks`]).
+fn sync_extent_chunk(
+    csums: &Csums,
+    meta: &crate::format::Meta,
+    devs: &Devs,
+    (s, e, c): (usize, usize, u64),
+    mode: SyncMode,
+) -> Result<SyncOutcome> {
+    let space = &meta.spaces[s];
+    let chunk = meta.slab_size / CHUNKS_PER_SLAB;
+    sync_chunk(
+        csums,
+        &space.layout,
+        space.extents[e].as_ref().expect("allocated"),
+        devs,
+        (meta.data_start, meta.slab_size),
+        (c * chunk, (c + 1) * chunk),
+        mode,
+    )
+}
+
 impl Inner {
     /// At a writable open, after the resync: brings back member `x`, present again, that
     /// missed the writes after the sequence it holds (`current_through`), with the bits kept
@@ -408,16 +419,8 @@ impl Inner {
         let chunk = meta.slab_size / CHUNKS_PER_SLAB;
         for &(s, e, c) in &work {
             let space = &meta.spaces[s];
-            let slots = space.extents[e].as_ref().expect("allocated");
-            let out = sync_chunk(
-                &self.csums,
-                &space.layout,
-                slots,
-                &devs,
-                (meta.data_start, meta.slab_size),
-                (c * chunk, (c + 1) * chunk),
-                SyncMode::CatchUp(x),
-            )?;
+            let out =
+                sync_extent_chunk(&self.csums, &meta, &devs, (s, e, c), SyncMode::CatchUp(x))?;
             if out.unverifiable {
                 return Ok(Err(format!(
                     "space '{}' extent {e} chunk {c} has no good source besides it",
