@@ -159,6 +159,7 @@ mod error;
 pub mod format;
 pub mod journal;
 mod layout;
+mod mover;
 mod overlay;
 mod pool;
 mod repair;
