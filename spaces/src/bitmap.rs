@@ -126,14 +126,6 @@ pub(crate) fn bitmap_bytes(slab_count: u32) -> usize {
 }
 
 impl Inner {
-    /// Adds what a scrub or a rebuild found to the pool's statistics.
-    pub(crate) fn count(&self, out: &SyncOutcome) {
-        self.checksum_errors
-            .fetch_add(out.bad_blocks, Ordering::AcqRel);
-        self.healed.fetch_add(out.healed, Ordering::AcqRel);
-        self.unrecoverable.fetch_add(out.lost, Ordering::AcqRel);
-    }
-
     fn bitmap_offset(&self) -> u64 {
         lock(&self.meta).data_start - BITMAP_SIZE
     }
@@ -1043,7 +1035,9 @@ impl crate::Pool {
                     report.healed += out.healed;
                     report.lost += out.lost;
                     report.undecided += out.undecided;
-                    self.inner.count(&out);
+                    self.inner
+                        .integrity
+                        .count(out.bad_blocks, out.healed, out.lost);
                     progress(report.chunks, total);
                 }
             }

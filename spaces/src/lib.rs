@@ -157,6 +157,7 @@ mod code;
 pub mod csum;
 mod error;
 pub mod format;
+mod integrity;
 pub mod journal;
 mod layout;
 mod mover;
@@ -169,11 +170,12 @@ pub use bitmap::{ScrubReport, CLEAR_DELAY};
 pub use code::{encode as parity_encode, reconstruct as parity_reconstruct};
 pub use error::SpacesError;
 pub use format::{MemberState, Provisioning};
+pub use integrity::IntegrityStats;
 pub use journal::JournalStats;
 pub use layout::Resiliency;
 pub use pool::{
-    CreateOptions, IntegrityStats, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth,
-    SpaceInfo, SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE, DEVICES_FILE,
+    CreateOptions, MemberInfo, OpenOptions, Pool, PoolDisk, PoolInfo, SpaceHealth, SpaceInfo,
+    SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE, DEVICES_FILE,
 };
 pub use repair::RepairReport;
 pub use space::{Location, Space};

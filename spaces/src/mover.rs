@@ -349,7 +349,7 @@ fn prepare_chunk(
         crate::bitmap::SyncMode::Check,
         (&mut bufs, &got),
     )?;
-    inner.count(&out);
+    inner.integrity.count(out.bad_blocks, out.healed, out.lost);
     let len = (b - a) as usize;
     let usable = |si: usize| devs[slots[si].member].is_some();
     let mut writes: Vec<(Slot, AlignedBuf, Vec<u32>)> = Vec::new();

@@ -6,6 +6,7 @@ use crate::format::{
     valid_name, MemberMeta, MemberState, Meta, Provisioning, Slot, SpaceMeta, BITMAP_SIZE,
     MAX_MEMBERS, MAX_SLABS, MAX_SLOT, MAX_SPACES, MIN_SLOT,
 };
+use crate::integrity::{Integrity, IntegrityStats};
 use crate::layout::{Layout, Resiliency};
 use crate::space::{Space, SpaceShared};
 use std::collections::HashMap;
@@ -207,17 +208,6 @@ pub struct PoolInfo {
     pub format_version: u32,
 }
 
-/// What the block checksums caught since the pool was opened (reads, scrubs and rebuilds).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IntegrityStats {
-    /// 512-byte blocks of a member whose data did not match their checksum.
-    pub checksum_errors: u64,
-    /// Of those, blocks rewritten from a good copy or rebuilt from parity (self-heal).
-    pub healed: u64,
-    /// Of those, blocks with no good source left (a read of them fails).
-    pub unrecoverable: u64,
-}
-
 pub(crate) struct MemberRt {
     pub name: Option<String>,
     pub device: Option<Arc<dyn BlockDevice>>,
@@ -248,15 +238,8 @@ pub(crate) struct Inner {
     pub resynced: AtomicU64,
     /// Every member's block checksums.
     pub csums: crate::csum::Csums,
-    /// Blocks whose checksum failed on a read, a scrub or a rebuild.
-    pub checksum_errors: AtomicU64,
-    /// Of those, blocks rewritten from a good copy or rebuilt from parity.
-    pub healed: AtomicU64,
-    /// Of those, blocks no good source was left for.
-    pub unrecoverable: AtomicU64,
-    /// A read-only pool does not rewrite bad blocks: the good contents of the 4 KiB windows
-    /// it healed, by (member, slab, offset in the slab), which reads use in their place.
-    pub healed_windows: Mutex<HashMap<(usize, u32, u64), Vec<u8>>>,
+    /// What the block checksums caught, and a read-only pool's healed windows.
+    pub integrity: Integrity,
     /// The parity journal.
     pub journal: crate::journal::Journal,
     /// The metadata sequence the pool was opened with.
@@ -785,10 +768,7 @@ impl Pool {
                 gate: RwLock::new(()),
                 resynced: AtomicU64::new(0),
                 csums,
-                checksum_errors: AtomicU64::new(0),
-                healed: AtomicU64::new(0),
-                unrecoverable: AtomicU64::new(0),
-                healed_windows: Mutex::new(HashMap::new()),
+                integrity: Integrity::default(),
                 journal,
                 opened_at,
             }),
@@ -1390,11 +1370,7 @@ impl Pool {
             spaces: meta.spaces.iter().map(|s| space_info(s, &usable)).collect(),
             notes: lock(&self.inner.notes).clone(),
             resynced_chunks: self.inner.resynced.load(Ordering::Acquire),
-            integrity: IntegrityStats {
-                checksum_errors: self.inner.checksum_errors.load(Ordering::Acquire),
-                healed: self.inner.healed.load(Ordering::Acquire),
-                unrecoverable: self.inner.unrecoverable.load(Ordering::Acquire),
-            },
+            integrity: self.inner.integrity.stats(),
             journal: self.inner.journal.stats(),
             format_version: meta.version,
         }

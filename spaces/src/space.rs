@@ -1829,11 +1829,7 @@ impl Inner {
         if !self.read_only {
             return None;
         }
-        let w = off - off % csum::PAGE;
-        let at = (off - w) as usize;
-        crate::pool::lock(&self.healed_windows)
-            .get(&(s.member, s.slab, w))
-            .map(|v| v[at..at + csum::BLOCK as usize].to_vec())
+        self.integrity.healed_block(s, off)
     }
 }
 
@@ -1991,7 +1987,7 @@ pub(crate) fn heal_window(
         };
         if pool.read_only {
             if dirty[si] || sums_dirty[si] {
-                crate::pool::lock(&pool.healed_windows).insert(
+                pool.integrity.keep_healed(
                     (s.member, s.slab, window),
                     bufs[si].take().expect("present"),
                 );
@@ -2009,8 +2005,6 @@ pub(crate) fn heal_window(
                 .store(dev, s.member, s.slab, window / csum::BLOCK, &want[si])?;
         }
     }
-    pool.checksum_errors.fetch_add(found, Ordering::AcqRel);
-    pool.healed.fetch_add(fixed, Ordering::AcqRel);
-    pool.unrecoverable.fetch_add(lost, Ordering::AcqRel);
+    pool.integrity.count(found, fixed, lost);
     Ok(lost)
 }
