@@ -23,10 +23,10 @@ use crate::code;
 use crate::csum::{self, Csums, BLOCK};
 use crate::format::{MemberState, Slot, BITMAP_SIZE, CHUNKS_PER_SLAB};
 use crate::layout::{Layout, Resiliency};
+use crate::members::Devs;
 use crate::pool::{lock, Inner};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vstor_core::{submit_group, AlignedBuf, BlockDevice, Error, Op, Request, Result};
 
@@ -40,8 +40,6 @@ pub(crate) struct Bitmaps {
     pub any: bool,
     pub last_mark: Option<Instant>,
 }
-
-type Devs = [Option<Arc<dyn BlockDevice>>];
 
 /// What syncing one chunk of an extent found.
 #[derive(Debug, Default, Clone, Copy)]
@@ -156,7 +154,7 @@ impl Inner {
         }
         bm.any = true;
         bm.last_mark = Some(Instant::now());
-        let devs = self.snapshot();
+        let devs = self.members.snapshot();
         let mut failed = Vec::new();
         let mut by_member: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (m, s) in sectors {
@@ -194,7 +192,7 @@ impl Inner {
         if !bm.any || (!force && bm.last_mark.is_some_and(|t| t.elapsed() < CLEAR_DELAY)) {
             return;
         }
-        let devs = self.snapshot();
+        let devs = self.members.snapshot();
         let mut all = true;
         for (m, v) in bm.bits.iter_mut().enumerate() {
             let dirty: Vec<usize> = (0..v.len() / 4096)
@@ -229,7 +227,7 @@ impl Inner {
         if meta.version < crate::format::KEYED_VERSION {
             return false;
         }
-        let rt = self.members_read();
+        let rt = self.members.read();
         meta.members.iter().zip(rt.iter()).any(|(m, r)| {
             !r.usable
                 && m.state != MemberState::Removed
@@ -244,7 +242,7 @@ impl Inner {
     pub fn resync_at_open(&self, clean: bool) -> Result<(u64, Vec<String>)> {
         let meta = lock(&self.meta).clone();
         let base = meta.data_start - BITMAP_SIZE;
-        let devs = self.snapshot();
+        let devs = self.members.snapshot();
         let mut dirty: BTreeSet<(usize, u32, u64)> = BTreeSet::new();
         let mut bm = lock(&self.bitmap);
         bm.bits = vec![Vec::new(); meta.members.len()];
@@ -370,7 +368,7 @@ impl Inner {
     /// Returns the note for the open: what was done, or why the member stays failed (a
     /// `vstor space repair` then rebuilds it whole).
     pub(crate) fn catch_up(&self, x: usize) -> String {
-        let name = self.members_read()[x].name.clone().unwrap_or_default();
+        let name = self.members.read()[x].name.clone().unwrap_or_default();
         match self.try_catch_up(x) {
             Ok(Ok((chunks, bytes))) => format!(
                 "member {x} ({name}) was behind: caught up from the write-intent bitmaps ({chunks} chunks, {} MiB), and is healthy again",
@@ -387,7 +385,7 @@ impl Inner {
 
     fn try_catch_up(&self, x: usize) -> Result<std::result::Result<(u64, u64), String>> {
         let meta = lock(&self.meta).clone();
-        let dev = self.members_read()[x]
+        let dev = self.members.read()[x]
             .device
             .clone()
             .ok_or_else(|| crate::error::invalid("the member's disk is not present"))?;
@@ -406,7 +404,7 @@ impl Inner {
             add_bits(&mut dirty, x, &own, meta.members[x].slab_count);
         }
         let work = extent_chunks(&meta, &dirty, |slots| slots.iter().any(|s| s.member == x));
-        let mut devs = self.snapshot();
+        let mut devs = self.members.snapshot();
         devs[x] = Some(dev.clone());
         let chunk = meta.slab_size / CHUNKS_PER_SLAB;
         for &(s, e, c) in &work {
@@ -441,9 +439,9 @@ impl Inner {
         // clears it: `Inner::persist`): an update that reached the others and not the member
         // leaves it as it was, to be caught up again, not found stale.
         m.returned_seq = cur.sequence;
-        self.members_write()[x].usable = true;
+        self.members.write()[x].usable = true;
         if let Err(e) = self.persist(&mut next) {
-            self.members_write()[x].usable = false;
+            self.members.write()[x].usable = false;
             return Err(e);
         }
         let back = next.members[x].state == MemberState::Healthy;
@@ -456,7 +454,7 @@ impl Inner {
         if !back {
             return Ok(Err("writing the pool metadata to it failed".into()));
         }
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.members.changed();
         self.resynced.fetch_add(work.len() as u64, Ordering::AcqRel);
         // The bits kept for it can go now (unless another member is still behind).
         self.clear_bitmaps(true);
@@ -1015,7 +1013,7 @@ impl crate::Pool {
                         .write()
                         .unwrap_or_else(|p| p.into_inner());
                     let Some(slots) = ext[e].clone() else { break };
-                    let (chunk, devs) = (geo.1 / CHUNKS_PER_SLAB, self.inner.snapshot());
+                    let (chunk, devs) = (geo.1 / CHUNKS_PER_SLAB, self.inner.members.snapshot());
                     let out = sync_chunk(
                         &self.inner.csums,
                         &space.shared.layout,
@@ -1042,7 +1040,7 @@ impl crate::Pool {
                 }
             }
         }
-        for d in self.inner.snapshot().iter().flatten() {
+        for d in self.inner.members.snapshot().iter().flatten() {
             d.flush()?;
         }
         Ok(report)

@@ -648,7 +648,7 @@ impl Inner {
             ]);
         };
         let meta = lock(&self.meta).clone();
-        let devs = self.snapshot();
+        let devs = self.members.snapshot();
         let mut blocks: Vec<Block> = Vec::new();
         let mut max_gen = 0u64;
         let mut max_seq = 0u64;
@@ -707,7 +707,7 @@ impl Inner {
             // once a writable open applies the batches; the members are not written.
             let mut overlays = Vec::new();
             {
-                let mut rt = self.members_write();
+                let mut rt = self.members.write();
                 for (m, member) in rt.iter_mut().enumerate() {
                     if let Some(d) = member.device.take() {
                         let o = Arc::new(crate::overlay::RamOverlay::new(d.clone()));
@@ -716,7 +716,7 @@ impl Inner {
                     }
                 }
             }
-            let mut devs = self.snapshot();
+            let mut devs = self.members.snapshot();
             let mut records = 0u64;
             for bs in batches.values() {
                 for b in bs {
@@ -734,7 +734,7 @@ impl Inner {
                                     s.member,
                                     &format!("journal replay in memory: {e}"),
                                 );
-                                devs = self.snapshot();
+                                devs = self.members.snapshot();
                             }
                         }
                     }
@@ -742,7 +742,7 @@ impl Inner {
             }
             // Members the replay did not write are read directly again (on the shared ring).
             {
-                let mut rt = self.members_write();
+                let mut rt = self.members.write();
                 for (m, o, d) in overlays {
                     if o.is_empty() && rt[m].device.is_some() {
                         rt[m].device = Some(d);

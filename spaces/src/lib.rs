@@ -160,6 +160,7 @@ pub mod format;
 mod integrity;
 pub mod journal;
 mod layout;
+mod members;
 mod mover;
 mod overlay;
 mod pool;

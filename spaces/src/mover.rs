@@ -68,7 +68,7 @@ pub(crate) fn move_extent(
         else {
             return Ok(Some(0));
         };
-        let rt = inner.members_read();
+        let rt = inner.members.read();
         let readable = layout.extent_readable(|s| rt[slots[s].member].usable);
         // The slots still to move: a discard may have given the extent back and a write
         // allocated it again (on healthy members) since the work was listed.
@@ -88,7 +88,7 @@ pub(crate) fn move_extent(
         if !readable {
             return Ok(None);
         }
-        let eligible = inner.eligible(&meta);
+        let eligible = inner.members.eligible(&meta);
         let mut reserved = lock(&inner.reserved);
         let mut alloc = Allocator::new(&meta, &reserved, |m| eligible[m]);
         let mut exclude: Vec<usize> = slots.iter().map(|s| s.member).collect();
@@ -126,7 +126,7 @@ pub(crate) fn move_extent(
     let mut result = Ok(());
     // The sources' checksum pages in one read per slot, not a few pages per chunk.
     {
-        let devs = inner.snapshot();
+        let devs = inner.members.snapshot();
         for s in &slots {
             if let Some(d) = &devs[s.member] {
                 // Only a cache warm-up: a failure shows again (and is handled) where a
@@ -162,7 +162,7 @@ pub(crate) fn move_extent(
             abandon();
             return Ok(Some(0));
         }
-        let devs = inner.snapshot();
+        let devs = inner.members.snapshot();
         let geo = (data_start, slab_size);
         let we = (ws + window).min(slab_size);
         // It stands for the slab's bytes only if no write ran while the I/O was let
@@ -260,7 +260,7 @@ pub(crate) fn move_extent(
     }
     if result.is_ok() {
         // The copies must be durable before the metadata points at them.
-        let devs = inner.snapshot();
+        let devs = inner.members.snapshot();
         result = new.iter().try_for_each(|(_, n)| match &devs[n.member] {
             Some(d) => d.flush(),
             None => Err(invalid(format!(
@@ -310,7 +310,7 @@ pub(crate) fn move_extent(
     }
     drop(meta);
     release();
-    inner.epoch.fetch_add(1, Ordering::AcqRel);
+    inner.members.changed();
     persisted.map(|()| Some(bytes))
 }
 

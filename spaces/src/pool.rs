@@ -8,6 +8,8 @@ use crate::format::{
 };
 use crate::integrity::{Integrity, IntegrityStats};
 use crate::layout::{Layout, Resiliency};
+pub(crate) use crate::members::MemberRt;
+use crate::members::Members;
 use crate::space::{Space, SpaceShared};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -208,21 +210,13 @@ pub struct PoolInfo {
     pub format_version: u32,
 }
 
-pub(crate) struct MemberRt {
-    pub name: Option<String>,
-    pub device: Option<Arc<dyn BlockDevice>>,
-    pub usable: bool,
-    pub seen_sequence: Option<u64>,
-}
-
 /// The shared state of an open pool.
 pub(crate) struct Inner {
     pub meta: Mutex<Meta>,
-    pub members: RwLock<Vec<MemberRt>>,
+    /// The members at run time (and the epoch of their usability and the allocation).
+    pub members: Members,
     pub open_spaces: Mutex<HashMap<Uuid, Weak<SpaceShared>>>,
     pub read_only: bool,
-    /// Bumped on every change of member usability or allocation (health caches key on it).
-    pub epoch: AtomicU64,
     /// A member is missing but still recorded healthy: record it before the first write.
     pub missing_unrecorded: AtomicBool,
     /// This open moved the write epoch on (see `Inner::arm`): a clean close moves it again.
@@ -252,7 +246,7 @@ impl Drop for Inner {
         if self.read_only {
             return;
         }
-        let devs = self.snapshot();
+        let devs = self.members.snapshot();
         if devs.iter().flatten().all(|d| d.flush().is_ok()) {
             self.clear_bitmaps(true);
             self.journal.close(&devs);
@@ -756,10 +750,9 @@ impl Pool {
         Pool {
             inner: Arc::new(Inner {
                 meta: Mutex::new(meta),
-                members: RwLock::new(members),
+                members: Members::new(members),
                 open_spaces: Mutex::new(HashMap::new()),
                 read_only,
-                epoch: AtomicU64::new(0),
                 missing_unrecorded: AtomicBool::new(false),
                 armed: AtomicBool::new(false),
                 notes: Mutex::new(notes),
@@ -1045,7 +1038,7 @@ impl Pool {
             pool.inner.persist(&mut meta)?;
             // The diverged members get the kept metadata in both slots (they are failed in
             // it), so their own history is gone and the next open agrees.
-            let rt = pool.inner.members_read();
+            let rt = pool.inner.members.read();
             for (i, m) in meta.members.iter().enumerate() {
                 let Some(dev) = rt[i].device.as_ref().filter(|_| diverged.contains(&m.id)) else {
                     continue;
@@ -1188,7 +1181,8 @@ impl Pool {
     pub fn remove_member_in_dir(&self, dir: &Path, index: usize) -> Result<Option<PathBuf>> {
         let name = self
             .inner
-            .members_read()
+            .members
+            .read()
             .get(index)
             .and_then(|r| r.device.as_ref().and(r.name.clone()));
         self.remove_member(index)?;
@@ -1335,7 +1329,7 @@ impl Pool {
     /// A description of the pool, its members and its spaces.
     pub fn info(&self) -> PoolInfo {
         let meta = lock(&self.inner.meta);
-        let rt = self.inner.members_read();
+        let rt = self.inner.members.read();
         let mut used = vec![0u64; meta.members.len()];
         for s in &meta.spaces {
             for slots in s.extents.iter().flatten() {
@@ -1416,7 +1410,7 @@ impl Pool {
                 SpacesError::PoolFull(format!("a pool holds at most {MAX_SPACES} spaces")).into(),
             );
         }
-        let eligible = self.inner.eligible(&meta);
+        let eligible = self.inner.members.eligible(&meta);
         let n = eligible.iter().filter(|&&e| e).count();
         let columns = spec.columns.unwrap_or(match spec.resiliency {
             Resiliency::Simple => n.clamp(1, 8),
@@ -1481,8 +1475,8 @@ impl Pool {
         self.inner.zero_new(&next, space.extents.iter().flatten())?;
         self.inner.persist(&mut next)?;
         *meta = next;
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
-        let usable: Vec<bool> = self.inner.members_read().iter().map(|r| r.usable).collect();
+        self.inner.members.changed();
+        let usable = self.inner.members.usable();
         Ok(space_info(meta.spaces.last().expect("pushed"), &usable))
     }
 
@@ -1525,7 +1519,7 @@ impl Pool {
         {
             s.deleted.store(true, Ordering::Release);
         }
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inner.members.changed();
         Ok(())
     }
 
@@ -1541,7 +1535,7 @@ impl Pool {
         let shared = match open.get(&s.id).and_then(Weak::upgrade) {
             Some(sh) => sh,
             None => {
-                let sh = Arc::new(SpaceShared::new(s, &self.inner.members_read()));
+                let sh = Arc::new(SpaceShared::new(s, &self.inner.members.read()));
                 open.insert(s.id, Arc::downgrade(&sh));
                 sh
             }
@@ -1599,32 +1593,6 @@ fn behind(meta: &mut Meta, index: usize, seen: Option<u64>) {
 }
 
 impl Inner {
-    pub fn members_read(&self) -> std::sync::RwLockReadGuard<'_, Vec<MemberRt>> {
-        self.members.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn members_write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<MemberRt>> {
-        self.members.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Members new slabs may go to: usable and healthy (not retired).
-    pub(crate) fn eligible(&self, meta: &Meta) -> Vec<bool> {
-        let rt = self.members_read();
-        meta.members
-            .iter()
-            .zip(rt.iter())
-            .map(|(m, r)| r.usable && m.state == MemberState::Healthy)
-            .collect()
-    }
-
-    /// The devices I/O may go to now, by member index.
-    pub fn snapshot(&self) -> Vec<Option<Arc<dyn BlockDevice>>> {
-        self.members_read()
-            .iter()
-            .map(|r| if r.usable { r.device.clone() } else { None })
-            .collect()
-    }
-
     /// Zeroes the slabs of new extents and flushes them, so a new extent reads as zeroes.
     fn zero_new<'a>(
         &self,
@@ -1637,7 +1605,7 @@ impl Inner {
                 by_member.entry(s.member).or_default().push(s.slab);
             }
         }
-        let devs = self.snapshot();
+        let devs = self.members.snapshot();
         for (m, slabs) in by_member {
             let dev = devs[m]
                 .as_ref()
@@ -1661,6 +1629,7 @@ impl Inner {
         loop {
             meta.sequence += 1;
             let targets: Vec<(usize, Arc<dyn BlockDevice>)> = self
+                .members
                 .snapshot()
                 .into_iter()
                 .enumerate()
@@ -1673,7 +1642,7 @@ impl Inner {
                 .into());
             }
             {
-                let rt = self.members_read();
+                let rt = self.members.read();
                 for (i, m) in meta.members.iter_mut().enumerate() {
                     if m.state == MemberState::Failed && m.failed_seq == 0 {
                         m.failed_seq = meta.sequence;
@@ -1698,13 +1667,13 @@ impl Inner {
                 }
             }
             if failed.is_empty() {
-                let mut rt = self.members_write();
+                let mut rt = self.members.write();
                 for (i, _) in &targets {
                     rt[*i].seen_sequence = Some(meta.sequence);
                 }
                 return Ok(());
             }
-            let mut rt = self.members_write();
+            let mut rt = self.members.write();
             let mut notes = lock(&self.notes);
             for (i, e) in failed {
                 rt[i].usable = false;
@@ -1712,7 +1681,7 @@ impl Inner {
                 meta.members[i].state = MemberState::Failed;
                 notes.push(format!("member {i} failed writing pool metadata: {e}"));
             }
-            self.epoch.fetch_add(1, Ordering::AcqRel);
+            self.members.changed();
         }
     }
 
@@ -1720,7 +1689,7 @@ impl Inner {
     pub fn fail_member(&self, index: usize, cause: &str) {
         let mut meta = lock(&self.meta);
         {
-            let mut rt = self.members_write();
+            let mut rt = self.members.write();
             if !rt[index].usable && meta.members[index].state == MemberState::Failed {
                 return;
             }
@@ -1731,7 +1700,7 @@ impl Inner {
         }
         meta.members[index].state = MemberState::Failed;
         lock(&self.notes).push(format!("member {index} failed: {cause}"));
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.members.changed();
         if !self.read_only {
             // If no member can take the record, I/O fails on its own (nothing is usable).
             let _ = self.persist(&mut meta);
@@ -1750,7 +1719,7 @@ impl Inner {
         }
         let mut next = meta.clone();
         {
-            let rt = self.members_read();
+            let rt = self.members.read();
             for (i, r) in rt.iter().enumerate() {
                 let state = next.members[i].state;
                 if r.device.is_none() && state != MemberState::Removed {
@@ -1810,9 +1779,8 @@ impl Inner {
             .position(|s| s.id == id)
             .ok_or_else(|| SpacesError::NoSuchSpace(format!("{id} (deleted)")))?;
         let old = meta.spaces[si].size;
-        let usable = |rt: &[MemberRt]| rt.iter().map(|r| r.usable).collect::<Vec<bool>>();
         if new_size == old {
-            return Ok(space_info(&meta.spaces[si], &usable(&self.members_read())));
+            return Ok(space_info(&meta.spaces[si], &self.members.usable()));
         }
         if new_size < old {
             return Err(invalid(format!(
@@ -1837,7 +1805,7 @@ impl Inner {
         next.spaces[si].size = new_size;
         let mut fresh = Vec::new();
         if next.spaces[si].provisioning == Provisioning::Fixed {
-            let eligible = self.eligible(&meta);
+            let eligible = self.members.eligible(&meta);
             let mut allocator = Allocator::new(&meta, &lock(&self.reserved), |m| eligible[m]);
             for e in have..count {
                 let slots = allocator.extent(layout.width, &[]).ok_or_else(|| {
@@ -1869,8 +1837,8 @@ impl Inner {
             sh.set_size(new_size);
         }
         drop(map);
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        let info = space_info(&meta.spaces[si], &usable(&self.members_read()));
+        self.members.changed();
+        let info = space_info(&meta.spaces[si], &self.members.usable());
         drop(meta);
         if let Some(sh) = shared {
             // The size as it is now: a later grow may have published already.
@@ -1918,9 +1886,9 @@ impl Inner {
         }
         if space.layout.parities() > 0 {
             // Outside every lock: it may wait for journaled batches in flight.
-            if let Err((m, e)) = self
-                .journal
-                .forget_extents(&self.snapshot(), space.id, &extents)
+            if let Err((m, e)) =
+                self.journal
+                    .forget_extents(&self.members.snapshot(), space.id, &extents)
             {
                 self.fail_member(m, &format!("parity journal: {e}"));
                 return Ok(Vec::new());
@@ -1969,7 +1937,7 @@ impl Inner {
         space.writes_while_rebuilding.fetch_add(1, Ordering::AcqRel);
         drop(map);
         drop(meta);
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.members.changed();
         Ok(gone)
     }
 
@@ -1980,7 +1948,7 @@ impl Inner {
     pub fn allocate(&self, shared: &SpaceShared, extents: &[u64]) -> Result<()> {
         let id = shared.id;
         let mut meta = lock(&self.meta);
-        let eligible = self.eligible(&meta);
+        let eligible = self.members.eligible(&meta);
         let mut next = meta.clone();
         let mut allocator = Allocator::new(&next, &lock(&self.reserved), |m| eligible[m]);
         let si = next
@@ -2023,7 +1991,7 @@ impl Inner {
             }
         }
         drop(map);
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.members.changed();
         Ok(())
     }
 }

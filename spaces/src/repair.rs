@@ -7,7 +7,6 @@ use crate::error::{invalid, SpacesError};
 use crate::format::{MemberMeta, MemberState, BITMAP_SIZE, MAX_MEMBERS};
 use crate::mover::{move_extent, ExtentMove};
 use crate::pool::{lock, read_best, MemberRt, Pool, PoolDisk};
-use std::sync::atomic::Ordering;
 use uuid::Uuid;
 use vstor_core::{AlignedBuf, Result};
 
@@ -81,7 +80,7 @@ impl Pool {
                 .journal
                 .init_member(&*disk.device, next.members.len() - 1, m.id)?;
         }
-        self.inner.members_write().push(MemberRt {
+        self.inner.members.write().push(MemberRt {
             name: Some(disk.name),
             device: Some(disk.device),
             usable: true,
@@ -96,11 +95,11 @@ impl Pool {
             );
         }
         if let Err(e) = self.inner.persist(&mut next) {
-            self.inner.members_write().pop();
+            self.inner.members.write().pop();
             return Err(e);
         }
         *meta = next;
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inner.members.changed();
         Ok(meta.members.len() - 1)
     }
 
@@ -121,7 +120,7 @@ impl Pool {
             .ok_or_else(|| invalid(format!("the pool has no member {index}")))?
             .state;
         let (name, device) = {
-            let rt = self.inner.members_read();
+            let rt = self.inner.members.read();
             match (&rt[index].name, &rt[index].device) {
                 (Some(n), Some(d)) if state == MemberState::Failed => (n.clone(), d.clone()),
                 _ => {
@@ -160,7 +159,7 @@ impl Pool {
                 .init_member(&*device, next.members.len() - 1, m.id)?;
         }
         {
-            let mut rt = self.inner.members_write();
+            let mut rt = self.inner.members.write();
             rt[index].device = None;
             rt[index].name = None;
             rt.push(MemberRt {
@@ -176,14 +175,14 @@ impl Pool {
             next.csum_seed(next.members.last().expect("pushed")),
         );
         if let Err(e) = self.inner.persist(&mut next) {
-            let mut rt = self.inner.members_write();
+            let mut rt = self.inner.members.write();
             let back = rt.pop().expect("pushed");
             rt[index].device = back.device;
             rt[index].name = back.name;
             return Err(e);
         }
         *meta = next;
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inner.members.changed();
         Ok(meta.members.len() - 1)
     }
 
@@ -200,7 +199,7 @@ impl Pool {
         }
         let failed: Vec<usize> = {
             let meta = lock(&self.inner.meta);
-            let rt = self.inner.members_read();
+            let rt = self.inner.members.read();
             meta.members
                 .iter()
                 .enumerate()
@@ -247,7 +246,7 @@ impl Pool {
             ))),
             Some(_) => {
                 self.set_state(index, MemberState::Removed, |_| true)?;
-                let mut rt = self.inner.members_write();
+                let mut rt = self.inner.members.write();
                 rt[index].usable = false;
                 rt[index].device = None;
                 Ok(())
@@ -281,7 +280,7 @@ impl Pool {
         next.members[index].state = state;
         self.inner.persist(&mut next)?;
         *meta = next;
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        self.inner.members.changed();
         Ok(())
     }
 
@@ -303,7 +302,7 @@ impl Pool {
                     return Err(SpacesError::NoSuchSpace(n.into()).into());
                 }
             }
-            let rt = self.inner.members_read();
+            let rt = self.inner.members.read();
             let bad = |m: usize| !rt[m].usable || meta.members[m].state == MemberState::Retired;
             let mut work = Vec::new();
             for s in meta

@@ -426,11 +426,11 @@ impl Space {
 
     /// The space's health with the members usable now.
     pub fn health(&self) -> SpaceHealth {
-        self.health_of(&self.pool.snapshot())
+        self.health_of(&self.pool.members.snapshot())
     }
 
     fn health_of(&self, devs: &Devs) -> SpaceHealth {
-        let epoch = self.pool.epoch.load(Ordering::Acquire);
+        let epoch = self.pool.members.epoch();
         if let Some((e, h)) = &*guard(&self.shared.health_cache) {
             if *e == epoch {
                 return h.clone();
@@ -463,7 +463,7 @@ impl Space {
         // With no write in flight, a flush makes every written chunk durable everywhere: the
         // write-intent bitmap can then be cleared.
         let quiet = self.pool.gate.try_write().ok();
-        let devs = self.pool.snapshot();
+        let devs = self.pool.members.snapshot();
         let mut per: Vec<Vec<Request<'_>>> = devs
             .iter()
             .map(|d| {
@@ -562,7 +562,7 @@ impl Space {
                     }
                     v
                 });
-            let devs = self.pool.snapshot();
+            let devs = self.pool.members.snapshot();
             if let SpaceHealth::Failed { reason } = self.health_of(&devs) {
                 fail_remaining(seg, &self.failed(reason));
                 return;
@@ -610,7 +610,7 @@ impl Space {
                 .or_default()
                 .push(h.parent);
         }
-        let devs = self.pool.snapshot();
+        let devs = self.pool.members.snapshot();
         for ((extent, window), parents) in windows {
             let Some(Some(slots)) = ext.get(extent as usize) else {
                 continue;
