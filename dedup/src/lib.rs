@@ -10,6 +10,8 @@
 //!   by stubs), unoptimize, status, GC, scrub.
 //! - [`stub`] and [`device`]: an optimized file read (and written) like the original, as a
 //!   [`vstor_core::BlockDevice`] the stack builder puts under the VHDX layer.
+//! - [`volume`]: inline dedup of running VMs' disks: volumes of fixed 4 KiB blocks in a store
+//!   of their own (`dedup:STORE/NAME`), instant clones, durable at flush.
 //! - [`vfs`]: the file system all of it runs on: the host's, or a simulated one that cuts
 //!   power at any write (the crash tests).
 //!
@@ -44,6 +46,8 @@ pub mod library;
 pub mod store;
 pub mod stub;
 pub mod vfs;
+pub mod volume;
 
 pub use device::StubDevice;
 pub use error::{DedupError, Result};
+pub use volume::{Volume, VolumeStore};

@@ -586,10 +586,20 @@ impl Store {
 
     /// Starts adding chunks.
     pub fn writer(&self) -> Result<Writer<'_>> {
-        let containers = self.containers()?;
+        Self::make_writer(StoreRef::Borrowed(self))
+    }
+
+    /// Starts adding chunks, with a writer that holds the store (so that it can live beside
+    /// it: the inline volumes keep one open between flushes).
+    pub fn shared_writer(self: &Arc<Self>) -> Result<Writer<'static>> {
+        Self::make_writer(StoreRef::Shared(self.clone()))
+    }
+
+    fn make_writer(store: StoreRef<'_>) -> Result<Writer<'_>> {
+        let containers = store.containers()?;
         let next = containers.keys().next_back().map_or(1, |k| k + 1);
         Ok(Writer {
-            store: self,
+            store,
             open: [None, None],
             next_id: next,
             touched: BTreeMap::new(),
@@ -1024,6 +1034,71 @@ impl Store {
         Ok(id)
     }
 
+    /// The index database (for the modules that keep tables of their own in it).
+    pub(crate) fn db(&self) -> &redb::Database {
+        &self.db
+    }
+
+    /// An index error, named after the index file.
+    pub(crate) fn index_err(&self, e: impl Into<redb::Error>) -> DedupError {
+        db_err(&self.index_path)(e.into())
+    }
+
+    /// Changes chunk refcounts by `deltas` inside `tx`. A chunk not in the index must be among
+    /// `new` (appended since the last commit): it is recorded there with its count. A chunk
+    /// whose count reaches 0 leaves the index (its record becomes garbage in its container,
+    /// which GC compacts away).
+    pub(crate) fn adjust_refs(
+        &self,
+        tx: &redb::WriteTransaction,
+        deltas: &BTreeMap<ChunkId, i64>,
+        new: &HashMap<ChunkId, ChunkRef>,
+    ) -> Result<()> {
+        let mut ch = db!(self, tx.open_table(CHUNKS))?;
+        for (id, d) in deltas {
+            if *d == 0 {
+                continue;
+            }
+            let cur = db!(self, ch.get(&id[..]))?
+                .map(|v| ChunkRec::decode(id, v.value()))
+                .transpose()?;
+            let (mut rec, have) = match (cur, new.get(id)) {
+                (Some(r), _) => (r, r.refs as i64),
+                (None, Some(at)) => (
+                    ChunkRec {
+                        at: *at,
+                        refs: 0,
+                        hot: None,
+                    },
+                    0,
+                ),
+                (None, None) => {
+                    return Err(DedupError::corrupt(
+                        self.index_path.display().to_string(),
+                        format!(
+                            "a reference to chunk {}, which is not in the index",
+                            hex(id)
+                        ),
+                    ))
+                }
+            };
+            let n = have + d;
+            if n < 0 {
+                return Err(DedupError::corrupt(
+                    self.index_path.display().to_string(),
+                    format!("chunk {} would have {n} references", hex(id)),
+                ));
+            }
+            if n == 0 {
+                db!(self, ch.remove(&id[..]))?;
+            } else {
+                rec.refs = n as u64;
+                db!(self, ch.insert(&id[..], &rec.encode()[..]))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Where the index says each chunk of `ids` is now (for stubs whose container retired).
     pub fn locate(&self, ids: &[ChunkId]) -> Result<Vec<ChunkRef>> {
         let tx = db!(self, self.db.begin_read())?;
@@ -1061,10 +1136,26 @@ pub struct GcReport {
 /// A container being filled: id, file, length so far.
 type OpenContainer = (u32, Arc<dyn VFile>, u64);
 
+/// The store a writer adds to: borrowed, or held.
+enum StoreRef<'a> {
+    Borrowed(&'a Store),
+    Shared(Arc<Store>),
+}
+
+impl std::ops::Deref for StoreRef<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        match self {
+            StoreRef::Borrowed(s) => s,
+            StoreRef::Shared(s) => s,
+        }
+    }
+}
+
 /// Adds chunks to a store: appends records to containers; [`Store::commit_stream`] makes
 /// them part of the store.
 pub struct Writer<'a> {
-    store: &'a Store,
+    store: StoreRef<'a>,
     /// The container being filled: id, file, length so far.
     open: [Option<OpenContainer>; 2],
     next_id: u32,
@@ -1121,21 +1212,53 @@ impl Writer<'_> {
         if let Some(t) = &mut self.throttle {
             t.take(data.len() as u64);
         }
-        let id = chunk_id(data);
+        self.put_hashed(chunk_id(data), data)
+    }
+
+    /// [`Writer::put`] of a chunk whose id the caller has computed (`id` must be
+    /// `chunk_id(data)`).
+    pub(crate) fn put_hashed(&mut self, id: ChunkId, data: &[u8]) -> Result<ChunkRef> {
         if let Some(r) = self.new.get(&id) {
             return Ok(*r);
         }
         if let Some(r) = self.store.chunk(&id)? {
             return Ok(r.at);
         }
-        let r = self.append(data, false)?;
+        let r = self.append_id(id, data, false)?;
         self.new.insert(id, r);
         Ok(r)
     }
 
+    /// Syncs every container written to, then runs `f` in one index transaction that also
+    /// records the containers' new lengths, and commits it. `f` is handed the chunks appended
+    /// since the last commit, which it must record (with [`Store::adjust_refs`]) for those it
+    /// keeps. On success the writer starts a new batch; on failure nothing was committed and
+    /// the batch stays as it was, to be committed by a later call.
+    pub(crate) fn commit_with<T>(
+        &mut self,
+        f: impl FnOnce(&redb::WriteTransaction, &HashMap<ChunkId, ChunkRef>) -> Result<T>,
+    ) -> Result<T> {
+        self.sync()?;
+        let store = &*self.store;
+        let tx = db!(store, store.db.begin_write())?;
+        {
+            let mut ct = db!(store, tx.open_table(CONTAINERS))?;
+            self.record_containers(&mut ct)?;
+        }
+        let out = f(&tx, &self.new)?;
+        db!(store, tx.commit())?;
+        self.new.clear();
+        self.touched.clear();
+        Ok(out)
+    }
+
     /// Appends a chunk's record to the open container of its kind.
     fn append(&mut self, data: &[u8], hotspot: bool) -> Result<ChunkRef> {
-        let id = chunk_id(data);
+        self.append_id(chunk_id(data), data, hotspot)
+    }
+
+    /// [`Writer::append`] of a chunk whose id is known.
+    fn append_id(&mut self, id: ChunkId, data: &[u8], hotspot: bool) -> Result<ChunkRef> {
         let (rec, flags) = encode_record(id, data, self.store.cfg.compress);
         let k = usize::from(hotspot);
         if self.open[k].is_none() {
