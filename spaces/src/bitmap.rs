@@ -125,7 +125,7 @@ pub(crate) fn bitmap_bytes(slab_count: u32) -> usize {
 
 impl Inner {
     fn bitmap_offset(&self) -> u64 {
-        lock(&self.meta).data_start - BITMAP_SIZE
+        self.store.lock().data_start - BITMAP_SIZE
     }
 
     /// Sets on disk the bits of `chunks` (member, slab, chunk) not set yet, before the writes
@@ -223,7 +223,7 @@ impl Inner {
     /// must go on naming every chunk written since. A member failed with nothing known of
     /// what it holds (`current_through` 0) is rebuilt whole and keeps nothing.
     pub(crate) fn keeps_bits(&self) -> bool {
-        let meta = lock(&self.meta);
+        let meta = self.store.lock();
         if meta.version < crate::format::KEYED_VERSION {
             return false;
         }
@@ -240,7 +240,7 @@ impl Inner {
     /// a clean close (`clean`) the bits left are kept ones and nothing is resynced. Returns
     /// the number of chunks resynced and notes.
     pub fn resync_at_open(&self, clean: bool) -> Result<(u64, Vec<String>)> {
-        let meta = lock(&self.meta).clone();
+        let meta = self.store.lock().clone();
         let base = meta.data_start - BITMAP_SIZE;
         let devs = self.members.snapshot();
         let mut dirty: BTreeSet<(usize, u32, u64)> = BTreeSet::new();
@@ -384,7 +384,7 @@ impl Inner {
     }
 
     fn try_catch_up(&self, x: usize) -> Result<std::result::Result<(u64, u64), String>> {
-        let meta = lock(&self.meta).clone();
+        let meta = self.store.lock().clone();
         let dev = self.members.read()[x]
             .device
             .clone()
@@ -422,7 +422,7 @@ impl Inner {
             d.flush()?;
         }
         // Its bitmap and journal start afresh: what they named is settled.
-        crate::pool::zero_range(&*dev, base, BITMAP_SIZE)?;
+        crate::store::zero_range(&*dev, base, BITMAP_SIZE)?;
         self.journal.init_member(&*dev, x, meta.members[x].id)?;
         {
             let mut bm = lock(&self.bitmap);
@@ -430,7 +430,7 @@ impl Inner {
                 v.iter_mut().for_each(|b| *b = 0);
             }
         }
-        let mut cur = lock(&self.meta);
+        let mut cur = self.store.lock();
         let mut next = cur.clone();
         let m = &mut next.members[x];
         m.state = MemberState::Healthy;
@@ -969,7 +969,7 @@ impl crate::Pool {
             return Err(crate::SpacesError::ReadOnly.into());
         }
         let names: Vec<String> = {
-            let meta = lock(&self.inner.meta);
+            let meta = self.inner.store.lock();
             if let Some(n) = name {
                 if !meta.spaces.iter().any(|s| s.name == n) {
                     return Err(crate::SpacesError::NoSuchSpace(n.into()).into());
@@ -993,7 +993,7 @@ impl crate::Pool {
             })
             .sum();
         let geo = {
-            let m = lock(&self.inner.meta);
+            let m = self.inner.store.lock();
             (m.data_start, m.slab_size)
         };
         let mut report = ScrubReport::default();

@@ -647,7 +647,7 @@ impl Inner {
                 "format version 2: this pool has no parity journal (a crash together with the loss of a member can corrupt data of a parity space that was not being written); a new pool has one".into(),
             ]);
         };
-        let meta = lock(&self.meta).clone();
+        let meta = self.store.lock().clone();
         let devs = self.members.snapshot();
         let mut blocks: Vec<Block> = Vec::new();
         let mut max_gen = 0u64;

@@ -166,6 +166,7 @@ mod overlay;
 mod pool;
 mod repair;
 mod space;
+mod store;
 
 pub use bitmap::{ScrubReport, CLEAR_DELAY};
 pub use code::{encode as parity_encode, reconstruct as parity_reconstruct};

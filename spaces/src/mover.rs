@@ -20,7 +20,7 @@ use crate::csum::{Csums, BLOCK};
 use crate::error::{invalid, SpacesError};
 use crate::format::{MemberState, Slot};
 use crate::layout::{Layout, Resiliency};
-use crate::pool::{lock, Allocator, Inner};
+use crate::pool::Inner;
 use crate::{code, Space};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -58,7 +58,7 @@ pub(crate) fn move_extent(
 ) -> Result<Option<u64>> {
     let layout = space.shared.layout;
     let (slots, new, data_start, slab_size) = {
-        let meta = lock(&inner.meta);
+        let meta = inner.store.lock();
         let Some(Some(slots)) = meta
             .spaces
             .iter()
@@ -89,30 +89,24 @@ pub(crate) fn move_extent(
             return Ok(None);
         }
         let eligible = inner.members.eligible(&meta);
-        let mut reserved = lock(&inner.reserved);
-        let mut alloc = Allocator::new(&meta, &reserved, |m| eligible[m]);
-        let mut exclude: Vec<usize> = slots.iter().map(|s| s.member).collect();
-        let mut new = Vec::new();
-        for &si in &bad {
-            let got = alloc
-                .extent(1, &exclude)
-                .ok_or_else(|| SpacesError::TooFewDisks {
-                    what: format!(
-                        "rebuilding extent {} of '{}' ({}) onto a disk it does not use yet",
-                        w.extent, w.space, layout.resiliency
-                    ),
-                    needed: layout.width + 1,
-                    available: eligible.iter().filter(|&&e| e).count(),
-                })?;
-            exclude.push(got[0].member);
-            reserved.push(got[0]);
-            new.push((si, got[0]));
-        }
+        let exclude: Vec<usize> = slots.iter().map(|s| s.member).collect();
+        let got = inner
+            .store
+            .reserve_slabs(&meta, &eligible, bad.len(), &exclude)
+            .ok_or_else(|| SpacesError::TooFewDisks {
+                what: format!(
+                    "rebuilding extent {} of '{}' ({}) onto a disk it does not use yet",
+                    w.extent, w.space, layout.resiliency
+                ),
+                needed: layout.width + 1,
+                available: eligible.iter().filter(|&&e| e).count(),
+            })?;
+        let new: Vec<(usize, Slot)> = bad.into_iter().zip(got).collect();
         (slots, new, meta.data_start, meta.slab_size)
     };
     let release = || {
-        let mut r = lock(&inner.reserved);
-        r.retain(|s| !new.iter().any(|(_, n)| n == s));
+        let taken: Vec<Slot> = new.iter().map(|x| x.1).collect();
+        inner.store.unreserve(&taken);
     };
     // Gives up the extent: writes no longer go to the new slabs, which are free again.
     let abandon = || {
@@ -274,7 +268,7 @@ pub(crate) fn move_extent(
         return Err(e);
     }
     // Switch: the new slabs replace the old in the metadata, then in the map.
-    let mut meta = lock(&inner.meta);
+    let mut meta = inner.store.lock();
     let mut next = meta.clone();
     let Some(target) = next
         .spaces

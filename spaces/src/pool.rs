@@ -11,10 +11,11 @@ use crate::layout::{Layout, Resiliency};
 pub(crate) use crate::members::MemberRt;
 use crate::members::Members;
 use crate::space::{Space, SpaceShared};
+use crate::store::{behind, zero_range, MetaStore};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use uuid::Uuid;
 use vstor_core::{BlockDevice, Error, FileDevice, FileOptions, Result};
 
@@ -212,7 +213,8 @@ pub struct PoolInfo {
 
 /// The shared state of an open pool.
 pub(crate) struct Inner {
-    pub meta: Mutex<Meta>,
+    /// The pool metadata and the slabs moves have reserved.
+    pub store: MetaStore,
     /// The members at run time (and the epoch of their usability and the allocation).
     pub members: Members,
     pub open_spaces: Mutex<HashMap<Uuid, Weak<SpaceShared>>>,
@@ -222,8 +224,6 @@ pub(crate) struct Inner {
     /// This open moved the write epoch on (see `Inner::arm`): a clean close moves it again.
     pub armed: AtomicBool,
     pub notes: Mutex<Vec<String>>,
-    /// Slabs a rebuild in progress has taken but not yet recorded.
-    pub reserved: Mutex<Vec<Slot>>,
     /// The write-intent bitmaps.
     pub bitmap: Mutex<Bitmaps>,
     /// Writes hold it shared while in flight; clearing the bitmaps holds it exclusively.
@@ -258,9 +258,7 @@ impl Drop for Inner {
     }
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use crate::store::lock;
 
 /// A pool of disks. Cloning gives another handle to the same open pool.
 #[derive(Clone)]
@@ -270,7 +268,7 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = lock(&self.inner.meta);
+        let m = self.inner.store.lock();
         f.debug_struct("Pool")
             .field("id", &m.pool_id)
             .field("sequence", &m.sequence)
@@ -479,105 +477,6 @@ fn divergence(views: &[(&str, &Meta, usize)]) -> Vec<String> {
     out
 }
 
-/// Writes zeroes over `len` bytes at `off` (a multiple of 64 KiB).
-pub(crate) fn zero_range(dev: &dyn BlockDevice, off: u64, len: u64) -> Result<()> {
-    if dev.info().supports.write_zeroes {
-        dev.write_zeroes(off, len)
-    } else {
-        let zero = vec![0u8; (1 << 20).min(len as usize)];
-        let mut pos = 0;
-        while pos < len {
-            dev.write_at(off + pos, &zero)?;
-            pos += zero.len() as u64;
-        }
-        Ok(())
-    }
-}
-
-/// Writes zeroes over whole slabs.
-fn zero_slabs(dev: &dyn BlockDevice, meta: &Meta, slabs: &[u32]) -> Result<()> {
-    for &s in slabs {
-        zero_range(
-            dev,
-            meta.data_start + u64::from(s) * meta.slab_size,
-            meta.slab_size,
-        )?;
-    }
-    Ok(())
-}
-
-/// Hands out free slabs: the members with the most free slabs first, so extents spread.
-pub(crate) struct Allocator {
-    free: Vec<Vec<u32>>,
-}
-
-impl Allocator {
-    /// Free slabs of the members `eligible` allows, less the slabs `reserved` (held by a
-    /// rebuild in progress).
-    pub fn new(meta: &Meta, reserved: &[Slot], eligible: impl Fn(usize) -> bool) -> Self {
-        let mut used: Vec<Vec<bool>> = meta
-            .members
-            .iter()
-            .map(|m| vec![false; m.slab_count as usize])
-            .collect();
-        for s in &meta.spaces {
-            for slots in s.extents.iter().flatten() {
-                for sl in slots {
-                    used[sl.member][sl.slab as usize] = true;
-                }
-            }
-        }
-        for sl in reserved {
-            if let Some(u) = used
-                .get_mut(sl.member)
-                .and_then(|u| u.get_mut(sl.slab as usize))
-            {
-                *u = true;
-            }
-        }
-        let free = used
-            .iter()
-            .enumerate()
-            .map(|(m, u)| {
-                if eligible(m) {
-                    (0..u.len() as u32)
-                        .rev()
-                        .filter(|&s| !u[s as usize])
-                        .collect()
-                } else {
-                    Vec::new()
-                }
-            })
-            .collect();
-        Allocator { free }
-    }
-
-    /// Members that can take a slab.
-    pub fn members_with_room(&self) -> usize {
-        self.free.iter().filter(|f| !f.is_empty()).count()
-    }
-
-    /// One slab on each of `width` distinct members, avoiding `exclude`.
-    pub fn extent(&mut self, width: usize, exclude: &[usize]) -> Option<Vec<Slot>> {
-        let mut order: Vec<usize> = (0..self.free.len())
-            .filter(|&m| !self.free[m].is_empty() && !exclude.contains(&m))
-            .collect();
-        if order.len() < width {
-            return None;
-        }
-        order.sort_by_key(|&m| std::cmp::Reverse(self.free[m].len()));
-        Some(
-            order[..width]
-                .iter()
-                .map(|&m| Slot {
-                    member: m,
-                    slab: self.free[m].pop().expect("non-empty"),
-                })
-                .collect(),
-        )
-    }
-}
-
 /// Health of a space whose extents are `extents`, with member usability `usable`.
 pub(crate) fn health(
     name: &str,
@@ -749,14 +648,13 @@ impl Pool {
         let opened_at = meta.sequence;
         Pool {
             inner: Arc::new(Inner {
-                meta: Mutex::new(meta),
+                store: MetaStore::new(meta, read_only),
                 members: Members::new(members),
                 open_spaces: Mutex::new(HashMap::new()),
                 read_only,
                 missing_unrecorded: AtomicBool::new(false),
                 armed: AtomicBool::new(false),
                 notes: Mutex::new(notes),
-                reserved: Mutex::new(Vec::new()),
                 bitmap: Mutex::new(Bitmaps::default()),
                 gate: RwLock::new(()),
                 resynced: AtomicU64::new(0),
@@ -1034,7 +932,7 @@ impl Pool {
             .missing_unrecorded
             .store(missing, Ordering::Release);
         if (stale || !diverged.is_empty()) && !opts.read_only {
-            let mut meta = lock(&pool.inner.meta);
+            let mut meta = pool.inner.store.lock();
             pool.inner.persist(&mut meta)?;
             // The diverged members get the kept metadata in both slots (they are failed in
             // it), so their own history is gone and the next open agrees.
@@ -1323,12 +1221,12 @@ impl Pool {
 
     /// The pool's identity.
     pub fn id(&self) -> Uuid {
-        lock(&self.inner.meta).pool_id
+        self.inner.store.lock().pool_id
     }
 
     /// A description of the pool, its members and its spaces.
     pub fn info(&self) -> PoolInfo {
-        let meta = lock(&self.inner.meta);
+        let meta = self.inner.store.lock();
         let rt = self.inner.members.read();
         let mut used = vec![0u64; meta.members.len()];
         for s in &meta.spaces {
@@ -1401,7 +1299,7 @@ impl Pool {
                 spec.size
             )));
         }
-        let mut meta = lock(&self.inner.meta);
+        let mut meta = self.inner.store.lock();
         if meta.spaces.iter().any(|s| s.name == spec.name) {
             return Err(SpacesError::SpaceExists(spec.name.clone()).into());
         }
@@ -1424,7 +1322,7 @@ impl Pool {
                 .unwrap_or(DEFAULT_INTERLEAVE.min(meta.slab_size)),
             meta.slab_size,
         )?;
-        let allocator = Allocator::new(&meta, &lock(&self.inner.reserved), |m| eligible[m]);
+        let allocator = self.inner.store.allocator(&meta, &eligible);
         let room = allocator.members_with_room();
         if layout.width > room {
             return Err(SpacesError::TooFewDisks {
@@ -1488,7 +1386,7 @@ impl Pool {
     /// it fails (the pool full, the metadata area full).
     pub fn resize_space(&self, name: &str, new_size: u64) -> Result<SpaceInfo> {
         let id = {
-            let meta = lock(&self.inner.meta);
+            let meta = self.inner.store.lock();
             meta.spaces
                 .iter()
                 .find(|s| s.name == name)
@@ -1503,7 +1401,7 @@ impl Pool {
         if self.inner.read_only {
             return Err(SpacesError::ReadOnly.into());
         }
-        let mut meta = lock(&self.inner.meta);
+        let mut meta = self.inner.store.lock();
         let i = meta
             .spaces
             .iter()
@@ -1525,7 +1423,7 @@ impl Pool {
 
     /// Opens the space `name` as a block device. Handles of one space share their state.
     pub fn open_space(&self, name: &str) -> Result<Space> {
-        let meta = lock(&self.inner.meta);
+        let meta = self.inner.store.lock();
         let s = meta
             .spaces
             .iter()
@@ -1551,7 +1449,7 @@ impl Pool {
     /// Marks member `index` failed (as an I/O error would), records it unless read-only, and
     /// stops I/O to it. For operators taking a disk out and for tests.
     pub fn fail_member(&self, index: usize) -> Result<()> {
-        if index >= lock(&self.inner.meta).members.len() {
+        if index >= self.inner.store.lock().members.len() {
             return Err(invalid(format!("the pool has no member {index}")));
         }
         self.inner.fail_member(index, "failed by request");
@@ -1578,116 +1476,25 @@ fn space_info(s: &SpaceMeta, usable: &[bool]) -> SpaceInfo {
     }
 }
 
-/// A member that was getting every write stops getting them (it failed, or is missing at the
-/// first write): from now on the write-intent bits are kept (`Inner::keeps_bits`), so if it
-/// comes back holding the metadata it last got (`seen`), it is caught up from the bitmaps
-/// (format version 4).
-fn behind(meta: &mut Meta, index: usize, seen: Option<u64>) {
-    let m = &mut meta.members[index];
-    if meta.version >= crate::format::KEYED_VERSION
-        && m.state != MemberState::Failed
-        && m.current_through == 0
-    {
-        m.current_through = seen.unwrap_or(0);
-    }
-}
-
 impl Inner {
-    /// Zeroes the slabs of new extents and flushes them, so a new extent reads as zeroes.
+    /// Writes `meta` with the next sequence number to every usable member
+    /// ([`MetaStore::persist`]).
+    pub fn persist(&self, meta: &mut Meta) -> Result<()> {
+        self.store.persist(meta, &self.members, &self.notes)
+    }
+
+    /// Zeroes the slabs of new extents ([`MetaStore::zero_new`]).
     fn zero_new<'a>(
         &self,
         meta: &Meta,
         extents: impl Iterator<Item = &'a Vec<Slot>>,
     ) -> Result<()> {
-        let mut by_member: HashMap<usize, Vec<u32>> = HashMap::new();
-        for slots in extents {
-            for s in slots {
-                by_member.entry(s.member).or_default().push(s.slab);
-            }
-        }
-        let devs = self.members.snapshot();
-        for (m, slabs) in by_member {
-            let dev = devs[m]
-                .as_ref()
-                .ok_or_else(|| invalid(format!("member {m} is not usable")))?;
-            zero_slabs(&**dev, meta, &slabs)?;
-            let zero = vec![0u32; (meta.slab_size / crate::csum::BLOCK) as usize];
-            for &slab in &slabs {
-                self.csums.store(dev, m, slab, 0, &zero)?;
-            }
-            dev.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Writes `meta` with the next sequence number to every usable member and flushes. A member
-    /// that fails the write is marked failed and the update is written again without it.
-    pub fn persist(&self, meta: &mut Meta) -> Result<()> {
-        if self.read_only {
-            return Err(SpacesError::ReadOnly.into());
-        }
-        loop {
-            meta.sequence += 1;
-            let targets: Vec<(usize, Arc<dyn BlockDevice>)> = self
-                .members
-                .snapshot()
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, d)| d.map(|d| (i, d)))
-                .collect();
-            if targets.is_empty() {
-                return Err(SpacesError::NoPool(
-                    "no usable member is left to hold the pool metadata".into(),
-                )
-                .into());
-            }
-            {
-                let rt = self.members.read();
-                for (i, m) in meta.members.iter_mut().enumerate() {
-                    if m.state == MemberState::Failed && m.failed_seq == 0 {
-                        m.failed_seq = meta.sequence;
-                    }
-                    // A member taken back (caught up) that holds the update before this one
-                    // no longer needs what it was current through.
-                    if m.state != MemberState::Failed
-                        && m.current_through != 0
-                        && rt.get(i).and_then(|r| r.seen_sequence) == Some(meta.sequence - 1)
-                    {
-                        m.current_through = 0;
-                    }
-                }
-            }
-            let offset = (meta.sequence % 2) * meta.slot_size;
-            let mut failed = Vec::new();
-            for (i, dev) in &targets {
-                let mut blob = meta.serialize(*i);
-                blob.resize(blob.len().div_ceil(4096) * 4096, 0);
-                if let Err(e) = dev.write_at(offset, &blob).and_then(|()| dev.flush()) {
-                    failed.push((*i, e));
-                }
-            }
-            if failed.is_empty() {
-                let mut rt = self.members.write();
-                for (i, _) in &targets {
-                    rt[*i].seen_sequence = Some(meta.sequence);
-                }
-                return Ok(());
-            }
-            let mut rt = self.members.write();
-            let mut notes = lock(&self.notes);
-            for (i, e) in failed {
-                rt[i].usable = false;
-                behind(meta, i, rt[i].seen_sequence);
-                meta.members[i].state = MemberState::Failed;
-                notes.push(format!("member {i} failed writing pool metadata: {e}"));
-            }
-            self.members.changed();
-        }
+        MetaStore::zero_new(meta, extents, &self.members, &self.csums)
     }
 
     /// Marks a member failed after an I/O error, and records it.
     pub fn fail_member(&self, index: usize, cause: &str) {
-        let mut meta = lock(&self.meta);
+        let mut meta = self.store.lock();
         {
             let mut rt = self.members.write();
             if !rt[index].usable && meta.members[index].state == MemberState::Failed {
@@ -1713,7 +1520,7 @@ impl Inner {
         if !self.missing_unrecorded.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut meta = lock(&self.meta);
+        let mut meta = self.store.lock();
         if !self.missing_unrecorded.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -1747,7 +1554,7 @@ impl Inner {
     /// anything is written, and a clean close arms again (`clean`), so a copy of a member
     /// taken while the pool was open is older than the epoch too.
     pub(crate) fn arm(&self, clean: bool) -> Result<()> {
-        let mut meta = lock(&self.meta);
+        let mut meta = self.store.lock();
         if self.read_only || meta.version < crate::format::KEYED_VERSION {
             return Ok(());
         }
@@ -1772,7 +1579,7 @@ impl Inner {
                 "space size {new_size} is not a positive multiple of 4096"
             )));
         }
-        let mut meta = lock(&self.meta);
+        let mut meta = self.store.lock();
         let si = meta
             .spaces
             .iter()
@@ -1806,7 +1613,7 @@ impl Inner {
         let mut fresh = Vec::new();
         if next.spaces[si].provisioning == Provisioning::Fixed {
             let eligible = self.members.eligible(&meta);
-            let mut allocator = Allocator::new(&meta, &lock(&self.reserved), |m| eligible[m]);
+            let mut allocator = self.store.allocator(&meta, &eligible);
             for e in have..count {
                 let slots = allocator.extent(layout.width, &[]).ok_or_else(|| {
                     SpacesError::PoolFull(format!(
@@ -1865,7 +1672,7 @@ impl Inner {
         // What can be released at all (checked again under the locks below), so that a fixed
         // space or the extent being rebuilt costs no journal turn.
         let extents: Vec<u64> = {
-            let meta = lock(&self.meta);
+            let meta = self.store.lock();
             let Some(s) = meta.spaces.iter().find(|s| s.id == space.id) else {
                 return Ok(Vec::new());
             };
@@ -1896,7 +1703,7 @@ impl Inner {
         }
         // The order of the rebuild's switch: the metadata, then the space's map (held for
         // writing, so no I/O of the space is in flight).
-        let mut meta = lock(&self.meta);
+        let mut meta = self.store.lock();
         let mut map = space.extents.write().unwrap_or_else(|p| p.into_inner());
         let rebuilding = space.rebuilding_extent();
         let Some(si) = meta.spaces.iter().position(|s| s.id == space.id) else {
@@ -1947,10 +1754,10 @@ impl Inner {
     /// installed later could undo a rebuild's switch or a discard's release in between).
     pub fn allocate(&self, shared: &SpaceShared, extents: &[u64]) -> Result<()> {
         let id = shared.id;
-        let mut meta = lock(&self.meta);
+        let mut meta = self.store.lock();
         let eligible = self.members.eligible(&meta);
         let mut next = meta.clone();
-        let mut allocator = Allocator::new(&next, &lock(&self.reserved), |m| eligible[m]);
+        let mut allocator = self.store.allocator(&next, &eligible);
         let si = next
             .spaces
             .iter()

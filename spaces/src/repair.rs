@@ -6,7 +6,7 @@
 use crate::error::{invalid, SpacesError};
 use crate::format::{MemberMeta, MemberState, BITMAP_SIZE, MAX_MEMBERS};
 use crate::mover::{move_extent, ExtentMove};
-use crate::pool::{lock, read_best, MemberRt, Pool, PoolDisk};
+use crate::pool::{read_best, MemberRt, Pool, PoolDisk};
 use uuid::Uuid;
 use vstor_core::{AlignedBuf, Result};
 
@@ -44,7 +44,7 @@ impl Pool {
                 disk.name
             )));
         }
-        let mut meta = lock(&self.inner.meta);
+        let mut meta = self.inner.store.lock();
         if meta.members.len() >= MAX_MEMBERS {
             return Err(invalid(format!("a pool has at most {MAX_MEMBERS} members")));
         }
@@ -73,7 +73,7 @@ impl Pool {
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
         }
-        crate::pool::zero_range(&*disk.device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+        crate::store::zero_range(&*disk.device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
         {
             let m = next.members.last().expect("pushed");
             self.inner
@@ -113,7 +113,7 @@ impl Pool {
         if self.inner.read_only {
             return Err(SpacesError::ReadOnly.into());
         }
-        let mut meta = lock(&self.inner.meta);
+        let mut meta = self.inner.store.lock();
         let state = meta
             .members
             .get(index)
@@ -151,7 +151,7 @@ impl Pool {
         if next.blob_len() > next.slot_size {
             return Err(SpacesError::PoolFull("the pool metadata area is full".into()).into());
         }
-        crate::pool::zero_range(&*device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
+        crate::store::zero_range(&*device, meta.data_start - BITMAP_SIZE, BITMAP_SIZE)?;
         {
             let m = next.members.last().expect("pushed");
             self.inner
@@ -198,7 +198,7 @@ impl Pool {
             return Err(SpacesError::ReadOnly.into());
         }
         let failed: Vec<usize> = {
-            let meta = lock(&self.inner.meta);
+            let meta = self.inner.store.lock();
             let rt = self.inner.members.read();
             meta.members
                 .iter()
@@ -263,7 +263,7 @@ impl Pool {
         if self.inner.read_only {
             return Err(SpacesError::ReadOnly.into());
         }
-        let mut meta = lock(&self.inner.meta);
+        let mut meta = self.inner.store.lock();
         let cur = meta
             .members
             .get(index)
@@ -296,7 +296,7 @@ impl Pool {
             return Err(SpacesError::ReadOnly.into());
         }
         let (work, slab_size) = {
-            let meta = lock(&self.inner.meta);
+            let meta = self.inner.store.lock();
             if let Some(n) = name {
                 if !meta.spaces.iter().any(|s| s.name == n) {
                     return Err(SpacesError::NoSuchSpace(n.into()).into());

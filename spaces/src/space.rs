@@ -1814,11 +1814,7 @@ impl BlockDevice for Space {
             l.resiliency,
             l.columns,
             l.interleave >> 10,
-            self.pool
-                .meta
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pool_id
+            self.pool.store.lock().pool_id
         )
     }
 }
