@@ -152,12 +152,12 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod bitmap;
 mod code;
 pub mod csum;
 mod error;
 pub mod format;
 mod integrity;
+mod intent;
 pub mod journal;
 mod layout;
 mod members;
@@ -165,14 +165,17 @@ mod mover;
 mod overlay;
 mod pool;
 mod repair;
+mod resync;
+mod scrub;
 mod space;
 mod store;
+mod sync;
 
-pub use bitmap::{ScrubReport, CLEAR_DELAY};
 pub use code::{encode as parity_encode, reconstruct as parity_reconstruct};
 pub use error::SpacesError;
 pub use format::{MemberState, Provisioning};
 pub use integrity::IntegrityStats;
+pub use intent::CLEAR_DELAY;
 pub use journal::JournalStats;
 pub use layout::Resiliency;
 pub use pool::{
@@ -180,4 +183,5 @@ pub use pool::{
     SpaceSpec, DEFAULT_INTERLEAVE, DEFAULT_SLAB_SIZE, DEVICES_FILE,
 };
 pub use repair::RepairReport;
+pub use scrub::ScrubReport;
 pub use space::{Location, Space};

@@ -15,12 +15,12 @@
 //! metadata update per extent), then in the space's map, so an interrupted move leaves the
 //! extent as it was.
 
-use crate::bitmap::PIECE;
 use crate::csum::{Csums, BLOCK};
 use crate::error::{invalid, SpacesError};
 use crate::format::{MemberState, Slot};
 use crate::layout::{Layout, Resiliency};
 use crate::pool::Inner;
+use crate::sync::{read_slots, sync_bufs, SyncMode, PIECE};
 use crate::{code, Space};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -316,7 +316,7 @@ struct Copied {
 }
 
 /// Reads slab bytes `[a, b)` of every usable slot of the extent once, verifies and heals them
-/// ([`sync_bufs`](crate::bitmap::sync_bufs)), and makes from the verified buffers the contents
+/// ([`sync_bufs`]), and makes from the verified buffers the contents
 /// of each new slab: the retired slot's own buffer, a good copy (mirror), or the rest of the
 /// row (parity). A copy keeps its source's stored checksums, so a block no good source was left
 /// for still fails its checksum on the new slab; a block rebuilt from parity gets the checksum
@@ -332,15 +332,15 @@ fn prepare_chunk(
     (a, b): (u64, u64),
     spare: &mut Vec<AlignedBuf>,
 ) -> Result<Copied> {
-    let (mut bufs, got) = crate::bitmap::read_slots(slots, devs, geo, (a, b), spare)?;
-    let (out, want, ok) = crate::bitmap::sync_bufs(
+    let (mut bufs, got) = read_slots(slots, devs, geo, (a, b), spare)?;
+    let (out, want, ok) = sync_bufs(
         &inner.csums,
         layout,
         slots,
         devs,
         geo,
         (a, b),
-        crate::bitmap::SyncMode::Check,
+        SyncMode::Check,
         (&mut bufs, &got),
     )?;
     inner.integrity.count(out.bad_blocks, out.healed, out.lost);

@@ -1,12 +1,12 @@
 //! Pools: creating, opening and describing them, allocating slabs, recording member failures.
 
-use crate::bitmap::Bitmaps;
 use crate::error::{invalid, SpacesError};
 use crate::format::{
     valid_name, MemberMeta, MemberState, Meta, Provisioning, Slot, SpaceMeta, BITMAP_SIZE,
     MAX_MEMBERS, MAX_SLABS, MAX_SLOT, MAX_SPACES, MIN_SLOT,
 };
 use crate::integrity::{Integrity, IntegrityStats};
+use crate::intent::WriteIntentLog;
 use crate::layout::{Layout, Resiliency};
 pub(crate) use crate::members::MemberRt;
 use crate::members::Members;
@@ -14,8 +14,8 @@ use crate::space::{Space, SpaceShared};
 use crate::store::{behind, zero_range, MetaStore};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use uuid::Uuid;
 use vstor_core::{BlockDevice, Error, FileDevice, FileOptions, Result};
 
@@ -224,12 +224,8 @@ pub(crate) struct Inner {
     /// This open moved the write epoch on (see `Inner::arm`): a clean close moves it again.
     pub armed: AtomicBool,
     pub notes: Mutex<Vec<String>>,
-    /// The write-intent bitmaps.
-    pub bitmap: Mutex<Bitmaps>,
-    /// Writes hold it shared while in flight; clearing the bitmaps holds it exclusively.
-    pub gate: RwLock<()>,
-    /// Chunks resynced since the pool was opened.
-    pub resynced: AtomicU64,
+    /// The write-intent log (the bitmaps on every member and the gate writes hold).
+    pub intent: WriteIntentLog,
     /// Every member's block checksums.
     pub csums: crate::csum::Csums,
     /// What the block checksums caught, and a read-only pool's healed windows.
@@ -645,6 +641,7 @@ impl Pool {
             .collect();
         let csums = crate::csum::Csums::new(meta.slab_size, starts);
         let journal = crate::journal::Journal::new(&meta);
+        let intent = WriteIntentLog::new(meta.data_start);
         let opened_at = meta.sequence;
         Pool {
             inner: Arc::new(Inner {
@@ -655,9 +652,7 @@ impl Pool {
                 missing_unrecorded: AtomicBool::new(false),
                 armed: AtomicBool::new(false),
                 notes: Mutex::new(notes),
-                bitmap: Mutex::new(Bitmaps::default()),
-                gate: RwLock::new(()),
-                resynced: AtomicU64::new(0),
+                intent,
                 csums,
                 integrity: Integrity::default(),
                 journal,
@@ -1261,7 +1256,7 @@ impl Pool {
                 .collect(),
             spaces: meta.spaces.iter().map(|s| space_info(s, &usable)).collect(),
             notes: lock(&self.inner.notes).clone(),
-            resynced_chunks: self.inner.resynced.load(Ordering::Acquire),
+            resynced_chunks: self.inner.intent.resynced(),
             integrity: self.inner.integrity.stats(),
             journal: self.inner.journal.stats(),
             format_version: meta.version,

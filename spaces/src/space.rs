@@ -462,7 +462,7 @@ impl Space {
     fn flush_members(&self) -> Result<()> {
         // With no write in flight, a flush makes every written chunk durable everywhere: the
         // write-intent bitmap can then be cleared.
-        let quiet = self.pool.gate.try_write().ok();
+        let quiet = self.pool.intent.quiet();
         let devs = self.pool.members.snapshot();
         let mut per: Vec<Vec<Request<'_>>> = devs
             .iter()
@@ -538,7 +538,7 @@ impl Space {
             }
         }
         // Writes in flight hold the gate shared: the bitmap is cleared only when none is.
-        let _gate = writes.then(|| self.pool.gate.read().unwrap_or_else(|p| p.into_inner()));
+        let _gate = writes.then(|| self.pool.intent.writing());
         let mut tries = 0;
         let mut stale = 0;
         while tries <= MAX_MEMBERS {
@@ -556,7 +556,7 @@ impl Space {
                     let v = self.shared.map_version.load(Ordering::Acquire);
                     self.allocate_for(seg);
                     let chunks = self.dirty_chunks(seg);
-                    for (m, e) in self.pool.mark_dirty(&chunks) {
+                    for (m, e) in self.pool.intent.mark(&self.pool.members, &chunks) {
                         self.pool
                             .fail_member(m, &format!("write-intent bitmap: {e}"));
                     }
