@@ -44,6 +44,22 @@ pub enum DedupCommand {
         vstor dedup unoptimize /srv/images"
     )]
     Unoptimize(UnoptimizeArgs),
+    /// A read-only FUSE view of a library on MNT, in which every file reads as its original
+    /// bytes, for tools that know nothing of vstor (qemu-img, cmp, md5sum). Serves until
+    /// unmounted (`umount MNT`) or interrupted.
+    #[command(
+        after_help = "Example:\n  vstor dedup mount /srv/images /mnt/images &\n  \
+        qemu-img compare /mnt/images/disk1.vhdx /backup/disk1.vhdx\n  umount /mnt/images"
+    )]
+    Mount(MountArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The library directory.
+    dir: PathBuf,
+    /// The (empty) directory to mount the view on.
+    mnt: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +117,8 @@ pub struct UnoptimizeArgs {
     /// Only this file (a path relative to DIR).
     file: Option<String>,
 }
+
+mod mount;
 
 fn fs() -> Arc<dyn Vfs> {
     Arc::new(RealFs)
@@ -248,6 +266,7 @@ pub fn run(c: DedupCommand) -> Result<(), Error> {
             }
             Ok(())
         }
+        DedupCommand::Mount(a) => mount::mount(&a.dir, &a.mnt),
         DedupCommand::Unoptimize(a) => {
             let lib = open(&a.dir)?;
             let pb = progress_bar(0, "unoptimize");

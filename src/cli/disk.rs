@@ -408,8 +408,15 @@ struct InfoReport {
 }
 
 fn check(a: CheckArgs) -> Result<(), Error> {
-    let spec = super::lifecycle::path_spec(&a.path);
-    if !matches!(spec.resolve()?.kind, TargetKind::Vhdx(_)) {
+    // An optimized (dedup) file is checked as the image its stub stands for.
+    let vhdx = match super::lifecycle::optimized_source(&a.path)? {
+        Some((_, found)) => found == vstor::probe::Detected::Vhdx,
+        None => matches!(
+            super::lifecycle::path_spec(&a.path).resolve()?.kind,
+            TargetKind::Vhdx(_)
+        ),
+    };
+    if !vhdx {
         return Err(Error::Unsupported(format!(
             "{}: check verifies VHDX files (a raw file has no structure to check)",
             a.path.display()

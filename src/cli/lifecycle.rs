@@ -3,11 +3,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use vstor::core::{FileOptions, ImageLock, Job, LockMode};
+use vstor::core::{BlockDevice, FileOptions, ImageLock, Job, LockMode};
+use vstor::probe::{self, Detected};
 use vstor::vhdx::convert::{self, ConvertOptions, Fill, Format};
 use vstor::vhdx::lifecycle;
 use vstor::vhdx::vpc::{ChainPlace, Vpc};
@@ -165,8 +167,9 @@ fn print(json_out: bool, j: serde_json::Value, text: String) {
     }
 }
 
-fn open_rw(path: &Path) -> Result<(Vhdx, Vec<ImageLock>), Error> {
+fn open_rw(path: &Path, what: &str) -> Result<(Vhdx, Vec<ImageLock>), Error> {
     vhdx_only(path)?;
+    refuse_optimized(path, what)?;
     let locks = lock_chain(path, 1)?;
     Ok((Vhdx::open(path, &OpenOptions::default())?, locks))
 }
@@ -177,6 +180,72 @@ fn open_rw(path: &Path) -> Result<(Vhdx, Vec<ImageLock>), Error> {
 /// (parsing it as a target string refused `my,disk.vhdx` and made `raw:q.vhdx` a raw file).
 pub(super) fn path_spec(path: &Path) -> TargetSpec {
     TargetSpec::for_path(path)
+}
+
+/// The byte device of an optimized (dedup) file and the format of what it holds.
+pub(super) type OptimizedSource = (Arc<dyn BlockDevice>, Detected);
+
+/// An optimized (dedup) file opened read-only for a command that reads it as a whole (check,
+/// convert, clone): the stub's byte device (its chunks from the library's store, the writes
+/// made since), and whether those bytes are a VHDX. `None` for any other file. The caller
+/// holds the file's image locks; the device takes none of its own.
+pub(super) fn optimized_source(path: &Path) -> Result<Option<OptimizedSource>, Error> {
+    if !vstor::target::is_stub_file(path) {
+        return Ok(None);
+    }
+    let dev = vstor_dedup::StubDevice::open(path, true, false).map_err(vstor::core::Error::from)?;
+    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    let cap = dev.capacity();
+    let mut head = vec![0u8; (probe::HEAD as u64).min(cap) as usize];
+    let mut tail = vec![0u8; (probe::TAIL as u64).min(cap) as usize];
+    dev.read_at(0, &mut head)?;
+    dev.read_at(cap - tail.len() as u64, &mut tail)?;
+    let found = probe::detect(&head, &tail);
+    Ok(Some((dev, found)))
+}
+
+/// The VHDX an optimized (dedup) file holds, opened read-only on the stub's byte device.
+fn open_optimized_vhdx(path: &Path, dev: Arc<dyn BlockDevice>) -> Result<Vhdx, Error> {
+    Ok(Vhdx::open_on(
+        dev,
+        &path.display().to_string(),
+        &OpenOptions::read_only(),
+        None,
+    )?)
+}
+
+/// Refuses an optimized (dedup) file for a command that rewrites a VHDX's structures in place:
+/// its bytes are a stub that refers to chunks in the library's store, and the VHDX code of
+/// these commands works on the file itself. Says how to put the file back.
+pub(super) fn refuse_optimized(path: &Path, what: &str) -> Result<(), Error> {
+    if !vstor::target::is_stub_file(path) {
+        return Ok(());
+    }
+    let how = match vstor_dedup::stub::find_store_dir(&vstor_dedup::vfs::RealFs, path)
+        .as_deref()
+        .and_then(Path::parent)
+    {
+        Some(lib) => {
+            let name = std::fs::canonicalize(path)
+                .ok()
+                .zip(std::fs::canonicalize(lib).ok())
+                .and_then(|(p, l)| p.strip_prefix(l).ok().map(Path::to_path_buf))
+                .unwrap_or_else(|| path.to_path_buf());
+            format!(
+                "vstor dedup unoptimize {} {}",
+                lib.display(),
+                name.display()
+            )
+        }
+        None => "vstor dedup unoptimize LIBRARY FILE".to_string(),
+    };
+    Err(Error::Unsupported(format!(
+        "{} is an optimized (dedup) file: {what} rewrites the VHDX in place, which an \
+         optimized file does not allow (its data lives in the library's chunk store); put it \
+         back as a plain file first ({how}). Reading it, `disk info`, `disk check`, \
+         `disk convert` and `disk clone` work on it as it is",
+        path.display()
+    )))
 }
 
 /// Refuses anything but a VHDX, told by content as every target is (`disk.img` holding a VHDX
@@ -251,7 +320,7 @@ fn chain_paths(path: &Path) -> Vec<PathBuf> {
 }
 
 pub fn resize(a: ResizeArgs) -> Result<(), Error> {
-    let (v, _locks) = open_rw(&a.path)?;
+    let (v, _locks) = open_rw(&a.path, "resize")?;
     let size = match a.size {
         Some(s) => s,
         None => v.minimum_size(),
@@ -278,7 +347,7 @@ pub fn resize(a: ResizeArgs) -> Result<(), Error> {
 }
 
 pub fn compact(a: CompactArgs) -> Result<(), Error> {
-    let (v, _locks) = open_rw(&a.path)?;
+    let (v, _locks) = open_rw(&a.path, "compact")?;
     let (job, pb) = job("compact");
     let r = v.compact_with(a.full, &job)?;
     v.close()?;
@@ -360,6 +429,25 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
             "{}: convert reads VHDX, VHD and raw files",
             src.display()
         )));
+    } else if let Some((dev, found)) = optimized_source(&src)? {
+        // An optimized (dedup) file: read through its stub, as every target opens it.
+        let _lock = ImageLock::acquire(&src, LockMode::SharedStrict)?;
+        match found {
+            Detected::Vhdx if !matches!(src_kind, TargetKind::Raw(_)) => {
+                let v = open_optimized_vhdx(&src, dev)?;
+                let map = |o: u64, l: u64| v.fills(o, l, None);
+                convert::convert(&v, Some(&map), &a.dst, &opts, &job)?
+            }
+            Detected::Vhdx | Detected::Raw => convert::convert(&*dev, None, &a.dst, &opts, &job)?,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "{} is an optimized (dedup) {} image, which convert reads only as VHDX or \
+                     raw",
+                    src.display(),
+                    other.name()
+                )))
+            }
+        }
     } else if let TargetKind::Vhdx(_) = src_kind {
         let _locks = lock_as_parent(&src)?;
         let v = Vhdx::open(&src, &OpenOptions::read_only())?;
@@ -415,6 +503,7 @@ pub fn convert(a: ConvertArgs) -> Result<(), Error> {
 
 pub fn merge(a: MergeArgs) -> Result<(), Error> {
     vhdx_only(&a.child)?;
+    refuse_optimized(&a.child, "merge")?;
     // The child and every disk up to the target are written (or removed); siblings that hold
     // the target open (shared) keep the merge out.
     let chain = chain_paths(&a.child);
@@ -454,6 +543,7 @@ pub fn merge(a: MergeArgs) -> Result<(), Error> {
 
 pub fn checkpoint(a: CheckpointArgs) -> Result<(), Error> {
     vhdx_only(&a.path)?;
+    refuse_optimized(&a.path, "checkpoint")?;
     let _locks = lock_chain(&a.path, 1)?;
     let child = lifecycle::checkpoint(&a.path, a.child.as_deref())?;
     print(
@@ -474,7 +564,22 @@ pub fn clone(a: CloneArgs) -> Result<(), Error> {
     // shares.
     let _locks = lock_as_parent(&a.src)?;
     let (job, pb) = job("clone");
-    let r = lifecycle::clone(&a.src, &a.dst, &ConvertOptions::default(), &job)?;
+    let r = match optimized_source(&a.src)? {
+        // An optimized (dedup) file: the VHDX its stub stands for.
+        Some((dev, Detected::Vhdx)) => {
+            let v = open_optimized_vhdx(&a.src, dev)?;
+            let map = |o: u64, l: u64| v.fills(o, l, None);
+            convert::convert(&v, Some(&map), &a.dst, &ConvertOptions::default(), &job)?
+        }
+        Some((_, other)) => {
+            return Err(Error::Unsupported(format!(
+                "{} is an optimized (dedup) file holding a {} image; clone copies VHDX files",
+                a.src.display(),
+                other.name()
+            )))
+        }
+        None => lifecycle::clone(&a.src, &a.dst, &ConvertOptions::default(), &job)?,
+    };
     pb.finish_and_clear();
     print(
         a.json,
@@ -491,6 +596,7 @@ pub fn clone(a: CloneArgs) -> Result<(), Error> {
 
 pub fn set(a: SetArgs) -> Result<(), Error> {
     vhdx_only(&a.path)?;
+    refuse_optimized(&a.path, "set")?;
     if a.parent.is_none() && a.physical_sector_size.is_none() {
         return Err(Error::InvalidArgument(
             "nothing to set: give --parent and/or --physical-sector-size".into(),
@@ -526,6 +632,7 @@ pub fn set(a: SetArgs) -> Result<(), Error> {
 
 /// `disk check --repair`: repairs (saying what on stderr), then the caller checks again.
 pub fn repair(path: &Path) -> Result<(), Error> {
+    refuse_optimized(path, "check --repair")?;
     let before = vstor::vhdx::check::check(path)?;
     if before.is_clean() {
         eprintln!("{}: clean; nothing to repair", path.display());

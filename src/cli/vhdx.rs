@@ -298,7 +298,11 @@ pub fn check_cmd(path: &PathBuf, json: bool) -> Result<(), Error> {
     // The chain is read too (a parent in the middle of a merge is reported): held shared.
     // A check must see the image as it is, unchanged: no writer, even one that shares.
     let _locks = super::lifecycle::lock_as_parent(path)?;
-    let r: CheckReport = check::check(path)?;
+    let r: CheckReport = match super::lifecycle::optimized_source(path)? {
+        // An optimized (dedup) file: the VHDX its stub stands for, read through the stub.
+        Some((dev, _)) => check::check_device(dev, &path.display().to_string()),
+        None => check::check(path)?,
+    };
     if json {
         let j = CheckJson {
             file: &r.file,
