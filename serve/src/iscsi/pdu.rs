@@ -253,6 +253,57 @@ pub fn parse_pdu(
     }
 }
 
+/// The bytes that go around a PDU's data segment: the header (with DataSegmentLength set)
+/// and its digest before, the padding and the data digest after. See [`frame`].
+#[derive(Clone, Copy, Debug)]
+pub struct Frame {
+    head: [u8; BHS_LEN + 4],
+    head_len: usize,
+    tail: [u8; 7],
+    tail_len: usize,
+}
+
+impl Frame {
+    /// The header, and its digest when header digests are on.
+    pub fn head(&self) -> &[u8] {
+        &self.head[..self.head_len]
+    }
+    /// The padding, and the data digest when data digests are on and there is data.
+    pub fn tail(&self) -> &[u8] {
+        &self.tail[..self.tail_len]
+    }
+}
+
+/// The frame of a PDU with header `bhs` and the data segment `data` (in pieces): a PDU on the
+/// wire is `head()`, the pieces, `tail()`.
+pub fn frame(bhs: &Bhs, data: &[&[u8]], digests: Digests) -> Frame {
+    let n: usize = data.iter().map(|d| d.len()).sum();
+    let mut h = *bhs;
+    h.set_data_len(n as u32);
+    let mut f = Frame {
+        head: [0; BHS_LEN + 4],
+        head_len: BHS_LEN,
+        tail: [0; 7],
+        tail_len: pad(n),
+    };
+    f.head[..BHS_LEN].copy_from_slice(&h.0);
+    if digests.header {
+        f.head[BHS_LEN..].copy_from_slice(&digest(&h.0));
+        f.head_len += 4;
+    }
+    if digests.data && n > 0 {
+        let mut crc = 0u32;
+        for d in data {
+            crc = crc32c::crc32c_append(crc, d);
+        }
+        // The padding is zeroes, already in place.
+        crc = crc32c::crc32c_append(crc, &f.tail[..f.tail_len]);
+        f.tail[f.tail_len..f.tail_len + 4].copy_from_slice(&crc.to_le_bytes());
+        f.tail_len += 4;
+    }
+    f
+}
+
 /// Writes one PDU: the header (with DataSegmentLength set from `data`), its digest, the data
 /// in pieces, padding and the data digest. Nothing is flushed.
 pub fn write_pdu(
@@ -261,29 +312,32 @@ pub fn write_pdu(
     data: &[&[u8]],
     digests: Digests,
 ) -> io::Result<()> {
-    let n: usize = data.iter().map(|d| d.len()).sum();
-    let mut h = *bhs;
-    h.set_data_len(n as u32);
-    w.write_all(&h.0)?;
-    if digests.header {
-        w.write_all(&digest(&h.0))?;
-    }
-    let mut crc = 0u32;
+    let f = frame(bhs, data, digests);
+    w.write_all(f.head())?;
     for d in data {
         w.write_all(d)?;
-        if digests.data {
-            crc = crc32c::crc32c_append(crc, d);
-        }
     }
-    let padding = [0u8; 3];
-    let p = &padding[..pad(n)];
-    w.write_all(p)?;
-    if digests.data && n > 0 {
-        crc = crc32c::crc32c_append(crc, p);
-        w.write_all(&crc.to_le_bytes())?;
+    w.write_all(f.tail())
+}
+
+/// Writes every byte of `bufs` with as few `writev` calls as the kernel allows (at most
+/// [`MAX_IOV`] slices each).
+pub fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = bufs.len().min(MAX_IOV);
+        match w.write_vectored(&bufs[..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(k) => io::IoSlice::advance_slices(&mut bufs, k),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
+
+/// The most slices one `writev` takes (Linux's UIO_MAXIOV).
+pub const MAX_IOV: usize = 1024;
 
 /// Serial number arithmetic on 32-bit sequence numbers (RFC 1982): whether `a` is before `b`.
 pub fn sn_lt(a: u32, b: u32) -> bool {
@@ -359,6 +413,68 @@ mod tests {
         ));
         assert!(matches!(parse_pdu(&out, d, 4), Err(ReadError::TooLong(_))));
         assert!(parse_pdu(&out[..50], d, 8192).unwrap().is_none());
+    }
+
+    /// A writer that takes at most 5 bytes and 2 slices a call.
+    struct Dribble(Vec<u8>);
+    impl Write for Dribble {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let n = b.len().min(5);
+            self.0.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            let mut n = 0;
+            for b in bufs.iter().take(2) {
+                let k = b.len().min(5 - n);
+                self.0.extend_from_slice(&b[..k]);
+                n += k;
+                if n == 5 {
+                    break;
+                }
+            }
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn frames_written_vectored_match_write_pdu() {
+        for digests in [
+            Digests::default(),
+            Digests {
+                header: true,
+                data: true,
+            },
+        ] {
+            let mut h = Bhs::new(op::DATA_IN);
+            h.set_u32(16, 9);
+            let (a, b): (&[u8], &[u8]) = (b"abc", b"defgh");
+            let mut plain = Vec::new();
+            write_pdu(&mut plain, &h, &[a, b], digests).unwrap();
+            write_pdu(&mut plain, &h, &[], digests).unwrap();
+            let (f1, f2) = (frame(&h, &[a, b], digests), frame(&h, &[], digests));
+            let mut iov = [
+                io::IoSlice::new(f1.head()),
+                io::IoSlice::new(a),
+                io::IoSlice::new(&[]),
+                io::IoSlice::new(b),
+                io::IoSlice::new(f1.tail()),
+                io::IoSlice::new(f2.head()),
+                io::IoSlice::new(f2.tail()),
+            ];
+            let mut w = Dribble(Vec::new());
+            write_all_vectored(&mut w, &mut iov).unwrap();
+            assert_eq!(w.0, plain);
+            let (p, used) = parse_pdu(&w.0, digests, 8192).unwrap().unwrap();
+            assert_eq!(p.data, b"abcdefgh");
+            assert_eq!(
+                parse_pdu(&w.0[used..], digests, 8192).unwrap().unwrap().1,
+                48 + if digests.header { 4 } else { 0 }
+            );
+        }
     }
 
     #[test]

@@ -2,9 +2,17 @@
 //!
 //! **Threads.** Each connection has a reader thread (login, then it parses PDUs, collects the
 //! Data-Out of writes and sends R2Ts) and, for a normal session, [`IscsiConfig::workers`]
-//! worker threads that run commands on the LUN ([`Lun::execute`] blocks) and send their
-//! responses. Responses go out in completion order under one lock of the connection's
-//! socket, which also numbers them (StatSN).
+//! worker threads that run commands on the LUN and send their responses.
+//!
+//! **Batches** (as the NBD server's): the reader collects every command whose data is all here,
+//! and hands them to the workers together, with one wake-up, when its read buffer holds no
+//! further whole PDU (the next read would wait for the initiator) or [`BATCH`] are collected.
+//! A worker takes every command queued (up to [`BATCH`]) and runs them with
+//! [`Lun::execute_batch`], which submits their READs and WRITEs to the stack as one batch (the
+//! initiator's queue depth reaches the backend), then sends all their responses with one
+//! `writev`, the Data-In taken from where it lies. Responses go out in completion order under
+//! one lock of the connection's socket, which also numbers them (StatSN). The socket has
+//! TCP_NODELAY: a batch's responses leave at once, in as few segments as they fill.
 
 use super::chap::{self, ChapConfig};
 use super::pdu::{self, op, reject, Bhs, Digests, Pdu, ReadError, NO_TAG};
@@ -13,9 +21,9 @@ use super::{IscsiConfig, TargetOpts, TPGT};
 use crate::export::{Export, ServeError};
 use crate::registry::Registry;
 use crate::scsi::sense::{self, asc, key};
-use crate::scsi::{DataDir, Lun, LunConfig, Nexus, ScsiResponse};
+use crate::scsi::{Command, DataDir, Lun, LunConfig, Nexus, ScsiResponse};
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -127,6 +135,10 @@ struct Tasks {
     queued_bytes: u64,
     solicited_bytes: u64,
     closed: bool,
+    /// Threads waiting on the session's `cv`, and workers waiting on its `ready`: a change
+    /// wakes them only when there are (a futex wake costs a system call even for nobody).
+    waiting: usize,
+    idle_workers: usize,
 }
 
 impl Tasks {
@@ -161,18 +173,30 @@ impl Session {
         self.cv.notify_all();
     }
 
+    /// Waits on `cv` for a change of the tasks.
+    fn wait_change<'a>(
+        &self,
+        mut t: std::sync::MutexGuard<'a, Tasks>,
+    ) -> std::sync::MutexGuard<'a, Tasks> {
+        t.waiting += 1;
+        let mut t = self.cv.wait(t).unwrap_or_else(|p| p.into_inner());
+        t.waiting -= 1;
+        t
+    }
+
     /// Waits until no command of the session runs.
     fn wait_idle(&self) {
         let mut t = lock(&self.tasks);
         while !t.running.is_empty() {
-            t = self.cv.wait(t).unwrap_or_else(|p| p.into_inner());
+            t = self.wait_change(t);
         }
     }
 }
 
 /// What a connection's writers share.
 struct Out {
-    w: BufWriter<TcpStream>,
+    /// The socket (PDUs go out with `writev`, from where their data lies).
+    sock: TcpStream,
     stat_sn: u32,
     digests: Digests,
     failed: bool,
@@ -185,35 +209,68 @@ struct Conn {
     params: Params,
 }
 
+/// A PDU to send: its header, its data segment in up to two pieces, and whether it carries
+/// status (StatSN advances).
+#[derive(Clone, Copy)]
+struct OutPdu<'a> {
+    bhs: Bhs,
+    data: [&'a [u8]; 2],
+    status: bool,
+}
+
+impl<'a> OutPdu<'a> {
+    fn new(bhs: Bhs, data: &'a [u8], status: bool) -> Self {
+        OutPdu {
+            bhs,
+            data: [data, &[]],
+            status,
+        }
+    }
+}
+
 impl Conn {
-    /// Sends PDUs under one lock: each with its header, data pieces and whether it carries
-    /// status (StatSN advances). Sequence numbers are filled in here.
-    fn send(&self, pdus: &[(Bhs, &[&[u8]], bool)]) -> io::Result<()> {
+    /// Sends PDUs under one lock and with as few `writev` calls as the kernel allows, the data
+    /// taken from where it lies (no copy). Sequence numbers are filled in here.
+    fn send(&self, pdus: &[OutPdu<'_>]) -> io::Result<()> {
         let mut o = lock(&self.out);
         if o.failed {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         let exp = self.exp_cmd_sn.load(Ordering::Acquire);
-        let r = (|| {
-            for (h, data, status) in pdus {
-                let mut h = *h;
+        let d = o.digests;
+        let frames: Vec<pdu::Frame> = pdus
+            .iter()
+            .map(|p| {
+                let mut h = p.bhs;
                 let sn = o.stat_sn;
-                if *status || h.opcode() != op::DATA_IN {
+                if p.status || h.opcode() != op::DATA_IN {
                     h.set_u32(24, sn);
                 }
-                if *status {
+                if p.status {
                     o.stat_sn = sn.wrapping_add(1);
                 }
                 h.set_u32(28, exp);
                 h.set_u32(32, exp.wrapping_add(CMD_WINDOW - 1));
-                let d = o.digests;
-                pdu::write_pdu(&mut o.w, &h, data, d)?;
+                pdu::frame(&h, &p.data, d)
+            })
+            .collect();
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(pdus.len() * 4);
+        for (p, f) in pdus.iter().zip(&frames) {
+            iov.push(IoSlice::new(f.head()));
+            iov.extend(
+                p.data
+                    .iter()
+                    .filter(|x| !x.is_empty())
+                    .map(|x| IoSlice::new(x)),
+            );
+            if !f.tail().is_empty() {
+                iov.push(IoSlice::new(f.tail()));
             }
-            o.w.flush()
-        })();
+        }
+        let r = pdu::write_all_vectored(&mut &o.sock, &mut iov);
         if r.is_err() {
             o.failed = true;
-            let _ = o.w.get_ref().shutdown(Shutdown::Both);
+            let _ = o.sock.shutdown(Shutdown::Both);
         }
         r
     }
@@ -223,7 +280,7 @@ impl Conn {
         h.0[1] = 0x80;
         h.0[2] = reason;
         h.set_u32(16, NO_TAG);
-        self.send(&[(h, &[&bad.0], true)])
+        self.send(&[OutPdu::new(h, &bad.0, true)])
     }
 }
 
@@ -480,9 +537,11 @@ impl IscsiServer {
             return Ok(());
         };
         self.login_done(id);
+        // Everything of the login was flushed: the connection writes to the socket itself.
+        let sock_w = w.into_inner().map_err(|e| e.into_error())?;
         let conn = Arc::new(Conn {
             out: Mutex::new(Out {
-                w,
+                sock: sock_w,
                 stat_sn: l.stat_sn,
                 digests: Digests {
                     header: l.params.header_digest,
@@ -1120,12 +1179,39 @@ impl IscsiServer {
         initiator: &str,
         local: SocketAddr,
     ) -> io::Result<()> {
+        let mut group = Vec::new();
+        let res = self.read_pdus(r, conn, s, initiator, local, &mut group);
+        // What was received before the end still runs (its responses go out if they can).
+        if let Some(s) = s {
+            queue_all(s, &mut group);
+        }
+        res
+    }
+
+    /// [`read_loop`](Self::read_loop)'s body. Commands whose data is all here collect in
+    /// `group`, which goes to the workers as one batch when no further whole PDU is in the
+    /// read buffer (the next read would wait for the initiator), or before a PDU that must see
+    /// the queue (task management, logout).
+    fn read_pdus(
+        self: &Arc<Self>,
+        r: &mut BufReader<TcpStream>,
+        conn: &Arc<Conn>,
+        s: Option<&Arc<Session>>,
+        initiator: &str,
+        local: SocketAddr,
+        group: &mut Vec<Task>,
+    ) -> io::Result<()> {
         let digests = lock(&conn.out).digests;
         let recv_max = conn.params.recv_max;
         let mut text_state = TextState::default();
         loop {
             if let Some(s) = s {
-                self.issue_waiting_r2ts(conn, s)?;
+                self.issue_waiting_r2ts(conn, s, group)?;
+                if !group.is_empty()
+                    && (group.len() >= BATCH || !whole_pdu_in(r.buffer(), digests, recv_max))
+                {
+                    queue_all(s, group);
+                }
             }
             let p = match pdu::read_pdu(r, digests, recv_max) {
                 Ok(p) => p,
@@ -1160,6 +1246,13 @@ impl IscsiServer {
                 }
             };
             let h = p.bhs;
+            if let Some(s) = s {
+                if !matches!(h.opcode(), op::SCSI_CMD | op::DATA_OUT | op::NOP_OUT) {
+                    // Task management and logout look at the queue: it holds everything
+                    // received before them.
+                    queue_all(s, group);
+                }
+            }
             if matches!(
                 h.opcode(),
                 op::NOP_OUT | op::SCSI_CMD | op::TMF_REQ | op::TEXT_REQ | op::LOGOUT_REQ
@@ -1184,15 +1277,15 @@ impl IscsiServer {
                         rh.set_u32(16, h.itt());
                         rh.set_u32(20, NO_TAG);
                         let n = p.data.len().min(conn.params.send_max as usize);
-                        conn.send(&[(rh, &[&p.data[..n]], true)])?;
+                        conn.send(&[OutPdu::new(rh, &p.data[..n], true)])?;
                     }
                 }
                 op::SCSI_CMD => match s {
-                    Some(s) => self.scsi_command(conn, s, p)?,
+                    Some(s) => self.scsi_command(conn, s, p, group)?,
                     None => conn.reject(reject::PROTOCOL, &h)?,
                 },
                 op::DATA_OUT => match s {
-                    Some(s) => self.data_out(conn, s, p)?,
+                    Some(s) => self.data_out(conn, s, p, group)?,
                     None => conn.reject(reject::PROTOCOL, &h)?,
                 },
                 op::TMF_REQ => match s {
@@ -1227,7 +1320,7 @@ impl IscsiServer {
             t.pending.clear();
             t.r2t_wait.clear();
             while !t.queue.is_empty() || !t.running.is_empty() {
-                t = s.cv.wait(t).unwrap_or_else(|p| p.into_inner());
+                t = s.wait_change(t);
             }
             drop(t);
             if response == 0 {
@@ -1241,7 +1334,7 @@ impl IscsiServer {
         rh.0[1] = 0x80;
         rh.0[2] = response;
         rh.set_u32(16, h.itt());
-        conn.send(&[(rh, &[], true)])
+        conn.send(&[OutPdu::new(rh, &[], true)])
     }
 
     fn text(
@@ -1273,7 +1366,7 @@ impl IscsiServer {
             rh.set_u64(8, h.lun());
             rh.set_u32(16, h.itt());
             rh.set_u32(20, self.next_ttt());
-            return conn.send(&[(rh, &[], true)]);
+            return conn.send(&[OutPdu::new(rh, &[], true)]);
         }
         let data = std::mem::take(&mut st.partial);
         let keys = match text::parse(&data) {
@@ -1302,7 +1395,7 @@ impl IscsiServer {
         rh.set_u64(8, h.lun());
         rh.set_u32(16, h.itt());
         rh.set_u32(20, if last { NO_TAG } else { st.ttt });
-        conn.send(&[(rh, &[&chunk], true)])
+        conn.send(&[OutPdu::new(rh, &chunk, true)])
     }
 
     /// The SendTargets answer: every target `initiator` may log in to (`All`), the session's
@@ -1356,7 +1449,7 @@ impl IscsiServer {
                 } else if let Some(aborted) = t.running.get_mut(&rtt) {
                     *aborted = true;
                     while t.running.contains_key(&rtt) {
-                        t = s.cv.wait(t).unwrap_or_else(|p| p.into_inner());
+                        t = s.wait_change(t);
                     }
                     0
                 } else if pdu::sn_lt(h.u32_at(32), h.u32_at(24)) {
@@ -1408,14 +1501,20 @@ impl IscsiServer {
         rh.0[1] = 0x80;
         rh.0[2] = response;
         rh.set_u32(16, h.itt());
-        conn.send(&[(rh, &[], true)])?;
+        conn.send(&[OutPdu::new(rh, &[], true)])?;
         if cold {
             close_gracefully(&s.sock);
         }
         Ok(())
     }
 
-    fn scsi_command(&self, conn: &Conn, s: &Arc<Session>, p: Pdu) -> io::Result<()> {
+    fn scsi_command(
+        &self,
+        conn: &Conn,
+        s: &Arc<Session>,
+        p: Pdu,
+        group: &mut Vec<Task>,
+    ) -> io::Result<()> {
         let h = p.bhs;
         let itt = h.itt();
         let flags = h.flags();
@@ -1473,7 +1572,7 @@ impl IscsiServer {
             Ok(_) => 0,
         };
         let have = if wbit { edtl } else { 0 };
-        let mut cdb = cdb.clone();
+        let mut cdb = cdb;
         let mut use_len = need;
         // COMPARE AND WRITE is all or nothing: the LUN gets all the Data-Out sent and refuses
         // a length its CDB does not ask for (a 256-block CDB wraps to 0 blocks).
@@ -1505,7 +1604,8 @@ impl IscsiServer {
             }
         }
         if !wbit || edtl == 0 {
-            return self.enqueue(s, task(cdb, Vec::new(), 0, need > 0, need as usize));
+            group.push(task(cdb, Vec::new(), 0, need > 0, need as usize));
+            return Ok(());
         }
         if edtl > MAX_TRANSFER {
             return refuse(
@@ -1531,12 +1631,12 @@ impl IscsiServer {
                 holds: false,
             },
         );
-        self.advance(conn, s, itt)
+        self.advance(conn, s, itt, group)
     }
 
-    /// Moves a write on: queued once its data is all here, an R2T for the next burst once
-    /// its unsolicited data is in.
-    fn advance(&self, conn: &Conn, s: &Session, itt: u32) -> io::Result<()> {
+    /// Moves a write on: into `group` once its data is all here, an R2T for the next burst
+    /// once its unsolicited data is in.
+    fn advance(&self, conn: &Conn, s: &Session, itt: u32, group: &mut Vec<Task>) -> io::Result<()> {
         let mut t = lock(&s.tasks);
         let Some(pd) = t.pending.get_mut(&itt) else {
             return Ok(());
@@ -1549,7 +1649,8 @@ impl IscsiServer {
                 t.solicited_bytes = t.solicited_bytes.saturating_sub(edtl.into());
             }
             drop(t);
-            return self.enqueue(s, pd.task);
+            group.push(pd.task);
+            return Ok(());
         }
         if got < pd.unsol_end || pd.r2t.is_some() {
             return Ok(());
@@ -1582,10 +1683,15 @@ impl IscsiServer {
         rh.set_u32(36, r2tsn);
         rh.set_u32(40, got);
         rh.set_u32(44, len);
-        conn.send(&[(rh, &[], false)])
+        conn.send(&[OutPdu::new(rh, &[], false)])
     }
 
-    fn issue_waiting_r2ts(&self, conn: &Conn, s: &Session) -> io::Result<()> {
+    fn issue_waiting_r2ts(
+        &self,
+        conn: &Conn,
+        s: &Session,
+        group: &mut Vec<Task>,
+    ) -> io::Result<()> {
         let waiting: Vec<u32> = {
             let mut t = lock(&s.tasks);
             if t.r2t_wait.is_empty() {
@@ -1594,26 +1700,12 @@ impl IscsiServer {
             t.r2t_wait.drain(..).collect()
         };
         for itt in waiting {
-            self.advance(conn, s, itt)?;
+            self.advance(conn, s, itt, group)?;
         }
         Ok(())
     }
 
-    /// Queues a command for the workers, waiting while the session holds too much data.
-    fn enqueue(&self, s: &Session, task: Task) -> io::Result<()> {
-        let n = task.data.len() as u64;
-        let mut t = lock(&s.tasks);
-        while !t.closed && t.queued_bytes > 0 && t.queued_bytes + n > BUDGET {
-            t = s.cv.wait(t).unwrap_or_else(|p| p.into_inner());
-        }
-        t.queued_bytes += n;
-        t.queue.push_back(task);
-        drop(t);
-        s.ready.notify_one();
-        Ok(())
-    }
-
-    fn data_out(&self, conn: &Conn, s: &Session, p: Pdu) -> io::Result<()> {
+    fn data_out(&self, conn: &Conn, s: &Session, p: Pdu, group: &mut Vec<Task>) -> io::Result<()> {
         let h = p.bhs;
         let itt = h.itt();
         let ttt = h.u32_at(20);
@@ -1667,7 +1759,7 @@ impl IscsiServer {
         let moved = now == end;
         drop(t);
         if moved {
-            self.advance(conn, s, itt)?;
+            self.advance(conn, s, itt, group)?;
         }
         Ok(())
     }
@@ -1703,23 +1795,91 @@ impl IscsiServer {
     }
 }
 
-/// The most commands a worker takes at once (it runs them one after the other and sends their
-/// responses with one write).
-const WORKER_BATCH: usize = 4;
+/// The most commands a worker takes at once (and the reader collects before handing them
+/// over): they run as one batch and their responses go out with one write.
+const BATCH: usize = 64;
+/// The most bytes of data (in and out) one worker's batch moves; a single larger command still
+/// goes alone.
+const BATCH_BYTES: u64 = 16 << 20;
 
-/// A worker: runs the session's commands and answers them.
+/// Queues `group` for the workers (emptying it), waiting while the session holds too much
+/// write data (one command at a time within the budget, a command alone always fits), and
+/// wakes one worker for it.
+fn queue_all(s: &Session, group: &mut Vec<Task>) {
+    if group.is_empty() {
+        return;
+    }
+    let mut t = lock(&s.tasks);
+    let mut queued = 0usize;
+    for task in group.drain(..) {
+        let n = task.data.len() as u64;
+        while !t.closed && t.queued_bytes > 0 && t.queued_bytes + n > BUDGET {
+            if queued > 0 && t.idle_workers > 0 {
+                queued = 0;
+                s.ready.notify_one();
+            }
+            t = s.wait_change(t);
+        }
+        t.queued_bytes += n;
+        t.queue.push_back(task);
+        queued += 1;
+    }
+    let wake = queued > 0 && t.idle_workers > 0;
+    drop(t);
+    if wake {
+        s.ready.notify_one();
+    }
+}
+
+/// Whether `buf` starts with a whole PDU (or with a header this connection refuses, which the
+/// next read ends at once).
+fn whole_pdu_in(buf: &[u8], digests: Digests, recv_max: u32) -> bool {
+    let Some(h) = buf.get(..pdu::BHS_LEN) else {
+        return false;
+    };
+    let data = (u32::from(h[5]) << 16) | (u32::from(h[6]) << 8) | u32::from(h[7]);
+    if data > recv_max {
+        return true;
+    }
+    let data = data as usize;
+    let mut total = pdu::BHS_LEN + usize::from(h[4]) * 4 + data + pdu::pad(data);
+    if digests.header {
+        total += 4;
+    }
+    if digests.data && data > 0 {
+        total += 4;
+    }
+    buf.len() >= total
+}
+
+/// The bytes a task moves (its Data-Out, or the Data-In it may get).
+fn task_bytes(t: &Task) -> u64 {
+    (t.data.len() as u64).max(u64::from(t.edtl))
+}
+
+/// A worker: takes every command queued (up to [`BATCH`]), runs them as one batch
+/// ([`Lun::execute_batch`]) and sends their responses with one write.
 fn worker(conn: &Conn, s: &Session) {
     loop {
         let tasks: Vec<Task> = {
             let mut t = lock(&s.tasks);
             loop {
                 if !t.queue.is_empty() {
-                    let n = t.queue.len().min(WORKER_BATCH);
+                    let mut n = 0;
+                    let mut bytes = 0;
+                    for task in t.queue.iter().take(BATCH) {
+                        let b = task_bytes(task);
+                        if n > 0 && bytes + b > BATCH_BYTES {
+                            break;
+                        }
+                        n += 1;
+                        bytes += b;
+                    }
                     let batch: Vec<Task> = t.queue.drain(..n).collect();
                     for task in &batch {
                         t.running.insert(task.itt, false);
                     }
-                    if !t.queue.is_empty() {
+                    if !t.queue.is_empty() && t.idle_workers > 0 {
                         s.ready.notify_one();
                     }
                     break batch;
@@ -1727,32 +1887,47 @@ fn worker(conn: &Conn, s: &Session) {
                 if t.closed {
                     return;
                 }
+                t.idle_workers += 1;
                 t = s.ready.wait(t).unwrap_or_else(|p| p.into_inner());
+                t.idle_workers -= 1;
             }
         };
+        let cmds: Vec<Command<'_>> = tasks
+            .iter()
+            .filter(|t| t.lun == 0)
+            .map(|t| Command {
+                cdb: &t.cdb,
+                data_out: &t.data[..t.use_len],
+            })
+            .collect();
+        let mut lun0 = s.lun.execute_batch(&s.nexus, &cmds).into_iter();
+        drop(cmds);
         let done: Vec<(Task, ScsiResponse)> = tasks
             .into_iter()
             .map(|task| {
                 let resp = if task.lun == 0 {
-                    s.lun
-                        .execute(&s.nexus, &task.cdb, &task.data[..task.use_len])
+                    lun0.next().expect("a response per command")
                 } else {
                     other_lun(s, &task.cdb)
                 };
                 (task, resp)
             })
             .collect();
-        let keep: Vec<bool> = {
+        let (keep, wake): (Vec<bool>, bool) = {
             let mut t = lock(&s.tasks);
-            done.iter()
+            let keep = done
+                .iter()
                 .map(|(task, resp)| {
                     t.queued_bytes = t.queued_bytes.saturating_sub(task.data.len() as u64);
                     let aborted = t.running.remove(&task.itt).unwrap_or(true);
                     !aborted && resp.status != sense::TASK_ABORTED
                 })
-                .collect()
+                .collect();
+            (keep, t.waiting > 0)
         };
-        s.cv.notify_all();
+        if wake {
+            s.cv.notify_all();
+        }
         let lens: Vec<[u8; 2]> = done
             .iter()
             .map(|(_, r)| (r.sense.len() as u16).to_be_bytes())
@@ -1763,7 +1938,7 @@ fn worker(conn: &Conn, s: &Session) {
                 response_pdus(&conn.params, task, resp, &lens[i], 0, &mut pdus);
             }
         }
-        if !pdus.is_empty() && send_all(conn, &pdus).is_err() {
+        if !pdus.is_empty() && conn.send(&pdus).is_err() {
             // The initiator is gone: what it queued is dropped.
             let mut t = lock(&s.tasks);
             t.queue.clear();
@@ -1796,19 +1971,11 @@ fn send_response(conn: &Conn, task: &Task, resp: ScsiResponse, r2ts: u32) -> io:
     let sense_len = (resp.sense.len() as u16).to_be_bytes();
     let mut pdus = Vec::new();
     response_pdus(&conn.params, task, &resp, &sense_len, r2ts, &mut pdus);
-    send_all(conn, &pdus)
+    conn.send(&pdus)
 }
 
 /// A response's PDUs, ready for [`Conn::send`].
-type Pdus<'a> = Vec<(Bhs, Vec<&'a [u8]>, bool)>;
-
-fn send_all(conn: &Conn, pdus: &Pdus<'_>) -> io::Result<()> {
-    let refs: Vec<(Bhs, &[&[u8]], bool)> = pdus
-        .iter()
-        .map(|(h, d, s)| (*h, d.as_slice(), *s))
-        .collect();
-    conn.send(&refs)
-}
+type Pdus<'a> = Vec<OutPdu<'a>>;
 
 /// Appends a command's Data-In and status PDUs to `pdus` (see [`send_response`]);
 /// `sense_len` is the sense data's length as the SCSI Response carries it.
@@ -1860,7 +2027,7 @@ fn response_pdus<'a>(
         h.set_u32(20, NO_TAG);
         h.set_u32(36, datasn);
         h.set_u32(40, off as u32);
-        pdus.push((h, vec![&data[off..off + n]], status));
+        pdus.push(OutPdu::new(h, &data[off..off + n], status));
         datasn += 1;
         off += n;
     }
@@ -1872,11 +2039,15 @@ fn response_pdus<'a>(
         h.set_u32(16, task.itt);
         h.set_u32(36, datasn + r2ts);
         h.set_u32(44, residual as u32);
-        let sense_data: Vec<&[u8]> = if resp.status != sense::GOOD && !resp.sense.is_empty() {
-            vec![sense_len, &resp.sense]
+        let data: [&[u8]; 2] = if resp.status != sense::GOOD && !resp.sense.is_empty() {
+            [sense_len, &resp.sense]
         } else {
-            Vec::new()
+            [&[], &[]]
         };
-        pdus.push((h, sense_data, true));
+        pdus.push(OutPdu {
+            bhs: h,
+            data,
+            status: true,
+        });
     }
 }

@@ -13,6 +13,9 @@
 //!   block size, which a CDB alone does not say);
 //! - [`Lun::reset`]: the transport reports a LOGICAL UNIT RESET (or target reset) task
 //!   management function, for the reset unit attention every nexus must see;
+//! - [`Lun::execute_batch`]: several commands of one nexus at once, their READs and WRITEs
+//!   submitted to the stack as one batch (what a transport that drains every command received
+//!   on a connection hands over);
 //! - [`sense::TASK_ABORTED`]: the status of a command that a PREEMPT AND ABORT of another nexus
 //!   aborted while it waited to run; the transport sends no response for it (TAS=0).
 //!
@@ -48,7 +51,7 @@ use sense::{asc, key, CHECK_CONDITION, GOOD};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use vstor_core::{BlockDevice, ErrorKind, FileDevice, FileOptions, ListenerId, OpKind};
+use vstor_core::{BlockDevice, ErrorKind, FileDevice, FileOptions, ListenerId, OpKind, Request};
 
 /// Bytes a device given to [`Lun::with_pr_device`] needs.
 pub const PR_STORE_BYTES: u64 = store::STORE_BYTES;
@@ -73,6 +76,16 @@ pub enum DataDir {
     In,
     /// Data-Out of this many bytes.
     Out(u32),
+}
+
+/// One command of a batch ([`Lun::execute_batch`]): its CDB and all the Data-Out the
+/// initiator sent for it (as [`Lun::execute`] takes them).
+#[derive(Clone, Copy, Debug)]
+pub struct Command<'a> {
+    /// The CDB.
+    pub cdb: &'a [u8],
+    /// The Data-Out.
+    pub data_out: &'a [u8],
 }
 
 /// The outcome of one command.
@@ -598,20 +611,10 @@ impl Lun {
     /// reach this with that Data-Out, or be refused by the transport.)
     pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
         let epoch = self.abort_epoch.load(Ordering::Acquire);
-        let Some(&opcode) = cdb.first() else {
-            return invalid_opcode();
+        let opcode = match check_cdb(cdb) {
+            Ok(o) => o,
+            Err(r) => return r,
         };
-        if let Some(len) = cdb_len(opcode) {
-            if cdb.len() < len {
-                return invalid_cdb(0);
-            }
-            // NACA is not supported (and LINK is obsolete).
-            if cdb[len - 1] & 0x05 != 0 {
-                return invalid_cdb(len as u16 - 1);
-            }
-        } else {
-            return invalid_opcode();
-        }
         if let Some(ua) = self.take_ua(nexus, opcode) {
             let s = sense::fixed(key::UNIT_ATTENTION, ua.code());
             if opcode == op::REQUEST_SENSE {
@@ -640,6 +643,150 @@ impl Lun {
         let r = self.dispatch(nexus, opcode, cdb, data_out);
         drop(state);
         r
+    }
+
+    /// Runs a batch of commands of one nexus, as [`Lun::execute`] runs each, and returns
+    /// their responses in order. Each run of consecutive READs and WRITEs goes to the stack as
+    /// one batch ([`BlockDevice::submit`]: the initiator's queue depth reaches the backend, in
+    /// one call), with one flush after it when a write of it has FUA; any other command runs
+    /// alone, in its place in the order. A run holds the reservation state shared from its
+    /// access checks through its I/O, as a single command does. While the nexus has a unit
+    /// attention to report (or is new), the run's commands go through [`Lun::execute`] one at
+    /// a time, so the first of them reports it. Commands of one batch are in flight together,
+    /// as SIMPLE tasks are: a read that overlaps a write of the same run reads either data.
+    pub fn execute_batch(&self, nexus: &Nexus, cmds: &[Command<'_>]) -> Vec<ScsiResponse> {
+        let mut out: Vec<Option<ScsiResponse>> = vec![None; cmds.len()];
+        let mut run: Vec<usize> = Vec::new();
+        for (i, c) in cmds.iter().enumerate() {
+            if c.cdb.first().is_some_and(|&o| is_read_or_write(o)) {
+                run.push(i);
+                continue;
+            }
+            self.execute_run(nexus, cmds, &run, &mut out);
+            run.clear();
+            out[i] = Some(self.execute(nexus, c.cdb, c.data_out));
+        }
+        self.execute_run(nexus, cmds, &run, &mut out);
+        out.into_iter()
+            .map(|r| r.expect("every command of the batch ran"))
+            .collect()
+    }
+
+    /// Whether `nexus` has a unit attention to report (a new nexus starts with one).
+    fn has_ua(&self, nexus: &Nexus) -> bool {
+        self.nexuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(nexus)
+            .is_none_or(|s| !s.ua.is_empty())
+    }
+
+    /// The READs and WRITEs `cmds[run]` (see [`Lun::execute_batch`]), their responses put in
+    /// `out`.
+    fn execute_run(
+        &self,
+        nexus: &Nexus,
+        cmds: &[Command<'_>],
+        run: &[usize],
+        out: &mut [Option<ScsiResponse>],
+    ) {
+        let epoch = self.abort_epoch.load(Ordering::Acquire);
+        if run.len() < 2 || self.has_ua(nexus) {
+            for &i in run {
+                out[i] = Some(self.execute(nexus, cmds[i].cdb, cmds[i].data_out));
+            }
+            return;
+        }
+        let state = self.pr.read().unwrap_or_else(|p| p.into_inner());
+        if self.abort_epoch.load(Ordering::Acquire) != epoch && self.was_aborted(nexus, epoch) {
+            for &i in run {
+                out[i] = Some(ScsiResponse {
+                    status: sense::TASK_ABORTED,
+                    sense: Vec::new(),
+                    data: Vec::new(),
+                });
+            }
+            return;
+        }
+        // Each command's checks, in order; what passes them is planned: (index, I/O, write).
+        let mut planned: Vec<(usize, Io, bool)> = Vec::with_capacity(run.len());
+        for &i in run {
+            let Command { cdb, data_out } = cmds[i];
+            let checked = check_cdb(cdb).and_then(|opcode| {
+                if !state.allows(nexus, access_of(opcode, cdb)) {
+                    return Err(ScsiResponse::conflict());
+                }
+                let write = is_medium_write(opcode);
+                if write && self.export.read_only() {
+                    self.export.refused();
+                    return Err(write_protected());
+                }
+                Ok((self.rw_io(cdb, write, data_out)?, write))
+            });
+            match checked {
+                Ok((Some(io), write)) => planned.push((i, io, write)),
+                Ok((None, _)) => out[i] = Some(ScsiResponse::good(Vec::new())),
+                Err(r) => out[i] = Some(r),
+            }
+        }
+        let mut read_bufs: Vec<Vec<u8>> = planned
+            .iter()
+            .filter(|p| !p.2)
+            .map(|p| vec![0u8; p.1.len])
+            .collect();
+        let writes = planned.iter().any(|p| p.2);
+        let fua = planned.iter().any(|p| p.2 && p.1.fua);
+        let order = writes.then(|| self.write_order.read().unwrap_or_else(|p| p.into_inner()));
+        let guards: Vec<_> = planned
+            .iter()
+            .map(|(_, io, write)| {
+                let kind = if *write { OpKind::Write } else { OpKind::Read };
+                self.export.begin(kind, io.len as u64)
+            })
+            .collect();
+        let mut results: Vec<vstor_core::Result<()>> = Vec::with_capacity(planned.len());
+        let mut flushed: vstor_core::Result<()> = Ok(());
+        {
+            let mut reqs: Vec<Request<'_>> = Vec::with_capacity(planned.len() + 1);
+            let mut bufs = read_bufs.iter_mut();
+            for (i, io, write) in &planned {
+                reqs.push(if *write {
+                    Request::write(io.offset, cmds[*i].data_out)
+                } else {
+                    Request::read(io.offset, bufs.next().expect("a buffer per read"))
+                });
+            }
+            if fua {
+                reqs.push(Request::flush());
+            }
+            self.device().submit(&mut reqs);
+            if fua {
+                flushed = reqs.pop().expect("the flush").result();
+            }
+            results.extend(reqs.iter().map(|r| r.result()));
+        }
+        drop(order);
+        let mut bufs = read_bufs.into_iter();
+        for (((i, io, write), r), g) in planned.into_iter().zip(results).zip(guards) {
+            let r = r.and_then(|()| {
+                if write && io.fua {
+                    flushed.clone()
+                } else {
+                    Ok(())
+                }
+            });
+            g.done(r.is_ok());
+            let data = if write {
+                Vec::new()
+            } else {
+                bufs.next().expect("a buffer per read")
+            };
+            out[i] = Some(match r {
+                Ok(()) => ScsiResponse::good(data),
+                Err(e) => stack_error(&e, write),
+            });
+        }
+        drop(state);
     }
 
     /// Whether a PREEMPT AND ABORT after `epoch` aborted `nexus`'s tasks.
@@ -855,25 +1002,45 @@ impl Lun {
         Ok((cap, bs))
     }
 
-    fn read(&self, cdb: &[u8]) -> ScsiResponse {
-        let rw = match parse_rw(cdb) {
-            Ok(rw) => rw,
-            Err(r) => return r,
-        };
-        let (_, bs) = match self.check_range(rw.lba, u64::from(rw.blocks)) {
-            Ok(g) => g,
-            Err(r) => return r,
-        };
+    /// Checks a READ or WRITE CDB (and a write's Data-Out length) against this LUN: the I/O
+    /// it asks for, None when it moves no block.
+    fn rw_io(&self, cdb: &[u8], write: bool, data_out: &[u8]) -> Result<Option<Io>, ScsiResponse> {
+        let rw = parse_rw(cdb)?;
+        let (_, bs) = self.check_range(rw.lba, u64::from(rw.blocks))?;
         if rw.blocks == 0 {
-            return ScsiResponse::good(Vec::new());
+            return Ok(None);
         }
         if rw.blocks > max_transfer_blocks(bs) {
-            return invalid_cdb(if cdb[0] == op::READ_6 { 4 } else { 7 });
+            return Err(invalid_cdb(if matches!(cdb[0], op::READ_6 | op::WRITE_6) {
+                4
+            } else {
+                7
+            }));
         }
-        let len = rw.blocks * bs;
-        let mut data = vec![0u8; len as usize];
-        let g = self.export.begin(OpKind::Read, u64::from(len));
-        let r = self.device().read_at(rw.lba * u64::from(bs), &mut data);
+        let len = rw.blocks as usize * bs as usize;
+        if write && data_out.len() != len {
+            self.export.refused();
+            return Err(ScsiResponse::sense(
+                key::ILLEGAL_REQUEST,
+                asc::PARAMETER_LIST_LENGTH,
+            ));
+        }
+        Ok(Some(Io {
+            offset: rw.lba * u64::from(bs),
+            len,
+            fua: rw.fua,
+        }))
+    }
+
+    fn read(&self, cdb: &[u8]) -> ScsiResponse {
+        let io = match self.rw_io(cdb, false, &[]) {
+            Ok(Some(io)) => io,
+            Ok(None) => return ScsiResponse::good(Vec::new()),
+            Err(r) => return r,
+        };
+        let mut data = vec![0u8; io.len];
+        let g = self.export.begin(OpKind::Read, io.len as u64);
+        let r = self.device().read_at(io.offset, &mut data);
         g.done(r.is_ok());
         match r {
             Ok(()) => ScsiResponse::good(data),
@@ -882,27 +1049,13 @@ impl Lun {
     }
 
     fn write(&self, cdb: &[u8], data_out: &[u8]) -> ScsiResponse {
-        let rw = match parse_rw(cdb) {
-            Ok(rw) => rw,
+        let io = match self.rw_io(cdb, true, data_out) {
+            Ok(Some(io)) => io,
+            Ok(None) => return ScsiResponse::good(Vec::new()),
             Err(r) => return r,
         };
-        let (_, bs) = match self.check_range(rw.lba, u64::from(rw.blocks)) {
-            Ok(g) => g,
-            Err(r) => return r,
-        };
-        if rw.blocks == 0 {
-            return ScsiResponse::good(Vec::new());
-        }
-        if rw.blocks > max_transfer_blocks(bs) {
-            return invalid_cdb(if cdb[0] == op::WRITE_6 { 4 } else { 7 });
-        }
-        let len = rw.blocks * bs;
-        if data_out.len() != len as usize {
-            self.export.refused();
-            return ScsiResponse::sense(key::ILLEGAL_REQUEST, asc::PARAMETER_LIST_LENGTH);
-        }
         let _order = self.write_order.read().unwrap_or_else(|p| p.into_inner());
-        self.write_blocks(rw.lba * u64::from(bs), data_out, rw.fua)
+        self.write_blocks(io.offset, data_out, io.fua)
     }
 
     /// Writes `data` at byte `offset`, then flushes if `fua`.
@@ -1830,6 +1983,47 @@ fn report_supported_opcodes(cdb: &[u8]) -> ScsiResponse {
     }
     d.truncate(alloc);
     ScsiResponse::good(d)
+}
+
+/// Checks a CDB's length for its operation code and its CONTROL byte (NACA is not supported,
+/// LINK is obsolete): the operation code, or the CHECK CONDITION.
+fn check_cdb(cdb: &[u8]) -> Result<u8, ScsiResponse> {
+    let Some(&opcode) = cdb.first() else {
+        return Err(invalid_opcode());
+    };
+    let Some(len) = cdb_len(opcode) else {
+        return Err(invalid_opcode());
+    };
+    if cdb.len() < len {
+        return Err(invalid_cdb(0));
+    }
+    if cdb[len - 1] & 0x05 != 0 {
+        return Err(invalid_cdb(len as u16 - 1));
+    }
+    Ok(opcode)
+}
+
+/// Whether `opcode` is a READ or WRITE (6, 10, 12 or 16), which [`Lun::execute_batch`] sends
+/// to the stack together.
+fn is_read_or_write(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        op::READ_6
+            | op::READ_10
+            | op::READ_12
+            | op::READ_16
+            | op::WRITE_6
+            | op::WRITE_10
+            | op::WRITE_12
+            | op::WRITE_16
+    )
+}
+
+/// What a READ or WRITE moves, checked against the LUN.
+struct Io {
+    offset: u64,
+    len: usize,
+    fua: bool,
 }
 
 /// A READ or WRITE CDB.

@@ -5,8 +5,16 @@ use crate::export::Opened;
 use vstor_core::MemoryDevice;
 
 pub(super) fn export_of(dev: MemoryDevice, read_only: bool) -> Arc<Export> {
+    export_on(Arc::new(dev), read_only)
+}
+
+fn export_of_dev(dev: Arc<dyn BlockDevice>) -> Arc<Export> {
+    export_on(dev, false)
+}
+
+fn export_on(device: Arc<dyn BlockDevice>, read_only: bool) -> Arc<Export> {
     let opened = Opened {
-        device: Arc::new(dev),
+        device,
         live: None,
         qos: None,
         notes: Vec::new(),
@@ -234,4 +242,128 @@ fn data_directions() {
     assert!(Lun::data_dir(&[]).is_err());
     assert!(Lun::data_dir(&[op::WRITE_10, 0]).is_err());
     assert!(Lun::data_dir(&[0xc1; 16]).is_err());
+}
+
+/// A PERSISTENT RESERVE OUT of `sa` (REGISTER 0, RESERVE 1) with the keys given.
+fn prout(l: &Lun, n: &Nexus, sa: u8, ty: u8, rk: u64, sark: u64) -> ScsiResponse {
+    let mut c = vec![0u8; 10];
+    c[0] = op::PERSISTENT_RESERVE_OUT;
+    c[1] = sa;
+    c[2] = ty;
+    c[5..9].copy_from_slice(&24u32.to_be_bytes());
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&rk.to_be_bytes());
+    p[8..16].copy_from_slice(&sark.to_be_bytes());
+    l.execute(n, &c, &p)
+}
+
+fn cmd<'a>(cdb: &'a [u8], data_out: &'a [u8]) -> Command<'a> {
+    Command { cdb, data_out }
+}
+
+#[test]
+fn a_batch_answers_as_its_commands_one_by_one() {
+    let l = lun(1 << 20);
+    let a = nexus("a");
+    let x = vec![0x5au8; 1024];
+    let y = vec![0xa5u8; 512];
+    // A new nexus: the first command reports the reset, the others run (the write too).
+    let w0 = write16(0, 2, false);
+    let r = l.execute_batch(&a, &[cmd(&w0, &x), cmd(&w0, &x)]);
+    assert_eq!(code(&r[0]), (key::UNIT_ATTENTION, 0x29, 0));
+    assert_eq!(r[1].status, GOOD);
+    // READs and WRITEs with other commands between them, and refusals of each kind.
+    let (w1, w2, tur) = (write16(1, 2, false), write16(8, 1, true), [0u8; 6]);
+    let (r1, r2, r3) = (read10(1, 2), read10(8, 1), read10(2047, 2));
+    let (w_short, mut naca) = (write16(4, 2, false), read10(0, 1));
+    naca[9] = 0x04;
+    let r = l.execute_batch(
+        &a,
+        &[
+            cmd(&w1, &x),
+            cmd(&w2, &y),
+            cmd(&w_short, &y),
+            cmd(&tur, &[]),
+            cmd(&r1, &[]),
+            cmd(&r2, &[]),
+            cmd(&r3, &[]),
+            cmd(&naca, &[]),
+            cmd(&read10(5, 0), &[]),
+        ],
+    );
+    let status: Vec<u8> = r.iter().map(|r| r.status).collect();
+    assert_eq!(
+        status,
+        [
+            GOOD,
+            GOOD,
+            CHECK_CONDITION,
+            GOOD,
+            GOOD,
+            GOOD,
+            CHECK_CONDITION,
+            CHECK_CONDITION,
+            GOOD
+        ]
+    );
+    assert_eq!(code(&r[2]), (key::ILLEGAL_REQUEST, 0x1a, 0));
+    assert_eq!(
+        (r[4].data.as_slice(), r[5].data.as_slice()),
+        (&x[..], &y[..])
+    );
+    assert_eq!(code(&r[6]), (key::ILLEGAL_REQUEST, 0x21, 0));
+    assert_eq!(code(&r[7]), (key::ILLEGAL_REQUEST, 0x24, 0));
+    assert!(r[8].data.is_empty());
+    // The same reads one by one give the same data.
+    assert_eq!(l.execute(&a, &r1, &[]).data, x);
+    // Under Write Exclusive held by another nexus, reads run and writes conflict.
+    let b = nexus("b");
+    clear_ua(&l, &b);
+    assert_eq!(prout(&l, &b, 0, 0, 0, 7).status, GOOD);
+    assert_eq!(prout(&l, &b, 1, 1, 7, 0).status, GOOD);
+    let r = l.execute_batch(&a, &[cmd(&w1, &x), cmd(&r1, &[]), cmd(&w2, &y)]);
+    assert_eq!(r[0].status, sense::RESERVATION_CONFLICT);
+    assert_eq!((r[1].status, r[1].data.as_slice()), (GOOD, &x[..]));
+    assert_eq!(r[2].status, sense::RESERVATION_CONFLICT);
+    // The holder writes.
+    let r = l.execute_batch(&b, &[cmd(&w1, &y[..512].repeat(2)), cmd(&w2, &x[..512])]);
+    assert!(r.iter().all(|r| r.status == GOOD));
+    assert_eq!(l.execute(&a, &r2, &[]).data, x[..512]);
+    // A read-only export refuses the writes of a batch.
+    let ro = Lun::new(
+        export_of(MemoryDevice::new(1 << 20).unwrap(), true),
+        config(),
+    )
+    .unwrap();
+    clear_ua(&ro, &a);
+    let r = ro.execute_batch(&a, &[cmd(&w1, &x), cmd(&r1, &[]), cmd(&w2, &y)]);
+    assert_eq!(code(&r[0]), (key::DATA_PROTECT, 0x27, 0));
+    assert_eq!(r[1].status, GOOD);
+    assert_eq!(code(&r[2]), (key::DATA_PROTECT, 0x27, 0));
+}
+
+#[test]
+fn a_batch_reports_the_stacks_errors_per_command() {
+    use vstor_core::{FaultDevice, FaultRule};
+    let fault = Arc::new(FaultDevice::new(Arc::new(
+        MemoryDevice::new(1 << 20).unwrap(),
+    )));
+    let l = Lun::new(export_of_dev(fault.clone()), config()).unwrap();
+    let a = nexus("a");
+    clear_ua(&l, &a);
+    let d = vec![1u8; 512];
+    let (w0, w1, r0) = (write16(0, 1, false), write16(1, 1, true), read10(0, 1));
+    // A failing flush fails the FUA write of the batch only.
+    let id = fault.add_rule(FaultRule::fail(OpKind::Flush));
+    let r = l.execute_batch(&a, &[cmd(&w0, &d), cmd(&w1, &d), cmd(&r0, &[])]);
+    assert_eq!(r[0].status, GOOD);
+    assert_eq!(code(&r[1]), (key::MEDIUM_ERROR, 0x0c, 0));
+    assert_eq!(r[2].status, GOOD);
+    fault.remove_rule(id);
+    // A failing read is a MEDIUM ERROR of its own command.
+    fault.add_rule(FaultRule::fail(OpKind::Read).in_range(512..1024));
+    let r1 = read10(1, 1);
+    let r = l.execute_batch(&a, &[cmd(&r0, &[]), cmd(&r1, &[])]);
+    assert_eq!((r[0].status, r[0].data.as_slice()), (GOOD, &d[..]));
+    assert_eq!(code(&r[1]), (key::MEDIUM_ERROR, 0x11, 0));
 }
