@@ -61,28 +61,26 @@
 //! data, and the bitmap resync (or the surviving copy) holds the old or the new contents of a
 //! cut write.
 
-use crate::csum;
+use crate::csum::{self, Csums};
 use crate::format::{Meta, JOURNAL_SIZE};
-use crate::pool::{lock, Inner};
-use crate::space::{RowOp, Space};
+use crate::members::{Devs, Members};
+use crate::store::lock;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use uuid::Uuid;
 use vstor_core::{BlockDevice, Error, Result};
 
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 const HEAD_MAGIC: [u8; 8] = *b"VSTJHDR1";
 const BLOCK_MAGIC: [u8; 8] = *b"VSTJBLK1";
 const BLOCK_HEADER: u64 = 64;
-const RECORD_HEADER: u64 = 56;
+pub(crate) const RECORD_HEADER: u64 = 56;
 /// The longest row range one record holds when a batch has to be cut into parts.
-const MAX_UNIT: u64 = 256 << 10;
-
-type Devs = Vec<Option<Arc<dyn BlockDevice>>>;
+pub(crate) const MAX_UNIT: u64 = 256 << 10;
 
 /// Bytes of a block holding records of `payload` bytes (headers included).
-fn block_bytes(payload: u64) -> u64 {
+pub(crate) fn block_bytes(payload: u64) -> u64 {
     (BLOCK_HEADER + payload).div_ceil(PAGE) * PAGE
 }
 
@@ -147,13 +145,13 @@ impl Drop for Ticket<'_> {
 }
 
 /// One shard range to journal.
-struct Entry<'a> {
-    member: usize,
-    extent: u64,
-    row: u64,
-    shard: u32,
-    lo: u64,
-    data: &'a [u8],
+pub(crate) struct Entry<'a> {
+    pub member: usize,
+    pub extent: u64,
+    pub row: u64,
+    pub shard: u32,
+    pub lo: u64,
+    pub data: &'a [u8],
 }
 
 /// A record read back from a journal.
@@ -354,6 +352,11 @@ impl Journal {
         }
     }
 
+    /// Whether the pool has a journal (format version 3 and later).
+    pub fn enabled(&self) -> bool {
+        self.offset.is_some()
+    }
+
     pub fn stats(&self) -> JournalStats {
         JournalStats {
             batches: self.batches.load(Ordering::Acquire),
@@ -443,7 +446,7 @@ impl Journal {
 
     /// Writes the blocks of one batch (entries grouped by member) and flushes; the in-place
     /// writes may start once this returns, and must be done before the ticket is dropped.
-    fn log(
+    pub(crate) fn log(
         &self,
         devs: &Devs,
         space: Uuid,
@@ -637,18 +640,32 @@ fn record_target(meta: &Meta, r: &Record) -> Option<(crate::format::Slot, u64)> 
     Some((slots[si], l.slab_offset(r.row, r.lo)))
 }
 
-impl Inner {
+/// What [`Journal::recover`] works with: the pool's metadata as the open took it, its
+/// members and checksums, and what the pool does when a member fails or must be recorded
+/// missing (the journal takes them as arguments; it owns none of them).
+pub(crate) struct Recovery<'a> {
+    pub meta: Meta,
+    pub members: &'a Members,
+    pub csums: &'a Csums,
+    pub read_only: bool,
+    /// Records member `m` failed, for the reason given.
+    pub fail_member: &'a dyn Fn(usize, &str),
+    /// Before anything is written with a member missing: records it failed.
+    pub record_missing: &'a dyn Fn() -> Result<()>,
+}
+
+impl Journal {
     /// At an open, before the resync: reads every usable member's journal, replays the
     /// committed batches (read-only: in memory, see the module documentation) and starts a
     /// new generation (not read-only). Returns notes.
-    pub(crate) fn recover_journal(&self) -> Result<Vec<String>> {
-        let Some(off) = self.journal.offset else {
+    pub(crate) fn recover(&self, with: Recovery<'_>) -> Result<Vec<String>> {
+        let Some(off) = self.offset else {
             return Ok(vec![
                 "format version 2: this pool has no parity journal (a crash together with the loss of a member can corrupt data of a parity space that was not being written); a new pool has one".into(),
             ]);
         };
-        let meta = self.store.lock().clone();
-        let devs = self.members.snapshot();
+        let meta = with.meta;
+        let devs = with.members.snapshot();
         let mut blocks: Vec<Block> = Vec::new();
         let mut max_gen = 0u64;
         let mut max_seq = 0u64;
@@ -698,7 +715,7 @@ impl Inner {
                     .all(|m| !usable(m) || bs.iter().any(|b| b.member == m))
         });
         let mut notes = Vec::new();
-        if self.read_only {
+        if with.read_only {
             if batches.is_empty() {
                 return Ok(notes);
             }
@@ -707,7 +724,7 @@ impl Inner {
             // once a writable open applies the batches; the members are not written.
             let mut overlays = Vec::new();
             {
-                let mut rt = self.members.write();
+                let mut rt = with.members.write();
                 for (m, member) in rt.iter_mut().enumerate() {
                     if let Some(d) = member.device.take() {
                         let o = Arc::new(crate::overlay::RamOverlay::new(d.clone()));
@@ -716,12 +733,12 @@ impl Inner {
                     }
                 }
             }
-            let mut devs = self.members.snapshot();
+            let mut devs = with.members.snapshot();
             let mut records = 0u64;
             for bs in batches.values() {
                 for b in bs {
                     for r in &b.records {
-                        match self.replay_record(&meta, &devs, r) {
+                        match replay_record(with.csums, &meta, &devs, r) {
                             Ok(done) => records += u64::from(done),
                             Err(e) => {
                                 // The member failed (in memory: a read-only open records
@@ -730,11 +747,11 @@ impl Inner {
                                 let Some((s, _)) = record_target(&meta, r) else {
                                     return Err(e);
                                 };
-                                self.fail_member(
+                                (with.fail_member)(
                                     s.member,
                                     &format!("journal replay in memory: {e}"),
                                 );
-                                devs = self.members.snapshot();
+                                devs = with.members.snapshot();
                             }
                         }
                     }
@@ -742,16 +759,14 @@ impl Inner {
             }
             // Members the replay did not write are read directly again (on the shared ring).
             {
-                let mut rt = self.members.write();
+                let mut rt = with.members.write();
                 for (m, o, d) in overlays {
                     if o.is_empty() && rt[m].device.is_some() {
                         rt[m].device = Some(d);
                     }
                 }
             }
-            self.journal
-                .pending
-                .store(batches.len() as u64, Ordering::Release);
+            self.pending.store(batches.len() as u64, Ordering::Release);
             notes.push(format!(
                 "unclean shutdown: {} journaled parity updates ({records} records) replayed in memory only (a read-only open writes nothing); a writable open applies them",
                 batches.len()
@@ -761,11 +776,11 @@ impl Inner {
         let mut records = 0u64;
         if !batches.is_empty() {
             // Members missing now must not be trusted when they come back: the replay writes.
-            self.record_missing()?;
+            (with.record_missing)()?;
             for bs in batches.values() {
                 for b in bs {
                     for r in &b.records {
-                        records += u64::from(self.replay_record(&meta, &devs, r)?);
+                        records += u64::from(replay_record(with.csums, &meta, &devs, r)?);
                     }
                 }
             }
@@ -773,236 +788,43 @@ impl Inner {
                 "unclean shutdown: replayed {} journaled parity updates ({records} records)",
                 batches.len()
             ));
-            self.journal
-                .replayed_batches
+            self.replayed_batches
                 .fetch_add(batches.len() as u64, Ordering::AcqRel);
-            self.journal
-                .replayed_records
-                .fetch_add(records, Ordering::AcqRel);
+            self.replayed_records.fetch_add(records, Ordering::AcqRel);
         }
-        let mut st = lock(&self.journal.state);
+        let mut st = lock(&self.state);
         if fresh {
             st.gen = max_gen;
             return Ok(notes);
         }
         let gen = max_gen.max(st.gen) + 1;
-        self.journal
-            .start_generation(&devs, &st.ids, gen)
+        self.start_generation(&devs, &st.ids, gen)
             .map_err(|(_, e)| e)?;
         st.gen = gen;
         st.next_seq = max_seq + 1;
         Ok(notes)
     }
-
-    /// Writes one record where its shard lives now, with its block checksums. Records that do
-    /// not fit the space as it is now (a deleted space, a bad range) are skipped: false.
-    fn replay_record(&self, meta: &Meta, devs: &Devs, r: &Record) -> Result<bool> {
-        let Some((s, in_slab)) = record_target(meta, r) else {
-            return Ok(false);
-        };
-        let Some(dev) = devs.get(s.member).and_then(Option::as_ref) else {
-            return Ok(false);
-        };
-        dev.write_at(
-            meta.data_start + u64::from(s.slab) * meta.slab_size + in_slab,
-            &r.data,
-        )?;
-        self.csums.store(
-            dev,
-            s.member,
-            s.slab,
-            in_slab / csum::BLOCK,
-            &csum::crcs(&r.data),
-        )?;
-        Ok(true)
-    }
 }
 
-impl Space {
-    /// The in-place writes of a parity batch's rows, journaled first (see the module
-    /// documentation). Returns false (and adds the failures) if a member failed; the rows are
-    /// given back either way.
-    pub(crate) fn write_rows(
-        &self,
-        rows: BTreeMap<(u64, u64), RowOp>,
-        direct: &BTreeMap<(u64, u64), Vec<&[u8]>>,
-        devs: &Devs,
-        ext: &[Option<Vec<crate::format::Slot>>],
-        rebuilding: Option<&crate::space::Rebuild>,
-        failures: &mut Vec<(usize, Error)>,
-    ) -> bool {
-        let journal = &self.pool.journal;
-        let mut rows = rows;
-        if journal.offset.is_none() {
-            let ok = self.row_io(&mut rows, direct, devs, ext, rebuilding, failures, true);
-            self.give_rows(rows);
-            return ok;
-        }
-        let id = self.shared.id;
-        let width = self.shared.layout.width;
-        // Which rows need records, and what each costs the members it touches.
-        let logged: Vec<bool> = rows
-            .values()
-            .map(|r| {
-                r.shards.iter().any(Option::is_some)
-                    && (!r.full || journal.row_logged(id, r.extent, r.row))
-            })
-            .collect();
-        debug_assert!(
-            rows.values().zip(&logged).all(|(r, &l)| !(l && r.direct)),
-            "a row written from the callers' buffers has no data shards to log"
-        );
-        let member_of = |r: &RowOp, shard: usize| {
-            let slots = ext[r.extent as usize].as_ref().expect("allocated");
-            let m = slots[self.shard_slot(r.row, shard)].member;
-            devs[m].is_some().then_some(m)
-        };
-        let cap = JOURNAL_SIZE - PAGE;
-        let mut used: BTreeMap<usize, u64> = BTreeMap::new();
-        let mut whole = true;
-        for (r, &lg) in rows.values().zip(&logged) {
-            if !lg {
-                continue;
-            }
-            for shard in (0..width).filter(|&s| r.shards[s].is_some()) {
-                if let Some(m) = member_of(r, shard) {
-                    *used.entry(m).or_default() += RECORD_HEADER + (r.hi - r.lo);
-                }
-            }
-        }
-        if used.values().any(|&p| block_bytes(p) > cap) {
-            whole = false;
-        }
-        // Parts: each journaled and written before the next. One part in the common case.
-        let mut parts: Vec<BTreeMap<(u64, u64), RowOp>> = Vec::new();
-        let mut part_logged: Vec<Vec<(u64, u64)>> = Vec::new();
-        if whole {
-            part_logged.push(
-                rows.keys()
-                    .zip(&logged)
-                    .filter(|(_, &l)| l)
-                    .map(|(k, _)| *k)
-                    .collect(),
-            );
-            parts.push(rows);
-        } else {
-            let mut cur: BTreeMap<(u64, u64), RowOp> = BTreeMap::new();
-            let mut cur_logged = Vec::new();
-            let mut used: BTreeMap<usize, u64> = BTreeMap::new();
-            for ((key, row), lg) in rows.into_iter().zip(logged) {
-                let units: Vec<(u64, u64)> = if lg && row.hi - row.lo > MAX_UNIT {
-                    (row.lo..row.hi)
-                        .step_by(MAX_UNIT as usize)
-                        .map(|a| (a, (a + MAX_UNIT).min(row.hi)))
-                        .collect()
-                } else {
-                    vec![(row.lo, row.hi)]
-                };
-                let single = units.len() == 1;
-                let mut row = Some(row);
-                for (a, b) in units {
-                    let r = row.as_ref().expect("row");
-                    let unit = if single {
-                        row.take().expect("row")
-                    } else {
-                        RowOp {
-                            extent: r.extent,
-                            row: r.row,
-                            lo: a,
-                            hi: b,
-                            pieces: Vec::new(),
-                            shards: r
-                                .shards
-                                .iter()
-                                .map(|s| {
-                                    s.as_ref().map(|s| {
-                                        let mut n = self.take_buf((b - a) as usize);
-                                        n.copy_from_slice(
-                                            &s[(a - r.lo) as usize..(b - r.lo) as usize],
-                                        );
-                                        n
-                                    })
-                                })
-                                .collect(),
-                            rebuild: r.rebuild,
-                            full: r.full,
-                            direct: false,
-                        }
-                    };
-                    let mut cost: BTreeMap<usize, u64> = BTreeMap::new();
-                    if lg {
-                        for shard in (0..width).filter(|&s| unit.shards[s].is_some()) {
-                            if let Some(m) = member_of(&unit, shard) {
-                                *cost.entry(m).or_default() += RECORD_HEADER + (b - a);
-                            }
-                        }
-                    }
-                    let over = cost
-                        .iter()
-                        .any(|(m, c)| block_bytes(used.get(m).copied().unwrap_or(0) + c) > cap);
-                    if !cur.is_empty() && (over || cur.contains_key(&key)) {
-                        parts.push(std::mem::take(&mut cur));
-                        part_logged.push(std::mem::take(&mut cur_logged));
-                        used.clear();
-                    }
-                    for (m, c) in cost {
-                        *used.entry(m).or_default() += c;
-                    }
-                    if lg {
-                        cur_logged.push(key);
-                    }
-                    cur.insert(key, unit);
-                }
-                if let Some(r) = row {
-                    self.give_rows(BTreeMap::from([(key, r)]));
-                }
-            }
-            if !cur.is_empty() {
-                parts.push(cur);
-                part_logged.push(cur_logged);
-            }
-        }
-        let mut ok = true;
-        for (mut part, keys) in parts.into_iter().zip(part_logged) {
-            if !ok {
-                self.give_rows(part);
-                continue;
-            }
-            let ticket = if keys.is_empty() {
-                None
-            } else {
-                let mut entries = Vec::new();
-                for k in &keys {
-                    let r = &part[k];
-                    for (shard, buf) in r.shards.iter().enumerate() {
-                        let Some(buf) = buf else { continue };
-                        if let Some(m) = member_of(r, shard) {
-                            entries.push(Entry {
-                                member: m,
-                                extent: r.extent,
-                                row: r.row,
-                                shard: shard as u32,
-                                lo: r.lo,
-                                data: &buf[..],
-                            });
-                        }
-                    }
-                }
-                match journal.log(devs, id, &entries, &keys) {
-                    Ok(t) => Some(t),
-                    Err(f) => {
-                        failures.push(f);
-                        ok = false;
-                        drop(entries);
-                        self.give_rows(part);
-                        continue;
-                    }
-                }
-            };
-            ok = self.row_io(&mut part, direct, devs, ext, rebuilding, failures, true);
-            drop(ticket);
-            self.give_rows(part);
-        }
-        ok
-    }
+/// Writes one record where its shard lives now, with its block checksums. Records that do
+/// not fit the space as it is now (a deleted space, a bad range) are skipped: false.
+fn replay_record(csums: &Csums, meta: &Meta, devs: &Devs, r: &Record) -> Result<bool> {
+    let Some((s, in_slab)) = record_target(meta, r) else {
+        return Ok(false);
+    };
+    let Some(dev) = devs.get(s.member).and_then(Option::as_ref) else {
+        return Ok(false);
+    };
+    dev.write_at(
+        meta.data_start + u64::from(s.slab) * meta.slab_size + in_slab,
+        &r.data,
+    )?;
+    csums.store(
+        dev,
+        s.member,
+        s.slab,
+        in_slab / csum::BLOCK,
+        &csum::crcs(&r.data),
+    )?;
+    Ok(true)
 }

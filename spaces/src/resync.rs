@@ -22,6 +22,7 @@
 
 use crate::format::{MemberState, Meta, CHUNKS_PER_SLAB};
 use crate::intent::{add_bits, Chunk};
+use crate::journal::Recovery;
 use crate::pool::Inner;
 use crate::sync::{extent_chunks, sync_extent_chunk, SyncMode};
 use std::collections::BTreeSet;
@@ -196,5 +197,20 @@ impl Inner {
         // The bits kept for it can go now (unless another member is still behind).
         self.clear_bitmaps(true);
         Ok(Ok((work.len() as u64, work.len() as u64 * chunk)))
+    }
+
+    /// At an open, before the resync: the parity journal's recovery
+    /// ([`Journal::recover`](crate::journal::Journal::recover)) with this pool's metadata,
+    /// members and checksums.
+    pub(crate) fn recover_journal(&self) -> Result<Vec<String>> {
+        let meta = self.store.lock().clone();
+        self.journal.recover(Recovery {
+            meta,
+            members: &self.members,
+            csums: &self.csums,
+            read_only: self.read_only,
+            fail_member: &|m, why| self.fail_member(m, why),
+            record_missing: &|| self.record_missing(),
+        })
     }
 }

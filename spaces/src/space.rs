@@ -23,7 +23,9 @@
 use crate::code;
 use crate::csum::{self, PageWrite};
 use crate::error::SpacesError;
+use crate::format::JOURNAL_SIZE;
 use crate::format::{Slot, MAX_MEMBERS};
+use crate::journal;
 use crate::layout::{Layout, Piece};
 use crate::pool::{health, Inner, MemberRt, Pool, SpaceHealth};
 use std::collections::{BTreeMap, BTreeSet};
@@ -2003,4 +2005,193 @@ pub(crate) fn heal_window(
     }
     pool.integrity.count(found, fixed, lost);
     Ok(lost)
+}
+
+impl Space {
+    /// The in-place writes of a parity batch's rows, journaled first (see the module
+    /// documentation). Returns false (and adds the failures) if a member failed; the rows are
+    /// given back either way.
+    pub(crate) fn write_rows(
+        &self,
+        rows: BTreeMap<(u64, u64), RowOp>,
+        direct: &BTreeMap<(u64, u64), Vec<&[u8]>>,
+        devs: &Devs,
+        ext: &[Option<Vec<crate::format::Slot>>],
+        rebuilding: Option<&Rebuild>,
+        failures: &mut Vec<(usize, Error)>,
+    ) -> bool {
+        let journal = &self.pool.journal;
+        let mut rows = rows;
+        if !journal.enabled() {
+            let ok = self.row_io(&mut rows, direct, devs, ext, rebuilding, failures, true);
+            self.give_rows(rows);
+            return ok;
+        }
+        let id = self.shared.id;
+        let width = self.shared.layout.width;
+        // Which rows need records, and what each costs the members it touches.
+        let logged: Vec<bool> = rows
+            .values()
+            .map(|r| {
+                r.shards.iter().any(Option::is_some)
+                    && (!r.full || journal.row_logged(id, r.extent, r.row))
+            })
+            .collect();
+        debug_assert!(
+            rows.values().zip(&logged).all(|(r, &l)| !(l && r.direct)),
+            "a row written from the callers' buffers has no data shards to log"
+        );
+        let member_of = |r: &RowOp, shard: usize| {
+            let slots = ext[r.extent as usize].as_ref().expect("allocated");
+            let m = slots[self.shard_slot(r.row, shard)].member;
+            devs[m].is_some().then_some(m)
+        };
+        let cap = JOURNAL_SIZE - journal::PAGE;
+        let mut used: BTreeMap<usize, u64> = BTreeMap::new();
+        let mut whole = true;
+        for (r, &lg) in rows.values().zip(&logged) {
+            if !lg {
+                continue;
+            }
+            for shard in (0..width).filter(|&s| r.shards[s].is_some()) {
+                if let Some(m) = member_of(r, shard) {
+                    *used.entry(m).or_default() += journal::RECORD_HEADER + (r.hi - r.lo);
+                }
+            }
+        }
+        if used.values().any(|&p| journal::block_bytes(p) > cap) {
+            whole = false;
+        }
+        // Parts: each journaled and written before the next. One part in the common case.
+        let mut parts: Vec<BTreeMap<(u64, u64), RowOp>> = Vec::new();
+        let mut part_logged: Vec<Vec<(u64, u64)>> = Vec::new();
+        if whole {
+            part_logged.push(
+                rows.keys()
+                    .zip(&logged)
+                    .filter(|(_, &l)| l)
+                    .map(|(k, _)| *k)
+                    .collect(),
+            );
+            parts.push(rows);
+        } else {
+            let mut cur: BTreeMap<(u64, u64), RowOp> = BTreeMap::new();
+            let mut cur_logged = Vec::new();
+            let mut used: BTreeMap<usize, u64> = BTreeMap::new();
+            for ((key, row), lg) in rows.into_iter().zip(logged) {
+                let units: Vec<(u64, u64)> = if lg && row.hi - row.lo > journal::MAX_UNIT {
+                    (row.lo..row.hi)
+                        .step_by(journal::MAX_UNIT as usize)
+                        .map(|a| (a, (a + journal::MAX_UNIT).min(row.hi)))
+                        .collect()
+                } else {
+                    vec![(row.lo, row.hi)]
+                };
+                let single = units.len() == 1;
+                let mut row = Some(row);
+                for (a, b) in units {
+                    let r = row.as_ref().expect("row");
+                    let unit = if single {
+                        row.take().expect("row")
+                    } else {
+                        RowOp {
+                            extent: r.extent,
+                            row: r.row,
+                            lo: a,
+                            hi: b,
+                            pieces: Vec::new(),
+                            shards: r
+                                .shards
+                                .iter()
+                                .map(|s| {
+                                    s.as_ref().map(|s| {
+                                        let mut n = self.take_buf((b - a) as usize);
+                                        n.copy_from_slice(
+                                            &s[(a - r.lo) as usize..(b - r.lo) as usize],
+                                        );
+                                        n
+                                    })
+                                })
+                                .collect(),
+                            rebuild: r.rebuild,
+                            full: r.full,
+                            direct: false,
+                        }
+                    };
+                    let mut cost: BTreeMap<usize, u64> = BTreeMap::new();
+                    if lg {
+                        for shard in (0..width).filter(|&s| unit.shards[s].is_some()) {
+                            if let Some(m) = member_of(&unit, shard) {
+                                *cost.entry(m).or_default() += journal::RECORD_HEADER + (b - a);
+                            }
+                        }
+                    }
+                    let over = cost.iter().any(|(m, c)| {
+                        journal::block_bytes(used.get(m).copied().unwrap_or(0) + c) > cap
+                    });
+                    if !cur.is_empty() && (over || cur.contains_key(&key)) {
+                        parts.push(std::mem::take(&mut cur));
+                        part_logged.push(std::mem::take(&mut cur_logged));
+                        used.clear();
+                    }
+                    for (m, c) in cost {
+                        *used.entry(m).or_default() += c;
+                    }
+                    if lg {
+                        cur_logged.push(key);
+                    }
+                    cur.insert(key, unit);
+                }
+                if let Some(r) = row {
+                    self.give_rows(BTreeMap::from([(key, r)]));
+                }
+            }
+            if !cur.is_empty() {
+                parts.push(cur);
+                part_logged.push(cur_logged);
+            }
+        }
+        let mut ok = true;
+        for (mut part, keys) in parts.into_iter().zip(part_logged) {
+            if !ok {
+                self.give_rows(part);
+                continue;
+            }
+            let ticket = if keys.is_empty() {
+                None
+            } else {
+                let mut entries = Vec::new();
+                for k in &keys {
+                    let r = &part[k];
+                    for (shard, buf) in r.shards.iter().enumerate() {
+                        let Some(buf) = buf else { continue };
+                        if let Some(m) = member_of(r, shard) {
+                            entries.push(journal::Entry {
+                                member: m,
+                                extent: r.extent,
+                                row: r.row,
+                                shard: shard as u32,
+                                lo: r.lo,
+                                data: &buf[..],
+                            });
+                        }
+                    }
+                }
+                match journal.log(devs, id, &entries, &keys) {
+                    Ok(t) => Some(t),
+                    Err(f) => {
+                        failures.push(f);
+                        ok = false;
+                        drop(entries);
+                        self.give_rows(part);
+                        continue;
+                    }
+                }
+            };
+            ok = self.row_io(&mut part, direct, devs, ext, rebuilding, failures, true);
+            drop(ticket);
+            self.give_rows(part);
+        }
+        ok
+    }
 }
