@@ -367,6 +367,102 @@ fn real_clients_read_and_write_over_iscsi() {
     d.shutdown();
 }
 
+/// Exports added at run time (`vstor export add`, the API's `export.add`) take the iSCSI
+/// options of `--export`: their own target name, the initiator ACL and sharing.
+#[test]
+fn exports_added_through_the_api_take_the_iscsi_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f1, f2) = (dir.path().join("a,1.img"), dir.path().join("a2.img"));
+    for f in [&f1, &f2] {
+        std::fs::File::create(f).unwrap().set_len(1 << 20).unwrap();
+    }
+    let d = Daemon::start(dir.path(), &[]);
+    let iqn = "iqn.2026-12.io.vstor.test:added";
+    let other = "iqn.2026-12.io.vstor.test:other";
+    let server = ["--server", d.control.as_str()];
+    let t1 = format!(
+        "raw:{},shared=on,iqn={iqn},initiators={IQN1}+{IQN2}",
+        s(&f1).replace(',', ",,")
+    );
+    ok(&[&["export", "add", "a1", &t1], &server[..]].concat());
+    ok(&[
+        &["export", "add", "a2", &format!("raw:{}", s(&f2))],
+        &server[..],
+    ]
+    .concat());
+    // The API refuses a bad option as the command line does, and a name in use keeps its
+    // export and its options.
+    let e = common::fails(
+        &[
+            &[
+                "export",
+                "add",
+                "a3",
+                &format!("raw:{},shared=maybe", s(&f2)),
+            ],
+            &server[..],
+        ]
+        .concat(),
+    );
+    assert!(e.contains("shared=maybe"), "{e}");
+    common::fails(
+        &[
+            &["export", "add", "a1", &format!("raw:{}", s(&f2))],
+            &server[..],
+        ]
+        .concat(),
+    );
+    let addr = d.portal();
+    let login = |who: &str, target: &str, isid: u8| {
+        let mut o = LoginOpts::new(who, Some(target));
+        o.isid = [0x80, 0, 0, 0, 0, isid];
+        Initiator::login(addr, &o).unwrap()
+    };
+    // a1: its own name, both initiators of its ACL at once (shared), no other initiator.
+    let a = login(IQN1, iqn, 1).expect("IQN1 logs in to a1");
+    let b = login(IQN2, iqn, 2).expect("IQN2 logs in to a1 beside IQN1");
+    assert_eq!(
+        login(other, iqn, 3).err(),
+        Some(iscsi_common::Refused(0x0202))
+    );
+    assert_eq!(
+        login(IQN1, "iqn.2026-12.io.vstor:a1", 4).err(),
+        Some(iscsi_common::Refused(0x0203))
+    );
+    // Discovery lists a1 to its initiators only.
+    let mut disc = Initiator::login(addr, &LoginOpts::new(other, None))
+        .unwrap()
+        .expect("discovery");
+    let names: Vec<String> = disc
+        .send_targets("All")
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k == "TargetName")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(names, ["iqn.2026-12.io.vstor:a2"]);
+    // a2: the default name, unshared: one initiator at a time, any initiator.
+    let c = login(other, "iqn.2026-12.io.vstor:a2", 5).expect("a2 admits any initiator");
+    assert_eq!(
+        login(IQN1, "iqn.2026-12.io.vstor:a2", 6).err(),
+        Some(iscsi_common::Refused(0x0301))
+    );
+    for i in [a, b, c, disc] {
+        i.logout().unwrap();
+    }
+    // Removed and added again without options, a1 is an unshared export of the default name.
+    ok(&[&["export", "remove", "a1"], &server[..]].concat());
+    let t1 = format!("raw:{}", s(&f1).replace(',', ",,"));
+    ok(&[&["export", "add", "a1", &t1], &server[..]].concat());
+    assert_eq!(
+        login(IQN1, iqn, 7).err(),
+        Some(iscsi_common::Refused(0x0203))
+    );
+    let a = login(other, "iqn.2026-12.io.vstor:a1", 8).expect("a1 by its default name");
+    a.logout().unwrap();
+    d.shutdown();
+}
+
 fn login(addr: SocketAddr, initiator: &str, isid: u8) -> Initiator {
     let mut o = LoginOpts::new(initiator, Some("iqn.2026-12.io.vstor:quorum"));
     o.isid = [0x80, 0, 0, 0, 0, isid];

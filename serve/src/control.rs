@@ -14,6 +14,8 @@
 //! <- {"jsonrpc":"2.0","id":2,"error":{"code":-32000,"message":"no export named 'nope'","data":{"kind":"not-found"}}}
 //! ```
 
+use crate::export::{Export, ServeError};
+use crate::iscsi::{IscsiServer, TargetOpts};
 use crate::jsonrpc::{self, opt_bool, opt_str, opt_u64, str_param, u64_param, Failure};
 use crate::registry::Registry;
 use serde_json::{json, Value};
@@ -21,7 +23,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use vstor_core::ErrorKind;
 
@@ -44,6 +46,10 @@ pub trait Host: Send + Sync {
 pub struct Control {
     registry: Arc<Registry>,
     host: Arc<dyn Host>,
+    /// The daemon's iSCSI server, which takes the iSCSI options of exports added here.
+    iscsi: Option<Arc<IscsiServer>>,
+    /// Held while an export is added (its iSCSI options are set before it is served).
+    adding: Mutex<()>,
 }
 
 fn to_value<T: serde::Serialize>(v: T) -> Value {
@@ -53,7 +59,40 @@ fn to_value<T: serde::Serialize>(v: T) -> Value {
 impl Control {
     /// The API of `registry`, with `host` for shutdown and server facts.
     pub fn new(registry: Arc<Registry>, host: Arc<dyn Host>) -> Arc<Self> {
-        Arc::new(Control { registry, host })
+        Self::with_iscsi(registry, host, None)
+    }
+
+    /// The API of `registry`, whose exports `iscsi` also serves: `export.add` gives it the
+    /// export's iSCSI options.
+    pub fn with_iscsi(
+        registry: Arc<Registry>,
+        host: Arc<dyn Host>,
+        iscsi: Option<Arc<IscsiServer>>,
+    ) -> Arc<Self> {
+        Arc::new(Control {
+            registry,
+            host,
+            iscsi,
+            adding: Mutex::new(()),
+        })
+    }
+
+    /// `export.add`: the target string may carry the iSCSI options of `--export`
+    /// (`shared=on`, `iqn=NAME`, `initiators=NAME+NAME`, parsed by the same
+    /// [`TargetOpts::split_from`]); the rest opens the stack. The options take effect before
+    /// the export is served, so no login sees it without its ACL; a name in use keeps its
+    /// export and options. Without an iSCSI portal the options are taken and have no effect,
+    /// as on the command line.
+    fn add_export(&self, name: &str, target: &str, ro: bool) -> Result<Arc<Export>, ServeError> {
+        let (opts, target) = TargetOpts::split_from(target)
+            .map_err(|e| ServeError::invalid(format!("export.add {name}: {e}")))?;
+        let _g = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(iscsi) = &self.iscsi {
+            if self.registry.get(name).is_err() {
+                iscsi.set_target_opts(name, opts);
+            }
+        }
+        self.registry.add(name, &target, ro)
     }
 
     /// Serves the API on a new Unix socket at `path` (mode 0600) until `stop` is set.
@@ -103,7 +142,7 @@ impl Control {
                 let name = str_param(p, "name")?;
                 let target = str_param(p, "target")?;
                 let ro = opt_bool(p, "readonly")?.unwrap_or(false);
-                let e = reg.add(name, target, ro)?;
+                let e = self.add_export(name, target, ro)?;
                 Ok(to_value(e.info()))
             }
             "export.remove" => {

@@ -403,7 +403,7 @@ impl Daemon {
             metrics,
         });
         if let Some(path) = &config.control {
-            Control::new(registry.clone(), host)
+            Control::with_iscsi(registry.clone(), host, iscsi.clone())
                 .listen(path, stop.clone())
                 .map_err(io_err(format!(
                     "cannot open the API socket {}",
