@@ -36,6 +36,11 @@ pub struct BenchParams {
     pub zipf: Option<f64>,
     /// Flush after every this many requests (0: never), as qemu-img bench's `--flush-interval`.
     pub flush_interval: u64,
+    /// Writes with content for dedup (fio's `dedupe_percentage`): this percentage of requests
+    /// write again what an earlier request of the run wrote, the others write content no
+    /// request wrote before (the pattern byte with a serial number in every 4 KiB). `None`:
+    /// every write is the pattern byte, as qemu-img bench writes.
+    pub dedupe_percentage: Option<u8>,
 }
 
 impl Default for BenchParams {
@@ -53,7 +58,20 @@ impl Default for BenchParams {
             seed: 1,
             zipf: None,
             flush_interval: 0,
+            dedupe_percentage: None,
         }
+    }
+}
+
+/// Marks a write buffer as the content of `serial`: a number in every 4 KiB (and the piece's
+/// index), so that every 4 KiB block of each serial is unlike any other's.
+fn stamp(b: &mut [u8], serial: u64) {
+    for (i, piece) in b.chunks_mut(4096).enumerate() {
+        let n = piece.len().min(16);
+        let mut tag = [0u8; 16];
+        tag[..8].copy_from_slice(&serial.wrapping_add(1).to_le_bytes());
+        tag[8..].copy_from_slice(&(i as u64).to_le_bytes());
+        piece[..n].copy_from_slice(&tag[..n]);
     }
 }
 
@@ -155,6 +173,9 @@ impl BenchParams {
                 self.offset, self.size, info.capacity
             ));
         }
+        if self.dedupe_percentage.is_some_and(|p| p > 100) {
+            return bad("the dedupe percentage is 0 to 100".into());
+        }
         if self.write && info.read_only {
             return bad("cannot run a write benchmark on a read-only target".into());
         }
@@ -186,6 +207,9 @@ pub fn run(
     let zipf = p.zipf.filter(|_| p.random).map(|t| Zipf::new(slots, t));
     let mut next = p.offset;
     let mut offsets = Vec::with_capacity(p.depth);
+    // The content of dedup writes: its own generator, so offsets are those of a plain run.
+    let mut content_rng = fastrand::Rng::with_seed(p.seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut serials = 0u64;
     let mut done = 0u64;
     let start = Instant::now();
     while done < p.count {
@@ -208,6 +232,17 @@ pub fn run(
         }
         // As qemu-img bench (with its default drain): a flush after every `flush_interval`-th
         // request, a barrier inside the batch.
+        if let (true, Some(pct)) = (p.write, p.dedupe_percentage) {
+            for b in bufs.iter_mut().take(n) {
+                let serial = if serials > 0 && content_rng.u8(0..100) < pct {
+                    content_rng.u64(0..serials)
+                } else {
+                    serials += 1;
+                    serials - 1
+                };
+                stamp(b, serial);
+            }
+        }
         let mut batch: Vec<Request<'_>> = Vec::with_capacity(n + 1);
         for (i, (b, &o)) in bufs.iter_mut().zip(&offsets).enumerate() {
             batch.push(if p.write {
@@ -417,6 +452,36 @@ mod tests {
             .collect();
         // 4k-blocks 0,2,4,...,14 and the two wrapped ones at 4k and 12k -> blocks 1 and 3
         assert_eq!(written, vec![0, 1, 2, 3, 4, 6, 8, 10, 12, 14]);
+    }
+
+    #[test]
+    fn dedupe_percentage_writes_that_share_of_repeated_blocks() {
+        // Sequential 4 KiB writes over 4096 distinct slots (the device is one block larger, as
+        // the sequence wraps at capacity - size): every block the run wrote is there to look
+        // at, and the share of repeats is what was asked.
+        let dev = MemoryDevice::new((16 << 20) + 4096).unwrap();
+        let p = BenchParams {
+            count: 4096,
+            depth: 32,
+            write: true,
+            dedupe_percentage: Some(50),
+            ..Default::default()
+        };
+        run(&dev, &p, &mut |_| {}).unwrap();
+        let mut all = vec![0u8; 16 << 20];
+        dev.read_at(0, &mut all).unwrap();
+        let distinct: std::collections::HashSet<&[u8]> = all.chunks(4096).collect();
+        let repeats = 4096 - distinct.len();
+        assert!(
+            (1800..2300).contains(&repeats),
+            "{repeats} of 4096 writes repeat an earlier one"
+        );
+        assert!(all.chunks(4096).all(|c| c.iter().any(|&x| x != 0)));
+        let p = BenchParams {
+            dedupe_percentage: Some(101),
+            ..p
+        };
+        assert!(run(&dev, &p, &mut |_| {}).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //!   vhdx:PATH            a VHDX image with its parent chain
 //!   vhd:PATH             a legacy VHD (Virtual PC, qemu-img -f vpc), read-only
 //!   pool:DIR/NAME        the space NAME of the pool whose member disks are in DIR
+//!   dedup:STORE/NAME     the volume NAME of the dedup store STORE (vstor dedup create)
 //!
 //! OPTION
 //!   readonly=on|off      open read-only (default: what the command needs)
@@ -60,12 +61,19 @@ pub enum TargetKind {
         /// The space's name.
         name: String,
     },
+    /// A volume of a dedup store (inline dedup): the store's directory and the volume's name.
+    Dedup {
+        /// The store's directory.
+        store: PathBuf,
+        /// The volume's name.
+        name: String,
+    },
 }
 
 /// How the format of a target was (or will be) decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FormatSource {
-    /// An explicit prefix (`raw:`, `vhdx:`, `vhd:`, `pool:`).
+    /// An explicit prefix (`raw:`, `vhdx:`, `vhd:`, `pool:`, `dedup:`).
     Prefix,
     /// A known extension, checked against the content.
     Extension,
@@ -243,6 +251,18 @@ impl std::str::FromStr for TargetSpec {
                 },
                 FormatSource::Prefix,
             )
+        } else if let Some(p) = head.strip_prefix("dedup:") {
+            let (store, name) = p
+                .rsplit_once('/')
+                .filter(|(d, n)| !d.is_empty() && !n.is_empty())
+                .ok_or_else(|| target_err(input, "a dedup target is dedup:STORE/NAME"))?;
+            (
+                TargetKind::Dedup {
+                    store: PathBuf::from(store),
+                    name: name.to_string(),
+                },
+                FormatSource::Prefix,
+            )
         } else {
             let spec = TargetSpec::for_path(Path::new(&head));
             (spec.kind, spec.source)
@@ -359,6 +379,7 @@ impl TargetSpec {
             | TargetKind::Vhd(p)
             | TargetKind::Probe(p) => p,
             TargetKind::Pool { dir, .. } => dir,
+            TargetKind::Dedup { store, .. } => store,
         }
     }
 
@@ -446,6 +467,7 @@ impl TargetSpec {
     pub fn format_decided(&self) -> &'static str {
         match (self.source, &self.kind) {
             (_, TargetKind::Pool { .. }) => "a pool space (pool: prefix)",
+            (_, TargetKind::Dedup { .. }) => "a dedup volume (dedup: prefix)",
             (FormatSource::Prefix, _) => "by the explicit prefix",
             (FormatSource::Extension, _) => "by its extension, and its content agrees",
             (FormatSource::Content, _) => "by its content (signature probe)",
@@ -615,6 +637,16 @@ impl TargetSpec {
                 let space = pool.open_space(name)?;
                 done(Arc::new(space), pool.info().notes, Detected::Raw)
             }
+            TargetKind::Dedup { store, name } => {
+                // The store is opened once per process and locked for it, whatever `locking`
+                // says: its index has one writer.
+                let vs =
+                    vstor_dedup::VolumeStore::shared(store).map_err(vstor_core::Error::from)?;
+                let vol = vs
+                    .open_volume(name, read_only)
+                    .map_err(vstor_core::Error::from)?;
+                done(Arc::new(vol), Vec::new(), Detected::Raw)
+            }
         }
     }
 }
@@ -732,6 +764,13 @@ mod tests {
         assert_eq!(parse("a/b.VHDX").kind, TargetKind::Vhdx("a/b.VHDX".into()));
         assert_eq!(parse("vhdx:disk").kind, TargetKind::Vhdx("disk".into()));
         assert_eq!(
+            parse("dedup:/srv/vols/vm1,readonly=on").kind,
+            TargetKind::Dedup {
+                store: "/srv/vols".into(),
+                name: "vm1".into()
+            }
+        );
+        assert_eq!(
             parse("pool:/srv/p/data").kind,
             TargetKind::Pool {
                 dir: "/srv/p".into(),
@@ -771,6 +810,9 @@ mod tests {
             "d.raw,engine=fast",
             "pool:nodir",
             "pool:/x/",
+            "dedup:nostore",
+            "dedup:/s/",
+            "dedup:/v",
             "raw:",
             "vhd:",
             "d.raw,max-iops=lots",

@@ -106,6 +106,302 @@ fn same(a: &Path, b: &Path) {
     );
 }
 
+/// Bytes that are not one repeated byte, from `seed`.
+fn noise(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// `len` bytes of a target at `off`, read out through `vstor disk read --output`.
+fn read_target(dir: &Path, target: &str, off: u64, len: u64) -> Vec<u8> {
+    let out = dir.join("read.out");
+    ok(&[
+        "disk",
+        "read",
+        target,
+        "--offset",
+        &off.to_string(),
+        "--length",
+        &len.to_string(),
+        "--output",
+        s(&out),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+/// A store with a 16 MiB `gold` volume written from a file (noise, a pattern, zeroes), and
+/// that file.
+fn volume_store(t: &Path) -> (std::path::PathBuf, Vec<u8>) {
+    let store = t.join("vols");
+    let o = ok(&["dedup", "create", s(&store)]);
+    assert!(o.contains("is a dedup store of volumes"), "{o}");
+    ok(&[
+        "dedup",
+        "volume",
+        "create",
+        s(&store),
+        "gold",
+        "--size",
+        "16M",
+    ]);
+    let mut g = vec![0u8; 16 << 20];
+    g[..4 << 20].copy_from_slice(&noise(4 << 20, 1));
+    g[6 << 20..8 << 20].fill(0x5a);
+    g[10 << 20..13 << 20].copy_from_slice(&noise(3 << 20, 2));
+    let f = t.join("gold.raw");
+    std::fs::write(&f, &g).unwrap();
+    let gold = format!("dedup:{}/gold", s(&store));
+    ok(&["disk", "write", &gold, "--input", s(&f)]);
+    (store, g)
+}
+
+/// `vstor dedup create`, `volume create/clone/list/delete`, and the `dedup:` target in `disk
+/// read/write/info`: clones share gold's blocks until written, identical blocks are stored once.
+#[test]
+fn volumes_through_the_dedup_target() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, g) = volume_store(t.path());
+    let gold = format!("dedup:{}/gold", s(&store));
+    assert!(read_target(t.path(), &gold, 0, 16 << 20) == g);
+    let info = json(&ok(&["disk", "info", &gold, "--json"]));
+    assert_eq!(info["virtual_size"], 16 << 20, "{info}");
+    let o = ok(&["dedup", "volume", "clone", s(&store), "gold", "vm1"]);
+    assert!(o.contains("vm1 is a clone of gold"), "{o}");
+    ok(&["dedup", "volume", "clone", s(&store), "gold", "vm2"]);
+    let vm1 = format!("dedup:{}/vm1", s(&store));
+    // vm1 changes 64 KiB at 1 MiB (a sector-aligned write: parts of blocks) and zeroes 1 MiB.
+    ok(&[
+        "disk",
+        "write",
+        &vm1,
+        "--offset",
+        "1049088",
+        "--length",
+        "64k",
+        "--pattern",
+        "0x11",
+    ]);
+    ok(&[
+        "disk",
+        "write",
+        &vm1,
+        "--offset",
+        "6M",
+        "--length",
+        "1M",
+        "--pattern",
+        "0",
+    ]);
+    let mut want = g.clone();
+    want[1049088..1049088 + (64 << 10)].fill(0x11);
+    want[6 << 20..7 << 20].fill(0);
+    assert!(read_target(t.path(), &vm1, 0, 16 << 20) == want, "vm1");
+    let vm2 = format!("dedup:{}/vm2", s(&store));
+    assert!(
+        read_target(t.path(), &vm2, 0, 16 << 20) == g,
+        "vm2 is gold still"
+    );
+    assert!(
+        read_target(t.path(), &gold, 0, 16 << 20) == g,
+        "gold is unchanged"
+    );
+    let l = json(&ok(&["dedup", "volume", "list", s(&store), "--json"]));
+    let vols = l["volumes"].as_array().unwrap();
+    let names: Vec<&str> = vols.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["gold", "vm1", "vm2"], "{l}");
+    // gold holds 9 MiB of data; vm1 wrote 17 blocks of its own (parts of them) and dropped
+    // the 256 of its zeroed MiB.
+    assert_eq!(vols[0]["mapped_bytes"], 9 << 20, "{l}");
+    assert_eq!(vols[1]["written_bytes"], 17 * 4096, "{l}");
+    assert_eq!(vols[1]["mapped_bytes"], 8 << 20, "{l}");
+    assert_eq!(vols[1]["origin"], "gold", "{l}");
+    assert_eq!(vols[2]["written_bytes"], 0, "{l}");
+    // Each distinct block that is not zero is stored once, whichever volumes hold it.
+    let distinct = |vols: &[&Vec<u8>]| {
+        let mut set = std::collections::HashSet::new();
+        for v in vols {
+            set.extend(v.chunks(4096).filter(|b| b.iter().any(|&x| x != 0)));
+        }
+        set.len()
+    };
+    assert_eq!(l["chunks"], distinct(&[&g, &want]), "{l}");
+    assert!(l["stored_bytes"].as_u64().unwrap() < 9 << 20, "{l}");
+    let text = ok(&["dedup", "volume", "list", s(&store)]);
+    assert!(text.contains("vm1") && text.contains("gold"), "{text}");
+    ok(&["dedup", "volume", "delete", s(&store), "vm1"]);
+    ok(&["dedup", "volume", "delete", s(&store), "gold"]);
+    assert!(
+        read_target(t.path(), &vm2, 0, 16 << 20) == g,
+        "vm2 outlives gold"
+    );
+    let l = json(&ok(&["dedup", "volume", "list", s(&store), "--json"]));
+    assert_eq!(l["volumes"].as_array().unwrap().len(), 1, "{l}");
+    assert_eq!(
+        l["chunks"],
+        distinct(&[&g]),
+        "vm1's own blocks are gone: {l}"
+    );
+}
+
+/// Bad input to the volume commands and the `dedup:` target: one line, naming what is wrong.
+#[test]
+fn bad_volume_input_is_refused_in_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let store = t.path().join("vols");
+    let missing = t.path().join("nothing");
+    let e = fails(&[
+        "dedup",
+        "volume",
+        "create",
+        s(&missing),
+        "v",
+        "--size",
+        "1G",
+    ]);
+    assert!(e.contains("does not exist"), "{e}");
+    let e = fails(&[
+        "disk",
+        "read",
+        &format!("dedup:{}/v", s(&missing)),
+        "--length",
+        "512",
+    ]);
+    assert!(e.contains("does not exist"), "{e}");
+    let e = fails(&["disk", "info", "dedup:novolume"]);
+    assert!(e.contains("dedup:STORE/NAME"), "{e}");
+    ok(&["dedup", "create", s(&store)]);
+    let e = fails(&["dedup", "create", s(&store)]);
+    assert!(e.contains("already holds a dedup store"), "{e}");
+    let e = fails(&["dedup", "create", t.path().to_str().unwrap()]);
+    assert!(e.contains("is not empty"), "{e}");
+    let e = fails(&["disk", "info", &format!("dedup:{}/nope", s(&store))]);
+    assert!(e.contains("no volume nope"), "{e}");
+    for size in ["0", "1000", "128T"] {
+        let e = fails(&["dedup", "volume", "create", s(&store), "v", "--size", size]);
+        assert!(e.contains("multiple of 4 KiB"), "{size}: {e}");
+    }
+    let e = fails(&[
+        "dedup",
+        "volume",
+        "create",
+        s(&store),
+        "a/b",
+        "--size",
+        "1M",
+    ]);
+    assert!(e.contains("is not a volume name"), "{e}");
+    ok(&["dedup", "volume", "create", s(&store), "v", "--size", "1M"]);
+    let e = fails(&["dedup", "volume", "create", s(&store), "v", "--size", "1M"]);
+    assert!(e.contains("volume v already exists"), "{e}");
+    let e = fails(&["dedup", "volume", "clone", s(&store), "nope", "w"]);
+    assert!(e.contains("no volume nope"), "{e}");
+    let e = fails(&["dedup", "volume", "clone", s(&store), "v", "v"]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = fails(&["dedup", "volume", "delete", s(&store), "nope"]);
+    assert!(e.contains("no volume nope"), "{e}");
+    // A library's directory (or its chunk store) is not a store of volumes.
+    let lib = t.path().join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    ok(&["dedup", "enable", s(&lib)]);
+    let e = fails(&["dedup", "volume", "list", s(&lib)]);
+    assert!(e.contains("is not a dedup store of volumes"), "{e}");
+    let e = fails(&["dedup", "volume", "list", s(&lib.join(".vstor-dedup"))]);
+    assert!(e.contains("not a store of volumes"), "{e}");
+    // An index copied from another store is refused by the store's id.
+    let other = t.path().join("other");
+    ok(&["dedup", "create", s(&other)]);
+    std::fs::copy(other.join("index.redb"), store.join("index.redb")).unwrap();
+    let e = fails(&["disk", "info", &format!("dedup:{}/v", s(&store))]);
+    assert!(e.contains("belongs to store"), "{e}");
+}
+
+/// `vstor serve` exports two volumes of one store (one process serves every volume of a
+/// store): `qemu-img compare` reads them over NBD as the files written into them, and a
+/// `qemu-img convert -n` into a clone lands, survives the daemon's shutdown, and leaves gold
+/// as it was.
+#[test]
+fn serve_exports_volumes_that_qemu_img_compares() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let t = tempfile::tempdir().unwrap();
+    let (store, g) = volume_store(t.path());
+    ok(&["dedup", "volume", "clone", s(&store), "gold", "vm1"]);
+    let (ctl, sock) = (t.path().join("c.sock"), t.path().join("n.sock"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vstor"))
+        .args(["serve", "--control", s(&ctl), "--nbd"])
+        .arg(format!("unix:{}", s(&sock)))
+        .arg("--export")
+        .arg(format!("gold=dedup:{}/gold,readonly=on", s(&store)))
+        .arg("--export")
+        .arg(format!("vm1=dedup:{}/vm1", s(&store)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vstor serve");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("vstor serve exited before it was ready: {log}");
+        }
+        log.push_str(&line);
+        if line.starts_with("vstor serve: ready in ") {
+            break;
+        }
+    }
+    let logger = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        rest
+    });
+    let uri = |e: &str| format!("nbd+unix:///{e}?socket={}", s(&sock));
+    let gold_raw = t.path().join("gold.raw");
+    let compare = |a: &str, b: &str| qemu_img(&["compare", "-f", "raw", a, "-F", "raw", b]);
+    let o = compare(&uri("gold"), s(&gold_raw));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = compare(&uri("vm1"), s(&gold_raw));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // New content for vm1: gold's with a changed middle and a hole.
+    let mut new = g.clone();
+    new[5 << 20..7 << 20].copy_from_slice(&noise(2 << 20, 3));
+    new[12 << 20..14 << 20].fill(0);
+    let new_raw = t.path().join("new.raw");
+    std::fs::write(&new_raw, &new).unwrap();
+    let o = qemu_img(&[
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        s(&new_raw),
+        "-O",
+        "raw",
+        &uri("vm1"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = compare(&uri("vm1"), s(&new_raw));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = compare(&uri("vm1"), s(&gold_raw));
+    assert!(!o.status.success(), "compare looks at the bytes");
+    ok(&["server", "shutdown", "--server", s(&ctl)]);
+    let st = child.wait().unwrap();
+    let rest = logger.join().unwrap();
+    assert!(st.success(), "vstor serve exited {st}: {log}{rest}");
+    let vm1 = format!("dedup:{}/vm1", s(&store));
+    let gold = format!("dedup:{}/gold", s(&store));
+    assert!(
+        read_target(t.path(), &vm1, 0, 16 << 20) == new,
+        "vm1 after the daemon"
+    );
+    assert!(
+        read_target(t.path(), &gold, 0, 16 << 20) == g,
+        "gold after the daemon"
+    );
+}
+
 #[test]
 fn optimize_then_every_file_reads_as_before() {
     let t = tempfile::tempdir().unwrap();

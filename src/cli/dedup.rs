@@ -12,8 +12,22 @@ use vstor_dedup::library::{FileState, Library};
 use vstor_dedup::store::StoreConfig;
 use vstor_dedup::vfs::{RealFs, Vfs};
 
+mod volume;
+
 #[derive(Debug, Subcommand)]
 pub enum DedupCommand {
+    /// Make a dedup store of volumes (inline dedup for running VMs): volumes of 4 KiB blocks
+    /// whose identical blocks, across every volume of the store, are stored once.
+    #[command(after_help = "Examples:\n  vstor dedup create /srv/vols\n  \
+        vstor dedup volume create /srv/vols gold --size 20G\n  \
+        vstor dedup volume clone /srv/vols gold vm1\n  \
+        vstor disk bench dedup:/srv/vols/vm1 --random -w -d 32 -s 4k -c 100000\n\
+        A volume opens as dedup:STORE/NAME in every command, the VMM and vstor serve. One \
+        process at a time opens a store (it serves all its volumes).")]
+    Create(volume::CreateArgs),
+    /// Volumes of a dedup store: create, list, clone, delete.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
     /// Mark DIR as a dedup library: make its chunk store (DIR/.vstor-dedup).
     #[command(after_help = "Examples:\n  vstor dedup enable /srv/images\n  \
         vstor dedup enable /srv/images --chunk-avg 32k --hotspot-refs 50 --no-compress")]
@@ -143,6 +157,8 @@ fn json_out(v: &impl Serialize) -> Result<(), Error> {
 /// Runs a `vstor dedup` command.
 pub fn run(c: DedupCommand) -> Result<(), Error> {
     match c {
+        DedupCommand::Create(a) => volume::create(a),
+        DedupCommand::Volume(c) => volume::run(c),
         DedupCommand::Enable(a) => {
             let cfg = StoreConfig {
                 params: ChunkParams {

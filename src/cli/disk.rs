@@ -264,6 +264,11 @@ pub struct BenchArgs {
     /// Flush after every N requests (0: never).
     #[arg(long, default_value_t = 0)]
     flush_interval: u64,
+    /// With -w, content for dedup (fio's dedupe_percentage): N% of the requests write again
+    /// what an earlier request wrote, the rest write blocks new to the run (the --pattern byte
+    /// with a serial number in every 4 KiB). Without it every write is the --pattern byte.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=100))]
+    dedupe_percentage: Option<u8>,
     /// Cache mode: none is O_DIRECT, as in qemu-img.
     #[arg(short = 't', long = "cache", value_enum)]
     cache: Option<CacheMode>,
@@ -768,6 +773,7 @@ fn bench_cmd(a: BenchArgs) -> Result<(), Error> {
         seed: a.seed,
         zipf: a.distribution.and_then(|d| d.0),
         flush_interval: a.flush_interval,
+        dedupe_percentage: a.dedupe_percentage,
     };
     if !a.json {
         println!("{}", p.banner());

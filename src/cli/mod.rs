@@ -22,6 +22,7 @@ Targets name a stack (the grammar: README.md, Targets; rustdoc of vstor::target)
   vhdx:PATH          a VHDX image with its parent chain (disk.vhdx, disk.avhdx by name)
   vhd:PATH           a legacy VHD, read-only (disk.vhd by name)
   pool:DIR/NAME      a space of the storage pool whose member disks are in DIR
+  dedup:STORE/NAME   a volume of a dedup store (vstor dedup create, vstor dedup volume)
 Options follow after commas: readonly=on, direct=on, engine=auto|io_uring|sync,
 locking=off, share-rw=on, max-iops=N, min-iops=N (QoS). A known extension whose content
 disagrees is refused naming both; qcow2, VMDK and VDI are refused by name.
@@ -59,7 +60,8 @@ enum Command {
     /// Storage QoS: IOPS limits and reservations per virtual disk, flow statistics.
     #[command(subcommand)]
     Qos(qos::QosCommand),
-    /// Data deduplication of image libraries: enable, optimize, status, gc, scrub, unoptimize.
+    /// Data deduplication: libraries of images (enable, optimize, status, gc, scrub,
+    /// unoptimize) and stores of volumes for running VMs (create, volume).
     #[command(subcommand)]
     Dedup(dedup::DedupCommand),
     /// Storage pools: create a pool of disks, show it, add, retire, reset and remove disks.
