@@ -9,7 +9,7 @@
 //! landed is an orphan, which the next job drops. Jobs are resumable: a file already
 //! optimized (a stub with an empty log) is passed over.
 
-use crate::chunk::chunk_stream;
+use crate::chunk::{chunk_id, chunk_stream, ChunkId};
 use crate::error::{DedupError, Result};
 use crate::format::{encode_stub, ChunkRef};
 use crate::store::{GcReport, ScrubReport, Store, StoreConfig, StoreStats, Throttle};
@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const TMP_SUFFIX: &str = ".vstor-tmp";
+
+/// Chunks in flight between an optimize's chunker and its writer.
+const PIPELINE_CHUNKS: usize = 64;
 
 /// Files smaller than this are left alone (a stub takes at least 4 KiB).
 pub const MIN_FILE_SIZE: u64 = 64 << 10;
@@ -277,7 +280,7 @@ impl Library {
             None => self.file_names()?,
         };
         let mut w = self.store.writer()?;
-        w.set_throttle(throttle.map(Throttle::new));
+        let mut throttle = throttle.map(Throttle::new);
         for name in names {
             let p = self.path(&name);
             let Some(lock) = self
@@ -312,25 +315,55 @@ impl Library {
                 rep.small += 1;
                 continue;
             }
-            let mut refs: Vec<ChunkRef> = Vec::new();
-            let mut done = 0u64;
-            let mut put = |_: u64, data: &[u8]| -> Result<()> {
-                refs.push(w.put(data)?);
-                done += data.len() as u64;
-                progress(&name, done, size);
-                Ok(())
-            };
-            let io = |e: std::io::Error| DedupError::io(format!("cannot read {}", p.display()), e);
-            let n = match &stub {
-                Some(s) => chunk_stream(StubReader::new(s), self.store.config().params, |o, d| {
-                    put(o, d)
-                }),
-                None => chunk_stream(
-                    FileReader::new(file).map_err(io)?,
-                    self.store.config().params,
-                    |o, d| put(o, d),
-                ),
-            }?;
+            // Two stages on two threads: this file's reader chunks and hashes; this thread
+            // looks the chunks up, compresses the new ones and appends them (every write of
+            // the job stays on this thread, in the order it had).
+            let params = self.store.config().params;
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(PIPELINE_CHUNKS);
+            let thr = throttle.as_mut();
+            let (n, refs) = std::thread::scope(|sc| -> Result<(u64, Vec<ChunkRef>)> {
+                let stub = &stub;
+                let p = &p;
+                let chunker = sc.spawn(move || -> Result<u64> {
+                    let mut thr = thr;
+                    let send = |_: u64, d: &[u8]| -> Result<()> {
+                        if let Some(t) = thr.as_mut() {
+                            t.take(d.len() as u64);
+                        }
+                        tx.send((chunk_id(d), d.to_vec())).map_err(|_| {
+                            DedupError::Invalid("the optimize of this file stopped".into())
+                        })
+                    };
+                    let io = |e: std::io::Error| {
+                        DedupError::io(format!("cannot read {}", p.display()), e)
+                    };
+                    match stub {
+                        Some(s) => chunk_stream(StubReader::new(s), params, send),
+                        None => chunk_stream(FileReader::new(file).map_err(io)?, params, send),
+                    }
+                });
+                let mut refs: Vec<ChunkRef> = Vec::new();
+                let mut done = 0u64;
+                let mut failed = None;
+                while let Ok((id, data)) = rx.recv() {
+                    match w.put_hashed(id, &data) {
+                        Ok(r) => refs.push(r),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    done += data.len() as u64;
+                    progress(&name, done, size);
+                }
+                // The chunker stops at its next chunk once nothing takes them.
+                drop(rx);
+                let n = chunker.join().expect("the chunker does not panic");
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok((n?, refs)),
+                }
+            })?;
             let new_chunks = w.new_count();
             let stream = self.store.commit_stream(&mut w, &name, &refs)?;
             let bytes = encode_stub(&self.store.id(), stream, &refs);
