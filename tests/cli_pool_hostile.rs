@@ -445,6 +445,42 @@ fn blocks_of_a_returning_member_rolled_back_with_their_checksums_are_not_served(
     assert_eq!(wrong, 0, "{wrong} bytes served from the rolled-back member");
 }
 
+/// The writable open of `space scrub`, `space repair` and `space resize` catches a returning
+/// member up (or finds it cannot), but none of them prints the open's notes, as `disk write`
+/// does: the operator who runs `space repair` after putting a disk back reads "rebuilt 0
+/// slabs" and no word of the catch-up, and when a catch-up fails (ENOSPC on the member, a
+/// source missing) nothing says why the member stays failed while scrub exits 0.
+#[test]
+#[ignore = "defect: space scrub, repair and resize do not print the open's notes (a catch-up done, or why it could not be); fixed by the lead"]
+fn scrub_repair_and_resize_say_what_the_catch_up_at_their_open_did() {
+    let p = Pool::new(4, "40M", "4M");
+    p.space("m", "16M", &["--resiliency", "mirror"]);
+    p.fill("m", "16M", "0xaa");
+    p.away(0);
+    p.fill("m", "4M", "0xbb");
+    p.back(0);
+    let saved = p.save(4);
+    for args in [
+        vec!["space", "scrub", p.d()],
+        vec!["space", "repair", p.d()],
+        vec!["space", "resize", p.d(), "m", "--size", "20M"],
+    ] {
+        p.restore(&saved);
+        let o = vstor(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert!(
+            p.states().iter().all(|s| s == "healthy"),
+            "{args:?}: not caught up"
+        );
+        assert!(
+            stderr(&o).contains("caught up"),
+            "{args:?} does not say member 0 was caught up: stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(&o)
+        );
+    }
+}
+
 /// A writable open that catches up members of a 3-way mirror, a single and a dual parity
 /// space, killed (SIGKILL) at a spread of moments: every byte written before reads back, a
 /// read-only open still reads right, the next writable open finishes the catch-up, scrub
