@@ -451,7 +451,6 @@ fn blocks_of_a_returning_member_rolled_back_with_their_checksums_are_not_served(
 /// slabs" and no word of the catch-up, and when a catch-up fails (ENOSPC on the member, a
 /// source missing) nothing says why the member stays failed while scrub exits 0.
 #[test]
-#[ignore = "defect: space scrub, repair and resize do not print the open's notes (a catch-up done, or why it could not be); fixed by the lead"]
 fn scrub_repair_and_resize_say_what_the_catch_up_at_their_open_did() {
     let p = Pool::new(4, "40M", "4M");
     p.space("m", "16M", &["--resiliency", "mirror"]);

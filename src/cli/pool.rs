@@ -567,14 +567,14 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
             }
         }
         SpaceCommand::Scrub(a) => {
-            let pool = Pool::open_dir(
+            let pool = say_notes(Pool::open_dir(
                 &a.dir,
                 &OpenOptions {
                     force_member: a.force_member.clone(),
                     ..OpenOptions::default()
                 },
                 &FileOptions::default(),
-            )?;
+            )?);
             let pb = progress_bar(0, "scrub");
             let r = pool.scrub(a.name.as_deref(), &mut |done, total| {
                 pb.set_length(total);
@@ -651,7 +651,23 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
     }
 }
 
+/// Prints what a writable open did (a resync, a member caught up or left out, a member found
+/// missing) to stderr, as `vstor disk` commands print a target's notes: the command's own
+/// output does not say it, and an operator who put a disk back wants to know.
+fn say_notes(pool: Pool) -> Pool {
+    for note in &pool.info().notes {
+        eprintln!("vstor: note: {note}");
+    }
+    pool
+}
+
+/// Opens the pool in `dir`; a writable open prints its notes ([`say_notes`]).
 fn open(dir: &Path, read_only: bool) -> Result<Pool, Error> {
+    let pool = open_quiet(dir, read_only)?;
+    Ok(if read_only { pool } else { say_notes(pool) })
+}
+
+fn open_quiet(dir: &Path, read_only: bool) -> Result<Pool, Error> {
     Ok(Pool::open_dir(
         dir,
         &OpenOptions {
@@ -668,7 +684,7 @@ fn open(dir: &Path, read_only: bool) -> Result<Pool, Error> {
 /// Opens writable with O_DIRECT members (where the file system allows it): long copies
 /// (repair) should not go through the page cache.
 fn open_direct(dir: &Path, force_member: Option<String>) -> Result<Pool, Error> {
-    Ok(Pool::open_dir(
+    Ok(say_notes(Pool::open_dir(
         dir,
         &OpenOptions {
             force_member,
@@ -678,7 +694,7 @@ fn open_direct(dir: &Path, force_member: Option<String>) -> Result<Pool, Error> 
             direct: true,
             ..FileOptions::default()
         },
-    )?)
+    )?))
 }
 
 fn prov_name(p: Provisioning) -> &'static str {
