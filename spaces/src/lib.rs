@@ -124,6 +124,35 @@
 //! (after a crash such a block is taken as it is and its checksum rewritten, as dm-integrity's
 //! bitmap mode does: its write was never acknowledged, but real damage there goes unseen).
 //!
+//! How the crate is built (each subsystem owns its state behind its own lock and takes the
+//! others it works with as arguments; none of them imports the pool):
+//! - [`format`](mod@format) (the on-disk layout), `layout` (extents, rows, columns), `code`
+//!   (GF(2^8) parity), [`csum`] (the block checksums and their page cache), `overlay`.
+//! - `members`: the members at run time (their disks, usability) and the epoch that moves on
+//!   at every change of usability or allocation.
+//! - `store`: the metadata store: the pool metadata under its lock, persisting an update to
+//!   every usable member, the slab allocator and the slabs reserved by moves in progress.
+//! - `intent`: the write-intent log (a bitmap on every member, the gate writes hold while in
+//!   flight).
+//! - [`journal`]: the parity journal; its recovery at an open takes the metadata, members,
+//!   checksums and what the pool does on a failure as arguments.
+//! - `integrity`: what the block checksums caught ([`IntegrityStats`]) and a read-only pool's
+//!   healed windows.
+//! - `sync`: syncing a chunk of an extent (checking every block of every slot, healing, making
+//!   copies and parity agree), for the resync, the catch-up, scrub and the mover.
+//! - `pool`: the [`Pool`] API and `pool::Inner`, a plain composition of the subsystems above
+//!   with the few operations that join them (recording a member failed, arming the write
+//!   epoch); `pool/open.rs` creates and opens pools, `pool/extents.rs` allocates, releases and
+//!   grows spaces' extents (the store and the open spaces' maps together).
+//! - `resync` (the resync after a crash, the catch-up of a member behind, the journal's
+//!   recovery), `scrub`, `repair` (members added, retired, removed, taken back; the repair
+//!   loop) and `mover` (the extent mover: moves slots of an extent to new slabs online; repair
+//!   uses it, tiering will).
+//! - `space`: a [`Space`] as a block device: `space/direct.rs` (simple and mirror I/O and
+//!   healthy parity reads: planned into one batch per member, run, verified), `space/parity.rs`
+//!   (parity rows under stripe locks, journaled), `space/sums.rs` (checksums written beside the
+//!   data, reads checksummed as they complete), `space/heal.rs` (self-heal of bad blocks).
+//!
 //! ```
 //! use std::sync::Arc;
 //! use vstor_core::{BlockDevice, MemoryDevice};
