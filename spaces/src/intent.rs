@@ -54,6 +54,12 @@ pub(crate) fn bitmap_bytes(slab_count: u32) -> usize {
         * 4096) as usize
 }
 
+/// Sets the bit of chunk `c` of slab `slab` in bitmap `v`.
+pub(crate) fn set_bit(v: &mut [u8], slab: u32, c: u64) {
+    let bit = u64::from(slab) * CHUNKS_PER_SLAB + c;
+    v[(bit / 8) as usize] |= 1 << (bit % 8);
+}
+
 /// Adds the (member, slab, chunk) of every bit set in member `m`'s bitmap `v` (of a member
 /// with `slab_count` slabs) to `dirty`.
 pub(crate) fn add_bits(dirty: &mut BTreeSet<Chunk>, m: usize, v: &[u8], slab_count: u32) {
@@ -213,17 +219,23 @@ impl WriteIntentLog {
         Ok(own)
     }
 
-    /// Starts a member's bitmap afresh on its disk `dev` (a new member, one caught up).
-    pub fn reset_member(&self, dev: &dyn BlockDevice) -> Result<()> {
-        crate::store::zero_range(dev, self.offset, BITMAP_SIZE)
-    }
-
-    /// Forgets the bits of member `x` in memory (it was caught up).
-    pub fn forget_member(&self, x: usize) {
+    /// Sets member `x`'s bitmap, on its disk `dev` and in memory, to exactly `bits` (a member
+    /// caught up while another is still behind keeps naming what it holds that the other
+    /// missed; see [`resync`](crate::resync)).
+    pub fn set_member(&self, x: usize, dev: &dyn BlockDevice, bits: Vec<u8>) -> Result<()> {
         let mut bm = lock(&self.bits);
-        if let Some(v) = bm.bits.get_mut(x) {
-            v.iter_mut().for_each(|b| *b = 0);
+        crate::store::zero_range(dev, self.offset, BITMAP_SIZE)?;
+        if bits.iter().any(|&b| b != 0) {
+            dev.write_at(self.offset, &bits)?;
+            bm.any = true;
+            bm.last_mark = Some(Instant::now());
         }
+        dev.flush()?;
+        if bm.bits.len() <= x {
+            bm.bits.resize(x + 1, Vec::new());
+        }
+        bm.bits[x] = bits;
+        Ok(())
     }
 
     /// Counts chunks resynced or caught up.

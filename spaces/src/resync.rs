@@ -21,7 +21,7 @@
 //! checksums and the journal), so it is written on [`Inner`].
 
 use crate::format::{MemberState, Meta, CHUNKS_PER_SLAB};
-use crate::intent::{add_bits, Chunk};
+use crate::intent::{add_bits, set_bit, Chunk};
 use crate::journal::Recovery;
 use crate::pool::Inner;
 use crate::sync::{extent_chunks, sync_extent_chunk, SyncMode};
@@ -114,8 +114,13 @@ impl Inner {
     /// missed the writes after the sequence it holds (`current_through`), with the bits kept
     /// since ([`Inner::keeps_bits`]). Every chunk of an extent with a slot on `x` that a bit
     /// names (on any member, `x`'s own included) is copied or rebuilt onto `x` from the other
-    /// slots, `x`'s own contents never a source ([`SyncMode::CatchUp`]); then its bitmap and
-    /// journal start afresh and the metadata records it healthy (and it gets that metadata).
+    /// slots, `x`'s own contents never a source ([`SyncMode::CatchUp`]), except in extents
+    /// that were not written since it left (their other members had left before it: `x` holds
+    /// their newest contents); a member that went on getting writes after `x` left and is
+    /// missing now holds the only record of them, so `x` then waits for it. Then its journal
+    /// starts afresh, its bitmap names what it holds that a member still behind may lack, and
+    /// the metadata records it healthy (and it gets that metadata). Members are caught up
+    /// newest first ([`Pool::open`](crate::Pool)).
     /// A crash on the way leaves it failed with the same sequence: the next open starts over.
     /// Returns the note for the open: what was done, or why the member stays failed (a
     /// `vstor space repair` then rebuilds it whole).
@@ -141,15 +146,88 @@ impl Inner {
             .device
             .clone()
             .ok_or_else(|| crate::error::invalid("the member's disk is not present"))?;
-        // The kept bits of the usable members (read at open), and the member's own.
+        let since = meta.members[x].current_through;
+        // When each member stopped getting writes (`u64::MAX`: it still gets them, or did when
+        // the metadata was last written), and the disks of those present but not usable.
+        let (left_at, behind_devs) = {
+            let rt = self.members.read();
+            let left_at: Vec<u64> = meta
+                .members
+                .iter()
+                .zip(rt.iter())
+                .map(|(m, r)| {
+                    if r.usable {
+                        u64::MAX
+                    } else if m.state == MemberState::Removed {
+                        0
+                    } else if m.current_through != 0 {
+                        m.current_through
+                    } else if m.state == MemberState::Failed && m.failed_seq != 0 {
+                        m.failed_seq
+                    } else {
+                        u64::MAX
+                    }
+                })
+                .collect();
+            let behind: Vec<(usize, std::sync::Arc<dyn vstor_core::BlockDevice>)> = rt
+                .iter()
+                .enumerate()
+                .filter(|&(i, r)| i != x && !r.usable)
+                .filter_map(|(i, r)| r.device.clone().map(|d| (i, d)))
+                .collect();
+            (left_at, behind)
+        };
+        // Which extents of `x` may have been written since it went away: those that stayed
+        // readable without it, by the members that went on getting writes after it left. An
+        // extent that did not (its other members had gone before it) was not written since:
+        // `x` holds its newest contents and takes nothing (Linux md keeps the member with the
+        // newest event count the same way). For one that may have been, every member that
+        // went on getting its writes must be present: the bits naming what was written are
+        // only on them.
+        let mut untouched: BTreeSet<(usize, usize)> = BTreeSet::new();
+        for (s, space) in meta.spaces.iter().enumerate() {
+            for (e, slots) in space.extents.iter().enumerate() {
+                let Some(slots) = slots.as_ref().filter(|sl| sl.iter().any(|v| v.member == x))
+                else {
+                    continue;
+                };
+                let after: BTreeSet<usize> = slots
+                    .iter()
+                    .map(|v| v.member)
+                    .filter(|&m| m != x && left_at[m] > since)
+                    .collect();
+                let needed = slots.len() - space.layout.resiliency.tolerates();
+                if after.len() < needed {
+                    untouched.insert((s, e));
+                    continue;
+                }
+                let rt = self.members.read();
+                if let Some(&m) = after.iter().find(|&&m| rt[m].device.is_none()) {
+                    return Ok(Err(format!(
+                        "space '{}' may have been written after it went away, and what was written is named only on member {m}, which is missing; it is caught up when that disk is back",
+                        space.name
+                    )));
+                }
+            }
+        }
+        // The kept bits of the usable members (read at open, or set at their catch-up), those
+        // of the members present but behind, and the member's own.
         let mut dirty: BTreeSet<Chunk> = BTreeSet::new();
         let own = self.intent.read_member(&*dev, meta.members[x].slab_count)?;
         self.intent.kept_except(x, &slab_counts(&meta), &mut dirty);
+        for (m, d) in &behind_devs {
+            let bits = self.intent.read_member(&**d, meta.members[*m].slab_count)?;
+            add_bits(&mut dirty, *m, &bits, meta.members[*m].slab_count);
+        }
         add_bits(&mut dirty, x, &own, meta.members[x].slab_count);
-        let work = extent_chunks(&meta, &dirty, |slots| slots.iter().any(|s| s.member == x));
+        let mut work = extent_chunks(&meta, &dirty, |slots| slots.iter().any(|s| s.member == x));
+        work.retain(|&(s, e, _)| !untouched.contains(&(s, e)));
         let mut devs = self.members.snapshot();
         devs[x] = Some(dev.clone());
         let chunk = meta.slab_size / CHUNKS_PER_SLAB;
+        // Its bitmap afterwards: its own bits and every chunk caught up, so that a member
+        // still behind finds what it missed named here too.
+        let mut bits = own;
         for &(s, e, c) in &work {
             let space = &meta.spaces[s];
             let out =
@@ -160,14 +238,18 @@ impl Inner {
                     space.name
                 )));
             }
+            let slots = space.extents[e].as_ref().expect("allocated");
+            for v in slots.iter().filter(|v| v.member == x) {
+                set_bit(&mut bits, v.slab, c);
+            }
         }
         for d in devs.iter().flatten() {
             d.flush()?;
         }
-        // Its bitmap and journal start afresh: what they named is settled.
-        self.intent.reset_member(&*dev)?;
+        // Its journal starts afresh (what it named is settled); its bitmap keeps naming what
+        // it holds (cleared with the others once no member is behind).
+        self.intent.set_member(x, &*dev, bits)?;
         self.journal.init_member(&*dev, x, meta.members[x].id)?;
-        self.intent.forget_member(x);
         let mut cur = self.store.lock();
         let mut next = cur.clone();
         let m = &mut next.members[x];

@@ -22,14 +22,20 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8(o.stdout).expect("utf-8 output")
 }
 
-/// Runs a command that must fail: non-zero exit and exactly one line on stderr, which is
-/// returned.
+/// Runs a command that must fail: non-zero exit and exactly one error line on stderr, which is
+/// returned. Notes before it (`vstor: note: ...`, what opening a pool or an image found and
+/// did) are not the error and are left out.
 pub fn fails(args: &[&str]) -> String {
     let o = vstor(args);
     assert!(!o.status.success(), "vstor {args:?} succeeded");
-    let err = String::from_utf8(o.stderr).expect("utf-8 stderr");
-    assert_eq!(err.lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("vstor: error: "), "{err:?}");
+    let all = String::from_utf8(o.stderr).expect("utf-8 stderr");
+    let err: String = all
+        .lines()
+        .filter(|l| !l.starts_with("vstor: note: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(err.lines().count(), 1, "not one line: {all:?}");
+    assert!(err.starts_with("vstor: error: "), "{all:?}");
     err
 }
 

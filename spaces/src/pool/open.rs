@@ -651,6 +651,12 @@ impl Pool {
         lock(&pool.inner.notes).extend(journal_notes);
         let (_, resync_notes) = pool.inner.resync_at_open(was_clean)?;
         lock(&pool.inner.notes).extend(resync_notes);
+        // Newest first: a member that left later holds writes that one that left earlier
+        // missed, and once caught up it is their source.
+        {
+            let meta = pool.inner.store.lock();
+            catch_up.sort_by_key(|&i| std::cmp::Reverse(meta.members[i].current_through));
+        }
         for i in catch_up {
             let note = pool.inner.catch_up(i);
             lock(&pool.inner.notes).push(note);
