@@ -6,7 +6,8 @@
 //!
 //! **Batches** (as the NBD server's): the reader collects every command whose data is all here,
 //! and hands them to the workers together, with one wake-up, when its read buffer holds no
-//! further whole PDU (the next read would wait for the initiator) or [`BATCH`] are collected.
+//! further whole PDU (the next read would wait for the initiator) or [`BATCH`] commands or
+//! [`BATCH_BYTES`] are collected.
 //! A worker takes every command queued (up to [`BATCH`]) and runs them with
 //! [`Lun::execute_batch`], which submits their READs and WRITEs to the stack as one batch (the
 //! initiator's queue depth reaches the backend), then sends all their responses with one
@@ -1190,8 +1191,9 @@ impl IscsiServer {
 
     /// [`read_loop`](Self::read_loop)'s body. Commands whose data is all here collect in
     /// `group`, which goes to the workers as one batch when no further whole PDU is in the
-    /// read buffer (the next read would wait for the initiator), or before a PDU that must see
-    /// the queue (task management, logout).
+    /// read buffer (the next read would wait for the initiator), when it holds [`BATCH`]
+    /// commands or [`BATCH_BYTES`] (a large write goes at once, not after the Data-Out of the
+    /// others), or before a PDU that must see the queue (task management, logout).
     fn read_pdus(
         self: &Arc<Self>,
         r: &mut BufReader<TcpStream>,
@@ -1208,7 +1210,9 @@ impl IscsiServer {
             if let Some(s) = s {
                 self.issue_waiting_r2ts(conn, s, group)?;
                 if !group.is_empty()
-                    && (group.len() >= BATCH || !whole_pdu_in(r.buffer(), digests, recv_max))
+                    && (group.len() >= BATCH
+                        || group.iter().map(task_bytes).sum::<u64>() >= BATCH_BYTES
+                        || !whole_pdu_in(r.buffer(), digests, recv_max))
                 {
                     queue_all(s, group);
                 }
@@ -1799,8 +1803,10 @@ impl IscsiServer {
 /// over): they run as one batch and their responses go out with one write.
 const BATCH: usize = 64;
 /// The most bytes of data (in and out) one worker's batch moves; a single larger command still
-/// goes alone.
-const BATCH_BYTES: u64 = 16 << 20;
+/// goes alone. Small: a batch's responses go out when all of it is done, so large transfers
+/// are better answered one by one (the initiator sends its next command sooner), while 64
+/// commands of 4 KiB still make one batch.
+const BATCH_BYTES: u64 = 256 << 10;
 
 /// Queues `group` for the workers (emptying it), waiting while the session holds too much
 /// write data (one command at a time within the budget, a command alone always fits), and
