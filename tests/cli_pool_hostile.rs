@@ -365,7 +365,6 @@ fn a_parity_space_whose_members_came_back_from_different_outages_survives_the_ad
 /// removes it by hand. A repair that is not interrupted removes it (`record_removed`); a
 /// resumed one must end in the same state.
 #[test]
-#[ignore = "defect: a repair interrupted after a take-back leaves the old member's record missing (failed) after the resumed repair completes; fixed by the lead"]
 fn a_repair_killed_after_a_take_back_ends_like_an_uninterrupted_one_when_run_again() {
     let p = Pool::new(4, "96M", "4M");
     p.space("m", "64M", &["--resiliency", "mirror"]);

@@ -136,8 +136,12 @@ impl Pool {
             return Err(invalid(format!("a pool has at most {MAX_MEMBERS} members")));
         }
         let mut next = meta.clone();
-        // Its disk is taken: nothing will come back to be caught up.
+        // Its disk is taken: nothing will come back to be caught up. The record says it was
+        // taken back (after it failed), so that a repair run again after one that was
+        // interrupted still drops it ([`forget_taken_back`](Pool::forget_taken_back)).
         next.members[index].current_through = 0;
+        next.members[index].returned_seq =
+            (meta.sequence + 1).max(meta.members[index].failed_seq + 1);
         let old = &meta.members[index];
         next.members.push(MemberMeta {
             id: Uuid::new_v4(),
@@ -217,9 +221,25 @@ impl Pool {
     /// [`take_back_present`](Pool::take_back_present) that hold no slab any more (their
     /// disks live on as the new members). Returns the indexes removed.
     pub fn forget_taken_back(&self, old: &[usize]) -> Result<Vec<usize>> {
+        // Also those taken back by an earlier repair that was interrupted before it dropped
+        // them: failed, their disk gone (it is the new member), taken back after they failed.
+        let mut old = old.to_vec();
+        {
+            let meta = self.inner.store.lock();
+            let rt = self.inner.members.read();
+            for (i, m) in meta.members.iter().enumerate() {
+                if m.state == MemberState::Failed
+                    && m.returned_seq > m.failed_seq
+                    && rt[i].device.is_none()
+                    && !old.contains(&i)
+                {
+                    old.push(i);
+                }
+            }
+        }
         let info = self.info();
         let mut done = Vec::new();
-        for &i in old {
+        for &i in &old {
             if info.members.get(i).is_some_and(|m| m.slabs_used == 0) {
                 self.remove_member(i)?;
                 done.push(i);

@@ -507,6 +507,11 @@ pub fn run_space(cmd: SpaceCommand) -> Result<(), Error> {
             })?;
             pb.finish_and_clear();
             let forgotten = pool.forget_taken_back(&back)?;
+            for i in forgotten.iter().filter(|i| !back.contains(i)) {
+                eprintln!(
+                    "member {i} was taken back by a repair that did not finish: its record is removed now"
+                );
+            }
             let health: Vec<(String, &'static str)> = pool
                 .spaces()
                 .iter()
