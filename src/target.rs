@@ -651,6 +651,31 @@ impl TargetSpec {
     }
 }
 
+/// An optimized file's byte device and what its bytes are ([`open_stub_probed`]).
+pub type StubSource = (Arc<dyn BlockDevice>, Detected);
+
+/// The stub of an optimized (dedup) file at `path` opened as a byte device (chunks from the
+/// library's store and the writes made since; `lock`: it takes the file's image locks), and
+/// what its bytes are. `None` when `path` is not a stub.
+pub fn open_stub_probed(
+    path: &Path,
+    read_only: bool,
+    lock: bool,
+) -> Result<Option<StubSource>, Error> {
+    if !is_stub_file(path) {
+        return Ok(None);
+    }
+    let dev =
+        vstor_dedup::StubDevice::open(path, read_only, lock).map_err(vstor_core::Error::from)?;
+    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
+    let cap = dev.capacity();
+    let mut head = vec![0u8; (probe::HEAD as u64).min(cap) as usize];
+    let mut tail = vec![0u8; (probe::TAIL as u64).min(cap) as usize];
+    dev.read_at(0, &mut head)?;
+    dev.read_at(cap - tail.len() as u64, &mut tail)?;
+    Ok(Some((dev, probe::detect(&head, &tail))))
+}
+
 impl TargetSpec {
     /// An optimized (dedup) file: the stub's byte device (chunks from the library's store and
     /// the writes made since), with the VHDX layer on it when its content is a VHDX. `None`
@@ -664,18 +689,9 @@ impl TargetSpec {
             TargetKind::Raw(p) | TargetKind::Vhdx(p) | TargetKind::Probe(p) => p,
             _ => return Ok(None),
         };
-        if !is_stub_file(path) {
+        let Some((dev, found)) = open_stub_probed(path, read_only, file.lock)? else {
             return Ok(None);
-        }
-        let dev = vstor_dedup::StubDevice::open(path, read_only, file.lock)
-            .map_err(vstor_core::Error::from)?;
-        let dev: Arc<dyn BlockDevice> = Arc::new(dev);
-        let cap = dev.capacity();
-        let mut head = vec![0u8; (probe::HEAD as u64).min(cap) as usize];
-        let mut tail = vec![0u8; (probe::TAIL as u64).min(cap) as usize];
-        dev.read_at(0, &mut head)?;
-        dev.read_at(cap - tail.len() as u64, &mut tail)?;
-        let found = probe::detect(&head, &tail);
+        };
         let named = match (&self.kind, self.source) {
             (TargetKind::Vhdx(_), _) => Some(Detected::Vhdx),
             (TargetKind::Raw(_), FormatSource::Prefix) => None,

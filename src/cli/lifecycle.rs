@@ -9,7 +9,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use vstor::core::{BlockDevice, FileOptions, ImageLock, Job, LockMode};
-use vstor::probe::{self, Detected};
+use vstor::probe::Detected;
 use vstor::vhdx::convert::{self, ConvertOptions, Fill, Format};
 use vstor::vhdx::lifecycle;
 use vstor::vhdx::vpc::{ChainPlace, Vpc};
@@ -183,25 +183,14 @@ pub(super) fn path_spec(path: &Path) -> TargetSpec {
 }
 
 /// The byte device of an optimized (dedup) file and the format of what it holds.
-pub(super) type OptimizedSource = (Arc<dyn BlockDevice>, Detected);
+pub(super) type OptimizedSource = vstor::target::StubSource;
 
 /// An optimized (dedup) file opened read-only for a command that reads it as a whole (check,
 /// convert, clone): the stub's byte device (its chunks from the library's store, the writes
 /// made since), and whether those bytes are a VHDX. `None` for any other file. The caller
 /// holds the file's image locks; the device takes none of its own.
 pub(super) fn optimized_source(path: &Path) -> Result<Option<OptimizedSource>, Error> {
-    if !vstor::target::is_stub_file(path) {
-        return Ok(None);
-    }
-    let dev = vstor_dedup::StubDevice::open(path, true, false).map_err(vstor::core::Error::from)?;
-    let dev: Arc<dyn BlockDevice> = Arc::new(dev);
-    let cap = dev.capacity();
-    let mut head = vec![0u8; (probe::HEAD as u64).min(cap) as usize];
-    let mut tail = vec![0u8; (probe::TAIL as u64).min(cap) as usize];
-    dev.read_at(0, &mut head)?;
-    dev.read_at(cap - tail.len() as u64, &mut tail)?;
-    let found = probe::detect(&head, &tail);
-    Ok(Some((dev, found)))
+    vstor::target::open_stub_probed(path, true, false)
 }
 
 /// The VHDX an optimized (dedup) file holds, opened read-only on the stub's byte device.
