@@ -367,7 +367,6 @@ fn kill_9_during_writes_keeps_what_was_flushed() {
 /// turn the store's own index and containers into stubs: every volume is then unreadable
 /// ("Not a redb database: magic number mismatch") until `unoptimize`.
 #[test]
-#[ignore = "defect: dedup enable/optimize turn a store of volumes' index and containers into stubs, breaking every volume"]
 fn optimize_leaves_a_store_of_volumes_alone() {
     let t = tempfile::tempdir().unwrap();
     let g = noise(256 << 10, 6);
@@ -477,7 +476,6 @@ fn qemu(tool: &str, args: &[String]) -> std::process::Output {
 /// two writes of one block can land in them in different orders. Seen in about one run of
 /// three on 2 loaded cores; up to 12 runs here.
 #[test]
-#[ignore = "defect: racing writes of one block over NBD: after flush the daemon serves one content, after kill -9 the volume holds another"]
 fn racing_writes_of_a_block_read_the_same_after_a_crash() {
     let t = tempfile::tempdir().unwrap();
     let store = t.path().join("vols");

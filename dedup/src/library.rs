@@ -101,6 +101,13 @@ impl Library {
                 root.display()
             )));
         }
+        if crate::store::is_store_dir(&*fs, root) {
+            return Err(DedupError::Invalid(format!(
+                "{} is a dedup store of volumes, not a library of files (its volumes are read through dedup:{}/NAME)",
+                root.display(),
+                root.display()
+            )));
+        }
         Store::create(fs, &root.join(STORE_DIR), cfg)?;
         Ok(())
     }
@@ -156,7 +163,11 @@ impl Library {
             for (name, is_dir) in list {
                 let r = rel.join(&name);
                 if is_dir {
-                    if rel.as_os_str().is_empty() && name == STORE_DIR {
+                    // The library's own store, and any store of volumes kept in the library:
+                    // their files are the stores, not files to optimize.
+                    if (rel.as_os_str().is_empty() && name == STORE_DIR)
+                        || crate::store::is_store_dir(&*self.fs, &self.root.join(&r))
+                    {
                         continue;
                     }
                     stack.push(r);
@@ -245,7 +256,10 @@ impl Library {
                 .list(&dir)
                 .map_err(|e| DedupError::io(format!("cannot list {}", dir.display()), e))?;
             for (name, is_dir) in list {
-                if is_dir && name != STORE_DIR {
+                if is_dir
+                    && name != STORE_DIR
+                    && !crate::store::is_store_dir(&*self.fs, &dir.join(&name))
+                {
                     stack.push(dir.join(&name));
                 } else if !is_dir && name.ends_with(TMP_SUFFIX) {
                     let p = dir.join(&name);

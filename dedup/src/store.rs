@@ -399,6 +399,12 @@ fn encode_record(id: ChunkId, data: &[u8], compress: bool) -> (Vec<u8>, u32) {
     (rec, flags)
 }
 
+/// Whether `dir` holds a chunk store (a library's or a store of volumes): its `store` file
+/// and its index. Library jobs never take such a directory's files for a library's files.
+pub fn is_store_dir(fs: &dyn Vfs, dir: &Path) -> bool {
+    fs.is_file(&dir.join("store")) && fs.is_file(&dir.join("index.redb"))
+}
+
 impl Store {
     /// Creates a store in `dir` (which must not hold one).
     pub fn create(fs: Arc<dyn Vfs>, dir: &Path, cfg: StoreConfig) -> Result<Store> {

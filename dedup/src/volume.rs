@@ -1152,8 +1152,8 @@ impl Volume {
         })
     }
 
-    /// Runs `f(block, offset in it, range of the request)` for each block of a range; a part
-    /// of a block runs under the block's stripe lock.
+    /// Runs `f(block, offset in it, range of the request)` for each block of a range, under
+    /// the block's stripe lock.
     fn for_blocks(
         &self,
         offset: u64,
@@ -1166,12 +1166,12 @@ impl Volume {
             let (b, within) = (pos / BLOCK, pos % BLOCK);
             let n = (BLOCK - within).min(len - done);
             let range = done as usize..(done + n) as usize;
-            if n == BLOCK {
-                f(b, 0, range)?;
-            } else {
-                let _g = lock(&self.stripes[(b % self.stripes.len() as u64) as usize]);
-                f(b, within as usize, range)?;
-            }
+            // Every write of a block, whole or part, runs under the block's stripe lock: the
+            // batch the next flush commits and the map reads use are updated by one writer of
+            // the block at a time, in the same order (two racing writes of one block once left
+            // the one read and the one committed different).
+            let _g = lock(&self.stripes[(b % self.stripes.len() as u64) as usize]);
+            f(b, within as usize, range)?;
             done += n;
         }
         Ok(())
