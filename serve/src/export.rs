@@ -120,11 +120,9 @@ pub const PR_STATE_SUFFIX: &str = ".vstor-pr";
 /// The files an export keeps beside its disk, by suffix: a live move takes them along.
 pub const SIDECARS: &[&str] = &[PR_STATE_SUFFIX];
 
-/// The file of state `suffix` that an export opened from `target` keeps beside its disk: the
-/// target's first file (a pool space: `DIR/NAME`) with `suffix` appended. None when the target
-/// names no file here (a target of another kind, or a file that does not exist).
-pub fn sidecar_path(target: &str, suffix: &str) -> Option<PathBuf> {
-    let mut end = target.len();
+/// Where the first field of a target string ends: at its first `,` that is not `,,` (a comma
+/// doubled is one comma of the path, as QEMU's option syntax has it).
+pub fn first_field_end(target: &str) -> usize {
     let b = target.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -133,11 +131,18 @@ pub fn sidecar_path(target: &str, suffix: &str) -> Option<PathBuf> {
                 i += 2;
                 continue;
             }
-            end = i;
-            break;
+            return i;
         }
         i += 1;
     }
+    target.len()
+}
+
+/// The file of state `suffix` that an export opened from `target` keeps beside its disk: the
+/// target's first file (a pool space: `DIR/NAME`) with `suffix` appended. None when the target
+/// names no file here (a target of another kind, or a file that does not exist).
+pub fn sidecar_path(target: &str, suffix: &str) -> Option<PathBuf> {
+    let end = first_field_end(target);
     let base = &target[..end];
     let (pool, path) = match base.split_once(':') {
         Some(("pool", path)) => (true, path),

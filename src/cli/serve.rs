@@ -327,20 +327,7 @@ fn api_err(e: vstor_serve::jsonrpc::CallError) -> Error {
 /// A target string with its path made absolute: the daemon runs in its own working directory,
 /// so a relative path must mean what it means here, where the operator typed it.
 fn absolute_target(t: &str) -> String {
-    let b = t.as_bytes();
-    let mut end = t.len();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b',' {
-            if b.get(i + 1) == Some(&b',') {
-                i += 2;
-                continue;
-            }
-            end = i;
-            break;
-        }
-        i += 1;
-    }
+    let end = vstor_serve::export::first_field_end(t);
     let (base, rest) = t.split_at(end);
     let (prefix, path) = match base.split_once(':') {
         Some((p, path)) if ["raw", "vhdx", "vhd", "pool"].contains(&p) => (&base[..=p.len()], path),
